@@ -1,0 +1,3 @@
+from florist_hf.cli import main
+
+main()

@@ -1,0 +1,70 @@
+"""The method interface and the name registry: a method is chosen by name, never by an if-chain."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+from florist_hf.aggregation.types import AggregationResult, ClientModule, ModuleAggregate
+
+METHODS: dict[str, type["AggregationMethod"]] = {}
+
+
+def register_method(cls: type["AggregationMethod"]) -> type["AggregationMethod"]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+class AggregationMethod(ABC):
+    """One federated LoRA aggregation rule, applied module by module."""
+
+    name: ClassVar[str]
+    #: True when the global update equals the weighted sum of client updates exactly.
+    exact: ClassVar[bool]
+    #: Only B travels (FFA-LoRA freezes A): halves the traffic and counts half in Eff.
+    b_only: ClassVar[bool] = False
+    #: Clients merge each round's global update into their base and start a fresh LoRA
+    #: (FLoRIST, FLoRA); otherwise they keep training the global factors (SPEC §4).
+    merges_into_base: ClassVar[bool] = False
+
+    @abstractmethod
+    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
+        """Aggregate one module; ``client_weights`` are normalised (they sum to 1)."""
+
+    def broadcast_rank(self, client_ranks: Sequence[int], selected_rank: int) -> int:
+        """Rank of the global adapter the server broadcasts for one module (the Eff denominator)."""
+        return selected_rank
+
+    def downlink_rank(self, client_rank: int, client_ranks: Sequence[int], selected_rank: int) -> int:
+        """Rank one client receives for one module."""
+        return self.broadcast_rank(client_ranks, selected_rank)
+
+    def options(self) -> dict:
+        """The method's settings, recorded in the sidecar."""
+        return {}
+
+    def aggregate(self, clients: Sequence[dict[str, ClientModule]], client_weights: Sequence[float]) -> AggregationResult:
+        """Aggregate every module; clients must share module names and shapes (checked on load)."""
+        if not clients:
+            raise ValueError("no clients to aggregate")
+        weights = torch.as_tensor(list(client_weights), dtype=torch.float64)
+        if weights.numel() != len(clients) or bool((weights <= 0).any()) or not bool(torch.isfinite(weights).all()):
+            raise ValueError("client weights must be one positive finite number per client")
+        weights = weights / weights.sum()
+        modules = {
+            name: self.aggregate_module([client[name] for client in clients], weights)
+            for name in clients[0]
+        }
+        return AggregationResult(self.name, modules, weights.tolist(), self.options())
+
+
+def get_method(name: str, **options) -> AggregationMethod:
+    """Instantiate a registered method by name, e.g. ``get_method("florist", threshold=0.9)``."""
+    try:
+        method_cls = METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown aggregation method {name!r}; choose one of {sorted(METHODS)}") from None
+    return method_cls(**options)

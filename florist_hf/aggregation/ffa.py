@@ -1,0 +1,51 @@
+"""FFA-LoRA: A is random, frozen and shared; only B is trained and averaged, which is exact."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from florist_hf.aggregation.base import AggregationMethod, register_method
+from florist_hf.aggregation.linalg import COMPUTE_DTYPE, zero_pad_rank
+from florist_hf.aggregation.types import ClientModule, ModuleAggregate
+
+
+class SharedAMismatch(ValueError):
+    """Clients did not start from the same frozen A (a different seed or a trained A)."""
+
+    def __init__(self, client_index: int):
+        super().__init__(
+            f"client {client_index}'s lora_A differs from the shared frozen A: FFA-LoRA needs every client "
+            "to freeze the same random A (same seed; heterogeneous ranks use its first r_k rows)"
+        )
+        self.client_index = client_index
+
+
+@register_method
+class FFALoRA(AggregationMethod):
+    """Every client uses the first r_k rows of one frozen A of the largest rank, so
+    Σ p_k s_k B_k A_k = (Σ p_k s_k pad(B_k)) A exactly (the FFA-LoRA paper's form)."""
+
+    name = "ffa"
+    exact = True
+    b_only = True
+
+    def __init__(self, shared_a_tolerance: float = 1e-6):
+        self.shared_a_tolerance = shared_a_tolerance
+
+    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
+        max_rank = max(c.rank for c in clients)
+        shared_a = next(c for c in clients if c.rank == max_rank).lora_a.to(COMPUTE_DTYPE)
+        for index, client in enumerate(clients):
+            prefix = shared_a[: client.rank]
+            if not torch.allclose(client.lora_a.to(COMPUTE_DTYPE), prefix, rtol=0, atol=self.shared_a_tolerance * max(1.0, float(prefix.abs().max()))):
+                raise SharedAMismatch(index)
+        mean_b = sum(
+            float(p) * c.scale * zero_pad_rank(c.lora_b.to(COMPUTE_DTYPE), max_rank, dim=1)
+            for c, p in zip(clients, client_weights)
+        )
+        return ModuleAggregate(mean_b, shared_a, selected_rank=max_rank)
+
+    def broadcast_rank(self, client_ranks: Sequence[int], selected_rank: int) -> int:
+        return max(client_ranks)

@@ -1,0 +1,35 @@
+"""FLoRIST: exact SVD of the stacked client factors without the dense update, then thresholding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from florist_hf.aggregation.base import AggregationMethod, register_method
+from florist_hf.aggregation.linalg import product_svd, select_rank, stack_weighted_factors, truncate
+from florist_hf.aggregation.types import ClientModule, ModuleAggregate
+
+
+@register_method
+class Florist(AggregationMethod):
+    """Keep, per module, the smallest rank whose singular-value energy reaches ``threshold`` (τ)."""
+
+    name = "florist"
+    exact = True  # at τ = 1; below it, the best approximation at the selected rank
+    merges_into_base = True
+
+    def __init__(self, threshold: float = 0.9):
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        self.threshold = float(threshold)
+
+    def options(self) -> dict:
+        return {"threshold": self.threshold}
+
+    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
+        stacked_b, stacked_a = stack_weighted_factors(clients, client_weights)
+        u, sigma, vh = product_svd(stacked_b, stacked_a)
+        selected_rank = select_rank(sigma, self.threshold, clients[0].shape)
+        lora_b, lora_a = truncate(u, sigma, vh, selected_rank)
+        return ModuleAggregate(lora_b, lora_a, selected_rank, singular_values=sigma)

@@ -1,0 +1,214 @@
+"""The shared battery every aggregation method passes, plus each method's own promise (SPEC §2-§3)."""
+
+
+import pytest
+import torch
+
+from florist_hf.aggregation import METHODS, ClientModule, SharedAMismatch, energy, get_method, round_communication
+
+M, N = 40, 56  # out, in: deliberately not square
+
+
+def make_clients(ranks, scales=None, *, seed=0, dtype=torch.float32, shared_a=False):
+    """One module per client; with ``shared_a`` every client's A is a prefix of one frozen A (FFA-LoRA)."""
+    generator = torch.Generator().manual_seed(seed)
+    scales = scales or [2.0] * len(ranks)
+    frozen_a = torch.randn(max(ranks), N, generator=generator)
+    clients = []
+    for rank, scale in zip(ranks, scales):
+        lora_a = frozen_a[:rank].clone() if shared_a else torch.randn(rank, N, generator=generator)
+        lora_b = torch.randn(M, rank, generator=generator)
+        clients.append({"layers.0.q_proj": ClientModule(lora_a.to(dtype), lora_b.to(dtype), scale)})
+    return clients
+
+
+def dense_update(clients, weights):
+    p = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    return sum(
+        p[k] * c["layers.0.q_proj"].scale * (c["layers.0.q_proj"].lora_b.double() @ c["layers.0.q_proj"].lora_a.double())
+        for k, c in enumerate(clients)
+    )
+
+
+def relative_error(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def delta(result):
+    return result.modules["layers.0.q_proj"].delta_weight
+
+
+def method_for(name, **options):
+    return get_method(name, threshold=1.0) if name == "florist" else get_method(name, **options)
+
+
+HETER = [16, 8, 4, 4]
+WEIGHTS = [1579.0, 685.0, 3775.0, 607.0]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+class TestEveryMethod:
+    def test_exact_methods_reproduce_the_weighted_update(self, name):
+        clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], shared_a=name == "ffa")
+        result = method_for(name).aggregate(clients, WEIGHTS)
+        error = relative_error(delta(result), dense_update(clients, WEIGHTS))
+        if METHODS[name].exact:
+            assert error < 1e-5
+        else:  # FedIT's product of averages and FlexLoRA's truncation are lossy here
+            assert error > 1e-3
+
+    def test_client_order_does_not_matter(self, name):
+        clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], shared_a=name == "ffa")
+        reference = delta(method_for(name).aggregate(clients, WEIGHTS))
+        for order in [(3, 2, 1, 0), (1, 0, 3, 2)]:
+            permuted = method_for(name).aggregate([clients[i] for i in order], [WEIGHTS[i] for i in order])
+            assert relative_error(delta(permuted), reference) < 1e-10
+
+    def test_only_relative_weights_matter(self, name):
+        clients = make_clients([8, 8, 8], shared_a=name == "ffa")
+        a = delta(method_for(name).aggregate(clients, [1.0, 2.0, 3.0]))
+        b = delta(method_for(name).aggregate(clients, [10.0, 20.0, 30.0]))
+        assert relative_error(a, b) < 1e-12
+
+    def test_weights_change_the_result(self, name):
+        clients = make_clients([8, 8, 8], shared_a=name == "ffa")
+        a = delta(method_for(name).aggregate(clients, [1.0, 1.0, 1.0]))
+        b = delta(method_for(name).aggregate(clients, [1.0, 1.0, 5.0]))
+        assert relative_error(a, b) > 1e-3
+
+    def test_bf16_adapters_are_computed_in_high_precision(self, name):
+        clients = make_clients(HETER, dtype=torch.bfloat16, shared_a=name == "ffa")
+        result = method_for(name).aggregate(clients, WEIGHTS)
+        module = result.modules["layers.0.q_proj"]
+        assert module.lora_b.dtype == torch.float64 and module.lora_a.dtype == torch.float64
+        if METHODS[name].exact:  # exact w.r.t. the bf16 values the clients sent
+            assert relative_error(delta(result), dense_update(clients, WEIGHTS)) < 1e-10
+
+    def test_single_client_with_its_own_scale_is_its_update(self, name):
+        clients = make_clients([8], [1.5])
+        result = method_for(name).aggregate(clients, [42.0])
+        assert relative_error(delta(result), dense_update(clients, [1.0])) < 1e-10
+
+    def test_output_shapes_match_the_selected_rank(self, name):
+        result = method_for(name).aggregate(make_clients(HETER, shared_a=name == "ffa"), WEIGHTS)
+        module = result.modules["layers.0.q_proj"]
+        assert module.lora_b.shape == (M, module.selected_rank)
+        assert module.lora_a.shape == (module.selected_rank, N)
+
+
+class TestFlorist:
+    def test_threshold_one_equals_flora_and_the_dense_update(self):
+        clients = make_clients(HETER, [2.0, 2.0, 2.0, 2.0])
+        florist = delta(get_method("florist", threshold=1.0).aggregate(clients, WEIGHTS))
+        flora = delta(get_method("flora").aggregate(clients, WEIGHTS))
+        dense = dense_update(clients, WEIGHTS)
+        assert relative_error(florist, dense) < 1e-5
+        assert relative_error(florist, flora) < 1e-5
+
+    @pytest.mark.parametrize("threshold", [0.5, 0.8, 0.9, 0.95, 0.99])
+    def test_below_one_it_is_the_dense_truncated_svd_at_the_smallest_rank_meeting_the_rule(self, threshold):
+        clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], seed=3)
+        module = get_method("florist", threshold=threshold).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
+        dense = dense_update(clients, WEIGHTS)
+        u, sigma, vh = torch.linalg.svd(dense, full_matrices=False)
+        dense_energy = torch.cumsum(sigma**2, 0) / (sigma**2).sum()
+        expected_rank = int((dense_energy < threshold).sum()) + 1
+        assert module.selected_rank == expected_rank
+        assert dense_energy[expected_rank - 1] >= threshold > (dense_energy[expected_rank - 2] if expected_rank > 1 else 0)
+        truncated = u[:, :expected_rank] @ torch.diag(sigma[:expected_rank]) @ vh[:expected_rank]
+        assert relative_error(module.delta_weight, truncated) < 1e-8
+        assert torch.allclose(module.singular_values[: sum(HETER)], sigma[: sum(HETER)], rtol=1e-8, atol=1e-10)
+
+    def test_lower_threshold_never_selects_more_rank(self):
+        clients = make_clients(HETER, seed=5)
+        ranks = [
+            get_method("florist", threshold=t).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"].selected_rank
+            for t in (0.5, 0.7, 0.9, 0.99, 1.0)
+        ]
+        assert ranks == sorted(ranks) and ranks[0] < ranks[-1] == sum(HETER)
+
+    def test_duplicated_clients_and_a_zero_client_keep_the_numerical_rank(self):
+        clients = make_clients([8, 8])
+        zero_b = ClientModule(torch.randn(4, N), torch.zeros(M, 4), 2.0)
+        stack = [clients[0], clients[0], clients[1], {"layers.0.q_proj": zero_b}]
+        module = get_method("florist", threshold=1.0).aggregate(stack, [1, 1, 1, 1]).modules["layers.0.q_proj"]
+        assert module.selected_rank == 16  # duplicates add nothing, the zero client adds nothing
+        assert relative_error(module.delta_weight, dense_update(stack, [1, 1, 1, 1])) < 1e-10
+
+    def test_all_zero_update_gives_rank_one_of_zeros(self):
+        zero = {"layers.0.q_proj": ClientModule(torch.randn(4, N), torch.zeros(M, 4), 2.0)}
+        module = get_method("florist", threshold=0.9).aggregate([zero, zero], [1, 1]).modules["layers.0.q_proj"]
+        assert module.selected_rank == 1
+        assert float(module.delta_weight.abs().max()) == 0.0
+
+    def test_stacked_rank_larger_than_the_layer(self):
+        clients = make_clients([32, 32])  # R = 64 > m = 40
+        module = get_method("florist", threshold=1.0).aggregate(clients, [1, 1]).modules["layers.0.q_proj"]
+        assert module.selected_rank == M
+        assert relative_error(module.delta_weight, dense_update(clients, [1, 1])) < 1e-10
+
+    def test_threshold_outside_the_unit_interval_is_refused(self):
+        for bad in (0.0, -0.1, 1.01):
+            with pytest.raises(ValueError):
+                get_method("florist", threshold=bad)
+
+
+class TestBaselines:
+    def test_fedit_averages_each_factor_after_zero_padding(self):
+        clients = make_clients([8, 4], [2.0, 2.0])
+        module = get_method("fedit").aggregate(clients, [3.0, 1.0]).modules["layers.0.q_proj"]
+        big, small = (c["layers.0.q_proj"] for c in clients)
+        expected_b = 0.75 * 2.0 * big.lora_b.double()
+        expected_b[:, :4] += 0.25 * 2.0 * small.lora_b.double()
+        expected_a = 0.75 * big.lora_a.double()
+        expected_a[:4] += 0.25 * small.lora_a.double()
+        assert torch.allclose(module.lora_b, expected_b) and torch.allclose(module.lora_a, expected_a)
+        assert module.selected_rank == 8
+
+    def test_ffa_refuses_clients_that_do_not_share_the_frozen_a(self):
+        clients = make_clients([8, 4], shared_a=False)
+        with pytest.raises(SharedAMismatch) as raised:
+            get_method("ffa").aggregate(clients, [1, 1])
+        assert raised.value.client_index == 1
+
+    def test_ffa_keeps_the_shared_a(self):
+        clients = make_clients([8, 4], shared_a=True)
+        module = get_method("ffa").aggregate(clients, [1, 1]).modules["layers.0.q_proj"]
+        assert torch.equal(module.lora_a, clients[0]["layers.0.q_proj"].lora_a.double())
+
+    def test_flexlora_sends_each_client_the_truncation_at_its_own_rank(self):
+        clients = make_clients(HETER, seed=7)
+        module = get_method("flexlora").aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
+        u, sigma, vh = torch.linalg.svd(dense_update(clients, WEIGHTS), full_matrices=False)
+        for (lora_b, lora_a), rank in zip(module.client_factors, HETER):
+            assert lora_a.shape[0] == rank
+            expected = u[:, :rank] @ torch.diag(sigma[:rank]) @ vh[:rank]
+            assert relative_error(lora_b @ lora_a, expected) < 1e-8
+        assert module.selected_rank == max(HETER)
+        assert torch.allclose(module.singular_values, sigma[: sum(HETER)])
+
+
+def test_energy_is_cumulative_share_of_squared_singular_values():
+    sigma = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(energy(sigma), torch.tensor([9 / 14, 13 / 14, 1.0], dtype=torch.float64))
+
+
+TINYLLAMA_QV = {f"layers.{i}.{name}": shape for i in range(22) for name, shape in (("q_proj", (2048, 2048)), ("v_proj", (256, 2048)))}
+
+
+@pytest.mark.parametrize("name, eff", [("fedit", 14.20), ("flora", 1.78), ("ffa", 28.41), ("flexlora", 14.20)])
+def test_paper_eff_for_tinyllama(name, eff):
+    report = round_communication(get_method(name), TINYLLAMA_QV, [16] * 8)
+    assert round(report.eff_x1e4, 2) == eff
+
+
+def test_communication_counts_each_direction():
+    shapes = {"a": (10, 20), "b": (30, 20)}
+    report = round_communication(get_method("florist", threshold=0.9), shapes, [4, 2], {"a": 3, "b": 1}, bytes_per_param=2)
+    assert report.uplink_params == [4 * 30 + 4 * 50, 2 * 30 + 2 * 50]
+    assert report.downlink_params == [3 * 30 + 1 * 50] * 2
+    assert report.to_dict()["downlink_bytes_total"] == 2 * 2 * (3 * 30 + 50)
+    assert report.eff_x1e4 == pytest.approx(1e4 / 4)
+    ffa = round_communication(get_method("ffa"), shapes, [4, 2])
+    assert ffa.uplink_params == [4 * 10 + 4 * 30, 2 * 10 + 2 * 30]  # B only
+    assert ffa.downlink_params == [4 * 40, 4 * 40]
