@@ -1,0 +1,193 @@
+"""The `florist-hf` command line (typer): aggregate, comm, run, evaluate, push, report."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from florist_hf.errors import FloristError
+
+app = typer.Typer(
+    name="florist-hf",
+    help="Federated LoRA fine-tuning with FLoRIST on Hugging Face Trainer and PEFT.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+error_console = Console(stderr=True)
+
+DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def user_errors(command):
+    """Turn a FloristError into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except FloristError as error:
+            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _parse_numbers(text: str | None, kind, option: str) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise FloristError(f"{option} {text!r}: expected comma-separated numbers, e.g. {option} 1579,685,3775") from None
+
+
+def _method(name: str, threshold: float | None):
+    from florist_hf.aggregation import METHODS, get_method
+
+    if name not in METHODS:
+        raise FloristError(f"--method {name!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
+    if name == "florist":
+        if threshold is None or not 0.0 < threshold <= 1.0:
+            raise FloristError(f"--threshold {threshold} is outside (0, 1]; FLoRIST keeps the energy share τ, e.g. 0.9")
+        return get_method(name, threshold=threshold)
+    return get_method(name)
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+        count /= 1024
+    return str(count)
+
+
+@app.command()
+@user_errors
+def aggregate(
+    client_dirs: Annotated[list[Path], typer.Argument(help="Client PEFT adapter directories.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the global PEFT adapter.")],
+    method: Annotated[str, typer.Option(help="florist, fedit, flora, flexlora or ffa.")] = "florist",
+    threshold: Annotated[float, typer.Option(help="FLoRIST energy threshold τ in (0, 1].")] = 0.9,
+    weights: Annotated[
+        Optional[str], typer.Option(help="Comma-separated client weights (default: num_samples in client.json, else equal).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Aggregate client LoRA adapters into one global PEFT adapter (one server step)."""
+    from florist_hf.server import aggregate_adapters
+
+    step = aggregate_adapters(
+        client_dirs,
+        _method(method, threshold),
+        out,
+        weights=_parse_numbers(weights, float, "--weights"),
+        overwrite=force,
+    )
+    ranks = step.rank_summary
+    table = Table(title=f"{method} over {len(step.adapters)} clients", show_header=False)
+    table.add_row("modules", str(len(step.result.modules)))
+    table.add_row("selected rank (min / median / max)", f"{ranks['min']} / {ranks['median']:g} / {ranks['max']}")
+    table.add_row("total rank", str(ranks["total"]))
+    table.add_row("Eff (x1e-4)", f"{step.communication.eff_x1e4:.2f}")
+    comm = step.communication.to_dict()
+    table.add_row("uplink (all clients)", _human_bytes(comm["uplink_bytes_total"]))
+    table.add_row("downlink (all clients)", _human_bytes(comm["downlink_bytes_total"]))
+    console.print(table)
+    console.print(f"global adapter: {step.out_dir}")
+
+
+@app.command()
+@user_errors
+def comm(
+    model_config: Annotated[str, typer.Option("--model-config", help="A config.json, a model directory or a Hub id.")],
+    method: Annotated[str, typer.Option(help="florist, fedit, flora, flexlora or ffa.")] = "florist",
+    clients: Annotated[Optional[int], typer.Option(help="Number of clients (with --rank).")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="One LoRA rank for every client.")] = None,
+    ranks: Annotated[Optional[str], typer.Option(help="Comma-separated per-client ranks.")] = None,
+    targets: Annotated[str, typer.Option(help="Comma-separated target module names.")] = "q_proj,v_proj",
+    selected_ranks: Annotated[
+        Optional[Path], typer.Option(help="A FLoRIST aggregation.json whose per-module selected ranks to use.")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="Dtype on the wire: float32, bfloat16, float16.")] = "float32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Communication per round per direction, and the paper's Eff, from a model config alone."""
+    from florist_hf.aggregation import round_communication
+    from florist_hf.model_shapes import target_module_shapes
+
+    client_ranks = _client_ranks(clients, rank, ranks)
+    if dtype not in DTYPES:
+        raise FloristError(f"--dtype {dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+    shapes = target_module_shapes(model_config, [t.strip() for t in targets.split(",") if t.strip()])
+    selected = _read_selected_ranks(selected_ranks, shapes) if selected_ranks else None
+    report = round_communication(_method(method, 1.0), shapes, client_ranks, selected, bytes_per_param=DTYPES[dtype])
+    figures = {
+        "method": method,
+        "model_config": model_config,
+        "modules": len(shapes),
+        "client_ranks": client_ranks,
+        "dtype": dtype,
+        **report.to_dict(),
+    }
+    if as_json:
+        print(json.dumps(figures))
+        return
+    table = Table(title=f"{method}: one round, {len(client_ranks)} clients, {len(shapes)} modules")
+    for column in ("direction", "parameters", "bytes", "largest client"):
+        table.add_column(column, justify="right")
+    for direction in ("uplink", "downlink"):
+        table.add_row(
+            direction,
+            f"{figures[f'{direction}_params_total']:,}",
+            _human_bytes(figures[f"{direction}_bytes_total"]),
+            _human_bytes(max(figures[f"{direction}_bytes"])),
+        )
+    console.print(table)
+    console.print(f"Eff (x1e-4): {report.eff_x1e4:.2f}")
+
+
+def _client_ranks(clients: int | None, rank: int | None, ranks: str | None) -> list[int]:
+    if (rank is None) == (ranks is None):
+        raise FloristError("give exactly one of --rank (with --clients) or --ranks r1,r2,...")
+    if ranks is not None:
+        client_ranks = _parse_numbers(ranks, int, "--ranks")
+        if clients is not None and clients != len(client_ranks):
+            raise FloristError(f"--clients {clients} but --ranks lists {len(client_ranks)} ranks; give one rank per client")
+    else:
+        if clients is None:
+            raise FloristError("--rank needs --clients K")
+        client_ranks = [rank] * clients
+    if not client_ranks or any(r <= 0 for r in client_ranks):
+        raise FloristError(f"client ranks must be positive integers, got {client_ranks}")
+    return client_ranks
+
+
+def _read_selected_ranks(sidecar_file: Path, shapes: dict) -> dict[str, int]:
+    try:
+        modules = json.loads(sidecar_file.read_text())["modules"]
+        selected = {name: int(info["selected_rank"]) for name, info in modules.items()}
+    except FileNotFoundError:
+        raise FloristError(f"{sidecar_file}: not found; pass the aggregation.json written beside a global adapter") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise FloristError(f"{sidecar_file}: not an aggregation.json sidecar (modules.*.selected_rank expected)") from None
+    missing = sorted(set(shapes) - set(selected))
+    if missing:
+        raise FloristError(f"{sidecar_file}: no selected rank for module {missing[0]}; was it made for this model and --targets?")
+    return selected
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
