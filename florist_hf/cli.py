@@ -185,7 +185,64 @@ def _read_selected_ranks(sidecar_file: Path, shapes: dict) -> dict[str, int]:
     return selected
 
 
+@app.command()
+@user_errors
+def run(
+    recipe_file: Annotated[Path, typer.Argument(help="A recipe YAML, e.g. recipes/tiny_cpu_demo.yaml.")],
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a recipe field: --set federation.rounds=3 (repeatable).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Continue a run directory made with a different recipe.")] = False,
+) -> None:
+    """Run (or resume) a whole federation from a recipe."""
+    from florist_hf.recipe import load_recipe
+    from florist_hf.server import run_federation
+
+    recipe = load_recipe(recipe_file, set_ or [])
+    run_dir = run_federation(recipe, force=force, console=console)
+    print_run_summary(run_dir)
+
+
+def print_run_summary(run_dir: Path) -> None:
+    """Per-round loss, ranks and bytes, and where the global adapter is."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    table = Table(title=f"{run_dir}")
+    for column in ("round", "client loss", "test loss", "ranks", "total", "up", "down", "Eff"):
+        table.add_column(column, justify="right")
+    for record in (r for r in records if r["kind"] == "round"):
+        losses = [
+            r["loss"] for r in records
+            if r["kind"] == "client" and r["round"] == record["round"] and r.get("client") in record["clients"]
+        ]
+        heldout = record.get("heldout_loss")
+        table.add_row(
+            str(record["round"]),
+            f"{sum(losses) / len(losses):.4f}" if losses else "-",
+            f"{heldout:.4f}" if heldout is not None else "-",
+            f"{record['rank_min']}/{record['rank_median']:g}/{record['rank_max']}",
+            str(record["total_selected_rank"]),
+            _human_bytes(record["uplink_bytes_total"]),
+            _human_bytes(record["downlink_bytes_total"]),
+            f"{record['eff_x1e4']:.2f}",
+        )
+    console.print(table)
+    console.print("client loss: mean over the round's clients; ranks: min/median/max per module; Eff: x1e-4")
+    console.print(f"global adapter: {run_dir / 'global_adapter'}")
+
+
+def quiet_libraries() -> None:
+    """Our own progress lines replace the libraries' bars and deprecation chatter."""
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
 def main() -> None:
+    quiet_libraries()
     app()
 
 

@@ -96,6 +96,7 @@ def aggregate_adapters(
     weights: Sequence[float] | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    client_names: Sequence[str] | None = None,
 ) -> ServerStep:
     """Read client adapters, aggregate them, and write the global PEFT adapter + sidecar atomically.
 
@@ -124,13 +125,407 @@ def aggregate_adapters(
         global_factors = {name: (m.lora_b, m.lora_a) for name, m in result.modules.items()}
         save_adapter_files(staging, global_factors, config_template=template, dtype=wire_dtype, sidecar=sidecar)
         if any(m.client_factors is not None for m in result.modules.values()):
-            for index, adapter in enumerate(adapters):
+            names = client_names or [f"client_{index}" for index in range(len(adapters))]
+            for index, (adapter, client_name) in enumerate(zip(adapters, names)):
                 client_factors = {name: m.client_factors[index] for name, m in result.modules.items()}
                 save_adapter_files(
-                    staging / CLIENT_ADAPTERS_DIR / f"client_{index}",
+                    staging / CLIENT_ADAPTERS_DIR / client_name,
                     client_factors,
                     config_template=template,
                     dtype=wire_dtype,
                     client_info={"source": str(adapter.path)},
                 )
     return ServerStep(out_dir, adapters, result, communication, sidecar)
+
+
+# --- the federation: rounds of client training and aggregation, resumable ------------------------
+
+RUN_FORMAT = "florist-hf/run"
+RECIPE_RECORD = "recipe.json"
+METRICS_FILE = "metrics.jsonl"
+RUN_SUMMARY = "run.json"
+GLOBAL_ADAPTER = "global_adapter"
+BASE_MODEL_DIR = "base_model"
+
+
+@dataclass
+class RunPaths:
+    """Where a run keeps its state; every file here is written atomically."""
+
+    root: Path
+
+    def round_dir(self, round_index: int) -> Path:
+        return self.root / "rounds" / str(round_index)
+
+    def global_dir(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / "global"
+
+    def client_dir(self, round_index: int, client_id: int) -> Path:
+        return self.round_dir(round_index) / "clients" / f"client_{client_id}"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+
+def sample_clients(num_clients: int, clients_per_round: int | float | None, seed: int, round_index: int) -> list[int]:
+    """The clients of one round: all (None), a count (int) or a fraction (float), reproducibly drawn."""
+    import random
+
+    if clients_per_round is None:
+        count = num_clients
+    elif isinstance(clients_per_round, int):
+        count = min(clients_per_round, num_clients)
+    else:
+        count = max(1, min(num_clients, round(clients_per_round * num_clients)))
+    if count == num_clients:
+        return list(range(num_clients))
+    return sorted(random.Random(seed * 1_000_003 + round_index).sample(range(num_clients), count))
+
+
+def _logged_keys(metrics_file: Path) -> set[tuple]:
+    import json
+
+    if not metrics_file.exists():
+        return set()
+    keys = set()
+    for line in metrics_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill: ignored, rewritten on resume
+            continue
+        keys.add((record.get("kind"), record.get("round"), record.get("client")))
+    return keys
+
+
+def _check_recipe_record(paths: RunPaths, recipe, force: bool) -> None:
+    import json
+
+    from florist_hf.io_utils import write_json_atomic
+
+    record_file = paths.root / RECIPE_RECORD
+    fingerprint = recipe.fingerprint()
+    if record_file.exists():
+        recorded = json.loads(record_file.read_text())
+        if recorded.get("fingerprint") != fingerprint and not force:
+            raise FloristError(
+                f"{paths.root}: holds a run of a different recipe (fingerprint {recorded.get('fingerprint')} "
+                f"vs {fingerprint}); use another output_dir, or --force to continue it with the new recipe"
+            )
+    write_json_atomic(record_file, {"fingerprint": fingerprint, "recipe": recipe.model_dump(mode="json")})
+
+
+def prepare_base_model(recipe, paths: RunPaths) -> str:
+    """The base model's path: the recipe's Hub id or directory, or the builtin tiny Llama built here."""
+    from florist_hf.tiny import TINY_LLAMA_ID, build_tiny_llama
+
+    if recipe.model.name_or_path == TINY_LLAMA_ID:
+        return str(build_tiny_llama(paths.root / BASE_MODEL_DIR, **recipe.model.tiny))
+    return recipe.model.name_or_path
+
+
+def prepare_client_data(recipe) -> tuple[list[list[dict]], list[dict]]:
+    """Every client's records and the held-out test records, as the recipe's data section says."""
+    from florist_hf import data as datasets_io
+
+    section, num_clients = recipe.data, recipe.federation.num_clients
+    if section.layout == "flora":
+        shards, test = datasets_io.load_flora_layout(section.source, num_clients, format=section.format, fields=section.fields)
+    else:
+        if section.source == "builtin:demo":
+            records = datasets_io.demo_records()
+        else:
+            records = datasets_io.load_records(section.source, format=section.format, fields=section.fields, split=section.split)
+        if section.partition == "dirichlet":
+            shards, test = datasets_io.flora_split(
+                records, num_clients, alpha=section.dirichlet_alpha, seed=section.seed,
+                test_per_label=section.holdout_per_label, min_size=section.min_client_size,
+            )
+        else:
+            import numpy as np
+
+            random_state = np.random.RandomState(section.seed)
+            train, test = datasets_io.holdout_per_label(records, section.holdout_per_label, random_state)
+            parts = datasets_io.iid_partition(len(train), num_clients, random_state)
+            shards = [[train[index] for index in part] for part in parts]
+    if section.max_samples_per_client:
+        shards = [shard[: section.max_samples_per_client] for shard in shards]
+    for client_id, shard in enumerate(shards):
+        if not shard:
+            raise FloristError(f"{section.source}: client {client_id}'s shard is empty; lower federation.num_clients or data.min_client_size")
+    return shards, test
+
+
+def load_global_model(base_path: str, paths: RunPaths, method: AggregationMethod, round_index: int, dtype: str = "float32"):
+    """The global model after ``round_index`` rounds, for held-out evaluation."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto")
+    if method.merges_into_base:
+        for earlier in range(1, round_index + 1):
+            model = PeftModel.from_pretrained(model, paths.global_dir(earlier)).merge_and_unload()
+        return model
+    return PeftModel.from_pretrained(model, paths.global_dir(round_index))
+
+
+def heldout_loss(model, tokenizer, records, recipe, work_dir: Path) -> float:
+    """Mean token loss of ``model`` on held-out records (the Trainer's own evaluation loop)."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from florist_hf.data import make_collator, tokenize_records
+
+    dataset = tokenize_records(records, tokenizer, cutoff_len=recipe.data.cutoff_len, train_on_inputs=recipe.data.train_on_inputs)
+    batch_size = recipe.training.get("per_device_eval_batch_size", recipe.training.get("per_device_train_batch_size", 8))
+    args = TrainingArguments(
+        output_dir=str(work_dir), per_device_eval_batch_size=batch_size, report_to="none", disable_tqdm=True,
+        remove_unused_columns=False, dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    trainer = Trainer(model=model, args=args, eval_dataset=dataset, data_collator=make_collator(tokenizer), processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    return float(trainer.evaluate()["eval_loss"])
+
+
+def build_initial_adapter(base_path: str, recipe, out_dir: Path) -> None:
+    """Round 0's global adapter for continue-style methods: one shared LoRA init at the largest rank.
+
+    Every client slices it to its own rank, so FedIT averages factors that started equal and
+    FFA-LoRA's frozen A is the same on every client (SPEC §3).
+    """
+    from florist_hf.client import build_lora_model
+
+    max_rank = max(recipe.client_rank(k) for k in range(recipe.federation.num_clients))
+    model = build_lora_model(
+        base_path, rank=max_rank, alpha=max_rank, target_modules=recipe.lora.target_modules,
+        dropout=0.0, use_rslora=False, dtype=recipe.model.dtype, seed=recipe.federation.seed,
+        revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+    )
+    with atomic_directory(out_dir, overwrite=True) as staging:
+        model.save_pretrained(staging)
+
+
+def run_client_round(recipe, plan, base_path: str, tokenizer, records, work_dir: Path, console) -> dict:
+    """Train one client for one round (a stock Trainer + FederatedCallback) and export its adapter."""
+    from florist_hf.client import (
+        ConsoleProgressCallback,
+        FederatedCallback,
+        build_client_trainer,
+        build_lora_model,
+        client_seed,
+        free_memory,
+    )
+    from florist_hf.data import tokenize_records
+
+    seed = client_seed(recipe.training.get("seed", recipe.federation.seed), plan.client_id, plan.round)
+    model = build_lora_model(
+        base_path, rank=plan.rank, alpha=recipe.client_alpha(plan.client_id), target_modules=recipe.lora.target_modules,
+        dropout=recipe.lora.dropout, use_rslora=recipe.lora.use_rslora, dtype=recipe.model.dtype, seed=seed,
+        revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+    )
+    dataset = tokenize_records(records, tokenizer, cutoff_len=recipe.data.cutoff_len, train_on_inputs=recipe.data.train_on_inputs)
+    federated = FederatedCallback(plan)
+    training = {**recipe.training, **recipe.client_training.get(plan.client_id, {})}
+    trainer = build_client_trainer(
+        model, tokenizer, dataset, training=training, work_dir=work_dir, seed=seed,
+        callbacks=[federated, ConsoleProgressCallback(console, f"round {plan.round} client {plan.client_id}")],
+    )
+    trainer.train()
+    metrics = dict(federated.metrics)
+    del trainer, model, federated
+    free_memory()
+    return metrics
+
+
+def write_final_adapter(paths: RunPaths, method: AggregationMethod, rounds_done: Sequence[int]) -> Path:
+    """``global_adapter/``: one PEFT adapter on the ORIGINAL base (SPEC §4).
+
+    Merge-style methods sum the round updates and re-factorise the sum with the stacked
+    decomposition at τ = 1 (exact); continue-style methods publish the last round's global.
+    """
+    import json
+    import shutil
+
+    from florist_hf.adapters import SIDECAR, read_adapter
+    from florist_hf.aggregation import sum_of_updates
+
+    final_dir = paths.root / GLOBAL_ADAPTER
+    last_global = paths.global_dir(rounds_done[-1])
+    last_sidecar = json.loads((last_global / SIDECAR).read_text())
+    with atomic_directory(final_dir, overwrite=True) as staging:
+        if not method.merges_into_base:
+            shutil.copytree(last_global, staging, dirs_exist_ok=True)
+            shutil.rmtree(staging / CLIENT_ADAPTERS_DIR, ignore_errors=True)
+            return final_dir
+        rounds = [read_adapter(paths.global_dir(t)) for t in rounds_done]
+        summed = {name: sum_of_updates([r.modules[name] for r in rounds]) for name in rounds[0].modules}
+        sidecar = {
+            **last_sidecar,
+            "published": "sum of the round updates, re-factorised at threshold 1",
+            "rounds": list(rounds_done),
+            "modules": {
+                name: {
+                    "shape": list(rounds[0].modules[name].shape),
+                    "selected_rank": module.selected_rank,
+                    "singular_values": [float(s) for s in module.singular_values],
+                    "energy_kept": 1.0,
+                }
+                for name, module in summed.items()
+            },
+            "total_rank": sum(module.selected_rank for module in summed.values()),
+        }
+        save_adapter_files(
+            staging,
+            {name: (module.lora_b, module.lora_a) for name, module in summed.items()},
+            config_template=rounds[0].config,
+            dtype=rounds[0].dtype,
+            sidecar=sidecar,
+        )
+    return final_dir
+
+
+def run_federation(recipe, *, force: bool = False, console=None) -> Path:
+    """Run (or resume) a whole federation; returns the run directory.
+
+    Resuming is the same call: finished rounds (their global adapter exists) and finished clients
+    of the current round (their adapter exists) are reused, so a killed run continues where it
+    stopped and ends with the same result as an uninterrupted one.
+    """
+    import json
+    import time
+
+    from rich.console import Console
+    from transformers import AutoTokenizer
+
+    from florist_hf.aggregation import get_method
+    from florist_hf.client import ClientRound, free_memory, read_client_info
+    from florist_hf.io_utils import append_jsonl, write_json_atomic
+
+    console = console or Console()
+    paths = RunPaths(Path(recipe.output_dir))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    _check_recipe_record(paths, recipe, force)
+    federation = recipe.federation
+    method = get_method(federation.method, threshold=federation.threshold) if federation.method == "florist" else get_method(federation.method)
+    base_path = prepare_base_model(recipe, paths)
+    tokenizer = AutoTokenizer.from_pretrained(base_path, revision=recipe.model.revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    shards, test_records = prepare_client_data(recipe)
+    logged = _logged_keys(paths.metrics)
+    console.print(
+        f"[bold]{recipe.name}[/]: {federation.method}"
+        + (f" (τ = {federation.threshold})" if federation.method == "florist" else "")
+        + f", {federation.num_clients} clients {[len(s) for s in shards]} samples, ranks "
+        f"{[recipe.client_rank(k) for k in range(federation.num_clients)]}, {federation.rounds} rounds -> {paths.root}"
+    )
+    if not method.merges_into_base and not paths.global_dir(0).exists():
+        build_initial_adapter(base_path, recipe, paths.global_dir(0))
+
+    rounds_done: list[int] = []
+    for round_index in range(1, federation.rounds + 1):
+        selected = sample_clients(federation.num_clients, federation.clients_per_round, federation.seed, round_index)
+        global_dir = paths.global_dir(round_index)
+        if global_dir.exists():
+            console.print(f"round {round_index}: already complete, reused")
+            rounds_done.append(round_index)
+            continue
+        console.print(f"[bold]round {round_index}/{federation.rounds}[/]: clients {selected}")
+        trained: list[ClientRound] = []
+        for client_id in selected:
+            plan = ClientRound(
+                client_id=client_id,
+                round=round_index,
+                rank=recipe.client_rank(client_id),
+                num_samples=len(shards[client_id]),
+                export_dir=paths.client_dir(round_index, client_id),
+                merge_adapters=[paths.global_dir(t) for t in rounds_done] if method.merges_into_base else [],
+                init_adapter=None if method.merges_into_base else paths.global_dir(rounds_done[-1] if rounds_done else 0),
+                freeze_lora_a=method.name == "ffa",
+            )
+            if plan.export_dir.exists():
+                console.print(f"  client {client_id}: already trained this round, reused")
+            else:
+                run_client_round(recipe, plan, base_path, tokenizer, shards[client_id], paths.root / "work", console)
+            info = read_client_info(plan.export_dir)
+            if ("client", round_index, client_id) not in logged:
+                append_jsonl(paths.metrics, {"kind": "client", "round": round_index, **info})
+            if not info.get("finite", True):
+                console.print(f"  [yellow]client {client_id}: training loss is not finite; left out of round {round_index}[/]")
+                continue
+            console.print(f"  client {client_id}: loss {info['loss']:.4f}, {info['num_samples']} samples, {info['train_seconds']:.1f} s")
+            trained.append(plan)
+        if len(trained) < federation.min_clients:
+            raise FloristError(
+                f"{paths.round_dir(round_index)}: only {len(trained)} of {len(selected)} clients trained successfully, "
+                f"below federation.min_clients = {federation.min_clients}; earlier rounds are kept — lower the learning "
+                "rate and run the same command again to resume"
+            )
+        started = time.perf_counter()
+        step = aggregate_adapters(
+            [plan.export_dir for plan in trained], method, global_dir,
+            weights=[plan.num_samples for plan in trained], overwrite=False,
+            client_names=[plan.export_dir.name for plan in trained],
+        )
+        server_seconds = time.perf_counter() - started
+        rounds_done.append(round_index)
+        ranks = step.rank_summary
+        comm = step.communication.to_dict()
+        record = {
+            "kind": "round", "round": round_index, "clients": [plan.client_id for plan in trained],
+            "total_selected_rank": ranks["total"], "rank_min": ranks["min"], "rank_median": ranks["median"],
+            "rank_max": ranks["max"], "uplink_bytes_total": comm["uplink_bytes_total"],
+            "downlink_bytes_total": comm["downlink_bytes_total"], "eff_x1e4": comm["eff_x1e4"],
+            "server_seconds": server_seconds,
+        }
+        if recipe.federation.eval_heldout_loss and test_records:
+            model = load_global_model(base_path, paths, method, round_index, recipe.model.dtype)
+            record["heldout_loss"] = heldout_loss(model, tokenizer, test_records, recipe, paths.root / "work")
+            del model
+            free_memory()
+        append_jsonl(paths.metrics, record)
+        console.print(
+            f"  server: ranks {ranks['min']}/{ranks['median']:g}/{ranks['max']} (total {ranks['total']}), "
+            f"Eff {comm['eff_x1e4']:.2f}, up {comm['uplink_bytes_total']:,} B, down {comm['downlink_bytes_total']:,} B"
+            + (f", held-out loss {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
+        )
+
+    final_dir = write_final_adapter(paths, method, rounds_done)
+    summary = summarize_run(recipe, paths, shards, base_path)
+    write_json_atomic(paths.root / RUN_SUMMARY, summary)
+    return paths.root
+
+
+def summarize_run(recipe, paths: RunPaths, shards, base_path: str) -> dict:
+    """``run.json``: what ran, what it cost, where the result is."""
+    import json
+
+    records = [json.loads(line) for line in paths.metrics.read_text().splitlines() if line.strip()]
+    rounds = [r for r in records if r["kind"] == "round"]
+    data_source = recipe.data.source
+    return {
+        "format": RUN_FORMAT,
+        "version": 1,
+        "name": recipe.name,
+        "method": recipe.federation.method,
+        "threshold": recipe.federation.threshold if recipe.federation.method == "florist" else None,
+        "rounds": recipe.federation.rounds,
+        "rounds_completed": len(rounds),
+        "num_clients": recipe.federation.num_clients,
+        "clients_per_round": recipe.federation.clients_per_round,
+        "client_ranks": [recipe.client_rank(k) for k in range(recipe.federation.num_clients)],
+        "client_samples": [len(shard) for shard in shards],
+        "base_model": base_path,
+        # Hub dataset ids only (for the model card); local files and builtin data are not linkable.
+        "datasets": [] if data_source.startswith("builtin:") or Path(data_source).exists() else [data_source],
+        "data_source": data_source,
+        "global_adapter": GLOBAL_ADAPTER,
+        "communication": {
+            "uplink_bytes_total": sum(r["uplink_bytes_total"] for r in rounds),
+            "downlink_bytes_total": sum(r["downlink_bytes_total"] for r in rounds),
+            "eff_x1e4": rounds[-1]["eff_x1e4"] if rounds else None,
+            "eff_x1e4_per_round": [r["eff_x1e4"] for r in rounds],
+        },
+        "heldout_loss": [r.get("heldout_loss") for r in rounds],
+        "evaluation": None,
+        "recipe": recipe.model_dump(mode="json"),
+    }

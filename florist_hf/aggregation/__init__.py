@@ -7,6 +7,7 @@ from florist_hf.aggregation import fedit, ffa, flexlora, flora, florist  # noqa:
 from florist_hf.aggregation.base import METHODS, AggregationMethod, get_method, register_method
 from florist_hf.aggregation.communication import CommunicationReport, round_communication
 from florist_hf.aggregation.ffa import SharedAMismatch
+from florist_hf.aggregation.florist import sum_of_updates
 from florist_hf.aggregation.linalg import energy, product_svd, select_rank
 from florist_hf.aggregation.types import AggregationResult, ClientModule, ModuleAggregate
 
@@ -24,4 +25,5 @@ __all__ = [
     "register_method",
     "round_communication",
     "select_rank",
+    "sum_of_updates",
 ]

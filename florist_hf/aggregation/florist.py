@@ -33,3 +33,12 @@ class Florist(AggregationMethod):
         selected_rank = select_rank(sigma, self.threshold, clients[0].shape)
         lora_b, lora_a = truncate(u, sigma, vh, selected_rank)
         return ModuleAggregate(lora_b, lora_a, selected_rank, singular_values=sigma)
+
+
+def sum_of_updates(updates: Sequence[ClientModule], threshold: float = 1.0) -> ModuleAggregate:
+    """Σ_k s_k B_k A_k (no weighting) re-factorised by the same stacked decomposition.
+
+    A merge-style federation publishes the sum of its round updates as one adapter this way:
+    exact at threshold 1, with rank at most the sum of the rounds' ranks.
+    """
+    return Florist(threshold).aggregate_module(updates, torch.ones(len(updates), dtype=torch.float64))

@@ -1,0 +1,223 @@
+"""The typed recipe schema: YAML in, validated settings out, with errors that name the key and file."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from florist_hf.errors import FloristError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    #: A Hub id, a local directory, or ``builtin:tiny-llama`` (built offline with random weights).
+    name_or_path: str
+    #: Settings of the builtin tiny Llama (ignored for other models).
+    tiny: dict[str, int] = Field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class DataSection(Section):
+    #: A Hub dataset id, a local JSON/JSONL file or dataset directory, the folder of a FLoRA
+    #: layout, or ``builtin:demo`` (the small instruction set shipped with the package).
+    source: str
+    layout: Literal["records", "flora"] = "records"
+    format: str | None = None
+    fields: dict[str, str | None] | None = None
+    split: str = "train"
+    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    min_client_size: int = Field(40, ge=1)
+    #: Examples of each label kept out of training as the test split (SPEC §6: 10 per category).
+    holdout_per_label: int = Field(0, ge=0)
+    max_samples_per_client: int | None = Field(None, ge=1)
+    cutoff_len: int = Field(512, ge=8)
+    train_on_inputs: bool = True
+    seed: int = 42
+
+
+class LoraSection(Section):
+    #: One rank for every client, or one per client (heterogeneous).
+    ranks: int | list[int] = 16
+    #: One alpha, one per client, or None for alpha = alpha_multiplier · r (the paper's 2r).
+    alphas: float | list[float] | None = None
+    alpha_multiplier: float = 2.0
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    dropout: float = Field(0.05, ge=0, lt=1)
+    use_rslora: bool = False
+
+    @field_validator("ranks")
+    @classmethod
+    def _positive_ranks(cls, ranks):
+        if any(r <= 0 for r in ([ranks] if isinstance(ranks, int) else ranks)):
+            raise ValueError("ranks must be positive")
+        return ranks
+
+
+class FederationSection(Section):
+    method: Literal["florist", "fedit", "flora", "flexlora", "ffa"] = "florist"
+    #: FLoRIST's energy threshold τ.
+    threshold: float = Field(0.9, gt=0, le=1)
+    rounds: int = Field(1, ge=1)
+    num_clients: int = Field(8, ge=1)
+    #: Clients sampled each round: all (None), a count (an integer), or a fraction (a float in (0, 1]).
+    clients_per_round: int | float | None = Field(None, gt=0)
+    #: A round needs this many clients that trained successfully, or it fails.
+    min_clients: int = Field(1, ge=1)
+    seed: int = 42
+    #: After each round, the global model's loss on the held-out test records (when there are any).
+    eval_heldout_loss: bool = True
+
+
+class EvaluationSection(Section):
+    tasks: list[str] = Field(default_factory=lambda: ["mmlu"])
+    num_fewshot: int = 0
+    limit: float | None = None
+    include_path: str | None = None
+    batch_size: int = 8
+    every_round: bool = False
+    #: The paper protocol (SPEC §7): the 1,444-question MMLU subset at this path.
+    paper_mmlu_file: str | None = None
+
+
+class HubSection(Section):
+    push: bool = False
+    repo_id: str | None = None
+    private: bool = False
+
+    @model_validator(mode="after")
+    def _repo_when_pushing(self):
+        if self.push and not self.repo_id:
+            raise ValueError("hub.push needs hub.repo_id")
+        return self
+
+
+def _check_training_keys(training: dict) -> None:
+    from transformers import TrainingArguments
+
+    known = {field.name for field in dataclasses.fields(TrainingArguments)}
+    owned = {"output_dir"}  # each client gets its own working directory
+    for key in training:
+        if key not in known:
+            raise ValueError(f"{key} is not a TrainingArguments field")
+        if key in owned:
+            raise ValueError(f"{key} is set by florist-hf per client; remove it")
+
+
+class Recipe(Section):
+    name: str = "federation"
+    model: ModelSection
+    data: DataSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    federation: FederationSection = Field(default_factory=FederationSection)
+    #: Any ``transformers.TrainingArguments`` field, passed through to every client's Trainer.
+    training: dict[str, Any] = Field(default_factory=dict)
+    #: Per-client TrainingArguments overrides (clients on different hardware), by client index.
+    client_training: dict[int, dict[str, Any]] = Field(default_factory=dict)
+    evaluation: EvaluationSection | None = None
+    hub: HubSection | None = None
+    output_dir: str = "runs/federation"
+
+    @field_validator("training")
+    @classmethod
+    def _known_training_arguments(cls, training):
+        _check_training_keys(training)
+        return training
+
+    @field_validator("client_training")
+    @classmethod
+    def _known_client_training_arguments(cls, client_training):
+        for overrides in client_training.values():
+            _check_training_keys(overrides)
+        return client_training
+
+    @model_validator(mode="after")
+    def _ranks_per_client(self):
+        for key in ("ranks", "alphas"):
+            value = getattr(self.lora, key)
+            if isinstance(value, list) and len(value) != self.federation.num_clients:
+                raise ValueError(
+                    f"lora.{key} lists {len(value)} values for federation.num_clients = "
+                    f"{self.federation.num_clients}; give one per client"
+                )
+        for client in self.client_training:
+            if not 0 <= client < self.federation.num_clients:
+                raise ValueError(f"client_training names client {client}, outside 0..{self.federation.num_clients - 1}")
+        return self
+
+    # --- derived settings -----------------------------------------------------------------------
+
+    def client_rank(self, client: int) -> int:
+        ranks = self.lora.ranks
+        return ranks if isinstance(ranks, int) else ranks[client]
+
+    def client_alpha(self, client: int) -> float:
+        alphas = self.lora.alphas
+        if alphas is None:
+            return self.lora.alpha_multiplier * self.client_rank(client)
+        return alphas if isinstance(alphas, (int, float)) else alphas[client]
+
+    def fingerprint(self) -> str:
+        """A hash of everything that changes the result (not where it is written)."""
+        payload = self.model_dump(mode="json", exclude={"output_dir", "evaluation", "hub"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict, dotted_key: str, value: Any, source: str) -> None:
+    node = tree
+    parts = dotted_key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise FloristError(f"{source}: --set {dotted_key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply ``key.sub=value`` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise FloristError(f"{path}: recipe not found; see recipes/ for examples")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise FloristError(f"{path}: not valid YAML{where} ({getattr(error, 'problem', error)}); fix the syntax") from None
+    if not isinstance(tree, dict):
+        raise FloristError(f"{path}: a recipe is a YAML mapping with model, data, lora, federation, training sections")
+    for override in overrides:
+        key, sep, raw_value = override.partition("=")
+        if not sep or not key:
+            raise FloristError(f"--set {override!r}: expected key=value, e.g. --set federation.rounds=3")
+        try:
+            value = yaml.safe_load(raw_value)
+        except yaml.YAMLError:
+            value = raw_value
+        _set_dotted(tree, key.strip(), value, str(path))
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "unknown key; check its spelling against the recipe schema"
+        elif first["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = message.removeprefix("Value error, ")
+            message += f" (got {first.get('input')!r})" if first["type"] != "value_error" else ""
+        raise FloristError(f"{path}: {key}: {message}") from None
