@@ -1,0 +1,581 @@
+"""Instruction data: loading (Hub, local JSON/JSONL, saved datasets, FLoRA's JSON layout),
+federated partitioners, the Alpaca prompt template and tokenization.
+
+Every loader returns *canonical records*: dicts with keys ``instruction``, ``input``, ``output`` and
+``label`` (``input`` is "" when the dataset has none, ``label`` is None when it has none). This
+module does I/O and bookkeeping only; it contains no aggregation math.
+
+Randomness: the partitioners use ``numpy.random.RandomState`` (the legacy Mersenne Twister), not
+``default_rng``, because the paper's Dolly split was drawn with ``np.random.seed(42)`` and the
+global legacy generator. With the same stream, ``flora_split`` reproduces the paper's client sizes
+exactly. Any function taking ``seed`` also accepts a ``RandomState`` to share one stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from florist_hf.errors import FloristError
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+
+CANONICAL_FIELDS = ("instruction", "input", "output", "label")
+REQUIRED_FIELDS = ("instruction", "output")
+
+#: Source column for each canonical field, per dataset format (None: the format has no such field).
+FIELD_PRESETS: dict[str, dict[str, str | None]] = {
+    "dolly": {"instruction": "instruction", "input": "context", "output": "response", "label": "category"},
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "label": None},
+    "wizard": {"instruction": "instruction", "input": None, "output": "output", "label": None},
+    # FLoRA's JSON layout as used for the Dolly split; FLoRA's Alpaca and Wizard splits keep the
+    # instruction/input/output names, which `infer_format` recognises as "alpaca".
+    "flora": {"instruction": "instruction", "input": "context", "output": "response", "label": "category"},
+}
+
+#: Hub dataset ids whose format is known without looking at their columns.
+HUB_DATASETS: dict[str, str] = {
+    "databricks/databricks-dolly-15k": "dolly",
+    "tatsu-lab/alpaca": "alpaca",
+    "WizardLM/WizardLM_evol_instruct_70k": "wizard",
+}
+
+LOCAL_FILE_SUFFIXES = (".json", ".jsonl")
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+#: Label id the loss ignores (PyTorch's CrossEntropyLoss default, also used by the HF collators).
+IGNORE_INDEX = -100
+
+FLORA_TRAIN_FILE = "local_training_{client}.json"
+FLORA_TEST_FILE = "global_test.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Field mapping and normalisation
+# --------------------------------------------------------------------------------------------
+
+
+def infer_format(columns: Sequence[str]) -> str | None:
+    """The first preset whose instruction and output columns are all present, else None."""
+    present = set(columns)
+    for name in ("dolly", "alpaca", "wizard"):
+        preset = FIELD_PRESETS[name]
+        if all(preset[field] in present for field in REQUIRED_FIELDS):
+            return name
+    return None
+
+
+def resolve_fields(
+    columns: Sequence[str],
+    *,
+    format: str | None = None,
+    fields: Mapping[str, str | None] | None = None,
+    source: str = "data",
+) -> dict[str, str | None]:
+    """The column for each canonical field: the named (or inferred) preset, overridden by ``fields``.
+
+    An inferred preset drops optional fields (input, label) whose column the data lacks; a format
+    or field the user named is kept as is, so a wrong name fails loudly in `normalize_records`.
+    """
+    fields = dict(fields or {})
+    unknown = sorted(set(fields) - set(CANONICAL_FIELDS))
+    if unknown:
+        raise FloristError(
+            f"{source}: unknown key(s) {', '.join(unknown)} in data.fields; "
+            f"use {', '.join(CANONICAL_FIELDS)}"
+        )
+    if format is not None:
+        if format not in FIELD_PRESETS:
+            raise FloristError(
+                f"{source}: unknown data.format '{format}'; use one of {', '.join(FIELD_PRESETS)}"
+            )
+        return {**FIELD_PRESETS[format], **fields}
+    inferred = infer_format(columns)
+    if inferred is not None:
+        preset = dict(FIELD_PRESETS[inferred])
+        for field in ("input", "label"):
+            if preset[field] not in set(columns):
+                preset[field] = None
+        return {**preset, **fields}
+    resolved: dict[str, str | None] = {**dict.fromkeys(CANONICAL_FIELDS), **fields}
+    if any(resolved[field] is None for field in REQUIRED_FIELDS):
+        raise FloristError(
+            f"{source}: cannot tell the data format from its columns ({', '.join(sorted(columns))}); "
+            f"set data.format ({', '.join(FIELD_PRESETS)}) or data.fields.instruction and data.fields.output"
+        )
+    return resolved
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+def normalize_records(
+    rows: Sequence[Mapping[str, Any]],
+    fields: Mapping[str, str | None],
+    *,
+    source: str = "records",
+) -> list[dict]:
+    """Map raw rows to canonical records using ``fields`` (canonical field -> source column).
+
+    Every column named in ``fields`` must exist in the data; instruction and output must be set in
+    every row. A null or absent input becomes "", a null or absent label None.
+    """
+    for field in REQUIRED_FIELDS:
+        if not fields.get(field):
+            raise FloristError(f"{source}: no column given for {field}; set data.fields.{field}")
+    columns: set[str] = set()
+    for row in rows:
+        columns.update(row)
+    for field in (*REQUIRED_FIELDS, "input", "label"):  # the required ones first: the likelier fix
+        column = fields.get(field)
+        if column is not None and rows and column not in columns:
+            raise FloristError(
+                f"{source}: no column '{column}' for the {field} field "
+                f"(columns: {', '.join(sorted(columns))}); set data.fields.{field} to the right column"
+            )
+
+    input_column, label_column = fields.get("input"), fields.get("label")
+    records = []
+    for index, row in enumerate(rows):
+        for field in REQUIRED_FIELDS:
+            if row.get(fields[field]) is None:
+                raise FloristError(
+                    f"{source}: row {index} has no '{fields[field]}' ({field}); "
+                    f"fix the row or set data.fields.{field}"
+                )
+        input_value = row.get(input_column) if input_column else None
+        records.append(
+            {
+                "instruction": _as_text(row[fields["instruction"]]),
+                "input": "" if input_value is None else _as_text(input_value),
+                "output": _as_text(row[fields["output"]]),
+                "label": row.get(label_column) if label_column else None,
+            }
+        )
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_json_lines(text: str, path: Path) -> list:
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise FloristError(
+                f"{path}: line {line_number} is not valid JSON ({error.msg}); "
+                "expected a JSON array of records or one JSON object per line"
+            ) from None
+    return rows
+
+
+def _read_json_rows(path: Path) -> list[dict]:
+    """A JSON array of objects (.json) or one object per line (.jsonl, or a .json that is not one array)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = _parse_json_lines(text, path)
+    else:
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError:
+            rows = _parse_json_lines(text, path)  # JSON lines saved under a .json name
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise FloristError(f"{path}: expected a JSON array of records (objects) or one JSON object per line")
+    return rows
+
+
+def _looks_like_local_path(source: str) -> bool:
+    # A Hub id is "name" or "owner/name"; anything else that is not on disk is a missing path.
+    return (
+        source.endswith(LOCAL_FILE_SUFFIXES)
+        or source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+        or (os.sep != "/" and os.sep in source)
+    )
+
+
+def _rows_from_disk(path: Path, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as error:
+        raise FloristError(
+            f"{path}: not a dataset saved with datasets' save_to_disk ({error}); "
+            f"give a .json/.jsonl file or a saved dataset folder"
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise FloristError(f"{path}: no split '{split}' (splits: {', '.join(loaded)}); set data.split")
+        loaded = loaded[split]
+    return loaded.to_list()
+
+
+def _rows_from_hub(source: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, split=split).to_list()
+    except Exception as error:  # noqa: BLE001 - datasets raises many types; the user needs one line
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise FloristError(
+            f"could not load Hub dataset '{source}' split '{split}' ({reason}); check the id, the "
+            "network and HF_HUB_OFFLINE, or give a local .json/.jsonl file or saved dataset folder"
+        ) from None
+
+
+def load_records(
+    source: str | os.PathLike,
+    *,
+    format: str | None = None,
+    fields: Mapping[str, str | None] | None = None,
+    split: str = "train",
+) -> list[dict]:
+    """Canonical records from a Hub dataset id, a local .json/.jsonl file, or a saved dataset folder.
+
+    The format is ``format`` if given, else known from `HUB_DATASETS`, else inferred from the
+    columns; ``fields`` overrides single columns of it. Local data never touches the network.
+    """
+    source_text = os.fspath(source)
+    path = Path(source_text).expanduser()
+    if path.is_dir():
+        rows = _rows_from_disk(path, split)
+    elif path.is_file():
+        if path.suffix not in LOCAL_FILE_SUFFIXES:
+            raise FloristError(
+                f"{path}: unsupported data file type '{path.suffix}'; use .json (array), .jsonl, "
+                "or a folder saved with datasets' save_to_disk"
+            )
+        rows = _read_json_rows(path)
+    elif _looks_like_local_path(source_text):
+        raise FloristError(f"data file or folder not found: {path}; check data.source")
+    else:
+        rows = _rows_from_hub(source_text, split)
+        format = format or HUB_DATASETS.get(source_text)
+    if not rows:
+        raise FloristError(f"{source_text}: no records found; check data.source and data.split")
+    columns = sorted(set().union(*(row.keys() for row in rows)))
+    resolved = resolve_fields(columns, format=format, fields=fields, source=source_text)
+    return normalize_records(rows, resolved, source=source_text)
+
+
+def load_flora_layout(
+    data_dir: str | os.PathLike,
+    num_clients: int,
+    *,
+    format: str | None = None,
+    fields: Mapping[str, str | None] | None = None,
+) -> tuple[list[list[dict]], list[dict]]:
+    """Client and test records from FLoRA's layout: ``<data_dir>/<K>/local_training_<k>.json``
+    for k < K, plus an optional ``global_test.json`` (absent: empty test list).
+
+    The format is inferred from the first client file's columns unless ``format`` is given.
+    """
+    root = Path(data_dir).expanduser()
+    split_dir = root / str(num_clients)
+    expected = f"{split_dir}/{FLORA_TRAIN_FILE.format(client='<k>')} for k < {num_clients}"
+    if not root.is_dir():
+        raise FloristError(f"FLoRA data folder not found: {root}; expected {expected}")
+    if not split_dir.is_dir():
+        found = sorted(child.name for child in root.iterdir() if child.is_dir())
+        hint = (
+            f"; {root} itself holds client files, so set data_dir to its parent {root.parent}"
+            if (root / FLORA_TRAIN_FILE.format(client=0)).is_file()
+            else f" (subfolders: {', '.join(found) or 'none'})"
+        )
+        raise FloristError(f"no {num_clients}-client split in {root}: expected {expected}{hint}")
+
+    resolved: dict[str, str | None] | None = None
+
+    def read(path: Path) -> list[dict]:
+        nonlocal resolved
+        rows = _read_json_rows(path)
+        if resolved is None:
+            columns = sorted(set().union(*(row.keys() for row in rows)))
+            resolved = resolve_fields(columns, format=format, fields=fields, source=str(path))
+        return normalize_records(rows, resolved, source=str(path))
+
+    client_records = []
+    for client in range(num_clients):
+        path = split_dir / FLORA_TRAIN_FILE.format(client=client)
+        if not path.is_file():
+            raise FloristError(f"missing client file {path}; expected {expected}")
+        client_records.append(read(path))
+    test_path = split_dir / FLORA_TEST_FILE
+    test_records = read(test_path) if test_path.is_file() else []
+    return client_records, test_records
+
+
+def save_flora_layout(
+    data_dir: str | os.PathLike,
+    client_records: Sequence[Sequence[Mapping[str, Any]]],
+    test_records: Sequence[Mapping[str, Any]] = (),
+) -> Path:
+    """Write canonical records in FLoRA's layout (Dolly column names); returns ``<data_dir>/<K>``."""
+    split_dir = Path(data_dir).expanduser() / str(len(client_records))
+    split_dir.mkdir(parents=True, exist_ok=True)
+    names = FIELD_PRESETS["flora"]
+
+    def dump(records: Sequence[Mapping[str, Any]], path: Path) -> None:
+        rows = [{names[field]: record[field] for field in CANONICAL_FIELDS} for record in records]
+        path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+
+    for client, records in enumerate(client_records):
+        dump(records, split_dir / FLORA_TRAIN_FILE.format(client=client))
+    if test_records:
+        dump(test_records, split_dir / FLORA_TEST_FILE)
+    return split_dir
+
+
+def demo_records() -> list[dict]:
+    """The small instruction set shipped with the package (written for demos and tests)."""
+    resource = resources.files("florist_hf") / "demo_data" / "instructions.json"
+    rows = json.loads(resource.read_text(encoding="utf-8"))
+    return normalize_records(rows, FIELD_PRESETS["dolly"], source="florist_hf/demo_data/instructions.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Partitioners
+# --------------------------------------------------------------------------------------------
+# flwr-datasets has a comparable DirichletPartitioner, but installing it downgrades datasets and
+# huggingface_hub here, so we keep our own (it is also the exact algorithm of FLoRA's split script).
+
+
+def _random_state(seed: int | np.random.RandomState) -> np.random.RandomState:
+    return seed if isinstance(seed, np.random.RandomState) else np.random.RandomState(seed)
+
+
+def _check_num_clients(num_clients: int, num_examples: int) -> None:
+    if num_clients < 1:
+        raise FloristError(f"num_clients must be at least 1, got {num_clients}")
+    if num_examples < num_clients:
+        raise FloristError(
+            f"cannot split {num_examples} examples over {num_clients} clients; use fewer clients or more data"
+        )
+
+
+def iid_partition(num_examples: int, num_clients: int, seed: int | np.random.RandomState) -> list[list[int]]:
+    """A random permutation cut into ``num_clients`` parts whose sizes differ by at most one."""
+    _check_num_clients(num_clients, num_examples)
+    permutation = _random_state(seed).permutation(num_examples)
+    return [part.tolist() for part in np.array_split(permutation, num_clients)]
+
+
+def labels_of(records: Sequence[Mapping[str, Any]], *, source: str = "records") -> list[Hashable]:
+    """The label of every record; a record without one is an error (label-based splits need it)."""
+    labels = [record.get("label") for record in records]
+    missing = [index for index, label in enumerate(labels) if label is None]
+    if missing:
+        raise FloristError(
+            f"{source}: {len(missing)} record(s) have no label (first: row {missing[0]}); "
+            "set data.fields.label to the category column, or use an iid split"
+        )
+    return labels
+
+
+def dirichlet_partition(
+    labels: Sequence[Hashable],
+    num_clients: int,
+    alpha: float,
+    seed: int | np.random.RandomState,
+    min_size: int = 40,
+    self_balancing: bool = True,
+    max_attempts: int = 1000,
+) -> list[list[int]]:
+    """Label-skewed split (Hsu et al. 2019, as in FLoRA's ``client_data_allocation.py``).
+
+    For each label in sorted order: shuffle its examples, draw client proportions from
+    Dirichlet(alpha), and cut. With ``self_balancing``, a client already holding >= N/K examples
+    gets proportion 0 for the remaining labels (a full client takes no more). The whole draw is
+    repeated until every client holds >= ``min_size`` examples, at most ``max_attempts`` times.
+    Each client's indices come grouped by label, in label order, shuffled within a label.
+    """
+    num_examples = len(labels)
+    _check_num_clients(num_clients, num_examples)
+    if alpha <= 0:
+        raise FloristError(f"Dirichlet alpha must be positive, got {alpha}")
+    if min_size * num_clients > num_examples:
+        raise FloristError(
+            f"cannot give each of {num_clients} clients {min_size} examples out of {num_examples}; "
+            "lower min_size or use fewer clients"
+        )
+    random_state = _random_state(seed)
+    label_array = np.asarray(labels, dtype=object)
+    indices_by_label = [np.flatnonzero(label_array == label) for label in sorted(set(labels))]
+    full_size = num_examples / num_clients
+
+    for _ in range(max_attempts):
+        client_indices: list[list[int]] = [[] for _ in range(num_clients)]
+        for label_indices in indices_by_label:
+            label_indices = label_indices.copy()
+            random_state.shuffle(label_indices)
+            proportions = random_state.dirichlet(np.repeat(alpha, num_clients))
+            if self_balancing:
+                has_room = np.array([len(indices) < full_size for indices in client_indices])
+                proportions = proportions * has_room
+                if not proportions.sum() > 0:  # every open client drew 0 (tiny alpha underflow)
+                    proportions = has_room.astype(float)
+            cumulative = np.cumsum(proportions / proportions.sum())
+            # The float cumsum can end just below 1, which would leak a rounding example to a
+            # trailing client with proportion 0 (e.g. a full one); pin it to 1 from the last
+            # client with a share on. FLoRA's script has this leak; the paper's split is unaffected.
+            cumulative[np.flatnonzero(proportions)[-1]:] = 1.0
+            cut_points = (cumulative * len(label_indices)).astype(int)[:-1]
+            for indices, chunk in zip(client_indices, np.split(label_indices, cut_points)):
+                indices.extend(chunk.tolist())
+        if min(len(indices) for indices in client_indices) >= min_size:
+            return client_indices
+    raise FloristError(
+        f"no Dirichlet(alpha={alpha}) split gave every one of {num_clients} clients {min_size} "
+        f"examples in {max_attempts} attempts; lower min_size, raise alpha, or use fewer clients"
+    )
+
+
+def holdout_per_label(
+    records: Sequence[Mapping[str, Any]],
+    per_label: int,
+    seed: int | np.random.RandomState,
+) -> tuple[list[dict], list[dict]]:
+    """Move ``per_label`` random records of every label to a test list.
+
+    Labels are visited in sorted order and each draws ``permutation(count)[:per_label]``, the
+    stream FLoRA's ``groupby(...).sample(n)`` consumed. Train keeps the input order; test is
+    grouped by label.
+    """
+    labels = labels_of(records)
+    random_state = _random_state(seed)
+    label_array = np.asarray(labels, dtype=object)
+    test_indices: list[int] = []
+    for label in sorted(set(labels)):
+        label_indices = np.flatnonzero(label_array == label)
+        if len(label_indices) < per_label:
+            raise FloristError(
+                f"label '{label}' has only {len(label_indices)} records, fewer than the "
+                f"{per_label} to hold out per label; lower the held-out count"
+            )
+        test_indices.extend(label_indices[random_state.permutation(len(label_indices))[:per_label]].tolist())
+    held_out = set(test_indices)
+    train = [dict(record) for index, record in enumerate(records) if index not in held_out]
+    test = [dict(records[index]) for index in test_indices]
+    return train, test
+
+
+def flora_split(
+    records: Sequence[Mapping[str, Any]],
+    num_clients: int,
+    *,
+    alpha: float = 0.5,
+    seed: int = 42,
+    test_per_label: int = 10,
+    min_size: int = 40,
+) -> tuple[list[list[dict]], list[dict]]:
+    """The paper's Dolly procedure: hold out ``test_per_label`` per label, then a self-balancing
+    Dirichlet split of the rest, all from one ``RandomState(seed)`` stream. On Dolly-15k with the
+    defaults this gives the paper's client sizes [1579, 685, 3775, 1830, 2152, 1776, 2531, 607].
+    """
+    random_state = np.random.RandomState(seed)
+    train, test = holdout_per_label(records, test_per_label, random_state)
+    parts = dirichlet_partition(labels_of(train), num_clients, alpha, random_state, min_size=min_size)
+    return [[train[index] for index in part] for part in parts], test
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt and tokenization
+# --------------------------------------------------------------------------------------------
+
+
+def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - the field's name
+    """The Alpaca prompt, up to and including "### Response:\\n"."""
+    if input:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def _tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    # We tokenize without special tokens so that EOS handling is ours for every tokenizer, but keep
+    # a BOS where the tokenizer would add one itself (Llama does; FLoRA trained with it).
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def tokenize_records(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    cutoff_len: int = 512,
+    train_on_inputs: bool = True,
+    add_eos: bool = True,
+) -> datasets.Dataset:
+    """A Dataset of input_ids, attention_mask and labels for causal-LM training (FLoRA's `tokenize`).
+
+    Text = prompt + output, truncated to ``cutoff_len`` tokens; EOS is appended when it is not
+    already last and there is room. Labels equal input_ids, except that the prompt tokens are
+    IGNORE_INDEX when ``train_on_inputs`` is False.
+    """
+    import datasets
+
+    if not records:
+        raise FloristError("no records to tokenize; check the data source and the client split")
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is None:
+        raise FloristError("the tokenizer has no eos_token; set one on the tokenizer or pass add_eos=False")
+    prefix = [tokenizer.bos_token_id] if _tokenizer_adds_bos(tokenizer) else []
+    prompts = [format_prompt(record["instruction"], record["input"]) for record in records]
+    full_texts = [prompt + record["output"] for prompt, record in zip(prompts, records)]
+    full_ids = tokenizer(full_texts, add_special_tokens=False)["input_ids"]
+    prompt_ids = [] if train_on_inputs else tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+    columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for index, ids in enumerate(full_ids):
+        input_ids = (prefix + list(ids))[:cutoff_len]
+        if add_eos and len(input_ids) < cutoff_len and (not input_ids or input_ids[-1] != eos):
+            input_ids.append(eos)
+        labels = list(input_ids)
+        if not train_on_inputs:
+            prompt_len = min(len(prefix) + len(prompt_ids[index]), len(labels))
+            labels[:prompt_len] = [IGNORE_INDEX] * prompt_len
+        columns["input_ids"].append(input_ids)
+        columns["attention_mask"].append([1] * len(input_ids))
+        columns["labels"].append(labels)
+    return datasets.Dataset.from_dict(columns)
+
+
+def make_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
+    """Dynamic padding (to a multiple of 8) with labels padded by IGNORE_INDEX.
+
+    A tokenizer without a pad token (Llama) gets its EOS as pad token: padded positions have
+    attention 0 and label IGNORE_INDEX, so the choice does not change the loss.
+    """
+    from transformers import DataCollatorForSeq2Seq
+
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise FloristError("the tokenizer has neither a pad_token nor an eos_token; set a pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return DataCollatorForSeq2Seq(
+        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
+    )

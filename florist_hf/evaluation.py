@@ -1,0 +1,384 @@
+"""Evaluate a base model, alone or with a PEFT adapter, with lm-evaluation-harness.
+
+The adapter is loaded by lm-eval's HFLM through its ``peft=`` argument, so the numbers are those
+lm-eval reports for the same model and adapter. Everything that can be checked before the model
+is loaded (adapter files and shapes, task names, include paths, data files) is checked first and
+reported as a one-line ``FloristError``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from florist_hf.errors import FloristError
+from florist_hf.io_utils import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+#: The folder of task YAMLs shipped with the package; always on lm-eval's include path.
+PACKAGED_TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+PAPER_MMLU_TASK = "florist_mmlu_paper"
+#: What the paper protocol changes from the reference, recorded with every paper-protocol result.
+PAPER_DECODING_NOTE = "greedy decoding in eval mode (the reference sampled at T=0.2 with the model in train mode)"
+
+#: The parts of lm-eval's output worth keeping; the rest (samples aside) is environment detail.
+_KEPT_RESULT_KEYS = ("results", "groups", "group_subtasks", "versions", "n-shot", "n-samples", "higher_is_better")
+#: The task config fields that say what was measured; the rest are prompt functions and defaults.
+_KEPT_CONFIG_KEYS = (
+    "task",
+    "dataset_path",
+    "dataset_name",
+    "test_split",
+    "output_type",
+    "num_fewshot",
+    "metric_list",
+    "generation_kwargs",
+    "metadata",
+)
+#: ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` as PEFT saves them (adapter name dropped).
+_LORA_FACTOR_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def paper_mmlu_task_dir() -> Path:
+    """The packaged folder holding the paper-protocol task (YAML and its utils.py)."""
+    return PACKAGED_TASKS_DIR / PAPER_MMLU_TASK
+
+
+# --------------------------------------------------------------------------- checks before loading
+
+
+def _load_base_config(base_model: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(base_model)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FloristError(
+            f"{base_model}: base model not found or unreadable ({reason}); "
+            "pass a local model directory or a Hub id that is cached or reachable"
+        ) from None
+
+
+def _adapter_factor_shapes(adapter_dir: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{module: {"A": shape, "B": shape}}`` from the safetensors header, without reading tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    try:
+        with safe_open(weights_file, framework="pt") as handle:
+            for key in handle.keys():
+                match = _LORA_FACTOR_KEY.match(key)
+                if match:
+                    shapes.setdefault(match["module"], {})[match["factor"]] = tuple(handle.get_slice(key).get_shape())
+    except (SafetensorError, OSError) as error:
+        raise FloristError(f"{weights_file}: not a readable safetensors file ({error}); re-save the adapter") from None
+    return shapes
+
+
+def _linear_in_out(module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a layer LoRA adapts as a matrix; None for other layer types."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):  # GPT-2 style: weight stored as (in, out)
+        return module.weight.shape[0], module.nf
+    return None
+
+
+def _same_model_reference(recorded: str, given: str) -> bool:
+    if Path(recorded).exists() and Path(given).exists():
+        return Path(recorded).resolve() == Path(given).resolve()
+    return recorded.rstrip("/") == given.rstrip("/")
+
+
+def check_adapter_matches_base(adapter: str | os.PathLike, base_model: str) -> None:
+    """Check ``adapter`` is a PEFT adapter directory whose LoRA factors fit ``base_model``'s layers.
+
+    Shapes are compared against the base architecture built on the meta device (no weights are
+    read), so a mismatch is reported before lm-eval spends time loading the model. A different
+    ``base_model_name_or_path`` alone is only a warning: the same model is often saved under
+    another path or a Hub id and its local copy.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = Path(adapter)
+    if not adapter_dir.is_dir():
+        raise FloristError(f"{adapter_dir}: adapter directory not found; pass a directory written by PEFT's save_pretrained")
+    config_file = adapter_dir / "adapter_config.json"
+    try:
+        adapter_config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise FloristError(
+            f"{adapter_dir}: not a PEFT adapter (no adapter_config.json); pass a directory written by PEFT's save_pretrained"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FloristError(f"{config_file}: corrupt JSON ({error}); re-save the adapter") from None
+    if not isinstance(adapter_config, dict) or "peft_type" not in adapter_config:
+        raise FloristError(f"{config_file}: no peft_type, so not a PEFT adapter config; re-save the adapter with PEFT")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise FloristError(
+            f"{adapter_dir}: no adapter_model.safetensors; re-save the adapter with save_pretrained (safetensors is its default)"
+        )
+
+    recorded_base = adapter_config.get("base_model_name_or_path")
+    if recorded_base and not _same_model_reference(recorded_base, base_model):
+        logger.warning("%s was trained on %s but is evaluated on %s", adapter_dir, recorded_base, base_model)
+
+    base_config = _load_base_config(base_model)
+    with torch.device("meta"):
+        base_architecture = AutoModelForCausalLM.from_config(base_config)
+    for module_name, factor_shapes in sorted(_adapter_factor_shapes(adapter_dir).items()):
+        try:
+            base_layer = base_architecture.get_submodule(module_name)
+        except AttributeError:
+            raise FloristError(
+                f"{adapter_dir}: module {module_name} does not exist in {base_model}; "
+                "evaluate the adapter on the base model it was trained on (--base)"
+            ) from None
+        in_out = _linear_in_out(base_layer)
+        if in_out is None or set(factor_shapes) != {"A", "B"}:
+            continue
+        in_features, out_features = in_out
+        lora_a_shape, lora_b_shape = factor_shapes["A"], factor_shapes["B"]
+        if lora_a_shape[1] != in_features or lora_b_shape[0] != out_features:
+            raise FloristError(
+                f"{adapter_dir}: module {module_name} has lora_A {lora_a_shape} and lora_B {lora_b_shape}, "
+                f"but that layer of {base_model} maps {in_features} -> {out_features} features; "
+                "evaluate the adapter on the base model it was trained on (--base)"
+            )
+
+
+def _task_manager(task_names: Sequence[str], include_paths: Sequence[Path], metadata: Mapping[str, Any] | None):
+    """A TaskManager that knows every requested task, or a FloristError naming the unknown one.
+
+    Indexing lm-eval's ~14,000 built-in task YAMLs takes seconds, so the include paths alone are
+    tried first; the built-in tasks are indexed only when a requested task is not among them.
+    """
+    from lm_eval.tasks import TaskManager
+
+    def knows_all(manager) -> bool:
+        known = set(manager.all_tasks)
+        return all(name in known or Path(name).is_file() for name in task_names)
+
+    common = dict(include_path=[str(path) for path in include_paths], metadata=dict(metadata or {}))
+    local_manager = TaskManager(include_defaults=False, **common)
+    if knows_all(local_manager):
+        return local_manager
+    full_manager = TaskManager(include_defaults=True, **common)
+    known = set(full_manager.all_tasks)
+    for name in task_names:
+        if name not in known and not Path(name).is_file():
+            close = difflib.get_close_matches(name, full_manager.all_tasks, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise FloristError(
+                f"unknown lm-eval task {name!r}{hint}; list tasks with `lm-eval ls tasks`, "
+                "or pass --include-path with the folder of its task YAML"
+            )
+    return full_manager
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _jsonable(value):
+    """``json.dumps`` fallback: numpy scalars become numbers, anything else its string form."""
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _to_json_safe(value):
+    return json.loads(json.dumps(value, default=_jsonable))
+
+
+def _results_record(raw: Mapping[str, Any], run_info: Mapping[str, Any], log_samples: bool) -> dict:
+    """The JSON-safe part of lm-eval's output worth keeping, after our own run fields."""
+    record: dict[str, Any] = dict(run_info)
+    record["lm_eval_version"] = raw.get("lm_eval_version")
+    record["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for key in _KEPT_RESULT_KEYS:
+        if key in raw:
+            record[key] = raw[key]
+    record["configs"] = {
+        task: {key: config[key] for key in _KEPT_CONFIG_KEYS if config.get(key) is not None}
+        for task, config in raw.get("configs", {}).items()
+    }
+    if log_samples:
+        record["samples"] = raw.get("samples", {})
+    return _to_json_safe(record)
+
+
+def evaluate_adapter(
+    base_model: str,
+    adapter: str | os.PathLike | None,
+    *,
+    tasks: str | Sequence[str] = ("mmlu",),
+    num_fewshot: int | None = 0,
+    limit: int | float | None = None,
+    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    task_metadata: Mapping[str, Any] | None = None,
+    device: str | None = None,
+    batch_size: int | str = 8,
+    max_new_tokens: int | None = None,
+    log_samples: bool = False,
+    out_file: str | os.PathLike | None = None,
+) -> dict:
+    """Run lm-eval ``tasks`` on ``base_model`` with ``adapter`` (None: the base model alone).
+
+    ``tasks`` are lm-eval task/group names (a string may list several, comma-separated) or task
+    YAML paths; the packaged tasks (``florist_mmlu_paper``) and ``include_path`` folders are
+    searched as well. ``num_fewshot`` None keeps each task's own default; ``max_new_tokens``
+    overrides generation tasks' ``max_gen_toks``; ``task_metadata`` reaches every task's dataset
+    hook (the paper task reads ``data_file`` from it). Returns a JSON-safe dict with lm-eval's
+    ``results``, ``versions``, ``n-samples`` and a short ``configs``, plus the run's settings and,
+    with ``log_samples``, the per-question ``samples``; ``out_file`` gets the same dict, atomically.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    task_names = [name.strip() for name in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    task_names = [name for name in task_names if name]
+    if not task_names:
+        raise FloristError("no evaluation task given; pass a task name such as mmlu")
+    if include_path is None:
+        user_include_paths = []
+    elif isinstance(include_path, (str, os.PathLike)):
+        user_include_paths = [include_path]
+    else:
+        user_include_paths = list(include_path)
+    for path in map(Path, user_include_paths):
+        if not path.is_dir():
+            raise FloristError(f"{path}: include path not found; pass a folder holding lm-eval task YAML files")
+    if adapter is None:  # a missing base fails here in one line, not deep inside lm-eval
+        _load_base_config(base_model)
+    else:
+        check_adapter_matches_base(adapter, base_model)
+    task_manager = _task_manager(task_names, [PACKAGED_TASKS_DIR, *map(Path, user_include_paths)], task_metadata)
+
+    device = device or default_device()
+    model = HFLM(
+        pretrained=base_model,
+        peft=None if adapter is None else str(adapter),
+        device=device,
+        batch_size=batch_size,
+    )
+    raw_results = lm_eval.simple_evaluate(
+        model=model,
+        tasks=task_names,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        gen_kwargs=None if max_new_tokens is None else {"max_gen_toks": max_new_tokens},
+        log_samples=log_samples,
+        task_manager=task_manager,
+    )
+    run_info = {
+        "base_model": str(base_model),
+        "adapter": None if adapter is None else str(adapter),
+        "tasks": task_names,
+        "num_fewshot": num_fewshot,
+        "limit": limit,
+        "device": device,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "task_metadata": dict(task_metadata or {}),
+    }
+    record = _results_record(raw_results, run_info, log_samples)
+    if out_file is not None:
+        write_json_atomic(out_file, record)
+    return record
+
+
+def evaluate_paper_mmlu(
+    base_model: str,
+    adapter: str | os.PathLike | None,
+    data_file: str | os.PathLike,
+    *,
+    limit: int | float | None = None,
+    device: str | None = None,
+    batch_size: int | str = 8,
+    max_new_tokens: int = 32,
+    log_samples: bool = False,
+    out_file: str | os.PathLike | None = None,
+) -> dict:
+    """The paper's protocol (``florist_mmlu_paper``) on the MMLU subset in ``data_file``.
+
+    The headline number is ``results["florist_mmlu_paper"]["macro_acc,none"]`` (accuracy averaged
+    over subjects); ``acc,none`` is the plain per-question accuracy.
+    """
+    from florist_hf.lm_eval_tasks.florist_mmlu_paper.utils import read_paper_subset
+
+    data_file = Path(data_file).resolve()
+    read_paper_subset(data_file)  # a bad file is reported before the model is loaded
+    record = evaluate_adapter(
+        base_model,
+        adapter,
+        tasks=[PAPER_MMLU_TASK],
+        num_fewshot=None,
+        limit=limit,
+        task_metadata={"data_file": str(data_file)},
+        device=device,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        log_samples=log_samples,
+    )
+    record["protocol"] = {"name": "FLoRA/FLoRIST MMLU subset", "decoding": PAPER_DECODING_NOTE}
+    if out_file is not None:
+        write_json_atomic(out_file, record)
+    return record
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def summarize_results(results: Mapping[str, Any]) -> list[tuple[str, str, float, float | None]]:
+    """``(task, metric, value, stderr)`` rows for the top-level tasks and groups of a result.
+
+    Subtasks of a reported group (mmlu's 57 subjects) are left out to keep the table short. A
+    metric under a filter other than lm-eval's ``none`` is named ``metric,filter``.
+    """
+    children = {child for members in results.get("group_subtasks", {}).values() for child in members}
+    rows = []
+    for task, metrics in results["results"].items():
+        if task in children:
+            continue
+        for key, value in metrics.items():
+            metric, _, filter_name = key.partition(",")
+            if not filter_name or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            label = metric if filter_name == "none" else key
+            rows.append((task, label, float(value), float(stderr) if isinstance(stderr, (int, float)) else None))
+    return rows
+
+
+def results_table(results: Mapping[str, Any], title: str | None = None):
+    """A rich Table of ``summarize_results``."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("Task")
+    table.add_column("Metric")
+    table.add_column("Value", justify="right")
+    table.add_column("± Stderr", justify="right")
+    for task, metric, value, stderr in summarize_results(results):
+        table.add_row(task, metric, f"{value:.4f}", "" if stderr is None else f"{stderr:.4f}")
+    return table

@@ -1,0 +1,395 @@
+"""Data loading, partitioning, prompt template and tokenization (fast, CPU, offline)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from importlib import resources
+
+import numpy as np
+import pytest
+
+from florist_hf import data
+from florist_hf.errors import FloristError
+
+PAPER_CLIENT_SIZES = [1579, 685, 3775, 1830, 2152, 1776, 2531, 607]
+DOLLY_CATEGORIES = {
+    "brainstorming", "classification", "closed_qa", "creative_writing",
+    "general_qa", "information_extraction", "open_qa", "summarization",
+}
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tiny_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_base)
+
+
+def _label_counts(labels, part):
+    return Counter(labels[index] for index in part)
+
+
+# ------------------------------------------------------------------ FLoRA layout (real Dolly split)
+
+
+def test_flora_layout_loads_the_papers_dolly_split(shared_data):
+    clients, test = data.load_flora_layout(shared_data / "dolly", 8)
+
+    assert [len(records) for records in clients] == PAPER_CLIENT_SIZES
+    assert len(test) == 80
+    assert Counter(record["label"] for record in test) == dict.fromkeys(DOLLY_CATEGORIES, 10)
+    first = clients[0][0]
+    assert set(first) == {"instruction", "input", "output", "label"}
+    assert first["instruction"].startswith("Give me a bulleted list of things to consider")
+    assert first["label"] == "brainstorming"
+    assert any(record["input"] for records in clients for record in records)  # context -> input
+
+
+def test_flora_split_reproduces_the_papers_client_sizes_and_categories(shared_data):
+    clients, test = data.load_flora_layout(shared_data / "dolly", 8)
+    all_dolly = [record for records in clients for record in records] + test
+
+    split_clients, split_test = data.flora_split(all_dolly, 8, alpha=0.5, seed=42)
+
+    assert [len(records) for records in split_clients] == PAPER_CLIENT_SIZES
+    for ours, paper in zip(split_clients, clients):
+        assert Counter(r["label"] for r in ours) == Counter(r["label"] for r in paper)
+    assert Counter(record["label"] for record in split_test) == dict.fromkeys(DOLLY_CATEGORIES, 10)
+
+
+def test_flora_layout_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(FloristError, match="FLoRA data folder not found: .*nowhere"):
+        data.load_flora_layout(tmp_path / "nowhere", 8)
+
+    (tmp_path / "4").mkdir()
+    with pytest.raises(FloristError, match=r"no 8-client split in .*expected .*/8/local_training_<k>\.json.*subfolders: 4"):
+        data.load_flora_layout(tmp_path, 8)
+
+    split_dir = tmp_path / "2"
+    split_dir.mkdir()
+    (split_dir / "local_training_0.json").write_text(json.dumps([{"instruction": "i", "response": "o"}]))
+    with pytest.raises(FloristError, match=r"missing client file .*local_training_1\.json"):
+        data.load_flora_layout(tmp_path, 2)
+
+    # Pointing at the K folder itself gets a hint to use its parent.
+    with pytest.raises(FloristError, match="set data_dir to its parent"):
+        data.load_flora_layout(split_dir, 2)
+
+
+def test_save_flora_layout_round_trips_and_test_file_is_optional(tmp_path):
+    records = data.demo_records()
+    split_dir = data.save_flora_layout(tmp_path, [records[:5], records[5:9]])
+
+    assert split_dir == tmp_path / "2"
+    assert not (split_dir / "global_test.json").exists()
+    clients, test = data.load_flora_layout(tmp_path, 2)
+    assert clients == [records[:5], records[5:9]]
+    assert test == []
+    assert set(json.loads((split_dir / "local_training_0.json").read_text())[0]) == {
+        "instruction", "context", "response", "category",
+    }
+
+
+# ------------------------------------------------------------------ local files and field mapping
+
+
+ROWS = [
+    {"question": "What is 2 plus 2?", "hint": "", "answer": "4", "topic": "math"},
+    {"question": "Reverse it.", "hint": "abc", "answer": "cba", "topic": "spelling"},
+    {"question": "Capital of Peru?", "answer": "Lima", "topic": "capitals"},  # no hint at all
+]
+CUSTOM_FIELDS = {"instruction": "question", "input": "hint", "output": "answer", "label": "topic"}
+EXPECTED = [
+    {"instruction": "What is 2 plus 2?", "input": "", "output": "4", "label": "math"},
+    {"instruction": "Reverse it.", "input": "abc", "output": "cba", "label": "spelling"},
+    {"instruction": "Capital of Peru?", "input": "", "output": "Lima", "label": "capitals"},
+]
+
+
+def test_local_json_and_jsonl_with_custom_field_mapping(tmp_path):
+    array_file = tmp_path / "rows.json"
+    array_file.write_text(json.dumps(ROWS))
+    lines_file = tmp_path / "rows.jsonl"
+    lines_file.write_text("\n".join(json.dumps(row) for row in ROWS) + "\n\n")
+
+    assert data.load_records(str(array_file), fields=CUSTOM_FIELDS) == EXPECTED
+    assert data.load_records(lines_file, fields=CUSTOM_FIELDS) == EXPECTED
+
+
+def test_local_format_is_inferred_or_named(tmp_path):
+    alpaca_file = tmp_path / "alpaca.jsonl"
+    alpaca_file.write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi."}) + "\n")
+    assert data.load_records(alpaca_file) == [
+        {"instruction": "Say hi.", "input": "", "output": "Hi.", "label": None}
+    ]
+
+    wizard_file = tmp_path / "wizard.json"
+    wizard_file.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi."}]))
+    assert data.load_records(wizard_file, format="wizard")[0]["input"] == ""
+    # Named preset, single field overridden.
+    assert data.load_records(wizard_file, format="dolly", fields={"output": "output", "input": None, "label": None}) == [
+        {"instruction": "Say hi.", "input": "", "output": "Hi.", "label": None}
+    ]
+
+
+def test_saved_dataset_folder_loads(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(ROWS[:2]).save_to_disk(str(tmp_path / "saved"))
+    assert data.load_records(tmp_path / "saved", fields=CUSTOM_FIELDS) == EXPECTED[:2]
+
+
+def test_missing_field_errors_name_source_field_and_fix(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(ROWS))
+
+    with pytest.raises(FloristError, match=r"rows\.json: no column 'response' for the output field .*set data\.fields\.output"):
+        data.load_records(path, format="dolly", fields={"instruction": "question"})
+
+    rows_with_gap = [dict(ROWS[0]), {"question": "q", "topic": "t"}]
+    with pytest.raises(FloristError, match=r"my-data: row 1 has no 'answer' \(output\).*data\.fields\.output"):
+        data.normalize_records(rows_with_gap, CUSTOM_FIELDS, source="my-data")
+
+    with pytest.raises(FloristError, match="cannot tell the data format.*set data.format"):
+        data.load_records(path)
+
+    with pytest.raises(FloristError, match="unknown key"):
+        data.load_records(path, fields={**CUSTOM_FIELDS, "answer_text": "answer"})
+
+
+def test_hub_id_goes_to_load_dataset_with_its_known_format(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, split):
+        calls.append((path, split))
+        return datasets.Dataset.from_list(
+            [{"instruction": "Name a fruit.", "context": "", "response": "Apple.", "category": "open_qa"}]
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    records = data.load_records("databricks/databricks-dolly-15k", split="train[:1]")
+
+    assert calls == [("databricks/databricks-dolly-15k", "train[:1]")]
+    assert records == [{"instruction": "Name a fruit.", "input": "", "output": "Apple.", "label": "open_qa"}]
+
+
+def test_unreachable_hub_dataset_is_one_florist_error():
+    with pytest.raises(FloristError, match="could not load Hub dataset 'florist-hf-tests/no-such-dataset'"):
+        data.load_records("florist-hf-tests/no-such-dataset")
+
+
+def test_missing_local_path_is_named(tmp_path):
+    missing = tmp_path / "not-here.jsonl"
+    with pytest.raises(FloristError, match=f"not found: {missing}"):
+        data.load_records(str(missing))
+    with pytest.raises(FloristError, match="not found: data/missing.json"):
+        data.load_records("data/missing.json")
+
+
+# ------------------------------------------------------------------ partitioners
+
+
+def test_iid_partition_covers_every_index_once():
+    parts = data.iid_partition(103, 4, seed=0)
+
+    assert sorted(index for part in parts for index in part) == list(range(103))
+    assert sorted(len(part) for part in parts) == [25, 26, 26, 26]
+    assert parts == data.iid_partition(103, 4, seed=0)
+    assert parts != data.iid_partition(103, 4, seed=1)
+    assert parts[0] != list(range(26))  # shuffled, not contiguous
+
+
+LABEL_COUNTS = {"a": 400, "b": 300, "c": 200, "d": 500, "e": 100, "f": 250}  # N = 1750
+LABELS = [label for label, count in LABEL_COUNTS.items() for _ in range(count)]
+
+
+def test_dirichlet_partition_is_deterministic_complete_and_respects_min_size():
+    parts = data.dirichlet_partition(LABELS, 5, alpha=0.5, seed=0, min_size=40)
+
+    assert parts == data.dirichlet_partition(LABELS, 5, alpha=0.5, seed=0, min_size=40)
+    assert parts != data.dirichlet_partition(LABELS, 5, alpha=0.5, seed=1, min_size=40)
+    assert sorted(index for part in parts for index in part) == list(range(len(LABELS)))
+    assert min(len(part) for part in parts) >= 40
+
+
+def test_dirichlet_partition_is_label_skewed():
+    parts = data.dirichlet_partition(LABELS, 5, alpha=0.5, seed=0)
+    global_share = np.array(list(LABEL_COUNTS.values())) / len(LABELS)
+    client_shares = [
+        np.array([_label_counts(LABELS, part)[label] for label in LABEL_COUNTS]) / len(part) for part in parts
+    ]
+    # Total-variation distance from the global label mix; an iid split stays near 0 (< 0.1 here).
+    distances = [0.5 * np.abs(share - global_share).sum() for share in client_shares]
+    assert max(distances) > 0.3
+    iid_distances = [
+        0.5 * np.abs(np.array([_label_counts(LABELS, part)[label] for label in LABEL_COUNTS]) / len(part) - global_share).sum()
+        for part in data.iid_partition(len(LABELS), 5, seed=0)
+    ]
+    assert max(iid_distances) < 0.1
+
+
+def _held_before_last_label(parts):
+    """Per client: how many examples it held before it received its last label's chunk."""
+    label_order = sorted(LABEL_COUNTS)
+    held = []
+    for part in parts:
+        counts = _label_counts(LABELS, part)
+        last_label = [label for label in label_order if counts[label]][-1]
+        held.append(len(part) - counts[last_label])
+    return held
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_dirichlet_self_balancing_full_client_takes_no_more(seed):
+    # Labels are dealt in sorted order and a client holding >= N/K gets no share of later labels.
+    # Exactly asserted: before its last non-empty label chunk, every client held < N/K examples;
+    # hence no client exceeds N/K by more than one label's count.
+    num_clients = 5
+    full_size = len(LABELS) / num_clients
+    parts = data.dirichlet_partition(LABELS, num_clients, alpha=0.5, seed=seed)
+
+    assert all(held < full_size for held in _held_before_last_label(parts))
+    assert max(len(part) for part in parts) < full_size + max(LABEL_COUNTS.values())
+
+
+def test_dirichlet_without_self_balancing_breaks_the_cap():
+    # Shows the cap test above can fail: without it, full clients keep receiving examples.
+    full_size = len(LABELS) / 5
+    parts = data.dirichlet_partition(LABELS, 5, alpha=0.5, seed=0, min_size=0, self_balancing=False)
+    assert any(held >= full_size for held in _held_before_last_label(parts))
+
+
+def test_dirichlet_impossible_min_size_raises():
+    with pytest.raises(FloristError, match="cannot give each of 5 clients 400 examples out of 1750"):
+        data.dirichlet_partition(LABELS, 5, alpha=0.5, seed=0, min_size=400)
+    with pytest.raises(FloristError, match="in 3 attempts; lower min_size"):
+        data.dirichlet_partition(LABELS, 5, alpha=0.05, seed=0, min_size=349, max_attempts=3)
+
+
+def test_holdout_per_label():
+    records = [{"instruction": f"q{i}", "input": "", "output": "o", "label": label} for i, label in enumerate(LABELS)]
+
+    train, test = data.holdout_per_label(records, 10, seed=42)
+
+    assert Counter(record["label"] for record in test) == dict.fromkeys(LABEL_COUNTS, 10)
+    assert len(train) == len(records) - 60
+    assert sorted(r["instruction"] for r in train + test) == sorted(r["instruction"] for r in records)
+    assert [r["instruction"] for r in train] == [r["instruction"] for r in records if r not in test]  # order kept
+    assert (train, test) == data.holdout_per_label(records, 10, seed=42)
+    assert test != data.holdout_per_label(records, 10, seed=7)[1]
+
+    with pytest.raises(FloristError, match="label 'e' has only 100 records"):
+        data.holdout_per_label(records, 101, seed=0)
+    with pytest.raises(FloristError, match="row 1.*set data.fields.label"):
+        data.holdout_per_label([records[0], {**records[1], "label": None}], 1, seed=0)
+
+
+# ------------------------------------------------------------------ prompt and tokenization
+
+
+def test_prompt_templates_are_alpacas():
+    assert data.PROMPT_WITH_INPUT == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    )
+    assert data.PROMPT_NO_INPUT == (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:\n"
+    )
+    assert data.format_prompt("Add.", "2 and 3").endswith("### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n")
+    assert data.format_prompt("Add.") == data.format_prompt("Add.", "") == data.PROMPT_NO_INPUT.format(instruction="Add.")
+
+
+RECORDS = [
+    {"instruction": "What is 7 plus 5?", "input": "", "output": "7 plus 5 is 12.", "label": "arithmetic"},
+    {"instruction": "Spell the given word backwards.", "input": "garden", "output": "nedrag", "label": "spelling"},
+]
+
+
+def test_tokenize_masks_exactly_the_prompt_when_not_training_on_inputs(byte_tokenizer):
+    eos = byte_tokenizer.eos_token_id
+    masked = data.tokenize_records(RECORDS, byte_tokenizer, train_on_inputs=False)
+    unmasked = data.tokenize_records(RECORDS, byte_tokenizer, train_on_inputs=True)
+
+    assert masked.column_names == ["input_ids", "attention_mask", "labels"]
+    for record, row, full_row in zip(RECORDS, masked, unmasked):
+        prompt_len = len(data.format_prompt(record["instruction"], record["input"]).encode())  # 1 byte = 1 token
+        text_len = prompt_len + len(record["output"].encode())
+        assert len(row["input_ids"]) == text_len + 1 and row["input_ids"][-1] == eos
+        assert row["labels"][:prompt_len] == [data.IGNORE_INDEX] * prompt_len
+        assert row["labels"][prompt_len:] == row["input_ids"][prompt_len:]
+        assert row["attention_mask"] == [1] * len(row["input_ids"])
+        assert full_row["labels"] == full_row["input_ids"] == row["input_ids"]
+        decoded = byte_tokenizer.decode(row["input_ids"], skip_special_tokens=True)
+        assert decoded == data.format_prompt(record["instruction"], record["input"]) + record["output"]
+
+
+def test_tokenize_respects_cutoff_and_appends_eos_once(byte_tokenizer):
+    eos = byte_tokenizer.eos_token_id
+    short = data.tokenize_records(RECORDS, byte_tokenizer, cutoff_len=60, train_on_inputs=False)
+    assert all(len(ids) == 60 for ids in short["input_ids"])
+    assert all(ids[-1] != eos for ids in short["input_ids"])  # no room left: not appended (as FLoRA)
+    assert all(labels == [data.IGNORE_INDEX] * 60 for labels in short["labels"])  # prompt only
+
+    ends_with_eos = [{**RECORDS[0], "output": "12" + byte_tokenizer.eos_token}]
+    (ids,) = data.tokenize_records(ends_with_eos, byte_tokenizer)["input_ids"]
+    assert ids[-1] == eos and ids[-2] != eos
+
+    (no_eos,) = data.tokenize_records(RECORDS[:1], byte_tokenizer, add_eos=False)["input_ids"]
+    assert eos not in no_eos
+
+    with pytest.raises(FloristError, match="no records to tokenize"):
+        data.tokenize_records([], byte_tokenizer)
+
+
+def test_tokenize_keeps_a_bos_the_tokenizer_adds_and_masks_it():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+    (row,) = data.tokenize_records(RECORDS[:1], tokenizer, train_on_inputs=False)
+    prompt_tokens = len(tokenizer(data.format_prompt(RECORDS[0]["instruction"]), add_special_tokens=False)["input_ids"])
+    assert row["input_ids"][0] == 1 and row["input_ids"].count(1) == 1
+    assert row["input_ids"][-1] == 2
+    assert row["labels"].count(data.IGNORE_INDEX) == 1 + prompt_tokens
+
+
+def test_collator_pads_to_multiple_of_eight_with_ignored_labels(byte_tokenizer):
+    dataset = data.tokenize_records(RECORDS, byte_tokenizer)
+    batch = data.make_collator(byte_tokenizer)([dataset[0], dataset[1]])
+
+    longest = max(len(ids) for ids in dataset["input_ids"])
+    assert batch["input_ids"].shape[1] == -(-longest // 8) * 8
+    shorter = int(np.argmin([len(ids) for ids in dataset["input_ids"]]))
+    pad_len = batch["input_ids"].shape[1] - len(dataset[shorter]["input_ids"])
+    assert batch["labels"][shorter, -pad_len:].tolist() == [data.IGNORE_INDEX] * pad_len
+    assert batch["attention_mask"][shorter, -pad_len:].tolist() == [0] * pad_len
+
+
+# ------------------------------------------------------------------ shipped demo data
+
+
+def test_demo_records_load_with_expected_fields():
+    records = data.demo_records()
+
+    assert 300 <= len(records) <= 500
+    assert all(set(record) == {"instruction", "input", "output", "label"} for record in records)
+    labels = Counter(record["label"] for record in records)
+    assert len(labels) == 6 and min(labels.values()) >= 50
+    assert all(0 < len(record["output"]) < 80 for record in records)
+    assert any(record["input"] for record in records) and any(not record["input"] for record in records)
+    assert len({(r["instruction"], r["input"]) for r in records}) == len(records)  # no duplicates
+    shipped = resources.files("florist_hf") / "demo_data" / "instructions.json"
+    assert len(shipped.read_bytes()) < 100_000
+    assert {"instruction": "What is the capital of France?", "input": "",
+            "output": "The capital of France is Paris.", "label": "capitals"} in records
