@@ -203,6 +203,38 @@ def run(
     print_run_summary(run_dir)
 
 
+@app.command()
+@user_errors
+def evaluate(
+    base: Annotated[str, typer.Option("--base", help="Base model: a Hub id or a local directory.")],
+    adapter: Annotated[Optional[str], typer.Option("--adapter", help="The global PEFT adapter directory (omit for the base alone).")] = None,
+    tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval tasks.")] = "mmlu",
+    num_fewshot: Annotated[int, typer.Option(help="Few-shot examples.")] = 0,
+    limit: Annotated[Optional[float], typer.Option(help="Examples per task (a count, or a fraction < 1).")] = None,
+    include_path: Annotated[Optional[Path], typer.Option(help="Extra lm-eval task folder (local task YAMLs, offline data).")] = None,
+    paper_mmlu: Annotated[
+        Optional[Path], typer.Option(help="The paper protocol: the 1,444-question MMLU subset JSON (SPEC §7).")
+    ] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 8,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the results JSON here.")] = None,
+) -> None:
+    """Evaluate a global adapter with lm-evaluation-harness (MMLU by default)."""
+    from florist_hf.evaluation import evaluate_adapter, evaluate_paper_mmlu, results_table
+
+    count_limit = int(limit) if limit is not None and limit >= 1 else limit
+    if paper_mmlu is not None:
+        results = evaluate_paper_mmlu(base, adapter, paper_mmlu, limit=count_limit, device=device, batch_size=batch_size, out_file=out)
+    else:
+        results = evaluate_adapter(
+            base, adapter, tasks=tasks, num_fewshot=num_fewshot, limit=count_limit, include_path=include_path,
+            device=device, batch_size=batch_size, out_file=out,
+        )
+    console.print(results_table(results))
+    if out is not None:
+        console.print(f"results: {out}")
+
+
 def print_run_summary(run_dir: Path) -> None:
     """Per-round loss, ranks and bytes, and where the global adapter is."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

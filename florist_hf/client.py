@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -115,12 +114,15 @@ class FederatedCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
         train_loss = next((entry["train_loss"] for entry in reversed(state.log_history) if "train_loss" in entry), None)
+        # The Trainer's logging_nan_inf_filter hides NaN losses behind the running mean, so the
+        # trained factors themselves are checked too.
+        factors_finite = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
         self.metrics = {
             "loss": train_loss,
             "last_logged_loss": losses[-1] if losses else None,
             "steps": state.global_step,
             "train_seconds": time.perf_counter() - self._started,
-            "finite": train_loss is not None and math.isfinite(train_loss),
+            "finite": factors_finite and train_loss is not None and math.isfinite(train_loss),
         }
         if state.is_world_process_zero:
             export_client_adapter(model, self.plan, self.metrics)

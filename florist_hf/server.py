@@ -168,6 +168,13 @@ class RunPaths:
         return self.root / METRICS_FILE
 
 
+def _retire(path: Path, new_path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(new_path, ignore_errors=True)
+    os.replace(path, new_path)
+
+
 def sample_clients(num_clients: int, clients_per_round: int | float | None, seed: int, round_index: int) -> list[int]:
     """The clients of one round: all (None), a count (int) or a fraction (float), reproducibly drawn."""
     import random
@@ -450,15 +457,17 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
             if ("client", round_index, client_id) not in logged:
                 append_jsonl(paths.metrics, {"kind": "client", "round": round_index, **info})
             if not info.get("finite", True):
-                console.print(f"  [yellow]client {client_id}: training loss is not finite; left out of round {round_index}[/]")
+                # Kept for inspection under another name, so that a resumed run trains it again.
+                _retire(plan.export_dir, plan.export_dir.with_name(plan.export_dir.name + ".nonfinite"))
+                console.print(f"  [yellow]client {client_id}: training diverged (NaN/Inf); left out of round {round_index}[/]")
                 continue
             console.print(f"  client {client_id}: loss {info['loss']:.4f}, {info['num_samples']} samples, {info['train_seconds']:.1f} s")
             trained.append(plan)
         if len(trained) < federation.min_clients:
             raise FloristError(
                 f"{paths.round_dir(round_index)}: only {len(trained)} of {len(selected)} clients trained successfully, "
-                f"below federation.min_clients = {federation.min_clients}; earlier rounds are kept — lower the learning "
-                "rate and run the same command again to resume"
+                f"below federation.min_clients = {federation.min_clients}; earlier rounds are kept — fix the recipe "
+                "(e.g. a lower learning rate) and run again with --force to resume"
             )
         started = time.perf_counter()
         step = aggregate_adapters(
@@ -491,8 +500,38 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
 
     final_dir = write_final_adapter(paths, method, rounds_done)
     summary = summarize_run(recipe, paths, shards, base_path)
+    if recipe.evaluation is not None:
+        summary["evaluation"] = evaluate_run(recipe, base_path, final_dir, paths.root / "evaluation.json", console)
     write_json_atomic(paths.root / RUN_SUMMARY, summary)
+    if recipe.hub is not None and recipe.hub.push:
+        from florist_hf.hub import push
+
+        url = push(paths.root, recipe.hub.repo_id, private=recipe.hub.private)
+        console.print(f"pushed to {url}")
     return paths.root
+
+
+def evaluate_run(recipe, base_path: str, adapter_dir: Path, out_file: Path, console) -> dict:
+    """The recipe's lm-eval evaluation of the published adapter; returns {task: {metric: value}}."""
+    from florist_hf.evaluation import evaluate_adapter, evaluate_paper_mmlu, results_table, summarize_results
+
+    section = recipe.evaluation
+    if section.paper_mmlu_file:
+        results = evaluate_paper_mmlu(
+            base_path, adapter_dir, section.paper_mmlu_file, limit=section.limit, batch_size=section.batch_size, out_file=out_file
+        )
+    else:
+        results = evaluate_adapter(
+            base_path, adapter_dir, tasks=section.tasks, num_fewshot=section.num_fewshot, limit=section.limit,
+            include_path=section.include_path, batch_size=section.batch_size, out_file=out_file,
+        )
+    console.print(results_table(results))
+    tasks: dict[str, dict] = {}
+    for task, metric, value, stderr in summarize_results(results):
+        tasks.setdefault(task, {})[metric] = value
+        if stderr is not None:
+            tasks[task][f"{metric}_stderr"] = stderr
+    return {"tasks": tasks, "results_file": out_file.name}
 
 
 def summarize_run(recipe, paths: RunPaths, shards, base_path: str) -> dict:

@@ -1,0 +1,299 @@
+"""Publish a global adapter to the Hugging Face Hub: a folder with the adapter, its records, a rank plot
+and a model card, created locally and then sent with ``HfApi.upload_folder``.
+
+``build_upload_folder`` is all the local work, so a dry run writes exactly what ``push`` uploads.
+The token is passed to ``HfApi`` and nowhere else: it is never printed, logged or written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from florist_hf import __version__
+from florist_hf.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR, read_adapter
+from florist_hf.errors import FloristError
+from florist_hf.io_utils import atomic_directory
+from florist_hf.report import (
+    DEFAULT_GLOBAL_ADAPTER,
+    RANKS_PLOT,
+    RUN_RECORD,
+    evaluation_rows,
+    final_sidecar_path,
+    format_bytes,
+    plot_selected_ranks,
+    rank_summary_by_module,
+    read_json,
+    selected_ranks,
+)
+
+MODEL_CARD = "README.md"
+DEFAULT_COMMIT_MESSAGE = "Upload federated LoRA adapter with florist-hf"
+#: lm-eval reports generative and log-likelihood tasks alike; the Hub's model-index wants one task type.
+EVAL_TASK_TYPE = "text-generation"
+
+
+@dataclass
+class PublishSource:
+    """What an upload is made of: a run directory's global adapter and records, or a bare adapter."""
+
+    adapter_dir: Path
+    #: run.json's content; empty for a bare adapter directory.
+    run: dict
+    run_path: Path | None
+    sidecar: dict | None
+    sidecar_path: Path | None
+
+
+def resolve_source(source: str | os.PathLike) -> PublishSource:
+    source = Path(source)
+    if (source / RUN_RECORD).is_file():
+        run_path = source / RUN_RECORD
+        run = read_json(run_path)
+        adapter_dir = source / run.get("global_adapter", DEFAULT_GLOBAL_ADAPTER)
+        sidecar_path = final_sidecar_path(source, run)
+    elif (source / ADAPTER_CONFIG).is_file():
+        adapter_dir, run, run_path = source, {}, None
+        # The runner writes the sidecar inside the adapter directory; hand-made layouts keep it beside.
+        sidecar_path = next((path for path in (source / SIDECAR, source.parent / SIDECAR) if path.is_file()), None)
+    else:
+        raise FloristError(
+            f"{source}: neither a run directory ({RUN_RECORD}) nor a PEFT adapter ({ADAPTER_CONFIG}); "
+            "pass the run directory or the global adapter directory"
+        )
+    for required in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (adapter_dir / required).is_file():
+            raise FloristError(
+                f"{adapter_dir / required}: missing; publish a finished run or an adapter saved by PEFT's "
+                "save_pretrained (safetensors)"
+            )
+    sidecar = read_json(sidecar_path) if sidecar_path is not None else None
+    return PublishSource(adapter_dir, run, run_path, sidecar, sidecar_path)
+
+
+def _hub_repo_id(name: str | None) -> str | None:
+    """``name`` if it can be a Hub repo id (metadata must not point at local paths), else None."""
+    if not name or "/" not in name or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _card_data(run: Mapping, method: str | None, base_model: str | None, repo_id: str) -> ModelCardData:
+    evaluation = evaluation_rows(run)
+    datasets = [name for name in run.get("datasets", []) if _hub_repo_id(name)]
+    license_name = run.get("license") or (run.get("recipe") or {}).get("license")
+    return ModelCardData(
+        base_model=base_model,
+        library_name="peft",
+        license=license_name,
+        datasets=datasets or None,
+        tags=["federated-learning", "lora", "florist", *([method] if method else [])],
+        model_name=repo_id.split("/")[1] if evaluation else None,
+        eval_results=[
+            EvalResult(
+                task_type=EVAL_TASK_TYPE,
+                dataset_type=row.task,
+                dataset_name=row.task,
+                metric_type=row.metric,
+                metric_name=row.label,
+                metric_value=row.value,
+            )
+            for row in evaluation
+        ]
+        or None,
+    )
+
+
+def _card_body(
+    repo_id: str,
+    method: str | None,
+    run: Mapping,
+    sidecar: Mapping | None,
+    ranks: Mapping[str, int],
+    rank_source: Path,
+    base_model: str | None,
+    base_model_name: str,
+) -> str:
+    threshold = run.get("threshold", (sidecar or {}).get("threshold"))
+    clients = (sidecar or {}).get("clients", [])
+    client_ranks = run.get("client_ranks") or [client["rank"] for client in clients]
+    communication = run.get("communication") or (sidecar or {}).get("communication") or {}
+    base_for_code = base_model or "<path or Hub id of the base model>"
+
+    training_rows = [("Aggregation method", method or f"unknown (no {SIDECAR})")]
+    if threshold is not None:
+        training_rows.append(("Energy threshold τ", f"{threshold:g}"))
+    if "rounds" in run:
+        training_rows.append(("Rounds", f"{run.get('rounds_completed', run['rounds'])} of {run['rounds']}"))
+    num_clients = run.get("num_clients", len(clients) or None)
+    if num_clients is not None:
+        training_rows.append(("Clients", f"{num_clients} ({run.get('clients_per_round', num_clients)} per round)"))
+    if client_ranks:
+        training_rows.append(("Client LoRA ranks", ", ".join(str(rank) for rank in client_ranks)))
+    if run.get("datasets"):
+        training_rows.append(("Datasets", ", ".join(run["datasets"])))
+    training_rows.append(("Base model", base_model or f"{base_model_name} (local, not on the Hub)"))
+
+    summary = rank_summary_by_module(ranks, rank_source)
+    lines = [
+        f"# {repo_id.split('/')[1]}",
+        "",
+        f"A LoRA adapter for `{base_model or base_model_name}` fine-tuned with federated learning and aggregated "
+        f"with **{method or 'an unrecorded method'}**, published with florist-hf {__version__}.",
+        "",
+        "## Training",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in training_rows),
+        "",
+        "## Selected ranks",
+        "",
+        "Rank of the global adapter per module type, across layers.",
+        "",
+        "| module | min | median | max | total |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {name} | {stats['min']} | {stats['median']:g} | {stats['max']} | {stats['total']} |"
+            for name, stats in summary.items()
+        ),
+        "",
+        f"![Selected rank per layer and module]({RANKS_PLOT})",
+    ]
+    if communication:
+        eff = communication.get("eff_x1e4")
+        lines += [
+            "",
+            "## Communication",
+            "",
+            "| uplink (clients → server) | downlink (server → clients) | Eff (×10⁻⁴) |",
+            "|---|---|---|",
+            f"| {format_bytes(communication.get('uplink_bytes_total', 0))} "
+            f"| {format_bytes(communication.get('downlink_bytes_total', 0))} "
+            f"| {'–' if eff is None else f'{eff:.3f}'} |",
+        ]
+    evaluation = evaluation_rows(run)
+    if evaluation:
+        lines += ["", "## Evaluation", "", "| task | metric | value | stderr |", "|---|---|---|---|"]
+        lines += [
+            f"| {row.task} | {row.label} | {row.value:.4f} | {'–' if row.stderr is None else f'{row.stderr:.4f}'} |"
+            for row in evaluation
+        ]
+    lines += [
+        "",
+        "## How to use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{base_for_code}")',
+        f'model = PeftModel.from_pretrained(base, "{repo_id}")',
+        "```",
+        "",
+        f"`{SIDECAR}` records how the adapter was aggregated (clients, weights, per-module ranks and singular values)"
+        + (f"; `{RUN_RECORD}` records the run and its recipe." if run else "."),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build_upload_folder(source: str | os.PathLike, out_dir: str | os.PathLike, *, repo_id: str) -> Path:
+    """Write the folder ``push`` uploads to ``out_dir`` (which must not exist), atomically."""
+    publish = resolve_source(source)
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FloristError(f"{out_dir}: already exists; choose a new directory for the upload folder")
+    run, sidecar = publish.run, publish.sidecar
+    if sidecar is not None:
+        ranks, rank_source = selected_ranks(sidecar), publish.sidecar_path
+    else:
+        # Without a sidecar the adapter itself says which rank each module kept.
+        adapter = read_adapter(publish.adapter_dir)
+        ranks, rank_source = {name: module.rank for name, module in adapter.modules.items()}, publish.adapter_dir
+    adapter_config = read_json(publish.adapter_dir / ADAPTER_CONFIG)
+    base_model_name = run.get("base_model") or adapter_config.get("base_model_name_or_path") or "unknown"
+    base_model = _hub_repo_id(base_model_name)
+    method = run.get("method") or (sidecar or {}).get("method")
+
+    with atomic_directory(out_dir) as staging:
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            shutil.copyfile(publish.adapter_dir / name, staging / name)
+        for record_path in (publish.sidecar_path, publish.run_path):
+            if record_path is not None:
+                shutil.copyfile(record_path, staging / record_path.name)
+        plot_selected_ranks(ranks, rank_source, staging / RANKS_PLOT, title=f"Selected rank: {repo_id}")
+        card = ModelCard(
+            f"---\n{_card_data(run, method, base_model, repo_id).to_yaml()}\n---\n\n"
+            + _card_body(repo_id, method, run, sidecar, ranks, rank_source, base_model, Path(base_model_name).name)
+        )
+        card.save(staging / MODEL_CARD)
+    return out_dir
+
+
+def _check_repo_id(repo_id: str) -> None:
+    if repo_id.count("/") != 1:
+        raise FloristError(f"{repo_id!r}: not a Hub repo id; use the form namespace/name, e.g. alice/tinyllama-florist")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        reason = str(error).splitlines()[0]
+        raise FloristError(f"{repo_id!r}: invalid Hub repo id ({reason}); use the form namespace/name") from None
+
+
+def _hub_endpoint() -> str:
+    # huggingface_hub reads HF_ENDPOINT once, at import; reading it here honours a value set later.
+    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+
+
+def push(
+    source: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    dry_run_dir: str | os.PathLike | None = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+) -> str:
+    """Upload a run's global adapter (or an adapter directory) to the model repo ``repo_id``.
+
+    With ``dry_run_dir`` the upload folder is written there and nothing is sent; the return value is
+    then the folder's path. Otherwise the repo is created if needed (``private`` applies only to a new
+    repo) and its URL returned. ``token`` defaults to huggingface_hub's: HF_TOKEN, then the token
+    stored by ``hf auth login``.
+    """
+    _check_repo_id(repo_id)
+    if dry_run_dir is not None:
+        return str(build_upload_folder(source, dry_run_dir, repo_id=repo_id))
+    token = token or get_token()
+    if not token:
+        raise FloristError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    if constants.is_offline_mode():
+        raise FloristError("HF_HUB_OFFLINE is set: unset it to push, or pass a dry-run directory to only build the folder")
+    endpoint = _hub_endpoint()
+    api = HfApi(endpoint=endpoint, token=token, library_name="florist-hf", library_version=__version__)
+    with tempfile.TemporaryDirectory(prefix="florist-hf-upload-") as scratch:
+        folder = build_upload_folder(source, Path(scratch) / "upload", repo_id=repo_id)
+        try:
+            repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=commit_message)
+        except HfHubHTTPError as error:
+            status = error.response.status_code if error.response is not None else "no response"
+            hint = (
+                "check that your token has write access to this namespace"
+                if status in (401, 403)
+                else "check the repo id and HF_ENDPOINT, then retry"
+            )
+            raise FloristError(f"{repo_id}: upload to {endpoint} failed (HTTP {status}); {hint}") from None
+    return str(repo_url)

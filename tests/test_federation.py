@@ -1,0 +1,263 @@
+"""End to end: real Trainer clients on a tiny Llama, real PEFT files, the real round loop."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from florist_hf.adapters import read_adapter
+from florist_hf.aggregation import get_method
+from florist_hf.cli import app
+from florist_hf.recipe import load_recipe
+from florist_hf.server import RunPaths, run_federation
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+TINY_MODEL = {"num_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+def write_recipe(tmp_path, *, method="florist", threshold=0.9, ranks=(4, 2, 2), rounds=2, **sections) -> Path:
+    recipe = {
+        "name": f"test-{method}",
+        "model": {"name_or_path": "builtin:tiny-llama", "tiny": TINY_MODEL},
+        "data": {"source": "builtin:demo", "partition": "iid", "max_samples_per_client": 16, "cutoff_len": 64},
+        "lora": {"ranks": list(ranks)},
+        "federation": {"method": method, "threshold": threshold, "rounds": rounds, "num_clients": len(ranks)},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-2},
+        "output_dir": str(tmp_path / "run"),
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {})
+        if isinstance(values, dict):
+            recipe[section].update(values)
+        else:
+            recipe[section] = values
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def quiet_console():
+    from rich.console import Console
+
+    return Console(file=open(os.devnull, "w"))
+
+
+def delta_weights(adapter_dir) -> dict[str, torch.Tensor]:
+    adapter = read_adapter(adapter_dir)
+    return {
+        name: m.scale * (m.lora_b.double() @ m.lora_a.double()) for name, m in adapter.modules.items()
+    }
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / max(float(b.norm()), 1e-30))
+
+
+def client_dirs(paths: RunPaths, round_index: int) -> list[Path]:
+    return sorted((paths.round_dir(round_index) / "clients").glob("client_*[0-9]"))
+
+
+@pytest.mark.parametrize("ranks", [(4, 2, 2), (4, 4)], ids=["heter", "homo"])
+@pytest.mark.parametrize("method", ["florist", "flora", "fedit", "ffa", "flexlora"])
+def test_two_rounds_of_every_method_publish_the_intended_update(tmp_path, method, ranks):
+    recipe = load_recipe(write_recipe(tmp_path, method=method, threshold=0.9, ranks=ranks))
+    run_dir = run_federation(recipe, console=quiet_console())
+    paths = RunPaths(run_dir)
+    aggregator = get_method(method, threshold=0.9) if method == "florist" else get_method(method)
+
+    # each round's global adapter is the core's aggregation of that round's client adapters
+    for round_index in (1, 2):
+        clients = [read_adapter(d) for d in client_dirs(paths, round_index)]
+        assert len(clients) == len(ranks)
+        expected = aggregator.aggregate([c.modules for c in clients], [c.num_samples for c in clients])
+        written = delta_weights(paths.global_dir(round_index))
+        for name, module in expected.modules.items():
+            assert relative_error(written[name], module.delta_weight) < 1e-5
+
+    published = delta_weights(run_dir / "global_adapter")
+    if aggregator.merges_into_base:  # the sum of the round updates, on the original base
+        rounds = [delta_weights(paths.global_dir(t)) for t in (1, 2)]
+        for name in published:
+            assert relative_error(published[name], rounds[0][name] + rounds[1][name]) < 1e-5
+    else:  # the last round's global
+        last = delta_weights(paths.global_dir(2))
+        for name in published:
+            assert relative_error(published[name], last[name]) < 1e-6
+
+    if method == "ffa":  # A stayed the shared frozen init on every client in every round
+        initial_a = {n: m.lora_a for n, m in read_adapter(paths.global_dir(0)).modules.items()}
+        for client in client_dirs(paths, 2):
+            for name, module in read_adapter(client).modules.items():
+                assert torch.equal(module.lora_a, initial_a[name][: module.rank])
+
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["method"] == method
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "client" for r in metrics) == 2 * len(ranks)
+    assert [r["round"] for r in metrics if r["kind"] == "round"] == [1, 2]
+
+
+def test_global_adapter_loads_on_the_original_base_with_peft(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = load_recipe(write_recipe(tmp_path, method="florist", threshold=1.0))
+    run_dir = run_federation(recipe, console=quiet_console())
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "base_model")
+    model = PeftModel.from_pretrained(base, run_dir / "global_adapter")
+    expected = delta_weights(run_dir / "global_adapter")
+    from florist_hf.client import lora_layers
+
+    for name, layer in lora_layers(model).items():
+        assert relative_error(layer.get_delta_weight("default").detach().double(), expected[name]) < 1e-6
+
+
+def test_one_client_florist_at_threshold_one_is_plain_lora_fine_tuning(tmp_path):
+    """SPEC invariant: a federation of one, exact aggregation, equals ordinary PEFT training."""
+    from florist_hf.client import build_client_trainer, build_lora_model, client_seed, lora_layers
+    from florist_hf.data import tokenize_records
+    from florist_hf.server import prepare_client_data
+
+    recipe = load_recipe(write_recipe(tmp_path, method="florist", threshold=1.0, ranks=(4,), rounds=1))
+    run_dir = run_federation(recipe, console=quiet_console())
+
+    seed = client_seed(recipe.federation.seed, 0, 1)
+    model = build_lora_model(
+        str(run_dir / "base_model"), rank=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.05,
+        use_rslora=False, seed=seed,
+    )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "base_model")
+    shards, _ = prepare_client_data(recipe)
+    dataset = tokenize_records(shards[0], tokenizer, cutoff_len=64)
+    trainer = build_client_trainer(model, tokenizer, dataset, training=recipe.training, work_dir=tmp_path / "plain", seed=seed)
+    trainer.train()
+    published = delta_weights(run_dir / "global_adapter")
+    plain = {name: layer.get_delta_weight("default").detach().double() for name, layer in lora_layers(model).items()}
+    assert plain.keys() == published.keys()
+    for name in plain:
+        assert float(plain[name].norm()) > 0
+        assert relative_error(published[name], plain[name]) < 1e-5
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    recipe_file = write_recipe(tmp_path, method="florist", threshold=0.9, rounds=2)
+    uninterrupted = run_federation(load_recipe(recipe_file, [f"output_dir={tmp_path / 'straight'}"]), console=quiet_console())
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "florist_hf", "run", str(recipe_file)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    target = tmp_path / "run" / "rounds" / "2" / "clients" / "client_0"
+    deadline = time.time() + 240
+    try:
+        while not target.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert target.exists(), "the run never reached round 2"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    assert not (tmp_path / "run" / "global_adapter").exists()
+
+    result = runner.invoke(app, ["run", str(recipe_file)])
+    assert result.exit_code == 0, result.output
+    assert "already complete, reused" in result.output
+    resumed = delta_weights(tmp_path / "run" / "global_adapter")
+    reference = delta_weights(uninterrupted / "global_adapter")
+    for name in reference:
+        assert relative_error(resumed[name], reference[name]) < 1e-6
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["kind"], r["round"], r.get("client")) for r in metrics]
+    assert len(keys) == len(set(keys)) == 2 * 3 + 2  # one line per client and round, none twice
+
+
+def test_changed_recipe_is_refused_unless_forced(tmp_path):
+    recipe_file = write_recipe(tmp_path, rounds=1)
+    assert runner.invoke(app, ["run", str(recipe_file)]).exit_code == 0
+    result = runner.invoke(app, ["run", str(recipe_file), "--set", "federation.threshold=0.5"])
+    assert result.exit_code == 2 and "different recipe" in result.output and "--force" in result.output
+    result = runner.invoke(app, ["run", str(recipe_file), "--set", "federation.rounds=2", "--force"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["rounds_completed"] == 2
+
+
+def test_diverging_client_is_left_out_and_quorum_fails_cleanly(tmp_path):
+    recipe_file = write_recipe(tmp_path, rounds=1, client_training={1: {"learning_rate": float("inf")}})
+    result = runner.invoke(app, ["run", str(recipe_file)])
+    assert result.exit_code == 0, result.output
+    assert "client 1: training diverged" in result.output
+    sidecar = json.loads((tmp_path / "run" / "rounds" / "1" / "global" / "aggregation.json").read_text())
+    assert len(sidecar["clients"]) == 2
+
+    result = runner.invoke(
+        app, ["run", str(recipe_file), "--set", "federation.rounds=2", "--set", "federation.min_clients=3", "--force"]
+    )
+    assert result.exit_code == 2
+    assert "only 2 of 3 clients" in result.output and "earlier rounds are kept" in result.output
+    assert (tmp_path / "run" / "rounds" / "1" / "global" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "run" / "rounds" / "2" / "global").exists()
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"federation": {"roundz": 2}}, "federation.roundz: unknown key"),
+        ({"federation": {"rounds": "two"}}, "federation.rounds"),
+        ({"lora": {"ranks": [4, 2]}}, "lora.ranks lists 2 values"),
+        ({"training": {"learnin_rate": 1}}, "learnin_rate is not a TrainingArguments field"),
+        ({"data": {"source": "/nonexistent/data.json"}}, "not found"),
+        ({"data": {"source": "builtin:demo", "max_samples_per_client": None, "partition": "dirichlet", "min_client_size": 400}}, "min_size"),
+    ],
+)
+def test_bad_recipes_fail_with_one_line_naming_the_key(tmp_path, change, expected):
+    result = runner.invoke(app, ["run", str(write_recipe(tmp_path, **change))])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "Traceback" not in result.output
+
+
+def test_unparseable_recipe(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name_or_path: x\n")
+    result = runner.invoke(app, ["run", str(bad)])
+    assert result.exit_code == 2 and "bad.yaml: not valid YAML" in result.output
+
+
+SHIPPED = sorted(p for p in (REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe_file", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_recipe_validates_and_opens_with_its_command(recipe_file):
+    first_line = recipe_file.read_text().splitlines()[0]
+    assert first_line.startswith("# ") and f"recipes/{recipe_file.name}" in first_line
+    recipe = load_recipe(recipe_file)
+    assert recipe.federation.num_clients >= 1
+
+
+def test_paper_recipes_cover_every_setting():
+    names = {p.stem for p in SHIPPED}
+    for model in ("tinyllama", "llama32_1b", "llama7b"):
+        for data in ("dolly", "alpaca", "wizard"):
+            for setting in ("homo", "heter"):
+                assert f"{model}_{data}_{setting}" in names
+
+
+def test_flora_layout_gives_the_paper_client_sizes(shared_data, tmp_path):
+    from florist_hf.server import prepare_client_data
+
+    recipe = load_recipe(
+        write_recipe(tmp_path, ranks=[16] * 8, data={"source": str(shared_data / "dolly"), "layout": "flora", "max_samples_per_client": None})
+    )
+    shards, test = prepare_client_data(recipe)
+    assert [len(s) for s in shards] == [1579, 685, 3775, 1830, 2152, 1776, 2531, 607]
+    assert len(test) > 0
