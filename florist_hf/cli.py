@@ -235,6 +235,36 @@ def evaluate(
         console.print(f"results: {out}")
 
 
+@app.command()
+@user_errors
+def push(
+    source: Annotated[Path, typer.Argument(help="A run directory or a global adapter directory.")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="namespace/name on the Hugging Face Hub.")],
+    private: Annotated[bool, typer.Option(help="Create the repository as private.")] = False,
+    dry_run: Annotated[
+        Optional[Path], typer.Option("--dry-run", help="Only build the folder that would be uploaded, here.")
+    ] = None,
+) -> None:
+    """Publish a global adapter to the Hub with a model card (token from HF_TOKEN or `hf auth login`)."""
+    from florist_hf.hub import push as push_to_hub
+
+    location = push_to_hub(source, repo_id, private=private, dry_run_dir=dry_run)
+    console.print(f"{'built upload folder' if dry_run else 'pushed to'} {location}")
+
+
+@app.command()
+@user_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    compare: Annotated[Optional[list[Path]], typer.Option(help="Other run directories to compare bytes with.")] = None,
+) -> None:
+    """Write PNG plots (loss, ranks, energy, bytes) and a Markdown summary into RUN_DIR/report/."""
+    from florist_hf.report import write_report
+
+    for path in write_report(run_dir, compare=compare or []):
+        console.print(str(path))
+
+
 def print_run_summary(run_dir: Path) -> None:
     """Per-round loss, ranks and bytes, and where the global adapter is."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -550,7 +550,7 @@ def summarize_run(recipe, paths: RunPaths, shards, base_path: str) -> dict:
         "rounds": recipe.federation.rounds,
         "rounds_completed": len(rounds),
         "num_clients": recipe.federation.num_clients,
-        "clients_per_round": recipe.federation.clients_per_round,
+        "clients_per_round": len(sample_clients(recipe.federation.num_clients, recipe.federation.clients_per_round, recipe.federation.seed, 1)),
         "client_ranks": [recipe.client_rank(k) for k in range(recipe.federation.num_clients)],
         "client_samples": [len(shard) for shard in shards],
         "base_model": base_path,
