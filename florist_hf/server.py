@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import shutil
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +15,10 @@ from pathlib import Path
 import torch
 
 from florist_hf.adapters import (
+    SIDECAR,
     LoraAdapter,
     client_weights,
+    read_adapter,
     read_client_adapters,
     save_adapter_files,
     widest_dtype,
@@ -23,10 +29,13 @@ from florist_hf.aggregation import (
     CommunicationReport,
     SharedAMismatch,
     energy,
+    get_method,
     round_communication,
+    sum_of_updates,
 )
 from florist_hf.errors import FloristError
-from florist_hf.io_utils import atomic_directory
+from florist_hf.io_utils import append_jsonl, atomic_directory, write_json_atomic
+from florist_hf.tiny import TINY_LLAMA_ID, build_tiny_llama
 
 SIDECAR_FORMAT = "florist-hf/aggregation"
 #: FlexLoRA writes each client's own truncation here, inside the global adapter directory.
@@ -169,7 +178,6 @@ class RunPaths:
 
 
 def _retire(path: Path, new_path: Path) -> None:
-    import shutil
 
     shutil.rmtree(new_path, ignore_errors=True)
     os.replace(path, new_path)
@@ -177,7 +185,6 @@ def _retire(path: Path, new_path: Path) -> None:
 
 def sample_clients(num_clients: int, clients_per_round: int | float | None, seed: int, round_index: int) -> list[int]:
     """The clients of one round: all (None), a count (int) or a fraction (float), reproducibly drawn."""
-    import random
 
     if clients_per_round is None:
         count = num_clients
@@ -191,7 +198,6 @@ def sample_clients(num_clients: int, clients_per_round: int | float | None, seed
 
 
 def _logged_keys(metrics_file: Path) -> set[tuple]:
-    import json
 
     if not metrics_file.exists():
         return set()
@@ -206,9 +212,7 @@ def _logged_keys(metrics_file: Path) -> set[tuple]:
 
 
 def _check_recipe_record(paths: RunPaths, recipe, force: bool) -> None:
-    import json
 
-    from florist_hf.io_utils import write_json_atomic
 
     record_file = paths.root / RECIPE_RECORD
     fingerprint = recipe.fingerprint()
@@ -224,7 +228,6 @@ def _check_recipe_record(paths: RunPaths, recipe, force: bool) -> None:
 
 def prepare_base_model(recipe, paths: RunPaths) -> str:
     """The base model's path: the recipe's Hub id or directory, or the builtin tiny Llama built here."""
-    from florist_hf.tiny import TINY_LLAMA_ID, build_tiny_llama
 
     if recipe.model.name_or_path == TINY_LLAMA_ID:
         return str(build_tiny_llama(paths.root / BASE_MODEL_DIR, **recipe.model.tiny))
@@ -349,11 +352,7 @@ def write_final_adapter(paths: RunPaths, method: AggregationMethod, rounds_done:
     Merge-style methods sum the round updates and re-factorise the sum with the stacked
     decomposition at τ = 1 (exact); continue-style methods publish the last round's global.
     """
-    import json
-    import shutil
 
-    from florist_hf.adapters import SIDECAR, read_adapter
-    from florist_hf.aggregation import sum_of_updates
 
     final_dir = paths.root / GLOBAL_ADAPTER
     last_global = paths.global_dir(rounds_done[-1])
@@ -397,15 +396,11 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     of the current round (their adapter exists) are reused, so a killed run continues where it
     stopped and ends with the same result as an uninterrupted one.
     """
-    import json
-    import time
 
     from rich.console import Console
     from transformers import AutoTokenizer
 
-    from florist_hf.aggregation import get_method
     from florist_hf.client import ClientRound, free_memory, read_client_info
-    from florist_hf.io_utils import append_jsonl, write_json_atomic
 
     console = console or Console()
     paths = RunPaths(Path(recipe.output_dir))
@@ -536,7 +531,6 @@ def evaluate_run(recipe, base_path: str, adapter_dir: Path, out_file: Path, cons
 
 def summarize_run(recipe, paths: RunPaths, shards, base_path: str) -> dict:
     """``run.json``: what ran, what it cost, where the result is."""
-    import json
 
     records = [json.loads(line) for line in paths.metrics.read_text().splitlines() if line.strip()]
     rounds = [r for r in records if r["kind"] == "round"]
