@@ -262,7 +262,12 @@ def prepare_client_data(recipe) -> tuple[list[list[dict]], list[dict]]:
         shards = [shard[: section.max_samples_per_client] for shard in shards]
     for client_id, shard in enumerate(shards):
         if not shard:
-            raise FloristError(f"{section.source}: client {client_id}'s shard is empty; lower federation.num_clients or data.min_client_size")
+            fix = (
+                f"add records to {num_clients}/local_training_{client_id}.json or use a split with more data"
+                if section.layout == "flora"
+                else "lower federation.num_clients or raise data.min_client_size"
+            )
+            raise FloristError(f"{section.source}: client {client_id}'s shard is empty; {fix}")
     return shards, test
 
 

@@ -261,3 +261,16 @@ def test_flora_layout_gives_the_paper_client_sizes(shared_data, tmp_path):
     shards, test = prepare_client_data(recipe)
     assert [len(s) for s in shards] == [1579, 685, 3775, 1830, 2152, 1776, 2531, 607]
     assert len(test) > 0
+
+
+def test_empty_client_shard_is_named(tmp_path):
+    from florist_hf.data import save_flora_layout, demo_records
+
+    records = demo_records()
+    save_flora_layout(tmp_path / "data", [records[:20], [], records[20:40]])
+    recipe_file = write_recipe(
+        tmp_path, data={"source": str(tmp_path / "data"), "layout": "flora", "max_samples_per_client": None}
+    )
+    result = runner.invoke(app, ["run", str(recipe_file)])
+    assert result.exit_code == 2, result.output
+    assert "client 1" in result.output and "empty" in result.output
