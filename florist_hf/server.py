@@ -351,22 +351,19 @@ def run_client_round(recipe, plan, base_path: str, tokenizer, records, work_dir:
     return metrics
 
 
-def write_final_adapter(paths: RunPaths, method: AggregationMethod, rounds_done: Sequence[int]) -> Path:
-    """``global_adapter/``: one PEFT adapter on the ORIGINAL base (SPEC §4).
+def write_published_adapter(paths: RunPaths, method: AggregationMethod, rounds_done: Sequence[int], out_dir: Path) -> Path:
+    """One PEFT adapter on the ORIGINAL base holding the global model after ``rounds_done`` (SPEC §4).
 
     Merge-style methods sum the round updates and re-factorise the sum with the stacked
     decomposition at τ = 1 (exact); continue-style methods publish the last round's global.
     """
-
-
-    final_dir = paths.root / GLOBAL_ADAPTER
     last_global = paths.global_dir(rounds_done[-1])
     last_sidecar = json.loads((last_global / SIDECAR).read_text())
-    with atomic_directory(final_dir, overwrite=True) as staging:
+    with atomic_directory(out_dir, overwrite=True) as staging:
         if not method.merges_into_base:
             shutil.copytree(last_global, staging, dirs_exist_ok=True)
             shutil.rmtree(staging / CLIENT_ADAPTERS_DIR, ignore_errors=True)
-            return final_dir
+            return out_dir
         rounds = [read_adapter(paths.global_dir(t)) for t in rounds_done]
         summed = {name: sum_of_updates([r.modules[name] for r in rounds]) for name in rounds[0].modules}
         sidecar = {
@@ -391,7 +388,7 @@ def write_final_adapter(paths: RunPaths, method: AggregationMethod, rounds_done:
             dtype=rounds[0].dtype,
             sidecar=sidecar,
         )
-    return final_dir
+    return out_dir
 
 
 def run_federation(recipe, *, force: bool = False, console=None) -> Path:
@@ -492,16 +489,21 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
             del model
             free_memory()
         append_jsonl(paths.metrics, record)
+        if recipe.evaluation is not None and recipe.evaluation.every_round and round_index < federation.rounds:
+            published = write_published_adapter(paths, method, rounds_done, paths.round_dir(round_index) / "published")
+            _evaluate_and_log(recipe, base_path, published, paths, round_index, logged, console)
         console.print(
             f"  server: ranks {ranks['min']}/{ranks['median']:g}/{ranks['max']} (total {ranks['total']}), "
             f"Eff {comm['eff_x1e4']:.2f}, up {comm['uplink_bytes_total']:,} B, down {comm['downlink_bytes_total']:,} B"
             + (f", held-out loss {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
         )
 
-    final_dir = write_final_adapter(paths, method, rounds_done)
-    summary = summarize_run(recipe, paths, shards, base_path)
+    final_dir = write_published_adapter(paths, method, rounds_done, paths.root / GLOBAL_ADAPTER)
+    evaluation = None
     if recipe.evaluation is not None:
-        summary["evaluation"] = evaluate_run(recipe, base_path, final_dir, paths.root / "evaluation.json", console)
+        evaluation = _evaluate_and_log(recipe, base_path, final_dir, paths, rounds_done[-1], logged, console)
+    summary = summarize_run(recipe, paths, shards, base_path)
+    summary["evaluation"] = evaluation
     write_json_atomic(paths.root / RUN_SUMMARY, summary)
     if recipe.hub is not None and recipe.hub.push:
         from florist_hf.hub import push
@@ -509,6 +511,20 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
         url = push(paths.root, recipe.hub.repo_id, private=recipe.hub.private)
         console.print(f"pushed to {url}")
     return paths.root
+
+
+def _evaluate_and_log(recipe, base_path: str, adapter_dir: Path, paths: RunPaths, round_index: int, logged: set, console) -> dict:
+    """Evaluate the adapter published after ``round_index`` once; later resumes reuse the file."""
+    out_file = paths.round_dir(round_index) / "evaluation.json"
+    if out_file.exists():
+        results = json.loads(out_file.read_text())
+        evaluation = results["florist_hf_summary"]
+    else:
+        evaluation = evaluate_run(recipe, base_path, adapter_dir, out_file, console)
+    if ("evaluation", round_index, None) not in logged:
+        append_jsonl(paths.metrics, {"kind": "evaluation", "round": round_index, **evaluation})
+        logged.add(("evaluation", round_index, None))
+    return evaluation
 
 
 def evaluate_run(recipe, base_path: str, adapter_dir: Path, out_file: Path, console) -> dict:
@@ -531,7 +547,9 @@ def evaluate_run(recipe, base_path: str, adapter_dir: Path, out_file: Path, cons
         tasks.setdefault(task, {})[metric] = value
         if stderr is not None:
             tasks[task][f"{metric}_stderr"] = stderr
-    return {"tasks": tasks, "results_file": out_file.name}
+    summary = {"tasks": tasks, "results_file": str(out_file)}
+    write_json_atomic(out_file, {**results, "florist_hf_summary": summary})
+    return summary
 
 
 def summarize_run(recipe, paths: RunPaths, shards, base_path: str) -> dict:

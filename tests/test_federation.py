@@ -274,3 +274,27 @@ def test_empty_client_shard_is_named(tmp_path):
     result = runner.invoke(app, ["run", str(recipe_file)])
     assert result.exit_code == 2, result.output
     assert "client 1" in result.output and "empty" in result.output
+
+
+def test_recipe_evaluation_runs_lm_eval_after_every_round(tmp_path):
+    """The recipe's evaluation section: real lm-eval on a local task, recorded in run.json and metrics."""
+    docs = [{"question": f"What is {n} plus {n}?", "choices": [str(2 * n), str(n)], "label": 0} for n in range(1, 5)]
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    (task_dir / "docs.json").write_text(json.dumps(docs))
+    (task_dir / "sums.yaml").write_text(
+        "task: sums\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {task_dir / 'docs.json'}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: choices\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    evaluation = {"tasks": ["sums"], "include_path": str(task_dir), "every_round": True, "batch_size": 4}
+    recipe_file = write_recipe(tmp_path, evaluation=evaluation)
+    result = runner.invoke(app, ["run", str(recipe_file)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert 0.0 <= summary["evaluation"]["tasks"]["sums"]["acc"] <= 1.0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in metrics if r["kind"] == "evaluation"] == [1, 2]
+    assert (tmp_path / "run" / "rounds" / "1" / "published" / "adapter_model.safetensors").exists()
