@@ -24,3 +24,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (only present beside the CI clone)")
     return SHARED_DATA
+
+
+def write_sums_task(task_dir: Path, count: int = 4) -> Path:
+    """A local lm-eval multiple-choice task (``sums``) over a JSON file, for offline evaluation tests."""
+    import json
+
+    task_dir.mkdir(parents=True, exist_ok=True)
+    docs = [{"question": f"What is {n} plus {n}?", "choices": [str(2 * n), str(n)], "label": 0} for n in range(1, count + 1)]
+    (task_dir / "docs.json").write_text(json.dumps(docs))
+    (task_dir / "sums.yaml").write_text(
+        "task: sums\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {task_dir / 'docs.json'}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: choices\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return task_dir

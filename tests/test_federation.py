@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_sums_task
 from typer.testing import CliRunner
 
 from florist_hf.adapters import read_adapter
@@ -264,7 +265,7 @@ def test_flora_layout_gives_the_paper_client_sizes(shared_data, tmp_path):
 
 
 def test_empty_client_shard_is_named(tmp_path):
-    from florist_hf.data import save_flora_layout, demo_records
+    from florist_hf.data import demo_records, save_flora_layout
 
     records = demo_records()
     save_flora_layout(tmp_path / "data", [records[:20], [], records[20:40]])
@@ -278,17 +279,7 @@ def test_empty_client_shard_is_named(tmp_path):
 
 def test_recipe_evaluation_runs_lm_eval_after_every_round(tmp_path):
     """The recipe's evaluation section: real lm-eval on a local task, recorded in run.json and metrics."""
-    docs = [{"question": f"What is {n} plus {n}?", "choices": [str(2 * n), str(n)], "label": 0} for n in range(1, 5)]
-    task_dir = tmp_path / "tasks"
-    task_dir.mkdir()
-    (task_dir / "docs.json").write_text(json.dumps(docs))
-    (task_dir / "sums.yaml").write_text(
-        "task: sums\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {task_dir / 'docs.json'}\n"
-        "test_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: choices\ndoc_to_target: label\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
+    task_dir = write_sums_task(tmp_path / "tasks")
     evaluation = {"tasks": ["sums"], "include_path": str(task_dir), "every_round": True, "batch_size": 4}
     recipe_file = write_recipe(tmp_path, evaluation=evaluation)
     result = runner.invoke(app, ["run", str(recipe_file)])

@@ -3,11 +3,12 @@
 import json
 
 import pytest
+from conftest import write_sums_task
 from huggingface_hub import ModelCard
+from test_federation import write_recipe
 from typer.testing import CliRunner
 
 from florist_hf.cli import app
-from test_federation import write_recipe
 
 runner = CliRunner()
 
@@ -49,15 +50,7 @@ def test_push_with_a_malformed_repo_id_is_one_line(run_dir, tmp_path):
 
 
 def test_evaluate_command_on_the_published_adapter(run_dir, tmp_path):
-    docs = [{"question": f"What is {n} plus {n}?", "choices": [str(2 * n), str(n)], "label": 0} for n in range(1, 4)]
-    (tmp_path / "docs.json").write_text(json.dumps(docs))
-    (tmp_path / "sums.yaml").write_text(
-        "task: sums\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'docs.json'}\n"
-        "test_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: choices\ndoc_to_target: label\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
+    write_sums_task(tmp_path, count=3)
     out = tmp_path / "results.json"
     result = runner.invoke(app, [
         "evaluate", "--base", str(run_dir / "base_model"), "--adapter", str(run_dir / "global_adapter"),
