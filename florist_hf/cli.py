@@ -197,9 +197,12 @@ def run(
     from florist_hf.recipe import load_recipe
     from florist_hf.server import run_federation
 
+    from florist_hf.distributed import is_main_process
+
     recipe = load_recipe(recipe_file, set_ or [])
     run_dir = run_federation(recipe, force=force, console=console)
-    print_run_summary(run_dir)
+    if is_main_process():  # under accelerate launch every process returns here
+        print_run_summary(run_dir)
 
 
 @app.command()

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from florist_hf.adapters import CLIENT_INFO, read_adapter
+from florist_hf.adapters import ADAPTER_WEIGHTS, CLIENT_INFO, read_adapter
+from florist_hf.distributed import gathered_parameters, gathered_state_dict
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory, write_json_atomic
 
@@ -48,13 +49,20 @@ def install_global_state(model, plan: ClientRound, adapter_name: str = "default"
     Merge-style methods add every earlier global update into the base weights and train a fresh
     LoRA; continue-style methods copy the global factors into the client's LoRA, taking the first
     r_k components and dividing B by the client's own scale so that s_k·B·A is the global update.
+
+    Call it before the model is wrapped for training (``FederatedCallback`` does, at the end of the
+    Trainer's ``__init__``): DeepSpeed copies the trainable factors into its own fp32 optimizer
+    partitions when it wraps the model, and would overwrite later changes at the first step. Under
+    ZeRO-3 weights already partitioned at load time (``zero.Init``) are gathered, changed on rank 0
+    and re-partitioned; every process must call this then (it is collective).
     """
     layers = lora_layers(model)
     for adapter_dir in plan.merge_adapters:
         for name, update in read_adapter(adapter_dir).modules.items():
             base_weight = _layer(layers, name, adapter_dir).get_base_layer().weight
-            delta = update.scale * (update.lora_b.to(torch.float64) @ update.lora_a.to(torch.float64))
-            base_weight += delta.to(base_weight.dtype)
+            with gathered_parameters([base_weight], modifier_rank=0):
+                delta = update.scale * (update.lora_b.to(torch.float64) @ update.lora_a.to(torch.float64))
+                base_weight += delta.to(device=base_weight.device, dtype=base_weight.dtype)
     if plan.init_adapter is not None:
         for name, update in read_adapter(plan.init_adapter).modules.items():
             layer = _layer(layers, name, plan.init_adapter)
@@ -65,8 +73,10 @@ def install_global_state(model, plan: ClientRound, adapter_name: str = "default"
                 )
             lora_a = layer.lora_A[adapter_name].weight
             lora_b = layer.lora_B[adapter_name].weight
-            lora_a.copy_(update.lora_a[:rank].to(lora_a.dtype))
-            lora_b.copy_((update.scale / scale * update.lora_b[:, :rank].to(torch.float64)).to(lora_b.dtype))
+            with gathered_parameters([lora_a, lora_b], modifier_rank=0):
+                lora_a.copy_(update.lora_a[:rank].to(device=lora_a.device, dtype=lora_a.dtype))
+                global_b = update.scale / scale * update.lora_b[:, :rank].to(torch.float64)
+                lora_b.copy_(global_b.to(device=lora_b.device, dtype=lora_b.dtype))
     if plan.freeze_lora_a:
         for layer in layers.values():
             layer.lora_A[adapter_name].weight.requires_grad_(False)
@@ -79,19 +89,71 @@ def _layer(layers: dict, name: str, source: Path):
         raise FloristError(f"{source}: module {name} is not adapted in the client model; target_modules must match") from None
 
 
-def export_client_adapter(model, plan: ClientRound, metrics: dict) -> Path:
-    """Save the client's PEFT adapter and its sample count, atomically."""
-    with atomic_directory(plan.export_dir, overwrite=True) as staging:
-        model.save_pretrained(staging)
-        write_json_atomic(
-            staging / CLIENT_INFO,
-            {"client": plan.client_id, "round": plan.round, "rank": plan.rank, "num_samples": plan.num_samples, **metrics},
-        )
+def is_lora_factor(name: str, param=None) -> bool:
+    """A LoRA linear factor, by its parameter name (``...lora_A.<adapter>.weight``)."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def export_client_adapter(model, plan: ClientRound, metrics: dict, *, state_dict: dict | None = None,
+                          is_main_process: bool = True, adapter_name: str = "default") -> Path:
+    """Save the client's PEFT adapter and its sample count, atomically.
+
+    Under DeepSpeed ZeRO-3 every process must call this: the LoRA factors are gathered from their
+    partitions together (or passed in as ``state_dict``, already gathered), and only the main
+    process writes. What was written is read back and checked against the shapes the layers
+    expect, so an export of ungathered partitions (``torch.Size([0])``) never reaches the server.
+    """
+    if state_dict is None:
+        state_dict = gathered_state_dict(model, is_lora_factor)
+    if is_main_process:
+        with atomic_directory(plan.export_dir, overwrite=True) as staging:
+            model.save_pretrained(staging, state_dict=state_dict)
+            check_exported_factors(staging, model, adapter_name)
+            write_json_atomic(
+                staging / CLIENT_INFO,
+                {"client": plan.client_id, "round": plan.round, "rank": plan.rank, "num_samples": plan.num_samples, **metrics},
+            )
     return plan.export_dir
 
 
+def check_exported_factors(adapter_dir: Path, model, adapter_name: str = "default") -> None:
+    """Refuse an exported adapter whose LoRA tensors are empty or not the shape their layer expects.
+
+    lora_A must be (r, in_features) and lora_B (out_features, r), for every adapted layer.
+    DeepSpeed ZeRO-3 leaves an empty placeholder (``torch.Size([0])``) in each partitioned
+    parameter, and a save that does not gather first writes those placeholders.
+    """
+    from safetensors.torch import load_file
+
+    weights_file = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights_file.is_file():
+        raise FloristError(f"{weights_file}: not written by save_pretrained; the client adapter export failed")
+    saved = {key: tensor.shape for key, tensor in load_file(weights_file).items()}
+    for name, layer in lora_layers(model).items():
+        rank = layer.r[adapter_name]
+        expected = {"lora_A": (rank, layer.in_features), "lora_B": (layer.out_features, rank)}
+        for factor, shape in expected.items():
+            key = f"{name}.{factor}.weight"
+            if key not in saved:
+                raise FloristError(
+                    f"{adapter_dir}: module {name} has no {factor} in the exported adapter; the client adapter export failed"
+                )
+            got = saved[key]
+            if got.numel() == 0:
+                raise FloristError(
+                    f"{adapter_dir}: module {name} saved an empty {factor} tensor ({got}): under DeepSpeed ZeRO-3 gather "
+                    "the parameters before saving (deepspeed.zero.GatheredParameters, or export_client_adapter on every process)"
+                )
+            if tuple(got) != shape:
+                raise FloristError(
+                    f"{adapter_dir}: module {name} saved {factor} with shape {tuple(got)}, expected {shape} "
+                    f"({'rank × in_features' if factor == 'lora_A' else 'out_features × rank'}); under DeepSpeed ZeRO-3 "
+                    "gather the parameters before saving"
+                )
+
+
 class FederatedCallback(TrainerCallback):
-    """Turns a Trainer run into one client round: global state in at train begin, adapter out at train end.
+    """Turns a Trainer run into one client round: global state in when the Trainer is built, adapter out at train end.
 
     Attach it to your own Trainer whose model is a PEFT LoRA model::
 
@@ -106,17 +168,34 @@ class FederatedCallback(TrainerCallback):
         self.plan = plan
         self.metrics: dict = {}
         self._started = 0.0
+        self._installed = False
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # Before the Trainer wraps the model (DeepSpeed, DDP) and builds its optimizer: DeepSpeed
+        # keeps its own fp32 copy of the trainable factors from then on.
+        install_global_state(model, self.plan)
+        self._installed = True
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        install_global_state(model, self.plan)
+        if not self._installed:  # attached with trainer.add_callback after the Trainer was built
+            if getattr(args, "deepspeed_plugin", None) is not None and (self.plan.init_adapter or self.plan.freeze_lora_a):
+                raise FloristError(
+                    f"client {self.plan.client_id}: under DeepSpeed pass FederatedCallback to the Trainer's constructor "
+                    "(callbacks=[...]); added later it cannot set the trainable LoRA factors DeepSpeed has already copied"
+                )
+            install_global_state(model, self.plan)
+            self._installed = True
         self._started = time.perf_counter()
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
         train_loss = next((entry["train_loss"] for entry in reversed(state.log_history) if "train_loss" in entry), None)
+        # Every process gathers (ZeRO-3 partitions are collective); the main one writes.
+        trained = {name for name, param in model.named_parameters() if param.requires_grad}
+        gathered = gathered_state_dict(model, lambda name, param: name in trained or is_lora_factor(name))
         # The Trainer's logging_nan_inf_filter hides NaN losses behind the running mean, so the
         # trained factors themselves are checked too.
-        factors_finite = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+        factors_finite = all(bool(torch.isfinite(gathered[name]).all()) for name in trained)
         self.metrics = {
             "loss": train_loss,
             "last_logged_loss": losses[-1] if losses else None,
@@ -124,8 +203,8 @@ class FederatedCallback(TrainerCallback):
             "train_seconds": time.perf_counter() - self._started,
             "finite": factors_finite and train_loss is not None and math.isfinite(train_loss),
         }
-        if state.is_world_process_zero:
-            export_client_adapter(model, self.plan, self.metrics)
+        lora_state = {name: tensor for name, tensor in gathered.items() if is_lora_factor(name)}
+        export_client_adapter(model, self.plan, self.metrics, state_dict=lora_state, is_main_process=state.is_world_process_zero)
 
 
 class ConsoleProgressCallback(TrainerCallback):

@@ -402,15 +402,22 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     from rich.console import Console
     from transformers import AutoTokenizer
 
+    from florist_hf import distributed
     from florist_hf.client import ClientRound, free_memory, read_client_info
 
-    console = console or Console()
+    # Under accelerate launch every process runs this; all of them train each client together,
+    # the main one alone writes the run directory (see florist_hf.distributed).
+    distributed.init_processes()
+    main = distributed.is_main_process()
+    console = (console or Console()) if main else Console(quiet=True)
     paths = RunPaths(Path(recipe.output_dir))
     paths.root.mkdir(parents=True, exist_ok=True)
-    _check_recipe_record(paths, recipe, force)
     federation = recipe.federation
     method = get_method(federation.method, threshold=federation.threshold) if federation.method == "florist" else get_method(federation.method)
-    base_path = prepare_base_model(recipe, paths)
+    with distributed.main_process_first():
+        if main:
+            _check_recipe_record(paths, recipe, force)
+        base_path = prepare_base_model(recipe, paths)
     tokenizer = AutoTokenizer.from_pretrained(base_path, revision=recipe.model.revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -422,11 +429,12 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
         + f", {federation.num_clients} clients {[len(s) for s in shards]} samples, ranks "
         f"{[recipe.client_rank(k) for k in range(federation.num_clients)]}, {federation.rounds} rounds -> {paths.root}"
     )
-    if not method.merges_into_base and not paths.global_dir(0).exists():
+    if main and not method.merges_into_base and not paths.global_dir(0).exists():
         build_initial_adapter(base_path, recipe, paths.global_dir(0))
 
     rounds_done: list[int] = []
     for round_index in range(1, federation.rounds + 1):
+        distributed.wait_for_everyone()  # what the main process wrote last round is complete
         selected = sample_clients(federation.num_clients, federation.clients_per_round, federation.seed, round_index)
         global_dir = paths.global_dir(round_index)
         if global_dir.exists():
@@ -449,13 +457,17 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
             if plan.export_dir.exists():
                 console.print(f"  client {client_id}: already trained this round, reused")
             else:
-                run_client_round(recipe, plan, base_path, tokenizer, shards[client_id], paths.root / "work", console)
+                with distributed.client_model_loading({**recipe.training, **recipe.client_training.get(client_id, {})}):
+                    run_client_round(recipe, plan, base_path, tokenizer, shards[client_id], paths.root / "work", console)
+            distributed.wait_for_everyone()  # the main process has exported the adapter
             info = read_client_info(plan.export_dir)
-            if ("client", round_index, client_id) not in logged:
+            if main and ("client", round_index, client_id) not in logged:
                 append_jsonl(paths.metrics, {"kind": "client", "round": round_index, **info})
             if not info.get("finite", True):
+                distributed.wait_for_everyone()  # every process has read it before it moves
                 # Kept for inspection under another name, so that a resumed run trains it again.
-                _retire(plan.export_dir, plan.export_dir.with_name(plan.export_dir.name + ".nonfinite"))
+                if main:
+                    _retire(plan.export_dir, plan.export_dir.with_name(plan.export_dir.name + ".nonfinite"))
                 console.print(f"  [yellow]client {client_id}: training diverged (NaN/Inf); left out of round {round_index}[/]")
                 continue
             console.print(f"  client {client_id}: loss {info['loss']:.4f}, {info['num_samples']} samples, {info['train_seconds']:.1f} s")
@@ -467,13 +479,25 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
                 "(e.g. a lower learning rate) and run again with --force to resume"
             )
         started = time.perf_counter()
-        step = aggregate_adapters(
-            [plan.export_dir for plan in trained], method, global_dir,
-            weights=[plan.num_samples for plan in trained], overwrite=False,
-            client_names=[plan.export_dir.name for plan in trained],
-        )
+        if main:
+            step = aggregate_adapters(
+                [plan.export_dir for plan in trained], method, global_dir,
+                weights=[plan.num_samples for plan in trained], overwrite=False,
+                client_names=[plan.export_dir.name for plan in trained],
+            )
         server_seconds = time.perf_counter() - started
         rounds_done.append(round_index)
+        heldout = None
+        if recipe.federation.eval_heldout_loss and test_records:
+            distributed.wait_for_everyone()  # the global adapter is on disk
+            # Every process evaluates a share, with whole weights (see distributed.without_deepspeed).
+            with distributed.without_deepspeed():
+                model = load_global_model(base_path, paths, method, round_index, recipe.model.dtype)
+                heldout = heldout_loss(model, tokenizer, test_records, recipe, paths.root / "work")
+            del model
+            free_memory()
+        if not main:
+            continue
         ranks = step.rank_summary
         comm = step.communication.to_dict()
         record = {
@@ -483,25 +507,27 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
             "downlink_bytes_total": comm["downlink_bytes_total"], "eff_x1e4": comm["eff_x1e4"],
             "server_seconds": server_seconds,
         }
-        if recipe.federation.eval_heldout_loss and test_records:
-            model = load_global_model(base_path, paths, method, round_index, recipe.model.dtype)
-            record["heldout_loss"] = heldout_loss(model, tokenizer, test_records, recipe, paths.root / "work")
-            del model
-            free_memory()
+        if heldout is not None:
+            record["heldout_loss"] = heldout
         append_jsonl(paths.metrics, record)
         if recipe.evaluation is not None and recipe.evaluation.every_round and round_index < federation.rounds:
             published = write_published_adapter(paths, method, rounds_done, paths.round_dir(round_index) / "published")
-            _evaluate_and_log(recipe, base_path, published, paths, round_index, logged, console)
+            with distributed.single_process():  # lm-eval on the main process alone
+                _evaluate_and_log(recipe, base_path, published, paths, round_index, logged, console)
         console.print(
             f"  server: ranks {ranks['min']}/{ranks['median']:g}/{ranks['max']} (total {ranks['total']}), "
             f"Eff {comm['eff_x1e4']:.2f}, up {comm['uplink_bytes_total']:,} B, down {comm['downlink_bytes_total']:,} B"
             + (f", held-out loss {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
         )
 
+    if not main:  # training is over; the main process publishes, evaluates and pushes alone
+        distributed.wait_for_everyone()
+        return paths.root
     final_dir = write_published_adapter(paths, method, rounds_done, paths.root / GLOBAL_ADAPTER)
     evaluation = None
     if recipe.evaluation is not None:
-        evaluation = _evaluate_and_log(recipe, base_path, final_dir, paths, rounds_done[-1], logged, console)
+        with distributed.single_process():
+            evaluation = _evaluate_and_log(recipe, base_path, final_dir, paths, rounds_done[-1], logged, console)
     summary = summarize_run(recipe, paths, shards, base_path)
     summary["evaluation"] = evaluation
     write_json_atomic(paths.root / RUN_SUMMARY, summary)
@@ -510,6 +536,7 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
 
         url = push(paths.root, recipe.hub.repo_id, private=recipe.hub.private)
         console.print(f"pushed to {url}")
+    distributed.wait_for_everyone()
     return paths.root
 
 

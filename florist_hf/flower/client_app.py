@@ -1,0 +1,195 @@
+"""The Flower ClientApp: one florist-hf client (the same Trainer + FederatedCallback as ``florist-hf run``).
+
+Each train message carries the recipe, this client's round plan and the global state; the client
+materialises the global state as PEFT adapter directories, runs ``run_client_round`` exactly as
+the in-process round loop does, and replies with its adapter's tensors (PEFT key names) plus its
+rank, alpha, scale and sample count.
+
+Node config (``flower-supernode --node-config "..."``):
+    partition-id    this node's client index k (required in deployment; set by the simulation)
+    num-partitions  optional, checked against the recipe's federation.num_clients
+    work-dir        optional, where the client keeps its base model, received global updates
+                    and working files (default: <system temp>/florist-hf-flower)
+    data-file       optional, a local .json/.jsonl file with this client's own records; without
+                    it the client takes shard k of the recipe's data section
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from florist_hf.errors import FloristError
+from florist_hf.flower import protocol
+from florist_hf.flower.records import adapter_to_records, write_adapter_records
+
+#: Per-process caches (a simulation worker or a long-lived process serves many rounds).
+_RECORDS_CACHE: dict[tuple, list[dict]] = {}
+_TOKENIZER_CACHE: dict[tuple, object] = {}
+
+
+def _recipe(config: ConfigRecord):
+    from florist_hf.recipe import Recipe
+
+    text = config.get("recipe")
+    if not isinstance(text, str):
+        raise FloristError("the server's message carries no recipe")
+    return Recipe.model_validate_json(text)
+
+
+def _work_root(context: Context, default: str | Path | None, client_id: int) -> Path:
+    base = context.node_config.get(protocol.WORK_DIR) or default or Path(tempfile.gettempdir()) / "florist-hf-flower"
+    root = Path(str(base)).expanduser() / f"run_{context.run_id}" / f"client_{client_id}"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def client_records(recipe, context: Context, client_id: int) -> list[dict]:
+    """This client's training records: its own ``data-file``, else shard k of the recipe's data."""
+    data_file = context.node_config.get(protocol.DATA_FILE)
+    key = (recipe.fingerprint(), str(data_file), client_id)
+    if key not in _RECORDS_CACHE:
+        if data_file:
+            from florist_hf.data import load_records
+
+            records = load_records(str(data_file), format=recipe.data.format, fields=recipe.data.fields)
+            if recipe.data.max_samples_per_client:
+                records = records[: recipe.data.max_samples_per_client]
+        else:
+            from florist_hf.server import prepare_client_data
+
+            shards, _ = prepare_client_data(recipe)
+            records = shards[client_id]
+        _RECORDS_CACHE[key] = records
+    return _RECORDS_CACHE[key]
+
+
+def _tokenizer(base_path: str, revision):
+    key = (base_path, revision)
+    if key not in _TOKENIZER_CACHE:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base_path, revision=revision)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        _TOKENIZER_CACHE[key] = tokenizer
+    return _TOKENIZER_CACHE[key]
+
+
+def hello(message: Message, context: Context) -> Message:
+    """Tell the server which client this node is and how many examples it holds."""
+    recipe = _recipe(message.content[protocol.CONFIG])
+    client_id = protocol.client_id_of(context, recipe.federation.num_clients)
+    records = client_records(recipe, context, client_id)
+    if not records:
+        raise FloristError(f"client {client_id} has no training records")
+    return Message(
+        RecordDict({protocol.CONFIG: ConfigRecord({"client-id": client_id, "num-samples": len(records)})}),
+        reply_to=message,
+    )
+
+
+def _materialise(message: Message, record_key: str, out_dir: Path) -> None:
+    content = message.content
+    write_adapter_records(
+        out_dir, content.array_records[record_key], content.config_records[protocol.config_key(record_key)],
+        source=f"server message ({record_key})",
+    )
+
+
+def train_client(message: Message, context: Context, work_dir: str | Path | None = None, console=None) -> Message:
+    """Run one client round for a ``train`` message and reply with the trained adapter."""
+    from rich.console import Console
+
+    from florist_hf.client import ClientRound, read_client_info
+    from florist_hf.server import RunPaths, prepare_base_model, run_client_round
+
+    console = console or Console(stderr=True)
+    config = message.content[protocol.CONFIG]
+    recipe = _recipe(config)
+    client_id = protocol.client_id_of(context, recipe.federation.num_clients)
+    if int(config["client-id"]) != client_id:
+        raise FloristError(f"the server addressed client {config['client-id']} but this node is client {client_id}")
+    round_index = int(config["round"])
+    root = _work_root(context, work_dir, client_id)
+
+    merge_dirs = []
+    for earlier in json.loads(str(config["merge-rounds"])):
+        target = root / "globals" / f"round_{earlier}"
+        if protocol.global_key(earlier) in message.content.array_records:
+            _materialise(message, protocol.global_key(earlier), target)
+        elif not target.is_dir():
+            raise FloristError(f"client {client_id}: {protocol.MISSING_GLOBAL} {earlier} (its work dir {root} was reset)")
+        merge_dirs.append(target)
+    init_dir = None
+    if int(config["init-round"]) >= 0:
+        init_dir = root / "init" / f"round_{round_index}"
+        _materialise(message, protocol.INIT, init_dir)
+
+    records = client_records(recipe, context, client_id)
+    base_path = prepare_base_model(recipe, RunPaths(root))
+    tokenizer = _tokenizer(base_path, recipe.model.revision)
+    plan = ClientRound(
+        client_id=client_id,
+        round=round_index,
+        rank=int(config["rank"]),
+        num_samples=len(records),
+        export_dir=root / "rounds" / str(round_index) / "export",
+        merge_adapters=merge_dirs,
+        init_adapter=init_dir,
+        freeze_lora_a=bool(config["freeze-lora-a"]),
+    )
+    run_client_round(recipe, plan, base_path, tokenizer, records, root / "work", console)
+
+    arrays, adapter_config = adapter_to_records(plan.export_dir)
+    info = read_client_info(plan.export_dir)
+    alpha = float(recipe.client_alpha(client_id))
+    scale = alpha / (math.sqrt(plan.rank) if recipe.lora.use_rslora else plan.rank)
+    reply_config = ConfigRecord(
+        {
+            **adapter_config,
+            "client-id": client_id,
+            "round": round_index,
+            "rank": plan.rank,
+            "alpha": alpha,
+            "scale": scale,
+            "client-info": json.dumps(info),
+        }
+    )
+    metrics = {"num-examples": plan.num_samples, "finite": int(bool(info.get("finite", True)))}
+    for key, metric in (("loss", "loss"), ("steps", "steps"), ("train_seconds", "train-seconds")):
+        value = info.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            metrics[metric] = value
+    shutil.rmtree(plan.export_dir.parent, ignore_errors=True)
+    if init_dir is not None:
+        shutil.rmtree(init_dir, ignore_errors=True)
+    return Message(
+        RecordDict({protocol.ADAPTER: arrays, protocol.CONFIG: reply_config, protocol.METRICS: MetricRecord(metrics)}),
+        reply_to=message,
+    )
+
+
+def make_client_app(work_dir: str | Path | None = None) -> ClientApp:
+    """A ClientApp running florist-hf clients; ``work_dir`` is the default for node config ``work-dir``."""
+    client_app = ClientApp()
+
+    @client_app.query("florist_hello")
+    def _hello(message: Message, context: Context) -> Message:
+        return hello(message, context)
+
+    @client_app.train()
+    def _train(message: Message, context: Context) -> Message:
+        return train_client(message, context, work_dir)
+
+    return client_app
+
+
+#: ``[tool.flwr.app.components] clientapp = "florist_hf.flower.client_app:app"``
+app = make_client_app()

@@ -1,0 +1,76 @@
+"""What the ServerApp and the ClientApp say to each other: message types, record keys, node config.
+
+Server -> client, ``query.florist_hello`` (once per run, to every node):
+    "config": ConfigRecord {recipe (JSON)}
+Client -> server:
+    "config": ConfigRecord {client-id, num-samples}
+
+Server -> client, ``train`` (one per selected client per round):
+    "config": ConfigRecord {recipe (JSON), client-id, round, rank, num-samples,
+                            merge-rounds (JSON list), init-round (-1: none), freeze-lora-a}
+    "global.<t>" + "global.<t>.config": the global update of round t, for every merge round the
+        node has not received yet (FLoRIST, FLoRA; the node keeps the ones it got)
+    "init" + "init.config": the global factors to continue from (FedIT, FFA-LoRA, FlexLoRA)
+Client -> server:
+    "adapter": ArrayRecord, the client's trained LoRA factors under their PEFT key names
+    "config": ConfigRecord {adapter-config (its adapter_config.json), tensor-dtypes, client-id,
+                            round, rank, alpha, scale, client-info (its client.json)}
+    "metrics": MetricRecord {num-examples, loss, steps, train-seconds, finite}
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, MessageType
+
+from florist_hf.errors import FloristError
+
+HELLO = f"{MessageType.QUERY}.florist_hello"
+TRAIN = MessageType.TRAIN
+
+CONFIG = "config"
+ADAPTER = "adapter"
+METRICS = "metrics"
+INIT = "init"
+
+#: A client that lacks an earlier round's global update (its work dir was reset) raises an error
+#: with this text; the server then sends it the round again, with every earlier update.
+MISSING_GLOBAL = "missing the global update of round"
+
+#: node_config keys: ``--node-config "partition-id=0 num-partitions=3 work-dir='/data/florist'"``.
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+WORK_DIR = "work-dir"
+DATA_FILE = "data-file"
+
+
+def global_key(round_index: int) -> str:
+    return f"global.{round_index}"
+
+
+def config_key(record_key: str) -> str:
+    return f"{record_key}.config"
+
+
+def client_id_of(context: Context, num_clients: int) -> int:
+    """This SuperNode's client index, from its node config (``partition-id``)."""
+    node_config = context.node_config
+    if PARTITION_ID not in node_config:
+        raise FloristError(
+            f"SuperNode {context.node_id} has no {PARTITION_ID} in its node config; start it with "
+            f"--node-config \"{PARTITION_ID}=<k> {NUM_PARTITIONS}={num_clients}\" (k = 0..{num_clients - 1})"
+        )
+    try:
+        client_id = int(node_config[PARTITION_ID])
+    except (TypeError, ValueError):
+        raise FloristError(f"SuperNode {context.node_id}: {PARTITION_ID} must be an integer, got {node_config[PARTITION_ID]!r}") from None
+    if NUM_PARTITIONS in node_config and int(node_config[NUM_PARTITIONS]) != num_clients:
+        raise FloristError(
+            f"SuperNode {context.node_id}: {NUM_PARTITIONS} = {node_config[NUM_PARTITIONS]} but the recipe's "
+            f"federation.num_clients = {num_clients}; start the SuperNodes with {NUM_PARTITIONS}={num_clients}"
+        )
+    if not 0 <= client_id < num_clients:
+        raise FloristError(
+            f"SuperNode {context.node_id}: {PARTITION_ID} = {client_id} is outside 0..{num_clients - 1} "
+            f"(federation.num_clients = {num_clients})"
+        )
+    return client_id

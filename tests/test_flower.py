@@ -1,0 +1,401 @@
+"""Flower: the ServerApp + ClientApp reproduce ``florist-hf run``, in simulation and in deployment."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("flwr", reason="the flower extra is not installed")
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+
+from florist_hf.adapters import read_adapter
+from florist_hf.recipe import load_recipe
+from florist_hf.server import RunPaths, run_federation
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY_MODEL = {"num_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+def write_recipe(path: Path, *, method: str, ranks, rounds: int, threshold: float = 0.9) -> Path:
+    recipe = {
+        "name": f"flower-{method}",
+        "model": {"name_or_path": "builtin:tiny-llama", "tiny": TINY_MODEL},
+        "data": {"source": "builtin:demo", "partition": "iid", "max_samples_per_client": 16, "cutoff_len": 64,
+                 "holdout_per_label": 1},
+        "lora": {"ranks": list(ranks)},
+        "federation": {"method": method, "threshold": threshold, "rounds": rounds, "num_clients": len(ranks)},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-2},
+        "output_dir": "runs/flower-test",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def quiet_console():
+    from rich.console import Console
+
+    return Console(file=open(os.devnull, "w"))
+
+
+def reference_run(recipe_path: Path, out_dir: Path) -> Path:
+    return run_federation(load_recipe(recipe_path, [f"output_dir={out_dir}"]), console=quiet_console())
+
+
+def assert_same_adapter(flower_dir: Path, reference_dir: Path) -> None:
+    flower, reference = read_adapter(flower_dir), read_adapter(reference_dir)
+    assert flower.modules.keys() == reference.modules.keys()
+    for name, module in reference.modules.items():
+        other = flower.modules[name]
+        assert other.rank == module.rank, name
+        assert other.scale == pytest.approx(module.scale)
+        torch.testing.assert_close(other.lora_a, module.lora_a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(other.lora_b, module.lora_b, rtol=1e-5, atol=1e-6)
+
+
+def round_records(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "round"]
+
+
+# --- unit: the wire format ---------------------------------------------------------------------
+
+
+def test_adapter_records_round_trip_keep_peft_names_dtypes_and_config(tmp_path):
+    from safetensors.torch import save_file
+
+    from florist_hf.flower.records import adapter_to_records, write_adapter_records
+
+    source = tmp_path / "source"
+    source.mkdir()
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {
+        f"{name}.lora_A.weight": torch.randn(2, 8, dtype=torch.bfloat16),
+        f"{name}.lora_B.weight": torch.randn(8, 2, dtype=torch.bfloat16),
+    }
+    save_file(tensors, source / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    (source / "adapter_config.json").write_text(json.dumps(config))
+
+    arrays, record_config = adapter_to_records(source)
+    assert set(arrays) == set(tensors)  # PEFT key names on the wire
+    out = write_adapter_records(tmp_path / "copy", arrays, record_config, client_info={"num_samples": 3})
+    adapter = read_adapter(out)
+    assert adapter.num_samples == 3 and adapter.dtype == torch.bfloat16
+    assert adapter.modules[name].scale == 2.0
+    assert torch.equal(adapter.modules[name].lora_a, tensors[f"{name}.lora_A.weight"])
+    assert json.loads((out / "adapter_config.json").read_text()) == config
+
+
+def test_the_shipped_flower_app_is_a_valid_flower_app_with_a_valid_recipe():
+    import tomli
+    from flwr.common.config import validate_config
+
+    from florist_hf.flower.server_app import split_overrides
+
+    app_dir = REPO / "recipes" / "flower"
+    config = tomli.loads((app_dir / "pyproject.toml").read_text())
+    valid, errors, _ = validate_config(config, check_module=True, project_dir=app_dir)
+    assert valid, errors
+    run_config = config["tool"]["flwr"]["app"]["config"]
+    recipe = load_recipe(app_dir / run_config["recipe"], split_overrides("federation.rounds=1; lora.ranks=[2, 2, 2]"))
+    assert recipe.federation.rounds == 1 and recipe.lora.ranks == [2, 2, 2]
+
+
+# --- simulation: the same global adapter as florist-hf run ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def florist_case(tmp_path_factory):
+    """A 3-client, 2-round FLoRIST recipe (τ = 0.9, ranks 4/2/2) and its ``florist-hf run`` result."""
+    root = tmp_path_factory.mktemp("florist_case")
+    recipe_path = write_recipe(root / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=2, threshold=0.9)
+    return recipe_path, reference_run(recipe_path, root / "reference")
+
+
+def assert_same_run(run_dir: Path, reference: Path, rounds=(1, 2), clients=range(3)) -> None:
+    assert_same_adapter(run_dir / "global_adapter", reference / "global_adapter")
+    for round_index in rounds:  # each round's global, and the client adapters behind it
+        assert_same_adapter(RunPaths(run_dir).global_dir(round_index), RunPaths(reference).global_dir(round_index))
+        for client in clients:
+            assert_same_adapter(RunPaths(run_dir).client_dir(round_index, client),
+                                RunPaths(reference).client_dir(round_index, client))
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("ray") is None,
+                    reason='Flower simulation needs Ray: pip install "flwr[simulation]>=1.41,<1.42"')
+def test_simulation_of_three_clients_gives_the_global_adapter_of_florist_hf_run(tmp_path, florist_case):
+    from florist_hf.flower import run_simulation
+
+    recipe_path, reference = florist_case
+    run_dir = run_simulation(recipe_path, output_dir=tmp_path / "flower", work_dir=tmp_path / "clients",
+                             console=quiet_console())
+
+    assert_same_run(run_dir, reference)
+    flower_rounds, reference_rounds = round_records(run_dir), round_records(reference)
+    for key in ("total_selected_rank", "uplink_bytes_total", "downlink_bytes_total", "clients"):
+        assert [r[key] for r in flower_rounds] == [r[key] for r in reference_rounds]
+    for flower_round, reference_round in zip(flower_rounds, reference_rounds):
+        assert flower_round["heldout_loss"] == pytest.approx(reference_round["heldout_loss"], rel=1e-5)
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["client_samples"] == [16, 16, 16]
+    assert sorted(summary["runtime"]["flower"]["nodes"]) == ["0", "1", "2"]
+    aggregation = json.loads((run_dir / "global_adapter" / "aggregation.json").read_text())
+    assert aggregation["method"] == "florist" and aggregation["threshold"] == 0.9
+
+
+# --- the ServerApp's round loop over an in-process grid: recovery and resume ---------------------
+
+
+class LocalGrid(Grid):
+    """Hands every message straight to a ClientApp in this process: no Ray, no network."""
+
+    def __init__(self, client_app, num_nodes: int, work_dir: Path, before_delivery=None):
+        self.client_app = client_app
+        self.before_delivery = before_delivery
+        self.deliveries: list[tuple[str, int, str]] = []
+        self.contexts = {
+            100 + k: Context(
+                run_id=7, node_id=100 + k, state=RecordDict(), run_config={},
+                node_config={"partition-id": k, "num-partitions": num_nodes, "work-dir": str(work_dir)},
+            )
+            for k in range(num_nodes)
+        }
+        self._run = None
+
+    def set_run(self, run):
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            context = self.contexts[message.metadata.dst_node_id]
+            if self.before_delivery is not None:
+                self.before_delivery(message, context)
+            self.deliveries.append((message.metadata.message_type, context.node_config["partition-id"], message.metadata.group_id))
+            try:
+                replies.append(self.client_app(message, context))
+            except Exception as error:  # noqa: BLE001 - what a SuperNode replies when its ClientApp raises
+                replies.append(Message(Error(code=0, reason=f"{type(error)}:<'{error}'>"), reply_to=message))
+        return replies
+
+
+@pytest.fixture
+def server_identity():
+    """Flower stamps new messages with the process's task identity (a SuperLink sets it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def test_a_node_that_lost_its_global_updates_gets_them_again_and_a_killed_run_resumes(tmp_path, florist_case, server_identity):
+    from florist_hf.flower import make_client_app, run_flower_federation
+
+    recipe_path, reference = florist_case
+    recipe = load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"])
+    nodes = tmp_path / "nodes"
+
+    lost = []
+
+    def client_1_loses_round_1(message, context):
+        """As if the server had sent round 1's update before and client 1's work dir was reset since."""
+        where = (message.metadata.message_type, message.metadata.group_id, context.node_config["partition-id"])
+        if where == ("train", "2", 1) and not lost:
+            del message.content.array_records["global.1"]
+            del message.content.config_records["global.1.config"]
+            shutil.rmtree(nodes / "run_7" / "client_1" / "globals", ignore_errors=True)
+            lost.append(True)
+
+    grid = LocalGrid(make_client_app(), 3, nodes, client_1_loses_round_1)
+    run_dir = run_flower_federation(grid, recipe, console=quiet_console())
+    round_2 = [delivery for delivery in grid.deliveries if delivery[0] == "train" and delivery[2] == "2"]
+    assert sorted(delivery[1] for delivery in round_2) == [0, 1, 1, 2]  # client 1 asked again, with round 1's update
+    assert_same_run(run_dir, reference)
+
+    # as if killed right after round 1: the resumed run trains round 2 only, on fresh nodes
+    shutil.rmtree(RunPaths(run_dir).round_dir(2))
+    shutil.rmtree(run_dir / "global_adapter")
+    (run_dir / "run.json").unlink()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["round"] == 1))
+    grid = LocalGrid(make_client_app(), 3, tmp_path / "fresh_nodes")
+    run_flower_federation(grid, recipe, console=quiet_console())
+    assert {delivery[2] for delivery in grid.deliveries if delivery[0] == "train"} == {"2"}
+    assert_same_run(run_dir, reference)
+    assert json.loads((run_dir / "run.json").read_text())["rounds_completed"] == 2
+
+
+# --- deployment: a SuperLink and SuperNodes on loopback, driven by `flwr run` --------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _detached_children_of(pid: int) -> list[int]:
+    """The SuperExec a SuperLink launched in its own session (it names the SuperLink's pid)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--parent-pid" in argv and argv[argv.index(b"--parent-pid") + 1 : argv.index(b"--parent-pid") + 2] == [str(pid).encode()]:
+            found.append(int(entry.name))
+    return found
+
+
+def _stop_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+
+
+class Deployment:
+    """Processes this test starts; every one is stopped in ``stop`` (a fixture finalizer)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.processes: list[subprocess.Popen] = []
+        self.log_files = []
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(root / "flwr_home"),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+        }
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - the process writes it; closed in stop()
+        self.log_files.append(log)
+        process = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]], cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            for child in _detached_children_of(process.pid):
+                _stop_group(child)
+            _stop_group(process.pid)
+        deadline = time.monotonic() + 20
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        for log in self.log_files:
+            log.close()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.root.glob("*.log")))
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    root = tmp_path / "deployment"
+    root.mkdir()
+    running = Deployment(root)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def wait_for_http(url: str, timeout: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the SuperLink exited at start"
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def test_deployment_with_a_superlink_and_two_supernodes_on_loopback_completes_a_round(tmp_path, deployment):
+    # The shipped Flower app (recipes/flower), with this test's recipe beside its pyproject.toml.
+    app_dir = tmp_path / "app"
+    shutil.copytree(REPO / "recipes" / "flower", app_dir)
+    recipe_path = write_recipe(app_dir / "test_recipe.yaml", method="fedit", ranks=(4, 2), rounds=1)
+
+    port = free_port()
+    superlink = deployment.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port))
+    wait_for_http(f"http://127.0.0.1:{port}/health", 60, superlink)
+    for client in range(2):
+        deployment.start(
+            f"supernode{client}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+            "--port", str(free_port()), "--max-retries", "20",
+            "--node-config", f"partition-id={client} num-partitions=2 work-dir='{tmp_path / 'nodes'}'",
+        )
+    home = Path(deployment.env["FLWR_HOME"])
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    out_dir = tmp_path / "flower_run"
+    started = time.monotonic()
+    try:
+        result = subprocess.run(
+            [str(BIN / "flwr"), "run", str(app_dir), "loopback", "--stream",
+             "--run-config", f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120"],
+            cwd=deployment.root, env=deployment.env, capture_output=True, text=True, timeout=240, check=False,
+        )
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"flwr run did not finish in 240 s\n{error.stdout}\n{deployment.logs()}")
+    assert result.returncode == 0, result.stdout + result.stderr + deployment.logs()
+    deadline = started + 240
+    while not (out_dir / "run.json").exists() and time.monotonic() < deadline:  # --stream may end first
+        time.sleep(1)
+    assert (out_dir / "run.json").exists(), result.stdout + result.stderr + deployment.logs()
+
+    summary = json.loads((out_dir / "run.json").read_text())
+    assert summary["rounds_completed"] == 1 and summary["method"] == "fedit"
+    assert len(summary["runtime"]["flower"]["nodes"]) == 2
+    # FedIT continues from the shared round-0 init that travelled to every node: same result as run
+    reference = reference_run(recipe_path, tmp_path / "reference")
+    assert_same_adapter(out_dir / "global_adapter", reference / "global_adapter")
