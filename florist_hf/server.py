@@ -391,6 +391,72 @@ def write_published_adapter(paths: RunPaths, method: AggregationMethod, rounds_d
     return out_dir
 
 
+def accept_client_result(paths: RunPaths, plan, logged: set, console, *, main: bool = True) -> bool:
+    """Log a finished client once; a diverged (NaN/Inf) client is set aside and left out of its round."""
+    from florist_hf import distributed
+    from florist_hf.client import read_client_info
+
+    info = read_client_info(plan.export_dir)
+    key = ("client", plan.round, plan.client_id)
+    if main and key not in logged:
+        append_jsonl(paths.metrics, {"kind": "client", "round": plan.round, **info})
+        logged.add(key)
+    if not info.get("finite", True):
+        distributed.wait_for_everyone()  # every process has read it before it moves
+        # Kept for inspection under another name, so that a resumed run trains it again.
+        if main:
+            _retire(plan.export_dir, plan.export_dir.with_name(plan.export_dir.name + ".nonfinite"))
+        console.print(f"  [yellow]client {plan.client_id}: training diverged (NaN/Inf); left out of round {plan.round}[/]")
+        return False
+    console.print(f"  client {plan.client_id}: loss {info['loss']:.4f}, {info['num_samples']} samples, {info['train_seconds']:.1f} s")
+    return True
+
+
+def require_quorum(paths: RunPaths, round_index: int, trained: int, selected: int, min_clients: int) -> None:
+    if trained < min_clients:
+        raise FloristError(
+            f"{paths.round_dir(round_index)}: only {trained} of {selected} clients trained successfully, "
+            f"below federation.min_clients = {min_clients}; earlier rounds are kept — fix the recipe "
+            "(e.g. a lower learning rate) and run again with --force to resume"
+        )
+
+
+def aggregate_round(paths: RunPaths, method: AggregationMethod, trained, round_index: int) -> tuple[ServerStep, float]:
+    """The server step of one round, weighted by sample counts; returns it and its wall time."""
+    started = time.perf_counter()
+    step = aggregate_adapters(
+        [plan.export_dir for plan in trained], method, paths.global_dir(round_index),
+        weights=[plan.num_samples for plan in trained], overwrite=False,
+        client_names=[plan.export_dir.name for plan in trained],
+    )
+    return step, time.perf_counter() - started
+
+
+def round_record(step: ServerStep, round_index: int, trained, server_seconds: float, heldout: float | None) -> dict:
+    """The round's line in metrics.jsonl."""
+    ranks = step.rank_summary
+    comm = step.communication.to_dict()
+    record = {
+        "kind": "round", "round": round_index, "clients": [plan.client_id for plan in trained],
+        "total_selected_rank": ranks["total"], "rank_min": ranks["min"], "rank_median": ranks["median"],
+        "rank_max": ranks["max"], "uplink_bytes_total": comm["uplink_bytes_total"],
+        "downlink_bytes_total": comm["downlink_bytes_total"], "eff_x1e4": comm["eff_x1e4"],
+        "server_seconds": server_seconds,
+    }
+    if heldout is not None:
+        record["heldout_loss"] = heldout
+    return record
+
+
+def describe_round(record: dict) -> str:
+    return (
+        f"  server: ranks {record['rank_min']}/{record['rank_median']:g}/{record['rank_max']} "
+        f"(total {record['total_selected_rank']}), Eff {record['eff_x1e4']:.2f}, "
+        f"up {record['uplink_bytes_total']:,} B, down {record['downlink_bytes_total']:,} B"
+        + (f", held-out loss {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
+    )
+
+
 def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     """Run (or resume) a whole federation; returns the run directory.
 
@@ -403,7 +469,7 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     from transformers import AutoTokenizer
 
     from florist_hf import distributed
-    from florist_hf.client import ClientRound, free_memory, read_client_info
+    from florist_hf.client import ClientRound, free_memory
 
     # Under accelerate launch every process runs this; all of them train each client together,
     # the main one alone writes the run directory (see florist_hf.distributed).
@@ -460,32 +526,10 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
                 with distributed.client_model_loading({**recipe.training, **recipe.client_training.get(client_id, {})}):
                     run_client_round(recipe, plan, base_path, tokenizer, shards[client_id], paths.root / "work", console)
             distributed.wait_for_everyone()  # the main process has exported the adapter
-            info = read_client_info(plan.export_dir)
-            if main and ("client", round_index, client_id) not in logged:
-                append_jsonl(paths.metrics, {"kind": "client", "round": round_index, **info})
-            if not info.get("finite", True):
-                distributed.wait_for_everyone()  # every process has read it before it moves
-                # Kept for inspection under another name, so that a resumed run trains it again.
-                if main:
-                    _retire(plan.export_dir, plan.export_dir.with_name(plan.export_dir.name + ".nonfinite"))
-                console.print(f"  [yellow]client {client_id}: training diverged (NaN/Inf); left out of round {round_index}[/]")
-                continue
-            console.print(f"  client {client_id}: loss {info['loss']:.4f}, {info['num_samples']} samples, {info['train_seconds']:.1f} s")
-            trained.append(plan)
-        if len(trained) < federation.min_clients:
-            raise FloristError(
-                f"{paths.round_dir(round_index)}: only {len(trained)} of {len(selected)} clients trained successfully, "
-                f"below federation.min_clients = {federation.min_clients}; earlier rounds are kept — fix the recipe "
-                "(e.g. a lower learning rate) and run again with --force to resume"
-            )
-        started = time.perf_counter()
-        if main:
-            step = aggregate_adapters(
-                [plan.export_dir for plan in trained], method, global_dir,
-                weights=[plan.num_samples for plan in trained], overwrite=False,
-                client_names=[plan.export_dir.name for plan in trained],
-            )
-        server_seconds = time.perf_counter() - started
+            if accept_client_result(paths, plan, logged, console, main=main):
+                trained.append(plan)
+        require_quorum(paths, round_index, len(trained), len(selected), federation.min_clients)
+        step, server_seconds = aggregate_round(paths, method, trained, round_index) if main else (None, 0.0)
         rounds_done.append(round_index)
         heldout = None
         if recipe.federation.eval_heldout_loss and test_records:
@@ -498,27 +542,13 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
             free_memory()
         if not main:
             continue
-        ranks = step.rank_summary
-        comm = step.communication.to_dict()
-        record = {
-            "kind": "round", "round": round_index, "clients": [plan.client_id for plan in trained],
-            "total_selected_rank": ranks["total"], "rank_min": ranks["min"], "rank_median": ranks["median"],
-            "rank_max": ranks["max"], "uplink_bytes_total": comm["uplink_bytes_total"],
-            "downlink_bytes_total": comm["downlink_bytes_total"], "eff_x1e4": comm["eff_x1e4"],
-            "server_seconds": server_seconds,
-        }
-        if heldout is not None:
-            record["heldout_loss"] = heldout
+        record = round_record(step, round_index, trained, server_seconds, heldout)
         append_jsonl(paths.metrics, record)
         if recipe.evaluation is not None and recipe.evaluation.every_round and round_index < federation.rounds:
             published = write_published_adapter(paths, method, rounds_done, paths.round_dir(round_index) / "published")
             with distributed.single_process():  # lm-eval on the main process alone
                 _evaluate_and_log(recipe, base_path, published, paths, round_index, logged, console)
-        console.print(
-            f"  server: ranks {ranks['min']}/{ranks['median']:g}/{ranks['max']} (total {ranks['total']}), "
-            f"Eff {comm['eff_x1e4']:.2f}, up {comm['uplink_bytes_total']:,} B, down {comm['downlink_bytes_total']:,} B"
-            + (f", held-out loss {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
-        )
+        console.print(describe_round(record))
 
     if not main:  # training is over; the main process publishes, evaluates and pushes alone
         distributed.wait_for_everyone()

@@ -269,10 +269,13 @@ class FloristStrategy(Strategy):
         from florist_hf.io_utils import append_jsonl
         from florist_hf.server import (
             _evaluate_and_log,
-            _retire,
-            aggregate_adapters,
+            accept_client_result,
+            aggregate_round,
+            describe_round,
             heldout_loss,
             load_global_model,
+            require_quorum,
+            round_record,
             write_published_adapter,
         )
 
@@ -293,52 +296,23 @@ class FloristStrategy(Strategy):
             if not plan.export_dir.exists():
                 console.print(f"  [yellow]client {client_id}: no adapter this round; left out of round {server_round}[/]")
                 continue
-            info = read_client_info(plan.export_dir)
-            if ("client", server_round, client_id) not in self.logged:
-                append_jsonl(paths.metrics, {"kind": "client", "round": server_round, **info})
-            if not info.get("finite", True):
-                _retire(plan.export_dir, plan.export_dir.with_name(plan.export_dir.name + ".nonfinite"))
-                console.print(f"  [yellow]client {client_id}: training diverged (NaN/Inf); left out of round {server_round}[/]")
-                continue
-            console.print(f"  client {client_id}: loss {info['loss']:.4f}, {info['num_samples']} samples, {info['train_seconds']:.1f} s")
-            trained.append(plan)
-        if len(trained) < federation.min_clients:
-            raise FloristError(
-                f"{paths.round_dir(server_round)}: only {len(trained)} of {len(self._round.plans)} clients trained "
-                f"successfully, below federation.min_clients = {federation.min_clients}; earlier rounds are kept — "
-                "fix the problem and run again to resume"
-            )
-        started = time.perf_counter()
-        step = aggregate_adapters(
-            [plan.export_dir for plan in trained], self.method, global_dir,
-            weights=[plan.num_samples for plan in trained], overwrite=False,
-            client_names=[plan.export_dir.name for plan in trained],
-        )
-        server_seconds = time.perf_counter() - started
+            if accept_client_result(paths, plan, self.logged, console):
+                trained.append(plan)
+        require_quorum(paths, server_round, len(trained), len(self._round.plans), federation.min_clients)
+        step, server_seconds = aggregate_round(paths, self.method, trained, server_round)
         self.rounds_done.append(server_round)
-        ranks = step.rank_summary
-        comm = step.communication.to_dict()
-        record = {
-            "kind": "round", "round": server_round, "clients": [plan.client_id for plan in trained],
-            "total_selected_rank": ranks["total"], "rank_min": ranks["min"], "rank_median": ranks["median"],
-            "rank_max": ranks["max"], "uplink_bytes_total": comm["uplink_bytes_total"],
-            "downlink_bytes_total": comm["downlink_bytes_total"], "eff_x1e4": comm["eff_x1e4"],
-            "server_seconds": server_seconds,
-        }
+        heldout = None
         if federation.eval_heldout_loss and self.test_records:
             model = load_global_model(self.base_path, paths, self.method, server_round, recipe.model.dtype)
-            record["heldout_loss"] = heldout_loss(model, self.tokenizer, self.test_records, recipe, paths.root / "work")
+            heldout = heldout_loss(model, self.tokenizer, self.test_records, recipe, paths.root / "work")
             del model
             free_memory()
+        record = round_record(step, server_round, trained, server_seconds, heldout)
         append_jsonl(paths.metrics, record)
         if recipe.evaluation is not None and recipe.evaluation.every_round and server_round < federation.rounds:
             published = write_published_adapter(paths, self.method, self.rounds_done, paths.round_dir(server_round) / "published")
             _evaluate_and_log(recipe, self.base_path, published, paths, server_round, self.logged, console)
-        console.print(
-            f"  server: ranks {ranks['min']}/{ranks['median']:g}/{ranks['max']} (total {ranks['total']}), "
-            f"Eff {comm['eff_x1e4']:.2f}, up {comm['uplink_bytes_total']:,} B, down {comm['downlink_bytes_total']:,} B"
-            + (f", held-out loss {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
-        )
+        console.print(describe_round(record))
         metrics = {key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "round"}
         losses = [read_client_info(plan.export_dir).get("loss") for plan in trained]
         losses = [loss for loss in losses if isinstance(loss, (int, float))]
