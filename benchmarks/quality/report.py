@@ -1,0 +1,273 @@
+"""Mean and spread over seeds, the Markdown table and the plots of the quality benchmark."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+METRICS = (
+    "test_loss", "client_eval_loss_mean", "client_eval_loss_worst", "uplink_bytes_per_round", "downlink_bytes_per_round",
+    "bytes_per_round", "eff_x1e4", "total_selected_rank", "published_total_rank", "server_seconds", "run_seconds",
+)
+SETTING_TITLES = {"homo": "homogeneous ranks", "heter": "heterogeneous ranks", "centralised": "centralised", "reference": "reference"}
+
+
+def _stats(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values),
+            "values": values}
+
+
+def _order(row: dict) -> tuple:
+    setting_order = {"reference": 0, "centralised": 1, "homo": 2, "heter": 3}
+    method_order = {"base": 0, "fedit": 1, "flora": 2, "flexlora": 3, "ffa": 4, "florist": 5}
+    return (setting_order.get(row["setting"], 9), method_order.get(row["method"], 9), row.get("threshold") or 0)
+
+
+def aggregate(results: dict) -> list[dict]:
+    """One row per (setting, method, τ): mean, sample SD and per-seed values of every metric, the
+    paired difference to FLoRA (same seed, same split) and the share of the centralised gain."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for run in [*results["references"], *results["runs"]]:
+        run = dict(run)
+        if "client_eval_loss" in run:
+            run["client_eval_loss_worst"] = max(run["client_eval_loss"])
+        if "uplink_bytes_per_round" in run:
+            run["bytes_per_round"] = run["uplink_bytes_per_round"] + run["downlink_bytes_per_round"]
+        groups[(run["setting"], run["method"], run.get("threshold"))].append(run)
+
+    by_seed = lambda setting, method, threshold=None: {r["seed"]: r for r in groups.get((setting, method, threshold), [])}  # noqa: E731
+    base, central = by_seed("reference", "base"), by_seed("centralised", "florist", 1.0)
+    rows = []
+    for (setting, method, threshold), runs in groups.items():
+        row = {"setting": setting, "method": method, "threshold": threshold, "label": runs[0]["label"], "seeds": [r["seed"] for r in runs]}
+        for metric in METRICS:
+            if any(metric in r for r in runs):
+                row[metric] = _stats([r.get(metric) for r in runs])
+        row["test_perplexity"] = _stats([math.exp(r["test_loss"]) for r in runs])
+        flora = by_seed(setting, "flora")
+        if flora and setting in ("homo", "heter"):
+            row["test_loss_minus_flora"] = _stats([r["test_loss"] - flora[r["seed"]]["test_loss"] for r in runs if r["seed"] in flora])
+            row["client_loss_minus_flora"] = _stats(
+                [r["client_eval_loss_mean"] - flora[r["seed"]]["client_eval_loss_mean"] for r in runs if r["seed"] in flora]
+            )
+        gains = [
+            (base[r["seed"]]["test_loss"] - r["test_loss"]) / (base[r["seed"]]["test_loss"] - central[r["seed"]]["test_loss"])
+            for r in runs
+            if r["seed"] in base and r["seed"] in central and base[r["seed"]]["test_loss"] != central[r["seed"]]["test_loss"]
+        ]
+        row["share_of_centralised_gain"] = _stats(gains)
+        rows.append(row)
+    rows.sort(key=_order)
+    return rows
+
+
+def human_bytes(count: float | None) -> str:
+    if count is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return str(count)
+
+
+def _pm(stat: dict | None, digits: int = 3, signed: bool = False) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    sign = "+" if signed else ""
+    return f"{stat['mean']:{sign}.{digits}f} ± {stat['sd']:.{digits}f}"
+
+
+def table(rows: list[dict]) -> str:
+    header = (
+        "| setting | method | test loss | test ppl | Δ loss vs FLoRA (paired) | share of centralised gain | client-slice loss "
+        "| worst client | up / round | down / round | Eff ×10⁻⁴ | total selected rank / round | server step (ms) |"
+    )
+    lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
+    for row in rows:
+        if row["setting"] == "centralised":  # nothing travels: no communication columns
+            row = {k: v for k, v in row.items() if k not in (
+                "uplink_bytes_per_round", "downlink_bytes_per_round", "eff_x1e4", "total_selected_rank", "server_seconds")}
+        rank = row.get("total_selected_rank")
+        server = row.get("server_seconds")
+        lines.append(
+            "| " + " | ".join([
+                SETTING_TITLES.get(row["setting"], row["setting"]),
+                row["label"],
+                _pm(row.get("test_loss")),
+                _pm(row.get("test_perplexity"), 1),
+                _pm(row.get("test_loss_minus_flora"), 3, signed=True) if row["method"] != "flora" else "0",
+                (f"{100 * row['share_of_centralised_gain']['mean']:.0f} % ± {100 * row['share_of_centralised_gain']['sd']:.0f}"
+                 if row["share_of_centralised_gain"]["mean"] is not None else "–"),
+                _pm(row.get("client_eval_loss_mean")),
+                _pm(row.get("client_eval_loss_worst")),
+                human_bytes(row.get("uplink_bytes_per_round", {}).get("mean")),
+                human_bytes(row.get("downlink_bytes_per_round", {}).get("mean")),
+                f"{row['eff_x1e4']['mean']:.1f}" if "eff_x1e4" in row else "–",
+                (f"{rank['mean']:.0f} ± {rank['sd']:.0f}" if rank and rank["mean"] is not None else "–"),
+                (f"{1000 * server['mean']:.0f} ± {1000 * server['sd']:.0f}" if server and server["mean"] is not None else "–"),
+            ]) + " |"
+        )
+    return "\n".join(lines)
+
+
+def write_markdown(results: dict, path: Path) -> Path:
+    m, b, s, t = results["machine"], results["base_model"], results["split_settings"], results.get("timing", {})
+    rows = results["summary"]
+    runs = results["runs"]
+    any_run = next((r for r in runs if r["setting"] == "homo"), runs[0] if runs else None)
+    base_note = "from the cache" if t.get("base_model_cached") else f"pre-trained in {b['seconds'] / 60:.1f} min"
+    heter_ranks = next((r["client_ranks"] for r in runs if r["setting"] == "heter"), None)
+    text = [
+        "# Quality benchmark results",
+        "",
+        f"Measured {results['date']} on {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+        f"{m['memory_gib']} GiB; torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}. "
+        f"Command: `{results['command']}`; wall time {t.get('total_seconds', 0) / 60:.1f} min "
+        f"(base model {base_note}, "
+        f"{t.get('runs', len(runs))} federated/centralised runs in {t.get('federated_seconds', 0) / 60:.1f} min; "
+        f"load average {', '.join(f'{x:.1f}' for x in t.get('load_average_start', []))} at start, "
+        f"{', '.join(f'{x:.1f}' for x in t.get('load_average_end', []))} at end — the machine was shared).",
+        "",
+        f"**Base model**: Llama {b['model']['num_hidden_layers']}×{b['model']['hidden_size']}, {b['parameters'] / 1e6:.2f}M parameters, "
+        f"{b['vocab_size']}-token byte-level BPE trained here; pre-trained on {b['train_records']} Dolly records of "
+        f"{', '.join(b['categories'])} ({b['tokens_seen'] / 1e6:.2f}M tokens, {b['epochs']:.2f} epochs): held-out loss "
+        f"{b['validation_loss_init']:.3f} → {b['validation_loss_final']:.3f}.",
+        "",
+        f"**Fine-tuning data**: Dolly {', '.join(results['finetune_categories'])} (never seen in pre-training); per seed, "
+        f"{s['test_per_category']} test records per category, Dirichlet({s['alpha']}) over category to {s['num_clients']} "
+        f"clients, {s['total_train']} training records in all (client sizes proportional to the Dirichlet shards, "
+        f"≥ {s['min_client_train']}), {s['client_eval']} further records of each client's own shard as its held-out slice. "
+        f"Seeds {', '.join(map(str, results['seeds']))} (each seed: its own split, LoRA init and client seeds).",
+        "",
+    ]
+    if any_run:
+        text += [
+            f"**Federation**: LoRA on q_proj, v_proj; homogeneous r = {any_run['client_ranks'][0]}"
+            + (f", heterogeneous r = {heter_ranks}" if heter_ranks else "")
+            + f", α = 2r; {any_run['rounds']} rounds; recipe overrides: `{' '.join(results['extra_overrides']) or 'none'}`. "
+            "Centralised LoRA: one client holding the union of the clients' training records, same rank as homogeneous, "
+            "same example passes (rounds × epochs in one run).",
+            "",
+        ]
+    text += [
+        "Columns: test loss = mean token loss of the final global model on the test split (the runner's held-out loss), "
+        "mean ± SD over seeds; Δ vs FLoRA = per-seed difference to FLoRA in the same setting (same split, same seed), "
+        "mean ± SD; share of centralised gain = (base − method) / (base − centralised) test loss; client-slice loss = "
+        "mean over clients of the final global adapter's loss on each client's own held-out records; worst client = the "
+        "largest of those; bytes per round summed over clients (fp32 on the wire); total selected rank = Σ over modules of "
+        "the global adapter's rank broadcast per round; server step = the aggregation's wall time per round.",
+        "",
+        table(rows),
+        "",
+    ]
+    if results.get("share_first_round"):
+        text += [
+            "Round 1 of FLoRIST (every τ) reuses FLoRA's round-1 client adapters, and FlexLoRA reuses FedIT's (the runner's "
+            "resume path): their round-1 client training is identical by construction (same base, same init, same seeds), "
+            "so within a seed the methods differ only in what the server does.",
+            "",
+        ]
+    path.write_text("\n".join(text))
+    return path
+
+
+COLORS = {"fedit": "tab:orange", "flora": "tab:green", "flexlora": "tab:purple", "ffa": "tab:brown", "florist": "tab:blue"}
+MARKERS = {"fedit": "s", "flora": "D", "flexlora": "^", "ffa": "v", "florist": "o"}
+
+
+def write_plots(results: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["summary"]
+    settings = [s for s in ("homo", "heter") if any(r["setting"] == s for r in rows)]
+    reference = {r["method"] if r["setting"] == "reference" else "centralised": r for r in rows if r["setting"] in ("reference", "centralised")}
+    paths = []
+
+    # 1. Quality vs communication (the paper's trade-off picture).
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.2 * len(settings), 4.6), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        setting_rows = [r for r in rows if r["setting"] == setting]
+        florist = sorted((r for r in setting_rows if r["method"] == "florist"), key=lambda r: r["threshold"])
+        for row in setting_rows:
+            x, y = row["bytes_per_round"]["mean"], row["test_loss"]["mean"]
+            ax.errorbar(x, y, yerr=row["test_loss"]["sd"], fmt=MARKERS[row["method"]], color=COLORS[row["method"]],
+                        ms=7, capsize=3, label=row["label"] if row["method"] != "florist" else None)
+            if row["method"] == "florist":
+                ax.annotate(f"τ={row['threshold']:g}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8, color=COLORS["florist"])
+        if florist:
+            ax.plot([r["bytes_per_round"]["mean"] for r in florist], [r["test_loss"]["mean"] for r in florist], "-",
+                    color=COLORS["florist"], label="FLoRIST (τ sweep)")
+        for name, style in (("centralised", ":"), ("base", "--")):
+            if name in reference:
+                mean, sd = reference[name]["test_loss"]["mean"], reference[name]["test_loss"]["sd"]
+                ax.axhline(mean, ls=style, color="gray", label=f"{reference[name]['label']} {mean:.3f}")
+                ax.axhspan(mean - sd, mean + sd, color="gray", alpha=0.1)
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per round, uplink + downlink, all clients (log)")
+        ax.set_ylabel("test loss (mean ± SD over seeds)")
+        ax.set_title(f"Dolly, {SETTING_TITLES[setting]}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7.5, loc="best")
+    fig.suptitle("Quality vs communication (lower-left is better)", fontsize=11)
+    fig.tight_layout()
+    paths.append(out_dir / "quality_vs_bytes.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    # 2. Selected rank vs τ.
+    fig, ax = plt.subplots(figsize=(6.2, 4.4))
+    for setting, color in zip(settings, ("tab:blue", "tab:red")):
+        florist = sorted((r for r in rows if r["setting"] == setting and r["method"] == "florist"), key=lambda r: r["threshold"])
+        if florist:
+            ax.errorbar([r["threshold"] for r in florist], [r["total_selected_rank"]["mean"] for r in florist],
+                        yerr=[r["total_selected_rank"]["sd"] for r in florist], fmt="o-", color=color, capsize=3,
+                        label=f"FLoRIST, {SETTING_TITLES[setting]}")
+        for method, style in (("flora", "--"), ("fedit", ":")):
+            row = next((r for r in rows if r["setting"] == setting and r["method"] == method), None)
+            if row:
+                ax.axhline(row["total_selected_rank"]["mean"], ls=style, color=color, alpha=0.7,
+                           label=f"{row['label']} ({SETTING_TITLES[setting]}): {row['total_selected_rank']['mean']:.0f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("energy threshold τ")
+    ax.set_ylabel("total rank broadcast per round (Σ modules, log)")
+    ax.set_title("FLoRIST: selected rank vs τ (mean ± SD over seeds and rounds)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7.5)
+    fig.tight_layout()
+    paths.append(out_dir / "rank_vs_tau.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    # 3. Per-client loss: does the global model serve every client's own distribution?
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.2 * len(settings), 4.2), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        labelled = [r for r in rows if r["setting"] == setting] + [reference[k] for k in ("centralised", "base") if k in reference]
+        names = [r["label"].replace("FLoRIST ", "FLoRIST\n").replace(" (no fine-tuning)", "").replace("centralised LoRA", "central.") for r in labelled]
+        means = [r["client_eval_loss_mean"]["mean"] for r in labelled]
+        worst = [r["client_eval_loss_worst"]["mean"] for r in labelled]
+        xs = range(len(labelled))
+        ax.bar([x - 0.2 for x in xs], means, width=0.4, yerr=[r["client_eval_loss_mean"]["sd"] for r in labelled], capsize=2,
+               color=[COLORS.get(r["method"], "gray") for r in labelled], label="mean over clients")
+        ax.bar([x + 0.2 for x in xs], worst, width=0.4, color=[COLORS.get(r["method"], "gray") for r in labelled], alpha=0.45,
+               label="worst client")
+        ax.set_xticks(list(xs), names, fontsize=7, rotation=45, ha="right")
+        lo = min(means) - 0.1
+        ax.set_ylim(lo, max(worst) + 0.05)
+        ax.set_ylabel("loss on the clients' own held-out records")
+        ax.set_title(f"Per-client distributions, {SETTING_TITLES[setting]}")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "client_losses.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,56 @@
+"""Smoke version of the CPU-scale quality benchmark (benchmarks/quality): one seed, two methods,
+a few steps, a tiny base model pre-trained for 3 steps. The full benchmark is not a test."""
+
+import json
+import math
+
+
+def test_quality_benchmark_smoke(shared_data, tmp_path):
+    from benchmarks.quality import config
+    from benchmarks.quality.bench import main
+
+    if not config.SHARED_DOLLY.is_dir():
+        import pytest
+
+        pytest.skip(f"the Dolly split is not at {config.SHARED_DOLLY}")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    results = main(["--smoke", "--out", str(out), "--cache", str(cache)])
+
+    # The base model is an ordinary HF model directory with a trained BPE tokenizer, and is cached.
+    base_dir = cache / next(p.name for p in cache.iterdir() if p.name.startswith("base-"))
+    assert (base_dir / "config.json").exists() and (base_dir / "tokenizer.json").exists()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    assert tokenizer.eos_token == "</s>" and tokenizer.pad_token == "<pad>"
+    assert results["base_model"]["cached"] is False
+
+    written = json.loads((out / "results.json").read_text())
+    runs = {(r["setting"], r["method"]): r for r in written["runs"]}
+    assert set(runs) == {("homo", "fedit"), ("homo", "florist"), ("centralised", "florist")}
+    for run in runs.values():
+        assert math.isfinite(run["test_loss"])
+        assert len(run["client_eval_loss"]) == 2 and all(math.isfinite(x) for x in run["client_eval_loss"])
+        assert run["uplink_bytes_per_round"] > 0 and run["downlink_bytes_per_round"] > 0
+        assert run["total_selected_rank"] >= 1
+    # FedIT broadcasts rank r = 2 on each of the 2 layers × (q, v) modules.
+    assert runs[("homo", "fedit")]["total_selected_rank"] == 2 * 4
+    assert runs[("homo", "florist")]["total_selected_rank"] <= 2 * 2 * 4  # at most the stacked rank R = 4 per module
+    assert written["references"][0]["method"] == "base"
+
+    labels = {row["label"] for row in written["summary"]}
+    assert {"FedIT", "FLoRIST τ=0.90", "centralised LoRA", "base model (no fine-tuning)"} <= labels
+    table = (out / "results.md").read_text()
+    assert "| homogeneous ranks | FLoRIST τ=0.90 |" in table
+    for plot in ("quality_vs_bytes.png", "rank_vs_tau.png", "client_losses.png"):
+        assert (out / plot).stat().st_size > 1000
+
+    # The base model is pre-trained once: a second request for the same settings reuses it.
+    from benchmarks.quality.base import ensure_base
+    from benchmarks.quality.bench import SMOKE
+
+    again, summary = ensure_base(
+        cache, vocab_size=SMOKE["vocab_size"], model_settings=SMOKE["model_settings"], settings=SMOKE["pretrain_settings"],
+        log=lambda *args: None,
+    )
+    assert again == base_dir and summary["cached"] is True
