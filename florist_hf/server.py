@@ -116,11 +116,12 @@ def aggregate_adapters(
         raise FloristError(f"{out_dir}: already exists; choose another --out or pass --force to replace it")
     adapters = read_client_adapters(client_dirs)
     raw_weights = client_weights(adapters, weights)
+    wire_dtype = dtype or widest_dtype(adapter.dtype for adapter in adapters)
     try:
-        result = method.aggregate([adapter.modules for adapter in adapters], raw_weights)
+        # Results in the wire dtype module by module: fp64 copies of every module would double the peak.
+        result = method.aggregate([adapter.modules for adapter in adapters], raw_weights, result_dtype=wire_dtype)
     except SharedAMismatch as error:
         raise FloristError(f"{adapters[error.client_index].path}: {error}") from None
-    wire_dtype = dtype or widest_dtype(adapter.dtype for adapter in adapters)
     communication = round_communication(
         method,
         adapters[0].module_shapes,

@@ -46,8 +46,17 @@ class AggregationMethod(ABC):
         """The method's settings, recorded in the sidecar."""
         return {}
 
-    def aggregate(self, clients: Sequence[dict[str, ClientModule]], client_weights: Sequence[float]) -> AggregationResult:
-        """Aggregate every module; clients must share module names and shapes (checked on load)."""
+    def aggregate(
+        self,
+        clients: Sequence[dict[str, ClientModule]],
+        client_weights: Sequence[float],
+        result_dtype: torch.dtype | None = None,
+    ) -> AggregationResult:
+        """Aggregate every module; clients must share module names and shapes (checked on load).
+
+        Factors come back in the compute precision (fp64) unless ``result_dtype`` is given: then each
+        module is cast as soon as it is computed, so a whole model's results are never held in fp64.
+        """
         if not clients:
             raise ValueError("no clients to aggregate")
         weights = torch.as_tensor(list(client_weights), dtype=torch.float64)
@@ -55,10 +64,18 @@ class AggregationMethod(ABC):
             raise ValueError("client weights must be one positive finite number per client")
         weights = weights / weights.sum()
         modules = {
-            name: self.aggregate_module([client[name] for client in clients], weights)
+            name: _cast(self.aggregate_module([client[name] for client in clients], weights), result_dtype)
             for name in clients[0]
         }
         return AggregationResult(self.name, modules, weights.tolist(), self.options())
+
+
+def _cast(module: ModuleAggregate, dtype: torch.dtype | None) -> ModuleAggregate:
+    if dtype is not None:
+        module.lora_b, module.lora_a = module.lora_b.to(dtype), module.lora_a.to(dtype)
+        if module.client_factors is not None:
+            module.client_factors = [(b.to(dtype), a.to(dtype)) for b, a in module.client_factors]
+    return module
 
 
 def get_method(name: str, **options) -> AggregationMethod:

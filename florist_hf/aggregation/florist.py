@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from florist_hf.aggregation.base import AggregationMethod, register_method
-from florist_hf.aggregation.linalg import product_svd, select_rank, stack_weighted_factors, truncate
+from florist_hf.aggregation.linalg import stack_weighted_factors, truncated_product_svd
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
 
@@ -29,9 +29,7 @@ class Florist(AggregationMethod):
 
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
         stacked_b, stacked_a = stack_weighted_factors(clients, client_weights)
-        u, sigma, vh = product_svd(stacked_b, stacked_a)
-        selected_rank = select_rank(sigma, self.threshold, clients[0].shape)
-        lora_b, lora_a = truncate(u, sigma, vh, selected_rank)
+        lora_b, lora_a, sigma, selected_rank = truncated_product_svd(stacked_b, stacked_a, self.threshold)
         return ModuleAggregate(lora_b, lora_a, selected_rank, singular_values=sigma)
 
 
