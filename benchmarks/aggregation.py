@@ -1,6 +1,6 @@
 """Server-step cost at Llama-7B scale: client adapter files on disk -> global adapter on disk.
 
-    python -m benchmarks.aggregation [--targets qv|all] [--flexlora-modules 2] [--repeats 3] [--json OUT]
+    python -m benchmarks.aggregation [--targets qv|all] [--flexlora-modules 2] [--repeats 3] [--threads N] [--json OUT]
 
 Eight synthetic clients (ranks 64,32,16,16,8,8,4,4, lora_alpha = 2r, the paper's Dolly sample
 counts as aggregation weights) are written once as real PEFT adapter directories under
@@ -9,7 +9,9 @@ client's A is the first r_k rows of one shared frozen A (the only input it accep
 
 What is measured, each method in a fresh process:
 - wall time: ``aggregate_adapters`` end to end (read the client files, aggregate, write the global
-  PEFT adapter and sidecar atomically), best of --repeats, a new output directory every time;
+  PEFT adapter and sidecar atomically), best of --repeats, a new output directory every time; and
+  the process's CPU time (user + system, all threads) of the same calls, which other jobs on a
+  shared machine disturb less;
 - peak memory: the process's RSS high-water mark (VmHWM) during the first repeat minus its RSS just
   before it, after imports and a warm-up on a tiny adapter (so lazy imports are not counted);
 - the I/O floor: ``read_client_adapters`` alone, the same way.
@@ -19,6 +21,9 @@ FlexLoRA's dense SVD takes about a minute per 4096x4096 module on two cores, so 
 --flexlora-modules modules of each distinct module shape only: the same client files cut down to
 those modules, through the unchanged ``aggregate_adapters``. Its time per module is then scaled to
 every module of that shape and reported as extrapolated; its peak memory is the cut-down run's.
+
+On a machine whose cores other jobs also use, prefer --threads 1: with more OpenMP threads than
+free cores, the small R×R LAPACK calls spin-wait and one server step can take 10-40× longer.
 """
 
 from __future__ import annotations
@@ -261,8 +266,8 @@ def measure_server_step(method_name: str, options: dict, client_dirs: list[Path]
             gc.collect()
     return {
         "seconds": seconds, "best_seconds": min(seconds), "cpu_seconds": cpu_seconds, "best_cpu_seconds": min(cpu_seconds),
-        "peak_rss_increase_bytes": peak, "peak_was_reset": was_reset, "output_bytes": output_bytes, "modules": len(ranks), "total_rank": sum(ranks),
-        "rank_min": min(ranks), "rank_max": max(ranks), "torch_threads": torch.get_num_threads(),
+        "peak_rss_increase_bytes": peak, "peak_was_reset": was_reset, "output_bytes": output_bytes,
+        "modules": len(ranks), "total_rank": sum(ranks), "rank_min": min(ranks), "rank_max": max(ranks),
     }
 
 
@@ -299,7 +304,11 @@ def in_fresh_process(function, *args):
 
 def machine_facts(threads: int) -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+
+    def cpuinfo_field(name: str) -> str | None:
+        found = re.search(rf"^{name}\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+        return found.group(1) if found else None
+
     meminfo = Path("/proc/meminfo").read_text()
     memory_kib = int(re.search(r"^MemTotal:\s*(\d+)", meminfo, re.MULTILINE).group(1))
     blas = dict(re.findall(r"(BLAS_INFO|LAPACK_INFO)=(\w+)", torch.__config__.show()))
@@ -308,7 +317,8 @@ def machine_facts(threads: int) -> dict:
 
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": model.group(1) if model else platform.processor(),
+        "cpu_model": cpuinfo_field("model name") or platform.processor(),
+        "cpu_family_model": f"{cpuinfo_field('cpu family')}/{cpuinfo_field('model')}",
         "cores": len(os.sched_getaffinity(0)),
         "memory_gib": round(memory_kib / 2**20, 1),
         "load_average_at_start": os.getloadavg(),

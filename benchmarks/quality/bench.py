@@ -109,9 +109,9 @@ def _map_groups(jobs: list[dict], workers: int, threads: int | None):
 
 
 def machine() -> dict:
+    import peft
     import torch
     import transformers
-    import peft
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -171,12 +171,11 @@ def run_benchmark(
 
 def _run_benchmark(*, out_dir, cache, seeds, settings, baselines, thresholds, centralised, model_settings, pretrain_settings,
                    vocab_size, split_settings, extra_overrides, share_first_round, plots, workers, threads, log) -> dict:
-    from florist_hf.recipe import load_recipe
-
     from benchmarks.quality.base import ensure_base
     from benchmarks.quality.data import build_split, load_client_eval
     from benchmarks.quality.report import aggregate, write_markdown, write_plots
     from benchmarks.quality.runner import client_losses
+    from florist_hf.recipe import load_recipe
 
     started = time.perf_counter()
     load_start = os.getloadavg()
@@ -257,6 +256,22 @@ def _run_benchmark(*, out_dir, cache, seeds, settings, baselines, thresholds, ce
     return results
 
 
+def rewrite_report(out_dir: Path) -> dict:
+    """Re-read every run's numbers from its run directory (when still there) and rewrite the outputs."""
+    from benchmarks.quality.report import aggregate, write_markdown, write_plots
+    from benchmarks.quality.runner import summarize_metrics
+
+    results = json.loads((out_dir / "results.json").read_text())
+    for run in results["runs"]:
+        if (Path(run["run_dir"]) / "run.json").exists():
+            run.update(summarize_metrics(Path(run["run_dir"])))
+    results["summary"] = aggregate(results)
+    write_json(out_dir / "results.json", results)
+    write_markdown(results, out_dir / "results.md")
+    write_plots(results, out_dir)
+    return results
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
@@ -265,7 +280,7 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 SMOKE = dict(
-    seeds=(0,), settings=("homo",), baselines=("fedit",), thresholds=(0.9,),
+    seeds=(0,), settings=("homo",), baselines=("flora",), thresholds=(0.9,),
     model_settings=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True),
     pretrain_settings=dict(seq_len=64, batch_size=4, steps=3, learning_rate=2e-3, warmup_steps=1, min_lr_ratio=0.1,
@@ -293,11 +308,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2,
                         help="parallel run processes, one torch thread each by default (default %(default)s: 2 cores)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite results.md and the plots from OUT/results.json (and the run directories) without running")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long version: tiny model, one seed, two methods")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    numbers = lambda text, kind: tuple(kind(part) for part in text.split(",") if part.strip())  # noqa: E731
+    if args.report_only:
+        return rewrite_report(args.out)
+    numbers = lambda text, kind: tuple(kind(part) for part in text.split(",") if part.strip())
     options = dict(
         seeds=numbers(args.seeds, int), settings=numbers(args.settings, str), baselines=numbers(args.baselines, str),
         thresholds=numbers(args.thresholds, float),

@@ -40,7 +40,7 @@ def aggregate(results: dict) -> list[dict]:
             run["bytes_per_round"] = run["uplink_bytes_per_round"] + run["downlink_bytes_per_round"]
         groups[(run["setting"], run["method"], run.get("threshold"))].append(run)
 
-    by_seed = lambda setting, method, threshold=None: {r["seed"]: r for r in groups.get((setting, method, threshold), [])}  # noqa: E731
+    by_seed = lambda setting, method, threshold=None: {r["seed"]: r for r in groups.get((setting, method, threshold), [])}
     base, central = by_seed("reference", "base"), by_seed("centralised", "florist", 1.0)
     rows = []
     for (setting, method, threshold), runs in groups.items():
@@ -126,7 +126,8 @@ def write_markdown(results: dict, path: Path) -> Path:
     text = [
         "# Quality benchmark results",
         "",
-        f"Measured {results['date']} on {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+        f"Measured {results['date']} on {m['cpu']}, {m['cores']} cores ({t.get('workers', 1)} run worker process(es) × "
+        f"{t.get('torch_threads_per_worker', m['torch_threads'])} torch thread(s)), "
         f"{m['memory_gib']} GiB; torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}. "
         f"Command: `{results['command']}`; wall time {t.get('total_seconds', 0) / 60:.1f} min "
         f"(base model {base_note}, "
@@ -150,9 +151,9 @@ def write_markdown(results: dict, path: Path) -> Path:
         text += [
             f"**Federation**: LoRA on q_proj, v_proj; homogeneous r = {any_run['client_ranks'][0]}"
             + (f", heterogeneous r = {heter_ranks}" if heter_ranks else "")
-            + f", α = 2r; {any_run['rounds']} rounds; recipe overrides: `{' '.join(results['extra_overrides']) or 'none'}`. "
+            + f", α = 2r; {any_run['rounds']} round(s) of {any_run.get('local_epochs', '?')} local epoch(s); recipe overrides: `{' '.join(results['extra_overrides']) or 'none'}`. "
             "Centralised LoRA: one client holding the union of the clients' training records, same rank as homogeneous, "
-            "same example passes (rounds × epochs in one run).",
+            "same example passes (rounds × local epochs as one run).",
             "",
         ]
     text += [
@@ -177,11 +178,39 @@ def write_markdown(results: dict, path: Path) -> Path:
     return path
 
 
-COLORS = {"fedit": "tab:orange", "flora": "tab:green", "flexlora": "tab:purple", "ffa": "tab:brown", "florist": "tab:blue"}
+COLORS = {"fedit": "tab:orange", "flora": "tab:green", "flexlora": "tab:purple", "ffa": "tab:brown", "florist": "tab:blue",
+          "centralised": "black", "base": "gray"}
 MARKERS = {"fedit": "s", "flora": "D", "flexlora": "^", "ffa": "v", "florist": "o"}
 
 
+def _runs_by_key(results: dict) -> dict[tuple, dict[int, dict]]:
+    runs: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for run in [*results["references"], *results["runs"]]:
+        runs[(run["setting"], run["method"], run.get("threshold"))][run["seed"]] = run
+    return runs
+
+
+def reference_key(results: dict, setting: str) -> tuple:
+    """What the plots subtract: FLoRA (exact aggregation) of ``setting``, else its first method."""
+    keys = [key for key in _runs_by_key(results) if key[0] == setting]
+    return (setting, "flora", None) if (setting, "flora", None) in keys else sorted(keys, key=str)[0]
+
+
+def paired_delta(results: dict, key: tuple, setting: str, metric) -> dict:
+    """``metric(run) - metric(reference run)`` per seed (the reference of ``setting``, same seed): mean and SD."""
+    runs = _runs_by_key(results)
+    flora = runs.get(reference_key(results, setting), {})
+    return _stats([metric(run) - metric(flora[seed]) for seed, run in runs.get(key, {}).items() if seed in flora])
+
+
+def _key(row: dict) -> tuple:
+    return (row["setting"], row["method"], row.get("threshold"))
+
+
 def write_plots(results: dict, out_dir: Path) -> list[Path]:
+    """quality_vs_bytes.png, rank_vs_tau.png, client_losses.png. Losses are plotted as the paired
+    difference to FLoRA of the same seed: the seeds' splits differ in difficulty by more than the
+    methods differ, and pairing removes that shared part."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,42 +218,53 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
 
     rows = results["summary"]
     settings = [s for s in ("homo", "heter") if any(r["setting"] == s for r in rows)]
-    reference = {r["method"] if r["setting"] == "reference" else "centralised": r for r in rows if r["setting"] in ("reference", "centralised")}
+    reference_label = {
+        setting: next(r["label"] for r in rows if _key(r) == reference_key(results, setting)) for setting in settings
+    }
+    references = [r for r in rows if r["setting"] in ("reference", "centralised")]
+    test = lambda run: run["test_loss"]
     paths = []
 
     # 1. Quality vs communication (the paper's trade-off picture).
-    fig, axes = plt.subplots(1, len(settings), figsize=(6.2 * len(settings), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.4 * len(settings), 5.4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         setting_rows = [r for r in rows if r["setting"] == setting]
         florist = sorted((r for r in setting_rows if r["method"] == "florist"), key=lambda r: r["threshold"])
+        points = {}
         for row in setting_rows:
-            x, y = row["bytes_per_round"]["mean"], row["test_loss"]["mean"]
-            ax.errorbar(x, y, yerr=row["test_loss"]["sd"], fmt=MARKERS[row["method"]], color=COLORS[row["method"]],
-                        ms=7, capsize=3, label=row["label"] if row["method"] != "florist" else None)
+            delta = paired_delta(results, _key(row), setting, test)
+            x = row["bytes_per_round"]["mean"]
+            points[_key(row)] = (x, delta["mean"])
+            ax.errorbar(x, delta["mean"], yerr=delta["sd"], fmt=MARKERS[row["method"]], color=COLORS[row["method"]],
+                        ms=8 if row["method"] != "florist" else 6, mfc="none" if row["method"] in ("flexlora", "fedit") else None,
+                        mew=1.6, capsize=3, label=row["label"] if row["method"] != "florist" else None, zorder=3)
             if row["method"] == "florist":
-                ax.annotate(f"τ={row['threshold']:g}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8, color=COLORS["florist"])
+                ax.annotate(f"τ={row['threshold']:g}", (x, delta["mean"]), textcoords="offset points", xytext=(4, 6), fontsize=8,
+                            color=COLORS["florist"])
         if florist:
-            ax.plot([r["bytes_per_round"]["mean"] for r in florist], [r["test_loss"]["mean"] for r in florist], "-",
-                    color=COLORS["florist"], label="FLoRIST (τ sweep)")
-        for name, style in (("centralised", ":"), ("base", "--")):
-            if name in reference:
-                mean, sd = reference[name]["test_loss"]["mean"], reference[name]["test_loss"]["sd"]
-                ax.axhline(mean, ls=style, color="gray", label=f"{reference[name]['label']} {mean:.3f}")
-                ax.axhspan(mean - sd, mean + sd, color="gray", alpha=0.1)
+            ax.plot([points[_key(r)][0] for r in florist], [points[_key(r)][1] for r in florist], "-",
+                    color=COLORS["florist"], label="FLoRIST (τ sweep)", zorder=2)
+        for row in references:
+            delta = paired_delta(results, _key(row), setting, test)
+            if delta["mean"] is not None:
+                ax.axhline(delta["mean"], ls=":" if row["setting"] == "centralised" else "--", color=COLORS.get(row["method"] if row["setting"] != "centralised" else "centralised"),
+                           label=f"{row['label']}: {delta['mean']:+.3f}")
+        ax.axhline(0, color=COLORS[reference_key(results, setting)[1]], lw=0.8, alpha=0.5)
         ax.set_xscale("log")
-        ax.set_xlabel("bytes per round, uplink + downlink, all clients (log)")
-        ax.set_ylabel("test loss (mean ± SD over seeds)")
+        ax.set_xlabel("bytes per round, uplink + downlink, all clients (log scale)")
+        ax.set_ylabel(f"test loss − {reference_label[setting]}'s, same seed (mean ± SD)")
         ax.set_title(f"Dolly, {SETTING_TITLES[setting]}")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7.5, loc="best")
-    fig.suptitle("Quality vs communication (lower-left is better)", fontsize=11)
+        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+    fig.suptitle("Quality vs communication: lower-left is better (reference method = 0; dashed: base, dotted: centralised LoRA)",
+                 fontsize=11)
     fig.tight_layout()
     paths.append(out_dir / "quality_vs_bytes.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
     # 2. Selected rank vs τ.
-    fig, ax = plt.subplots(figsize=(6.2, 4.4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for setting, color in zip(settings, ("tab:blue", "tab:red")):
         florist = sorted((r for r in rows if r["setting"] == setting and r["method"] == "florist"), key=lambda r: r["threshold"])
         if florist:
@@ -238,8 +278,8 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
                            label=f"{row['label']} ({SETTING_TITLES[setting]}): {row['total_selected_rank']['mean']:.0f}")
     ax.set_yscale("log")
     ax.set_xlabel("energy threshold τ")
-    ax.set_ylabel("total rank broadcast per round (Σ modules, log)")
-    ax.set_title("FLoRIST: selected rank vs τ (mean ± SD over seeds and rounds)")
+    ax.set_ylabel("total rank broadcast per round (Σ over modules, log)")
+    ax.set_title("FLoRIST: selected rank vs τ (mean ± SD over seeds)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7.5)
     fig.tight_layout()
@@ -247,25 +287,26 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    # 3. Per-client loss: does the global model serve every client's own distribution?
-    fig, axes = plt.subplots(1, len(settings), figsize=(6.2 * len(settings), 4.2), squeeze=False)
+    # 3. Per-client distributions: the global model on every client's own held-out records.
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.4 * len(settings), 4.6), squeeze=False)
+    metrics = (("mean over clients", lambda run: statistics.fmean(run["client_eval_loss"]), 1.0),
+               ("worst client", lambda run: max(run["client_eval_loss"]), 0.45))
     for ax, setting in zip(axes[0], settings):
-        labelled = [r for r in rows if r["setting"] == setting] + [reference[k] for k in ("centralised", "base") if k in reference]
-        names = [r["label"].replace("FLoRIST ", "FLoRIST\n").replace(" (no fine-tuning)", "").replace("centralised LoRA", "central.") for r in labelled]
-        means = [r["client_eval_loss_mean"]["mean"] for r in labelled]
-        worst = [r["client_eval_loss_worst"]["mean"] for r in labelled]
-        xs = range(len(labelled))
-        ax.bar([x - 0.2 for x in xs], means, width=0.4, yerr=[r["client_eval_loss_mean"]["sd"] for r in labelled], capsize=2,
-               color=[COLORS.get(r["method"], "gray") for r in labelled], label="mean over clients")
-        ax.bar([x + 0.2 for x in xs], worst, width=0.4, color=[COLORS.get(r["method"], "gray") for r in labelled], alpha=0.45,
-               label="worst client")
-        ax.set_xticks(list(xs), names, fontsize=7, rotation=45, ha="right")
-        lo = min(means) - 0.1
-        ax.set_ylim(lo, max(worst) + 0.05)
-        ax.set_ylabel("loss on the clients' own held-out records")
-        ax.set_title(f"Per-client distributions, {SETTING_TITLES[setting]}")
+        labelled = [r for r in rows if r["setting"] == setting] + references
+        names = [r["label"].replace("FLoRIST ", "FLoRIST\n").replace(" (no fine-tuning)", "").replace("centralised LoRA", "centralised")
+                 for r in labelled]
+        colors = [COLORS["centralised"] if r["setting"] == "centralised" else COLORS.get(r["method"], "gray") for r in labelled]
+        for offset, (name, metric, alpha) in zip((-0.2, 0.2), metrics):
+            deltas = [paired_delta(results, _key(r), setting, metric) for r in labelled]
+            ax.bar([x + offset for x in range(len(labelled))], [d["mean"] for d in deltas], width=0.4, alpha=alpha,
+                   yerr=[d["sd"] for d in deltas], capsize=2, color=colors, label=name)
+        ax.axhline(0, color=COLORS[reference_key(results, setting)[1]], lw=0.8)
+        ax.set_xticks(list(range(len(labelled))), names, fontsize=7, rotation=45, ha="right")
+        ax.set_ylabel(f"client loss − {reference_label[setting]}'s, same seed")
+        ax.set_title(f"Clients' own distributions, {SETTING_TITLES[setting]}")
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
+        handles = [plt.Rectangle((0, 0), 1, 1, color="dimgray", alpha=a) for _, _, a in metrics]
+        ax.legend(handles, [n for n, _, _ in metrics], fontsize=8, loc="upper left")
     fig.tight_layout()
     paths.append(out_dir / "client_losses.png")
     fig.savefig(paths[-1], dpi=120)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from benchmarks.quality import config
 
-
 #: Overrides of the federated grid that the one-client centralised reference keeps from its own recipe.
 FEDERATION_ONLY = {"federation.num_clients", "lora.ranks", "lora.alphas", "federation.rounds", "federation.method", "federation.threshold"}
 
@@ -143,6 +142,8 @@ def summarize_metrics(run_dir: Path) -> dict:
         "server_seconds": mean(r["server_seconds"] for r in rounds),
         "client_train_loss": mean(c["loss"] for c in clients if c.get("loss") is not None),
         "client_train_seconds": sum(c["train_seconds"] for c in clients),
+        "local_epochs": summary["recipe"]["training"].get("num_train_epochs"),
+        "local_max_steps": summary["recipe"]["training"].get("max_steps"),
         "client_samples": summary["client_samples"],
         "client_ranks": summary["client_ranks"],
     }
