@@ -185,6 +185,16 @@ def _set_dotted(tree: dict, dotted_key: str, value: Any, source: str) -> None:
     node[parts[-1]] = value
 
 
+def _yaml11_float(value: Any) -> Any:
+    """YAML 1.1 reads ``5e-3`` (no dot) as a string; on the command line it means a number."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in "eE") and value.strip(" +-.0123456789eE") == "" else value
+        except ValueError:
+            return value
+    return value
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe, apply ``key.sub=value`` overrides (values parsed as YAML), validate."""
     path = Path(path)
@@ -206,6 +216,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             value = yaml.safe_load(raw_value)
         except yaml.YAMLError:
             value = raw_value
+        value = _yaml11_float(value)
         _set_dotted(tree, key.strip(), value, str(path))
     try:
         return Recipe.model_validate(tree)

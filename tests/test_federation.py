@@ -289,3 +289,8 @@ def test_recipe_evaluation_runs_lm_eval_after_every_round(tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in metrics if r["kind"] == "evaluation"] == [1, 2]
     assert (tmp_path / "run" / "rounds" / "1" / "published" / "adapter_model.safetensors").exists()
+
+
+def test_set_reads_exponent_numbers_as_numbers():
+    recipe = load_recipe(REPO / "recipes" / "tiny_cpu_demo.yaml", ["training.learning_rate=5e-3", "name=e2e"])
+    assert recipe.training["learning_rate"] == 0.005 and recipe.name == "e2e"
