@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from florist_hf.adapters import ADAPTER_WEIGHTS, CLIENT_INFO, module_scale, read_adapter
 from florist_hf.cli import app
+from florist_hf.client import lora_layers
 
 runner = CliRunner()
 TARGETS = ["q_proj", "v_proj"]
@@ -31,12 +32,6 @@ def save_client(base_dir, out_dir, *, rank, alpha, seed, num_samples=None, rslor
     if num_samples is not None:
         (out_dir / CLIENT_INFO).write_text(json.dumps({"num_samples": num_samples}))
     return peft_model
-
-
-def lora_layers(peft_model):
-    from peft.tuners.lora import LoraLayer
-
-    return {name: module for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
 
 
 def intended_update(peft_models, weights):
