@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from florist_hf.aggregation import METHODS, ClientModule, SharedAMismatch, energy, get_method, round_communication
+from florist_hf.aggregation import METHODS, ClientModule, SharedAMismatch, energy, get_method, linalg, round_communication
+from florist_hf.aggregation.base import map_modules
 
 M, N = 40, 56  # out, in: deliberately not square
 
@@ -147,6 +148,33 @@ class TestFlorist:
         assert module.selected_rank == M
         assert relative_error(module.delta_weight, dense_update(clients, [1, 1])) < 1e-10
 
+    def test_gram_and_householder_paths_agree(self, monkeypatch):
+        clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], seed=11)
+        stacked_b_t, stacked_a, column_scale = linalg.stack_client_factors(
+            [c["layers.0.q_proj"] for c in clients], torch.tensor(WEIGHTS) / sum(WEIGHTS)
+        )
+        assert linalg._cholesky_basis(linalg.row_gram(stacked_a)) is not None  # these stacks take the Gram path
+        fast = get_method("florist", threshold=0.9).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
+        monkeypatch.setattr(linalg, "MAX_GRAM_CONDITION", 0.0)  # every stack now takes the Householder path
+        slow = get_method("florist", threshold=0.9).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
+        assert fast.selected_rank == slow.selected_rank
+        assert relative_error(fast.delta_weight, slow.delta_weight) < 1e-10
+        assert torch.allclose(fast.singular_values, slow.singular_values, rtol=1e-10, atol=0)
+
+    def test_ill_conditioned_full_rank_stack_is_still_exact(self):
+        # Client 1's B is client 0's B plus a 1e-7 perturbation: full rank, condition number ~1e7,
+        # beyond what the Gram matrix resolves, so the guard sends it to Householder QR.
+        generator = torch.Generator().manual_seed(2)
+        lora_b = torch.randn(M, 6, generator=generator, dtype=torch.float64)
+        clients = [
+            {"layers.0.q_proj": ClientModule(torch.randn(6, N, generator=generator, dtype=torch.float64), b, 1.0)}
+            for b in (lora_b, lora_b + 1e-7 * torch.randn(M, 6, generator=generator, dtype=torch.float64))
+        ]
+        stacked_b_t, _, column_scale = linalg.stack_client_factors([c["layers.0.q_proj"] for c in clients], torch.ones(2))
+        assert linalg._cholesky_basis(linalg.row_gram(stacked_b_t) * column_scale[:, None] * column_scale) is None
+        module = get_method("florist", threshold=1.0).aggregate(clients, [1, 1]).modules["layers.0.q_proj"]
+        assert relative_error(module.delta_weight, dense_update(clients, [1, 1])) < 1e-10
+
     def test_threshold_outside_the_unit_interval_is_refused(self):
         for bad in (0.0, -0.1, 1.01):
             with pytest.raises(ValueError):
@@ -212,3 +240,33 @@ def test_communication_counts_each_direction():
     ffa = round_communication(get_method("ffa"), shapes, [4, 2])
     assert ffa.uplink_params == [4 * 10 + 4 * 30, 2 * 10 + 2 * 30]  # B only
     assert ffa.downlink_params == [4 * 40, 4 * 40]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7, 33])
+def test_row_gram_equals_the_full_product(rows):
+    x = torch.randn(rows, 50, dtype=torch.float64)
+    assert torch.allclose(linalg.row_gram(x), x @ x.T, rtol=1e-12, atol=1e-12)
+
+
+def test_modules_are_aggregated_in_parallel_with_the_same_result():
+    generator = torch.Generator().manual_seed(4)
+    clients = [
+        {f"layers.{i}.q_proj": ClientModule(torch.randn(r, N, generator=generator), torch.randn(M, r, generator=generator), 2.0) for i in range(5)}
+        for r in HETER
+    ]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sequential = get_method("florist", threshold=0.9).aggregate(clients, WEIGHTS)
+        torch.set_num_threads(3)
+        parallel = get_method("florist", threshold=0.9).aggregate(clients, WEIGHTS)
+        assert torch.get_num_threads() == 3  # restored after the worker threads ran single-threaded
+        assert list(parallel.modules) == list(sequential.modules)  # module order kept
+        for name, module in parallel.modules.items():
+            assert torch.equal(module.lora_b, sequential.modules[name].lora_b)
+            assert torch.equal(module.lora_a, sequential.modules[name].lora_a)
+        with pytest.raises(ZeroDivisionError):  # a worker's error reaches the caller
+            map_modules(lambda name: 1 / 0, ["a", "b"])
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)

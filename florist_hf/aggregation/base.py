@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import torch
@@ -56,6 +57,7 @@ class AggregationMethod(ABC):
 
         Factors come back in the compute precision (fp64) unless ``result_dtype`` is given: then each
         module is cast as soon as it is computed, so a whole model's results are never held in fp64.
+        Modules are independent, so they are computed in parallel on torch's threads (see ``map_modules``).
         """
         if not clients:
             raise ValueError("no clients to aggregate")
@@ -63,18 +65,46 @@ class AggregationMethod(ABC):
         if weights.numel() != len(clients) or bool((weights <= 0).any()) or not bool(torch.isfinite(weights).all()):
             raise ValueError("client weights must be one positive finite number per client")
         weights = weights / weights.sum()
-        modules = {
-            name: _cast(self.aggregate_module([client[name] for client in clients], weights), result_dtype)
-            for name in clients[0]
-        }
+
+        def aggregate_one(name: str) -> ModuleAggregate:
+            return _cast(self.aggregate_module([client[name] for client in clients], weights), result_dtype)
+
+        names = list(clients[0])
+        modules = dict(zip(names, map_modules(aggregate_one, names)))
         return AggregationResult(self.name, modules, weights.tolist(), self.options())
 
 
+def map_modules(function: Callable[[str], ModuleAggregate], names: Sequence[str]) -> list[ModuleAggregate]:
+    """``[function(name) for name in names]``, spread over ``torch.get_num_threads()`` worker threads.
+
+    A module's work is a handful of GEMMs on m×R data with R in the hundreds and a few R×R
+    factorisations that do not parallelise: one module per core, each single-threaded, keeps every
+    core busy where threads within one module would mostly wait. Torch ops release the GIL, and the
+    thread setting is restored afterwards.
+    """
+    workers = min(torch.get_num_threads(), len(names))
+    if workers <= 1:
+        return [function(name) for name in names]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # read by each new worker thread on its first op
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="florist-aggregate") as pool:
+            return list(pool.map(function, names))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _contiguous(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    # Cast first (keeping the strides), then transpose-copy the narrower values if still needed:
+    # ~4× cheaper than a transposing cast for a B computed as a transposed view.
+    return tensor.to(dtype or tensor.dtype).contiguous()
+
+
 def _cast(module: ModuleAggregate, dtype: torch.dtype | None) -> ModuleAggregate:
-    if dtype is not None:
-        module.lora_b, module.lora_a = module.lora_b.to(dtype), module.lora_a.to(dtype)
-        if module.client_factors is not None:
-            module.client_factors = [(b.to(dtype), a.to(dtype)) for b, a in module.client_factors]
+    """Contiguous factors in ``dtype`` (default: as computed), in one copy at most."""
+    module.lora_b, module.lora_a = _contiguous(module.lora_b, dtype), _contiguous(module.lora_a, dtype)
+    if module.client_factors is not None:
+        module.client_factors = [(_contiguous(b, dtype), _contiguous(a, dtype)) for b, a in module.client_factors]
     return module
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from florist_hf.aggregation.base import AggregationMethod, register_method
-from florist_hf.aggregation.linalg import COMPUTE_DTYPE, zero_pad_rank
+from florist_hf.aggregation.linalg import COMPUTE_DTYPE
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
 
@@ -36,15 +36,18 @@ class FFALoRA(AggregationMethod):
 
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
         max_rank = max(c.rank for c in clients)
-        shared_a = next(c for c in clients if c.rank == max_rank).lora_a.to(COMPUTE_DTYPE)
+        shared_a = next(c for c in clients if c.rank == max_rank).lora_a
         for index, client in enumerate(clients):
             prefix = shared_a[: client.rank]
-            if not torch.allclose(client.lora_a.to(COMPUTE_DTYPE), prefix, rtol=0, atol=self.shared_a_tolerance * max(1.0, float(prefix.abs().max()))):
+            # Compared in the clients' own dtype (no fp64 copies): the difference of near-equal floats is exact.
+            common = torch.promote_types(client.lora_a.dtype, prefix.dtype)
+            difference = float((client.lora_a.to(common) - prefix.to(common)).abs().max())
+            if not difference <= self.shared_a_tolerance * max(1.0, float(prefix.abs().max())):
                 raise SharedAMismatch(index)
-        mean_b = sum(
-            float(p) * c.scale * zero_pad_rank(c.lora_b.to(COMPUTE_DTYPE), max_rank, dim=1)
-            for c, p in zip(clients, client_weights)
-        )
+        shared_a = shared_a.to(COMPUTE_DTYPE)
+        mean_b = torch.zeros(clients[0].shape[0], max_rank, dtype=COMPUTE_DTYPE)  # zero-padded, in place
+        for client, weight in zip(clients, client_weights.tolist()):
+            mean_b[:, : client.rank].add_(client.lora_b, alpha=weight * client.scale)
         return ModuleAggregate(mean_b, shared_a, selected_rank=max_rank)
 
     def broadcast_rank(self, client_ranks: Sequence[int], selected_rank: int) -> int:

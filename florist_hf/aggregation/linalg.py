@@ -43,45 +43,92 @@ def product_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, 
     return q_left @ core_u, sigma, core_vh @ q_right.T
 
 
-#: A stack's Gram matrix is trusted while the stack's condition number is at most 1e4 (smallest
-#: eigenvalue ≥ 1e-8 × largest): the basis it gives is orthonormal to eps·κ² ≤ 2e-8, below fp32
-#: resolution. Rank-deficient or worse-conditioned stacks take the Householder path.
-GRAM_MIN_EIGENVALUE_RATIO = 1e-8
+def stack_client_factors(clients, client_weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(stacked_bᵀ, stacked_a, column_scale): plain fp64 copies of the client factors, stacked.
 
-
-def _gram_basis(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``factor`` (m×R) = Q·(S Vᵀ) with Q = factor·(V S⁻¹) orthonormal, from the R×R Gram matrix only.
-
-    Returns (S Vᵀ, V S⁻¹), or None when the Gram matrix is too ill-conditioned to trust.
+    ``stacked_bᵀ.T @ diag(column_scale) @ stacked_a = sum_k p_k s_k B_k A_k``. The scales stay out
+    of the big stacks (they are folded into R×R matrices instead, no extra pass over m×R data), and
+    B is stacked as rows (R×m) so that both Gram matrices are row-major ``x @ x.T`` products.
     """
-    eigenvalues, eigenvectors = torch.linalg.eigh(factor.T @ factor)
-    if not bool(eigenvalues[0] > eigenvalues[-1] * GRAM_MIN_EIGENVALUE_RATIO):
+    ranks = [c.rank for c in clients]
+    (m, n), total_rank = clients[0].shape, sum(ranks)
+    stacked_b_t = torch.empty(total_rank, m, dtype=COMPUTE_DTYPE)
+    stacked_a = torch.empty(total_rank, n, dtype=COMPUTE_DTYPE)
+    for client, b_rows, a_rows in zip(clients, stacked_b_t.split(ranks), stacked_a.split(ranks)):
+        b_rows.copy_(client.lora_b.T)
+        a_rows.copy_(client.lora_a)
+    client_scale = torch.tensor([c.scale for c in clients], dtype=COMPUTE_DTYPE)
+    client_scale = client_scale * torch.as_tensor(client_weights, dtype=COMPUTE_DTYPE)
+    return stacked_b_t, stacked_a, client_scale.repeat_interleave(torch.tensor(ranks))
+
+
+#: Row panels of a Gram matrix computed per product: only the upper triangle is multiplied (the
+#: work of a SYRK, which torch does not expose), in panels wide enough to keep the GEMMs efficient.
+GRAM_PANELS = 4
+
+
+def row_gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows @ rows.T`` (R×R) from its upper-triangular panels: ~5/8 of the full product's work."""
+    total = rows.shape[0]
+    gram = torch.empty(total, total, dtype=rows.dtype)
+    bounds = [round(i * total / GRAM_PANELS) for i in range(GRAM_PANELS + 1)]
+    for start, stop in zip(bounds, bounds[1:]):
+        if start == stop:
+            continue
+        panel = rows[start:stop] @ rows[start:].T  # this panel's rows against every later row
+        gram[start:stop, start:] = panel
+        gram[stop:, start:stop] = panel[:, stop - start :].T
+    return gram
+
+
+#: A stack is decomposed through its Gram matrix (Cholesky QR) while its condition number is at
+#: most this: the implied orthonormal basis then departs from orthonormality by ~eps·κ² ≤ 2e-8,
+#: below fp32 resolution. Rank-deficient or worse-conditioned stacks take the Householder path.
+MAX_GRAM_CONDITION = 1e4
+
+
+def _cholesky_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(C, C⁻¹) with ``gram = C Cᵀ`` (C lower triangular), or None when the stack is too ill-conditioned.
+
+    For a stack X with ``gram = XᵀX``: X = Q·Cᵀ with Q = X·C⁻ᵀ orthonormal.
+    """
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:  # not numerically positive definite: the stack is rank-deficient
         return None
-    singular_values = eigenvalues.sqrt()
-    return singular_values[:, None] * eigenvectors.T, eigenvectors / singular_values
+    chol_inverse = torch.linalg.solve_triangular(chol, torch.eye(gram.shape[0], dtype=gram.dtype), upper=False)
+    # ‖C‖_F·‖C⁻¹‖_F bounds the 2-norm condition number κ(C) = κ(X) from above: a cheap, safe test.
+    if not float(torch.linalg.matrix_norm(chol) * torch.linalg.matrix_norm(chol_inverse)) <= MAX_GRAM_CONDITION:
+        return None
+    return chol, chol_inverse
 
 
 def truncated_product_svd(
-    left: torch.Tensor, right: torch.Tensor, threshold: float
+    stacked_b_t: torch.Tensor, stacked_a: torch.Tensor, column_scale: torch.Tensor, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(B_g, A_g, sigma, rank): ``left @ right`` truncated at the rank ``select_rank`` picks.
+    """(B_g, A_g, sigma, rank) for ΔW = stacked_bᵀ.T·diag(column_scale)·stacked_a, truncated at the
+    rank ``select_rank`` picks.
 
-    Same result as ``product_svd`` + ``select_rank`` + ``truncate``, cheaper: the orthonormal bases
-    come from the R×R Gram matrices (GEMMs and one small eigh, no Householder QR), and only the
-    ``rank`` kept columns of Q·U are ever formed.
+    Same result as ``product_svd`` + ``select_rank`` + ``truncate``, cheaper: each stack's R factor
+    comes from a Cholesky of its R×R Gram matrix (GEMMs and an R×R factorisation, no Householder QR
+    over m×R data), and only the ``rank`` kept columns of Q·U are ever formed. B_g comes back as a
+    transposed view (``B_gᵀ`` is computed row-major); cast with a contiguous memory format.
     """
-    shape = (left.shape[0], right.shape[1])
-    left_basis, right_basis = _gram_basis(left), _gram_basis(right.T)
-    if left_basis is None or right_basis is None:  # rank-deficient stack (zero or duplicated clients, R > m)
-        u, sigma, vh = product_svd(left, right)
+    shape = (stacked_b_t.shape[1], stacked_a.shape[1])
+    b_basis = _cholesky_basis(row_gram(stacked_b_t) * column_scale[:, None] * column_scale[None, :])
+    a_basis = _cholesky_basis(row_gram(stacked_a))
+    if b_basis is None or a_basis is None:  # rank-deficient stack (zero or duplicated clients, R > m)
+        u, sigma, vh = product_svd(stacked_b_t.T * column_scale, stacked_a)
         rank = select_rank(sigma, threshold, shape)
         lora_b, lora_a = truncate(u, sigma, vh, rank)
         return lora_b, lora_a.clone(), sigma, rank  # clone: do not keep all of vh alive
-    (r_left, to_q_left), (r_right, to_q_right) = left_basis, right_basis
-    core_u, sigma, core_vh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
+    (b_chol, b_chol_inverse), (a_chol, a_chol_inverse) = b_basis, a_basis
+    # B·diag(s) = Q_B·C_Bᵀ and Aᵀ = Q_A·C_Aᵀ, so ΔW = Q_B (C_Bᵀ C_A) Q_Aᵀ: the core is C_Bᵀ C_A.
+    core_u, sigma, core_vh = torch.linalg.svd(b_chol.T @ a_chol, full_matrices=False)
     rank = select_rank(sigma, threshold, shape)  # full column rank here, so rank ≤ sigma.numel()
-    lora_b = left @ (to_q_left @ (core_u[:, :rank] * sigma[:rank]))
-    lora_a = (to_q_right @ core_vh[:rank].T).T @ right  # = (Q_A V)[:, :rank]ᵀ, already row-major
+    # B_g = Q_B U_p Σ_p = B·diag(s)·C_B⁻ᵀ·U_p Σ_p ;  A_g = V_pᵀ Q_Aᵀ = V_pᵀ C_A⁻¹ A.
+    b_mix = column_scale[:, None] * (b_chol_inverse.T @ (core_u[:, :rank] * sigma[:rank]))
+    lora_b = (b_mix.T @ stacked_b_t).T
+    lora_a = (core_vh[:rank] @ a_chol_inverse) @ stacked_a
     return lora_b, lora_a, sigma, rank
 
 
@@ -127,13 +174,3 @@ def truncate(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor, rank: int) 
         lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], rank - kept)], dim=1)
         lora_a = torch.cat([lora_a, lora_a.new_zeros(rank - kept, lora_a.shape[1])], dim=0)
     return lora_b, lora_a
-
-
-def zero_pad_rank(tensor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
-    """Pad a factor with zeros along its rank dimension up to ``rank`` (heterogeneous clients)."""
-    missing = rank - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    pad_shape = list(tensor.shape)
-    pad_shape[dim] = missing
-    return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
