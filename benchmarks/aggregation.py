@@ -449,8 +449,12 @@ def markdown_report(report: dict) -> str:
         (
             f"Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['memory_gib']} GiB, torch {machine['torch']} "
             f"({machine['torch_threads']} threads, {machine['blas']}), {machine['date_utc']}; 1-min load average "
-            f"{machine['load_average_at_start'][0]:.2f} at start, {machine['load_average_at_end'][0]:.2f} at end "
-            "(above the core count, other jobs shared the cores)."
+            f"{machine['load_average_at_start'][0]:.2f} at start, {machine['load_average_at_end'][0]:.2f} at end"
+            + (
+                " (above the core count: other jobs shared the cores)."
+                if max(machine["load_average_at_start"][0], machine["load_average_at_end"][0]) > machine["cores"]
+                else "."
+            )
         ),
         (
             f"Client adapters on disk: {client_mib['independent']:.1f} MiB (FFA's shared-A set: {client_mib['shared_a']:.1f} MiB). "

@@ -1,4 +1,5 @@
-"""Shared decompositions: the thin SVD of a product of stacked factors, and energy thresholding."""
+"""Shared decompositions: the thin SVD of a product of stacked factors (Cholesky QR, Householder
+fallback), and energy thresholding."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ def stack_weighted_factors(clients, client_weights) -> tuple[torch.Tensor, torch
 
     The client scale s_k goes into its B block and the data weight p_k into its A block (SPEC §2.1).
     """
-    # One fp64 buffer per stack, filled in place: the per-client casts, products and the cat each
-    # allocated a new stack-sized tensor, a quarter of FLoRIST's time at Llama-7B shapes.
+    # One fp64 buffer per stack, filled in place: no stack-sized temporaries per client.
     ranks = [c.rank for c in clients]
     (m, n), total_rank = clients[0].shape, sum(ranks)
     stacked_b = torch.empty(m, total_rank, dtype=COMPUTE_DTYPE)
@@ -22,7 +22,7 @@ def stack_weighted_factors(clients, client_weights) -> tuple[torch.Tensor, torch
     for client, b_block, a_block in zip(clients, stacked_b.split(ranks, dim=1), stacked_a.split(ranks, dim=0)):
         b_block.copy_(client.lora_b)
         a_block.copy_(client.lora_a)
-    # Scales multiply in fp64, after the cast, as before.
+    # Scales multiply in fp64, after the cast.
     stacked_b.mul_(torch.tensor([c.scale for c in clients], dtype=COMPUTE_DTYPE).repeat_interleave(torch.tensor(ranks)))
     stacked_a.mul_(torch.as_tensor(client_weights, dtype=COMPUTE_DTYPE).repeat_interleave(torch.tensor(ranks))[:, None])
     return stacked_b, stacked_a
@@ -110,8 +110,7 @@ def truncated_product_svd(
 
     Same result as ``product_svd`` + ``select_rank`` + ``truncate``, cheaper: each stack's R factor
     comes from a Cholesky of its R×R Gram matrix (GEMMs and an R×R factorisation, no Householder QR
-    over m×R data), and only the ``rank`` kept columns of Q·U are ever formed. B_g comes back as a
-    transposed view (``B_gᵀ`` is computed row-major); cast with a contiguous memory format.
+    over m×R data), and only the ``rank`` kept columns of Q·U are ever formed.
     """
     shape = (stacked_b_t.shape[1], stacked_a.shape[1])
     b_basis = _cholesky_basis(row_gram(stacked_b_t) * column_scale[:, None] * column_scale[None, :])
@@ -127,7 +126,7 @@ def truncated_product_svd(
     rank = select_rank(sigma, threshold, shape)  # full column rank here, so rank ≤ sigma.numel()
     # B_g = Q_B U_p Σ_p = B·diag(s)·C_B⁻ᵀ·U_p Σ_p ;  A_g = V_pᵀ Q_Aᵀ = V_pᵀ C_A⁻¹ A.
     b_mix = column_scale[:, None] * (b_chol_inverse.T @ (core_u[:, :rank] * sigma[:rank]))
-    lora_b = (b_mix.T @ stacked_b_t).T
+    lora_b = stacked_b_t.T @ b_mix  # m×rank row-major as PEFT stores it: no transposed copy later
     lora_a = (core_vh[:rank] @ a_chol_inverse) @ stacked_a
     return lora_b, lora_a, sigma, rank
 
