@@ -82,10 +82,10 @@ def map_modules(function: Callable[[str], ModuleAggregate], names: Sequence[str]
     core busy where threads within one module would mostly wait. Torch ops release the GIL, and the
     thread setting is restored afterwards.
     """
-    workers = min(torch.get_num_threads(), len(names))
+    threads = torch.get_num_threads()
+    workers = min(threads, len(names))
     if workers <= 1:
         return [function(name) for name in names]
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # read by each new worker thread on its first op
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="florist-aggregate") as pool:

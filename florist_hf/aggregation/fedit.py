@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from florist_hf.aggregation.base import AggregationMethod, register_method
-from florist_hf.aggregation.linalg import COMPUTE_DTYPE
+from florist_hf.aggregation.linalg import padded_weighted_sum
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
 
@@ -22,14 +22,9 @@ class FedIT(AggregationMethod):
 
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
         max_rank = max(c.rank for c in clients)
-        (m, n) = clients[0].shape
-        # Accumulate in place into the padded fp64 averages: a client of rank r_k adds to the first
-        # r_k components only, which is zero-padding without materialising the padded copies.
-        mean_b = torch.zeros(m, max_rank, dtype=COMPUTE_DTYPE)
-        mean_a = torch.zeros(max_rank, n, dtype=COMPUTE_DTYPE)
-        for client, weight in zip(clients, client_weights.tolist()):
-            mean_b[:, : client.rank].add_(client.lora_b, alpha=weight * client.scale)
-            mean_a[: client.rank].add_(client.lora_a, alpha=weight)
+        weights = client_weights.tolist()
+        mean_b = padded_weighted_sum([c.lora_b for c in clients], [w * c.scale for w, c in zip(weights, clients)], max_rank, dim=1)
+        mean_a = padded_weighted_sum([c.lora_a for c in clients], weights, max_rank, dim=0)
         return ModuleAggregate(mean_b, mean_a, selected_rank=max_rank)
 
     def broadcast_rank(self, client_ranks: Sequence[int], selected_rank: int) -> int:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from florist_hf.aggregation.base import AggregationMethod, register_method
-from florist_hf.aggregation.linalg import COMPUTE_DTYPE
+from florist_hf.aggregation.linalg import COMPUTE_DTYPE, padded_weighted_sum
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
 
@@ -45,9 +45,8 @@ class FFALoRA(AggregationMethod):
             if not difference <= self.shared_a_tolerance * max(1.0, float(prefix.abs().max())):
                 raise SharedAMismatch(index)
         shared_a = shared_a.to(COMPUTE_DTYPE)
-        mean_b = torch.zeros(clients[0].shape[0], max_rank, dtype=COMPUTE_DTYPE)  # zero-padded, in place
-        for client, weight in zip(clients, client_weights.tolist()):
-            mean_b[:, : client.rank].add_(client.lora_b, alpha=weight * client.scale)
+        b_weights = [w * c.scale for w, c in zip(client_weights.tolist(), clients)]
+        mean_b = padded_weighted_sum([c.lora_b for c in clients], b_weights, max_rank, dim=1)
         return ModuleAggregate(mean_b, shared_a, selected_rank=max_rank)
 
     def broadcast_rank(self, client_ranks: Sequence[int], selected_rank: int) -> int:

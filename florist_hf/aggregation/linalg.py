@@ -3,6 +3,8 @@ fallback), and energy thresholding."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 
 #: Every decomposition runs in this precision, whatever the adapters' dtype (bf16 included).
@@ -72,7 +74,7 @@ def row_gram(rows: torch.Tensor) -> torch.Tensor:
     total = rows.shape[0]
     gram = torch.empty(total, total, dtype=rows.dtype)
     bounds = [round(i * total / GRAM_PANELS) for i in range(GRAM_PANELS + 1)]
-    for start, stop in zip(bounds, bounds[1:]):
+    for start, stop in pairwise(bounds):
         if start == stop:
             continue
         panel = rows[start:stop] @ rows[start:].T  # this panel's rows against every later row
@@ -173,3 +175,17 @@ def truncate(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor, rank: int) 
         lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], rank - kept)], dim=1)
         lora_a = torch.cat([lora_a, lora_a.new_zeros(rank - kept, lora_a.shape[1])], dim=0)
     return lora_b, lora_a
+
+
+def padded_weighted_sum(factors, weights, rank: int, dim: int) -> torch.Tensor:
+    """Σ_k w_k·F_k in fp64, each factor zero-padded along ``dim`` (its rank dimension) to ``rank``.
+
+    Accumulated in place: a factor of rank r_k adds into the first r_k components only, which is the
+    zero-padding without materialising padded copies (heterogeneous-rank averaging).
+    """
+    shape = list(factors[0].shape)
+    shape[dim] = rank
+    total = torch.zeros(shape, dtype=COMPUTE_DTYPE)
+    for factor, weight in zip(factors, weights):
+        total.narrow(dim, 0, factor.shape[dim]).add_(factor, alpha=weight)
+    return total
