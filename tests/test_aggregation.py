@@ -150,10 +150,11 @@ class TestFlorist:
 
     def test_gram_and_householder_paths_agree(self, monkeypatch):
         clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], seed=11)
-        stacked_b_t, stacked_a, column_scale = linalg.stack_client_factors(
+        stacked_b_t, _, column_scale = linalg.stack_client_factors(
             [c["layers.0.q_proj"] for c in clients], torch.tensor(WEIGHTS) / sum(WEIGHTS)
         )
-        assert linalg._cholesky_basis(linalg.row_gram(stacked_a)) is not None  # these stacks take the Gram path
+        # this B stack takes the Gram path
+        assert linalg._cholesky_basis(linalg.row_gram(stacked_b_t) * column_scale[:, None] * column_scale) is not None
         fast = get_method("florist", threshold=0.9).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
         monkeypatch.setattr(linalg, "MAX_GRAM_CONDITION", 0.0)  # every stack now takes the Householder path
         slow = get_method("florist", threshold=0.9).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
@@ -174,6 +175,23 @@ class TestFlorist:
         assert linalg._cholesky_basis(linalg.row_gram(stacked_b_t) * column_scale[:, None] * column_scale) is None
         module = get_method("florist", threshold=1.0).aggregate(clients, [1, 1]).modules["layers.0.q_proj"]
         assert relative_error(module.delta_weight, dense_update(clients, [1, 1])) < 1e-10
+
+    def test_singular_values_the_squared_core_cannot_resolve_take_the_householder_path(self):
+        # ΔW = U·diag(σ)·Vᵀ with σ from 1 down to 1e-7, factored as B = U·X, A = X⁻¹·diag(σ)·Vᵀ for
+        # a well-conditioned random X. The fast path's eigenvalues are σ², resolved only to about
+        # R·eps·σ_1², which would leave the smallest σ with a ~1e-2 relative error: the guard must
+        # send the module to Householder QR, where every σ is exact to fp64 round-off.
+        generator = torch.Generator().manual_seed(3)
+        sigma = torch.logspace(0, -7, 6, dtype=torch.float64)
+        left = torch.linalg.qr(torch.randn(M, 6, generator=generator, dtype=torch.float64)).Q
+        right = torch.linalg.qr(torch.randn(N, 6, generator=generator, dtype=torch.float64)).Q
+        mixing = torch.eye(6, dtype=torch.float64) + 0.3 * torch.randn(6, 6, generator=generator, dtype=torch.float64)
+        lora_b, lora_a = left @ mixing, torch.linalg.solve(mixing, sigma[:, None] * right.T)
+        client = {"layers.0.q_proj": ClientModule(lora_a, lora_b, 1.0)}
+        module = get_method("florist", threshold=1.0).aggregate([client], [1]).modules["layers.0.q_proj"]
+        assert module.selected_rank == 6
+        assert torch.allclose(module.singular_values, sigma, rtol=1e-9, atol=0)
+        assert relative_error(module.delta_weight, dense_update([client], [1])) < 1e-12
 
     def test_threshold_outside_the_unit_interval_is_refused(self):
         for bad in (0.0, -0.1, 1.01):

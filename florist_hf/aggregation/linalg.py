@@ -3,7 +3,8 @@ fallback), and energy thresholding."""
 
 from __future__ import annotations
 
-from itertools import pairwise
+import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -45,17 +46,55 @@ def product_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, 
     return q_left @ core_u, sigma, core_vh @ q_right.T
 
 
+#: Per-thread scratch: once a thread has buffers here, ``stack_client_factors`` refills them
+#: instead of allocating new stacks for every module.
+_scratch = threading.local()
+
+
+def keep_stack_buffers_in_this_thread() -> None:
+    """Reuse this thread's stack buffers from module to module for the rest of its life.
+
+    A fresh fp64 stack (5 MiB per factor for a 4096-wide module at R = 152) costs a page fault per
+    4 KiB on first touch, about as much as filling it; refilled buffers fault only once. Meant for
+    short-lived worker threads: the buffers are released with the thread.
+    """
+    _scratch.buffers = {}
+
+
+@contextmanager
+def reuse_stack_buffers():
+    """``keep_stack_buffers_in_this_thread`` for one block only, then release the buffers."""
+    previous = getattr(_scratch, "buffers", None)
+    keep_stack_buffers_in_this_thread()
+    try:
+        yield
+    finally:
+        _scratch.buffers = previous
+
+
+def _stack_buffer(factor: str, rows: int, columns: int) -> torch.Tensor:
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        return torch.empty(rows, columns, dtype=COMPUTE_DTYPE)
+    buffer = buffers.get(factor)
+    if buffer is None or buffer.numel() < rows * columns:
+        buffer = buffers[factor] = torch.empty(rows * columns, dtype=COMPUTE_DTYPE)
+    return buffer[: rows * columns].view(rows, columns)
+
+
 def stack_client_factors(clients, client_weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(stacked_bᵀ, stacked_a, column_scale): plain fp64 copies of the client factors, stacked.
 
     ``stacked_bᵀ.T @ diag(column_scale) @ stacked_a = sum_k p_k s_k B_k A_k``. The scales stay out
     of the big stacks (they are folded into R×R matrices instead, no extra pass over m×R data), and
     B is stacked as rows (R×m) so that both Gram matrices are row-major ``x @ x.T`` products.
+    Under ``reuse_stack_buffers`` the stacks are this thread's scratch, overwritten by the next
+    call: use them, never return them.
     """
     ranks = [c.rank for c in clients]
     (m, n), total_rank = clients[0].shape, sum(ranks)
-    stacked_b_t = torch.empty(total_rank, m, dtype=COMPUTE_DTYPE)
-    stacked_a = torch.empty(total_rank, n, dtype=COMPUTE_DTYPE)
+    stacked_b_t = _stack_buffer("b", total_rank, m)
+    stacked_a = _stack_buffer("a", total_rank, n)
     for client, b_rows, a_rows in zip(clients, stacked_b_t.split(ranks), stacked_a.split(ranks)):
         b_rows.copy_(client.lora_b.T)
         a_rows.copy_(client.lora_a)
@@ -64,23 +103,17 @@ def stack_client_factors(clients, client_weights) -> tuple[torch.Tensor, torch.T
     return stacked_b_t, stacked_a, client_scale.repeat_interleave(torch.tensor(ranks))
 
 
-#: Row panels of a Gram matrix computed per product: only the upper triangle is multiplied (the
-#: work of a SYRK, which torch does not expose), in panels wide enough to keep the GEMMs efficient.
-GRAM_PANELS = 4
-
-
 def row_gram(rows: torch.Tensor) -> torch.Tensor:
-    """``rows @ rows.T`` (R×R) from its upper-triangular panels: ~5/8 of the full product's work."""
-    total = rows.shape[0]
-    gram = torch.empty(total, total, dtype=rows.dtype)
-    bounds = [round(i * total / GRAM_PANELS) for i in range(GRAM_PANELS + 1)]
-    for start, stop in pairwise(bounds):
-        if start == stop:
-            continue
-        panel = rows[start:stop] @ rows[start:].T  # this panel's rows against every later row
-        gram[start:stop, start:] = panel
-        gram[stop:, start:stop] = panel[:, stop - start :].T
-    return gram
+    """``rows @ rows.T`` (R×R, exactly symmetric) through BLAS SYRK: one triangle, half a GEMM's work.
+
+    torch has no SYRK, and its GEMM computes both triangles; numpy's matmul calls SYRK when the
+    right operand is the left one transposed (same buffer), then mirrors the triangle. Both are
+    views of the same memory, so nothing is copied. numpy's BLAS threads follow ``map_modules``.
+    """
+    if rows.device.type != "cpu" or rows.requires_grad:
+        return rows @ rows.T
+    array = rows.numpy()
+    return torch.from_numpy(array @ array.T)
 
 
 #: A stack is decomposed through its Gram matrix (Cholesky QR) while its condition number is at
@@ -104,33 +137,47 @@ def _cholesky_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
     return chol, chol_inverse
 
 
+#: The fast path reads ΔW's singular values off an eigendecomposition of an R×R matrix whose
+#: eigenvalues are σ² with an absolute error of about R·eps·σ_1². Every kept σ must come out with
+#: at most this relative error (below fp32's 6e-8), or the module takes the Householder path.
+KEPT_SIGMA_ACCURACY = 1e-8
+
+
 def truncated_product_svd(
     stacked_b_t: torch.Tensor, stacked_a: torch.Tensor, column_scale: torch.Tensor, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(B_g, A_g, sigma, rank) for ΔW = stacked_bᵀ.T·diag(column_scale)·stacked_a, truncated at the
     rank ``select_rank`` picks.
 
-    Same result as ``product_svd`` + ``select_rank`` + ``truncate``, cheaper: each stack's R factor
-    comes from a Cholesky of its R×R Gram matrix (GEMMs and an R×R factorisation, no Householder QR
-    over m×R data), and only the ``rank`` kept columns of Q·U are ever formed.
+    Same result as ``product_svd`` + ``select_rank`` + ``truncate``, cheaper. The B stack is
+    orthogonalised through a Cholesky of its R×R Gram matrix (Cholesky QR: GEMMs and an R×R
+    factorisation, no Householder QR over m×R data): B·diag(s) = Q_B·C_Bᵀ, so ΔW = Q_B·(C_Bᵀ A).
+    ΔW's left singular vectors are then Q_B times the eigenvectors of the R×R matrix
+    K = (C_Bᵀ A)(C_Bᵀ A)ᵀ = C_Bᵀ·(A Aᵀ)·C_B, with eigenvalues σ². A is never factorised, and only
+    the ``rank`` kept columns are ever formed.
     """
     shape = (stacked_b_t.shape[1], stacked_a.shape[1])
     b_basis = _cholesky_basis(row_gram(stacked_b_t) * column_scale[:, None] * column_scale[None, :])
-    a_basis = _cholesky_basis(row_gram(stacked_a))
-    if b_basis is None or a_basis is None:  # rank-deficient stack (zero or duplicated clients, R > m)
-        u, sigma, vh = product_svd(stacked_b_t.T * column_scale, stacked_a)
+    if b_basis is not None:
+        b_chol, b_chol_inverse = b_basis
+        eigenvalues, eigenvectors = torch.linalg.eigh(b_chol.T @ row_gram(stacked_a) @ b_chol)
+        eigenvalues, core_u = eigenvalues.flip(0), eigenvectors.flip(1)  # largest first
+        sigma = eigenvalues.clamp_min(0).sqrt()  # round-off can leave zero eigenvalues slightly negative
         rank = select_rank(sigma, threshold, shape)
-        lora_b, lora_a = truncate(u, sigma, vh, rank)
-        return lora_b, lora_a.clone(), sigma, rank  # clone: do not keep all of vh alive
-    (b_chol, b_chol_inverse), (a_chol, a_chol_inverse) = b_basis, a_basis
-    # B·diag(s) = Q_B·C_Bᵀ and Aᵀ = Q_A·C_Aᵀ, so ΔW = Q_B (C_Bᵀ C_A) Q_Aᵀ: the core is C_Bᵀ C_A.
-    core_u, sigma, core_vh = torch.linalg.svd(b_chol.T @ a_chol, full_matrices=False)
-    rank = select_rank(sigma, threshold, shape)  # full column rank here, so rank ≤ sigma.numel()
-    # B_g = Q_B U_p Σ_p = B·diag(s)·C_B⁻ᵀ·U_p Σ_p ;  A_g = V_pᵀ Q_Aᵀ = V_pᵀ C_A⁻¹ A.
-    b_mix = column_scale[:, None] * (b_chol_inverse.T @ (core_u[:, :rank] * sigma[:rank]))
-    lora_b = stacked_b_t.T @ b_mix  # m×rank row-major as PEFT stores it: no transposed copy later
-    lora_a = (core_vh[:rank] @ a_chol_inverse) @ stacked_a
-    return lora_b, lora_a, sigma, rank
+        resolved = eigenvalues[0] * eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps / KEPT_SIGMA_ACCURACY
+        if eigenvalues[rank - 1] > 0 and eigenvalues[rank - 1] >= resolved:
+            kept_u, kept_sigma = core_u[:, :rank], sigma[:rank]
+            # B_g = Q_B U_p Σ_p = B·diag(s)·C_B⁻ᵀ·U_p Σ_p ;  A_g = V_pᵀ = Σ_p⁻¹ U_pᵀ Q_Bᵀ ΔW = Σ_p⁻¹ U_pᵀ C_Bᵀ A.
+            b_mix = column_scale[:, None] * (b_chol_inverse.T @ (kept_u * kept_sigma))
+            a_mix = (kept_u.T @ b_chol.T) / kept_sigma[:, None]
+            lora_b = stacked_b_t.T @ b_mix  # m×rank row-major as PEFT stores it: no transposed copy later
+            return lora_b, a_mix @ stacked_a, sigma, rank
+    # Rank-deficient or ill-conditioned B stack (zero or duplicated clients, R > m), or kept singular
+    # values too small for the squared problem to resolve: Householder QR of both stacks.
+    u, sigma, vh = product_svd(stacked_b_t.T * column_scale, stacked_a)
+    rank = select_rank(sigma, threshold, shape)
+    lora_b, lora_a = truncate(u, sigma, vh, rank)
+    return lora_b, lora_a.clone(), sigma, rank  # clone: do not keep all of vh alive
 
 
 def numerical_rank(sigma: torch.Tensor, shape: tuple[int, int]) -> int:
