@@ -150,11 +150,10 @@ class TestFlorist:
 
     def test_gram_and_householder_paths_agree(self, monkeypatch):
         clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], seed=11)
-        stacked_b_t, _, column_scale = linalg.stack_client_factors(
+        stacked_b, _, column_scale = linalg.stack_client_factors(
             [c["layers.0.q_proj"] for c in clients], torch.tensor(WEIGHTS) / sum(WEIGHTS)
         )
-        # this B stack takes the Gram path
-        assert linalg._cholesky_basis(linalg.row_gram(stacked_b_t) * column_scale[:, None] * column_scale) is not None
+        assert linalg._cholesky_basis(linalg.column_gram(stacked_b, column_scale)) is not None  # the Gram path
         fast = get_method("florist", threshold=0.9).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
         monkeypatch.setattr(linalg, "MAX_GRAM_CONDITION", 0.0)  # every stack now takes the Householder path
         slow = get_method("florist", threshold=0.9).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
@@ -171,8 +170,8 @@ class TestFlorist:
             {"layers.0.q_proj": ClientModule(torch.randn(6, N, generator=generator, dtype=torch.float64), b, 1.0)}
             for b in (lora_b, lora_b + 1e-7 * torch.randn(M, 6, generator=generator, dtype=torch.float64))
         ]
-        stacked_b_t, _, column_scale = linalg.stack_client_factors([c["layers.0.q_proj"] for c in clients], torch.ones(2))
-        assert linalg._cholesky_basis(linalg.row_gram(stacked_b_t) * column_scale[:, None] * column_scale) is None
+        stacked_b, _, column_scale = linalg.stack_client_factors([c["layers.0.q_proj"] for c in clients], torch.ones(2))
+        assert linalg._cholesky_basis(linalg.column_gram(stacked_b, column_scale)) is None
         module = get_method("florist", threshold=1.0).aggregate(clients, [1, 1]).modules["layers.0.q_proj"]
         assert relative_error(module.delta_weight, dense_update(clients, [1, 1])) < 1e-10
 
@@ -260,10 +259,17 @@ def test_communication_counts_each_direction():
     assert ffa.downlink_params == [4 * 40, 4 * 40]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 7, 33])
-def test_row_gram_equals_the_full_product(rows):
-    x = torch.randn(rows, 50, dtype=torch.float64)
-    assert torch.allclose(linalg.row_gram(x), x @ x.T, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("rank", [1, 3, 7, 33])
+def test_gram_matrices_equal_the_full_products_and_are_exactly_symmetric(rank):
+    x = torch.randn(rank, 50, dtype=torch.float64)
+    scale = torch.rand(rank, dtype=torch.float64) + 0.5
+    for gram, expected in (
+        (linalg.row_gram(x), x @ x.T),
+        (linalg.column_gram(x.T), x @ x.T),
+        (linalg.column_gram(x.T, scale), (x.T * scale).T @ (x.T * scale)),
+    ):
+        assert torch.allclose(gram, expected, rtol=1e-12, atol=1e-12)
+        assert torch.equal(gram, gram.T)  # Cholesky reads one triangle: both must be the same
 
 
 def test_modules_are_aggregated_in_parallel_with_the_same_result():

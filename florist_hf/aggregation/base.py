@@ -10,7 +10,6 @@ from typing import ClassVar
 import torch
 from threadpoolctl import threadpool_limits
 
-from florist_hf.aggregation.linalg import keep_stack_buffers_in_this_thread, reuse_stack_buffers
 from florist_hf.aggregation.types import AggregationResult, ClientModule, ModuleAggregate
 
 METHODS: dict[str, type["AggregationMethod"]] = {}
@@ -82,18 +81,18 @@ def map_modules(function: Callable[[str], ModuleAggregate], names: Sequence[str]
     A module's work is a handful of GEMMs on m×R data with R in the hundreds and a few R×R
     factorisations that do not parallelise: one module per core, each single-threaded, keeps every
     core busy where threads within one module would mostly wait. Torch ops release the GIL. numpy's
-    BLAS (the Gram matrices' SYRK) gets the same thread budget as torch, and both settings are
-    restored afterwards. Each thread reuses its stack buffers across modules; the workers' go with them.
+    BLAS (``linalg.blas_matmul``) gets the same thread budget as torch, and both settings are
+    restored afterwards.
     """
     threads = torch.get_num_threads()
     workers = min(threads, len(names))
     if workers <= 1:
-        with threadpool_limits(threads, user_api="blas"), reuse_stack_buffers():
+        with threadpool_limits(threads, user_api="blas"):
             return [function(name) for name in names]
     torch.set_num_threads(1)  # read by each new worker thread on its first op
     try:
         with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="florist-aggregate", initializer=keep_stack_buffers_in_this_thread
+            max_workers=workers, thread_name_prefix="florist-aggregate"
         ) as pool:
             return list(pool.map(function, names))
     finally:

@@ -28,8 +28,8 @@ class Florist(AggregationMethod):
         return {"threshold": self.threshold}
 
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
-        stacked_b_t, stacked_a, column_scale = stack_client_factors(clients, client_weights)
-        lora_b, lora_a, sigma, selected_rank = truncated_product_svd(stacked_b_t, stacked_a, column_scale, self.threshold)
+        stacked_b, stacked_a, column_scale = stack_client_factors(clients, client_weights)
+        lora_b, lora_a, sigma, selected_rank = truncated_product_svd(stacked_b, stacked_a, column_scale, self.threshold)
         return ModuleAggregate(lora_b, lora_a, selected_rank, singular_values=sigma)
 
 
