@@ -1,5 +1,5 @@
-"""Shared decompositions: the thin SVD of a product of stacked factors (Cholesky QR, Householder
-fallback), and energy thresholding."""
+"""Shared decompositions: the thin SVD of a product of stacked factors (Cholesky QR and an R×R
+eigendecomposition, Householder fallback), and energy thresholding."""
 
 from __future__ import annotations
 
@@ -9,19 +9,25 @@ import torch
 COMPUTE_DTYPE = torch.float64
 
 
-def stack_weighted_factors(clients, client_weights) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack effective client factors so that ``stacked_b @ stacked_a = sum_k p_k s_k B_k A_k``.
-
-    The client scale s_k goes into its B block and the data weight p_k into its A block (SPEC §2.1).
-    """
+def _stacked_copies(clients) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """fp64 copies of the client factors, B blocks side by side (m×R) and A blocks stacked (R×n)."""
     # One fp64 buffer per stack, filled in place: no stack-sized temporaries per client.
     ranks = [c.rank for c in clients]
     (m, n), total_rank = clients[0].shape, sum(ranks)
     stacked_b = torch.empty(m, total_rank, dtype=COMPUTE_DTYPE)
     stacked_a = torch.empty(total_rank, n, dtype=COMPUTE_DTYPE)
-    for client, b_block, a_block in zip(clients, stacked_b.split(ranks, dim=1), stacked_a.split(ranks, dim=0)):
-        b_block.copy_(client.lora_b)
-        a_block.copy_(client.lora_a)
+    for client, b_columns, a_rows in zip(clients, stacked_b.split(ranks, dim=1), stacked_a.split(ranks)):
+        b_columns.copy_(client.lora_b)
+        a_rows.copy_(client.lora_a)
+    return stacked_b, stacked_a, ranks
+
+
+def stack_weighted_factors(clients, client_weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack effective client factors so that ``stacked_b @ stacked_a = sum_k p_k s_k B_k A_k``.
+
+    The client scale s_k goes into its B block and the data weight p_k into its A block (SPEC §2.1).
+    """
+    stacked_b, stacked_a, ranks = _stacked_copies(clients)
     # Scales multiply in fp64, after the cast.
     stacked_b.mul_(torch.tensor([c.scale for c in clients], dtype=COMPUTE_DTYPE).repeat_interleave(torch.tensor(ranks)))
     stacked_a.mul_(torch.as_tensor(client_weights, dtype=COMPUTE_DTYPE).repeat_interleave(torch.tensor(ranks))[:, None])
@@ -49,13 +55,7 @@ def stack_client_factors(clients, client_weights) -> tuple[torch.Tensor, torch.T
     ``stacked_b @ diag(column_scale) @ stacked_a = sum_k p_k s_k B_k A_k``. The scales stay out of
     the big stacks: they are folded into R×R matrices instead, with no extra pass over m×R data.
     """
-    ranks = [c.rank for c in clients]
-    (m, n), total_rank = clients[0].shape, sum(ranks)
-    stacked_b = torch.empty(m, total_rank, dtype=COMPUTE_DTYPE)
-    stacked_a = torch.empty(total_rank, n, dtype=COMPUTE_DTYPE)
-    for client, b_columns, a_rows in zip(clients, stacked_b.split(ranks, dim=1), stacked_a.split(ranks)):
-        b_columns.copy_(client.lora_b)
-        a_rows.copy_(client.lora_a)
+    stacked_b, stacked_a, ranks = _stacked_copies(clients)
     client_scale = torch.tensor([c.scale for c in clients], dtype=COMPUTE_DTYPE)
     client_scale = client_scale * torch.as_tensor(client_weights, dtype=COMPUTE_DTYPE)
     return stacked_b, stacked_a, client_scale.repeat_interleave(torch.tensor(ranks))
