@@ -66,8 +66,8 @@ def blas_matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
 
     numpy's matmul calls SYRK when ``right`` is ``left`` transposed (same buffer): one triangle of a
     Gram matrix, half a GEMM's work, then mirrored, so the result is exactly symmetric. torch has no
-    SYRK. On these skinny shapes (inner dimension R) numpy's GEMM also ran ~25 % faster than torch's
-    on the development machine. The arrays are views of the tensors: nothing is copied. numpy's
+    SYRK. On these skinny shapes (inner dimension R) numpy's GEMM also ran up to ~25 % faster than
+    torch's on the development machine. The arrays are views of the tensors: nothing is copied. numpy's
     BLAS threads follow torch's (see ``map_modules``).
     """
     if left.device.type != "cpu" or left.requires_grad or right.requires_grad:
