@@ -272,6 +272,15 @@ def test_gram_matrices_equal_the_full_products_and_are_exactly_symmetric(rank):
         assert torch.equal(gram, gram.T)  # Cholesky reads one triangle: both must be the same
 
 
+def test_blas_matmul_equals_torch_and_leaves_what_numpy_cannot_take_to_torch():
+    x, y = torch.randn(5, 7, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    assert torch.allclose(linalg.blas_matmul(x, y), x @ y, rtol=1e-12, atol=1e-12)
+    bf16 = linalg.blas_matmul(x.bfloat16(), y.bfloat16())
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, x.bfloat16() @ y.bfloat16())
+    with_grad = x.clone().requires_grad_()
+    assert linalg.blas_matmul(with_grad, y).grad_fn is not None
+
+
 def test_modules_are_aggregated_in_parallel_with_the_same_result():
     generator = torch.Generator().manual_seed(4)
     clients = [

@@ -70,7 +70,10 @@ def blas_matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     torch's on the development machine. The arrays are views of the tensors: nothing is copied. numpy's
     BLAS threads follow torch's (see ``map_modules``).
     """
-    if left.device.type != "cpu" or left.requires_grad or right.requires_grad:
+    numpy_ready = all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad for t in (left, right)
+    )
+    if not numpy_ready or left.dtype != right.dtype:
         return left @ right
     return torch.from_numpy(left.numpy() @ right.numpy())
 
