@@ -67,8 +67,8 @@ def blas_matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     numpy's matmul calls SYRK when ``right`` is ``left`` transposed (same buffer): one triangle of a
     Gram matrix, half a GEMM's work, then mirrored, so the result is exactly symmetric. torch has no
     SYRK. On these skinny shapes (inner dimension R) numpy's GEMM also ran up to ~25 % faster than
-    torch's on the development machine. The arrays are views of the tensors: nothing is copied. numpy's
-    BLAS threads follow torch's (see ``map_modules``).
+    torch's on the development machine. The arrays are views of the tensors: nothing is copied.
+    numpy's BLAS threads follow torch's (see ``map_modules``).
     """
     numpy_ready = all(
         t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad for t in (left, right)
