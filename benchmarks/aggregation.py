@@ -312,9 +312,16 @@ def machine_facts(threads: int) -> dict:
     meminfo = Path("/proc/meminfo").read_text()
     memory_kib = int(re.search(r"^MemTotal:\s*(\d+)", meminfo, re.MULTILINE).group(1))
     blas = dict(re.findall(r"(BLAS_INFO|LAPACK_INFO)=(\w+)", torch.__config__.show()))
+    import numpy
     import peft
     import safetensors
+    from threadpoolctl import threadpool_info
 
+    # numpy's BLAS runs FLoRIST's large products (florist_hf.aggregation.linalg.blas_matmul).
+    numpy_blas = next(
+        (lib["internal_api"] for lib in threadpool_info() if lib["user_api"] == "blas" and "numpy" in lib["filepath"]),
+        None,
+    )
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_model": cpuinfo_field("model name") or platform.processor(),
@@ -327,6 +334,8 @@ def machine_facts(threads: int) -> dict:
         "torch_threads": threads,
         "blas": blas.get("BLAS_INFO"),
         "lapack": blas.get("LAPACK_INFO"),
+        "numpy": numpy.__version__,
+        "numpy_blas": numpy_blas,
         "peft": peft.__version__,
         "safetensors": safetensors.__version__,
     }
@@ -448,7 +457,8 @@ def markdown_report(report: dict) -> str:
         "",
         (
             f"Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['memory_gib']} GiB, torch {machine['torch']} "
-            f"({machine['torch_threads']} threads, {machine['blas']}), {machine['date_utc']}; 1-min load average "
+            f"({machine['torch_threads']} threads, {machine['blas']}), numpy {machine.get('numpy')} ({machine.get('numpy_blas')}), "
+            f"{machine['date_utc']}; 1-min load average "
             f"{machine['load_average_at_start'][0]:.2f} at start, {machine['load_average_at_end'][0]:.2f} at end"
             + (
                 " (above the core count: other jobs shared the cores)."
