@@ -230,12 +230,10 @@ def build_lora_model(model_path: str, *, rank: int, alpha: float, target_modules
                      use_rslora: bool, dtype: str = "float32", seed: int = 0, revision=None, trust_remote_code=False):
     """The base model with a fresh PEFT LoRA at ``rank``; the LoRA init is seeded."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch_dtype, revision=revision, trust_remote_code=trust_remote_code
-    )
+    from florist_hf.loading import load_causal_lm
+
+    model = load_causal_lm(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -271,7 +269,14 @@ def build_client_trainer(model, tokenizer, train_dataset, *, training: dict, wor
     try:
         args = TrainingArguments(output_dir=str(work_dir), **{**TRAINING_DEFAULTS, **training, "seed": seed, "data_seed": seed})
     except (TypeError, ValueError) as error:
-        raise FloristError(f"training: {str(error).splitlines()[0]}; fix the recipe's training section") from None
+        reason = str(error).splitlines()[0]
+        if "bf16" in reason or "fp16" in reason:  # a GPU recipe on a machine without one
+            precision = "bf16" if "bf16" in reason else "fp16"
+            raise FloristError(
+                f"training: {reason}; on a machine without a GPU, --set training.use_cpu=true keeps {precision} "
+                f"(CPU autocast) or --set training.{precision}=false trains in fp32"
+            ) from None
+        raise FloristError(f"training: {reason}; fix the recipe's training section") from None
     trainer = Trainer(
         model=model,
         args=args,

@@ -49,6 +49,10 @@ HUB_DATASETS: dict[str, str] = {
 }
 
 LOCAL_FILE_SUFFIXES = (".json", ".jsonl")
+#: Single data files read by `datasets`' packaged builders, as the Hub's own files are.
+DATASETS_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+#: Files `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` leave in their folder.
+SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -211,7 +215,7 @@ def _read_json_rows(path: Path) -> list[dict]:
 def _looks_like_local_path(source: str) -> bool:
     # A Hub id is "name" or "owner/name"; anything else that is not on disk is a missing path.
     return (
-        source.endswith(LOCAL_FILE_SUFFIXES)
+        source.endswith((*LOCAL_FILE_SUFFIXES, *DATASETS_FILE_BUILDERS))
         or source.startswith((".", "/", "~"))
         or source.count("/") > 1
         or (os.sep != "/" and os.sep in source)
@@ -235,17 +239,37 @@ def _rows_from_disk(path: Path, split: str) -> list[dict]:
     return loaded.to_list()
 
 
+def _split_failure(error: Exception, source: str, split: str) -> FloristError | None:
+    """A missing split, named with the splits that exist; None for any other failure."""
+    message = str(error)
+    if isinstance(error, ValueError) and "Unknown split" in message:
+        return FloristError(f"{source}: no split '{split}' ({message.splitlines()[0]}); set data.split")
+    return None
+
+
 def _rows_from_hub(source: str, split: str) -> list[dict]:
+    """Rows of a Hub dataset, or of a local folder laid out like one (the same builder inference)."""
     import datasets
+
+    from florist_hf.loading import describe_load_failure
 
     try:
         return datasets.load_dataset(source, split=split).to_list()
     except Exception as error:  # noqa: BLE001 - datasets raises many types; the user needs one line
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise FloristError(
-            f"could not load Hub dataset '{source}' split '{split}' ({reason}); check the id, the "
-            "network and HF_HUB_OFFLINE, or give a local .json/.jsonl file or saved dataset folder"
+        raise _split_failure(error, source, split) or describe_load_failure(
+            error, source, what="dataset", key="data.source", repo_type="dataset"
         ) from None
+
+
+def _rows_from_file(path: Path, split: str) -> list[dict]:
+    """Rows of one .parquet/.csv/.arrow file, through `datasets`' packaged builder for it."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(DATASETS_FILE_BUILDERS[path.suffix], data_files={split: str(path)}, split=split).to_list()
+    except Exception as error:  # noqa: BLE001 - pyarrow and datasets raise many types
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise FloristError(f"{path}: not a readable {path.suffix[1:]} file ({reason}); check data.source") from None
 
 
 def load_records(
@@ -255,22 +279,31 @@ def load_records(
     fields: Mapping[str, str | None] | None = None,
     split: str = "train",
 ) -> list[dict]:
-    """Canonical records from a Hub dataset id, a local .json/.jsonl file, or a saved dataset folder.
+    """Canonical records from a Hub dataset id or local data.
 
-    The format is ``format`` if given, else known from `HUB_DATASETS`, else inferred from the
-    columns; ``fields`` overrides single columns of it. Local data never touches the network.
+    Local data is a .json/.jsonl file, a .parquet/.csv/.arrow file, a folder saved with
+    ``save_to_disk``, or a folder laid out like a Hub dataset repository (e.g. a clone or
+    ``hf download --repo-type dataset``), which `datasets.load_dataset` reads exactly as it reads
+    the Hub id. The format is ``format`` if given, else known from `HUB_DATASETS`, else inferred
+    from the columns; ``fields`` overrides single columns of it. Local data never touches the network.
     """
     source_text = os.fspath(source)
     path = Path(source_text).expanduser()
     if path.is_dir():
-        rows = _rows_from_disk(path, split)
+        if any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS):
+            rows = _rows_from_disk(path, split)
+        else:
+            rows = _rows_from_hub(str(path), split)
     elif path.is_file():
-        if path.suffix not in LOCAL_FILE_SUFFIXES:
+        if path.suffix in DATASETS_FILE_BUILDERS:
+            rows = _rows_from_file(path, split)
+        elif path.suffix in LOCAL_FILE_SUFFIXES:
+            rows = _read_json_rows(path)
+        else:
             raise FloristError(
-                f"{path}: unsupported data file type '{path.suffix}'; use .json (array), .jsonl, "
-                "or a folder saved with datasets' save_to_disk"
+                f"{path}: unsupported data file type '{path.suffix}'; use .json (array), .jsonl, .parquet, .csv, "
+                "a folder saved with datasets' save_to_disk, or a folder laid out like a Hub dataset"
             )
-        rows = _read_json_rows(path)
     elif _looks_like_local_path(source_text):
         raise FloristError(f"data file or folder not found: {path}; check data.source")
     else:

@@ -62,16 +62,9 @@ def paper_mmlu_task_dir() -> Path:
 
 
 def _load_base_config(base_model: str):
-    from transformers import AutoConfig
+    from florist_hf.loading import load_model_config
 
-    try:
-        return AutoConfig.from_pretrained(base_model)
-    except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FloristError(
-            f"{base_model}: base model not found or unreadable ({reason}); "
-            "pass a local model directory or a Hub id that is cached or reachable"
-        ) from None
+    return load_model_config(base_model, key="--base")
 
 
 def _adapter_factor_shapes(adapter_dir: Path) -> dict[str, dict[str, tuple[int, ...]]]:

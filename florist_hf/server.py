@@ -256,7 +256,11 @@ def prepare_client_data(recipe) -> tuple[list[list[dict]], list[dict]]:
             import numpy as np
 
             random_state = np.random.RandomState(section.seed)
-            train, test = datasets_io.holdout_per_label(records, section.holdout_per_label, random_state)
+            # A per-label hold-out needs labels; an iid split of unlabelled data (Alpaca, WizardLM) does not.
+            if section.holdout_per_label:
+                train, test = datasets_io.holdout_per_label(records, section.holdout_per_label, random_state)
+            else:
+                train, test = records, []
             parts = datasets_io.iid_partition(len(train), num_clients, random_state)
             shards = [[train[index] for index in part] for part in parts]
     if section.max_samples_per_client:
@@ -272,12 +276,14 @@ def prepare_client_data(recipe) -> tuple[list[list[dict]], list[dict]]:
     return shards, test
 
 
-def load_global_model(base_path: str, paths: RunPaths, method: AggregationMethod, round_index: int, dtype: str = "float32"):
+def load_global_model(base_path: str, paths: RunPaths, method: AggregationMethod, round_index: int, dtype: str = "float32",
+                      *, revision: str | None = None, trust_remote_code: bool = False):
     """The global model after ``round_index`` rounds, for held-out evaluation."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto")
+    from florist_hf.loading import load_causal_lm
+
+    model = load_causal_lm(base_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
     if method.merges_into_base:
         for earlier in range(1, round_index + 1):
             model = PeftModel.from_pretrained(model, paths.global_dir(earlier)).merge_and_unload()
@@ -467,10 +473,10 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     """
 
     from rich.console import Console
-    from transformers import AutoTokenizer
 
     from florist_hf import distributed
     from florist_hf.client import ClientRound, free_memory
+    from florist_hf.loading import load_model_config, load_tokenizer
 
     # Under accelerate launch every process runs this; all of them train each client together,
     # the main one alone writes the run directory (see florist_hf.distributed).
@@ -485,9 +491,10 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
         if main:
             _check_recipe_record(paths, recipe, force)
         base_path = prepare_base_model(recipe, paths)
-    tokenizer = AutoTokenizer.from_pretrained(base_path, revision=recipe.model.revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    # A base that cannot be loaded (offline, gated, misspelt) fails here in one line, before any
+    # data is prepared or any client starts: its config and tokenizer are a few KB.
+    load_model_config(base_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(base_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     shards, test_records = prepare_client_data(recipe)
     logged = _logged_keys(paths.metrics)
     console.print(
@@ -537,7 +544,10 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
             distributed.wait_for_everyone()  # the global adapter is on disk
             # Every process evaluates a share, with whole weights (see distributed.without_deepspeed).
             with distributed.without_deepspeed():
-                model = load_global_model(base_path, paths, method, round_index, recipe.model.dtype)
+                model = load_global_model(
+                    base_path, paths, method, round_index, recipe.model.dtype,
+                    revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+                )
                 heldout = heldout_loss(model, tokenizer, test_records, recipe, paths.root / "work")
             del model
             free_memory()

@@ -1,5 +1,6 @@
-"""A loopback stand-in for the Hugging Face Hub: just the endpoints huggingface_hub 2.x calls for
-``HfApi.create_repo`` + ``HfApi.upload_folder`` over the LFS transfer path.
+"""Loopback stand-ins for the Hugging Face Hub: `LoopbackHubServer` serves just the endpoints
+huggingface_hub 2.x calls for ``HfApi.create_repo`` + ``HfApi.upload_folder`` over the LFS transfer
+path; `RefusingHubServer` refuses every download the way the Hub refuses a gated or missing repo.
 
 Requests, in order:
   POST /api/repos/create                                  -> {"url": ...}
@@ -207,6 +208,50 @@ class LoopbackHubServer:
     def __enter__(self) -> FakeHub:
         self._thread.start()
         return self.hub
+
+    def __exit__(self, *exc_info) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=SOCKET_TIMEOUT_S)
+
+
+class RefusingHubServer:
+    """``with RefusingHubServer(401, "GatedRepo") as url:`` a loopback Hub that answers every
+    request with one refusal, as the real Hub does for a gated, missing or misnamed repository:
+    the status plus the ``X-Error-Code`` header huggingface_hub turns into its typed error."""
+
+    def __init__(self, status: int, error_code: str, message: str = "refused") -> None:
+        class RefusingHandler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            timeout = SOCKET_TIMEOUT_S
+            requests: list[tuple[str, str]] = []
+
+            def log_message(self, format, *args):  # noqa: A002  (signature of the base class)
+                pass
+
+            def _refuse(self) -> None:
+                self.requests.append((self.command, self.path))
+                body = json.dumps({"error": message}).encode()
+                self.send_response(status)
+                self.send_header("X-Error-Code", error_code)
+                self.send_header("X-Error-Message", message)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body) if self.command != "HEAD" else 0))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = do_POST = _refuse
+
+        self.handler = RefusingHandler
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), RefusingHandler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="refusing-hub", daemon=True)
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        return self.url
 
     def __exit__(self, *exc_info) -> None:
         self._server.shutdown()

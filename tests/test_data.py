@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,8 +178,54 @@ def test_hub_id_goes_to_load_dataset_with_its_known_format(monkeypatch):
 
 
 def test_unreachable_hub_dataset_is_one_florist_error():
-    with pytest.raises(FloristError, match="could not load Hub dataset 'florist-hf-tests/no-such-dataset'"):
+    with pytest.raises(FloristError, match="dataset 'florist-hf-tests/no-such-dataset': not in the local .*HF_HUB_OFFLINE"):
         data.load_records("florist-hf-tests/no-such-dataset")
+
+
+#: Each dataset's own columns for instruction, input, output and label (its real Hub schema).
+REAL_SCHEMAS = {
+    "databricks/databricks-dolly-15k": ("instruction", "context", "response", "category"),
+    "tatsu-lab/alpaca": ("instruction", "input", "output", None),
+    "WizardLM/WizardLM_evol_instruct_70k": ("instruction", None, "output", None),
+}
+
+
+def _raw_rows(folder: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    (path,) = [p for p in folder.rglob("*") if p.is_file()]
+    if path.suffix == ".parquet":
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("source", list(REAL_SCHEMAS))
+def test_local_copy_in_the_hub_layout_loads_like_the_hub_id(tmp_path, source):
+    """A folder laid out like the dataset's Hub repo goes through datasets.load_dataset, as the id does,
+    and each real schema maps onto the canonical fields."""
+    from dataset_fixtures import HUB_FIXTURES
+
+    folder = HUB_FIXTURES[source](tmp_path / source)
+    instruction, input_column, output, label = REAL_SCHEMAS[source]
+    expected = [
+        {"instruction": row[instruction], "input": row[input_column] if input_column else "",
+         "output": row[output], "label": row[label] if label else None}
+        for row in _raw_rows(folder)
+    ]
+    assert any(record["input"] for record in expected) == (input_column is not None)
+    assert data.load_records(folder) == expected
+
+
+def test_single_parquet_file_and_a_missing_split(tmp_path):
+    from dataset_fixtures import ALPACA_PARQUET, write_alpaca_repo
+
+    folder = write_alpaca_repo(tmp_path / "alpaca", count=4)
+    records = data.load_records(folder / ALPACA_PARQUET)
+    assert [record["input"] for record in records] == ["", records[1]["input"], "", records[3]["input"]]
+    with pytest.raises(FloristError, match="no split 'test'.*set data.split"):
+        data.load_records(folder, split="test")
 
 
 def test_missing_local_path_is_named(tmp_path):

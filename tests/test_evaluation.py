@@ -250,7 +250,7 @@ def test_missing_include_path(tiny_base, tmp_path):
 
 
 def test_missing_base_model(tmp_path):
-    with pytest.raises(FloristError, match="base model not found"):
+    with pytest.raises(FloristError, match="local path not found"):
         evaluate_adapter(str(tmp_path / "no-model"), None, tasks=[TINY_MC_TASK], device="cpu")
 
 

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from florist_hf.adapters import read_adapter
 from florist_hf.aggregation import get_method
 from florist_hf.cli import app
+from florist_hf.errors import FloristError
 from florist_hf.recipe import load_recipe
 from florist_hf.server import RunPaths, run_federation
 
@@ -294,3 +295,18 @@ def test_recipe_evaluation_runs_lm_eval_after_every_round(tmp_path):
 def test_set_reads_exponent_numbers_as_numbers():
     recipe = load_recipe(REPO / "recipes" / "tiny_cpu_demo.yaml", ["training.learning_rate=5e-3", "name=e2e"])
     assert recipe.training["learning_rate"] == 0.005 and recipe.name == "e2e"
+
+
+def test_iid_split_needs_labels_only_for_a_per_label_holdout(tmp_path):
+    """Alpaca and WizardLM have no label column: an iid split without hold-out needs none."""
+    from florist_hf.server import prepare_client_data
+
+    rows = [{"instruction": f"Task {k}.", "input": "", "output": f"Answer {k}."} for k in range(30)]
+    (tmp_path / "alpaca.json").write_text(json.dumps(rows))
+    data = {"source": str(tmp_path / "alpaca.json"), "partition": "iid", "max_samples_per_client": None}
+    shards, test = prepare_client_data(load_recipe(write_recipe(tmp_path, data={**data, "holdout_per_label": 0})))
+    assert sorted(len(shard) for shard in shards) == [10, 10, 10] and test == []
+    assert sorted(r["output"] for shard in shards for r in shard) == sorted(r["output"] for r in rows)
+
+    with pytest.raises(FloristError, match="30 record.s. have no label.*set data.fields.label"):
+        prepare_client_data(load_recipe(write_recipe(tmp_path, data={**data, "holdout_per_label": 2})))

@@ -73,12 +73,9 @@ def client_records(recipe, context: Context, client_id: int) -> list[dict]:
 def _tokenizer(base_path: str, revision):
     key = (base_path, revision)
     if key not in _TOKENIZER_CACHE:
-        from transformers import AutoTokenizer
+        from florist_hf.loading import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(base_path, revision=revision)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        _TOKENIZER_CACHE[key] = tokenizer
+        _TOKENIZER_CACHE[key] = load_tokenizer(base_path, revision=revision)
     return _TOKENIZER_CACHE[key]
 
 

@@ -333,9 +333,9 @@ def run_flower_federation(grid: Grid, recipe, *, force: bool = False, console=No
                           round_timeout: float | None = None, node_timeout: float = DEFAULT_NODE_TIMEOUT) -> Path:
     """The ServerApp's work: discover the clients, run every round through Flower, publish; returns the run dir."""
     from rich.console import Console
-    from transformers import AutoTokenizer
 
     from florist_hf.io_utils import write_json_atomic
+    from florist_hf.loading import load_tokenizer
     from florist_hf.server import (
         GLOBAL_ADAPTER,
         RUN_SUMMARY,
@@ -368,9 +368,9 @@ def run_flower_federation(grid: Grid, recipe, *, force: bool = False, console=No
                 "SuperLink's machine or set federation.eval_heldout_loss=false)"
             ) from None
         if test_records:
-            tokenizer = AutoTokenizer.from_pretrained(base_path, revision=recipe.model.revision)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
+            tokenizer = load_tokenizer(
+                base_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+            )
     console.print(
         f"[bold]{recipe.name}[/] on Flower: {federation.method}"
         + (f" (τ = {federation.threshold})" if federation.method == "florist" else "")

@@ -1,0 +1,194 @@
+"""Loading a base model, its config or tokenizer (from the Hub or a local directory), where any failure
+becomes one FloristError naming the id, the cause and the fix.
+
+transformers and datasets wrap the Hub client's typed errors (gated, not found, offline, …) in
+generic ``OSError``/``ConnectionError`` messages; the typed error is still on the exception chain,
+so the cause is read from there rather than from the wording of the message.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from florist_hf.errors import FloristError
+
+HUB_URL = "https://huggingface.co"
+
+
+def is_local_reference(name: str) -> bool:
+    """True when ``name`` means a local path rather than a Hub id ("name" or "owner/name")."""
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+        or Path(name).expanduser().exists()
+    )
+
+
+def _exception_chain(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _has_token() -> bool:
+    from huggingface_hub import get_token
+
+    return get_token() is not None
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def describe_load_failure(
+    error: BaseException,
+    name: str,
+    *,
+    what: str,
+    key: str,
+    revision: str | None = None,
+    repo_type: Literal["model", "dataset"] = "model",
+) -> FloristError:
+    """One line for a failed load of ``name``: what could not be loaded, why, and what to do.
+
+    ``what`` names the thing ("base model", "tokenizer", "dataset"), ``key`` the recipe key that
+    chose it (e.g. ``model.name_or_path``), so the fix can point at it.
+    """
+    from huggingface_hub import errors as hub_errors
+
+    page = f"{HUB_URL}/{'datasets/' if repo_type == 'dataset' else ''}{name}"
+    download = f"hf download {name}" + (" --repo-type dataset" if repo_type == "dataset" else "")
+    local = f"or point {key} at a local {'directory' if repo_type == 'model' else 'file or folder'}"
+    at_revision = f" at revision '{revision}'" if revision else ""
+    subject = f"{what} '{name}'{at_revision}"
+    chain = list(_exception_chain(error))
+
+    def find(*types):
+        return next((link for link in chain if isinstance(link, types)), None)
+
+    if is_local_reference(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            return FloristError(
+                f"{subject}: local path not found; point {key} at an existing directory "
+                f"(save_pretrained layout) or at a Hub id such as owner/name"
+            )
+        if repo_type == "model" and path.is_dir() and not (path / "config.json").is_file():
+            return FloristError(
+                f"{subject}: {path} has no config.json, so it is not a saved model; point {key} at a folder "
+                f"written by save_pretrained (or `{download.replace(name, 'OWNER/NAME')} --local-dir {path}`)"
+            )
+        return FloristError(f"{subject}: cannot be read ({_first_line(error)}); check the files in {path}")
+
+    if find(hub_errors.GatedRepoError) is not None:
+        if _has_token():
+            return FloristError(
+                f"{subject}: gated repository and your Hub token has no access; accept the licence on {page} "
+                "with the account of that token (approval may take a while), then run again"
+            )
+        return FloristError(
+            f"{subject}: gated repository and no Hub token is set; accept the licence on {page}, "
+            "then log in with `hf auth login` (or set HF_TOKEN)"
+        )
+    if find(hub_errors.RevisionNotFoundError) is not None:
+        revision_key = "model.revision" if repo_type == "model" else "the revision"
+        return FloristError(
+            f"{subject}: the repository has no revision '{revision}'; set {revision_key} to an existing "
+            f"branch, tag or commit of {page}"
+        )
+    if find(hub_errors.RepositoryNotFoundError) is not None:
+        login = "" if _has_token() else ", or run `hf auth login` if it is a private repository"
+        return FloristError(
+            f"{subject}: no such repository on the Hub (or a private one you cannot see); check {key}{login}"
+        )
+    if find(hub_errors.EntryNotFoundError) is not None and find(hub_errors.LocalEntryNotFoundError) is None:
+        return FloristError(
+            f"{subject}: the repository lacks a file it needs ({_first_line(find(hub_errors.EntryNotFoundError))}); "
+            f"check that {key} names a {'causal language model' if repo_type == 'model' else 'dataset'} repository"
+        )
+    offline_link = find(hub_errors.OfflineModeIsEnabled, hub_errors.LocalEntryNotFoundError)
+    mentions_offline = any("offline" in _first_line(link).lower() for link in chain)
+    if _offline() and (offline_link is not None or mentions_offline or find(FileNotFoundError, ConnectionError)):
+        return FloristError(
+            f"{subject}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; "
+            f"unset HF_HUB_OFFLINE, or run `{download}` where there is network and copy the cache here, {local}"
+        )
+    if offline_link is not None or _is_connection_error(chain):
+        return FloristError(
+            f"{subject}: the Hub cannot be reached and it is not in the local cache; check the network "
+            f"(and HF_ENDPOINT), or run `{download}` where there is network and copy the cache here, {local}"
+        )
+    http_error = find(hub_errors.HfHubHTTPError)
+    status = getattr(getattr(http_error, "response", None), "status_code", None)
+    if status in (401, 403):
+        return FloristError(f"{subject}: the Hub refused access (HTTP {status}); log in with `hf auth login` or set HF_TOKEN")
+    if any("trust_remote_code" in str(link) for link in chain):
+        return FloristError(
+            f"{subject}: runs custom code from its repository; read it, then set model.trust_remote_code: true"
+        )
+    return FloristError(f"{subject}: could not be loaded ({_first_line(error)}); check {key}")
+
+
+def _is_connection_error(chain) -> bool:
+    names = {type(link).__name__ for link in chain}
+    return bool(names & {"ConnectError", "ConnectTimeout", "ConnectionError", "TimeoutException", "ReadTimeout"})
+
+
+def _load(loader, name: str, *, what: str, key: str, revision: str | None, **kwargs):
+    try:
+        return loader(name, revision=revision, **kwargs)
+    except FloristError:
+        raise
+    except (OSError, ValueError) as error:
+        raise describe_load_failure(error, name, what=what, key=key, revision=revision) from None
+    except Exception as error:  # noqa: BLE001 - the Hub client's errors are not all OSErrors
+        if type(error).__module__.startswith(("huggingface_hub", "httpx", "requests")):
+            raise describe_load_failure(error, name, what=what, key=key, revision=revision) from None
+        raise
+
+
+def torch_dtype(dtype: str):
+    """A recipe's dtype name as transformers' ``dtype=`` argument ("auto" stays a string)."""
+    import torch
+
+    return dtype if dtype == "auto" else getattr(torch, dtype)
+
+
+def load_model_config(name: str, *, revision: str | None = None, trust_remote_code: bool = False, key: str = "model.name_or_path"):
+    """The model's ``PretrainedConfig`` (a few KB: the cheap way to check that a base can be loaded)."""
+    from transformers import AutoConfig
+
+    return _load(AutoConfig.from_pretrained, name, what="base model", key=key, revision=revision,
+                 trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False, key: str = "model.name_or_path"):
+    """The base model's tokenizer; one without a pad token gets its EOS as pad (padding is masked)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer.from_pretrained, name, what="tokenizer of", key=key, revision=revision,
+                      trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, *, dtype: str = "float32", revision: str | None = None, trust_remote_code: bool = False,
+                   key: str = "model.name_or_path", **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` with the recipe's dtype, revision and remote-code setting."""
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM.from_pretrained, name, what="base model", key=key, revision=revision,
+                 dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
