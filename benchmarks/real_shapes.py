@@ -34,6 +34,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / "_cache" / "real_shapes"
+#: Where a client's time outside training goes (Trainer construction includes installing the global update).
+LABELS = ("load base", "build PEFT", "tokenize", "build Trainer", "install global", "export", "free memory")
 BASES = {"tinyllama": "TinyLlama/TinyLlama_v1.1", "llama32_1b": "meta-llama/Llama-3.2-1B", "llama7b": "huggyllama/llama-7b"}
 
 
@@ -44,7 +46,7 @@ class Timers:
         self.phase: tuple = ("setup",)
         self.seconds: dict[tuple, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
-    def wrap(self, owner, attribute: str, label: str) -> None:
+    def wrap(self, owner, attribute: str, label: str, phase: tuple | None = None) -> None:
         original = getattr(owner, attribute)
 
         def timed(*args, **kwargs):
@@ -52,7 +54,10 @@ class Timers:
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[self.phase][label] += time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                self.seconds[phase or self.phase][label] += elapsed
+                if phase is not None:
+                    self.seconds[phase]["total"] += elapsed
 
         setattr(owner, attribute, timed)
 
@@ -70,13 +75,16 @@ class Timers:
 def instrument(timers: Timers) -> None:
     import peft
 
-    from florist_hf import client, loading, server
+    from florist_hf import client, data, loading, server
 
     timers.wrap(loading, "load_causal_lm", "load base")
     timers.wrap(peft, "get_peft_model", "build PEFT")
+    timers.wrap(data, "tokenize_records", "tokenize")
+    timers.wrap(client, "build_client_trainer", "build Trainer")
     timers.wrap(client, "install_global_state", "install global")
     timers.wrap(client, "export_client_adapter", "export")
-    timers.wrap(server, "heldout_loss", "held-out loss")
+    timers.wrap(client, "free_memory", "free memory")
+    timers.wrap(server, "heldout_loss", "held-out loss", phase=("held-out",))
     for name in ("run_client_round", "load_global_model"):
         original = getattr(server, name)
 
@@ -164,7 +172,7 @@ def main() -> None:
         rows.append({
             "round": round_index, "client": client_id, "rank": info["rank"], "steps": info["steps"],
             "train": info["train_seconds"], "outside": seconds["total"] - info["train_seconds"],
-            **{label: seconds[label] for label in ("load base", "build PEFT", "install global", "export")},
+            **{label: seconds[label] for label in LABELS},
         })
     heldout = timers.seconds[("held-out",)]
     config = PAPER_BASES[name]
@@ -174,17 +182,18 @@ def main() -> None:
     print(f"machine: {device}, torch {torch.__version__}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"8 clients x {args.rounds} round(s) x {args.steps} step(s), batch {args.batch}, cutoff {args.cutoff}; "
           f"base built in {build_seconds:.0f} s (0 if cached)")
-    print("\n| round | client | rank | train (s) | outside training (s) | load base | build PEFT | install global | export |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| round | client | rank | train (s) | outside training (s) | " + " | ".join(LABELS) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(LABELS))
     for row in rows:
         print(f"| {row['round']} | {row['client']} | {row['rank']} | {row['train']:.1f} | {row['outside']:.2f} | "
-              f"{row['load base']:.2f} | {row['build PEFT']:.2f} | {row['install global']:.2f} | {row['export']:.2f} |")
+              + " | ".join(f"{row[label]:.2f}" for label in LABELS) + " |")
     outside = [row["outside"] for row in rows]
     print(f"\noutside training per client: median {statistics.median(outside):.2f} s, max {max(outside):.2f} s")
     server_seconds = ", ".join(f"{r['server_seconds']:.2f}" for r in rounds)
     print(f"server step per round (s): {server_seconds}")
     if heldout:
-        print(f"held-out evaluation: {heldout['total']:.1f} s in all ({heldout['held-out loss']:.1f} s of it the loss, "
+        print(f"held-out evaluation: {heldout['total']:.1f} s in all ({heldout['held-out loss']:.1f} s of it the loss over "
+              f"response tokens, "
               f"the rest loading base + {args.rounds if recipe.federation.method in ('florist', 'flora') else 1} update(s)); "
               f"losses {[round(r['heldout_loss'], 4) for r in rounds if 'heldout_loss' in r]}")
     print(f"total selected rank per round: {[r['total_selected_rank'] for r in rounds]}")

@@ -59,19 +59,29 @@ def model_key(module_name: str) -> str:
     return module_name[len(PEFT_PREFIX):] if module_name.startswith(PEFT_PREFIX) else module_name
 
 
+def pattern_key(pattern_keys, module_key: str) -> str:
+    """The first pattern that matches ``module_key`` as a whole dotted suffix, else ``module_key``.
+
+    PEFT's matching rule (``peft.utils.other.get_pattern_key``), restated so that reading an
+    adapter needs neither peft nor transformers; a test holds the two equal.
+    """
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module_key):
+            return key
+    return module_key
+
+
 def module_scale(config: Mapping, module_name: str) -> float:
     """PEFT's scaling for one module: alpha / r, or alpha / sqrt(r) with rsLoRA.
 
     Rank and alpha are looked up in ``rank_pattern`` and ``alpha_pattern`` independently, with
     PEFT's own matching rule, exactly as ``LoraModel`` does when it builds the layer.
     """
-    from peft.utils.other import get_pattern_key
-
     key = model_key(module_name)
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), key), config["r"])
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), key), config["lora_alpha"])
+    rank = rank_pattern.get(pattern_key(rank_pattern.keys(), key), config["r"])
+    alpha = alpha_pattern.get(pattern_key(alpha_pattern.keys(), key), config["lora_alpha"])
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 

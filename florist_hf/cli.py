@@ -295,13 +295,16 @@ def print_run_summary(run_dir: Path) -> None:
 
 
 def quiet_libraries() -> None:
-    """Our own progress lines replace the libraries' bars and deprecation chatter."""
+    """Our own progress lines replace the libraries' bars and deprecation chatter.
+
+    Set through the environment, which transformers and huggingface_hub read when they are first
+    imported, so that commands that need neither (aggregate, comm) do not import them.
+    """
+    import os
     import warnings
 
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 

@@ -517,6 +517,20 @@ def holdout_per_label(
     return train, test
 
 
+def sample_records(
+    records: Sequence[Mapping[str, Any]], count: int | None, seed: int | np.random.RandomState
+) -> list[dict]:
+    """At most ``count`` records drawn without replacement by a seeded shuffle, kept in their order.
+
+    A Dirichlet shard comes grouped by label, so its first ``count`` records would hold only its
+    first categories; a random draw keeps the shard's label mix. None or a count >= the size: all.
+    """
+    if count is None or count >= len(records):
+        return [dict(record) for record in records]
+    chosen = np.sort(_random_state(seed).permutation(len(records))[:count])
+    return [dict(records[index]) for index in chosen]
+
+
 def flora_split(
     records: Sequence[Mapping[str, Any]],
     num_clients: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,8 @@ class DataSection(Section):
     min_client_size: int = Field(40, ge=1)
     #: Examples of each label kept out of training as the test split (SPEC §6: 10 per category).
     holdout_per_label: int = Field(0, ge=0)
+    #: Cap every client's shard at this many records, a seeded random draw (a Dirichlet shard is
+    #: grouped by label, so its first records would hold only its first categories).
     max_samples_per_client: int | None = Field(None, ge=1)
     cutoff_len: int = Field(512, ge=8)
     train_on_inputs: bool = True
@@ -78,6 +81,11 @@ class FederationSection(Section):
     seed: int = 42
     #: After each round, the global model's loss on the held-out test records (when there are any).
     eval_heldout_loss: bool = True
+    #: The clients' learning rate across server rounds: "constant" (training.learning_rate every
+    #: round) or "cosine" (round 1 at training.learning_rate, annealed to round_lr_min at the last
+    #: round). Within a round the Trainer's own lr_scheduler_type still applies.
+    round_lr_schedule: Literal["constant", "cosine"] = "constant"
+    round_lr_min: float = Field(0.0, ge=0)
 
 
 class EvaluationSection(Section):
@@ -168,10 +176,33 @@ class Recipe(Section):
             return self.lora.alpha_multiplier * self.client_rank(client)
         return alphas if isinstance(alphas, (int, float)) else alphas[client]
 
+    def client_training_arguments(self, client: int, round_index: int, default_learning_rate: float) -> dict:
+        """The TrainingArguments fields of one client in one round: the recipe's training section,
+        the client's overrides, and the learning rate of the round schedule."""
+        training = {**self.training, **self.client_training.get(client, {})}
+        if self.federation.round_lr_schedule == "cosine":
+            peak = float(training.get("learning_rate", default_learning_rate))
+            training["learning_rate"] = cosine_round_learning_rate(
+                peak, self.federation.round_lr_min, round_index, self.federation.rounds
+            )
+        return training
+
     def fingerprint(self) -> str:
         """A hash of everything that changes the result (not where it is written)."""
         payload = self.model_dump(mode="json", exclude={"output_dir", "evaluation", "hub"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cosine_round_learning_rate(peak: float, minimum: float, round_index: int, rounds: int) -> float:
+    """Cosine annealing over server rounds: ``peak`` in round 1, ``minimum`` in round ``rounds``.
+
+    FlowerTune anneals with cos(π·t/T), so its first round already starts below the peak; here
+    round 1 trains at the recipe's own rate.
+    """
+    if rounds <= 1:
+        return peak
+    progress = (round_index - 1) / (rounds - 1)
+    return minimum + 0.5 * (peak - minimum) * (1 + math.cos(math.pi * progress))
 
 
 def _set_dotted(tree: dict, dotted_key: str, value: Any, source: str) -> None:

@@ -69,6 +69,8 @@ def build_sidecar(
     weights: Sequence[float],
     result: AggregationResult,
     communication: CommunicationReport,
+    client_names: Sequence[str] | None = None,
+    server_seconds: float | None = None,
 ) -> dict:
     """The JSON record written beside a global adapter: how it was made and what it cost."""
     modules = {}
@@ -87,9 +89,10 @@ def build_sidecar(
         "threshold": method.options().get("threshold"),
         "options": method.options(),
         "clients": [
-            {"path": str(adapter.path), "num_samples": adapter.num_samples, "weight": weight, "rank": adapter.rank}
-            for adapter, weight in zip(adapters, result.client_weights)
+            {"name": name, "path": str(adapter.path), "num_samples": adapter.num_samples, "weight": weight, "rank": adapter.rank}
+            for adapter, weight, name in zip(adapters, result.client_weights, client_names or [None] * len(adapters))
         ],
+        "server_seconds": server_seconds,  # reading the client adapters and aggregating them (not writing)
         "raw_weights": list(weights),
         "modules": modules,
         "total_rank": sum(result.selected_ranks.values()),
@@ -114,6 +117,7 @@ def aggregate_adapters(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FloristError(f"{out_dir}: already exists; choose another --out or pass --force to replace it")
+    started = time.perf_counter()
     adapters = read_client_adapters(client_dirs)
     raw_weights = client_weights(adapters, weights)
     wire_dtype = dtype or widest_dtype(adapter.dtype for adapter in adapters)
@@ -129,13 +133,13 @@ def aggregate_adapters(
         result.selected_ranks,
         bytes_per_param=torch.finfo(wire_dtype).bits // 8,
     )
-    sidecar = build_sidecar(method, adapters, raw_weights, result, communication)
+    names = list(client_names) if client_names else [f"client_{index}" for index in range(len(adapters))]
+    sidecar = build_sidecar(method, adapters, raw_weights, result, communication, names, time.perf_counter() - started)
     template = adapters[0].config
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         global_factors = {name: (m.lora_b, m.lora_a) for name, m in result.modules.items()}
         save_adapter_files(staging, global_factors, config_template=template, dtype=wire_dtype, sidecar=sidecar)
         if any(m.client_factors is not None for m in result.modules.values()):
-            names = client_names or [f"client_{index}" for index in range(len(adapters))]
             for index, (adapter, client_name) in enumerate(zip(adapters, names)):
                 client_factors = {name: m.client_factors[index] for name, m in result.modules.items()}
                 save_adapter_files(
@@ -235,6 +239,11 @@ def prepare_base_model(recipe, paths: RunPaths) -> str:
     return recipe.model.name_or_path
 
 
+def client_sample_seed(data_seed: int, client_id: int) -> int:
+    """The seed of client ``client_id``'s draw of ``data.max_samples_per_client`` records."""
+    return data_seed * 1_000_003 + client_id
+
+
 def prepare_client_data(recipe) -> tuple[list[list[dict]], list[dict]]:
     """Every client's records and the held-out test records, as the recipe's data section says."""
     from florist_hf import data as datasets_io
@@ -264,7 +273,10 @@ def prepare_client_data(recipe) -> tuple[list[list[dict]], list[dict]]:
             parts = datasets_io.iid_partition(len(train), num_clients, random_state)
             shards = [[train[index] for index in part] for part in parts]
     if section.max_samples_per_client:
-        shards = [shard[: section.max_samples_per_client] for shard in shards]
+        shards = [
+            datasets_io.sample_records(shard, section.max_samples_per_client, client_sample_seed(section.seed, client_id))
+            for client_id, shard in enumerate(shards)
+        ]
     for client_id, shard in enumerate(shards):
         if not shard:
             fix = (
@@ -291,16 +303,26 @@ def load_global_model(base_path: str, paths: RunPaths, method: AggregationMethod
     return PeftModel.from_pretrained(model, paths.global_dir(round_index))
 
 
-def heldout_loss(model, tokenizer, records, recipe, work_dir: Path) -> float:
-    """Mean token loss of ``model`` on held-out records (the Trainer's own evaluation loop)."""
+def heldout_loss(model, tokenizer, records, recipe, work_dir: Path) -> float | None:
+    """The mean over held-out records of each record's mean loss on its response tokens (the
+    Trainer's own evaluation loop; None when no record has a response token within the cutoff).
+
+    The prompt is masked whatever ``train_on_inputs`` says: the Alpaca template is the same in
+    every record, and its tokens would dominate a mean over whole sequences. One record per batch,
+    so that the value depends neither on the batch size nor on how many processes share the work
+    (the Trainer averages per-batch means, and batches differ in their number of response tokens).
+    """
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    from florist_hf.data import make_collator, tokenize_records
+    from florist_hf.data import IGNORE_INDEX, make_collator, tokenize_records
 
-    dataset = tokenize_records(records, tokenizer, cutoff_len=recipe.data.cutoff_len, train_on_inputs=recipe.data.train_on_inputs)
-    batch_size = recipe.training.get("per_device_eval_batch_size", recipe.training.get("per_device_train_batch_size", 8))
+    dataset = tokenize_records(records, tokenizer, cutoff_len=recipe.data.cutoff_len, train_on_inputs=False)
+    # A record whose response the cutoff removed has no token to score (its loss would be 0/0).
+    dataset = dataset.select([index for index, labels in enumerate(dataset["labels"]) if any(label != IGNORE_INDEX for label in labels)])
+    if len(dataset) == 0:
+        return None
     args = TrainingArguments(
-        output_dir=str(work_dir), per_device_eval_batch_size=batch_size, report_to="none", disable_tqdm=True,
+        output_dir=str(work_dir), per_device_eval_batch_size=1, report_to="none", disable_tqdm=True,
         remove_unused_columns=False, dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = Trainer(model=model, args=args, eval_dataset=dataset, data_collator=make_collator(tokenizer), processing_class=tokenizer)
@@ -329,6 +351,7 @@ def build_initial_adapter(base_path: str, recipe, out_dir: Path) -> None:
 def run_client_round(recipe, plan, base_path: str, tokenizer, records, work_dir: Path, console) -> dict:
     """Train one client for one round (a stock Trainer + FederatedCallback) and export its adapter."""
     from florist_hf.client import (
+        TRAINING_DEFAULTS,
         ConsoleProgressCallback,
         FederatedCallback,
         build_client_trainer,
@@ -346,7 +369,7 @@ def run_client_round(recipe, plan, base_path: str, tokenizer, records, work_dir:
     )
     dataset = tokenize_records(records, tokenizer, cutoff_len=recipe.data.cutoff_len, train_on_inputs=recipe.data.train_on_inputs)
     federated = FederatedCallback(plan)
-    training = {**recipe.training, **recipe.client_training.get(plan.client_id, {})}
+    training = recipe.client_training_arguments(plan.client_id, plan.round, TRAINING_DEFAULTS["learning_rate"])
     trainer = build_client_trainer(
         model, tokenizer, dataset, training=training, work_dir=work_dir, seed=seed,
         callbacks=[federated, ConsoleProgressCallback(console, f"round {plan.round} client {plan.client_id}")],
@@ -428,27 +451,32 @@ def require_quorum(paths: RunPaths, round_index: int, trained: int, selected: in
         )
 
 
-def aggregate_round(paths: RunPaths, method: AggregationMethod, trained, round_index: int) -> tuple[ServerStep, float]:
-    """The server step of one round, weighted by sample counts; returns it and its wall time."""
-    started = time.perf_counter()
-    step = aggregate_adapters(
+def aggregate_round(paths: RunPaths, method: AggregationMethod, trained, round_index: int) -> ServerStep:
+    """The server step of one round, weighted by sample counts."""
+    return aggregate_adapters(
         [plan.export_dir for plan in trained], method, paths.global_dir(round_index),
         weights=[plan.num_samples for plan in trained], overwrite=False,
         client_names=[plan.export_dir.name for plan in trained],
     )
-    return step, time.perf_counter() - started
 
 
-def round_record(step: ServerStep, round_index: int, trained, server_seconds: float, heldout: float | None) -> dict:
-    """The round's line in metrics.jsonl."""
-    ranks = step.rank_summary
-    comm = step.communication.to_dict()
+def _client_id(client: dict) -> int | str:
+    name = client.get("name") or Path(client["path"]).name
+    return int(name.removeprefix("client_")) if name.removeprefix("client_").isdigit() else name
+
+
+def round_record(paths: RunPaths, round_index: int, heldout: float | None) -> dict:
+    """The round's line in metrics.jsonl, from its global adapter's sidecar (written atomically
+    with the adapter, so a round stopped before its line was written gets the same line on resume)."""
+    sidecar = json.loads((paths.global_dir(round_index) / SIDECAR).read_text())
+    ranks = [module["selected_rank"] for module in sidecar["modules"].values()]
+    comm = sidecar["communication"]
     record = {
-        "kind": "round", "round": round_index, "clients": [plan.client_id for plan in trained],
-        "total_selected_rank": ranks["total"], "rank_min": ranks["min"], "rank_median": ranks["median"],
-        "rank_max": ranks["max"], "uplink_bytes_total": comm["uplink_bytes_total"],
+        "kind": "round", "round": round_index, "clients": [_client_id(client) for client in sidecar["clients"]],
+        "total_selected_rank": sum(ranks), "rank_min": min(ranks), "rank_median": statistics.median(ranks),
+        "rank_max": max(ranks), "uplink_bytes_total": comm["uplink_bytes_total"],
         "downlink_bytes_total": comm["downlink_bytes_total"], "eff_x1e4": comm["eff_x1e4"],
-        "server_seconds": server_seconds,
+        "server_seconds": sidecar.get("server_seconds"),
     }
     if heldout is not None:
         record["heldout_loss"] = heldout
@@ -514,31 +542,36 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
         if global_dir.exists():
             console.print(f"round {round_index}: already complete, reused")
             rounds_done.append(round_index)
-            continue
-        console.print(f"[bold]round {round_index}/{federation.rounds}[/]: clients {selected}")
-        trained: list[ClientRound] = []
-        for client_id in selected:
-            plan = ClientRound(
-                client_id=client_id,
-                round=round_index,
-                rank=recipe.client_rank(client_id),
-                num_samples=len(shards[client_id]),
-                export_dir=paths.client_dir(round_index, client_id),
-                merge_adapters=[paths.global_dir(t) for t in rounds_done] if method.merges_into_base else [],
-                init_adapter=None if method.merges_into_base else paths.global_dir(rounds_done[-1] if rounds_done else 0),
-                freeze_lora_a=method.name == "ffa",
-            )
-            if plan.export_dir.exists():
-                console.print(f"  client {client_id}: already trained this round, reused")
-            else:
-                with distributed.client_model_loading({**recipe.training, **recipe.client_training.get(client_id, {})}):
-                    run_client_round(recipe, plan, base_path, tokenizer, shards[client_id], paths.root / "work", console)
-            distributed.wait_for_everyone()  # the main process has exported the adapter
-            if accept_client_result(paths, plan, logged, console, main=main):
-                trained.append(plan)
-        require_quorum(paths, round_index, len(trained), len(selected), federation.min_clients)
-        step, server_seconds = aggregate_round(paths, method, trained, round_index) if main else (None, 0.0)
-        rounds_done.append(round_index)
+            if ("round", round_index, None) in logged:
+                continue
+            # Stopped between the aggregation and the round's record: the record is rebuilt below
+            # from the global adapter's sidecar, which was written with it.
+        else:
+            console.print(f"[bold]round {round_index}/{federation.rounds}[/]: clients {selected}")
+            trained: list[ClientRound] = []
+            for client_id in selected:
+                plan = ClientRound(
+                    client_id=client_id,
+                    round=round_index,
+                    rank=recipe.client_rank(client_id),
+                    num_samples=len(shards[client_id]),
+                    export_dir=paths.client_dir(round_index, client_id),
+                    merge_adapters=[paths.global_dir(t) for t in rounds_done] if method.merges_into_base else [],
+                    init_adapter=None if method.merges_into_base else paths.global_dir(rounds_done[-1] if rounds_done else 0),
+                    freeze_lora_a=method.name == "ffa",
+                )
+                if plan.export_dir.exists():
+                    console.print(f"  client {client_id}: already trained this round, reused")
+                else:
+                    with distributed.client_model_loading({**recipe.training, **recipe.client_training.get(client_id, {})}):
+                        run_client_round(recipe, plan, base_path, tokenizer, shards[client_id], paths.root / "work", console)
+                distributed.wait_for_everyone()  # the main process has exported the adapter
+                if accept_client_result(paths, plan, logged, console, main=main):
+                    trained.append(plan)
+            require_quorum(paths, round_index, len(trained), len(selected), federation.min_clients)
+            if main:
+                aggregate_round(paths, method, trained, round_index)
+            rounds_done.append(round_index)
         heldout = None
         if recipe.federation.eval_heldout_loss and test_records:
             distributed.wait_for_everyone()  # the global adapter is on disk
@@ -553,8 +586,9 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
             free_memory()
         if not main:
             continue
-        record = round_record(step, round_index, trained, server_seconds, heldout)
+        record = round_record(paths, round_index, heldout)
         append_jsonl(paths.metrics, record)
+        logged.add(("round", round_index, None))
         if recipe.evaluation is not None and recipe.evaluation.every_round and round_index < federation.rounds:
             published = write_published_adapter(paths, method, rounds_done, paths.round_dir(round_index) / "published")
             with distributed.single_process():  # lm-eval on the main process alone

@@ -195,19 +195,17 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     return HubHandler
 
 
-class LoopbackHubServer:
-    """``with LoopbackHubServer() as hub:`` serves a FakeHub on 127.0.0.1 (a free port) in a thread."""
+class _ThreadedServer:
+    """An HTTP server on 127.0.0.1 (a free port) in a daemon thread, from ``with`` to its end."""
 
-    def __init__(self) -> None:
-        self.hub = FakeHub()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self.hub))
+    def __init__(self, handler: type[BaseHTTPRequestHandler], name: str) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
-        self.hub.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name=name, daemon=True)
 
-    def __enter__(self) -> FakeHub:
+    def start(self) -> None:
         self._thread.start()
-        return self.hub
 
     def __exit__(self, *exc_info) -> None:
         self._server.shutdown()
@@ -215,7 +213,20 @@ class LoopbackHubServer:
         self._thread.join(timeout=SOCKET_TIMEOUT_S)
 
 
-class RefusingHubServer:
+class LoopbackHubServer(_ThreadedServer):
+    """``with LoopbackHubServer() as hub:`` serves a FakeHub on loopback in a thread."""
+
+    def __init__(self) -> None:
+        self.hub = FakeHub()
+        super().__init__(_handler_for(self.hub), "fake-hub")
+        self.hub.url = self.url
+
+    def __enter__(self) -> FakeHub:
+        self.start()
+        return self.hub
+
+
+class RefusingHubServer(_ThreadedServer):
     """``with RefusingHubServer(401, "GatedRepo") as url:`` a loopback Hub that answers every
     request with one refusal, as the real Hub does for a gated, missing or misnamed repository:
     the status plus the ``X-Error-Code`` header huggingface_hub turns into its typed error."""
@@ -224,13 +235,11 @@ class RefusingHubServer:
         class RefusingHandler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             timeout = SOCKET_TIMEOUT_S
-            requests: list[tuple[str, str]] = []
 
             def log_message(self, format, *args):  # noqa: A002  (signature of the base class)
                 pass
 
             def _refuse(self) -> None:
-                self.requests.append((self.command, self.path))
                 body = json.dumps({"error": message}).encode()
                 self.send_response(status)
                 self.send_header("X-Error-Code", error_code)
@@ -243,17 +252,8 @@ class RefusingHubServer:
 
             do_GET = do_HEAD = do_POST = _refuse
 
-        self.handler = RefusingHandler
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), RefusingHandler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="refusing-hub", daemon=True)
+        super().__init__(RefusingHandler, "refusing-hub")
 
     def __enter__(self) -> str:
-        self._thread.start()
+        self.start()
         return self.url
-
-    def __exit__(self, *exc_info) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=SOCKET_TIMEOUT_S)

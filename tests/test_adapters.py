@@ -316,3 +316,38 @@ def test_comm_uses_a_sidecars_selected_ranks(tiny_base, tmp_path, heterogeneous_
     figures = json.loads(result.output)
     assert figures["eff_x1e4"] == pytest.approx(1e4 / sidecar["total_rank"])
     assert figures["downlink_params_total"] == sidecar["communication"]["downlink_params_total"]
+
+
+@pytest.mark.parametrize(
+    "module_key",
+    ["model.layers.0.self_attn.q_proj", "model.layers.10.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
+     "layers.0.self_attn.q_proj", "q_proj", "model.layers.0.mlp.gate_proj"],
+)
+def test_pattern_key_is_peft_matching_rule(module_key):
+    from peft.utils.other import get_pattern_key
+
+    from florist_hf.adapters import pattern_key
+
+    patterns = ["model.layers.1.self_attn.q_proj", "layers.0.self_attn.q_proj", "v_proj", r"layers\.1\d\.self_attn\.q_proj",
+                "self_attn.q_proj"]
+    for keys in (patterns, patterns[::-1], [], ["gate_proj"]):
+        assert pattern_key(keys, module_key) == get_pattern_key(keys, module_key)
+
+
+def test_aggregate_command_imports_neither_transformers_nor_peft(tiny_base, tmp_path, heterogeneous_clients):
+    """The server step is torch math on safetensors files: the CLI loads no model library for it."""
+    import subprocess
+    import sys
+
+    clients = [str(path) for path in heterogeneous_clients[0]]
+    script = (
+        "import sys\n"
+        "from florist_hf.cli import main\n"
+        f"sys.argv = ['florist-hf', 'aggregate', *{clients!r}, '--out', {str(tmp_path / 'global')!r}]\n"
+        "try:\n    main()\nexcept SystemExit as stop:\n    assert not stop.code, stop.code\n"
+        "print(sorted(name for name in ('transformers', 'peft', 'datasets') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "global" / ADAPTER_WEIGHTS).is_file()

@@ -334,6 +334,20 @@ def test_holdout_per_label():
         data.holdout_per_label([records[0], {**records[1], "label": None}], 1, seed=0)
 
 
+def test_sample_records_is_a_seeded_draw_that_keeps_the_label_mix():
+    grouped = [{"instruction": f"q{i}", "input": "", "output": "o", "label": label}
+               for i, label in enumerate(sorted(LABELS))]  # a Dirichlet shard: grouped by label
+
+    sample = data.sample_records(grouped, 40, seed=3)
+
+    assert len(sample) == 40 and len({r["instruction"] for r in sample}) == 40
+    assert len({r["label"] for r in sample}) > 1  # the first 40 of the shard would hold one label
+    positions = [grouped.index(r) for r in sample]
+    assert positions == sorted(positions)  # kept in the shard's order
+    assert sample == data.sample_records(grouped, 40, seed=3) and sample != data.sample_records(grouped, 40, seed=4)
+    assert data.sample_records(grouped, None, seed=3) == grouped == data.sample_records(grouped, len(grouped), seed=3)
+
+
 # ------------------------------------------------------------------ prompt and tokenization
 
 

@@ -232,8 +232,9 @@ def _write_recipe(path: Path, output_dir: Path, per_device_batch: int, **extra_t
     recipe = {
         "name": "zero3-equivalence",
         "model": {"name_or_path": "builtin:tiny-llama", "tiny": TINY_MODEL},
+        # 256 byte tokens hold the ~170-byte prompt and a response, which the held-out loss scores.
         "data": {"source": "builtin:demo", "partition": "iid", "max_samples_per_client": 16, "holdout_per_label": 1,
-                 "cutoff_len": 64},
+                 "cutoff_len": 256},
         "lora": {"ranks": [4, 2], "target_modules": ["q_proj", "v_proj"], "dropout": 0.0},
         "federation": {"method": "florist", "threshold": 0.9, "rounds": 2, "num_clients": 2},
         "training": {"num_train_epochs": 1, "per_device_train_batch_size": per_device_batch, "learning_rate": 1e-2,

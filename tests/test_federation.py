@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -310,3 +311,81 @@ def test_iid_split_needs_labels_only_for_a_per_label_holdout(tmp_path):
 
     with pytest.raises(FloristError, match="30 record.s. have no label.*set data.fields.label"):
         prepare_client_data(load_recipe(write_recipe(tmp_path, data={**data, "holdout_per_label": 2})))
+
+
+def test_cosine_round_schedule_sets_each_rounds_learning_rate(tmp_path, monkeypatch):
+    from florist_hf import client
+
+    recipe = load_recipe(write_recipe(
+        tmp_path, rounds=3, ranks=(4, 2),
+        federation={"round_lr_schedule": "cosine", "round_lr_min": 1e-3},
+        client_training={1: {"learning_rate": 2e-2}},
+    ))
+    expected = {(k, t): lr for k, peak in ((0, 1e-2), (1, 2e-2)) for t, lr in zip((1, 2, 3), (peak, (peak + 1e-3) / 2, 1e-3))}
+    for (k, t), lr in expected.items():
+        assert recipe.client_training_arguments(k, t, 3e-4)["learning_rate"] == pytest.approx(lr)
+    constant = load_recipe(write_recipe(tmp_path, rounds=3))
+    assert constant.client_training_arguments(0, 3, 3e-4)["learning_rate"] == 1e-2
+
+    # The run hands each client's Trainer its round's rate.
+    seen = {}
+    build = client.build_client_trainer
+
+    def recording(model, tokenizer, dataset, *, training, **kwargs):
+        trainer = build(model, tokenizer, dataset, training=training, **kwargs)
+        seen[len(seen)] = trainer.args.learning_rate
+        return trainer
+
+    monkeypatch.setattr(client, "build_client_trainer", recording)
+    run_federation(recipe, console=quiet_console())
+    assert list(seen.values()) == pytest.approx([expected[(k, t)] for t in (1, 2, 3) for k in (0, 1)])
+
+
+def test_heldout_loss_scores_response_tokens_only(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from florist_hf.data import demo_records, tokenize_records
+    from florist_hf.server import heldout_loss
+
+    recipe = load_recipe(write_recipe(tmp_path, data={"cutoff_len": 256}))  # train_on_inputs: true, as shipped
+    base = Path(recipe.output_dir).parent / "base"
+    from florist_hf.tiny import build_tiny_llama
+
+    build_tiny_llama(base, num_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    # Six records with ~170-byte prompts, and one whose prompt the 256-byte cutoff leaves no room to answer.
+    records = [*demo_records()[:6], {"instruction": "Repeat " + "x" * 300, "input": "", "output": "x", "label": None}]
+
+    response_only = tokenize_records(records, tokenizer, cutoff_len=256, train_on_inputs=False)
+    with torch.no_grad():
+        expected = [
+            float(model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss)
+            for row in response_only if any(label != -100 for label in row["labels"])
+        ]
+    got = heldout_loss(model, tokenizer, records, recipe, tmp_path / "work")
+    assert got == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    assert len(expected) == 6  # the record without a response token is skipped, not a NaN
+
+
+def test_round_record_lost_to_a_stop_after_the_aggregation_is_rebuilt(tmp_path):
+    """A stop between writing rounds/<t>/global and its metrics line: the resume writes the same line."""
+    recipe = load_recipe(write_recipe(
+        tmp_path, rounds=2,
+        data={"partition": "dirichlet", "holdout_per_label": 2, "min_client_size": 10, "cutoff_len": 256},
+    ))
+    run_dir = run_federation(recipe, console=quiet_console())
+    metrics = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert all("heldout_loss" in r and r["server_seconds"] > 0 for r in records if r["kind"] == "round")
+
+    # The state such a stop leaves: round 2 aggregated, its line and everything after it missing.
+    cut = next(i for i, r in enumerate(records) if r["kind"] == "round" and r["round"] == 2)
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records[:cut]))
+    (run_dir / "run.json").unlink()
+    shutil.rmtree(run_dir / "global_adapter")
+
+    run_federation(recipe, console=quiet_console())
+    resumed = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r for r in resumed if r["kind"] == "round"] == [r for r in records if r["kind"] == "round"]
+    assert json.loads((run_dir / "run.json").read_text())["communication"] == summary["communication"]

@@ -36,7 +36,8 @@ def write_recipe(path: Path, *, method: str, ranks, rounds: int, threshold: floa
     recipe = {
         "name": f"flower-{method}",
         "model": {"name_or_path": "builtin:tiny-llama", "tiny": TINY_MODEL},
-        "data": {"source": "builtin:demo", "partition": "iid", "max_samples_per_client": 16, "cutoff_len": 64,
+        # 256 byte tokens hold the ~170-byte prompt and a response, which the held-out loss scores.
+        "data": {"source": "builtin:demo", "partition": "iid", "max_samples_per_client": 16, "cutoff_len": 256,
                  "holdout_per_label": 1},
         "lora": {"ranks": list(ranks)},
         "federation": {"method": method, "threshold": threshold, "rounds": rounds, "num_clients": len(ranks)},

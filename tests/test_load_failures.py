@@ -108,3 +108,18 @@ def test_uncached_hub_dataset_offline_is_one_line(tmp_path, tiny_base):
         result, out_dir, "dataset 'tatsu-lab/alpaca'", "unset HF_HUB_OFFLINE",
         "hf download tatsu-lab/alpaca --repo-type dataset", "data.source at a local file or folder",
     )
+
+
+def test_model_folder_without_a_tokenizer_is_one_line(tmp_path, tiny_base):
+    import shutil
+
+    model_only = tmp_path / "model-only"
+    model_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_base / name, model_only / name)
+    out_dir = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(REPO / "recipes/tinyllama_alpaca_heter.yaml"),
+                                 "--set", f"output_dir={out_dir}", "--set", f"model.name_or_path={model_only}"])
+    assert result.exit_code == 2, result.output
+    assert f"tokenizer of '{model_only}': cannot be read" in result.output
+    assert sorted(path.name for path in out_dir.iterdir()) == ["recipe.json"]

@@ -16,7 +16,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    result = runner.invoke(app, ["run", str(write_recipe(root, method="florist", threshold=0.9, data={"holdout_per_label": 2}))])
+    result = runner.invoke(app, ["run", str(write_recipe(root, method="florist", threshold=0.9, data={"holdout_per_label": 2, "cutoff_len": 256}))])
     assert result.exit_code == 0, result.output
     assert "global adapter:" in result.output
     return root / "run"

@@ -56,11 +56,13 @@ def client_records(recipe, context: Context, client_id: int) -> list[dict]:
     key = (recipe.fingerprint(), str(data_file), client_id)
     if key not in _RECORDS_CACHE:
         if data_file:
-            from florist_hf.data import load_records
+            from florist_hf.data import load_records, sample_records
+            from florist_hf.server import client_sample_seed
 
             records = load_records(str(data_file), format=recipe.data.format, fields=recipe.data.fields)
-            if recipe.data.max_samples_per_client:
-                records = records[: recipe.data.max_samples_per_client]
+            records = sample_records(
+                records, recipe.data.max_samples_per_client, client_sample_seed(recipe.data.seed, client_id)
+            )
         else:
             from florist_hf.server import prepare_client_data
 

@@ -269,12 +269,9 @@ class FloristStrategy(Strategy):
         from florist_hf.io_utils import append_jsonl
         from florist_hf.server import (
             _evaluate_and_log,
-            accept_client_result,
-            aggregate_round,
             describe_round,
             heldout_loss,
             load_global_model,
-            require_quorum,
             round_record,
             write_published_adapter,
         )
@@ -283,7 +280,41 @@ class FloristStrategy(Strategy):
         global_dir = paths.global_dir(server_round)
         if self._round.reused:
             self.rounds_done.append(server_round)
-            return adapter_to_records(global_dir)[0], None
+            if ("round", server_round, None) in self.logged:
+                return adapter_to_records(global_dir)[0], None
+            # Stopped between the aggregation and the round's record: rebuilt from the sidecar below.
+            trained = None
+        else:
+            trained = self._train_round(server_round, replies)
+        heldout = None
+        if federation.eval_heldout_loss and self.test_records:
+            model = load_global_model(
+                self.base_path, paths, self.method, server_round, recipe.model.dtype,
+                revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+            )
+            heldout = heldout_loss(model, self.tokenizer, self.test_records, recipe, paths.root / "work")
+            del model
+            free_memory()
+        record = round_record(paths, server_round, heldout)
+        append_jsonl(paths.metrics, record)
+        self.logged.add(("round", server_round, None))
+        if recipe.evaluation is not None and recipe.evaluation.every_round and server_round < federation.rounds:
+            published = write_published_adapter(paths, self.method, self.rounds_done, paths.round_dir(server_round) / "published")
+            _evaluate_and_log(recipe, self.base_path, published, paths, server_round, self.logged, console)
+        console.print(describe_round(record))
+        metrics = {key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "round"}
+        losses = [read_client_info(plan.export_dir).get("loss") for plan in trained or []]
+        losses = [loss for loss in losses if isinstance(loss, (int, float))]
+        if losses:
+            metrics["client_loss_mean"] = sum(losses) / len(losses)
+        return adapter_to_records(global_dir)[0], MetricRecord(metrics)
+
+    def _train_round(self, server_round: int, replies: Iterable[Message]) -> list:
+        """Collect the round's client adapters, retry once where a node lacked global updates,
+        and aggregate the ones that trained; returns their plans."""
+        from florist_hf.server import accept_client_result, aggregate_round, require_quorum
+
+        paths, federation, console = self.paths, self.recipe.federation, self.console
         retry = [client for reply in replies if (client := self._receive(server_round, reply)) is not None]
         if retry:  # once, with every earlier global update
             messages = [self._train_message(self._round.plans[client], None) for client in retry]
@@ -299,26 +330,9 @@ class FloristStrategy(Strategy):
             if accept_client_result(paths, plan, self.logged, console):
                 trained.append(plan)
         require_quorum(paths, server_round, len(trained), len(self._round.plans), federation.min_clients)
-        step, server_seconds = aggregate_round(paths, self.method, trained, server_round)
+        aggregate_round(paths, self.method, trained, server_round)
         self.rounds_done.append(server_round)
-        heldout = None
-        if federation.eval_heldout_loss and self.test_records:
-            model = load_global_model(self.base_path, paths, self.method, server_round, recipe.model.dtype)
-            heldout = heldout_loss(model, self.tokenizer, self.test_records, recipe, paths.root / "work")
-            del model
-            free_memory()
-        record = round_record(step, server_round, trained, server_seconds, heldout)
-        append_jsonl(paths.metrics, record)
-        if recipe.evaluation is not None and recipe.evaluation.every_round and server_round < federation.rounds:
-            published = write_published_adapter(paths, self.method, self.rounds_done, paths.round_dir(server_round) / "published")
-            _evaluate_and_log(recipe, self.base_path, published, paths, server_round, self.logged, console)
-        console.print(describe_round(record))
-        metrics = {key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "round"}
-        losses = [read_client_info(plan.export_dir).get("loss") for plan in trained]
-        losses = [loss for loss in losses if isinstance(loss, (int, float))]
-        if losses:
-            metrics["client_loss_mean"] = sum(losses) / len(losses)
-        return adapter_to_records(global_dir)[0], MetricRecord(metrics)
+        return trained
 
     # --- no federated evaluation: the server evaluates the global adapter itself ----------------
 
