@@ -246,11 +246,16 @@ def push(
     dry_run: Annotated[
         Optional[Path], typer.Option("--dry-run", help="Only build the folder that would be uploaded, here.")
     ] = None,
+    include_client_details: Annotated[
+        bool, typer.Option(help="Also upload per-client sample counts, weights, names and local paths.")
+    ] = False,
 ) -> None:
-    """Publish a global adapter to the Hub with a model card (token from HF_TOKEN or `hf auth login`)."""
+    """Publish a global adapter to the Hub with a model card (token from HF_TOKEN or `hf auth login`).
+
+    By default the upload carries the adapter, the card and aggregate-level records only."""
     from florist_hf.hub import push as push_to_hub
 
-    location = push_to_hub(source, repo_id, private=private, dry_run_dir=dry_run)
+    location = push_to_hub(source, repo_id, private=private, dry_run_dir=dry_run, include_client_details=include_client_details)
     console.print(f"{'built upload folder' if dry_run else 'pushed to'} {location}")
 
 

@@ -3,10 +3,16 @@ and a model card, created locally and then sent with ``HfApi.upload_folder``.
 
 ``build_upload_folder`` is all the local work, so a dry run writes exactly what ``push`` uploads.
 The token is passed to ``HfApi`` and nowhere else: it is never printed, logged or written.
+
+By default the upload leaks nothing about the participants: in federated learning each client's
+data size and machine are what must stay private, so the records go up with their client-level
+fields (per-client sample counts, weights, names, paths) removed and every local path replaced;
+``include_client_details=True`` uploads them as they are.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -36,6 +42,15 @@ from florist_hf.report import (
 )
 
 MODEL_CARD = "README.md"
+#: What replaces a local filesystem path in an upload without client details.
+LOCAL_PATH = "<local path>"
+#: Client-level fields: removed from the records unless client details are included.
+CLIENT_LEVEL_KEYS = {
+    "aggregation.json": ("clients", "raw_weights"),
+    "run.json": ("client_samples",),
+}
+#: Per-client byte counts inside a communication record (the totals stay).
+PER_CLIENT_COMMUNICATION = ("uplink_bytes", "downlink_bytes", "uplink_params", "downlink_params")
 DEFAULT_COMMIT_MESSAGE = "Upload federated LoRA adapter with florist-hf"
 #: lm-eval reports generative and log-likelihood tasks alike; the Hub's model-index wants one task type.
 EVAL_TASK_TYPE = "text-generation"
@@ -125,6 +140,7 @@ def _card_body(
     rank_source: Path,
     base_model: str | None,
     base_model_name: str,
+    include_client_details: bool = False,
 ) -> str:
     threshold = run.get("threshold", (sidecar or {}).get("threshold"))
     clients = (sidecar or {}).get("clients", [])
@@ -203,14 +219,68 @@ def _card_body(
         f'model = PeftModel.from_pretrained(base, "{repo_id}")',
         "```",
         "",
-        f"`{SIDECAR}` records how the adapter was aggregated (clients, weights, per-module ranks and singular values)"
+        f"`{SIDECAR}` records how the adapter was aggregated (per-module ranks and singular values"
+        + (", clients and their weights)" if include_client_details else ")")
         + (f"; `{RUN_RECORD}` records the run and its recipe." if run else "."),
     ]
+    if not include_client_details:
+        lines += [
+            "",
+            "Left out of this upload, to keep the participants private: each client's sample count, "
+            "aggregation weight, name and path, the per-client byte counts, and every local path "
+            f"(shown as `{LOCAL_PATH}`). The publisher can include them with "
+            "`hub.include_client_details: true` (or `florist-hf push --include-client-details`).",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def build_upload_folder(source: str | os.PathLike, out_dir: str | os.PathLike, *, repo_id: str) -> Path:
-    """Write the folder ``push`` uploads to ``out_dir`` (which must not exist), atomically."""
+#: File names a path may end with; with a "/" or "~" they mark a string as a local path.
+_PATH_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".yaml", ".yml", ".safetensors", ".bin", ".txt")
+
+
+def _is_path(text: str, public_ids: set[str]) -> bool:
+    if text in public_ids:
+        return False
+    return (
+        text.startswith(("/", ".", "~"))
+        or "/" in text
+        or (os.sep != "/" and os.sep in text)
+        or text.endswith(_PATH_SUFFIXES)
+    )
+
+
+def _without_local_paths(value, public_ids: set[str], key: str | None = None):
+    if isinstance(value, dict):
+        return {name: _without_local_paths(item, public_ids, name) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(item, public_ids, key) for item in value]
+    if isinstance(value, str) and key != "format" and _is_path(value, public_ids):
+        return LOCAL_PATH
+    return value
+
+
+def public_record(record: dict, file_name: str, public_ids: set[str] = frozenset()) -> dict:
+    """An aggregate-level copy of a run record (``run.json``/``aggregation.json``): client-level
+    fields removed (the client count stays), per-client byte counts reduced to totals, and every
+    string with a "/" that is not one of ``public_ids`` (Hub ids of the base and datasets)
+    replaced by LOCAL_PATH."""
+    public = {key: value for key, value in record.items() if key not in CLIENT_LEVEL_KEYS.get(file_name, ())}
+    if isinstance(record.get("clients"), list) and "clients" not in public:
+        public["num_clients"] = len(record["clients"])
+    for holder in (public, *(value for value in public.values() if isinstance(value, dict))):
+        communication = holder.get("communication")
+        if isinstance(communication, dict):
+            holder["communication"] = {k: v for k, v in communication.items() if k not in PER_CLIENT_COMMUNICATION}
+    return _without_local_paths(public, set(public_ids))
+
+
+def build_upload_folder(source: str | os.PathLike, out_dir: str | os.PathLike, *, repo_id: str,
+                        include_client_details: bool = False) -> Path:
+    """Write the folder ``push`` uploads to ``out_dir`` (which must not exist), atomically.
+
+    Without ``include_client_details`` the records are `public_record` copies and the adapter
+    config's ``base_model_name_or_path`` keeps a Hub id only (a local base path becomes null).
+    """
     publish = resolve_source(source)
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -228,15 +298,26 @@ def build_upload_folder(source: str | os.PathLike, out_dir: str | os.PathLike, *
     method = run.get("method") or (sidecar or {}).get("method")
 
     with atomic_directory(out_dir) as staging:
-        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            shutil.copyfile(publish.adapter_dir / name, staging / name)
-        for record_path in (publish.sidecar_path, publish.run_path):
-            if record_path is not None:
+        shutil.copyfile(publish.adapter_dir / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
+        if include_client_details:
+            shutil.copyfile(publish.adapter_dir / ADAPTER_CONFIG, staging / ADAPTER_CONFIG)
+        else:
+            public_config = {**adapter_config, "base_model_name_or_path": base_model}
+            (staging / ADAPTER_CONFIG).write_text(json.dumps(public_config, indent=2, sort_keys=True) + "\n")
+        for record_path, record in ((publish.sidecar_path, sidecar), (publish.run_path, run)):
+            if record_path is None:
+                continue
+            if include_client_details:
                 shutil.copyfile(record_path, staging / record_path.name)
+            else:
+                public_ids = {name for name in (base_model, *run.get("datasets", [])) if _hub_repo_id(name)}
+                public = public_record(record, record_path.name, public_ids)
+                (staging / record_path.name).write_text(json.dumps(public, indent=2) + "\n")
         plot_selected_ranks(ranks, rank_source, staging / RANKS_PLOT, title=f"Selected rank: {repo_id}")
         card = ModelCard(
             f"---\n{_card_data(run, method, base_model, repo_id).to_yaml()}\n---\n\n"
-            + _card_body(repo_id, method, run, sidecar, ranks, rank_source, base_model, Path(base_model_name).name)
+            + _card_body(repo_id, method, run, sidecar, ranks, rank_source, base_model, Path(base_model_name).name,
+                         include_client_details)
         )
         card.save(staging / MODEL_CARD)
     return out_dir
@@ -265,6 +346,7 @@ def push(
     token: str | None = None,
     dry_run_dir: str | os.PathLike | None = None,
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    include_client_details: bool = False,
 ) -> str:
     """Upload a run's global adapter (or an adapter directory) to the model repo ``repo_id``.
 
@@ -275,7 +357,7 @@ def push(
     """
     _check_repo_id(repo_id)
     if dry_run_dir is not None:
-        return str(build_upload_folder(source, dry_run_dir, repo_id=repo_id))
+        return str(build_upload_folder(source, dry_run_dir, repo_id=repo_id, include_client_details=include_client_details))
     token = token or get_token()
     if not token:
         raise FloristError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
@@ -284,7 +366,8 @@ def push(
     endpoint = _hub_endpoint()
     api = HfApi(endpoint=endpoint, token=token, library_name="florist-hf", library_version=__version__)
     with tempfile.TemporaryDirectory(prefix="florist-hf-upload-") as scratch:
-        folder = build_upload_folder(source, Path(scratch) / "upload", repo_id=repo_id)
+        folder = build_upload_folder(source, Path(scratch) / "upload", repo_id=repo_id,
+                                     include_client_details=include_client_details)
         try:
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=commit_message)

@@ -103,6 +103,9 @@ class HubSection(Section):
     push: bool = False
     repo_id: str | None = None
     private: bool = False
+    #: Upload the per-client records (sample counts, weights, names, local paths) too; off by
+    #: default, since the participants' data sizes and machines are what must not leak.
+    include_client_details: bool = False
 
     @model_validator(mode="after")
     def _repo_when_pushing(self):

@@ -348,8 +348,17 @@ def build_initial_adapter(base_path: str, recipe, out_dir: Path) -> None:
         model.save_pretrained(staging)
 
 
-def run_client_round(recipe, plan, base_path: str, tokenizer, records, work_dir: Path, console) -> dict:
-    """Train one client for one round (a stock Trainer + FederatedCallback) and export its adapter."""
+def tokenize_shard(recipe, tokenizer, records):
+    """A client's training records as the Trainer's dataset. The same in every round, so the
+    drivers tokenize each shard once per process (a few seconds per round for a large shard)."""
+    from florist_hf.data import tokenize_records
+
+    return tokenize_records(records, tokenizer, cutoff_len=recipe.data.cutoff_len, train_on_inputs=recipe.data.train_on_inputs)
+
+
+def run_client_round(recipe, plan, base_path: str, tokenizer, dataset, work_dir: Path, console) -> dict:
+    """Train one client for one round (a stock Trainer + FederatedCallback) on ``dataset`` (see
+    `tokenize_shard`) and export its adapter."""
     from florist_hf.client import (
         TRAINING_DEFAULTS,
         ConsoleProgressCallback,
@@ -359,15 +368,12 @@ def run_client_round(recipe, plan, base_path: str, tokenizer, records, work_dir:
         client_seed,
         free_memory,
     )
-    from florist_hf.data import tokenize_records
-
     seed = client_seed(recipe.training.get("seed", recipe.federation.seed), plan.client_id, plan.round)
     model = build_lora_model(
         base_path, rank=plan.rank, alpha=recipe.client_alpha(plan.client_id), target_modules=recipe.lora.target_modules,
         dropout=recipe.lora.dropout, use_rslora=recipe.lora.use_rslora, dtype=recipe.model.dtype, seed=seed,
         revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
     )
-    dataset = tokenize_records(records, tokenizer, cutoff_len=recipe.data.cutoff_len, train_on_inputs=recipe.data.train_on_inputs)
     federated = FederatedCallback(plan)
     training = recipe.client_training_arguments(plan.client_id, plan.round, TRAINING_DEFAULTS["learning_rate"])
     trainer = build_client_trainer(
@@ -535,6 +541,7 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
         build_initial_adapter(base_path, recipe, paths.global_dir(0))
 
     rounds_done: list[int] = []
+    datasets: dict[int, object] = {}  # each client's shard, tokenized once for all rounds
     for round_index in range(1, federation.rounds + 1):
         distributed.wait_for_everyone()  # what the main process wrote last round is complete
         selected = sample_clients(federation.num_clients, federation.clients_per_round, federation.seed, round_index)
@@ -563,8 +570,10 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
                 if plan.export_dir.exists():
                     console.print(f"  client {client_id}: already trained this round, reused")
                 else:
+                    if client_id not in datasets:
+                        datasets[client_id] = tokenize_shard(recipe, tokenizer, shards[client_id])
                     with distributed.client_model_loading({**recipe.training, **recipe.client_training.get(client_id, {})}):
-                        run_client_round(recipe, plan, base_path, tokenizer, shards[client_id], paths.root / "work", console)
+                        run_client_round(recipe, plan, base_path, tokenizer, datasets[client_id], paths.root / "work", console)
                 distributed.wait_for_everyone()  # the main process has exported the adapter
                 if accept_client_result(paths, plan, logged, console, main=main):
                     trained.append(plan)
@@ -609,7 +618,8 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     if recipe.hub is not None and recipe.hub.push:
         from florist_hf.hub import push
 
-        url = push(paths.root, recipe.hub.repo_id, private=recipe.hub.private)
+        url = push(paths.root, recipe.hub.repo_id, private=recipe.hub.private,
+                   include_client_details=recipe.hub.include_client_details)
         console.print(f"pushed to {url}")
     distributed.wait_for_everyone()
     return paths.root

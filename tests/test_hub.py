@@ -42,7 +42,7 @@ def _folder_files(folder: Path) -> dict[str, bytes]:
 
 
 def test_dry_run_folder_holds_adapter_records_plot_and_card(run_dir, tmp_path):
-    out = push(run_dir, REPO_ID, dry_run_dir=tmp_path / "upload")
+    out = push(run_dir, REPO_ID, dry_run_dir=tmp_path / "upload", include_client_details=True)
 
     folder = Path(out)
     assert sorted(_folder_files(folder)) == [
@@ -158,3 +158,63 @@ def test_existing_output_folder_is_refused(run_dir, tmp_path):
     (tmp_path / "upload").mkdir()
     with pytest.raises(FloristError, match="already exists"):
         build_upload_folder(run_dir, tmp_path / "upload", repo_id=REPO_ID)
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, dict):
+        return [*value.keys(), *(text for item in value.values() for text in _strings(item))]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_upload_leaks_no_client_details_by_default(tmp_path, tiny_base):
+    """A real run's upload: no client path, name, sample count or weight, no local path anywhere."""
+    from test_federation import quiet_console, write_recipe
+
+    from florist_hf.recipe import load_recipe
+    from florist_hf.server import run_federation
+
+    recipe = load_recipe(write_recipe(tmp_path, rounds=1, ranks=(4, 2), data={"holdout_per_label": 1, "cutoff_len": 256}))
+    run_dir = run_federation(recipe, console=quiet_console())
+    run = json.loads((run_dir / "run.json").read_text())
+    sidecar = json.loads((run_dir / "global_adapter" / "aggregation.json").read_text())
+    assert run["client_samples"] and sidecar["clients"][0]["path"]  # the local records do hold them
+
+    folder = Path(push(run_dir, REPO_ID, dry_run_dir=tmp_path / "upload"))
+    uploaded = {name: (folder / name).read_text() for name in ("run.json", "aggregation.json", "adapter_config.json", "README.md")}
+    for name, text in uploaded.items():
+        assert str(tmp_path) not in text and "client_0" not in text and "num_samples" not in text, name
+    public_run, public_sidecar = json.loads(uploaded["run.json"]), json.loads(uploaded["aggregation.json"])
+    assert "client_samples" not in public_run and "clients" not in public_sidecar and "raw_weights" not in public_sidecar
+    assert public_sidecar["num_clients"] == 2 and public_sidecar["modules"] == sidecar["modules"]
+    assert public_run["communication"]["uplink_bytes_total"] == run["communication"]["uplink_bytes_total"]
+    assert not any(text.startswith("/") for text in _strings(public_run) + _strings(public_sidecar))
+    assert json.loads(uploaded["adapter_config.json"])["base_model_name_or_path"] is None  # a local base
+    assert "Left out of this upload" in uploaded["README.md"]
+
+    # Opting in uploads the records as they are, and the adapter still loads with PEFT either way.
+    detailed = Path(push(run_dir, REPO_ID, dry_run_dir=tmp_path / "detailed", include_client_details=True))
+    assert json.loads((detailed / "aggregation.json").read_text())["clients"] == sidecar["clients"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "base_model"), folder)
+
+
+def test_public_record_keeps_hub_ids_and_replaces_local_paths():
+    from florist_hf.hub import LOCAL_PATH, public_record
+
+    record = {
+        "format": "florist-hf/run", "base_model": "/models/llama", "datasets": ["databricks/databricks-dolly-15k"],
+        "data_source": "databricks/databricks-dolly-15k", "client_samples": [10, 20],
+        "recipe": {"output_dir": "runs/site-a", "evaluation": {"paper_mmlu_file": "mmlu_test_1444.json"}},
+        "communication": {"uplink_bytes": [1, 2], "uplink_bytes_total": 3, "eff_x1e4": 1.5},
+    }
+    public = public_record(record, "run.json", {"databricks/databricks-dolly-15k"})
+    assert public == {
+        "format": "florist-hf/run", "base_model": LOCAL_PATH, "datasets": ["databricks/databricks-dolly-15k"],
+        "data_source": "databricks/databricks-dolly-15k",
+        "recipe": {"output_dir": LOCAL_PATH, "evaluation": {"paper_mmlu_file": LOCAL_PATH}},
+        "communication": {"uplink_bytes_total": 3, "eff_x1e4": 1.5},
+    }

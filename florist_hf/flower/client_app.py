@@ -32,6 +32,7 @@ from florist_hf.flower.records import adapter_to_records, write_adapter_records
 #: Per-process caches (a simulation worker or a long-lived process serves many rounds).
 _RECORDS_CACHE: dict[tuple, list[dict]] = {}
 _TOKENIZER_CACHE: dict[tuple, object] = {}
+_DATASET_CACHE: dict[tuple, object] = {}
 
 
 def _recipe(config: ConfigRecord):
@@ -107,7 +108,7 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     from rich.console import Console
 
     from florist_hf.client import ClientRound, read_client_info
-    from florist_hf.server import RunPaths, prepare_base_model, run_client_round
+    from florist_hf.server import RunPaths, prepare_base_model, run_client_round, tokenize_shard
 
     console = console or Console(stderr=True)
     config = message.content[protocol.CONFIG]
@@ -144,7 +145,10 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
         init_adapter=init_dir,
         freeze_lora_a=bool(config["freeze-lora-a"]),
     )
-    run_client_round(recipe, plan, base_path, tokenizer, records, root / "work", console)
+    dataset_key = (recipe.fingerprint(), str(context.node_config.get(protocol.DATA_FILE)), client_id, base_path)
+    if dataset_key not in _DATASET_CACHE:
+        _DATASET_CACHE[dataset_key] = tokenize_shard(recipe, tokenizer, records)
+    run_client_round(recipe, plan, base_path, tokenizer, _DATASET_CACHE[dataset_key], root / "work", console)
 
     arrays, adapter_config = adapter_to_records(plan.export_dir)
     info = read_client_info(plan.export_dir)

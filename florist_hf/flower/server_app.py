@@ -414,7 +414,8 @@ def run_flower_federation(grid: Grid, recipe, *, force: bool = False, console=No
     if recipe.hub is not None and recipe.hub.push:
         from florist_hf.hub import push
 
-        url = push(paths.root, recipe.hub.repo_id, private=recipe.hub.private)
+        url = push(paths.root, recipe.hub.repo_id, private=recipe.hub.private,
+                   include_client_details=recipe.hub.include_client_details)
         console.print(f"pushed to {url}")
     console.print(f"global adapter: {final_dir}")
     return paths.root
