@@ -2,8 +2,8 @@
 
     python -m benchmarks.client_overhead [--repeats 3] [--steps 40]
 
-Both runs build the same model, data and TrainingArguments; the federated one also merges the
-previous round's global update into the base when the Trainer is built and exports the PEFT adapter at
+Both runs build the same model, data and TrainingArguments; the federated one also holds the
+previous round's global update beside the base when the Trainer is built and exports the PEFT adapter at
 train end (what a FLoRIST client does every round). Reports tokens/s of Trainer construction +
 ``trainer.train()`` wall time, median over repeats, run alternately so machine noise hits both.
 """
@@ -60,7 +60,7 @@ def main() -> None:
         dataset = tokenize_records(demo_records(), tokenizer, cutoff_len=128)
         tokens_per_step = TRAINING["per_device_train_batch_size"] * statistics.mean(len(ids) for ids in dataset["input_ids"])
 
-        # A previous round's global update for the federated client to merge into its base.
+        # A previous round's global update for the federated client to train on top of.
         warmup = ClientRound(client_id=0, round=1, rank=8, num_samples=len(dataset), export_dir=scratch / "r1_client")
         timed_round(base, tokenizer, dataset, scratch / "work", steps=5, plan=warmup)
         aggregate_adapters([warmup.export_dir], get_method("florist", threshold=0.9), scratch / "r1_global")

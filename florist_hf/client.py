@@ -27,7 +27,8 @@ class ClientRound:
     rank: int
     num_samples: int
     export_dir: Path
-    #: Global updates to add into the frozen base first (FLoRIST, FLoRA: all earlier rounds).
+    #: Global updates the client trains on top of, held beside the frozen base (FLoRIST, FLoRA:
+    #: every earlier round; see `attach_global_updates`).
     merge_adapters: Sequence[Path] = field(default_factory=list)
     #: Global factors to continue training from, sliced to this client's rank (FedIT, FFA, FlexLoRA).
     init_adapter: Path | None = None
@@ -42,27 +43,79 @@ def lora_layers(model) -> dict:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
+#: Buffer names of the global-update factors `attach_global_updates` puts on a linear layer.
+GLOBAL_A, GLOBAL_B = "florist_global_a", "florist_global_b"
+
+
+def _add_global_update(module, inputs, output):
+    # y = W x + B_g (A_g x): the sum of the global updates as a low-rank term beside W.
+    global_a, global_b = getattr(module, GLOBAL_A), getattr(module, GLOBAL_B)
+    update = (inputs[0].to(global_a.dtype) @ global_a.T) @ global_b.T
+    return output + update.to(output.dtype)
+
+
+def _linear_layers(model) -> dict:
+    """Every nn.Linear by its PEFT module name (``base_model.model.…``), a LoRA layer's base included."""
+    from florist_hf.adapters import PEFT_PREFIX
+
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(part in name for part in (".lora_A.", ".lora_B.")):
+            key = name.removesuffix(".base_layer")
+            layers[key if key.startswith(PEFT_PREFIX) else PEFT_PREFIX + key] = module
+    return layers
+
+
+@torch.no_grad()
+def attach_global_updates(model, adapter_dirs: Sequence[Path]) -> list:
+    """Make ``model`` the base plus the sum of the global updates in ``adapter_dirs``, exactly.
+
+    The base weights are left as loaded; each adapted linear layer gets the concatenated factors
+    of all the updates as fp32 buffers, A_g = [A_1; …; A_T] and B_g = [s_1·B_1, …, s_T·B_T], and a
+    forward hook that adds B_g·(A_g·x) to its output (SPEC §4 allows the sum as a frozen adapter
+    beside the trainable one). Nothing is rounded into the base's dtype, so a bf16 base trains on
+    base + Σ updates at bf16 forward precision in every round, and attaching costs reading the
+    factors, not T dense products per layer. Works on a PEFT model (the LoRA layers' base layers)
+    and on a plain model alike; returns the hook handles.
+    """
+    if not adapter_dirs:
+        return []
+    factors: dict[str, tuple[list, list]] = {}
+    for adapter_dir in adapter_dirs:
+        for name, update in read_adapter(adapter_dir).modules.items():
+            a_parts, b_parts = factors.setdefault(name, ([], []))
+            a_parts.append(update.lora_a.to(torch.float64))
+            b_parts.append(update.scale * update.lora_b.to(torch.float64))
+    layers = _linear_layers(model)
+    handles = []
+    for name, (a_parts, b_parts) in factors.items():
+        if name not in layers:
+            raise FloristError(f"{adapter_dirs[0]}: module {name} is not a linear layer of the model; target_modules must match")
+        layer = layers[name]
+        device = layer.weight.device if layer.weight.device.type != "meta" else torch.device("cpu")
+        layer.register_buffer(GLOBAL_A, torch.cat(a_parts).to(device=device, dtype=torch.float32), persistent=False)
+        layer.register_buffer(GLOBAL_B, torch.cat(b_parts, dim=1).to(device=device, dtype=torch.float32), persistent=False)
+        handles.append(layer.register_forward_hook(_add_global_update))
+    return handles
+
+
 @torch.no_grad()
 def install_global_state(model, plan: ClientRound, adapter_name: str = "default") -> None:
     """Put the global model of this round into a freshly built PEFT model (SPEC §4).
 
-    Merge-style methods add every earlier global update into the base weights and train a fresh
-    LoRA; continue-style methods copy the global factors into the client's LoRA, taking the first
-    r_k components and dividing B by the client's own scale so that s_k·B·A is the global update.
+    Merge-style methods hold every earlier global update beside the frozen base
+    (`attach_global_updates`) and train a fresh LoRA; continue-style methods copy the global
+    factors into the client's LoRA, taking the first r_k components and dividing B by the
+    client's own scale so that s_k·B·A is the global update.
 
     Call it before the model is wrapped for training (``FederatedCallback`` does, at the end of the
     Trainer's ``__init__``): DeepSpeed copies the trainable factors into its own fp32 optimizer
     partitions when it wraps the model, and would overwrite later changes at the first step. Under
-    ZeRO-3 weights already partitioned at load time (``zero.Init``) are gathered, changed on rank 0
-    and re-partitioned; every process must call this then (it is collective).
+    ZeRO-3 the LoRA factors are gathered, changed on rank 0 and re-partitioned; every process must
+    call this then (it is collective).
     """
     layers = lora_layers(model)
-    for adapter_dir in plan.merge_adapters:
-        for name, update in read_adapter(adapter_dir).modules.items():
-            base_weight = _layer(layers, name, adapter_dir).get_base_layer().weight
-            with gathered_parameters([base_weight], modifier_rank=0):
-                delta = update.scale * (update.lora_b.to(torch.float64) @ update.lora_a.to(torch.float64))
-                base_weight += delta.to(device=base_weight.device, dtype=base_weight.dtype)
+    attach_global_updates(model, plan.merge_adapters)
     if plan.init_adapter is not None:
         for name, update in read_adapter(plan.init_adapter).modules.items():
             layer = _layer(layers, name, plan.init_adapter)

@@ -112,7 +112,7 @@ def without_deepspeed() -> Iterator[None]:
     """Build and run a Trainer as plain data parallelism (every process holds the whole model).
 
     Used for the held-out loss of a global model: the Trainer's DeepSpeed inference path accepts
-    only ZeRO-3, and the global model is merged from full weights anyway. Also drops transformers'
+    only ZeRO-3, and the global model is built from full weights anyway. Also drops transformers'
     ZeRO-3 marker so ``from_pretrained`` loads whole weights instead of partitioning them.
     """
     from transformers.integrations import deepspeed as hf_deepspeed

@@ -290,15 +290,17 @@ def prepare_client_data(recipe) -> tuple[list[list[dict]], list[dict]]:
 
 def load_global_model(base_path: str, paths: RunPaths, method: AggregationMethod, round_index: int, dtype: str = "float32",
                       *, revision: str | None = None, trust_remote_code: bool = False):
-    """The global model after ``round_index`` rounds, for held-out evaluation."""
+    """The global model after ``round_index`` rounds, for held-out evaluation: for merge-style
+    methods the base plus every round's update exactly as the clients hold it
+    (`attach_global_updates`), else the base with the round's global adapter."""
     from peft import PeftModel
 
+    from florist_hf.client import attach_global_updates
     from florist_hf.loading import load_causal_lm
 
     model = load_causal_lm(base_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
     if method.merges_into_base:
-        for earlier in range(1, round_index + 1):
-            model = PeftModel.from_pretrained(model, paths.global_dir(earlier)).merge_and_unload()
+        attach_global_updates(model, [paths.global_dir(earlier) for earlier in range(1, round_index + 1)])
         return model
     return PeftModel.from_pretrained(model, paths.global_dir(round_index))
 

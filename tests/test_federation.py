@@ -389,3 +389,52 @@ def test_round_record_lost_to_a_stop_after_the_aggregation_is_rebuilt(tmp_path):
     resumed = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r for r in resumed if r["kind"] == "round"] == [r for r in records if r["kind"] == "round"]
     assert json.loads((run_dir / "run.json").read_text())["communication"] == summary["communication"]
+
+
+def test_bf16_clients_train_on_base_plus_the_exact_sum_of_updates(tmp_path):
+    """Three rounds on a bf16 base: the model a client trains on is the untouched base plus Σ of the
+    global updates held in fp32, so it matches an fp64 reference to bf16 forward precision in every
+    round, with no error that grows with the round count."""
+    from transformers import AutoModelForCausalLM
+
+    from florist_hf.client import GLOBAL_A, GLOBAL_B, ClientRound, build_lora_model, install_global_state, lora_layers
+    from florist_hf.data import demo_records, tokenize_records
+
+    recipe = load_recipe(write_recipe(
+        tmp_path, rounds=3, ranks=(4, 2), model={"dtype": "bfloat16"}, training={"bf16": True, "use_cpu": True},
+    ))
+    run_dir = run_federation(recipe, console=quiet_console())
+    base = run_dir / "base_model"
+    globals_ = [RunPaths(run_dir).global_dir(t) for t in (1, 2, 3)]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    batch = tokenize_records(demo_records()[:4], tokenizer, cutoff_len=48)
+    input_ids = torch.tensor([row[:48] for row in batch["input_ids"] if len(row) >= 48][:2])
+    loaded = {name: layer.weight.detach().clone() for name, layer in
+              AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).named_modules() if name.endswith(("q_proj", "v_proj"))}
+
+    errors = []
+    for rounds_done in (1, 2, 3):
+        model = build_lora_model(str(base), rank=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.0,
+                                 use_rslora=False, dtype="bfloat16", seed=0)
+        install_global_state(model, ClientRound(client_id=0, round=rounds_done + 1, rank=4, num_samples=1,
+                                                export_dir=tmp_path / "unused", merge_adapters=globals_[:rounds_done]))
+        updates = [delta_weights(g) for g in globals_[:rounds_done]]
+        for name, layer in lora_layers(model).items():
+            base_layer = layer.get_base_layer()
+            assert torch.equal(base_layer.weight, loaded[name.removeprefix("base_model.model.")])  # never rounded into
+            held = getattr(base_layer, GLOBAL_B).double() @ getattr(base_layer, GLOBAL_A).double()
+            assert relative_error(held, sum(u[name] for u in updates)) < 1e-6
+        with torch.no_grad():
+            logits = model.eval()(input_ids=input_ids).logits.double()
+
+        reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+        modules = dict(reference.named_modules())
+        with torch.no_grad():
+            for name in updates[0]:
+                modules[name.removeprefix("base_model.model.")].weight += sum(u[name] for u in updates)
+            expected = reference.eval()(input_ids=input_ids).logits
+        errors.append(relative_error(logits, expected))
+    assert max(errors) < 2e-2, errors  # bf16 forward precision
+    assert errors[2] < 1.5 * errors[0] + 1e-3, errors  # no growth with the round count

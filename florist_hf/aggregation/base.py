@@ -28,8 +28,8 @@ class AggregationMethod(ABC):
     exact: ClassVar[bool]
     #: Only B travels (FFA-LoRA freezes A): halves the traffic and counts half in Eff.
     b_only: ClassVar[bool] = False
-    #: Clients merge each round's global update into their base and start a fresh LoRA
-    #: (FLoRIST, FLoRA); otherwise they keep training the global factors (SPEC §4).
+    #: Clients train a fresh LoRA on top of the base plus every round's global update (FLoRIST,
+    #: FLoRA: SPEC §4's merge-style); otherwise they keep training the global factors.
     merges_into_base: ClassVar[bool] = False
 
     @abstractmethod
