@@ -218,19 +218,29 @@ def evaluate(
         Optional[Path], typer.Option(help="The paper protocol: the 1,444-question MMLU subset JSON (SPEC §7).")
     ] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 8,
+    batch_size: Annotated[str, typer.Option(help='Batch size: a number, "auto" or "auto:N".')] = "8",
+    apply_chat_template: Annotated[bool, typer.Option(help="Wrap prompts in the tokenizer's chat template.")] = False,
+    log_samples: Annotated[bool, typer.Option(help="Keep every question's prompt, answer and score in --out.")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit of the base model.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the results JSON here.")] = None,
 ) -> None:
     """Evaluate a global adapter with lm-evaluation-harness (MMLU by default)."""
     from florist_hf.evaluation import evaluate_adapter, evaluate_paper_mmlu, results_table
 
+    from florist_hf.recipe import EvaluationSection
+
     count_limit = int(limit) if limit is not None and limit >= 1 else limit
+    try:
+        lm_eval_batch_size = EvaluationSection(batch_size=int(batch_size) if batch_size.isdigit() else batch_size).batch_size
+    except ValueError:
+        raise FloristError(f'--batch-size {batch_size!r}: use a number, "auto" or "auto:N"') from None
+    common = dict(limit=count_limit, device=device, batch_size=lm_eval_batch_size, log_samples=log_samples, revision=revision, out_file=out)
     if paper_mmlu is not None:
-        results = evaluate_paper_mmlu(base, adapter, paper_mmlu, limit=count_limit, device=device, batch_size=batch_size, out_file=out)
+        results = evaluate_paper_mmlu(base, adapter, paper_mmlu, **common)
     else:
         results = evaluate_adapter(
-            base, adapter, tasks=tasks, num_fewshot=num_fewshot, limit=count_limit, include_path=include_path,
-            device=device, batch_size=batch_size, out_file=out,
+            base, adapter, tasks=tasks, num_fewshot=num_fewshot, include_path=include_path,
+            apply_chat_template=apply_chat_template, **common,
         )
     console.print(results_table(results))
     if out is not None:

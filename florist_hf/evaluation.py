@@ -233,9 +233,16 @@ def evaluate_adapter(
     batch_size: int | str = 8,
     max_new_tokens: int | None = None,
     log_samples: bool = False,
+    apply_chat_template: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
     out_file: str | os.PathLike | None = None,
 ) -> dict:
     """Run lm-eval ``tasks`` on ``base_model`` with ``adapter`` (None: the base model alone).
+
+    ``batch_size`` is a number or lm-eval's "auto" / "auto:N"; ``apply_chat_template`` wraps every
+    prompt in the tokenizer's chat template (instruct bases); ``revision`` and
+    ``trust_remote_code`` reach the base model's load.
 
     ``tasks`` are lm-eval task/group names (a string may list several, comma-separated) or task
     YAML paths; the packaged tasks (``florist_mmlu_paper``) and ``include_path`` folders are
@@ -273,6 +280,8 @@ def evaluate_adapter(
         peft=None if adapter is None else str(adapter),
         device=device,
         batch_size=batch_size,
+        revision=revision or "main",
+        trust_remote_code=trust_remote_code,
     )
     raw_results = lm_eval.simple_evaluate(
         model=model,
@@ -281,6 +290,7 @@ def evaluate_adapter(
         limit=limit,
         gen_kwargs=None if max_new_tokens is None else {"max_gen_toks": max_new_tokens},
         log_samples=log_samples,
+        apply_chat_template=apply_chat_template,
         task_manager=task_manager,
     )
     run_info = {
@@ -292,6 +302,7 @@ def evaluate_adapter(
         "device": device,
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
+        "apply_chat_template": apply_chat_template,
         "task_metadata": dict(task_metadata or {}),
     }
     record = _results_record(raw_results, run_info, log_samples)
@@ -310,6 +321,8 @@ def evaluate_paper_mmlu(
     batch_size: int | str = 8,
     max_new_tokens: int = 32,
     log_samples: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
     out_file: str | os.PathLike | None = None,
 ) -> dict:
     """The paper's protocol (``florist_mmlu_paper``) on the MMLU subset in ``data_file``.
@@ -332,6 +345,8 @@ def evaluate_paper_mmlu(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         log_samples=log_samples,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
     )
     record["protocol"] = {"name": "FLoRA/FLoRIST MMLU subset", "decoding": PAPER_DECODING_NOTE}
     if out_file is not None:

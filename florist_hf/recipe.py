@@ -93,10 +93,28 @@ class EvaluationSection(Section):
     num_fewshot: int = 0
     limit: float | None = None
     include_path: str | None = None
-    batch_size: int = 8
+    #: A number, or lm-eval's "auto" (the largest batch that fits) / "auto:N" (re-detected N times).
+    batch_size: int | str = 8
+    #: Wrap every prompt in the tokenizer's chat template (for instruct bases).
+    apply_chat_template: bool = False
+    #: Keep every question's prompt, answer and score in the results file.
+    log_samples: bool = False
     every_round: bool = False
     #: The paper protocol (SPEC §7): the 1,444-question MMLU subset at this path.
     paper_mmlu_file: str | None = None
+
+
+    @field_validator("batch_size")
+    @classmethod
+    def _lm_eval_batch_size(cls, batch_size):
+        if isinstance(batch_size, int):
+            if batch_size < 1:
+                raise ValueError("batch_size must be at least 1")
+            return batch_size
+        mode, _, count = batch_size.partition(":")
+        if mode != "auto" or (count and not count.isdigit()):
+            raise ValueError('batch_size must be a number, "auto" or "auto:N"')
+        return batch_size
 
 
 class HubSection(Section):

@@ -648,12 +648,16 @@ def evaluate_run(recipe, base_path: str, adapter_dir: Path, out_file: Path, cons
     section = recipe.evaluation
     if section.paper_mmlu_file:
         results = evaluate_paper_mmlu(
-            base_path, adapter_dir, section.paper_mmlu_file, limit=section.limit, batch_size=section.batch_size, out_file=out_file
+            base_path, adapter_dir, section.paper_mmlu_file, limit=section.limit, batch_size=section.batch_size,
+            log_samples=section.log_samples, revision=recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code, out_file=out_file,
         )
     else:
         results = evaluate_adapter(
             base_path, adapter_dir, tasks=section.tasks, num_fewshot=section.num_fewshot, limit=section.limit,
-            include_path=section.include_path, batch_size=section.batch_size, out_file=out_file,
+            include_path=section.include_path, batch_size=section.batch_size, log_samples=section.log_samples,
+            apply_chat_template=section.apply_chat_template, revision=recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code, out_file=out_file,
         )
     console.print(results_table(results))
     tasks: dict[str, dict] = {}

@@ -270,3 +270,40 @@ def test_results_are_plain_json(tiny_base, tiny_task_dir):
     assert json.loads(json.dumps(record, allow_nan=False)) == record
     assert record["n-samples"][TINY_MC_TASK]["effective"] == 2
     assert not any(math.isnan(value) for _, _, value, _ in summarize_results(record))
+
+
+def test_auto_batch_size_chat_template_and_samples_reach_lm_eval(tiny_base, tiny_task_dir, tmp_path):
+    """batch_size "auto", apply_chat_template and log_samples pass through to lm-eval as a user sets them."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    chat_base = tmp_path / "chat-base"
+    shutil.copytree(tiny_base, chat_base)
+    tokenizer = AutoTokenizer.from_pretrained(chat_base)
+    tokenizer.chat_template = (
+        "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    tokenizer.save_pretrained(chat_base)
+
+    record = evaluate_adapter(
+        str(chat_base), None, tasks=[TINY_MC_TASK], include_path=tiny_task_dir, device="cpu",
+        batch_size="auto", apply_chat_template=True, log_samples=True,
+    )
+    assert record["batch_size"] == "auto" and record["apply_chat_template"] is True
+    prompts = [sample["arguments"] for sample in record["samples"][TINY_MC_TASK]]
+    assert prompts and all("<|user|>" in json.dumps(arguments) for arguments in prompts)
+
+
+@pytest.mark.parametrize(("value", "ok"), [(8, True), ("auto", True), ("auto:4", True), ("fast", False), (0, False)])
+def test_recipe_batch_size_is_a_number_or_auto(value, ok):
+    from pydantic import ValidationError
+
+    from florist_hf.recipe import EvaluationSection
+
+    if ok:
+        assert EvaluationSection(batch_size=value).batch_size == value
+    else:
+        with pytest.raises(ValidationError, match="batch_size"):
+            EvaluationSection(batch_size=value)
