@@ -43,8 +43,9 @@ def lora_layers(model) -> dict:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
-#: Buffer names of the global-update factors `attach_global_updates` puts on a linear layer.
-GLOBAL_A, GLOBAL_B = "florist_global_a", "florist_global_b"
+#: Buffer names of the global-update factors `attach_global_updates` puts on a linear layer, and
+#: the attribute that keeps its hook's handle.
+GLOBAL_A, GLOBAL_B, GLOBAL_HOOK = "florist_global_a", "florist_global_b", "florist_global_hook"
 
 
 def _add_global_update(module, inputs, output):
@@ -93,10 +94,23 @@ def attach_global_updates(model, adapter_dirs: Sequence[Path]) -> list:
             raise FloristError(f"{adapter_dirs[0]}: module {name} is not a linear layer of the model; target_modules must match")
         layer = layers[name]
         device = layer.weight.device if layer.weight.device.type != "meta" else torch.device("cpu")
+        if hasattr(layer, GLOBAL_HOOK):
+            raise FloristError(f"{name}: global updates are already attached; detach_global_updates first")
         layer.register_buffer(GLOBAL_A, torch.cat(a_parts).to(device=device, dtype=torch.float32), persistent=False)
         layer.register_buffer(GLOBAL_B, torch.cat(b_parts, dim=1).to(device=device, dtype=torch.float32), persistent=False)
-        handles.append(layer.register_forward_hook(_add_global_update))
+        handle = layer.register_forward_hook(_add_global_update)
+        setattr(layer, GLOBAL_HOOK, handle)
+        handles.append(handle)
     return handles
+
+
+def detach_global_updates(model) -> None:
+    """Undo `attach_global_updates`: hooks and factor buffers removed, the layers as loaded."""
+    for module in model.modules():
+        handle = module.__dict__.pop(GLOBAL_HOOK, None)
+        if handle is not None:
+            handle.remove()
+            del module._buffers[GLOBAL_A], module._buffers[GLOBAL_B]
 
 
 @torch.no_grad()
@@ -279,14 +293,65 @@ def client_seed(base_seed: int, client_id: int, round_index: int) -> int:
     return base_seed + 1000 * (round_index - 1) + client_id
 
 
+class BaseModelCache:
+    """One base model kept for a process's whole run, so a client round does not reload it.
+
+    `get` loads it once (per path, dtype, revision and remote-code setting); `release` takes a
+    finished client's LoRA layers and global-update hooks out again and puts the base back as
+    loaded: eval mode, no gradient checkpointing, no input-gradient hook. The base weights are
+    never changed by a client (the global updates are held beside them), so every client starts
+    from the same model a fresh load would give. Not for DeepSpeed or multi-process runs, where
+    the Trainer's engine owns the model's parameters.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.model = None
+
+    def get(self, model_path: str, *, dtype: str, revision=None, trust_remote_code=False):
+        from florist_hf.loading import load_causal_lm
+
+        key = (model_path, dtype, revision, trust_remote_code)
+        if self.key != key:
+            self.clear()
+            self.model = load_causal_lm(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+            self.key = key
+        return self.model
+
+    def release(self, peft_model=None) -> None:
+        """Put the base back as loaded after a client (``peft_model`` wrapped it) or an evaluation."""
+        if self.model is None:
+            return
+        if peft_model is not None:
+            peft_model.base_model.unload()  # the LoRA layers out, the original linear layers back
+        base = self.model
+        detach_global_updates(base)
+        if getattr(base, "is_gradient_checkpointing", False):
+            base.gradient_checkpointing_disable()
+        if getattr(base, "_require_grads_hook", None) is not None:
+            base.disable_input_require_grads()
+        base.__dict__.pop("peft_config", None)  # PEFT's mark on a model it wrapped
+        base.eval()
+        base.requires_grad_(True)  # as from_pretrained returns it; PEFT froze it
+
+    def clear(self) -> None:
+        self.key, self.model = None, None
+        free_memory()
+
+
 def build_lora_model(model_path: str, *, rank: int, alpha: float, target_modules, dropout: float,
-                     use_rslora: bool, dtype: str = "float32", seed: int = 0, revision=None, trust_remote_code=False):
-    """The base model with a fresh PEFT LoRA at ``rank``; the LoRA init is seeded."""
+                     use_rslora: bool, dtype: str = "float32", seed: int = 0, revision=None, trust_remote_code=False,
+                     base_cache: BaseModelCache | None = None):
+    """The base model with a fresh PEFT LoRA at ``rank``; the LoRA init is seeded. With
+    ``base_cache`` the base comes from it (loaded once); release it after the client."""
     from peft import LoraConfig, get_peft_model
 
     from florist_hf.loading import load_causal_lm
 
-    model = load_causal_lm(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+    if base_cache is not None:
+        model = base_cache.get(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+    else:
+        model = load_causal_lm(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,

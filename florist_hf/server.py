@@ -289,16 +289,20 @@ def prepare_client_data(recipe) -> tuple[list[list[dict]], list[dict]]:
 
 
 def load_global_model(base_path: str, paths: RunPaths, method: AggregationMethod, round_index: int, dtype: str = "float32",
-                      *, revision: str | None = None, trust_remote_code: bool = False):
+                      *, revision: str | None = None, trust_remote_code: bool = False, base_cache=None):
     """The global model after ``round_index`` rounds, for held-out evaluation: for merge-style
     methods the base plus every round's update exactly as the clients hold it
-    (`attach_global_updates`), else the base with the round's global adapter."""
+    (`attach_global_updates`), else the base with the round's global adapter. With ``base_cache``
+    it is built on the cached base; release that afterwards."""
     from peft import PeftModel
 
     from florist_hf.client import attach_global_updates
     from florist_hf.loading import load_causal_lm
 
-    model = load_causal_lm(base_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+    if base_cache is not None:
+        model = base_cache.get(base_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+    else:
+        model = load_causal_lm(base_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
     if method.merges_into_base:
         attach_global_updates(model, [paths.global_dir(earlier) for earlier in range(1, round_index + 1)])
         return model
@@ -358,9 +362,11 @@ def tokenize_shard(recipe, tokenizer, records):
     return tokenize_records(records, tokenizer, cutoff_len=recipe.data.cutoff_len, train_on_inputs=recipe.data.train_on_inputs)
 
 
-def run_client_round(recipe, plan, base_path: str, tokenizer, dataset, work_dir: Path, console) -> dict:
+def run_client_round(recipe, plan, base_path: str, tokenizer, dataset, work_dir: Path, console,
+                     base_cache=None) -> dict:
     """Train one client for one round (a stock Trainer + FederatedCallback) on ``dataset`` (see
-    `tokenize_shard`) and export its adapter."""
+    `tokenize_shard`) and export its adapter. With ``base_cache`` (a `client.BaseModelCache`) the
+    base is loaded once for all clients and put back as loaded afterwards."""
     from florist_hf.client import (
         TRAINING_DEFAULTS,
         ConsoleProgressCallback,
@@ -374,7 +380,7 @@ def run_client_round(recipe, plan, base_path: str, tokenizer, dataset, work_dir:
     model = build_lora_model(
         base_path, rank=plan.rank, alpha=recipe.client_alpha(plan.client_id), target_modules=recipe.lora.target_modules,
         dropout=recipe.lora.dropout, use_rslora=recipe.lora.use_rslora, dtype=recipe.model.dtype, seed=seed,
-        revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+        revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, base_cache=base_cache,
     )
     federated = FederatedCallback(plan)
     training = recipe.client_training_arguments(plan.client_id, plan.round, TRAINING_DEFAULTS["learning_rate"])
@@ -382,11 +388,31 @@ def run_client_round(recipe, plan, base_path: str, tokenizer, dataset, work_dir:
         model, tokenizer, dataset, training=training, work_dir=work_dir, seed=seed,
         callbacks=[federated, ConsoleProgressCallback(console, f"round {plan.round} client {plan.client_id}")],
     )
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if base_cache is not None:
+            base_cache.release(model)
     metrics = dict(federated.metrics)
     del trainer, model, federated
     free_memory()
     return metrics
+
+
+def reuses_base_model(recipe) -> bool:
+    """Whether a run keeps one base model for all its clients: in a single process without
+    DeepSpeed or torch.compile (there the Trainer's engine owns or rewraps the model)."""
+    import os
+
+    from florist_hf import distributed
+
+    training = [recipe.training, *recipe.client_training.values()]
+    launcher_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    return (
+        distributed.world_size() == 1
+        and not launcher_deepspeed
+        and not any(section.get("deepspeed") or section.get("torch_compile") for section in training)
+    )
 
 
 def write_published_adapter(paths: RunPaths, method: AggregationMethod, rounds_done: Sequence[int], out_dir: Path) -> Path:
@@ -511,7 +537,7 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     from rich.console import Console
 
     from florist_hf import distributed
-    from florist_hf.client import ClientRound, free_memory
+    from florist_hf.client import BaseModelCache, ClientRound, free_memory
     from florist_hf.loading import load_model_config, load_tokenizer
 
     # Under accelerate launch every process runs this; all of them train each client together,
@@ -544,6 +570,7 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
 
     rounds_done: list[int] = []
     datasets: dict[int, object] = {}  # each client's shard, tokenized once for all rounds
+    base_cache = BaseModelCache() if reuses_base_model(recipe) else None  # the base, loaded once
     for round_index in range(1, federation.rounds + 1):
         distributed.wait_for_everyone()  # what the main process wrote last round is complete
         selected = sample_clients(federation.num_clients, federation.clients_per_round, federation.seed, round_index)
@@ -575,7 +602,8 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
                     if client_id not in datasets:
                         datasets[client_id] = tokenize_shard(recipe, tokenizer, shards[client_id])
                     with distributed.client_model_loading({**recipe.training, **recipe.client_training.get(client_id, {})}):
-                        run_client_round(recipe, plan, base_path, tokenizer, datasets[client_id], paths.root / "work", console)
+                        run_client_round(recipe, plan, base_path, tokenizer, datasets[client_id], paths.root / "work", console,
+                                         base_cache=base_cache)
                 distributed.wait_for_everyone()  # the main process has exported the adapter
                 if accept_client_result(paths, plan, logged, console, main=main):
                     trained.append(plan)
@@ -590,9 +618,13 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
             with distributed.without_deepspeed():
                 model = load_global_model(
                     base_path, paths, method, round_index, recipe.model.dtype,
-                    revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+                    revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, base_cache=base_cache,
                 )
-                heldout = heldout_loss(model, tokenizer, test_records, recipe, paths.root / "work")
+                try:
+                    heldout = heldout_loss(model, tokenizer, test_records, recipe, paths.root / "work")
+                finally:
+                    if base_cache is not None:
+                        base_cache.release(model if model is not base_cache.model else None)
             del model
             free_memory()
         if not main:
@@ -606,6 +638,8 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
                 _evaluate_and_log(recipe, base_path, published, paths, round_index, logged, console)
         console.print(describe_round(record))
 
+    if base_cache is not None:
+        base_cache.clear()  # lm-eval loads its own model
     if not main:  # training is over; the main process publishes, evaluates and pushes alone
         distributed.wait_for_everyone()
         return paths.root

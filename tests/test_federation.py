@@ -438,3 +438,31 @@ def test_bf16_clients_train_on_base_plus_the_exact_sum_of_updates(tmp_path):
         errors.append(relative_error(logits, expected))
     assert max(errors) < 2e-2, errors  # bf16 forward precision
     assert errors[2] < 1.5 * errors[0] + 1e-3, errors  # no growth with the round count
+
+
+@pytest.mark.parametrize("method", ["florist", "fedit"])
+def test_one_base_for_all_clients_gives_what_a_fresh_load_per_client_gives(tmp_path, monkeypatch, method):
+    """The base is loaded once per run and put back as loaded after each client and evaluation:
+    every client adapter and held-out loss equals the run that loads the base for each of them."""
+    from florist_hf import server
+    from florist_hf.adapters import ADAPTER_WEIGHTS
+    from florist_hf.client import BaseModelCache
+
+    loads = []
+    get = BaseModelCache.get
+    monkeypatch.setattr(BaseModelCache, "get", lambda self, *a, **k: (loads.append(self.key), get(self, *a, **k))[1])
+    data = {"partition": "dirichlet", "holdout_per_label": 2, "min_client_size": 10, "cutoff_len": 256}
+    training = {"gradient_checkpointing": True}  # a Trainer change to the base that release must undo
+    recipe_file = write_recipe(tmp_path, method=method, rounds=2, data=data, training=training)
+    shared = run_federation(load_recipe(recipe_file, [f"output_dir={tmp_path / 'shared'}"]), console=quiet_console())
+    assert len(loads) == 2 * 3 + 2 and len({key for key in loads if key is not None}) == 1  # 6 clients + 2 evaluations, 1 load
+
+    monkeypatch.setattr(server, "reuses_base_model", lambda recipe: False)
+    fresh = run_federation(load_recipe(recipe_file, [f"output_dir={tmp_path / 'fresh'}"]), console=quiet_console())
+    for round_index in (1, 2):
+        for client in client_dirs(RunPaths(fresh), round_index):
+            twin = RunPaths(shared).client_dir(round_index, int(client.name.split("_")[1]))
+            assert (twin / ADAPTER_WEIGHTS).read_bytes() == (client / ADAPTER_WEIGHTS).read_bytes(), (round_index, client.name)
+    rounds = [[r.get("heldout_loss") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "round"] for run in (shared, fresh)]
+    assert rounds[0] == rounds[1] and None not in rounds[0]

@@ -33,6 +33,7 @@ from florist_hf.flower.records import adapter_to_records, write_adapter_records
 _RECORDS_CACHE: dict[tuple, list[dict]] = {}
 _TOKENIZER_CACHE: dict[tuple, object] = {}
 _DATASET_CACHE: dict[tuple, object] = {}
+_BASE_CACHE = None  # a client.BaseModelCache, made on first use (the base stays loaded between rounds)
 
 
 def _recipe(config: ConfigRecord):
@@ -148,7 +149,13 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     dataset_key = (recipe.fingerprint(), str(context.node_config.get(protocol.DATA_FILE)), client_id, base_path)
     if dataset_key not in _DATASET_CACHE:
         _DATASET_CACHE[dataset_key] = tokenize_shard(recipe, tokenizer, records)
-    run_client_round(recipe, plan, base_path, tokenizer, _DATASET_CACHE[dataset_key], root / "work", console)
+    global _BASE_CACHE
+    if _BASE_CACHE is None:
+        from florist_hf.client import BaseModelCache
+
+        _BASE_CACHE = BaseModelCache()
+    run_client_round(recipe, plan, base_path, tokenizer, _DATASET_CACHE[dataset_key], root / "work", console,
+                     base_cache=_BASE_CACHE)
 
     arrays, adapter_config = adapter_to_records(plan.export_dir)
     info = read_client_info(plan.export_dir)
