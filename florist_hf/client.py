@@ -326,7 +326,10 @@ class BaseModelCache:
             peft_model.base_model.unload()  # the LoRA layers out, the original linear layers back
         base = self.model
         detach_global_updates(base)
-        if getattr(base, "is_gradient_checkpointing", False):
+        if hasattr(type(base), "is_activation_checkpointing"):  # transformers 5's name for it
+            if base.is_activation_checkpointing:
+                base.activation_checkpointing_disable()
+        elif getattr(base, "is_gradient_checkpointing", False):
             base.gradient_checkpointing_disable()
         if getattr(base, "_require_grads_hook", None) is not None:
             base.disable_input_require_grads()
