@@ -110,7 +110,8 @@ def detach_global_updates(model) -> None:
         handle = module.__dict__.pop(GLOBAL_HOOK, None)
         if handle is not None:
             handle.remove()
-            del module._buffers[GLOBAL_A], module._buffers[GLOBAL_B]
+            delattr(module, GLOBAL_A)
+            delattr(module, GLOBAL_B)
 
 
 @torch.no_grad()
