@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from florist_hf.errors import FloristError
+from florist_hf.loading import describe_load_failure, is_local_reference
 
 if TYPE_CHECKING:
     import datasets
@@ -212,16 +213,6 @@ def _read_json_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _looks_like_local_path(source: str) -> bool:
-    # A Hub id is "name" or "owner/name"; anything else that is not on disk is a missing path.
-    return (
-        source.endswith((*LOCAL_FILE_SUFFIXES, *DATASETS_FILE_BUILDERS))
-        or source.startswith((".", "/", "~"))
-        or source.count("/") > 1
-        or (os.sep != "/" and os.sep in source)
-    )
-
-
 def _rows_from_disk(path: Path, split: str) -> list[dict]:
     import datasets
 
@@ -250,8 +241,6 @@ def _split_failure(error: Exception, source: str, split: str) -> FloristError | 
 def _rows_from_hub(source: str, split: str) -> list[dict]:
     """Rows of a Hub dataset, or of a local folder laid out like one (the same builder inference)."""
     import datasets
-
-    from florist_hf.loading import describe_load_failure
 
     try:
         return datasets.load_dataset(source, split=split).to_list()
@@ -304,7 +293,7 @@ def load_records(
                 f"{path}: unsupported data file type '{path.suffix}'; use .json (array), .jsonl, .parquet, .csv, "
                 "a folder saved with datasets' save_to_disk, or a folder laid out like a Hub dataset"
             )
-    elif _looks_like_local_path(source_text):
+    elif source_text.endswith((*LOCAL_FILE_SUFFIXES, *DATASETS_FILE_BUILDERS)) or is_local_reference(source_text):
         raise FloristError(f"data file or folder not found: {path}; check data.source")
     else:
         rows = _rows_from_hub(source_text, split)

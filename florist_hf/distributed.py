@@ -64,6 +64,11 @@ def wait_for_everyone() -> None:
         torch.distributed.barrier()
 
 
+def launched_with_deepspeed() -> bool:
+    """Whether ``accelerate launch`` was given a DeepSpeed config (it tells the processes so)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
 @contextmanager
 def main_process_first() -> Iterator[None]:
     """The main process runs the block first (e.g. builds a file); the others run it after it finished."""
@@ -170,8 +175,7 @@ def client_model_loading(training: dict) -> Iterator[None]:
     from transformers.integrations import deepspeed as hf_deepspeed
 
     plugin = None
-    from_launcher = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
-    if from_launcher and not training.get("deepspeed"):
+    if launched_with_deepspeed() and not training.get("deepspeed"):
         from accelerate.utils import DeepSpeedPlugin
 
         plugin = DeepSpeedPlugin()  # from the launcher's environment, as TrainingArguments builds it

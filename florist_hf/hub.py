@@ -46,8 +46,8 @@ MODEL_CARD = "README.md"
 LOCAL_PATH = "<local path>"
 #: Client-level fields: removed from the records unless client details are included.
 CLIENT_LEVEL_KEYS = {
-    "aggregation.json": ("clients", "raw_weights"),
-    "run.json": ("client_samples",),
+    SIDECAR: ("clients", "raw_weights"),
+    RUN_RECORD: ("client_samples",),
 }
 #: Per-client byte counts inside a communication record (the totals stay).
 PER_CLIENT_COMMUNICATION = ("uplink_bytes", "downlink_bytes", "uplink_params", "downlink_params")
@@ -304,13 +304,13 @@ def build_upload_folder(source: str | os.PathLike, out_dir: str | os.PathLike, *
         else:
             public_config = {**adapter_config, "base_model_name_or_path": base_model}
             (staging / ADAPTER_CONFIG).write_text(json.dumps(public_config, indent=2, sort_keys=True) + "\n")
+        public_ids = {name for name in (base_model, *run.get("datasets", [])) if _hub_repo_id(name)}
         for record_path, record in ((publish.sidecar_path, sidecar), (publish.run_path, run)):
             if record_path is None:
                 continue
             if include_client_details:
                 shutil.copyfile(record_path, staging / record_path.name)
             else:
-                public_ids = {name for name in (base_model, *run.get("datasets", [])) if _hub_repo_id(name)}
                 public = public_record(record, record_path.name, public_ids)
                 (staging / record_path.name).write_text(json.dumps(public, indent=2) + "\n")
         plot_selected_ranks(ranks, rank_source, staging / RANKS_PLOT, title=f"Selected rank: {repo_id}")

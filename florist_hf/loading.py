@@ -149,8 +149,6 @@ def _is_connection_error(chain) -> bool:
 def _load(loader, name: str, *, what: str, key: str, revision: str | None, **kwargs):
     try:
         return loader(name, revision=revision, **kwargs)
-    except FloristError:
-        raise
     except (OSError, ValueError) as error:
         raise describe_load_failure(error, name, what=what, key=key, revision=revision) from None
     except Exception as error:  # noqa: BLE001 - the Hub client's errors are not all OSErrors

@@ -103,7 +103,6 @@ class EvaluationSection(Section):
     #: The paper protocol (SPEC §7): the 1,444-question MMLU subset at this path.
     paper_mmlu_file: str | None = None
 
-
     @field_validator("batch_size")
     @classmethod
     def _lm_eval_batch_size(cls, batch_size):

@@ -54,8 +54,13 @@ class ServerStep:
 
     @property
     def rank_summary(self) -> dict:
-        ranks = list(self.result.selected_ranks.values())
-        return {"min": min(ranks), "median": statistics.median(ranks), "max": max(ranks), "total": sum(ranks)}
+        return rank_summary(self.result.selected_ranks.values())
+
+
+def rank_summary(ranks) -> dict:
+    """Min, median, max and total of the per-module selected ranks."""
+    ranks = list(ranks)
+    return {"min": min(ranks), "median": statistics.median(ranks), "max": max(ranks), "total": sum(ranks)}
 
 
 def _client_rank(adapter: LoraAdapter) -> int | dict[str, int]:
@@ -336,6 +341,25 @@ def heldout_loss(model, tokenizer, records, recipe, work_dir: Path) -> float | N
     return float(trainer.evaluate()["eval_loss"])
 
 
+def global_heldout_loss(recipe, base_path: str, paths: RunPaths, method: AggregationMethod, round_index: int,
+                        tokenizer, test_records, *, base_cache=None) -> float | None:
+    """`heldout_loss` of the global model after ``round_index`` rounds (`load_global_model`); with
+    ``base_cache`` built on the cached base, which is put back as loaded afterwards."""
+    from florist_hf.client import free_memory
+
+    model = load_global_model(
+        base_path, paths, method, round_index, recipe.model.dtype,
+        revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, base_cache=base_cache,
+    )
+    try:
+        return heldout_loss(model, tokenizer, test_records, recipe, paths.root / "work")
+    finally:
+        if base_cache is not None:
+            base_cache.release(model if model is not base_cache.model else None)
+        del model
+        free_memory()
+
+
 def build_initial_adapter(base_path: str, recipe, out_dir: Path) -> None:
     """Round 0's global adapter for continue-style methods: one shared LoRA init at the largest rank.
 
@@ -402,15 +426,12 @@ def run_client_round(recipe, plan, base_path: str, tokenizer, dataset, work_dir:
 def reuses_base_model(recipe) -> bool:
     """Whether a run keeps one base model for all its clients: in a single process without
     DeepSpeed or torch.compile (there the Trainer's engine owns or rewraps the model)."""
-    import os
-
     from florist_hf import distributed
 
     training = [recipe.training, *recipe.client_training.values()]
-    launcher_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
     return (
         distributed.world_size() == 1
-        and not launcher_deepspeed
+        and not distributed.launched_with_deepspeed()
         and not any(section.get("deepspeed") or section.get("torch_compile") for section in training)
     )
 
@@ -503,12 +524,12 @@ def round_record(paths: RunPaths, round_index: int, heldout: float | None) -> di
     """The round's line in metrics.jsonl, from its global adapter's sidecar (written atomically
     with the adapter, so a round stopped before its line was written gets the same line on resume)."""
     sidecar = json.loads((paths.global_dir(round_index) / SIDECAR).read_text())
-    ranks = [module["selected_rank"] for module in sidecar["modules"].values()]
+    ranks = rank_summary(module["selected_rank"] for module in sidecar["modules"].values())
     comm = sidecar["communication"]
     record = {
         "kind": "round", "round": round_index, "clients": [_client_id(client) for client in sidecar["clients"]],
-        "total_selected_rank": sum(ranks), "rank_min": min(ranks), "rank_median": statistics.median(ranks),
-        "rank_max": max(ranks), "uplink_bytes_total": comm["uplink_bytes_total"],
+        "total_selected_rank": ranks["total"], "rank_min": ranks["min"], "rank_median": ranks["median"],
+        "rank_max": ranks["max"], "uplink_bytes_total": comm["uplink_bytes_total"],
         "downlink_bytes_total": comm["downlink_bytes_total"], "eff_x1e4": comm["eff_x1e4"],
         "server_seconds": sidecar.get("server_seconds"),
     }
@@ -537,7 +558,7 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     from rich.console import Console
 
     from florist_hf import distributed
-    from florist_hf.client import BaseModelCache, ClientRound, free_memory
+    from florist_hf.client import BaseModelCache, ClientRound
     from florist_hf.loading import load_model_config, load_tokenizer
 
     # Under accelerate launch every process runs this; all of them train each client together,
@@ -616,17 +637,9 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
             distributed.wait_for_everyone()  # the global adapter is on disk
             # Every process evaluates a share, with whole weights (see distributed.without_deepspeed).
             with distributed.without_deepspeed():
-                model = load_global_model(
-                    base_path, paths, method, round_index, recipe.model.dtype,
-                    revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, base_cache=base_cache,
+                heldout = global_heldout_loss(
+                    recipe, base_path, paths, method, round_index, tokenizer, test_records, base_cache=base_cache
                 )
-                try:
-                    heldout = heldout_loss(model, tokenizer, test_records, recipe, paths.root / "work")
-                finally:
-                    if base_cache is not None:
-                        base_cache.release(model if model is not base_cache.model else None)
-            del model
-            free_memory()
         if not main:
             continue
         record = round_record(paths, round_index, heldout)

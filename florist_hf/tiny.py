@@ -4,9 +4,9 @@ architecture of a paper base (at full size for benchmarks, scaled down for tests
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from florist_hf.io_utils import atomic_directory
 
 #: Recipes name this instead of a Hub id to get a locally built tiny model.
 TINY_LLAMA_ID = "builtin:tiny-llama"
@@ -50,15 +50,9 @@ def build_tiny_llama(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -149,13 +143,7 @@ def build_random_llama(out_dir: str | os.PathLike, config_values: dict, *, base_
     torch.manual_seed(seed)
     # Built directly in ``dtype``: a 7B model built in fp32 first would need 27 GB.
     model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, dtype))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as staging:
         model.save_pretrained(staging)
         llama_style_tokenizer(config_values, base_name).save_pretrained(staging)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir

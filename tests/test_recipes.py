@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from dataset_fixtures import HUB_FIXTURES
+from test_federation import delta_weights
 from typer.testing import CliRunner
 
-from florist_hf.adapters import read_adapter
 from florist_hf.cli import app
 from florist_hf.recipe import load_recipe
 from florist_hf.tiny import PAPER_BASES, build_random_llama, scaled_down_config
@@ -77,8 +77,9 @@ def conformance_overrides(recipe_file: Path, out_dir: Path, stand_ins) -> list[s
     return overrides
 
 
-def delta(scale: float, lora_b: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
-    return scale * (lora_b.double() @ lora_a.double())
+def run_recipe(recipe_file: Path, overrides: list[str]):
+    """``florist-hf run RECIPE --set o1 --set o2 …`` through the CLI."""
+    return runner.invoke(app, ["run", str(recipe_file), *[item for override in overrides for item in ("--set", override)]])
 
 
 @pytest.mark.slow
@@ -91,7 +92,7 @@ def test_shipped_recipe_runs_end_to_end_and_publishes_a_peft_adapter(recipe_file
     from florist_hf.client import lora_layers
 
     overrides = conformance_overrides(recipe_file, tmp_path / "run", stand_ins)
-    result = runner.invoke(app, ["run", str(recipe_file), *[item for o in overrides for item in ("--set", o)]])
+    result = run_recipe(recipe_file, overrides)
     assert result.exit_code == 0, f"{recipe_file.name}:\n{result.output}\n{result.exception!r}"
 
     recipe = load_recipe(recipe_file, overrides)
@@ -105,10 +106,8 @@ def test_shipped_recipe_runs_end_to_end_and_publishes_a_peft_adapter(recipe_file
     method = get_method(recipe.federation.method, **({"threshold": recipe.federation.threshold}
                                                       if recipe.federation.method == "florist" else {}))
     rounds_used = range(1, rounds + 1) if method.merges_into_base else [rounds]
-    expected: dict[str, torch.Tensor] = {}
-    for round_index in rounds_used:
-        for name, module in read_adapter(run_dir / "rounds" / str(round_index) / "global").modules.items():
-            expected[name] = expected.get(name, 0) + delta(module.scale, module.lora_b, module.lora_a)
+    round_updates = [delta_weights(run_dir / "rounds" / str(round_index) / "global") for round_index in rounds_used]
+    expected = {name: sum(update[name] for update in round_updates) for name in round_updates[0]}
 
     base_path = run_dir / "base_model" if recipe.model.name_or_path.startswith("builtin:") else recipe.model.name_or_path
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
@@ -149,6 +148,6 @@ def test_recipes_name_only_bases_and_datasets_that_have_stand_ins():
 def test_bf16_recipe_on_a_cpu_only_machine_says_how_to_run_it(tmp_path, stand_ins):
     recipe_file = REPO / "recipes" / "tinyllama_alpaca_homo.yaml"
     overrides = [o for o in conformance_overrides(recipe_file, tmp_path / "run", stand_ins) if o != "training.use_cpu=true"]
-    result = runner.invoke(app, ["run", str(recipe_file), *[item for o in overrides for item in ("--set", o)]])
+    result = run_recipe(recipe_file, overrides)
     assert result.exit_code == 2
     assert "--set training.use_cpu=true keeps bf16" in result.output and "--set training.bf16=false" in result.output

@@ -265,13 +265,12 @@ class FloristStrategy(Strategy):
         return None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        from florist_hf.client import free_memory, read_client_info
+        from florist_hf.client import read_client_info
         from florist_hf.io_utils import append_jsonl
         from florist_hf.server import (
             _evaluate_and_log,
             describe_round,
-            heldout_loss,
-            load_global_model,
+            global_heldout_loss,
             round_record,
             write_published_adapter,
         )
@@ -288,13 +287,9 @@ class FloristStrategy(Strategy):
             trained = self._train_round(server_round, replies)
         heldout = None
         if federation.eval_heldout_loss and self.test_records:
-            model = load_global_model(
-                self.base_path, paths, self.method, server_round, recipe.model.dtype,
-                revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+            heldout = global_heldout_loss(
+                recipe, self.base_path, paths, self.method, server_round, self.tokenizer, self.test_records
             )
-            heldout = heldout_loss(model, self.tokenizer, self.test_records, recipe, paths.root / "work")
-            del model
-            free_memory()
         record = round_record(paths, server_round, heldout)
         append_jsonl(paths.metrics, record)
         self.logged.add(("round", server_round, None))
