@@ -54,14 +54,14 @@ def main() -> None:
     from rich.console import Console
     from transformers.utils import logging as transformers_logging
 
-    from florist_hf import server
+    from florist_hf import engine, runner
     from florist_hf.recipe import load_recipe
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     rows: list[dict] = []
     started = time.perf_counter()
-    write_record = server.append_jsonl
+    write_record = engine.append_jsonl
 
     def record_memory(path, record):  # the round loop writes one "round" record at the end of each round
         write_record(path, record)
@@ -73,12 +73,12 @@ def main() -> None:
                 "seconds": time.perf_counter() - started,
             })
 
-    server.append_jsonl = record_memory
+    engine.append_jsonl = record_memory
     with tempfile.TemporaryDirectory() as scratch:
         overrides = [f"federation.rounds={args.rounds}", f"output_dir={scratch}/run", *args.overrides]
         recipe = load_recipe(args.recipe, overrides)
         rss_before = current_rss() / MIB
-        server.run_federation(recipe, console=Console(file=open(os.devnull, "w")))
+        runner.run_federation(recipe, console=Console(file=open(os.devnull, "w")))
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"recipe: {args.recipe} {' '.join(overrides[2:])} ({recipe.federation.num_clients} clients, {args.rounds} rounds, "

@@ -75,25 +75,25 @@ class Timers:
 def instrument(timers: Timers) -> None:
     import peft
 
-    from florist_hf import client, loading, server
+    from florist_hf import client, evaluation, loading
 
     timers.wrap(loading, "load_causal_lm", "load base")
     timers.wrap(peft, "get_peft_model", "build PEFT")
-    timers.wrap(server, "tokenize_shard", "tokenize", phase=("tokenize",))  # once per client, before its first round
+    timers.wrap(client, "tokenize_shard", "tokenize", phase=("tokenize",))  # once per client, before its first round
     timers.wrap(client, "build_client_trainer", "build Trainer")
     timers.wrap(client, "install_global_state", "install global")
     timers.wrap(client, "export_client_adapter", "export")
     timers.wrap(client, "free_memory", "free memory")
-    timers.wrap(server, "heldout_loss", "held-out loss", phase=("held-out",))
-    for name in ("run_client_round", "load_global_model"):
-        original = getattr(server, name)
+    timers.wrap(evaluation, "heldout_loss", "held-out loss", phase=("held-out",))
+    for module, name in ((client, "run_client_round"), (evaluation, "load_global_model")):
+        original = getattr(module, name)
 
         def phased(*args, _original=original, _name=name, **kwargs):
             phase = ("client", args[1].round, args[1].client_id) if _name == "run_client_round" else ("held-out",)
             with timers.in_phase(phase):
                 return _original(*args, **kwargs)
 
-        setattr(server, name, phased)
+        setattr(module, name, phased)
 
 
 def peak_rss_gib() -> float:
@@ -134,7 +134,7 @@ def main() -> None:
     from transformers.utils import logging as transformers_logging
 
     from florist_hf.recipe import load_recipe
-    from florist_hf.server import run_federation
+    from florist_hf.runner import run_federation
     from florist_hf.tiny import PAPER_BASES, build_random_llama
 
     transformers_logging.set_verbosity_error()

@@ -191,11 +191,11 @@ def run(
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a recipe field: --set federation.rounds=3 (repeatable).")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Continue a run directory made with a different recipe.")] = False,
+    force: Annotated[bool, typer.Option(help="Continue a run directory made with a different recipe: changed server settings (τ, method) re-aggregate from the kept client adapters; a change to how clients train is refused.")] = False,
 ) -> None:
     """Run (or resume) a whole federation from a recipe."""
     from florist_hf.recipe import load_recipe
-    from florist_hf.server import run_federation
+    from florist_hf.runner import run_federation
 
     from florist_hf.distributed import is_main_process
 

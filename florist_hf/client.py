@@ -236,6 +236,7 @@ class FederatedCallback(TrainerCallback):
         self.plan = plan
         self.metrics: dict = {}
         self._started = 0.0
+        self._resumed_at = 0
         self._installed = False
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -254,10 +255,13 @@ class FederatedCallback(TrainerCallback):
             install_global_state(model, self.plan)
             self._installed = True
         self._started = time.perf_counter()
+        self._resumed_at = state.global_step  # > 0 when the Trainer resumed from a checkpoint
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
         train_loss = next((entry["train_loss"] for entry in reversed(state.log_history) if "train_loss" in entry), None)
+        if self._resumed_at and train_loss is not None:
+            train_loss = round_mean_loss(state.log_history, self._resumed_at, state.global_step, train_loss)
         # Every process gathers (ZeRO-3 partitions are collective); the main one writes.
         trained = {name for name, param in model.named_parameters() if param.requires_grad}
         gathered = gathered_state_dict(model, lambda name, param: name in trained or is_lora_factor(name))
@@ -273,6 +277,22 @@ class FederatedCallback(TrainerCallback):
         }
         lora_state = {name: tensor for name, tensor in gathered.items() if is_lora_factor(name)}
         export_client_adapter(model, self.plan, self.metrics, state_dict=lora_state, is_main_process=state.is_world_process_zero)
+
+
+def round_mean_loss(log_history: Sequence[dict], resumed_at: int, last_step: int, session_loss: float) -> float:
+    """The mean training loss of a client round resumed from a checkpoint at step ``resumed_at``.
+
+    The Trainer's ``train_loss`` averages only the steps of the session that ended it
+    (``session_loss``); the steps before the checkpoint are in the restored log history, one
+    logged mean per logging window.
+    """
+    total, steps, previous = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and entry.get("step", 0) <= resumed_at:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps, previous = steps + entry["step"] - previous, entry["step"]
+    total += session_loss * (last_step - resumed_at)
+    return total / (steps + last_step - resumed_at)
 
 
 class ConsoleProgressCallback(TrainerCallback):
@@ -369,7 +389,8 @@ def build_lora_model(model_path: str, *, rank: int, alpha: float, target_modules
 
 
 #: TrainingArguments florist-hf sets unless the recipe does: no checkpoints inside a client round
-#: (the round itself is the checkpoint), no external loggers unless asked, our own progress lines.
+#: unless ``save_steps`` asks for them (the round itself is the checkpoint), no external loggers
+#: unless asked, our own progress lines.
 TRAINING_DEFAULTS = {
     "report_to": "none",
     "dataloader_pin_memory": torch.cuda.is_available(),
@@ -388,6 +409,12 @@ def build_client_trainer(model, tokenizer, train_dataset, *, training: dict, wor
 
     from florist_hf.data import make_collator
 
+    training = dict(training)
+    if "save_steps" in training and "save_strategy" not in training:
+        # save_steps alone means "checkpoint the client round every N steps" (for resuming it);
+        # only the newest checkpoint is needed for that.
+        training["save_strategy"] = "steps"
+        training.setdefault("save_total_limit", 1)
     try:
         args = TrainingArguments(output_dir=str(work_dir), **{**TRAINING_DEFAULTS, **training, "seed": seed, "data_seed": seed})
     except (TypeError, ValueError) as error:
@@ -422,3 +449,84 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def last_complete_checkpoint(work_dir: Path) -> Path | None:
+    """The newest ``checkpoint-<step>`` in a client's work dir that the Trainer finished writing.
+
+    The Trainer writes ``trainer_state.json`` last, after the adapter, optimizer, scheduler and
+    RNG states, so a checkpoint cut by a kill has none (or an unreadable one) and is skipped.
+    """
+    work_dir = Path(work_dir)
+    if not work_dir.is_dir():
+        return None
+    checkpoints = [path for path in work_dir.glob("checkpoint-*") if path.name.removeprefix("checkpoint-").isdigit()]
+    for checkpoint in sorted(checkpoints, key=lambda path: int(path.name.removeprefix("checkpoint-")), reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        return checkpoint
+    return None
+
+
+def tokenize_shard(recipe, tokenizer, records):
+    """A client's training records as the Trainer's dataset. The same in every round, so the
+    drivers tokenize each shard once per process (a few seconds per round for a large shard)."""
+    from florist_hf.data import tokenize_records
+
+    return tokenize_records(records, tokenizer, cutoff_len=recipe.data.cutoff_len, train_on_inputs=recipe.data.train_on_inputs)
+
+
+def run_client_round(recipe, plan: ClientRound, base_path: str, tokenizer, dataset, work_dir: Path, console,
+                     base_cache: BaseModelCache | None = None, *, is_main_process: bool = True) -> dict:
+    """Train one client for one round (a stock Trainer + FederatedCallback) on ``dataset`` (see
+    `tokenize_shard`) and export its adapter to ``plan.export_dir``.
+
+    ``work_dir`` is this client's own: with ``training.save_steps`` the Trainer checkpoints the
+    round there, and a rerun after a stop resumes from the newest complete checkpoint
+    (``resume_from_checkpoint``: LoRA factors, optimizer, scheduler, RNG and data position), so it
+    ends where an uninterrupted round ends. The work dir is removed once the adapter is exported.
+    With ``base_cache`` the base is loaded once for all clients and put back as loaded afterwards.
+    """
+    import shutil
+
+    seed = client_seed(recipe.training.get("seed", recipe.federation.seed), plan.client_id, plan.round)
+    model = build_lora_model(
+        base_path, rank=plan.rank, alpha=recipe.client_alpha(plan.client_id), target_modules=recipe.lora.target_modules,
+        dropout=recipe.lora.dropout, use_rslora=recipe.lora.use_rslora, dtype=recipe.model.dtype, seed=seed,
+        revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, base_cache=base_cache,
+    )
+    federated = FederatedCallback(plan)
+    training = recipe.client_training_arguments(plan.client_id, plan.round, TRAINING_DEFAULTS["learning_rate"])
+    trainer = build_client_trainer(
+        model, tokenizer, dataset, training=training, work_dir=work_dir, seed=seed,
+        callbacks=[federated, ConsoleProgressCallback(console, f"round {plan.round} client {plan.client_id}")],
+    )
+    checkpoint = last_complete_checkpoint(work_dir)
+    if checkpoint is not None:
+        console.print(f"  client {plan.client_id}: resuming from {checkpoint.name}")
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    finally:
+        if base_cache is not None:
+            base_cache.release(model)
+    metrics = dict(federated.metrics)
+    del trainer, model, federated
+    free_memory()
+    if is_main_process:
+        shutil.rmtree(work_dir, ignore_errors=True)  # the adapter is exported; its checkpoints are done with
+    return metrics
+
+
+def reuses_base_model(recipe) -> bool:
+    """Whether a run keeps one base model for all its clients: in a single process without
+    DeepSpeed or torch.compile (there the Trainer's engine owns or rewraps the model)."""
+    from florist_hf import distributed
+
+    training = [recipe.training, *recipe.client_training.values()]
+    return (
+        distributed.world_size() == 1
+        and not distributed.launched_with_deepspeed()
+        and not any(section.get("deepspeed") or section.get("torch_compile") for section in training)
+    )

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     import datasets
     from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+    from florist_hf.recipe import Recipe
+
 CANONICAL_FIELDS = ("instruction", "input", "output", "label")
 REQUIRED_FIELDS = ("instruction", "output")
 
@@ -537,6 +539,56 @@ def flora_split(
     train, test = holdout_per_label(records, test_per_label, random_state)
     parts = dirichlet_partition(labels_of(train), num_clients, alpha, random_state, min_size=min_size)
     return [[train[index] for index in part] for part in parts], test
+
+
+# --------------------------------------------------------------------------------------------
+# A recipe's shards
+# --------------------------------------------------------------------------------------------
+
+
+def client_sample_seed(data_seed: int, client_id: int) -> int:
+    """The seed of client ``client_id``'s draw of ``data.max_samples_per_client`` records."""
+    return data_seed * 1_000_003 + client_id
+
+
+def prepare_client_data(recipe: Recipe) -> tuple[list[list[dict]], list[dict]]:
+    """Every client's records and the held-out test records, as the recipe's data section says."""
+    section, num_clients = recipe.data, recipe.federation.num_clients
+    if section.layout == "flora":
+        shards, test = load_flora_layout(section.source, num_clients, format=section.format, fields=section.fields)
+    else:
+        if section.source == "builtin:demo":
+            records = demo_records()
+        else:
+            records = load_records(section.source, format=section.format, fields=section.fields, split=section.split)
+        if section.partition == "dirichlet":
+            shards, test = flora_split(
+                records, num_clients, alpha=section.dirichlet_alpha, seed=section.seed,
+                test_per_label=section.holdout_per_label, min_size=section.min_client_size,
+            )
+        else:
+            random_state = np.random.RandomState(section.seed)
+            # A per-label hold-out needs labels; an iid split of unlabelled data (Alpaca, WizardLM) does not.
+            if section.holdout_per_label:
+                train, test = holdout_per_label(records, section.holdout_per_label, random_state)
+            else:
+                train, test = records, []
+            parts = iid_partition(len(train), num_clients, random_state)
+            shards = [[train[index] for index in part] for part in parts]
+    if section.max_samples_per_client:
+        shards = [
+            sample_records(shard, section.max_samples_per_client, client_sample_seed(section.seed, client_id))
+            for client_id, shard in enumerate(shards)
+        ]
+    for client_id, shard in enumerate(shards):
+        if not shard:
+            fix = (
+                f"add records to {num_clients}/local_training_{client_id}.json or use a split with more data"
+                if section.layout == "flora"
+                else "lower federation.num_clients or raise data.min_client_size"
+            )
+            raise FloristError(f"{section.source}: client {client_id}'s shard is empty; {fix}")
+    return shards, test
 
 
 # --------------------------------------------------------------------------------------------

@@ -390,3 +390,103 @@ def results_table(results: Mapping[str, Any], title: str | None = None):
     for task, metric, value, stderr in summarize_results(results):
         table.add_row(task, metric, f"{value:.4f}", "" if stderr is None else f"{stderr:.4f}")
     return table
+
+
+# --- a federation's own evaluations: held-out loss of the global model, the recipe's lm-eval ----
+
+
+def load_global_model(base_path: str, global_dirs: Sequence[Path], merges_into_base: bool, *, dtype: str = "float32",
+                      revision: str | None = None, trust_remote_code: bool = False, base_cache=None):
+    """The global model a federation holds after the rounds whose global adapters are
+    ``global_dirs`` (oldest first): for merge-style methods the base plus every round's update
+    exactly as the clients hold it (`client.attach_global_updates`), else the base with the last
+    round's global adapter. With ``base_cache`` it is built on the cached base; release that
+    afterwards."""
+    from peft import PeftModel
+
+    from florist_hf.client import attach_global_updates
+    from florist_hf.loading import load_causal_lm
+
+    if base_cache is not None:
+        model = base_cache.get(base_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+    else:
+        model = load_causal_lm(base_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+    if merges_into_base:
+        attach_global_updates(model, list(global_dirs))
+        return model
+    return PeftModel.from_pretrained(model, global_dirs[-1])
+
+
+def heldout_loss(model, tokenizer, records, recipe, work_dir: Path) -> float | None:
+    """The mean over held-out records of each record's mean loss on its response tokens (the
+    Trainer's own evaluation loop; None when no record has a response token within the cutoff).
+
+    The prompt is masked whatever ``train_on_inputs`` says: the Alpaca template is the same in
+    every record, and its tokens would dominate a mean over whole sequences. One record per batch,
+    so that the value depends neither on the batch size nor on how many processes share the work
+    (the Trainer averages per-batch means, and batches differ in their number of response tokens).
+    """
+    import torch
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from florist_hf.data import IGNORE_INDEX, make_collator, tokenize_records
+
+    dataset = tokenize_records(records, tokenizer, cutoff_len=recipe.data.cutoff_len, train_on_inputs=False)
+    # A record whose response the cutoff removed has no token to score (its loss would be 0/0).
+    dataset = dataset.select([index for index, labels in enumerate(dataset["labels"]) if any(label != IGNORE_INDEX for label in labels)])
+    if len(dataset) == 0:
+        return None
+    args = TrainingArguments(
+        output_dir=str(work_dir), per_device_eval_batch_size=1, report_to="none", disable_tqdm=True,
+        remove_unused_columns=False, dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    trainer = Trainer(model=model, args=args, eval_dataset=dataset, data_collator=make_collator(tokenizer), processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    return float(trainer.evaluate()["eval_loss"])
+
+
+def global_heldout_loss(recipe, base_path: str, global_dirs: Sequence[Path], merges_into_base: bool, tokenizer,
+                        test_records, work_dir: Path, *, base_cache=None) -> float | None:
+    """`heldout_loss` of the global model `load_global_model` builds; with ``base_cache`` built
+    on the cached base, which is put back as loaded afterwards."""
+    from florist_hf.client import free_memory
+
+    model = load_global_model(
+        base_path, global_dirs, merges_into_base, dtype=recipe.model.dtype, revision=recipe.model.revision,
+        trust_remote_code=recipe.model.trust_remote_code, base_cache=base_cache,
+    )
+    try:
+        return heldout_loss(model, tokenizer, test_records, recipe, work_dir)
+    finally:
+        if base_cache is not None:
+            base_cache.release(model if model is not base_cache.model else None)
+        del model
+        free_memory()
+
+
+def evaluate_recipe(recipe, base_path: str, adapter_dir: Path, out_file: Path, console) -> dict:
+    """The recipe's lm-eval evaluation of a published adapter, written to ``out_file``; returns
+    ``{"tasks": {task: {metric: value}}, "results_file": ...}``."""
+    section = recipe.evaluation
+    if section.paper_mmlu_file:
+        results = evaluate_paper_mmlu(
+            base_path, adapter_dir, section.paper_mmlu_file, limit=section.limit, batch_size=section.batch_size,
+            log_samples=section.log_samples, revision=recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code, out_file=out_file,
+        )
+    else:
+        results = evaluate_adapter(
+            base_path, adapter_dir, tasks=section.tasks, num_fewshot=section.num_fewshot, limit=section.limit,
+            include_path=section.include_path, batch_size=section.batch_size, log_samples=section.log_samples,
+            apply_chat_template=section.apply_chat_template, revision=recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code, out_file=out_file,
+        )
+    console.print(results_table(results))
+    tasks: dict[str, dict] = {}
+    for task, metric, value, stderr in summarize_results(results):
+        tasks.setdefault(task, {})[metric] = value
+        if stderr is not None:
+            tasks[task][f"{metric}_stderr"] = stderr
+    summary = {"tasks": tasks, "results_file": str(out_file)}
+    write_json_atomic(out_file, {**results, "florist_hf_summary": summary})
+    return summary

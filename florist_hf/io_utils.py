@@ -38,6 +38,21 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         os.fsync(handle.fileno())
 
 
+def write_jsonl_atomic(path: str | os.PathLike, records) -> None:
+    """Replace a JSON-lines file with ``records`` in one rename."""
+    path = Path(path)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in records)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a staging directory that replaces ``target`` when the block succeeds.

@@ -27,7 +27,7 @@ from florist_hf.client import (
 )
 from florist_hf.errors import FloristError
 from florist_hf.recipe import load_recipe
-from florist_hf.server import run_federation
+from florist_hf.runner import run_federation
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"num_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}

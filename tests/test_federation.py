@@ -20,7 +20,8 @@ from florist_hf.aggregation import get_method
 from florist_hf.cli import app
 from florist_hf.errors import FloristError
 from florist_hf.recipe import load_recipe
-from florist_hf.server import RunPaths, run_federation
+from florist_hf.engine import RunPaths
+from florist_hf.runner import run_federation
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -129,7 +130,7 @@ def test_one_client_florist_at_threshold_one_is_plain_lora_fine_tuning(tmp_path)
     """SPEC invariant: a federation of one, exact aggregation, equals ordinary PEFT training."""
     from florist_hf.client import build_client_trainer, build_lora_model, client_seed, lora_layers
     from florist_hf.data import tokenize_records
-    from florist_hf.server import prepare_client_data
+    from florist_hf.data import prepare_client_data
 
     recipe = load_recipe(write_recipe(tmp_path, method="florist", threshold=1.0, ranks=(4,), rounds=1))
     run_dir = run_federation(recipe, console=quiet_console())
@@ -256,7 +257,7 @@ def test_paper_recipes_cover_every_setting():
 
 
 def test_flora_layout_gives_the_paper_client_sizes(shared_data, tmp_path):
-    from florist_hf.server import prepare_client_data
+    from florist_hf.data import prepare_client_data
 
     recipe = load_recipe(
         write_recipe(tmp_path, ranks=[16] * 8, data={"source": str(shared_data / "dolly"), "layout": "flora", "max_samples_per_client": None})
@@ -300,7 +301,7 @@ def test_set_reads_exponent_numbers_as_numbers():
 
 def test_iid_split_needs_labels_only_for_a_per_label_holdout(tmp_path):
     """Alpaca and WizardLM have no label column: an iid split without hold-out needs none."""
-    from florist_hf.server import prepare_client_data
+    from florist_hf.data import prepare_client_data
 
     rows = [{"instruction": f"Task {k}.", "input": "", "output": f"Answer {k}."} for k in range(30)]
     (tmp_path / "alpaca.json").write_text(json.dumps(rows))
@@ -345,7 +346,7 @@ def test_heldout_loss_scores_response_tokens_only(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from florist_hf.data import demo_records, tokenize_records
-    from florist_hf.server import heldout_loss
+    from florist_hf.evaluation import heldout_loss
 
     recipe = load_recipe(write_recipe(tmp_path, data={"cutoff_len": 256}))  # train_on_inputs: true, as shipped
     base = Path(recipe.output_dir).parent / "base"
@@ -444,7 +445,7 @@ def test_bf16_clients_train_on_base_plus_the_exact_sum_of_updates(tmp_path):
 def test_one_base_for_all_clients_gives_what_a_fresh_load_per_client_gives(tmp_path, monkeypatch, method):
     """The base is loaded once per run and put back as loaded after each client and evaluation:
     every client adapter and held-out loss equals the run that loads the base for each of them."""
-    from florist_hf import server
+    from florist_hf import client as client_module
     from florist_hf.adapters import ADAPTER_WEIGHTS
     from florist_hf.client import BaseModelCache
 
@@ -457,7 +458,7 @@ def test_one_base_for_all_clients_gives_what_a_fresh_load_per_client_gives(tmp_p
     shared = run_federation(load_recipe(recipe_file, [f"output_dir={tmp_path / 'shared'}"]), console=quiet_console())
     assert len(loads) == 2 * 3 + 2 and len({key for key in loads if key is not None}) == 1  # 6 clients + 2 evaluations, 1 load
 
-    monkeypatch.setattr(server, "reuses_base_model", lambda recipe: False)
+    monkeypatch.setattr(client_module, "reuses_base_model", lambda recipe: False)
     fresh = run_federation(load_recipe(recipe_file, [f"output_dir={tmp_path / 'fresh'}"]), console=quiet_console())
     for round_index in (1, 2):
         for client in client_dirs(RunPaths(fresh), round_index):
@@ -466,3 +467,144 @@ def test_one_base_for_all_clients_gives_what_a_fresh_load_per_client_gives(tmp_p
     rounds = [[r.get("heldout_loss") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                if r["kind"] == "round"] for run in (shared, fresh)]
     assert rounds[0] == rounds[1] and None not in rounds[0]
+
+
+KILL_AT_SAVE = """
+import os, signal, sys
+from transformers import TrainerCallback
+from florist_hf import client
+from florist_hf.cli import app
+
+class KillAtSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == {step}:  # right after the Trainer wrote checkpoint-{step}
+            os.kill(os.getpid(), signal.SIGKILL)
+
+build = client.build_client_trainer
+client.build_client_trainer = lambda *a, callbacks=(), **k: build(*a, callbacks=[*callbacks, KillAtSave()], **k)
+sys.argv = ["florist-hf", "run", sys.argv[1]]
+app()
+"""
+
+
+def test_client_killed_mid_training_resumes_from_its_checkpoint_to_the_same_result(tmp_path):
+    """SIGKILL inside a client's training (after its checkpoint at step 6 of 12): the rerun resumes
+    from that checkpoint and ends with the adapter an uninterrupted run trains."""
+    training = {"max_steps": 12, "save_steps": 3, "per_device_train_batch_size": 4}  # 12 steps > one epoch of 16
+    recipe_file = write_recipe(tmp_path, ranks=(4,), rounds=1, training=training, lora={"dropout": 0.1})
+    straight = run_federation(load_recipe(recipe_file, [f"output_dir={tmp_path / 'straight'}"]), console=quiet_console())
+    assert not (straight / "rounds" / "1" / "work").exists()  # checkpoints are removed once the adapter is out
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_SAVE.replace("{step}", "6"), str(recipe_file)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    paths = RunPaths(tmp_path / "run")
+    assert (paths.client_work_dir(1, 0) / "checkpoint-6" / "trainer_state.json").exists()
+    assert not paths.client_dir(1, 0).exists()
+
+    result = runner.invoke(app, ["run", str(recipe_file)])
+    assert result.exit_code == 0, result.output
+    assert "client 0: resuming from checkpoint-6" in result.output
+    assert "step 7/12" in result.output and "step 6/12" not in result.output  # only the rest was trained
+    for name, reference in delta_weights(RunPaths(straight).client_dir(1, 0)).items():
+        assert relative_error(delta_weights(paths.client_dir(1, 0))[name], reference) < 1e-6, name
+    info = [json.loads((RunPaths(run).client_dir(1, 0) / "client.json").read_text()) for run in (straight, paths.root)]
+    assert info[0]["loss"] == pytest.approx(info[1]["loss"], rel=1e-6) and info[0]["steps"] == info[1]["steps"] == 12
+
+
+def test_last_complete_checkpoint_skips_one_cut_by_a_kill(tmp_path):
+    from florist_hf.client import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+    for step, state in ((2, "{}"), (4, "{}"), (6, None), (8, '{"global_st')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+
+
+def test_force_with_a_new_threshold_reaggregates_from_the_kept_client_adapters(tmp_path):
+    """--force with another τ: round 1 is aggregated again from its kept client adapters (no
+    client trains again); round 2, whose clients trained on the old round-1 update, is set aside
+    and trained again. The result is the run made with the new τ from the start."""
+    recipe_file = write_recipe(tmp_path, threshold=0.9, rounds=2)
+    assert runner.invoke(app, ["run", str(recipe_file)]).exit_code == 0
+    paths = RunPaths(tmp_path / "run")
+    kept = {client: (client / "adapter_model.safetensors").stat().st_mtime_ns for client in client_dirs(paths, 1)}
+    old_round_1 = delta_weights(paths.global_dir(1))
+
+    result = runner.invoke(app, ["run", str(recipe_file), "--set", "federation.threshold=0.5", "--force"])
+    assert result.exit_code == 0, result.output
+    assert "round 1 client" not in result.output  # no client of round 1 trained again
+    assert "round 2 client 0 step" in result.output
+    assert {client: (client / "adapter_model.safetensors").stat().st_mtime_ns for client in client_dirs(paths, 1)} == kept
+
+    fresh = run_federation(
+        load_recipe(recipe_file, ["federation.threshold=0.5", f"output_dir={tmp_path / 'fresh'}"]), console=quiet_console()
+    )
+    for adapter in ("rounds/1/global", "rounds/2/global", "global_adapter"):
+        expected = delta_weights(fresh / adapter)
+        got = delta_weights(paths.root / adapter)
+        assert all(relative_error(got[name], expected[name]) < 1e-6 for name in expected), adapter
+    assert any(relative_error(delta_weights(paths.global_dir(1))[n], old_round_1[n]) > 1e-3 for n in old_round_1)
+    sidecar = json.loads((paths.global_dir(1) / "aggregation.json").read_text())
+    assert sidecar["threshold"] == 0.5 and json.loads((paths.root / "run.json").read_text())["threshold"] == 0.5
+
+    # Nothing is lost: the old round-1 global, the old round 2 and their metrics lines are kept aside.
+    [superseded] = (paths.root / "superseded").iterdir()
+    assert json.loads((superseded / "rounds/1/global/aggregation.json").read_text())["threshold"] == 0.9
+    assert (superseded / "rounds/2/clients/client_0/adapter_model.safetensors").exists()
+    old_lines = [json.loads(line) for line in (superseded / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["kind"], r["round"]) for r in old_lines} == {("round", 1), ("round", 2), ("client", 2)}
+    records = [json.loads(line) for line in paths.metrics.read_text().splitlines()]
+    keys = [(r["kind"], r["round"], r.get("client")) for r in records]
+    assert len(keys) == len(set(keys)) == 2 * 3 + 2
+    assert json.loads((paths.root / "run.json").read_text())["rounds_completed"] == 2
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [("lora.ranks=[8, 2, 2]", "lora.ranks"), ("training.learning_rate=0.5", "training.learning_rate"),
+     ("federation.method=fedit", "federation.client_role.merges_into_base")],
+)
+def test_force_refuses_a_change_to_how_clients_train(tmp_path, override, named):
+    recipe_file = write_recipe(tmp_path, rounds=1)
+    assert runner.invoke(app, ["run", str(recipe_file)]).exit_code == 0
+    before = (tmp_path / "run" / "recipe.json").read_text()
+    result = runner.invoke(app, ["run", str(recipe_file), "--set", override, "--force"])
+    assert result.exit_code == 2, result.output
+    assert named in result.output and "another output_dir" in result.output and "Traceback" not in result.output
+    assert (tmp_path / "run" / "recipe.json").read_text() == before  # the run is left as it was
+
+
+def test_memory_stays_flat_across_clients_and_rounds(tmp_path, monkeypatch):
+    """With one base for the whole run, what a client leaves behind is nothing: the tensors alive
+    after each client (and after each held-out evaluation) are the same in round 3 as in round 1."""
+    import gc
+
+    from florist_hf import client as client_module
+
+    def live_tensor_bytes() -> int:
+        gc.collect()
+        storages = {}
+        for obj in gc.get_objects():
+            if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
+    after: list[tuple[int, int]] = []
+    train = client_module.run_client_round
+
+    def measured(recipe, plan, *args, **kwargs):
+        metrics = train(recipe, plan, *args, **kwargs)
+        after.append((plan.round, live_tensor_bytes()))
+        return metrics
+
+    monkeypatch.setattr(client_module, "run_client_round", measured)
+    data = {"partition": "dirichlet", "holdout_per_label": 2, "min_client_size": 10, "cutoff_len": 256}
+    run_federation(load_recipe(write_recipe(tmp_path, rounds=3, data=data)), console=quiet_console())
+    by_round = {round_index: [size for r, size in after if r == round_index] for round_index in (1, 2, 3)}
+    assert by_round[1][1:] == by_round[1][:1] * 2, by_round  # the base, loaded once, and nothing else
+    assert by_round[3] == by_round[1], by_round

@@ -22,7 +22,8 @@ from flwr.serverapp import Grid
 
 from florist_hf.adapters import read_adapter
 from florist_hf.recipe import load_recipe
-from florist_hf.server import RunPaths, run_federation
+from florist_hf.engine import RunPaths
+from florist_hf.runner import run_federation
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -173,7 +173,7 @@ def test_upload_leaks_no_client_details_by_default(tmp_path, tiny_base):
     from test_federation import quiet_console, write_recipe
 
     from florist_hf.recipe import load_recipe
-    from florist_hf.server import run_federation
+    from florist_hf.runner import run_federation
 
     recipe = load_recipe(write_recipe(tmp_path, rounds=1, ranks=(4, 2), data={"holdout_per_label": 1, "cutoff_len": 256}))
     run_dir = run_federation(recipe, console=quiet_console())

@@ -58,15 +58,14 @@ def client_records(recipe, context: Context, client_id: int) -> list[dict]:
     key = (recipe.fingerprint(), str(data_file), client_id)
     if key not in _RECORDS_CACHE:
         if data_file:
-            from florist_hf.data import load_records, sample_records
-            from florist_hf.server import client_sample_seed
+            from florist_hf.data import client_sample_seed, load_records, sample_records
 
             records = load_records(str(data_file), format=recipe.data.format, fields=recipe.data.fields)
             records = sample_records(
                 records, recipe.data.max_samples_per_client, client_sample_seed(recipe.data.seed, client_id)
             )
         else:
-            from florist_hf.server import prepare_client_data
+            from florist_hf.data import prepare_client_data
 
             shards, _ = prepare_client_data(recipe)
             records = shards[client_id]
@@ -108,8 +107,8 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     """Run one client round for a ``train`` message and reply with the trained adapter."""
     from rich.console import Console
 
-    from florist_hf.client import ClientRound, read_client_info
-    from florist_hf.server import RunPaths, prepare_base_model, run_client_round, tokenize_shard
+    from florist_hf.client import ClientRound, read_client_info, run_client_round, tokenize_shard
+    from florist_hf.engine import prepare_base_model
 
     console = console or Console(stderr=True)
     config = message.content[protocol.CONFIG]
@@ -134,7 +133,7 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
         _materialise(message, protocol.INIT, init_dir)
 
     records = client_records(recipe, context, client_id)
-    base_path = prepare_base_model(recipe, RunPaths(root))
+    base_path = prepare_base_model(recipe, root)
     tokenizer = _tokenizer(base_path, recipe.model.revision)
     plan = ClientRound(
         client_id=client_id,
@@ -154,8 +153,10 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
         from florist_hf.client import BaseModelCache
 
         _BASE_CACHE = BaseModelCache()
-    run_client_round(recipe, plan, base_path, tokenizer, _DATASET_CACHE[dataset_key], root / "work", console,
-                     base_cache=_BASE_CACHE)
+    # Its own work dir: with training.save_steps a node restarted mid-round resumes the round from
+    # its last checkpoint when the server sends it again.
+    work = plan.export_dir.parent / "work"
+    run_client_round(recipe, plan, base_path, tokenizer, _DATASET_CACHE[dataset_key], work, console, base_cache=_BASE_CACHE)
 
     arrays, adapter_config = adapter_to_records(plan.export_dir)
     info = read_client_info(plan.export_dir)

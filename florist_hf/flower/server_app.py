@@ -1,9 +1,9 @@
 """The Flower ServerApp: ``florist-hf run``'s round loop with Flower carrying the messages.
 
-``FloristStrategy`` is a Flower (Message API) strategy whose aggregation is florist-hf's own
-``aggregate_adapters``: every reply's adapter is written to the run directory as a PEFT adapter
-(the same ``rounds/<t>/clients/client_<k>`` layout as ``florist-hf run``), and the global adapter,
-its sidecar, ``metrics.jsonl``, ``global_adapter/`` and ``run.json`` are made by the same helpers.
+``FloristStrategy`` is a Flower (Message API) strategy that drives florist-hf's round engine
+(`florist_hf.engine.Federation`), as ``florist-hf run`` does: every reply's adapter is written to the
+run directory as a PEFT adapter (the same ``rounds/<t>/clients/client_<k>`` layout), and the engine
+accepts, aggregates, records and publishes exactly as it does for ``florist-hf run``.
 Any method, any τ, heterogeneous ranks: whatever the recipe says.
 
 Run config (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
@@ -11,7 +11,8 @@ Run config (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
                     (the FAB: put the recipe beside pyproject.toml) and then in the working directory
     overrides       ';'-separated ``key=value`` overrides, as ``florist-hf run --set`` takes them
     output-dir      where the run is written (default: the recipe's output_dir)
-    force           continue a run directory that holds another recipe
+    force           continue a run directory that holds another recipe (as florist-hf run --force:
+                    new server settings re-aggregate, a change to client training is refused)
     round-timeout   seconds to wait for a round's replies (0: no limit)
     node-timeout    seconds to wait until every client's SuperNode has connected
 """
@@ -50,15 +51,6 @@ class ClientNode:
     client_id: int
     node_id: int
     num_samples: int
-
-
-def _method(recipe):
-    from florist_hf.aggregation import get_method
-
-    federation = recipe.federation
-    if federation.method == "florist":
-        return get_method(federation.method, threshold=federation.threshold)
-    return get_method(federation.method)
 
 
 def _hello_content(recipe_json: str) -> RecordDict:
@@ -107,90 +99,72 @@ def discover_clients(grid: Grid, recipe, *, timeout: float = DEFAULT_NODE_TIMEOU
 
 @dataclass
 class _RoundState:
+    plan: object = None
+    #: the round's client plans, by client id
     plans: dict = field(default_factory=dict)
     #: per node, the merge rounds this round's message carried
     sent: dict = field(default_factory=dict)
-    reused: bool = False
 
 
 class FloristStrategy(Strategy):
-    """A Flower strategy whose aggregation is florist-hf's (``aggregate_adapters``), state on disk.
+    """A Flower strategy driving florist-hf's round engine (`florist_hf.engine.Federation`).
 
-    ``configure_train`` sends each selected client its round plan and the global state;
-    ``aggregate_train`` writes the replies as client adapter directories, aggregates them with
-    the recipe's method and returns the global adapter as an ArrayRecord (PEFT key names).
-    Finished rounds and clients found on disk are reused, so a restarted ServerApp resumes.
+    ``configure_train`` sends each client of the engine's round plan its plan and the global
+    state it lacks; ``aggregate_train`` writes the replies as client adapter directories, has the
+    engine accept, aggregate and record them, and returns the global adapter as an ArrayRecord
+    (PEFT key names). State lives on disk, so a restarted ServerApp resumes.
     """
 
-    def __init__(self, recipe, paths, clients: dict[int, ClientNode], *, base_path: str, console,
-                 tokenizer=None, test_records=(), logged: set | None = None, round_timeout: float | None = None):
-        self.recipe = recipe
+    def __init__(self, federation, clients: dict[int, ClientNode], *, tokenizer=None, test_records=(),
+                 round_timeout: float | None = None):
+        self.federation = federation
+        self.recipe = federation.recipe
+        self.paths = federation.paths
+        self.method = federation.method
+        self.console = federation.console
         self.round_timeout = round_timeout
         self._grid = None
-        self.recipe_json = recipe.model_dump_json()
-        self.paths = paths
-        self.method = _method(recipe)
+        self.recipe_json = self.recipe.model_dump_json()
         self.clients = clients
+        self.client_sizes = [clients[k].num_samples for k in range(self.recipe.federation.num_clients)]
         self.node_to_client = {client.node_id: client.client_id for client in clients.values()}
-        self.base_path = base_path
-        self.console = console
         self.tokenizer = tokenizer
         self.test_records = list(test_records)
-        self.logged = logged if logged is not None else set()
-        self.rounds_done: list[int] = []
         #: merge rounds each node has received (it keeps them in its work dir)
         self.delivered: dict[int, set[int]] = {client.node_id: set() for client in clients.values()}
         self._round = _RoundState()
 
+    @property
+    def rounds_done(self) -> list[int]:
+        return self.federation.rounds_done
+
     def summary(self) -> None:
-        federation = self.recipe.federation
-        self.console.print(
-            f"FloristStrategy: {federation.method}"
-            + (f" (τ = {federation.threshold})" if federation.method == "florist" else "")
-            + f", {federation.num_clients} clients on nodes {[self.clients[k].node_id for k in sorted(self.clients)]}, "
-            f"{federation.rounds} rounds -> {self.paths.root}"
-        )
+        nodes = [self.clients[k].node_id for k in sorted(self.clients)]
+        self.console.print(f"FloristStrategy: {self.recipe.federation.method}, clients on nodes {nodes}, -> {self.paths.root}")
 
     # --- training -----------------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        from florist_hf.client import ClientRound
-        from florist_hf.server import sample_clients
-
-        recipe, paths, federation = self.recipe, self.paths, self.recipe.federation
         self._grid = grid
-        self._round = state = _RoundState()
-        selected = sample_clients(federation.num_clients, federation.clients_per_round, federation.seed, server_round)
-        if paths.global_dir(server_round).exists():
+        round_plan = self.federation.plan_round(server_round, self.client_sizes)
+        self._round = _RoundState(plan=round_plan, plans={plan.client_id: plan for plan in round_plan.clients})
+        if round_plan.complete:
             self.console.print(f"round {server_round}: already complete, reused")
-            state.reused = True
             return []
-        self.console.print(f"[bold]round {server_round}/{federation.rounds}[/]: clients {selected}")
-        merges = self.method.merges_into_base
-        init_round = None if merges else (self.rounds_done[-1] if self.rounds_done else 0)
+        self.console.print(f"[bold]round {server_round}/{self.recipe.federation.rounds}[/]: clients {round_plan.selected}")
         messages = []
-        for client_id in selected:
-            plan = ClientRound(
-                client_id=client_id,
-                round=server_round,
-                rank=recipe.client_rank(client_id),
-                num_samples=self.clients[client_id].num_samples,
-                export_dir=paths.client_dir(server_round, client_id),
-                merge_adapters=[paths.global_dir(t) for t in self.rounds_done] if merges else [],
-                init_adapter=None if merges else paths.global_dir(init_round),
-                freeze_lora_a=self.method.name == "ffa",
-            )
-            state.plans[client_id] = plan
+        for plan in round_plan.clients:
             if plan.export_dir.exists():
-                self.console.print(f"  client {client_id}: already trained this round, reused")
+                self.console.print(f"  client {plan.client_id}: already trained this round, reused")
                 continue
-            messages.append(self._train_message(plan, init_round))
+            messages.append(self._train_message(plan, resend_all=False))
         return messages
 
-    def _train_message(self, plan, init_round: int | None) -> Message:
+    def _train_message(self, plan, *, resend_all: bool) -> Message:
         """One client's train message: its plan and the global state it does not have yet."""
         node_id = self.clients[plan.client_id].node_id
-        merges = self.method.merges_into_base
+        merge_rounds = [int(path.parent.name) for path in plan.merge_adapters]
+        init_round = int(plan.init_adapter.parent.name) if plan.init_adapter is not None else None
         content = RecordDict(
             {
                 protocol.CONFIG: ConfigRecord(
@@ -200,7 +174,7 @@ class FloristStrategy(Strategy):
                         "round": plan.round,
                         "rank": plan.rank,
                         "num-samples": plan.num_samples,
-                        "merge-rounds": json.dumps(list(self.rounds_done) if merges else []),
+                        "merge-rounds": json.dumps(merge_rounds),
                         "init-round": -1 if init_round is None else init_round,
                         "freeze-lora-a": plan.freeze_lora_a,
                     }
@@ -208,22 +182,21 @@ class FloristStrategy(Strategy):
             }
         )
         sent = []
-        if merges:
-            for earlier in self.rounds_done:
-                if earlier not in self.delivered[node_id]:
-                    global_arrays, global_config = adapter_to_records(self.paths.global_dir(earlier))
-                    content[protocol.global_key(earlier)] = global_arrays
-                    content[protocol.config_key(protocol.global_key(earlier))] = global_config
-                    sent.append(earlier)
-        else:
-            init_arrays, init_config = adapter_to_records(self.paths.global_dir(init_round))
+        for earlier, global_dir in zip(merge_rounds, plan.merge_adapters):
+            if resend_all or earlier not in self.delivered[node_id]:
+                global_arrays, global_config = adapter_to_records(global_dir)
+                content[protocol.global_key(earlier)] = global_arrays
+                content[protocol.config_key(protocol.global_key(earlier))] = global_config
+                sent.append(earlier)
+        if plan.init_adapter is not None:
+            init_arrays, init_config = adapter_to_records(plan.init_adapter)
             content[protocol.INIT], content[protocol.config_key(protocol.INIT)] = init_arrays, init_config
         self._round.sent[node_id] = sent
         return Message(content, node_id, protocol.TRAIN, group_id=str(plan.round))
 
     def _receive(self, server_round: int, reply: Message) -> int | None:
         """Store one reply as a client adapter directory; returns a client to ask again, if any."""
-        from florist_hf.server import _retire
+        from florist_hf.engine import retire_directory
 
         node_id = reply.metadata.src_node_id
         client_id = self.node_to_client.get(node_id)
@@ -252,7 +225,7 @@ class FloristStrategy(Strategy):
                 plan.export_dir, content.array_records[protocol.ADAPTER], config, client_info=info,
                 overwrite=True, source=f"client {client_id}'s reply",
             )
-            if info.get("finite", True):  # a diverged client is logged, then left out, as in run_federation
+            if info.get("finite", True):  # a diverged client is logged, then left out, as in florist-hf run
                 ranks = {module.rank for module in read_adapter(plan.export_dir).modules.values()}
             else:
                 ranks = {plan.rank}
@@ -260,45 +233,28 @@ class FloristStrategy(Strategy):
                 raise FloristError(f"client {client_id} sent LoRA rank(s) {sorted(ranks)}, not its rank {plan.rank}")
         except (FloristError, json.JSONDecodeError, KeyError) as error:
             if plan.export_dir.exists():
-                _retire(plan.export_dir, plan.export_dir.with_name(plan.export_dir.name + ".invalid"))
+                retire_directory(plan.export_dir, plan.export_dir.with_name(plan.export_dir.name + ".invalid"))
             self.console.print(f"  [yellow]client {client_id}: unusable reply ({error}); left out of round {server_round}[/]")
         return None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         from florist_hf.client import read_client_info
-        from florist_hf.io_utils import append_jsonl
-        from florist_hf.server import (
-            _evaluate_and_log,
-            describe_round,
-            global_heldout_loss,
-            round_record,
-            write_published_adapter,
-        )
 
-        recipe, paths, federation, console = self.recipe, self.paths, self.recipe.federation, self.console
-        global_dir = paths.global_dir(server_round)
-        if self._round.reused:
-            self.rounds_done.append(server_round)
-            if ("round", server_round, None) in self.logged:
+        federation = self.federation
+        global_dir = self.paths.global_dir(server_round)
+        trained = []
+        if self._round.plan.complete:
+            if federation.is_recorded(server_round):
                 return adapter_to_records(global_dir)[0], None
             # Stopped between the aggregation and the round's record: rebuilt from the sidecar below.
-            trained = None
         else:
             trained = self._train_round(server_round, replies)
         heldout = None
-        if federation.eval_heldout_loss and self.test_records:
-            heldout = global_heldout_loss(
-                recipe, self.base_path, paths, self.method, server_round, self.tokenizer, self.test_records
-            )
-        record = round_record(paths, server_round, heldout)
-        append_jsonl(paths.metrics, record)
-        self.logged.add(("round", server_round, None))
-        if recipe.evaluation is not None and recipe.evaluation.every_round and server_round < federation.rounds:
-            published = write_published_adapter(paths, self.method, self.rounds_done, paths.round_dir(server_round) / "published")
-            _evaluate_and_log(recipe, self.base_path, published, paths, server_round, self.logged, console)
-        console.print(describe_round(record))
+        if self.recipe.federation.eval_heldout_loss and self.test_records:
+            heldout = federation.heldout_loss(server_round, self.tokenizer, self.test_records)
+        record = federation.record_round(server_round, heldout)
         metrics = {key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "round"}
-        losses = [read_client_info(plan.export_dir).get("loss") for plan in trained or []]
+        losses = [read_client_info(plan.export_dir).get("loss") for plan in trained]
         losses = [loss for loss in losses if isinstance(loss, (int, float))]
         if losses:
             metrics["client_loss_mean"] = sum(losses) / len(losses)
@@ -306,27 +262,20 @@ class FloristStrategy(Strategy):
 
     def _train_round(self, server_round: int, replies: Iterable[Message]) -> list:
         """Collect the round's client adapters, retry once where a node lacked global updates,
-        and aggregate the ones that trained; returns their plans."""
-        from florist_hf.server import accept_client_result, aggregate_round, require_quorum
-
-        paths, federation, console = self.paths, self.recipe.federation, self.console
+        and have the engine aggregate the ones that trained; returns their plans."""
         retry = [client for reply in replies if (client := self._receive(server_round, reply)) is not None]
         if retry:  # once, with every earlier global update
-            messages = [self._train_message(self._round.plans[client], None) for client in retry]
+            messages = [self._train_message(self._round.plans[client], resend_all=True) for client in retry]
             for reply in self._grid.send_and_receive(messages, timeout=self.round_timeout):
                 self._receive(server_round, reply)
-
-        # From here on, the same steps as run_federation's round.
         trained = []
-        for client_id, plan in self._round.plans.items():
+        for plan in self._round.plan.clients:
             if not plan.export_dir.exists():
-                console.print(f"  [yellow]client {client_id}: no adapter this round; left out of round {server_round}[/]")
+                self.console.print(f"  [yellow]client {plan.client_id}: no adapter this round; left out of round {server_round}[/]")
                 continue
-            if accept_client_result(paths, plan, self.logged, console):
+            if self.federation.accept(plan):
                 trained.append(plan)
-        require_quorum(paths, server_round, len(trained), len(self._round.plans), federation.min_clients)
-        aggregate_round(paths, self.method, trained, server_round)
-        self.rounds_done.append(server_round)
+        self.federation.aggregate(self._round.plan, trained)
         return trained
 
     # --- no federated evaluation: the server evaluates the global adapter itself ----------------
@@ -341,34 +290,17 @@ class FloristStrategy(Strategy):
 def run_flower_federation(grid: Grid, recipe, *, force: bool = False, console=None,
                           round_timeout: float | None = None, node_timeout: float = DEFAULT_NODE_TIMEOUT) -> Path:
     """The ServerApp's work: discover the clients, run every round through Flower, publish; returns the run dir."""
-    from rich.console import Console
-
-    from florist_hf.io_utils import write_json_atomic
+    from florist_hf.data import prepare_client_data
+    from florist_hf.engine import Federation
     from florist_hf.loading import load_tokenizer
-    from florist_hf.server import (
-        GLOBAL_ADAPTER,
-        RUN_SUMMARY,
-        RunPaths,
-        _check_recipe_record,
-        _evaluate_and_log,
-        _logged_keys,
-        prepare_base_model,
-        prepare_client_data,
-        summarize_run,
-        write_published_adapter,
-    )
 
-    console = console or Console()
-    paths = RunPaths(Path(recipe.output_dir))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    _check_recipe_record(paths, recipe, force)
-    federation = recipe.federation
-    method = _method(recipe)
+    federation = Federation(recipe, console=console)
+    base_path = federation.open(force=force)
+    console = federation.console
     clients = discover_clients(grid, recipe, timeout=node_timeout, console=console)
-    sizes = [clients[k].num_samples for k in range(federation.num_clients)]
-    base_path = prepare_base_model(recipe, paths)
+    sizes = [clients[k].num_samples for k in range(recipe.federation.num_clients)]
     tokenizer, test_records = None, []
-    if federation.eval_heldout_loss:
+    if recipe.federation.eval_heldout_loss:
         try:
             _, test_records = prepare_client_data(recipe)
         except FloristError as error:
@@ -380,40 +312,13 @@ def run_flower_federation(grid: Grid, recipe, *, force: bool = False, console=No
             tokenizer = load_tokenizer(
                 base_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
             )
-    console.print(
-        f"[bold]{recipe.name}[/] on Flower: {federation.method}"
-        + (f" (τ = {federation.threshold})" if federation.method == "florist" else "")
-        + f", {federation.num_clients} clients {sizes} samples, ranks "
-        f"{[recipe.client_rank(k) for k in range(federation.num_clients)]}, {federation.rounds} rounds -> {paths.root}"
-    )
-    if not method.merges_into_base and not paths.global_dir(0).exists():
-        from florist_hf.server import build_initial_adapter
-
-        build_initial_adapter(base_path, recipe, paths.global_dir(0))
-
-    logged = _logged_keys(paths.metrics)
-    strategy = FloristStrategy(
-        recipe, paths, clients, base_path=base_path, console=console, tokenizer=tokenizer,
-        test_records=test_records, logged=logged, round_timeout=round_timeout,
-    )
-    strategy.start(grid, ArrayRecord(), num_rounds=federation.rounds, timeout=round_timeout)
-
-    final_dir = write_published_adapter(paths, method, strategy.rounds_done, paths.root / GLOBAL_ADAPTER)
-    evaluation = None
-    if recipe.evaluation is not None:
-        evaluation = _evaluate_and_log(recipe, base_path, final_dir, paths, strategy.rounds_done[-1], logged, console)
-    summary = summarize_run(recipe, paths, [range(size) for size in sizes], base_path)
-    summary["evaluation"] = evaluation
-    summary["runtime"] = {"flower": {"nodes": {str(k): clients[k].node_id for k in sorted(clients)}}}
-    write_json_atomic(paths.root / RUN_SUMMARY, summary)
-    if recipe.hub is not None and recipe.hub.push:
-        from florist_hf.hub import push
-
-        url = push(paths.root, recipe.hub.repo_id, private=recipe.hub.private,
-                   include_client_details=recipe.hub.include_client_details)
-        console.print(f"pushed to {url}")
+    console.print(federation.describe(sizes, " on Flower"))
+    federation.ensure_initial_adapter()
+    strategy = FloristStrategy(federation, clients, tokenizer=tokenizer, test_records=test_records, round_timeout=round_timeout)
+    strategy.start(grid, ArrayRecord(), num_rounds=recipe.federation.rounds, timeout=round_timeout)
+    final_dir = federation.finish(sizes, runtime={"flower": {"nodes": {str(k): clients[k].node_id for k in sorted(clients)}}})
     console.print(f"global adapter: {final_dir}")
-    return paths.root
+    return federation.paths.root
 
 
 # --- the ServerApp ------------------------------------------------------------------------------

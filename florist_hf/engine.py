@@ -1,0 +1,559 @@
+"""The round engine: a federation's state on disk and the steps that move it on, round by round.
+
+A federation is a run directory (`RunPaths`) and a `Federation` that knows, from the recipe and
+what is on disk, which rounds are done and what each client of the next round receives. Two
+drivers move the clients' adapters in and out and call the same steps in the same order:
+``florist-hf run`` (`florist_hf.runner`) trains each client itself, in one process or in the
+processes of ``accelerate launch``; the Flower strategy (`florist_hf.flower.server_app`) sends each
+client's plan to its SuperNode::
+
+    federation = Federation(recipe, console=console)
+    federation.open(force=force)                            # recipe record, --force, base model
+    for round_index in federation.round_indices:
+        round_plan = federation.plan_round(round_index, client_sizes)
+        if not round_plan.complete:
+            ...                                             # adapters arrive in plan.export_dir
+            trained = [plan for plan in round_plan.clients if federation.accept(plan)]
+            federation.aggregate(round_plan, trained)
+        federation.record_round(round_index, heldout)       # metrics.jsonl, per-round lm-eval
+    federation.finish(client_sizes)                         # global_adapter/, run.json, the Hub
+
+Every file is written atomically, and a round's record is rebuilt from its global adapter's
+sidecar, so a driver stopped anywhere resumes to the same result. ``--force`` with changed server
+settings (τ, the method) re-aggregates the rounds they touch from the kept client adapters; a
+round whose clients trained on a global update that changed is set aside under ``superseded/``
+and trained again. A change to how clients train is refused (see `client_training_changes`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from florist_hf.adapters import SIDECAR
+from florist_hf.aggregation import AggregationMethod, get_method
+from florist_hf.errors import FloristError
+from florist_hf.io_utils import append_jsonl, write_json_atomic, write_jsonl_atomic
+from florist_hf.server import ServerStep, aggregate_adapters, rank_summary, write_published_adapter
+from florist_hf.tiny import TINY_LLAMA_ID, build_tiny_llama
+
+RUN_FORMAT = "florist-hf/run"
+RECIPE_RECORD = "recipe.json"
+METRICS_FILE = "metrics.jsonl"
+RUN_SUMMARY = "run.json"
+GLOBAL_ADAPTER = "global_adapter"
+BASE_MODEL_DIR = "base_model"
+#: What a round's clients were given (the global updates they trained on), to tell a round that
+#: a --force re-aggregation of an earlier round made stale.
+ROUND_INPUTS = "inputs.json"
+SUPERSEDED_DIR = "superseded"
+
+
+@dataclass
+class RunPaths:
+    """Where a run keeps its state; every file here is written atomically."""
+
+    root: Path
+
+    def round_dir(self, round_index: int) -> Path:
+        return self.root / "rounds" / str(round_index)
+
+    def global_dir(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / "global"
+
+    def client_dir(self, round_index: int, client_id: int) -> Path:
+        return self.round_dir(round_index) / "clients" / f"client_{client_id}"
+
+    def client_work_dir(self, round_index: int, client_id: int) -> Path:
+        """The client's Trainer output dir: its mid-round checkpoints (``training.save_steps``)."""
+        return self.round_dir(round_index) / "work" / f"client_{client_id}"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def work(self) -> Path:
+        """Scratch space for the server's own Trainer runs (held-out evaluation)."""
+        return self.root / "work"
+
+
+@dataclass
+class RoundPlan:
+    """One round as the engine planned it: the sampled clients and what each one receives."""
+
+    round: int
+    selected: list[int]
+    #: One plan per selected client (empty when the round is complete).
+    clients: list = field(default_factory=list)
+    #: Its global adapter exists: nothing to train or aggregate.
+    complete: bool = False
+
+
+def method_of(recipe) -> AggregationMethod:
+    """The recipe's aggregation method with its options."""
+    federation = recipe.federation
+    if federation.method == "florist":
+        return get_method(federation.method, threshold=federation.threshold)
+    return get_method(federation.method)
+
+
+def sample_clients(num_clients: int, clients_per_round: int | float | None, seed: int, round_index: int) -> list[int]:
+    """The clients of one round: all (None), a count (int) or a fraction (float), reproducibly drawn."""
+    if clients_per_round is None:
+        count = num_clients
+    elif isinstance(clients_per_round, int):
+        count = min(clients_per_round, num_clients)
+    else:
+        count = max(1, min(num_clients, round(clients_per_round * num_clients)))
+    if count == num_clients:
+        return list(range(num_clients))
+    return sorted(random.Random(seed * 1_000_003 + round_index).sample(range(num_clients), count))
+
+
+def prepare_base_model(recipe, root: Path) -> str:
+    """The base model's path: the recipe's Hub id or directory, or the builtin tiny Llama, built
+    under ``root`` (a run directory, or a Flower client's work directory)."""
+    if recipe.model.name_or_path == TINY_LLAMA_ID:
+        return str(build_tiny_llama(Path(root) / BASE_MODEL_DIR, **recipe.model.tiny))
+    return recipe.model.name_or_path
+
+
+def retire_directory(path: Path, new_path: Path) -> None:
+    """Move ``path`` aside to ``new_path`` (replacing what was there), kept for inspection."""
+    shutil.rmtree(new_path, ignore_errors=True)
+    new_path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, new_path)
+
+
+def read_metrics(metrics_file: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line cut by a kill is skipped (rewritten on resume)."""
+    if not metrics_file.exists():
+        return []
+    records = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def record_key(record: dict) -> tuple:
+    return record.get("kind"), record.get("round"), record.get("client")
+
+
+def client_training_view(recipe) -> dict:
+    """Everything in a recipe that changes what a client trains, flattened to dotted keys.
+
+    Left out: where and how results are written and evaluated, the server's aggregation settings
+    (τ, min_clients), and the number of rounds unless the learning rate is scheduled over rounds.
+    The method counts only by what it asks of clients: to train on the merged global updates or
+    to continue the global factors, and whether lora_A is frozen.
+    """
+    payload = recipe.model_dump(mode="json", exclude={"name", "output_dir", "evaluation", "hub"})
+    federation = payload.pop("federation")
+    method = method_of(recipe)
+    federation["client_role"] = {"merges_into_base": method.merges_into_base, "freeze_lora_a": method.name == "ffa"}
+    for key in ("method", "threshold", "min_clients", "eval_heldout_loss"):
+        federation.pop(key)
+    if federation["round_lr_schedule"] == "constant":
+        federation.pop("rounds")
+    payload["federation"] = federation
+
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = value
+
+    walk("", payload)
+    return flat
+
+
+def client_training_changes(old, new) -> list[str]:
+    """``key: old -> new`` for every difference between two recipes in how clients train."""
+    before, after = client_training_view(old), client_training_view(new)
+    return [
+        f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]
+
+
+def _adapter_digest(adapter_dir: Path) -> str:
+    """A hash of an adapter directory's weights (a FlexLoRA global's per-client truncations included)."""
+    digest = hashlib.sha256()
+    for weights in sorted(adapter_dir.rglob("*.safetensors")):
+        digest.update(str(weights.relative_to(adapter_dir)).encode())
+        with open(weights, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def round_record(paths: RunPaths, round_index: int, heldout: float | None) -> dict:
+    """The round's line in metrics.jsonl, from its global adapter's sidecar (written atomically
+    with the adapter, so a round stopped before its line was written gets the same line on resume)."""
+    sidecar = json.loads((paths.global_dir(round_index) / SIDECAR).read_text())
+    ranks = rank_summary(module["selected_rank"] for module in sidecar["modules"].values())
+    comm = sidecar["communication"]
+    record = {
+        "kind": "round", "round": round_index, "clients": [_client_id(client) for client in sidecar["clients"]],
+        "total_selected_rank": ranks["total"], "rank_min": ranks["min"], "rank_median": ranks["median"],
+        "rank_max": ranks["max"], "uplink_bytes_total": comm["uplink_bytes_total"],
+        "downlink_bytes_total": comm["downlink_bytes_total"], "eff_x1e4": comm["eff_x1e4"],
+        "server_seconds": sidecar.get("server_seconds"),
+    }
+    if heldout is not None:
+        record["heldout_loss"] = heldout
+    return record
+
+
+def _client_id(client: dict) -> int | str:
+    name = client.get("name") or Path(client["path"]).name
+    return int(name.removeprefix("client_")) if name.removeprefix("client_").isdigit() else name
+
+
+def describe_round(record: dict) -> str:
+    return (
+        f"  server: ranks {record['rank_min']}/{record['rank_median']:g}/{record['rank_max']} "
+        f"(total {record['total_selected_rank']}), Eff {record['eff_x1e4']:.2f}, "
+        f"up {record['uplink_bytes_total']:,} B, down {record['downlink_bytes_total']:,} B"
+        + (f", held-out loss {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
+    )
+
+
+class Federation:
+    """A federation's state machine over its run directory; see the module docstring for the steps.
+
+    ``main`` is False on the other processes of an ``accelerate launch``: they plan and train
+    with the main process but write nothing.
+    """
+
+    def __init__(self, recipe, *, console=None, main: bool = True):
+        from rich.console import Console
+
+        self.recipe = recipe
+        self.paths = RunPaths(Path(recipe.output_dir))
+        self.method = method_of(recipe)
+        self.console = console if console is not None and main else Console(quiet=not main)
+        self.main = main
+        self.base_path: str | None = None
+        #: (kind, round, client) of every line in metrics.jsonl
+        self.logged: set[tuple] = set()
+        #: rounds whose global adapter exists, in order
+        self.rounds_done: list[int] = []
+        self._superseded: Path | None = None
+
+    @property
+    def round_indices(self) -> range:
+        return range(1, self.recipe.federation.rounds + 1)
+
+    # --- opening a run directory ----------------------------------------------------------------
+
+    def open(self, *, force: bool = False) -> str:
+        """Check the run directory against the recipe (main process), make or find the base
+        model, and read what is logged; returns the base model's path or Hub id."""
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            self.check_recipe(force)
+        self.base_path = prepare_base_model(self.recipe, self.paths.root)
+        self.logged = {record_key(record) for record in read_metrics(self.paths.metrics)}
+        return self.base_path
+
+    def check_recipe(self, force: bool) -> None:
+        """Refuse a run directory that holds another recipe unless ``force``; with ``force``,
+        refuse still a change to how clients train (their kept adapters were trained without
+        it) and accept the rest: server settings re-aggregate, new rounds extend the run."""
+        from pydantic import ValidationError
+
+        from florist_hf.recipe import Recipe
+
+        record_file = self.paths.root / RECIPE_RECORD
+        fingerprint = self.recipe.fingerprint()
+        if record_file.exists():
+            recorded = json.loads(record_file.read_text())
+            if recorded.get("fingerprint") != fingerprint:
+                if not force:
+                    raise FloristError(
+                        f"{self.paths.root}: holds a run of a different recipe (fingerprint {recorded.get('fingerprint')} "
+                        f"vs {fingerprint}); use another output_dir, or --force to continue it with the new recipe"
+                    )
+                try:
+                    changes = client_training_changes(Recipe.model_validate(recorded["recipe"]), self.recipe)
+                except (KeyError, ValidationError):
+                    changes = ["the recorded recipe.json cannot be read by this version"]
+                if changes and any(self.paths.root.glob("rounds/*/clients/client_*")):
+                    raise FloristError(
+                        f"{self.paths.root}: --force cannot apply {changes[0]}"
+                        + (f" (and {len(changes) - 1} more)" if len(changes) > 1 else "")
+                        + ": it changes how the clients train, and the kept client adapters were trained without it; "
+                        "use another output_dir"
+                    )
+        write_json_atomic(record_file, {"fingerprint": fingerprint, "recipe": self.recipe.model_dump(mode="json")})
+
+
+    def describe(self, client_sizes: Sequence[int], where: str = "") -> str:
+        recipe, federation = self.recipe, self.recipe.federation
+        return (
+            f"[bold]{recipe.name}[/]{where}: {federation.method}"
+            + (f" (τ = {federation.threshold})" if federation.method == "florist" else "")
+            + f", {federation.num_clients} clients {list(client_sizes)} samples, ranks "
+            f"{[recipe.client_rank(k) for k in range(federation.num_clients)]}, {federation.rounds} rounds -> {self.paths.root}"
+        )
+
+    def ensure_initial_adapter(self) -> None:
+        """Round 0's global adapter for continue-style methods: one shared LoRA init at the
+        largest rank. Every client slices it to its own rank, so FedIT averages factors that
+        started equal and FFA-LoRA's frozen A is the same on every client (SPEC §3)."""
+        from florist_hf.client import build_lora_model
+        from florist_hf.io_utils import atomic_directory
+
+        recipe = self.recipe
+        if not self.main or self.method.merges_into_base or self.paths.global_dir(0).exists():
+            return
+        max_rank = max(recipe.client_rank(k) for k in range(recipe.federation.num_clients))
+        model = build_lora_model(
+            self.base_path, rank=max_rank, alpha=max_rank, target_modules=recipe.lora.target_modules,
+            dropout=0.0, use_rslora=False, dtype=recipe.model.dtype, seed=recipe.federation.seed,
+            revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+        )
+        with atomic_directory(self.paths.global_dir(0), overwrite=True) as staging:
+            model.save_pretrained(staging)
+
+    # --- one round --------------------------------------------------------------------------------
+
+    def plan_round(self, round_index: int, client_sizes: Sequence[int]) -> RoundPlan:
+        """The round's clients and what each receives; a complete round is reused as it is.
+
+        A round whose clients trained on global updates that have since changed (a --force
+        re-aggregation of an earlier round) is set aside and planned afresh; a round aggregated
+        with other server settings keeps its client adapters and is aggregated again.
+        """
+        from florist_hf.client import ClientRound
+
+        federation = self.recipe.federation
+        selected = sample_clients(federation.num_clients, federation.clients_per_round, federation.seed, round_index)
+        merges = self.method.merges_into_base
+        received = list(self.rounds_done) if merges else [self.rounds_done[-1] if self.rounds_done else 0]
+        self._retire_if_stale(round_index, received)
+        round_plan = RoundPlan(round_index, selected, complete=self.paths.global_dir(round_index).exists())
+        if round_plan.complete:
+            self.rounds_done.append(round_index)
+            return round_plan
+        for client_id in selected:
+            round_plan.clients.append(
+                ClientRound(
+                    client_id=client_id,
+                    round=round_index,
+                    rank=self.recipe.client_rank(client_id),
+                    num_samples=client_sizes[client_id],
+                    export_dir=self.paths.client_dir(round_index, client_id),
+                    merge_adapters=[self.paths.global_dir(t) for t in received] if merges else [],
+                    init_adapter=None if merges else self.paths.global_dir(received[0]),
+                    freeze_lora_a=self.method.name == "ffa",
+                )
+            )
+        return round_plan
+
+    def _retire_if_stale(self, round_index: int, received: list[int]) -> None:
+        if not self.main:  # the main process plans first and moves what is stale
+            return
+        round_dir = self.paths.round_dir(round_index)
+        inputs = {"globals": {str(t): _adapter_digest(self.paths.global_dir(t)) for t in received}}
+        inputs_file = round_dir / ROUND_INPUTS
+        if inputs_file.exists() and json.loads(inputs_file.read_text()) != inputs:
+            self._supersede(round_index, round_dir, "its clients trained on global updates that have changed")
+        global_dir = self.paths.global_dir(round_index)
+        if global_dir.exists():
+            sidecar = json.loads((global_dir / SIDECAR).read_text())
+            current = (self.method.name, json.loads(json.dumps(self.method.options())))
+            if (sidecar.get("method"), sidecar.get("options")) != current:
+                self._supersede(round_index, global_dir, f"aggregated with {sidecar.get('method')} {sidecar.get('options')}")
+                for stale in ("published", "evaluation.json"):
+                    if (round_dir / stale).exists():
+                        retire_directory(round_dir / stale, self._superseded_dir() / "rounds" / str(round_index) / stale)
+        write_json_atomic(inputs_file, inputs)
+
+    def _superseded_dir(self) -> Path:
+        if self._superseded is None:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            self._superseded = self.paths.root / SUPERSEDED_DIR / stamp
+        return self._superseded
+
+    def _supersede(self, round_index: int, path: Path, reason: str) -> None:
+        """Move a stale round (or its global adapter) and its metrics lines under superseded/."""
+        target = self._superseded_dir() / path.relative_to(self.paths.root)
+        retire_directory(path, target)
+        whole_round = path == self.paths.round_dir(round_index)
+        kept, dropped = [], []
+        for record in read_metrics(self.paths.metrics):
+            stale = record.get("round") == round_index and (whole_round or record.get("kind") != "client")
+            (dropped if stale else kept).append(record)
+        if dropped:
+            for record in dropped:
+                append_jsonl(self._superseded_dir() / METRICS_FILE, record)
+                self.logged.discard(record_key(record))
+            write_jsonl_atomic(self.paths.metrics, kept)
+        what = f"round {round_index}" if whole_round else f"round {round_index}'s global adapter"
+        self.console.print(f"[yellow]{what} set aside under {target.parent}: {reason}[/]")
+
+    def accept(self, plan) -> bool:
+        """Log a finished client once; a diverged (NaN/Inf) client is set aside and left out of its round."""
+        from florist_hf import distributed
+        from florist_hf.client import read_client_info
+
+        info = read_client_info(plan.export_dir)
+        key = ("client", plan.round, plan.client_id)
+        if self.main and key not in self.logged:
+            append_jsonl(self.paths.metrics, {"kind": "client", "round": plan.round, **info})
+            self.logged.add(key)
+        if not info.get("finite", True):
+            distributed.wait_for_everyone()  # every process has read it before it moves
+            # Kept for inspection under another name, so that a resumed run trains it again.
+            if self.main:
+                retire_directory(plan.export_dir, plan.export_dir.with_name(plan.export_dir.name + ".nonfinite"))
+            self.console.print(f"  [yellow]client {plan.client_id}: training diverged (NaN/Inf); left out of round {plan.round}[/]")
+            return False
+        self.console.print(f"  client {plan.client_id}: loss {info['loss']:.4f}, {info['num_samples']} samples, {info['train_seconds']:.1f} s")
+        return True
+
+    def aggregate(self, round_plan: RoundPlan, trained: Sequence) -> ServerStep | None:
+        """The server step of one round, weighted by sample counts (main process; None elsewhere)."""
+        min_clients = self.recipe.federation.min_clients
+        if len(trained) < min_clients:
+            raise FloristError(
+                f"{self.paths.round_dir(round_plan.round)}: only {len(trained)} of {len(round_plan.selected)} clients "
+                f"trained successfully, below federation.min_clients = {min_clients}; earlier rounds are kept — run the "
+                "fixed recipe (e.g. a lower learning rate) into another output_dir, or lower federation.min_clients "
+                "and run again with --force"
+            )
+        step = None
+        if self.main:
+            step = aggregate_adapters(
+                [plan.export_dir for plan in trained], self.method, self.paths.global_dir(round_plan.round),
+                weights=[plan.num_samples for plan in trained], overwrite=False,
+                client_names=[plan.export_dir.name for plan in trained],
+            )
+            shutil.rmtree(self.paths.round_dir(round_plan.round) / "work", ignore_errors=True)  # the clients' checkpoints
+        self.rounds_done.append(round_plan.round)
+        return step
+
+    def global_dirs(self, round_index: int) -> list[Path]:
+        """The global adapters that make up the global model after ``round_index``: every round's
+        for merge-style methods, the last one's for continue-style ones."""
+        done = [t for t in self.rounds_done if t <= round_index]
+        return [self.paths.global_dir(t) for t in (done if self.method.merges_into_base else done[-1:])]
+
+    def heldout_loss(self, round_index: int, tokenizer, test_records, *, base_cache=None) -> float | None:
+        """The held-out loss (response tokens) of the global model after ``round_index``."""
+        from florist_hf.evaluation import global_heldout_loss
+
+        return global_heldout_loss(
+            self.recipe, self.base_path, self.global_dirs(round_index), self.method.merges_into_base, tokenizer,
+            test_records, self.paths.work, base_cache=base_cache,
+        )
+
+    def is_recorded(self, round_index: int) -> bool:
+        return ("round", round_index, None) in self.logged
+
+    def record_round(self, round_index: int, heldout: float | None) -> dict:
+        """Write the round's line to metrics.jsonl (once), run the per-round lm-eval if the recipe
+        asks, and print the round; main process only."""
+        record = round_record(self.paths, round_index, heldout)
+        if not self.is_recorded(round_index):
+            append_jsonl(self.paths.metrics, record)
+            self.logged.add(("round", round_index, None))
+        evaluation = self.recipe.evaluation
+        if evaluation is not None and evaluation.every_round and round_index < self.recipe.federation.rounds:
+            published = self.publish(round_index, self.paths.round_dir(round_index) / "published")
+            self.evaluate(published, round_index)
+        self.console.print(describe_round(record))
+        return record
+
+    # --- the end of a run ------------------------------------------------------------------------
+
+    def publish(self, round_index: int, out_dir: Path) -> Path:
+        """The global model after ``round_index`` as one PEFT adapter on the original base."""
+        rounds = [t for t in self.rounds_done if t <= round_index]
+        return write_published_adapter([self.paths.global_dir(t) for t in rounds], rounds, self.method, out_dir)
+
+    def evaluate(self, adapter_dir: Path, round_index: int) -> dict:
+        """The recipe's lm-eval evaluation of an adapter published after ``round_index``, once;
+        later resumes reuse its file."""
+        from florist_hf import distributed
+        from florist_hf.evaluation import evaluate_recipe
+
+        out_file = self.paths.round_dir(round_index) / "evaluation.json"
+        if out_file.exists():
+            evaluation = json.loads(out_file.read_text())["florist_hf_summary"]
+        else:
+            with distributed.single_process():  # lm-eval on the main process alone
+                evaluation = evaluate_recipe(self.recipe, self.base_path, adapter_dir, out_file, self.console)
+        if ("evaluation", round_index, None) not in self.logged:
+            append_jsonl(self.paths.metrics, {"kind": "evaluation", "round": round_index, **evaluation})
+            self.logged.add(("evaluation", round_index, None))
+        return evaluation
+
+    def finish(self, client_sizes: Sequence[int], *, runtime: dict | None = None) -> Path:
+        """Publish the final global adapter, evaluate it, write run.json and push if the recipe
+        says so (main process); returns the published adapter's directory."""
+        final_dir = self.publish(self.rounds_done[-1], self.paths.root / GLOBAL_ADAPTER)
+        evaluation = self.evaluate(final_dir, self.rounds_done[-1]) if self.recipe.evaluation is not None else None
+        summary = self.summarize(client_sizes)
+        summary["evaluation"] = evaluation
+        if runtime:
+            summary["runtime"] = runtime
+        write_json_atomic(self.paths.root / RUN_SUMMARY, summary)
+        hub = self.recipe.hub
+        if hub is not None and hub.push:
+            from florist_hf.hub import push
+
+            url = push(self.paths.root, hub.repo_id, private=hub.private, include_client_details=hub.include_client_details)
+            self.console.print(f"pushed to {url}")
+        return final_dir
+
+    def summarize(self, client_sizes: Sequence[int]) -> dict:
+        """``run.json``: what ran, what it cost, where the result is."""
+        recipe, federation = self.recipe, self.recipe.federation
+        rounds = [r for r in read_metrics(self.paths.metrics) if r["kind"] == "round" and r["round"] in self.rounds_done]
+        data_source = recipe.data.source
+        return {
+            "format": RUN_FORMAT,
+            "version": 1,
+            "name": recipe.name,
+            "method": federation.method,
+            "threshold": federation.threshold if federation.method == "florist" else None,
+            "rounds": federation.rounds,
+            "rounds_completed": len(rounds),
+            "num_clients": federation.num_clients,
+            "clients_per_round": len(sample_clients(federation.num_clients, federation.clients_per_round, federation.seed, 1)),
+            "client_ranks": [recipe.client_rank(k) for k in range(federation.num_clients)],
+            "client_samples": list(client_sizes),
+            "base_model": self.base_path,
+            # Hub dataset ids only (for the model card); local files and builtin data are not linkable.
+            "datasets": [] if data_source.startswith("builtin:") or Path(data_source).exists() else [data_source],
+            "data_source": data_source,
+            "global_adapter": GLOBAL_ADAPTER,
+            "communication": {
+                "uplink_bytes_total": sum(r["uplink_bytes_total"] for r in rounds),
+                "downlink_bytes_total": sum(r["downlink_bytes_total"] for r in rounds),
+                "eff_x1e4": rounds[-1]["eff_x1e4"] if rounds else None,
+                "eff_x1e4_per_round": [r["eff_x1e4"] for r in rounds],
+            },
+            "heldout_loss": [r.get("heldout_loss") for r in rounds],
+            "evaluation": None,
+            "recipe": recipe.model_dump(mode="json"),
+        }
+
