@@ -207,6 +207,36 @@ def run(
 
 @app.command()
 @user_errors
+def sweep(
+    recipe_file: Annotated[Path, typer.Argument(help="A FLoRIST recipe YAML; its output_dir holds the sweep.")],
+    thresholds: Annotated[str, typer.Option(help="Comma-separated τ values in (0, 1], e.g. 0.80,0.85,0.90,0.95.")],
+    criterion: Annotated[
+        str, typer.Option(help="heldout_loss (lower is better) or TASK:METRIC of the recipe's lm-eval evaluation, e.g. mmlu:acc.")
+    ] = "heldout_loss",
+    tolerance: Annotated[
+        float, typer.Option(help="FLoRIST-E: the least-downlink τ within this much (absolute) of FLoRIST-O's value.")
+    ] = 0.01,
+    baselines: Annotated[str, typer.Option(help="Also run these methods, comma-separated: flora, fedit, flexlora, ffa.")] = "",
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a recipe field (repeatable).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Continue branch run directories made with a different recipe (see run --force).")] = False,
+) -> None:
+    """Sweep the FLoRIST threshold at the cost of one round-1 training; choose FLoRIST-O and FLoRIST-E."""
+    from florist_hf.recipe import load_recipe
+    from florist_hf.sweep import parse_baselines, parse_criterion, parse_thresholds, run_sweep
+
+    recipe = load_recipe(recipe_file, set_ or [])
+    # Every argument is checked before any training starts.
+    values, methods = parse_thresholds(thresholds), parse_baselines(baselines)
+    parse_criterion(criterion, recipe)
+    sweep_dir = run_sweep(recipe, values, baselines=methods, criterion=criterion, tolerance=tolerance, force=force,
+                          console=console)
+    console.print(f"sweep: {sweep_dir / 'sweep.json'}, {sweep_dir / 'sweep.md'}, {sweep_dir / 'sweep.png'}")
+
+
+@app.command()
+@user_errors
 def evaluate(
     base: Annotated[str, typer.Option("--base", help="Base model: a Hub id or a local directory.")],
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="The global PEFT adapter directory (omit for the base alone).")] = None,
@@ -259,13 +289,22 @@ def push(
     include_client_details: Annotated[
         bool, typer.Option(help="Also upload per-client sample counts, weights, names and local paths.")
     ] = False,
+    pick: Annotated[
+        Optional[str], typer.Option(help="SOURCE is a sweep directory: publish its optimal (FLoRIST-O) or efficient (FLoRIST-E) branch.")
+    ] = None,
 ) -> None:
     """Publish a global adapter to the Hub with a model card (token from HF_TOKEN or `hf auth login`).
 
     By default the upload carries the adapter, the card and aggregate-level records only."""
     from florist_hf.hub import push as push_to_hub
 
-    location = push_to_hub(source, repo_id, private=private, dry_run_dir=dry_run, include_client_details=include_client_details)
+    selection = None
+    if pick is not None:
+        from florist_hf.sweep import picked_branch
+
+        source, selection = picked_branch(source, pick)
+    location = push_to_hub(source, repo_id, private=private, dry_run_dir=dry_run, include_client_details=include_client_details,
+                           selection=selection)
     console.print(f"{'built upload folder' if dry_run else 'pushed to'} {location}")
 
 

@@ -141,6 +141,7 @@ def _card_body(
     base_model: str | None,
     base_model_name: str,
     include_client_details: bool = False,
+    selection: Mapping | None = None,
 ) -> str:
     threshold = run.get("threshold", (sidecar or {}).get("threshold"))
     clients = (sidecar or {}).get("clients", [])
@@ -175,6 +176,7 @@ def _card_body(
         "|---|---|",
         *(f"| {key} | {value} |" for key, value in training_rows),
         "",
+        *(["## How τ was chosen", "", selection["text"], ""] if selection else []),
         "## Selected ranks",
         "",
         "Rank of the global adapter per module type, across layers.",
@@ -275,7 +277,7 @@ def public_record(record: dict, file_name: str, public_ids: set[str] = frozenset
 
 
 def build_upload_folder(source: str | os.PathLike, out_dir: str | os.PathLike, *, repo_id: str,
-                        include_client_details: bool = False) -> Path:
+                        include_client_details: bool = False, selection: Mapping | None = None) -> Path:
     """Write the folder ``push`` uploads to ``out_dir`` (which must not exist), atomically.
 
     Without ``include_client_details`` the records are `public_record` copies and the adapter
@@ -317,7 +319,7 @@ def build_upload_folder(source: str | os.PathLike, out_dir: str | os.PathLike, *
         card = ModelCard(
             f"---\n{_card_data(run, method, base_model, repo_id).to_yaml()}\n---\n\n"
             + _card_body(repo_id, method, run, sidecar, ranks, rank_source, base_model, Path(base_model_name).name,
-                         include_client_details)
+                         include_client_details, selection)
         )
         card.save(staging / MODEL_CARD)
     return out_dir
@@ -347,8 +349,11 @@ def push(
     dry_run_dir: str | os.PathLike | None = None,
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
     include_client_details: bool = False,
+    selection: Mapping | None = None,
 ) -> str:
     """Upload a run's global adapter (or an adapter directory) to the model repo ``repo_id``.
+
+    ``selection`` (from `sweep.picked_branch`) adds how the run's τ was chosen to the card.
 
     With ``dry_run_dir`` the upload folder is written there and nothing is sent; the return value is
     then the folder's path. Otherwise the repo is created if needed (``private`` applies only to a new
@@ -357,7 +362,8 @@ def push(
     """
     _check_repo_id(repo_id)
     if dry_run_dir is not None:
-        return str(build_upload_folder(source, dry_run_dir, repo_id=repo_id, include_client_details=include_client_details))
+        return str(build_upload_folder(source, dry_run_dir, repo_id=repo_id, include_client_details=include_client_details,
+                                       selection=selection))
     token = token or get_token()
     if not token:
         raise FloristError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
@@ -367,7 +373,7 @@ def push(
     api = HfApi(endpoint=endpoint, token=token, library_name="florist-hf", library_version=__version__)
     with tempfile.TemporaryDirectory(prefix="florist-hf-upload-") as scratch:
         folder = build_upload_folder(source, Path(scratch) / "upload", repo_id=repo_id,
-                                     include_client_details=include_client_details)
+                                     include_client_details=include_client_details, selection=selection)
         try:
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=commit_message)

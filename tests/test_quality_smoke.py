@@ -27,7 +27,8 @@ def test_quality_benchmark_smoke(shared_data, tmp_path):
 
     written = json.loads((out / "results.json").read_text())
     runs = {(r["setting"], r["method"]): r for r in written["runs"]}
-    assert set(runs) == {("homo", "flora"), ("homo", "florist"), ("centralised", "florist")}
+    assert set(runs) == {("homo", "flora"), ("homo", "florist"), ("homo", "florist-o"), ("homo", "florist-e"),
+                         ("centralised", "florist")}
     for run in runs.values():
         assert math.isfinite(run["test_loss"])
         assert len(run["client_eval_loss"]) == 2 and all(math.isfinite(x) for x in run["client_eval_loss"])
@@ -37,7 +38,9 @@ def test_quality_benchmark_smoke(shared_data, tmp_path):
     # FLoRIST at most that, and it aggregates FLoRA's very client adapters (round 1 reused).
     assert runs[("homo", "flora")]["total_selected_rank"] == 4 * 4
     assert 4 <= runs[("homo", "florist")]["total_selected_rank"] <= 4 * 4
-    assert runs[("homo", "florist")]["first_round_from"] == runs[("homo", "flora")]["run_dir"]
+    # FLoRA and FLoRIST run as one `florist-hf sweep`: FLoRA aggregates FLoRIST's round-1 clients.
+    assert runs[("homo", "flora")]["first_round_from"] == runs[("homo", "florist")]["run_dir"]
+    assert runs[("homo", "florist-o")]["chosen_threshold"] == runs[("homo", "florist-e")]["chosen_threshold"] == 0.9
     assert runs[("homo", "flora")]["downlink_bytes_per_round"] >= runs[("homo", "florist")]["downlink_bytes_per_round"]
     assert written["references"][0]["method"] == "base"
 

@@ -53,20 +53,39 @@ def run_group(specs, *, base_dir: Path, split_dir: Path, runs_root: Path, extra_
     client_records = load_client_eval(split_dir)
     done: dict[str, Path] = {}
     records = []
+    # FLoRA and the FLoRIST τ grid go through `florist-hf sweep` (round 1 trained once, FLoRIST-O and
+    # FLoRIST-E chosen by it) unless round-1 sharing is off; the other baselines run one by one.
+    swept = [spec for spec in specs if spec.setting != "centralised" and spec.method in ("flora", "florist")]
+    if not share_first_round or not any(spec.method == "florist" for spec in swept):
+        swept = []
     for spec in specs:
+        if spec in swept and spec is not swept[0]:
+            continue
         tic = time.perf_counter()
-        record = run_one(
-            spec, base_dir=base_dir, split_dir=split_dir, runs_root=runs_root, client_records=client_records, done=done,
-            share_first_round=share_first_round, extra_overrides=extra_overrides,
-        )
-        record["name"], record["wall_seconds"] = spec.name, time.perf_counter() - tic
-        records.append(record)
-        print(
-            f"  {spec.setting:<11} {spec.label:<17} seed {spec.seed}: test loss {record['test_loss']:.4f}, "
-            f"client-slice loss {record['client_eval_loss_mean']:.4f}, total rank {record['total_selected_rank']:g}, "
-            f"{record['wall_seconds']:.1f} s{' (round 1 reused)' if record['first_round_from'] else ''}",
-            flush=True,
-        )
+        if spec in swept:
+            from benchmarks.quality.runner import run_sweep_group
+
+            new = run_sweep_group(swept, base_dir=base_dir, split_dir=split_dir, runs_root=runs_root,
+                                  client_records=client_records, tolerance=config.SWEEP_TOLERANCE,
+                                  extra_overrides=extra_overrides)
+            for record in new:
+                done[record["name"]] = Path(record["run_dir"])
+        else:
+            new = [run_one(
+                spec, base_dir=base_dir, split_dir=split_dir, runs_root=runs_root, client_records=client_records, done=done,
+                share_first_round=share_first_round, extra_overrides=extra_overrides,
+            )]
+            new[0]["name"] = spec.name
+        for record in new:
+            record["wall_seconds"] = (time.perf_counter() - tic) / len(new)
+            records.append(record)
+            chosen = f" (τ = {record['chosen_threshold']:g})" if "chosen_threshold" in record else ""
+            print(
+                f"  {record['setting']:<11} {record['label'] + chosen:<17} seed {record['seed']}: test loss {record['test_loss']:.4f}, "
+                f"client-slice loss {record['client_eval_loss_mean']:.4f}, total rank {record['total_selected_rank']:g}, "
+                f"{record['wall_seconds']:.1f} s{' (round 1 reused)' if record['first_round_from'] else ''}",
+                flush=True,
+            )
     return records
 
 
@@ -233,7 +252,10 @@ def _run_benchmark(*, out_dir, cache, seeds, settings, baselines, thresholds, ce
     finished = 0
     for group_records in _map_groups(jobs, workers, threads):
         finished += len(group_records)
-        results["runs"] = sorted([*results["runs"], *group_records], key=lambda r: order[r["name"]])
+        # FLoRIST-O and FLoRIST-E (not grid cells) come after their setting's last FLoRIST τ.
+        results["runs"] = sorted([*results["runs"], *group_records], key=lambda r: order.get(r["name"], (
+            max((order[n] for n in order if n.startswith(f"{r['setting']}/florist") and n.endswith(f"seed_{r['seed']}")), default=0)
+            + 0.5)))
         elapsed = time.perf_counter() - federated_started
         log(f"--- {finished}/{len(specs)} runs done; elapsed {elapsed / 60:.1f} min, "
             f"about {elapsed / finished * (len(specs) - finished) / 60:.1f} min left")

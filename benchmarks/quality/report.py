@@ -24,7 +24,7 @@ def _stats(values: list[float]) -> dict:
 
 def _order(row: dict) -> tuple:
     setting_order = {"reference": 0, "centralised": 1, "homo": 2, "heter": 3}
-    method_order = {"base": 0, "fedit": 1, "flora": 2, "flexlora": 3, "ffa": 4, "florist": 5}
+    method_order = {"base": 0, "fedit": 1, "flora": 2, "flexlora": 3, "ffa": 4, "florist": 5, "florist-o": 6, "florist-e": 7}
     return (setting_order.get(row["setting"], 9), method_order.get(row["method"], 9), row.get("threshold") or 0)
 
 
@@ -45,6 +45,9 @@ def aggregate(results: dict) -> list[dict]:
     rows = []
     for (setting, method, threshold), runs in groups.items():
         row = {"setting": setting, "method": method, "threshold": threshold, "label": runs[0]["label"], "seeds": [r["seed"] for r in runs]}
+        if any("chosen_threshold" in r for r in runs):  # FLoRIST-O / -E: the τ the sweep chose, per seed
+            row["chosen_thresholds"] = [r.get("chosen_threshold") for r in runs]
+            row["label"] += " (τ = " + ", ".join(f"{t:g}" for t in row["chosen_thresholds"]) + " by seed)"
         for metric in METRICS:
             if any(metric in r for r in runs):
                 row[metric] = _stats([r.get(metric) for r in runs])
@@ -179,8 +182,9 @@ def write_markdown(results: dict, path: Path) -> Path:
 
 
 COLORS = {"fedit": "tab:orange", "flora": "tab:green", "flexlora": "tab:purple", "ffa": "tab:brown", "florist": "tab:blue",
+          "florist-o": "tab:red", "florist-e": "tab:cyan",
           "centralised": "black", "base": "gray"}
-MARKERS = {"fedit": "s", "flora": "D", "flexlora": "^", "ffa": "v", "florist": "o"}
+MARKERS = {"fedit": "s", "flora": "D", "flexlora": "^", "ffa": "v", "florist": "o", "florist-o": "*", "florist-e": "P"}
 
 
 def _runs_by_key(results: dict) -> dict[tuple, dict[int, dict]]:

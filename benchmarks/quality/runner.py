@@ -69,11 +69,12 @@ def first_round_donor(spec: RunSpec, done: dict[str, Path]) -> Path | None:
     return None
 
 
-def florist_run(recipe_file: Path, overrides: list[str], log_file: Path) -> None:
-    """`florist-hf run recipe_file --set o1 --set o2 ...`, its console output into ``log_file``."""
+def florist_run(recipe_file: Path, overrides: list[str], log_file: Path, command: tuple[str, ...] = ("run",)) -> None:
+    """`florist-hf run recipe_file --set o1 --set o2 ...` (or another command, e.g. ``("sweep",
+    "--thresholds", "0.8,0.9")``), its console output into ``log_file``."""
     from florist_hf.cli import app
 
-    args = ["run", str(recipe_file)]
+    args = [command[0], str(recipe_file), *command[1:]]
     for override in overrides:
         args += ["--set", override]
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,7 @@ def florist_run(recipe_file: Path, overrides: list[str], log_file: Path) -> None
         except SystemExit as exit_:  # pragma: no cover - typer may exit on usage errors
             code = exit_.code
     if code:
-        raise RuntimeError(f"florist-hf run failed (exit {code}); see {log_file}")
+        raise RuntimeError(f"florist-hf {command[0]} failed (exit {code}); see {log_file}")
 
 
 def client_losses(base_dir: Path, adapter_dir: Path | None, recipe, client_records: list[list[dict]], work_dir: Path) -> list[float]:
@@ -149,13 +150,8 @@ def summarize_metrics(run_dir: Path) -> dict:
     }
 
 
-def run_one(spec: RunSpec, *, base_dir: Path, split_dir: Path, runs_root: Path, client_records: list[list[dict]],
-            done: dict[str, Path], share_first_round: bool = True, extra_overrides: tuple[str, ...] = ()) -> dict:
-    """Run ``spec`` with the real runner (reusing an earlier identical round 1 when allowed) and measure it."""
-    from florist_hf.recipe import load_recipe
-
-    run_dir = runs_root / spec.name
-    overrides = [
+def run_overrides(spec: RunSpec, *, base_dir: Path, split_dir: Path, run_dir: Path, extra_overrides: tuple[str, ...] = ()) -> list[str]:
+    return [
         f"model.name_or_path={base_dir}",
         f"data.source={split_dir}",
         f"federation.seed={spec.seed}",
@@ -165,25 +161,86 @@ def run_one(spec: RunSpec, *, base_dir: Path, split_dir: Path, runs_root: Path, 
         *spec.overrides,
         *(o for o in extra_overrides if spec.setting != "centralised" or o.split("=", 1)[0].strip() not in FEDERATION_ONLY),
     ]
+
+
+def measure_run(spec: RunSpec, run_dir: Path, overrides: list[str], *, base_dir: Path, client_records: list[list[dict]],
+                run_seconds: float, first_round_from: Path | None) -> dict:
+    """A finished run's numbers, plus its global adapter's loss on every client's held-out slice."""
+    from florist_hf.recipe import load_recipe
+
     recipe = load_recipe(spec.recipe_file, overrides)
+    started = time.perf_counter()
+    losses = client_losses(base_dir, run_dir / "global_adapter", recipe, client_records, run_dir / "eval_work")
+    eval_seconds = time.perf_counter() - started
+    shutil.rmtree(run_dir / "work", ignore_errors=True)
+    return {
+        "setting": spec.setting, "method": spec.method, "label": spec.label, "threshold": spec.threshold,
+        "seed": spec.seed, "run_dir": str(run_dir), "overrides": overrides,
+        "first_round_from": None if first_round_from is None else str(first_round_from),
+        **summarize_metrics(run_dir),
+        "client_eval_loss": losses,
+        "client_eval_loss_mean": statistics.fmean(losses),
+        "run_seconds": run_seconds, "client_eval_seconds": eval_seconds,
+    }
+
+
+def run_one(spec: RunSpec, *, base_dir: Path, split_dir: Path, runs_root: Path, client_records: list[list[dict]],
+            done: dict[str, Path], share_first_round: bool = True, extra_overrides: tuple[str, ...] = ()) -> dict:
+    """Run ``spec`` with the real runner (reusing an earlier identical round 1 when allowed) and measure it."""
+    run_dir = runs_root / spec.name
+    overrides = run_overrides(spec, base_dir=base_dir, split_dir=split_dir, run_dir=run_dir, extra_overrides=extra_overrides)
     shutil.rmtree(run_dir, ignore_errors=True)  # every benchmark run starts clean
     donor = first_round_donor(spec, done) if share_first_round else None
     if donor is not None:
         shutil.copytree(donor / "rounds" / "1" / "clients", run_dir / "rounds" / "1" / "clients")
     started = time.perf_counter()
     florist_run(spec.recipe_file, overrides, run_dir / "console.log")
-    run_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    losses = client_losses(base_dir, run_dir / "global_adapter", recipe, client_records, run_dir / "eval_work")
-    eval_seconds = time.perf_counter() - started
-    shutil.rmtree(run_dir / "work", ignore_errors=True)
+    record = measure_run(spec, run_dir, overrides, base_dir=base_dir, client_records=client_records,
+                         run_seconds=time.perf_counter() - started, first_round_from=donor)
     done[spec.name] = run_dir
-    return {
-        "setting": spec.setting, "method": spec.method, "label": spec.label, "threshold": spec.threshold,
-        "seed": spec.seed, "run_dir": str(run_dir), "overrides": overrides,
-        "first_round_from": None if donor is None else str(donor),
-        **summarize_metrics(run_dir),
-        "client_eval_loss": losses,
-        "client_eval_loss_mean": statistics.fmean(losses),
-        "run_seconds": run_seconds, "client_eval_seconds": eval_seconds,
-    }
+    return record
+
+
+#: FLoRIST-O and FLoRIST-E as `florist-hf sweep` picks them, by the branches' test loss.
+VARIANTS = {"optimal": ("florist-o", "FLoRIST-O"), "efficient": ("florist-e", "FLoRIST-E")}
+
+
+def run_sweep_group(specs: list[RunSpec], *, base_dir: Path, split_dir: Path, runs_root: Path,
+                    client_records: list[list[dict]], tolerance: float, extra_overrides: tuple[str, ...] = ()) -> list[dict]:
+    """FLoRA and every FLoRIST τ of one setting and seed through `florist-hf sweep` (round 1 trained
+    once for all of them), each branch measured as a run, plus FLoRIST-O and FLoRIST-E as the sweep
+    chose them (records copied from the chosen branch, with its τ as ``chosen_threshold``)."""
+    florist = [spec for spec in specs if spec.method == "florist"]
+    first = florist[0]
+    sweep_dir = runs_root / first.setting / "sweep" / f"seed_{first.seed}"
+    overrides = [
+        override for override in run_overrides(first, base_dir=base_dir, split_dir=split_dir, run_dir=sweep_dir,
+                                                extra_overrides=extra_overrides)
+        if not override.startswith(("federation.threshold=", "federation.method="))
+    ]
+    thresholds = ",".join(f"{spec.threshold:g}" for spec in florist)
+    command = ("sweep", "--thresholds", thresholds, "--tolerance", str(tolerance),
+               *(("--baselines", "flora") if any(spec.method == "flora" for spec in specs) else ()))
+    shutil.rmtree(sweep_dir, ignore_errors=True)  # every benchmark run starts clean
+    started = time.perf_counter()
+    florist_run(first.recipe_file, overrides, sweep_dir / "console.log", command)
+    sweep_seconds = time.perf_counter() - started
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    records = {}
+    for spec in specs:
+        branch = "flora" if spec.method == "flora" else f"tau_{spec.threshold:g}"
+        run_overrides_ = [*overrides[:3], f"output_dir={sweep_dir / branch}", f"federation.method={spec.method}",
+                          *([f"federation.threshold={spec.threshold}"] if spec.threshold is not None else []), *overrides[4:]]
+        records[branch] = measure_run(
+            spec, sweep_dir / branch, run_overrides_, base_dir=base_dir, client_records=client_records,
+            run_seconds=sweep_seconds / len(specs),
+            first_round_from=None if branch == sweep["rows"][0]["branch"] else sweep_dir / sweep["rows"][0]["branch"],
+        )
+        records[branch]["name"] = spec.name
+    out = list(records.values())
+    for pick, (method, label) in VARIANTS.items():
+        chosen = dict(records[sweep["branches"][pick]])
+        chosen.update(method=method, label=label, threshold=None, chosen_threshold=sweep[pick],
+                      name=f"{first.setting}/{method}/seed_{first.seed}", sweep_tolerance=sweep["tolerance"])
+        out.append(chosen)
+    return out
