@@ -237,6 +237,40 @@ def sweep(
 
 @app.command()
 @user_errors
+def export(
+    source: Annotated[Path, typer.Argument(help="A run directory or a PEFT adapter directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Where the exported adapter or model directory goes.")],
+    format_: Annotated[
+        str, typer.Option("--format", help="uniform: one rank for every module, scale folded in (vLLM, SGLang, LoRAX, "
+                                           "llama.cpp, exllamav2); merged: a full model with the update merged in.")
+    ] = "uniform",
+    round_to: Annotated[int, typer.Option(help="uniform: round the rank up to a multiple of this (LoRAX/TGI: 16).")] = 1,
+    max_rank: Annotated[
+        Optional[int], typer.Option(help="uniform: truncate modules above this rank to their best approximation (lossy).")
+    ] = None,
+    base_model: Annotated[
+        Optional[str], typer.Option(help="merged: the base model (default: the adapter's base_model_name_or_path).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Export a global adapter for a serving engine: one uniform rank, or merged into the base."""
+    from florist_hf.export import export_merged, export_uniform
+
+    if format_ == "uniform":
+        result = export_uniform(source, out, round_to=round_to, max_rank=max_rank, overwrite=force)
+        console.print(f"uniform rank {result.rank} (r = lora_alpha = {result.rank}, no patterns) -> {out}", soft_wrap=True)
+        for name, kept in sorted(result.truncated.items()):
+            console.print(f"[yellow]truncated {name} to rank {result.rank}: {100 * kept:.2f}% of its update's energy kept[/]",
+                          soft_wrap=True)
+    elif format_ == "merged":
+        export_merged(source, out, base_model=base_model, overwrite=force)
+        console.print(f"merged model -> {out}")
+    else:
+        raise FloristError(f"--format {format_!r}: choose uniform or merged")
+
+
+@app.command()
+@user_errors
 def evaluate(
     base: Annotated[str, typer.Option("--base", help="Base model: a Hub id or a local directory.")],
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="The global PEFT adapter directory (omit for the base alone).")] = None,
@@ -292,6 +326,10 @@ def push(
     pick: Annotated[
         Optional[str], typer.Option(help="SOURCE is a sweep directory: publish its optimal (FLoRIST-O) or efficient (FLoRIST-E) branch.")
     ] = None,
+    format_: Annotated[
+        str, typer.Option("--format", help="peft: the adapter as aggregated (per-module ranks); uniform: one rank for "
+                                           "every module, for vLLM, SGLang, LoRAX and llama.cpp (see `export`).")
+    ] = "peft",
 ) -> None:
     """Publish a global adapter to the Hub with a model card (token from HF_TOKEN or `hf auth login`).
 
@@ -304,7 +342,7 @@ def push(
 
         source, selection = picked_branch(source, pick)
     location = push_to_hub(source, repo_id, private=private, dry_run_dir=dry_run, include_client_details=include_client_details,
-                           selection=selection)
+                           selection=selection, variant=format_)
     console.print(f"{'built upload folder' if dry_run else 'pushed to'} {location}")
 
 

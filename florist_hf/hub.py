@@ -142,6 +142,7 @@ def _card_body(
     base_model_name: str,
     include_client_details: bool = False,
     selection: Mapping | None = None,
+    uniform_rank: int | None = None,
 ) -> str:
     threshold = run.get("threshold", (sidecar or {}).get("threshold"))
     clients = (sidecar or {}).get("clients", [])
@@ -177,6 +178,15 @@ def _card_body(
         *(f"| {key} | {value} |" for key, value in training_rows),
         "",
         *(["## How τ was chosen", "", selection["text"], ""] if selection else []),
+        *([
+            "## Serving",
+            "",
+            f"This upload is the uniform-rank form of the adapter: every module zero-padded to rank {uniform_rank} with "
+            f"its scale folded in (`r = lora_alpha = {uniform_rank}`, no `rank_pattern`), the same update, so engines "
+            f"that apply one `lora_alpha / r` (vLLM with `--max-lora-rank {uniform_rank}` or more, SGLang, LoRAX, "
+            "llama.cpp after `convert_lora_to_gguf.py`) scale it right. The ranks below are those the aggregation kept.",
+            "",
+        ] if uniform_rank else []),
         "## Selected ranks",
         "",
         "Rank of the global adapter per module type, across layers.",
@@ -277,12 +287,29 @@ def public_record(record: dict, file_name: str, public_ids: set[str] = frozenset
 
 
 def build_upload_folder(source: str | os.PathLike, out_dir: str | os.PathLike, *, repo_id: str,
-                        include_client_details: bool = False, selection: Mapping | None = None) -> Path:
+                        include_client_details: bool = False, selection: Mapping | None = None,
+                        variant: str = "peft") -> Path:
     """Write the folder ``push`` uploads to ``out_dir`` (which must not exist), atomically.
 
     Without ``include_client_details`` the records are `public_record` copies and the adapter
     config's ``base_model_name_or_path`` keeps a Hub id only (a local base path becomes null).
+    ``variant="uniform"`` uploads the `export.export_uniform` form of the adapter (one rank, no
+    patterns: what vLLM, SGLang, LoRAX and llama.cpp scale right) instead of the per-module one.
     """
+    if variant not in ("peft", "uniform"):
+        raise FloristError(f"--format {variant!r}: choose peft or uniform")
+    if variant == "uniform":
+        from florist_hf.export import export_uniform
+
+        with tempfile.TemporaryDirectory(prefix="florist-hf-uniform-") as scratch:
+            uniform = export_uniform(resolve_source(source).adapter_dir, Path(scratch) / "uniform")
+            return _build_upload_folder(source, out_dir, repo_id=repo_id, include_client_details=include_client_details,
+                                        selection=selection, uniform=uniform)
+    return _build_upload_folder(source, out_dir, repo_id=repo_id, include_client_details=include_client_details,
+                                selection=selection, uniform=None)
+
+
+def _build_upload_folder(source, out_dir, *, repo_id: str, include_client_details: bool, selection, uniform) -> Path:
     publish = resolve_source(source)
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -299,10 +326,13 @@ def build_upload_folder(source: str | os.PathLike, out_dir: str | os.PathLike, *
     base_model = _hub_repo_id(base_model_name)
     method = run.get("method") or (sidecar or {}).get("method")
 
+    if uniform is not None:
+        adapter_config = read_json(uniform.out_dir / ADAPTER_CONFIG)
     with atomic_directory(out_dir) as staging:
-        shutil.copyfile(publish.adapter_dir / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
+        weights_dir = publish.adapter_dir if uniform is None else uniform.out_dir
+        shutil.copyfile(weights_dir / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
         if include_client_details:
-            shutil.copyfile(publish.adapter_dir / ADAPTER_CONFIG, staging / ADAPTER_CONFIG)
+            shutil.copyfile(weights_dir / ADAPTER_CONFIG, staging / ADAPTER_CONFIG)
         else:
             public_config = {**adapter_config, "base_model_name_or_path": base_model}
             (staging / ADAPTER_CONFIG).write_text(json.dumps(public_config, indent=2, sort_keys=True) + "\n")
@@ -319,7 +349,7 @@ def build_upload_folder(source: str | os.PathLike, out_dir: str | os.PathLike, *
         card = ModelCard(
             f"---\n{_card_data(run, method, base_model, repo_id).to_yaml()}\n---\n\n"
             + _card_body(repo_id, method, run, sidecar, ranks, rank_source, base_model, Path(base_model_name).name,
-                         include_client_details, selection)
+                         include_client_details, selection, None if uniform is None else uniform.rank)
         )
         card.save(staging / MODEL_CARD)
     return out_dir
@@ -350,10 +380,12 @@ def push(
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
     include_client_details: bool = False,
     selection: Mapping | None = None,
+    variant: str = "peft",
 ) -> str:
     """Upload a run's global adapter (or an adapter directory) to the model repo ``repo_id``.
 
-    ``selection`` (from `sweep.picked_branch`) adds how the run's τ was chosen to the card.
+    ``selection`` (from `sweep.picked_branch`) adds how the run's τ was chosen to the card;
+    ``variant="uniform"`` uploads the uniform-rank form (see `build_upload_folder`).
 
     With ``dry_run_dir`` the upload folder is written there and nothing is sent; the return value is
     then the folder's path. Otherwise the repo is created if needed (``private`` applies only to a new
@@ -363,7 +395,7 @@ def push(
     _check_repo_id(repo_id)
     if dry_run_dir is not None:
         return str(build_upload_folder(source, dry_run_dir, repo_id=repo_id, include_client_details=include_client_details,
-                                       selection=selection))
+                                       selection=selection, variant=variant))
     token = token or get_token()
     if not token:
         raise FloristError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
@@ -373,7 +405,7 @@ def push(
     api = HfApi(endpoint=endpoint, token=token, library_name="florist-hf", library_version=__version__)
     with tempfile.TemporaryDirectory(prefix="florist-hf-upload-") as scratch:
         folder = build_upload_folder(source, Path(scratch) / "upload", repo_id=repo_id,
-                                     include_client_details=include_client_details, selection=selection)
+                                     include_client_details=include_client_details, selection=selection, variant=variant)
         try:
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=commit_message)
