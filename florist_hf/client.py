@@ -475,7 +475,8 @@ def tokenize_shard(recipe, tokenizer, records):
     drivers tokenize each shard once per process (a few seconds per round for a large shard)."""
     from florist_hf.data import tokenize_records
 
-    return tokenize_records(records, tokenizer, cutoff_len=recipe.data.cutoff_len, train_on_inputs=recipe.data.train_on_inputs)
+    return tokenize_records(records, tokenizer, cutoff_len=recipe.data.cutoff_len, train_on_inputs=recipe.data.train_on_inputs,
+                            template=recipe.data.template)
 
 
 def run_client_round(recipe, plan: ClientRound, base_path: str, tokenizer, dataset, work_dir: Path, console,

@@ -603,6 +603,31 @@ def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - the
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
+def chat_texts(records: Sequence[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], list[str]]:
+    """(prompt, prompt + response) texts of each record through the tokenizer's chat template:
+    the instruction (and input, after a blank line) as the user's turn, the output as the
+    assistant's. The prompt ends where the assistant's answer starts (the generation prompt)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise FloristError(
+            f"data.template: chat needs a tokenizer with a chat template, and {tokenizer.name_or_path!r} has none; "
+            "use an instruct base or data.template: alpaca"
+        )
+    prompts, full_texts = [], []
+    for record in records:
+        user = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
+        conversation = [{"role": "user", "content": user}]
+        prompt = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(conversation + [{"role": "assistant", "content": record["output"]}], tokenize=False)
+        if not full.startswith(prompt):  # a template that rewrites earlier turns: the prompt mask would be wrong
+            raise FloristError(
+                f"data.template: chat: {tokenizer.name_or_path!r}'s chat template does not extend the prompt with the "
+                "answer (the prompt is not a prefix of the full conversation); use data.template: alpaca"
+            )
+        prompts.append(prompt)
+        full_texts.append(full)
+    return prompts, full_texts
+
+
 def _tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     # We tokenize without special tokens so that EOS handling is ours for every tokenizer, but keep
     # a BOS where the tokenizer would add one itself (Llama does; FLoRA trained with it).
@@ -617,23 +642,30 @@ def tokenize_records(
     cutoff_len: int = 512,
     train_on_inputs: bool = True,
     add_eos: bool = True,
+    template: str = "alpaca",
 ) -> datasets.Dataset:
     """A Dataset of input_ids, attention_mask and labels for causal-LM training (FLoRA's `tokenize`).
 
     Text = prompt + output, truncated to ``cutoff_len`` tokens; EOS is appended when it is not
     already last and there is room. Labels equal input_ids, except that the prompt tokens are
-    IGNORE_INDEX when ``train_on_inputs`` is False.
+    IGNORE_INDEX when ``train_on_inputs`` is False. With ``template="chat"`` the text is the
+    tokenizer's chat template applied to the record as a user turn and an assistant turn (see
+    `chat_texts`): the template writes BOS and ends the assistant's turn itself.
     """
     import datasets
 
     if not records:
         raise FloristError("no records to tokenize; check the data source and the client split")
     eos = tokenizer.eos_token_id
-    if add_eos and eos is None:
-        raise FloristError("the tokenizer has no eos_token; set one on the tokenizer or pass add_eos=False")
-    prefix = [tokenizer.bos_token_id] if _tokenizer_adds_bos(tokenizer) else []
-    prompts = [format_prompt(record["instruction"], record["input"]) for record in records]
-    full_texts = [prompt + record["output"] for prompt, record in zip(prompts, records)]
+    if template == "chat":
+        prompts, full_texts = chat_texts(records, tokenizer)
+        prefix, add_eos = [], False
+    else:
+        if add_eos and eos is None:
+            raise FloristError("the tokenizer has no eos_token; set one on the tokenizer or pass add_eos=False")
+        prefix = [tokenizer.bos_token_id] if _tokenizer_adds_bos(tokenizer) else []
+        prompts = [format_prompt(record["instruction"], record["input"]) for record in records]
+        full_texts = [prompt + record["output"] for prompt, record in zip(prompts, records)]
     full_ids = tokenizer(full_texts, add_special_tokens=False)["input_ids"]
     prompt_ids = [] if train_on_inputs else tokenizer(prompts, add_special_tokens=False)["input_ids"]
 

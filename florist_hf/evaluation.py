@@ -431,7 +431,8 @@ def heldout_loss(model, tokenizer, records, recipe, work_dir: Path) -> float | N
 
     from florist_hf.data import IGNORE_INDEX, make_collator, tokenize_records
 
-    dataset = tokenize_records(records, tokenizer, cutoff_len=recipe.data.cutoff_len, train_on_inputs=False)
+    dataset = tokenize_records(records, tokenizer, cutoff_len=recipe.data.cutoff_len, train_on_inputs=False,
+                               template=recipe.data.template)
     # A record whose response the cutoff removed has no token to score (its loss would be 0/0).
     dataset = dataset.select([index for index, labels in enumerate(dataset["labels"]) if any(label != IGNORE_INDEX for label in labels)])
     if len(dataset) == 0:

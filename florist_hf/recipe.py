@@ -47,6 +47,9 @@ class DataSection(Section):
     max_samples_per_client: int | None = Field(None, ge=1)
     cutoff_len: int = Field(512, ge=8)
     train_on_inputs: bool = True
+    #: How a record becomes text: the paper's Alpaca prompt, or the tokenizer's own chat template
+    #: (the instruction and input as the user's turn, the output as the assistant's) for instruct bases.
+    template: Literal["alpaca", "chat"] = "alpaca"
     seed: int = 42
 
 

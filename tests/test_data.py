@@ -454,3 +454,68 @@ def test_demo_records_load_with_expected_fields():
     assert len(shipped.read_bytes()) < 100_000
     assert {"instruction": "What is the capital of France?", "input": "",
             "output": "The capital of France is Paris.", "label": "capitals"} in records
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def chat_base(tmp_path):
+    """A tiny Llama whose tokenizer carries a chat template, as an instruct base's does."""
+    from transformers import AutoTokenizer
+
+    from florist_hf.tiny import PAPER_BASES, build_random_llama, scaled_down_config
+
+    name = "TinyLlama/TinyLlama_v1.1"  # its stand-in's tokenizer: BOS and EOS at the real ids, no pad token
+    base = build_random_llama(tmp_path / "chat_base", scaled_down_config(PAPER_BASES[name]), base_name=name)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(base)
+    return base
+
+
+def test_chat_template_prompts_mask_the_users_turn_and_train_on_the_answer(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_base(tmp_path))
+    records = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+               {"instruction": "Summarise.", "input": "A long text.", "output": "Short."}]
+    dataset = data.tokenize_records(records, tokenizer, cutoff_len=256, train_on_inputs=False, template="chat")
+    for record, ids, labels in zip(records, dataset["input_ids"], dataset["labels"]):
+        assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id  # the template's BOS, once
+        text = tokenizer.decode(ids)
+        user = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
+        bos, eos = tokenizer.bos_token, tokenizer.eos_token
+        assert text == f"{bos}<|user|>\n{user}{eos}\n<|assistant|>\n{record['output']}{eos}\n"
+        answer = tokenizer.decode([token for token, label in zip(ids, labels) if label != data.IGNORE_INDEX])
+        assert answer == f"{record['output']}{eos}\n"  # the answer and the turn's end; the user's turn is masked
+
+
+def test_chat_template_needs_a_tokenizer_that_has_one(tmp_path):
+    from transformers import AutoTokenizer
+
+    from florist_hf.tiny import build_tiny_llama
+
+    base = build_tiny_llama(tmp_path / "plain", num_layers=1, hidden_size=32, intermediate_size=64,
+                            num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(FloristError, match="data.template: chat needs a tokenizer with a chat template"):
+        data.tokenize_records([{"instruction": "a", "input": "", "output": "b"}], AutoTokenizer.from_pretrained(base),
+                              template="chat")
+
+
+def test_a_federation_trains_on_chat_template_prompts(tmp_path):
+    from test_federation import quiet_console, write_recipe
+
+    from florist_hf.recipe import load_recipe
+    from florist_hf.runner import run_federation
+
+    base = chat_base(tmp_path)
+    recipe = load_recipe(write_recipe(tmp_path, rounds=1, data={"template": "chat", "partition": "dirichlet",
+                                                               "holdout_per_label": 2, "min_client_size": 10,
+                                                               "cutoff_len": 256}),
+                         [f"model.name_or_path={base}"])
+    run_dir = run_federation(recipe, console=quiet_console())
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["heldout_loss"] > 0 for r in rounds if r["kind"] == "round"] == [True]
