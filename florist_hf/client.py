@@ -480,7 +480,7 @@ def tokenize_shard(recipe, tokenizer, records):
 
 
 def run_client_round(recipe, plan: ClientRound, base_path: str, tokenizer, dataset, work_dir: Path, console,
-                     base_cache: BaseModelCache | None = None, *, is_main_process: bool = True) -> dict:
+                     base_cache: BaseModelCache | None = None, *, is_main_process: bool = True, callbacks=()) -> dict:
     """Train one client for one round (a stock Trainer + FederatedCallback) on ``dataset`` (see
     `tokenize_shard`) and export its adapter to ``plan.export_dir``.
 
@@ -502,7 +502,7 @@ def run_client_round(recipe, plan: ClientRound, base_path: str, tokenizer, datas
     training = recipe.client_training_arguments(plan.client_id, plan.round, TRAINING_DEFAULTS["learning_rate"])
     trainer = build_client_trainer(
         model, tokenizer, dataset, training=training, work_dir=work_dir, seed=seed,
-        callbacks=[federated, ConsoleProgressCallback(console, f"round {plan.round} client {plan.client_id}")],
+        callbacks=[federated, ConsoleProgressCallback(console, f"round {plan.round} client {plan.client_id}"), *callbacks],
     )
     checkpoint = last_complete_checkpoint(work_dir)
     if checkpoint is not None:

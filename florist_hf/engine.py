@@ -158,7 +158,7 @@ def client_training_view(recipe) -> dict:
     The method counts only by what it asks of clients: to train on the merged global updates or
     to continue the global factors, and whether lora_A is frozen.
     """
-    payload = recipe.model_dump(mode="json", exclude={"name", "output_dir", "evaluation", "hub"})
+    payload = recipe.model_dump(mode="json", exclude={"name", "output_dir", "evaluation", "hub", "tracking"})
     federation = payload.pop("federation")
     method = method_of(recipe)
     federation["client_role"] = {"merges_into_base": method.merges_into_base, "freeze_lora_a": method.name == "ffa"}
@@ -255,6 +255,8 @@ class Federation:
         #: rounds whose global adapter exists, in order
         self.rounds_done: list[int] = []
         self._superseded: Path | None = None
+        #: the recipe's tracker run (`tracking.FederationTracker`), main process only
+        self.tracker = None
 
     @property
     def round_indices(self) -> range:
@@ -269,7 +271,18 @@ class Federation:
         if self.main:
             self.check_recipe(force)
         self.base_path = prepare_base_model(self.recipe, self.paths.root)
-        self.logged = {record_key(record) for record in read_metrics(self.paths.metrics)}
+        records = read_metrics(self.paths.metrics)
+        self.logged = {record_key(record) for record in records}
+        tracking = self.recipe.tracking
+        if tracking is not None and self.main and self.tracker is None:
+            from florist_hf.tracking import FederationTracker
+
+            self.tracker = FederationTracker(
+                tracking.report_to, output_dir=self.paths.work, run_name=tracking.run_name or self.recipe.name,
+                logging_dir=Path(tracking.logging_dir) if tracking.logging_dir else self.paths.root / "tracking",
+                # Resumed: the steps of the clients already logged, so that the curves go on from there.
+                start_step=sum(record.get("steps") or 0 for record in records if record.get("kind") == "client"),
+            )
         return self.base_path
 
     def check_recipe(self, force: bool) -> None:
@@ -419,6 +432,11 @@ class Federation:
         if self.main and key not in self.logged:
             append_jsonl(self.paths.metrics, {"kind": "client", "round": plan.round, **info})
             self.logged.add(key)
+            if self.tracker is not None:
+                self.tracker.step += info.get("steps") or 0
+                prefix = f"client_{plan.client_id}"
+                self.tracker.log({f"{prefix}/train_loss": info.get("loss"), f"{prefix}/train_seconds": info.get("train_seconds"),
+                                  f"{prefix}/round": plan.round}, step=self.tracker.step)
         if not info.get("finite", True):
             distributed.wait_for_everyone()  # every process has read it before it moves
             # Kept for inspection under another name, so that a resumed run trains it again.
@@ -475,12 +493,40 @@ class Federation:
         if not self.is_recorded(round_index):
             append_jsonl(self.paths.metrics, record)
             self.logged.add(("round", round_index, None))
+            if self.tracker is not None:
+                self._track_round(record)
         evaluation = self.recipe.evaluation
         if evaluation is not None and evaluation.every_round and round_index < self.recipe.federation.rounds:
             published = self.publish(round_index, self.paths.round_dir(round_index) / "published")
             self.evaluate(published, round_index)
         self.console.print(describe_round(record))
         return record
+
+    def _track_round(self, record: dict) -> None:
+        """The round's server metrics (and its rank heatmap and energy curves) to the tracker."""
+        from florist_hf.report import plot_energy, plot_selected_ranks, selected_ranks
+
+        round_index, step = record["round"], self.tracker.step
+        metrics = {f"server/{key}": record[key] for key in (
+            "total_selected_rank", "rank_min", "rank_median", "rank_max", "eff_x1e4", "uplink_bytes_total",
+            "downlink_bytes_total", "server_seconds")}
+        metrics["server/round"] = round_index
+        if "heldout_loss" in record:
+            metrics["eval_heldout_loss"] = record["heldout_loss"]
+        self.tracker.log(metrics, step=step)
+        if not self.recipe.tracking.log_images:
+            return
+        global_dir = self.paths.global_dir(round_index)
+        sidecar = json.loads((global_dir / SIDECAR).read_text())
+        plots = self.paths.work / "tracking_plots"
+        plots.mkdir(parents=True, exist_ok=True)
+        heatmap = plot_selected_ranks(selected_ranks(sidecar), global_dir / SIDECAR, plots / f"ranks_{round_index}.png",
+                                      title=f"Selected rank, round {round_index}")
+        self.tracker.log_image("server/selected_ranks", heatmap, step=step)
+        if any(module.get("singular_values") for module in sidecar["modules"].values()):
+            curves = plot_energy(sidecar, sidecar.get("threshold"), global_dir / SIDECAR, plots / f"energy_{round_index}.png",
+                                 title=f"Energy, round {round_index}")
+            self.tracker.log_image("server/energy", curves, step=step)
 
     # --- the end of a run ------------------------------------------------------------------------
 
@@ -516,6 +562,7 @@ class Federation:
         if runtime:
             summary["runtime"] = runtime
         write_json_atomic(self.paths.root / RUN_SUMMARY, summary)
+        self.close()
         hub = self.recipe.hub
         if hub is not None and hub.push:
             from florist_hf.hub import push
@@ -523,6 +570,12 @@ class Federation:
             url = push(self.paths.root, hub.repo_id, private=hub.private, include_client_details=hub.include_client_details)
             self.console.print(f"pushed to {url}")
         return final_dir
+
+    def close(self) -> None:
+        """End the tracker run, if any (finish does; a driver that stops early may too)."""
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
     def summarize(self, client_sizes: Sequence[int]) -> dict:
         """``run.json``: what ran, what it cost, where the result is."""

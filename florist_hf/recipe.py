@@ -134,6 +134,18 @@ class HubSection(Section):
         return self
 
 
+class TrackingSection(Section):
+    """One tracker run per federation (transformers' integrations: tensorboard, wandb, trackio,
+    mlflow, ...): client training curves and per-round server metrics on one monotone step."""
+
+    report_to: list[str] = Field(min_length=1)
+    run_name: str | None = None
+    #: TensorBoard's folder (default: <output_dir>/tracking).
+    logging_dir: str | None = None
+    #: The selected-rank heatmap and energy curves of every round, where the tracker takes images.
+    log_images: bool = True
+
+
 def _check_training_keys(training: dict) -> None:
     from transformers import TrainingArguments
 
@@ -144,6 +156,9 @@ def _check_training_keys(training: dict) -> None:
             raise ValueError(f"{key} is not a TrainingArguments field")
         if key in owned:
             raise ValueError(f"{key} is set by florist-hf per client; remove it")
+    if training.get("report_to") not in (None, "none", [], ["none"]):
+        # Per-client trackers would start a run per client and round, each at step 0.
+        raise ValueError("report_to is a federation-level setting: use tracking.report_to (one tracker run per federation)")
 
 
 class Recipe(Section):
@@ -158,6 +173,7 @@ class Recipe(Section):
     client_training: dict[int, dict[str, Any]] = Field(default_factory=dict)
     evaluation: EvaluationSection | None = None
     hub: HubSection | None = None
+    tracking: TrackingSection | None = None
     output_dir: str = "runs/federation"
 
     @field_validator("training")
@@ -212,7 +228,7 @@ class Recipe(Section):
 
     def fingerprint(self) -> str:
         """A hash of everything that changes the result (not where it is written)."""
-        payload = self.model_dump(mode="json", exclude={"output_dir", "evaluation", "hub"})
+        payload = self.model_dump(mode="json", exclude={"output_dir", "evaluation", "hub", "tracking"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
