@@ -329,13 +329,14 @@ class BaseModelCache:
         self.key: tuple | None = None
         self.model = None
 
-    def get(self, model_path: str, *, dtype: str, revision=None, trust_remote_code=False):
+    def get(self, model_path: str, *, dtype: str, revision=None, trust_remote_code=False, quantization=None):
         from florist_hf.loading import load_causal_lm
 
-        key = (model_path, dtype, revision, trust_remote_code)
+        key = (model_path, dtype, revision, trust_remote_code, None if quantization is None else quantization.model_dump_json())
         if self.key != key:
             self.clear()
-            self.model = load_causal_lm(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+            self.model = load_causal_lm(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                                        quantization=quantization)
             self.key = key
         return self.model
 
@@ -356,7 +357,9 @@ class BaseModelCache:
             base.disable_input_require_grads()
         base.__dict__.pop("peft_config", None)  # PEFT's mark on a model it wrapped
         base.eval()
-        base.requires_grad_(True)  # as from_pretrained returns it; PEFT froze it
+        for parameter in base.parameters():  # as from_pretrained returns it; PEFT froze it (quantized weights never train)
+            if parameter.is_floating_point():
+                parameter.requires_grad_(True)
 
     def clear(self) -> None:
         self.key, self.model = None, None
@@ -365,17 +368,23 @@ class BaseModelCache:
 
 def build_lora_model(model_path: str, *, rank: int, alpha: float, target_modules, dropout: float,
                      use_rslora: bool, dtype: str = "float32", seed: int = 0, revision=None, trust_remote_code=False,
-                     base_cache: BaseModelCache | None = None):
+                     base_cache: BaseModelCache | None = None, quantization=None):
     """The base model with a fresh PEFT LoRA at ``rank``; the LoRA init is seeded. With
-    ``base_cache`` the base comes from it (loaded once); release it after the client."""
-    from peft import LoraConfig, get_peft_model
+    ``base_cache`` the base comes from it (loaded once); release it after the client. With
+    ``quantization`` the base is loaded in 4 or 8 bit and prepared for QLoRA training."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from florist_hf.loading import load_causal_lm
 
     if base_cache is not None:
-        model = base_cache.get(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+        model = base_cache.get(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                               quantization=quantization)
     else:
-        model = load_causal_lm(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+        model = load_causal_lm(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                               quantization=quantization)
+    if quantization is not None:
+        # Norms and other float weights in fp32, base frozen; the Trainer does gradient checkpointing if asked.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -497,6 +506,7 @@ def run_client_round(recipe, plan: ClientRound, base_path: str, tokenizer, datas
         base_path, rank=plan.rank, alpha=recipe.client_alpha(plan.client_id), target_modules=recipe.lora.target_modules,
         dropout=recipe.lora.dropout, use_rslora=recipe.lora.use_rslora, dtype=recipe.model.dtype, seed=seed,
         revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, base_cache=base_cache,
+        quantization=recipe.model.quantization,
     )
     federated = FederatedCallback(plan)
     training = recipe.client_training_arguments(plan.client_id, plan.round, TRAINING_DEFAULTS["learning_rate"])

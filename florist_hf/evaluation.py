@@ -396,7 +396,7 @@ def results_table(results: Mapping[str, Any], title: str | None = None):
 
 
 def load_global_model(base_path: str, global_dirs: Sequence[Path], merges_into_base: bool, *, dtype: str = "float32",
-                      revision: str | None = None, trust_remote_code: bool = False, base_cache=None):
+                      revision: str | None = None, trust_remote_code: bool = False, base_cache=None, quantization=None):
     """The global model a federation holds after the rounds whose global adapters are
     ``global_dirs`` (oldest first): for merge-style methods the base plus every round's update
     exactly as the clients hold it (`client.attach_global_updates`), else the base with the last
@@ -408,9 +408,11 @@ def load_global_model(base_path: str, global_dirs: Sequence[Path], merges_into_b
     from florist_hf.loading import load_causal_lm
 
     if base_cache is not None:
-        model = base_cache.get(base_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+        model = base_cache.get(base_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                               quantization=quantization)
     else:
-        model = load_causal_lm(base_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+        model = load_causal_lm(base_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                               quantization=quantization)
     if merges_into_base:
         attach_global_updates(model, list(global_dirs))
         return model
@@ -437,6 +439,14 @@ def heldout_loss(model, tokenizer, records, recipe, work_dir: Path) -> float | N
     dataset = dataset.select([index for index, labels in enumerate(dataset["labels"]) if any(label != IGNORE_INDEX for label in labels)])
     if len(dataset) == 0:
         return None
+    if getattr(model, "hf_quantizer", None) is not None:
+        # The Trainer refuses a quantized model without a trainable adapter (a QLoRA base with the
+        # global updates held beside it): the same mean of per-record losses, in this process.
+        device = next(model.parameters()).device
+        collate = make_collator(tokenizer)
+        with torch.no_grad():
+            losses = [float(model(**{key: value.to(device) for key, value in collate([row]).items()}).loss) for row in dataset]
+        return sum(losses) / len(losses)
     args = TrainingArguments(
         output_dir=str(work_dir), per_device_eval_batch_size=1, report_to="none", disable_tqdm=True,
         remove_unused_columns=False, dataloader_pin_memory=torch.cuda.is_available(),
@@ -455,6 +465,7 @@ def global_heldout_loss(recipe, base_path: str, global_dirs: Sequence[Path], mer
     model = load_global_model(
         base_path, global_dirs, merges_into_base, dtype=recipe.model.dtype, revision=recipe.model.revision,
         trust_remote_code=recipe.model.trust_remote_code, base_cache=base_cache,
+        quantization=recipe.model.quantization,  # the model the clients train on
     )
     try:
         return heldout_loss(model, tokenizer, test_records, recipe, work_dir)

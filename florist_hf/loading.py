@@ -184,9 +184,38 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
 
 
 def load_causal_lm(name: str, *, dtype: str = "float32", revision: str | None = None, trust_remote_code: bool = False,
-                   key: str = "model.name_or_path", **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` with the recipe's dtype, revision and remote-code setting."""
+                   key: str = "model.name_or_path", quantization=None, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` with the recipe's dtype, revision and remote-code
+    setting; with ``quantization`` (a recipe's `QuantizationSection`) loaded by bitsandbytes in 4
+    or 8 bit on this process's device."""
     from transformers import AutoModelForCausalLM
 
+    if quantization is not None:
+        kwargs.update(quantization_config=bitsandbytes_config(quantization), device_map={"": _quantized_device()})
     return _load(AutoModelForCausalLM.from_pretrained, name, what="base model", key=key, revision=revision,
                  dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
+
+
+def bitsandbytes_config(quantization):
+    """transformers' ``BitsAndBytesConfig`` for a recipe's quantization section."""
+    import importlib.util
+
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FloristError("model.quantization needs bitsandbytes: pip install bitsandbytes (or remove model.quantization)")
+    if quantization.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quantization.quant_type, bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(quantization.compute_dtype),
+    )
+
+
+def _quantized_device():
+    import os
+
+    import torch
+
+    # bitsandbytes places every quantized weight on one device: this process's GPU, else the CPU.
+    return int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"

@@ -19,6 +19,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class QuantizationSection(Section):
+    """QLoRA clients: the base loaded in 4 (or 8) bit with bitsandbytes; LoRA trains in ``compute_dtype``."""
+
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
 class ModelSection(Section):
     #: A Hub id, a local directory, or ``builtin:tiny-llama`` (built offline with random weights).
     name_or_path: str
@@ -27,6 +36,9 @@ class ModelSection(Section):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     revision: str | None = None
     trust_remote_code: bool = False
+    #: Load the clients' base quantized (QLoRA). Merge-style methods hold the global updates beside
+    #: the frozen quantized weights, so nothing is ever added into them.
+    quantization: QuantizationSection | None = None
 
 
 class DataSection(Section):
