@@ -192,8 +192,16 @@ def load_causal_lm(name: str, *, dtype: str = "float32", revision: str | None = 
 
     if quantization is not None:
         kwargs.update(quantization_config=bitsandbytes_config(quantization), device_map={"": _quantized_device()})
-    return _load(AutoModelForCausalLM.from_pretrained, name, what="base model", key=key, revision=revision,
-                 dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
+    model = _load(AutoModelForCausalLM.from_pretrained, name, what="base model", key=key, revision=revision,
+                  dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
+    if quantization is not None:
+        for module in model.modules():
+            # bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first forward
+            # in eval mode (a held-out evaluation), and keeps it so: a later training forward then
+            # runs that kernel, which has no backward, and the gradients through the base are wrong.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def bitsandbytes_config(quantization):

@@ -73,3 +73,25 @@ def test_global_updates_ride_beside_the_4bit_weights_exactly(tmp_path):
     assert torch.equal(layer.weight.data, packed)
     detach_global_updates(model)
     assert torch.equal(layer(x), plain)
+
+
+def test_gradients_through_the_4bit_base_stay_exact_after_an_evaluation(tmp_path):
+    """A held-out evaluation (eval mode, no grad) must not leave the 4-bit weights in bitsandbytes'
+    CPU inference layout, whose kernel has no backward: the next client's gradients would be wrong."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    from florist_hf.loading import load_causal_lm
+    from florist_hf.recipe import QuantizationSection
+    from florist_hf.tiny import build_tiny_llama
+
+    base = build_tiny_llama(tmp_path / "base", **{"num_layers": 2, **{k: v for k, v in TINY.items() if k != "num_layers"}})
+    model = load_causal_lm(str(base), quantization=QuantizationSection(compute_dtype="float32"))
+    model.eval()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4]]))  # what the held-out loss does between rounds
+    model.train()
+    layer = model.model.layers[1].self_attn.q_proj
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()
+    weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    assert torch.allclose(x.grad, torch.ones(2, 5, layer.out_features) @ weight, atol=1e-5)
