@@ -184,13 +184,17 @@ def _read_selected_ranks(sidecar_file: Path, shapes: dict) -> dict[str, int]:
     return selected
 
 
+#: ``--set key=value`` (repeatable), as `recipe.load_recipe` takes overrides.
+RecipeOverrides = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a recipe field: --set federation.rounds=3 (repeatable).")
+]
+
+
 @app.command()
 @user_errors
 def run(
     recipe_file: Annotated[Path, typer.Argument(help="A recipe YAML, e.g. recipes/tiny_cpu_demo.yaml.")],
-    set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a recipe field: --set federation.rounds=3 (repeatable).")
-    ] = None,
+    set_: RecipeOverrides = None,
     force: Annotated[bool, typer.Option(help="Continue a run directory made with a different recipe: changed server settings (τ, method) re-aggregate from the kept client adapters; a change to how clients train is refused.")] = False,
 ) -> None:
     """Run (or resume) a whole federation from a recipe."""
@@ -217,9 +221,7 @@ def sweep(
         float, typer.Option(help="FLoRIST-E: the least-downlink τ within this much (absolute) of FLoRIST-O's value.")
     ] = 0.01,
     baselines: Annotated[str, typer.Option(help="Also run these methods, comma-separated: flora, fedit, flexlora, ffa.")] = "",
-    set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a recipe field (repeatable).")
-    ] = None,
+    set_: RecipeOverrides = None,
     force: Annotated[bool, typer.Option(help="Continue branch run directories made with a different recipe (see run --force).")] = False,
 ) -> None:
     """Sweep the FLoRIST threshold at the cost of one round-1 training; choose FLoRIST-O and FLoRIST-E."""

@@ -366,6 +366,16 @@ class BaseModelCache:
         free_memory()
 
 
+def load_base(model_path: str, *, base_cache: BaseModelCache | None, **load_options):
+    """The base model: the cached one (``base_cache``; release it afterwards), else a fresh load.
+    ``load_options`` are `loading.load_causal_lm`'s (dtype, revision, trust_remote_code, quantization)."""
+    from florist_hf.loading import load_causal_lm
+
+    if base_cache is not None:
+        return base_cache.get(model_path, **load_options)
+    return load_causal_lm(model_path, **load_options)
+
+
 def build_lora_model(model_path: str, *, rank: int, alpha: float, target_modules, dropout: float,
                      use_rslora: bool, dtype: str = "float32", seed: int = 0, revision=None, trust_remote_code=False,
                      base_cache: BaseModelCache | None = None, quantization=None):
@@ -374,14 +384,8 @@ def build_lora_model(model_path: str, *, rank: int, alpha: float, target_modules
     ``quantization`` the base is loaded in 4 or 8 bit and prepared for QLoRA training."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from florist_hf.loading import load_causal_lm
-
-    if base_cache is not None:
-        model = base_cache.get(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
-                               quantization=quantization)
-    else:
-        model = load_causal_lm(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
-                               quantization=quantization)
+    model = load_base(model_path, base_cache=base_cache, dtype=dtype, revision=revision,
+                      trust_remote_code=trust_remote_code, quantization=quantization)
     if quantization is not None:
         # Norms and other float weights in fp32, base frozen; the Trainer does gradient checkpointing if asked.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -404,15 +404,10 @@ def load_global_model(base_path: str, global_dirs: Sequence[Path], merges_into_b
     afterwards."""
     from peft import PeftModel
 
-    from florist_hf.client import attach_global_updates
-    from florist_hf.loading import load_causal_lm
+    from florist_hf.client import attach_global_updates, load_base
 
-    if base_cache is not None:
-        model = base_cache.get(base_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
-                               quantization=quantization)
-    else:
-        model = load_causal_lm(base_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
-                               quantization=quantization)
+    model = load_base(base_path, base_cache=base_cache, dtype=dtype, revision=revision,
+                      trust_remote_code=trust_remote_code, quantization=quantization)
     if merges_into_base:
         attach_global_updates(model, list(global_dirs))
         return model

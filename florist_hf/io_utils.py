@@ -11,14 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_json_atomic(path: str | os.PathLike, payload) -> Path:
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and one rename (fsynced first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=False)
-            handle.write("\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_name, path)
@@ -26,6 +26,10 @@ def write_json_atomic(path: str | os.PathLike, payload) -> Path:
         Path(temp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, payload) -> Path:
+    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
@@ -38,19 +42,9 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def write_jsonl_atomic(path: str | os.PathLike, records) -> None:
+def write_jsonl_atomic(path: str | os.PathLike, records) -> Path:
     """Replace a JSON-lines file with ``records`` in one rename."""
-    path = Path(path)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.writelines(json.dumps(record) + "\n" for record in records)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    return write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from florist_hf.errors import FloristError
-from florist_hf.io_utils import write_json_atomic
+from florist_hf.io_utils import write_json_atomic, write_text_atomic
 
 SWEEP_FORMAT = "florist-hf/sweep"
 SWEEP_RECORD = "sweep.json"
@@ -279,7 +279,7 @@ def run_sweep(recipe, thresholds: Sequence[float], *, baselines: Sequence[str] =
         ),
     }
     write_json_atomic(root / SWEEP_RECORD, record)
-    _write_text_atomic(root / SWEEP_TABLE, sweep_table(record))
+    write_text_atomic(root / SWEEP_TABLE, sweep_table(record))
     plot_sweep(record, root / SWEEP_PLOT)
     console.print(sweep_table(record), markup=False, highlight=False)
     return root
@@ -345,15 +345,6 @@ def plot_sweep(record: dict, out_file: Path) -> None:
     finally:
         plt.close(figure)
         Path(temp_name).unlink(missing_ok=True)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    import tempfile
-
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(temp_name, path)
 
 
 def picked_branch(sweep_dir: Path, pick: str) -> tuple[Path, dict]:
