@@ -401,3 +401,98 @@ def test_deployment_with_a_superlink_and_two_supernodes_on_loopback_completes_a_
     # FedIT continues from the shared round-0 init that travelled to every node: same result as run
     reference = reference_run(recipe_path, tmp_path / "reference")
     assert_same_adapter(out_dir / "global_adapter", reference / "global_adapter")
+
+
+# --- the node operator's policy ------------------------------------------------------------------
+
+
+def test_a_node_refuses_what_its_policy_does_not_allow_and_the_round_goes_on(tmp_path, server_identity):
+    import io
+
+    from rich.console import Console
+
+    from florist_hf.flower import make_client_app, run_flower_federation
+
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=1)
+    recipe = load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}", "federation.min_clients=2"])
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("models: [meta-llama/Llama-3.2-1B]\n")
+    grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes")
+    grid.contexts[102].node_config["policy"] = str(policy)  # node of client 2 runs only that base
+    log = io.StringIO()
+    run_dir = run_flower_federation(grid, recipe, console=Console(file=log, width=400))
+
+    assert f"{policy} refuses base model 'builtin:tiny-llama'" in log.getvalue()
+    sidecar = json.loads((RunPaths(run_dir).global_dir(1) / "aggregation.json").read_text())
+    assert [client["name"] for client in sidecar["clients"]] == ["client_0", "client_1"]
+    assert not (tmp_path / "nodes" / "run_7" / "client_2" / "base_model").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(
+    "policy_text, change, refusal",
+    [
+        ("", {"model": {"trust_remote_code": True}}, "refuses model.trust_remote_code=true"),
+        ("", {"training": {"push_to_hub": True, "hub_model_id": "x/y"}}, "refuses training.hub_model_id (and push_to_hub)"),
+        ("", {"training": {"report_to": "wandb"}}, None),  # refused by the recipe itself (federation-level tracking)
+        ("models: ['builtin:tiny-llama@v2']\n", {}, "refuses revision None of 'builtin:tiny-llama'"),
+        ("training_keys: [push_to_hub, hub_model_id]\n", {"training": {"push_to_hub": True, "hub_model_id": "x/y"}}, ""),
+        ("trust_remote_code: true\n", {"model": {"trust_remote_code": True}}, ""),
+        ("modelz: []\n", {}, "modelz: Extra inputs are not permitted"),
+    ],
+)
+def test_node_policy_rules(tmp_path, policy_text, change, refusal):
+    from pydantic import ValidationError
+
+    from florist_hf.errors import FloristError
+    from florist_hf.flower.policy import check_request, load_policy
+    from florist_hf.recipe import Recipe
+
+    base = yaml.safe_load(write_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2), rounds=1).read_text())
+    for section, values in change.items():
+        base[section].update(values)
+    try:
+        recipe = Recipe.model_validate(base)
+    except ValidationError:
+        assert refusal is None
+        return
+    node_config = {}
+    if policy_text:
+        (tmp_path / "policy.yaml").write_text(policy_text)
+        node_config["policy"] = str(tmp_path / "policy.yaml")
+    try:
+        check_request(*load_policy(node_config), recipe, 0)
+    except FloristError as error:
+        assert refusal and refusal in str(error), str(error)
+    else:
+        assert refusal == "", "expected a refusal"
+
+
+def test_a_silent_node_is_left_out_when_the_round_times_out(tmp_path, server_identity):
+    import io
+
+    from rich.console import Console
+
+    from florist_hf.flower import make_client_app, run_flower_federation
+    from florist_hf.flower.server_app import DEFAULT_ROUND_TIMEOUT, make_server_app
+
+    class SilentNodeGrid(LocalGrid):
+        """Node 102 never answers a train message: what send_and_receive returns when its timeout passes."""
+
+        def send_and_receive(self, messages, *, timeout=None):
+            self.timeouts.append(timeout)
+            silent = [m for m in messages if m.metadata.message_type == "train" and m.metadata.dst_node_id == 102]
+            return super().send_and_receive([m for m in messages if m not in silent], timeout=timeout)
+
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=1)
+    recipe = load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}", "federation.min_clients=2"])
+    grid = SilentNodeGrid(make_client_app(), 3, tmp_path / "nodes")
+    grid.timeouts = []
+    log = io.StringIO()
+    run_dir = run_flower_federation(grid, recipe, console=Console(file=log, width=400), round_timeout=30.0)
+    assert "client 2: no adapter this round; left out of round 1" in log.getvalue()
+    sidecar = json.loads((RunPaths(run_dir).global_dir(1) / "aggregation.json").read_text())
+    assert [client["name"] for client in sidecar["clients"]] == ["client_0", "client_1"]
+    assert 30.0 in grid.timeouts
+    import inspect
+
+    assert inspect.signature(make_server_app).parameters["round_timeout"].default == DEFAULT_ROUND_TIMEOUT < float("inf")

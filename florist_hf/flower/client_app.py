@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 
 from florist_hf.errors import FloristError
 from florist_hf.flower import protocol
+from florist_hf.flower.policy import check_request, load_policy
 from florist_hf.flower.records import adapter_to_records, write_adapter_records
 
 #: Per-process caches (a simulation worker or a long-lived process serves many rounds).
@@ -114,6 +115,9 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     config = message.content[protocol.CONFIG]
     recipe = _recipe(config)
     client_id = protocol.client_id_of(context, recipe.federation.num_clients)
+    # The node operator's policy, before anything is loaded, downloaded or written.
+    policy, source = load_policy(context.node_config)
+    check_request(policy, source, recipe, client_id)
     if int(config["client-id"]) != client_id:
         raise FloristError(f"the server addressed client {config['client-id']} but this node is client {client_id}")
     round_index = int(config["round"])

@@ -13,7 +13,8 @@ Run config (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
     output-dir      where the run is written (default: the recipe's output_dir)
     force           continue a run directory that holds another recipe (as florist-hf run --force:
                     new server settings re-aggregate, a change to client training is refused)
-    round-timeout   seconds to wait for a round's replies (0: no limit)
+    round-timeout   seconds to wait for a round's replies (default 21600, 6 h; 0: no limit); then
+                    the round aggregates the replies it has if federation.min_clients holds
     node-timeout    seconds to wait until every client's SuperNode has connected
 """
 
@@ -42,6 +43,9 @@ from florist_hf.flower import protocol
 from florist_hf.flower.records import adapter_to_records, write_adapter_records
 
 DEFAULT_NODE_TIMEOUT = 600.0
+#: A silent node must not hold a round forever: after this the round aggregates what has arrived
+#: (if federation.min_clients holds). Long enough for a 7B client's round on one GPU.
+DEFAULT_ROUND_TIMEOUT = 6 * 3600.0
 
 
 @dataclass
@@ -373,7 +377,8 @@ def load_server_recipe(grid: Grid, run_config, *, recipe=None, overrides=(), out
 
 
 def make_server_app(recipe=None, *, overrides=(), output_dir: str | Path | None = None, force: bool = False,
-                    round_timeout: float | None = None, node_timeout: float = DEFAULT_NODE_TIMEOUT, console=None) -> ServerApp:
+                    round_timeout: float = DEFAULT_ROUND_TIMEOUT, node_timeout: float = DEFAULT_NODE_TIMEOUT,
+                    console=None) -> ServerApp:
     """A ServerApp running a florist-hf federation.
 
     The arguments are defaults for the run config's keys (``recipe``, ``overrides``, ``output-dir``,
@@ -386,7 +391,7 @@ def make_server_app(recipe=None, *, overrides=(), output_dir: str | Path | None 
     def main(grid: Grid, context: Context) -> None:
         run_config = context.run_config
         loaded = load_server_recipe(grid, run_config, recipe=recipe, overrides=overrides, output_dir=output_dir)
-        timeout = float(run_config.get("round-timeout", round_timeout or 0) or 0)
+        timeout = float(run_config.get("round-timeout", round_timeout) or 0)  # 0: no limit
         run_flower_federation(
             grid, loaded, force=bool(run_config.get("force", force)), console=console,
             round_timeout=timeout or None, node_timeout=float(run_config.get("node-timeout", node_timeout)),
