@@ -202,7 +202,25 @@ def _adapter_digest(adapter_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def round_record(paths: RunPaths, round_index: int, heldout: float | None) -> dict:
+def catch_up_bytes(paths: RunPaths, round_index: int) -> int:
+    """Bytes of earlier global updates this round's clients had to receive before training, for
+    merge-style methods with partial participation: a client holds round t's update once it
+    trained in round t or in any later round (it receives what it lacks when it next trains), so
+    a client of round ``round_index`` lacks every earlier round since its last participation.
+    With every client in every round this is 0; the round's own broadcast is counted apart."""
+    sidecars = {t: json.loads((paths.global_dir(t) / SIDECAR).read_text()) for t in range(1, round_index + 1)
+                if (paths.global_dir(t) / SIDECAR).exists()}
+    clients = {t: {_client_id(client) for client in sidecar["clients"]} for t, sidecar in sidecars.items()}
+    per_client = {t: sidecar["communication"]["downlink_bytes_total"] / max(len(clients[t]), 1) for t, sidecar in sidecars.items()}
+    total = 0.0
+    for client in clients.get(round_index, ()):
+        for earlier in range(1, round_index):
+            if earlier in clients and not any(client in clients[t] for t in range(earlier, round_index) if t in clients):
+                total += per_client[earlier]
+    return int(total)
+
+
+def round_record(paths: RunPaths, round_index: int, heldout: float | None, *, merges_into_base: bool = True) -> dict:
     """The round's line in metrics.jsonl, from its global adapter's sidecar (written atomically
     with the adapter, so a round stopped before its line was written gets the same line on resume)."""
     sidecar = json.loads((paths.global_dir(round_index) / SIDECAR).read_text())
@@ -214,6 +232,8 @@ def round_record(paths: RunPaths, round_index: int, heldout: float | None) -> di
         "rank_max": ranks["max"], "uplink_bytes_total": comm["uplink_bytes_total"],
         "downlink_bytes_total": comm["downlink_bytes_total"], "eff_x1e4": comm["eff_x1e4"],
         "server_seconds": sidecar.get("server_seconds"),
+        # Earlier rounds' updates sent to clients that missed them (merge-style, partial participation).
+        "catch_up_downlink_bytes": catch_up_bytes(paths, round_index) if merges_into_base else 0,
     }
     if heldout is not None:
         record["heldout_loss"] = heldout
@@ -486,10 +506,12 @@ class Federation:
     def is_recorded(self, round_index: int) -> bool:
         return ("round", round_index, None) in self.logged
 
-    def record_round(self, round_index: int, heldout: float | None) -> dict:
+    def record_round(self, round_index: int, heldout: float | None, *, measured: dict | None = None) -> dict:
         """Write the round's line to metrics.jsonl (once), run the per-round lm-eval if the recipe
-        asks, and print the round; main process only."""
-        record = round_record(self.paths, round_index, heldout)
+        asks, and print the round; main process only. ``measured``: what a driver measured itself
+        (the Flower strategy: the bytes its messages carried)."""
+        record = {**round_record(self.paths, round_index, heldout, merges_into_base=self.method.merges_into_base),
+                  **(measured or {})}
         if not self.is_recorded(round_index):
             append_jsonl(self.paths.metrics, record)
             self.logged.add(("round", round_index, None))
@@ -602,6 +624,7 @@ class Federation:
             "communication": {
                 "uplink_bytes_total": sum(r["uplink_bytes_total"] for r in rounds),
                 "downlink_bytes_total": sum(r["downlink_bytes_total"] for r in rounds),
+                "catch_up_downlink_bytes_total": sum(r.get("catch_up_downlink_bytes", 0) for r in rounds),
                 "eff_x1e4": rounds[-1]["eff_x1e4"] if rounds else None,
                 "eff_x1e4_per_round": [r["eff_x1e4"] for r in rounds],
             },

@@ -608,3 +608,26 @@ def test_memory_stays_flat_across_clients_and_rounds(tmp_path, monkeypatch):
     by_round = {round_index: [size for r, size in after if r == round_index] for round_index in (1, 2, 3)}
     assert by_round[1][1:] == by_round[1][:1] * 2, by_round  # the base, loaded once, and nothing else
     assert by_round[3] == by_round[1], by_round
+
+
+def test_catch_up_downlink_counts_the_earlier_updates_a_returning_client_lacks(tmp_path):
+    """Partial participation, merge-style: a client receives, before it trains, every earlier
+    round's update it has not held since it last trained (hand-checked)."""
+    from florist_hf.engine import catch_up_bytes
+
+    paths = RunPaths(tmp_path)
+    rounds = {1: ([0, 1], 100), 2: ([2, 3], 200), 3: ([0, 2], 300)}  # clients, broadcast bytes per client
+    for round_index, (clients, per_client) in rounds.items():
+        sidecar = {"clients": [{"name": f"client_{k}", "path": "-"} for k in clients],
+                   "communication": {"downlink_bytes_total": per_client * len(clients)}}
+        paths.global_dir(round_index).mkdir(parents=True)
+        (paths.global_dir(round_index) / "aggregation.json").write_text(json.dumps(sidecar))
+    assert catch_up_bytes(paths, 1) == 0
+    assert catch_up_bytes(paths, 2) == 2 * 100  # clients 2 and 3 never had round 1's update
+    assert catch_up_bytes(paths, 3) == 200  # client 0 lacks round 2's; client 2 got round 1's when it trained in round 2
+
+
+def test_full_participation_needs_no_catch_up(tmp_path):
+    run_dir = run_federation(load_recipe(write_recipe(tmp_path, rounds=2)), console=quiet_console())
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["catch_up_downlink_bytes"] for r in rounds if r["kind"] == "round"] == [0, 0]

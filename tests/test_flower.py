@@ -493,6 +493,9 @@ def test_a_silent_node_is_left_out_when_the_round_times_out(tmp_path, server_ide
     sidecar = json.loads((RunPaths(run_dir).global_dir(1) / "aggregation.json").read_text())
     assert [client["name"] for client in sidecar["clients"]] == ["client_0", "client_1"]
     assert 30.0 in grid.timeouts
+    [record] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "round"]
+    assert record["flower_uplink_bytes"] > 0 and record["flower_downlink_bytes"] == 0  # round 1 of FLoRIST sends no update
     import inspect
 
     assert inspect.signature(make_server_app).parameters["round_timeout"].default == DEFAULT_ROUND_TIMEOUT < float("inf")

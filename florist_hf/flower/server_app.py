@@ -108,6 +108,9 @@ class _RoundState:
     plans: dict = field(default_factory=dict)
     #: per node, the merge rounds this round's message carried
     sent: dict = field(default_factory=dict)
+    #: bytes of the adapters the round's train messages carried (ArrayRecord.count_bytes), and the replies'
+    downlink_bytes: int = 0
+    uplink_bytes: int = 0
 
 
 class FloristStrategy(Strategy):
@@ -196,6 +199,7 @@ class FloristStrategy(Strategy):
             init_arrays, init_config = adapter_to_records(plan.init_adapter)
             content[protocol.INIT], content[protocol.config_key(protocol.INIT)] = init_arrays, init_config
         self._round.sent[node_id] = sent
+        self._round.downlink_bytes += sum(record.count_bytes() for record in content.array_records.values())
         return Message(content, node_id, protocol.TRAIN, group_id=str(plan.round))
 
     def _receive(self, server_round: int, reply: Message) -> int | None:
@@ -221,6 +225,7 @@ class FloristStrategy(Strategy):
         if plan is None:
             return None
         self.delivered[node_id].update(self._round.sent.get(node_id, []))
+        self._round.uplink_bytes += sum(record.count_bytes() for record in content.array_records.values())
         try:
             info = json.loads(str(config["client-info"]))
             if protocol.ADAPTER not in content.array_records or not isinstance(info, dict):
@@ -256,7 +261,9 @@ class FloristStrategy(Strategy):
         heldout = None
         if self.recipe.federation.eval_heldout_loss and self.test_records:
             heldout = federation.heldout_loss(server_round, self.tokenizer, self.test_records)
-        record = federation.record_round(server_round, heldout)
+        measured = None if self._round.plan.complete else {
+            "flower_downlink_bytes": self._round.downlink_bytes, "flower_uplink_bytes": self._round.uplink_bytes}
+        record = federation.record_round(server_round, heldout, measured=measured)
         metrics = {key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "round"}
         losses = [read_client_info(plan.export_dir).get("loss") for plan in trained]
         losses = [loss for loss in losses if isinstance(loss, (int, float))]
