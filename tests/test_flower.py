@@ -499,3 +499,26 @@ def test_a_silent_node_is_left_out_when_the_round_times_out(tmp_path, server_ide
     import inspect
 
     assert inspect.signature(make_server_app).parameters["round_timeout"].default == DEFAULT_ROUND_TIMEOUT < float("inf")
+
+
+def test_a_client_whose_supernode_reconnects_under_a_new_id_is_mapped_again(tmp_path, florist_case, server_identity):
+    from florist_hf.flower import make_client_app, run_flower_federation
+
+    recipe_path, reference = florist_case
+    recipe = load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"])
+
+    class ReconnectingGrid(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            if any(m.metadata.message_type == "train" and m.metadata.group_id == "1" for m in messages) and 101 in self.contexts:
+                context = self.contexts.pop(101)  # client 1's SuperNode restarts after round 1: new id, empty work dir
+                self.contexts[201] = Context(run_id=7, node_id=201, state=RecordDict(), run_config={},
+                                             node_config={**context.node_config, "work-dir": str(tmp_path / "restarted")})
+            return replies
+
+    grid = ReconnectingGrid(make_client_app(), 3, tmp_path / "nodes")
+    run_dir = run_flower_federation(grid, recipe, console=quiet_console())
+    round_2 = sorted(delivery[1] for delivery in grid.deliveries if delivery[0] == "train" and delivery[2] == "2")
+    assert round_2 == [0, 1, 2]  # client 1 trained round 2 on its new node, sent round 1's update afresh
+    assert_same_run(run_dir, reference)
+    assert json.loads((run_dir / "run.json").read_text())["runtime"]["flower"]["nodes"]["1"] == 201

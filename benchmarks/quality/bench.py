@@ -251,7 +251,7 @@ def _run_benchmark(*, out_dir, cache, seeds, settings, baselines, thresholds, ce
     ]
     finished = 0
     for group_records in _map_groups(jobs, workers, threads):
-        finished += len(group_records)
+        finished += sum(1 for record in group_records if "chosen_threshold" not in record)  # grid cells, not O/E
         # FLoRIST-O and FLoRIST-E (not grid cells) come after their setting's last FLoRIST τ.
         results["runs"] = sorted([*results["runs"], *group_records], key=lambda r: order.get(r["name"], (
             max((order[n] for n in order if n.startswith(f"{r['setting']}/florist") and n.endswith(f"seed_{r['seed']}")), default=0)

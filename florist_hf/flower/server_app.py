@@ -151,8 +151,32 @@ class FloristStrategy(Strategy):
 
     # --- training -----------------------------------------------------------------------------
 
+    def refresh_nodes(self, grid: Grid) -> None:
+        """Re-map clients whose SuperNode reconnected under a new node id: the nodes not known yet
+        are asked which client they serve (nodes that do not answer stay unmapped)."""
+        current = set(grid.get_node_ids())
+        gone = [client for client in self.clients.values() if client.node_id not in current]
+        unknown = sorted(current - set(self.node_to_client))
+        if not gone or not unknown:
+            return
+        messages = [Message(_hello_content(self.recipe_json), node_id, protocol.HELLO) for node_id in unknown]
+        for reply in grid.send_and_receive(messages, timeout=min(self.round_timeout or 60.0, 60.0)):
+            if reply.has_error():
+                continue
+            client_id = int(reply.content[protocol.CONFIG]["client-id"])
+            old = self.clients.get(client_id)
+            if old is None or old.node_id in current:  # not a client we lost (a duplicate partition-id)
+                continue
+            node_id = reply.metadata.src_node_id
+            self.console.print(f"client {client_id}: its SuperNode reconnected as node {node_id} (was {old.node_id})")
+            self.node_to_client.pop(old.node_id, None)
+            self.clients[client_id] = ClientNode(client_id, node_id, old.num_samples)
+            self.node_to_client[node_id] = client_id
+            self.delivered[node_id] = set()  # a new process: send it every global update it needs
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._grid = grid
+        self.refresh_nodes(grid)
         round_plan = self.federation.plan_round(server_round, self.client_sizes)
         self._round = _RoundState(plan=round_plan, plans={plan.client_id: plan for plan in round_plan.clients})
         if round_plan.complete:
