@@ -522,3 +522,48 @@ def test_a_client_whose_supernode_reconnects_under_a_new_id_is_mapped_again(tmp_
     assert round_2 == [0, 1, 2]  # client 1 trained round 2 on its new node, sent round 1's update afresh
     assert_same_run(run_dir, reference)
     assert json.loads((run_dir / "run.json").read_text())["runtime"]["flower"]["nodes"]["1"] == 201
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_during_the_round_is_left_out_after_the_round_timeout(tmp_path, deployment):
+    app_dir = tmp_path / "app"
+    shutil.copytree(REPO / "recipes" / "flower", app_dir)
+    recipe_path = write_recipe(app_dir / "test_recipe.yaml", method="florist", ranks=(4, 2), rounds=1)
+
+    port = free_port()
+    superlink = deployment.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port))
+    wait_for_http(f"http://127.0.0.1:{port}/health", 60, superlink)
+    nodes = tmp_path / "nodes"
+    supernodes = [
+        deployment.start(
+            f"supernode{client}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+            "--port", str(free_port()), "--max-retries", "20",
+            "--node-config", f"partition-id={client} num-partitions=2 work-dir='{nodes}'",
+        )
+        for client in range(2)
+    ]
+    home = Path(deployment.env["FLWR_HOME"])
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    out_dir = tmp_path / "flower_run"
+    flwr = subprocess.Popen(
+        [str(BIN / "flwr"), "run", str(app_dir), "loopback", "--stream",
+         "--run-config", f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120 round-timeout=30"],
+        cwd=deployment.root, env=deployment.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    deployment.processes.append(flwr)
+    deadline = time.monotonic() + 180
+    while not list(nodes.glob("run_*/client_1")) and time.monotonic() < deadline:  # client 1 starts its round
+        time.sleep(0.05)
+    assert list(nodes.glob("run_*/client_1")), deployment.logs()
+    os.killpg(supernodes[1].pid, signal.SIGKILL)  # mid-round: it never replies
+
+    while not (out_dir / "run.json").exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert (out_dir / "run.json").exists(), deployment.logs()
+    sidecar = json.loads((out_dir / "rounds" / "1" / "global" / "aggregation.json").read_text())
+    assert [client["name"] for client in sidecar["clients"]] == ["client_0"]
+    assert json.loads((out_dir / "run.json").read_text())["rounds_completed"] == 1
