@@ -292,7 +292,8 @@ def round_mean_loss(log_history: Sequence[dict], resumed_at: int, last_step: int
             total += entry["loss"] * (entry["step"] - previous)
             steps, previous = steps + entry["step"] - previous, entry["step"]
     total += session_loss * (last_step - resumed_at)
-    return total / (steps + last_step - resumed_at)
+    counted = steps + last_step - resumed_at
+    return total / counted if counted else session_loss  # resumed at the last step with nothing logged before
 
 
 class ConsoleProgressCallback(TrainerCallback):

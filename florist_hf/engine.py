@@ -428,8 +428,9 @@ class Federation:
     def _supersede(self, round_index: int, path: Path, reason: str) -> None:
         """Move a stale round (or its global adapter) and its metrics lines under superseded/."""
         target = self._superseded_dir() / path.relative_to(self.paths.root)
-        retire_directory(path, target)
         whole_round = path == self.paths.round_dir(round_index)
+        # The metrics lines go first: a stop before the move finds the stale round again on resume,
+        # whereas lines kept for a round already moved would be trusted as its record.
         kept, dropped = [], []
         for record in read_metrics(self.paths.metrics):
             stale = record.get("round") == round_index and (whole_round or record.get("kind") != "client")
@@ -439,6 +440,7 @@ class Federation:
                 append_jsonl(self._superseded_dir() / METRICS_FILE, record)
                 self.logged.discard(record_key(record))
             write_jsonl_atomic(self.paths.metrics, kept)
+        retire_directory(path, target)
         what = f"round {round_index}" if whole_round else f"round {round_index}'s global adapter"
         self.console.print(f"[yellow]{what} set aside under {target.parent}: {reason}[/]")
 
@@ -503,8 +505,15 @@ class Federation:
             test_records, self.paths.work, base_cache=base_cache,
         )
 
+    def _evaluates_round(self, round_index: int) -> bool:
+        evaluation = self.recipe.evaluation
+        return evaluation is not None and evaluation.every_round and round_index < self.recipe.federation.rounds
+
     def is_recorded(self, round_index: int) -> bool:
-        return ("round", round_index, None) in self.logged
+        """The round's line is in metrics.jsonl, and its per-round lm-eval too where the recipe asks
+        for one (a stop during that evaluation leaves the round to finish on resume)."""
+        return ("round", round_index, None) in self.logged and (
+            not self._evaluates_round(round_index) or ("evaluation", round_index, None) in self.logged)
 
     def record_round(self, round_index: int, heldout: float | None, *, measured: dict | None = None) -> dict:
         """Write the round's line to metrics.jsonl (once), run the per-round lm-eval if the recipe
@@ -512,13 +521,12 @@ class Federation:
         (the Flower strategy: the bytes its messages carried)."""
         record = {**round_record(self.paths, round_index, heldout, merges_into_base=self.method.merges_into_base),
                   **(measured or {})}
-        if not self.is_recorded(round_index):
+        if ("round", round_index, None) not in self.logged:
             append_jsonl(self.paths.metrics, record)
             self.logged.add(("round", round_index, None))
             if self.tracker is not None:
                 self._track_round(record)
-        evaluation = self.recipe.evaluation
-        if evaluation is not None and evaluation.every_round and round_index < self.recipe.federation.rounds:
+        if self._evaluates_round(round_index):
             published = self.publish(round_index, self.paths.round_dir(round_index) / "published")
             self.evaluate(published, round_index)
         self.console.print(describe_round(record))
@@ -526,8 +534,6 @@ class Federation:
 
     def _track_round(self, record: dict) -> None:
         """The round's server metrics (and its rank heatmap and energy curves) to the tracker."""
-        from florist_hf.report import plot_energy, plot_selected_ranks, selected_ranks
-
         round_index, step = record["round"], self.tracker.step
         metrics = {f"server/{key}": record[key] for key in (
             "total_selected_rank", "rank_min", "rank_median", "rank_max", "eff_x1e4", "uplink_bytes_total",
@@ -538,6 +544,14 @@ class Federation:
         self.tracker.log(metrics, step=step)
         if not self.recipe.tracking.log_images:
             return
+        try:
+            self._track_round_images(round_index, step)
+        except FloristError as error:  # a module layout the plots do not know: the scalars are logged all the same
+            self.console.print(f"[yellow]tracking: no rank images for round {round_index} ({error})[/]")
+
+    def _track_round_images(self, round_index: int, step: int) -> None:
+        from florist_hf.report import plot_energy, plot_selected_ranks, selected_ranks
+
         global_dir = self.paths.global_dir(round_index)
         sidecar = json.loads((global_dir / SIDECAR).read_text())
         plots = self.paths.work / "tracking_plots"
@@ -564,11 +578,17 @@ class Federation:
         from florist_hf.evaluation import evaluate_recipe
 
         out_file = self.paths.round_dir(round_index) / "evaluation.json"
-        if out_file.exists():
-            evaluation = json.loads(out_file.read_text())["florist_hf_summary"]
-        else:
+        # The evaluation section is not part of the run's fingerprint: a result made with other
+        # settings (tasks, shots, limit) is made again rather than reused.
+        settings = hashlib.sha256(self.recipe.evaluation.model_dump_json().encode()).hexdigest()[:16]
+        evaluation = json.loads(out_file.read_text())["florist_hf_summary"] if out_file.exists() else None
+        if evaluation is None or evaluation.get("settings") != settings:
             with distributed.single_process():  # lm-eval on the main process alone
                 evaluation = evaluate_recipe(self.recipe, self.base_path, adapter_dir, out_file, self.console)
+            evaluation["settings"] = settings
+            results = json.loads(out_file.read_text())
+            write_json_atomic(out_file, {**results, "florist_hf_summary": evaluation})
+            self.logged.discard(("evaluation", round_index, None))
         if ("evaluation", round_index, None) not in self.logged:
             append_jsonl(self.paths.metrics, {"kind": "evaluation", "round": round_index, **evaluation})
             self.logged.add(("evaluation", round_index, None))

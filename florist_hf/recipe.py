@@ -102,6 +102,16 @@ class FederationSection(Section):
     round_lr_schedule: Literal["constant", "cosine"] = "constant"
     round_lr_min: float = Field(0.0, ge=0)
 
+    @model_validator(mode="after")
+    def _quorum_within_the_sample(self):
+        sampled = self.num_clients if self.clients_per_round is None else (
+            min(self.clients_per_round, self.num_clients) if isinstance(self.clients_per_round, int)
+            else max(1, min(self.num_clients, round(self.clients_per_round * self.num_clients))))
+        if self.min_clients > sampled:
+            raise ValueError(f"min_clients = {self.min_clients} is more than the {sampled} clients sampled per round; "
+                             "no round could reach it")
+        return self
+
 
 class EvaluationSection(Section):
     tasks: list[str] = Field(default_factory=lambda: ["mmlu"])

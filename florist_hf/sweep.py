@@ -129,7 +129,7 @@ def sweep_branches(recipe, thresholds: Sequence[float], baselines: Sequence[str]
         update = {"federation": federation, "output_dir": str(root / name), "name": f"{recipe.name}-{name}"}
         return Branch(name, method, threshold, recipe.model_copy(update=update))
 
-    branches = [variant(f"tau_{threshold:g}", "florist", threshold) for threshold in thresholds]
+    branches = [variant(f"tau_{threshold!r}", "florist", threshold) for threshold in thresholds]  # repr: distinct τ, distinct names
     return branches + [variant(method, method, None) for method in baselines]
 
 
@@ -183,7 +183,8 @@ def branch_row(branch: Branch, criterion: Criterion) -> dict:
     from florist_hf.engine import METRICS_FILE, RUN_SUMMARY, read_metrics
 
     run = json.loads((branch.run_dir / RUN_SUMMARY).read_text())
-    rounds = [record for record in read_metrics(branch.run_dir / METRICS_FILE) if record["kind"] == "round"]
+    rounds = [record for record in read_metrics(branch.run_dir / METRICS_FILE)
+              if record["kind"] == "round" and record["round"] <= branch.recipe.federation.rounds]
     last = max(rounds, key=lambda record: record["round"])
     if criterion.task is None:
         value, lower_is_better = last.get("heldout_loss"), True
@@ -231,6 +232,7 @@ def run_sweep(recipe, thresholds: Sequence[float], *, baselines: Sequence[str] =
     """Run (or resume) every branch, then choose FLoRIST-O and FLoRIST-E; returns the sweep directory."""
     from rich.console import Console
 
+    from florist_hf import distributed
     from florist_hf.engine import client_training_view
     from florist_hf.runner import run_federation
 
@@ -240,6 +242,14 @@ def run_sweep(recipe, thresholds: Sequence[float], *, baselines: Sequence[str] =
     chosen = parse_criterion(criterion, recipe)
     if not (tolerance >= 0):
         raise FloristError(f"--tolerance {tolerance}: must be ≥ 0 (in the criterion's unit)")
+    if chosen.task is None:
+        from florist_hf.data import prepare_client_data
+
+        if not prepare_client_data(recipe)[1]:  # known before any branch trains
+            raise FloristError(
+                "--criterion heldout_loss: the recipe's data has no held-out records; set data.holdout_per_label above 0 "
+                "(or a layout with a test file), or pick --criterion TASK:METRIC"
+            )
     root = Path(recipe.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     branches = sweep_branches(recipe, thresholds, baselines)
@@ -249,16 +259,20 @@ def run_sweep(recipe, thresholds: Sequence[float], *, baselines: Sequence[str] =
     )
     trained_round_one: dict[str, Path] = {}  # client-training view -> the branch that trains round 1
     rows = []
+    main = distributed.is_main_process()  # under accelerate launch every process runs the sweep
     for branch in branches:
         view = json.dumps(client_training_view(branch.recipe), sort_keys=True)
         source = trained_round_one.setdefault(view, branch.run_dir)
-        if source != branch.run_dir:
+        if source != branch.run_dir and main:
             shared = share_round_one(source, branch.run_dir)
             if shared:
                 console.print(f"{branch.name}: round 1's {shared} client adapters shared from {source.name}")
+        distributed.wait_for_everyone()  # the links are in place before any process plans round 1
         console.rule(branch.name)
         run_federation(branch.recipe, force=force, console=console)
         rows.append(branch_row(branch, chosen))
+    if not main:
+        return root
     optimal, efficient = select_variants(rows, tolerance)
     record = {
         "format": SWEEP_FORMAT,

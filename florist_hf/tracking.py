@@ -71,7 +71,9 @@ class FederationTracker:
                 writer.add_image(name, np.asarray(Image.open(image_file).convert("RGB")), step, dataformats="HWC")
                 writer.flush()
             elif type(callback).__name__ == "WandbCallback" and getattr(callback, "_wandb", None) is not None:
-                callback._wandb.log({name: callback._wandb.Image(str(image_file))}, step=step)
+                # Its callback logs without a step (W&B's own counter) and keys curves on train/global_step;
+                # an explicit step= behind that counter would be dropped.
+                callback._wandb.log({name: callback._wandb.Image(str(image_file)), "train/global_step": step})
 
     def client_relay(self, client_id: int, round_index: int) -> TrainerCallback:
         """A callback for client ``client_id``'s Trainer in ``round_index`` that forwards its logs."""

@@ -631,3 +631,17 @@ def test_full_participation_needs_no_catch_up(tmp_path):
     run_dir = run_federation(load_recipe(write_recipe(tmp_path, rounds=2)), console=quiet_console())
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["catch_up_downlink_bytes"] for r in rounds if r["kind"] == "round"] == [0, 0]
+
+
+def test_round_mean_loss_after_a_resume_at_the_last_step_with_nothing_logged():
+    from florist_hf.client import round_mean_loss
+
+    assert round_mean_loss([], 8, 8, 0.0) == 0.0
+    assert round_mean_loss([{"loss": 2.0, "step": 2}, {"loss": 4.0, "step": 4}], 4, 6, 1.0) == pytest.approx((2 * 2 + 4 * 2 + 1 * 2) / 6)
+
+
+def test_a_quorum_above_the_clients_sampled_per_round_is_refused_at_load(tmp_path):
+    result = runner.invoke(app, ["run", str(write_recipe(tmp_path)), "--set", "federation.clients_per_round=2",
+                                 "--set", "federation.min_clients=3"])
+    assert result.exit_code == 2 and "more than the 2 clients sampled per round" in result.output
+    assert not (tmp_path / "run").exists()

@@ -438,6 +438,7 @@ def test_a_node_refuses_what_its_policy_does_not_allow_and_the_round_goes_on(tmp
         ("training_keys: [push_to_hub, hub_model_id]\n", {"training": {"push_to_hub": True, "hub_model_id": "x/y"}}, ""),
         ("trust_remote_code: true\n", {"model": {"trust_remote_code": True}}, ""),
         ("modelz: []\n", {}, "modelz: Extra inputs are not permitted"),
+        ("data_sources: [databricks/databricks-dolly-15k]\n", {}, "refuses data.source 'builtin:demo'"),
     ],
 )
 def test_node_policy_rules(tmp_path, policy_text, change, refusal):

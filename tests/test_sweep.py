@@ -107,6 +107,7 @@ def test_optimal_is_the_best_value_and_efficient_the_least_downlink_within_the_t
          "task 'mmlu' is not evaluated by the recipe"),
         (["--thresholds", "0.8", "--criterion", "accuracy"], "expected heldout_loss or TASK:METRIC"),
         (["--thresholds", "0.8", "--baselines", "fedavg"], "unknown method 'fedavg'"),
+        (["--thresholds", "0.8"], "the recipe's data has no held-out records"),  # iid, no hold-out
     ],
 )
 def test_bad_sweep_arguments_are_one_line_errors_before_any_training(tmp_path, args, expected):

@@ -87,6 +87,13 @@ def hello(message: Message, context: Context) -> Message:
     """Tell the server which client this node is and how many examples it holds."""
     recipe = _recipe(message.content[protocol.CONFIG])
     client_id = protocol.client_id_of(context, recipe.federation.num_clients)
+    policy, source = load_policy(context.node_config)
+    try:  # before the server's data source is read
+        check_request(policy, source, recipe, client_id, own_data=bool(context.node_config.get(protocol.DATA_FILE)))
+    except FloristError as refusal:
+        # Still say which client this node is: its train messages are refused (and left out) the same way.
+        return Message(RecordDict({protocol.CONFIG: ConfigRecord(
+            {"client-id": client_id, "num-samples": 0, "refused": str(refusal)})}), reply_to=message)
     records = client_records(recipe, context, client_id)
     if not records:
         raise FloristError(f"client {client_id} has no training records")
@@ -117,7 +124,7 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     client_id = protocol.client_id_of(context, recipe.federation.num_clients)
     # The node operator's policy, before anything is loaded, downloaded or written.
     policy, source = load_policy(context.node_config)
-    check_request(policy, source, recipe, client_id)
+    check_request(policy, source, recipe, client_id, own_data=bool(context.node_config.get(protocol.DATA_FILE)))
     if int(config["client-id"]) != client_id:
         raise FloristError(f"the server addressed client {config['client-id']} but this node is client {client_id}")
     round_index = int(config["round"])

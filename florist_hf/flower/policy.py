@@ -8,6 +8,7 @@ operator writes a policy YAML and starts the SuperNode with ``--node-config "pol
     models: [meta-llama/Llama-3.2-1B, huggyllama/llama-7b@main]   # empty or absent: any base
     trust_remote_code: false                                       # the default
     training_keys: [deepspeed]                                     # beyond the safe defaults
+    data_sources: [databricks/databricks-dolly-15k]                # empty or absent: any
 
 Without a policy the safe defaults hold: any base model, no remote code, and only the
 `SAFE_TRAINING_KEYS`. A request outside the policy is refused with one line naming the rule; the
@@ -50,6 +51,9 @@ class NodePolicy(BaseModel):
     trust_remote_code: bool = False
     #: TrainingArguments fields a server may set beyond `SAFE_TRAINING_KEYS`.
     training_keys: list[str] = Field(default_factory=list)
+    #: Datasets (Hub ids or local paths) the server may name as data.source; empty: any. A node
+    #: started with its own ``data-file`` never reads the server's source.
+    data_sources: list[str] = Field(default_factory=list)
 
 
 def load_policy(node_config) -> tuple[NodePolicy, str]:
@@ -68,8 +72,13 @@ def load_policy(node_config) -> tuple[NodePolicy, str]:
         raise FloristError(f"node policy {path}: {reason}") from None
 
 
-def check_request(policy: NodePolicy, source: str, recipe, client_id: int) -> None:
+def check_request(policy: NodePolicy, source: str, recipe, client_id: int, *, own_data: bool = False) -> None:
     """Refuse, in one line naming the rule, a recipe that asks this node for more than its policy allows."""
+    if policy.data_sources and not own_data and recipe.data.source not in policy.data_sources:
+        raise FloristError(
+            f"{source} refuses data.source {recipe.data.source!r} (data_sources: {policy.data_sources}); "
+            "the node operator can add it, or start the SuperNode with its own data-file"
+        )
     model = recipe.model
     if policy.models:
         allowed = {}

@@ -88,6 +88,8 @@ def discover_clients(grid: Grid, recipe, *, timeout: float = DEFAULT_NODE_TIMEOU
             continue
         config = reply.content[protocol.CONFIG]
         client_id, num_samples = int(config["client-id"]), int(config["num-samples"])
+        if "refused" in config and console is not None:
+            console.print(f"[yellow]client {client_id} (node {node_id}): {config['refused']}[/]")
         if client_id in clients:
             raise FloristError(
                 f"SuperNodes {clients[client_id].node_id} and {node_id} both claim client {client_id}; give every "
