@@ -293,6 +293,22 @@ def test_recipe_evaluation_runs_lm_eval_after_every_round(tmp_path):
     assert [r["round"] for r in metrics if r["kind"] == "evaluation"] == [1, 2]
     assert (tmp_path / "run" / "rounds" / "1" / "published" / "adapter_model.safetensors").exists()
 
+    # A stop during round 1's evaluation (its round line written, its evaluation not): the rerun
+    # evaluates round 1 and nothing else is trained again.
+    metrics_file = tmp_path / "run" / "metrics.jsonl"
+    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in metrics if (r["kind"], r["round"]) != ("evaluation", 1)))
+    (tmp_path / "run" / "rounds" / "1" / "evaluation.json").unlink()
+    result = runner.invoke(app, ["run", str(recipe_file)])
+    assert result.exit_code == 0 and "round 1 client" not in result.output and "round 2 client" not in result.output
+    resumed = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    assert sorted(r["round"] for r in resumed if r["kind"] == "evaluation") == [1, 2]
+    assert (tmp_path / "run" / "rounds" / "1" / "evaluation.json").exists()
+
+    # Another evaluation setting is evaluated again, not taken from the earlier file.
+    result = runner.invoke(app, ["run", str(recipe_file), "--set", "evaluation.limit=2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "rounds" / "2" / "evaluation.json").read_text())["n-samples"]["sums"]["effective"] == 2
+
 
 def test_set_reads_exponent_numbers_as_numbers():
     recipe = load_recipe(REPO / "recipes" / "tiny_cpu_demo.yaml", ["training.learning_rate=5e-3", "name=e2e"])
