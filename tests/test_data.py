@@ -512,7 +512,7 @@ def test_a_federation_trains_on_chat_template_prompts(tmp_path):
     from florist_hf.runner import run_federation
 
     base = chat_base(tmp_path)
-    recipe = load_recipe(write_recipe(tmp_path, rounds=1, data={"template": "chat", "partition": "dirichlet",
+    recipe = load_recipe(write_recipe(tmp_path, ranks=(4, 2), rounds=1, data={"template": "chat", "partition": "dirichlet",
                                                                "holdout_per_label": 2, "min_client_size": 10,
                                                                "cutoff_len": 256}),
                          [f"model.name_or_path={base}"])

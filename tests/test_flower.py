@@ -359,26 +359,34 @@ def wait_for_http(url: str, timeout: float, process: subprocess.Popen) -> None:
     raise TimeoutError(url)
 
 
-def test_deployment_with_a_superlink_and_two_supernodes_on_loopback_completes_a_round(tmp_path, deployment):
-    # The shipped Flower app (recipes/flower), with this test's recipe beside its pyproject.toml.
-    app_dir = tmp_path / "app"
-    shutil.copytree(REPO / "recipes" / "flower", app_dir)
-    recipe_path = write_recipe(app_dir / "test_recipe.yaml", method="fedit", ranks=(4, 2), rounds=1)
-
+def start_loopback_federation(deployment, nodes: Path, num_nodes: int = 2) -> list[subprocess.Popen]:
+    """An insecure SuperLink on loopback, ``num_nodes`` SuperNodes (partition k each, work dirs under
+    ``nodes``) and a ``flwr`` CLI config naming the SuperLink "loopback"; returns the SuperNodes."""
     port = free_port()
     superlink = deployment.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port))
     wait_for_http(f"http://127.0.0.1:{port}/health", 60, superlink)
-    for client in range(2):
+    supernodes = [
         deployment.start(
             f"supernode{client}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
             "--port", str(free_port()), "--max-retries", "20",
-            "--node-config", f"partition-id={client} num-partitions=2 work-dir='{tmp_path / 'nodes'}'",
+            "--node-config", f"partition-id={client} num-partitions={num_nodes} work-dir='{nodes}'",
         )
+        for client in range(num_nodes)
+    ]
     home = Path(deployment.env["FLWR_HOME"])
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
+    return supernodes
+
+
+def test_deployment_with_a_superlink_and_two_supernodes_on_loopback_completes_a_round(tmp_path, deployment):
+    # The shipped Flower app (recipes/flower), with this test's recipe beside its pyproject.toml.
+    app_dir = tmp_path / "app"
+    shutil.copytree(REPO / "recipes" / "flower", app_dir)
+    recipe_path = write_recipe(app_dir / "test_recipe.yaml", method="fedit", ranks=(4, 2), rounds=1)
+    start_loopback_federation(deployment, tmp_path / "nodes")
     out_dir = tmp_path / "flower_run"
     started = time.monotonic()
     try:
@@ -530,28 +538,12 @@ def test_a_supernode_killed_during_the_round_is_left_out_after_the_round_timeout
     app_dir = tmp_path / "app"
     shutil.copytree(REPO / "recipes" / "flower", app_dir)
     recipe_path = write_recipe(app_dir / "test_recipe.yaml", method="florist", ranks=(4, 2), rounds=1)
-
-    port = free_port()
-    superlink = deployment.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port))
-    wait_for_http(f"http://127.0.0.1:{port}/health", 60, superlink)
     nodes = tmp_path / "nodes"
-    supernodes = [
-        deployment.start(
-            f"supernode{client}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-            "--port", str(free_port()), "--max-retries", "20",
-            "--node-config", f"partition-id={client} num-partitions=2 work-dir='{nodes}'",
-        )
-        for client in range(2)
-    ]
-    home = Path(deployment.env["FLWR_HOME"])
-    home.mkdir(exist_ok=True)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
+    supernodes = start_loopback_federation(deployment, nodes)
     out_dir = tmp_path / "flower_run"
     flwr = subprocess.Popen(
         [str(BIN / "flwr"), "run", str(app_dir), "loopback", "--stream",
-         "--run-config", f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120 round-timeout=30"],
+         "--run-config", f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120 round-timeout=10"],
         cwd=deployment.root, env=deployment.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )

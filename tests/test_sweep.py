@@ -32,12 +32,12 @@ def count_client_trainings(monkeypatch) -> list:
 
 def test_sweep_trains_round_one_once_and_each_branch_is_the_standalone_run(tmp_path, monkeypatch):
     trained = count_client_trainings(monkeypatch)
-    recipe_file = write_recipe(tmp_path, rounds=2, data=HELDOUT)
+    recipe_file = write_recipe(tmp_path, ranks=(4, 2), rounds=2, data=HELDOUT)
     recipe = load_recipe(recipe_file, [f"output_dir={tmp_path / 'sweep'}"])
     sweep_dir = run_sweep(recipe, [0.9, 0.5], baselines=["flora"], console=quiet_console())
 
-    # Round 1: the 3 clients once for all three branches; round 2: each branch its own 3.
-    assert sorted(r for _, r, _ in trained) == [1] * 3 + [2] * 9
+    # Round 1: the 2 clients once for all three branches; round 2: each branch its own 2.
+    assert sorted(r for _, r, _ in trained) == [1] * 2 + [2] * 6
     record = json.loads((sweep_dir / "sweep.json").read_text())
     assert [row["branch"] for row in record["rows"]] == ["tau_0.5", "tau_0.9", "flora"]
     for row in record["rows"]:
@@ -72,10 +72,10 @@ def test_sweep_trains_round_one_once_and_each_branch_is_the_standalone_run(tmp_p
 
 def test_sweep_shares_round_one_only_between_methods_whose_clients_train_alike(tmp_path, monkeypatch):
     trained = count_client_trainings(monkeypatch)
-    recipe = load_recipe(write_recipe(tmp_path, rounds=1, data=HELDOUT), [f"output_dir={tmp_path / 'sweep'}"])
+    recipe = load_recipe(write_recipe(tmp_path, ranks=(4, 2), rounds=1, data=HELDOUT), [f"output_dir={tmp_path / 'sweep'}"])
     run_sweep(recipe, [0.8], baselines=["fedit", "flexlora", "ffa"], console=quiet_console())
     # FLoRIST trains round 1 once; FedIT and FlexLoRA (both continue the shared init) once; FFA-LoRA once.
-    assert len(trained) == 3 * 3
+    assert len(trained) == 3 * 2
 
 
 def row(threshold, metric, downlink, method="florist", lower=True):
