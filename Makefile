@@ -2,7 +2,8 @@
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.florist-hf-installed
-PYTEST_ARGS ?= -n 2
+# Three xdist workers on two cores: the Flower deployment tests spend most of their time waiting.
+PYTEST_ARGS ?= -n 3
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false

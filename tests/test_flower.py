@@ -543,12 +543,12 @@ def test_a_supernode_killed_during_the_round_is_left_out_after_the_round_timeout
     out_dir = tmp_path / "flower_run"
     flwr = subprocess.Popen(
         [str(BIN / "flwr"), "run", str(app_dir), "loopback", "--stream",
-         "--run-config", f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120 round-timeout=10"],
+         "--run-config", f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120 round-timeout=60"],
         cwd=deployment.root, env=deployment.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
     deployment.processes.append(flwr)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while not list(nodes.glob("run_*/client_1")) and time.monotonic() < deadline:  # client 1 starts its round
         time.sleep(0.05)
     assert list(nodes.glob("run_*/client_1")), deployment.logs()
