@@ -64,9 +64,12 @@ def conformance_overrides(recipe_file: Path, out_dir: Path, stand_ins) -> list[s
     if not data.startswith("builtin:"):
         assert data in HUB_FIXTURES, f"{recipe_file.name}: no local copy of dataset {data}; add one to dataset_fixtures"
         overrides.append(f"data.source={dataset(data)}")
-    rounds = recipe.federation.rounds if recipe_file.stem in ALL_ROUNDS else 1
+    all_rounds = recipe_file.stem in ALL_ROUNDS
+    rounds = recipe.federation.rounds if all_rounds else 1
     overrides += [
         f"federation.rounds={rounds}",
+        # The held-out loss is exercised on the full-round recipes; the others check the adapter only.
+        f"federation.eval_heldout_loss={str(all_rounds and recipe.federation.eval_heldout_loss).lower()}",
         "training.max_steps=1",
         "training.per_device_train_batch_size=2",
         "training.gradient_accumulation_steps=1",
