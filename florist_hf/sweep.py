@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from florist_hf.errors import FloristError
-from florist_hf.io_utils import write_json_atomic, write_text_atomic
+from florist_hf.io_utils import atomic_directory, write_json_atomic, write_text_atomic
 
 SWEEP_FORMAT = "florist-hf/sweep"
 SWEEP_RECORD = "sweep.json"
@@ -154,11 +154,8 @@ def share_round_one(source: Path, target: Path) -> int:
 
 def _link_tree(source: Path, destination: Path) -> None:
     """``source`` under ``destination``, whole or not at all (hard links where possible)."""
-    staging = destination.with_name(f".{destination.name}.sharing")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source, staging, copy_function=_link_or_copy)
-    os.replace(staging, destination)
+    with atomic_directory(destination) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True, copy_function=_link_or_copy)
 
 
 def _link_or_copy(source: str, destination: str) -> None:
