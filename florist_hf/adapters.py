@@ -185,24 +185,38 @@ def read_client_adapters(paths: Sequence[str | os.PathLike]) -> list[LoraAdapter
     if not paths:
         raise FloristError("no client adapter directories given")
     adapters = [read_adapter(path) for path in paths]
-    reference = adapters[0]
     for adapter in adapters[1:]:
-        only_here = sorted(set(adapter.modules) - set(reference.modules))
-        only_there = sorted(set(reference.modules) - set(adapter.modules))
-        if only_here or only_there:
-            module = (only_here or only_there)[0]
-            where = adapter.path if only_here else reference.path
-            raise FloristError(
-                f"{adapter.path}: target modules differ from {reference.path} (module {module} only in {where}); "
-                "train every client with the same target_modules"
-            )
-        for name, module in adapter.modules.items():
-            if module.shape != reference.modules[name].shape:
-                raise FloristError(
-                    f"{adapter.path}: module {name} has shape {module.shape} but {reference.path} has "
-                    f"{reference.modules[name].shape}; every client must fine-tune the same base model"
-                )
+        check_same_modules(adapters[0], adapter)
     return adapters
+
+
+def check_same_modules(reference: LoraAdapter, adapter: LoraAdapter) -> None:
+    """A FloristError unless ``adapter`` adapts the same modules, with the same shapes, as ``reference``."""
+    only_here = sorted(set(adapter.modules) - set(reference.modules))
+    only_there = sorted(set(reference.modules) - set(adapter.modules))
+    if only_here or only_there:
+        module = (only_here or only_there)[0]
+        where = adapter.path if only_here else reference.path
+        raise FloristError(
+            f"{adapter.path}: target modules differ from {reference.path} (module {module} only in {where}); "
+            "train every client with the same target_modules"
+        )
+    for name, module in adapter.modules.items():
+        if module.shape != reference.modules[name].shape:
+            raise FloristError(
+                f"{adapter.path}: module {name} has shape {module.shape} but {reference.path} has "
+                f"{reference.modules[name].shape}; every client must fine-tune the same base model"
+            )
+
+
+def without_factors(adapter: LoraAdapter) -> LoraAdapter:
+    """The adapter's record with its factors replaced by storage-free tensors of the same shapes
+    (on the meta device): what a streaming server keeps of a client once it has been folded in."""
+    modules = {
+        name: ClientModule(module.lora_a.to("meta"), module.lora_b.to("meta"), module.scale)
+        for name, module in adapter.modules.items()
+    }
+    return LoraAdapter(adapter.path, adapter.config, modules, adapter.num_samples, adapter.dtype)
 
 
 def client_weights(adapters: Sequence[LoraAdapter], explicit: Sequence[float] | None = None) -> list[float]:

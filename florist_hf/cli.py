@@ -49,15 +49,22 @@ def _parse_numbers(text: str | None, kind, option: str) -> list | None:
         raise FloristError(f"{option} {text!r}: expected comma-separated numbers, e.g. {option} 1579,685,3775") from None
 
 
-def _method(name: str, threshold: float | None):
+def _method(name: str, threshold: float | None, aggregation: str = "stacked", tolerance: float = 0.0):
     from florist_hf.aggregation import METHODS, get_method
+    from florist_hf.aggregation.florist import AGGREGATION_MODES
 
     if name not in METHODS:
         raise FloristError(f"--method {name!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
+    if aggregation not in AGGREGATION_MODES:
+        raise FloristError(f"--aggregation {aggregation!r} is unknown; choose stacked or streaming")
+    if name != "florist" and (aggregation != "stacked" or tolerance):
+        raise FloristError(f"--aggregation streaming is FLoRIST's; {name} aggregates stacked — drop --aggregation")
+    if not 0.0 <= tolerance < 1.0 or (tolerance and aggregation != "streaming"):
+        raise FloristError(f"--streaming-tolerance {tolerance} needs --aggregation streaming and a value in [0, 1), e.g. 1e-3")
     if name == "florist":
         if threshold is None or not 0.0 < threshold <= 1.0:
             raise FloristError(f"--threshold {threshold} is outside (0, 1]; FLoRIST keeps the energy share τ, e.g. 0.9")
-        return get_method(name, threshold=threshold)
+        return get_method(name, threshold=threshold, aggregation=aggregation, tolerance=tolerance)
     return get_method(name)
 
 
@@ -80,13 +87,19 @@ def aggregate(
         Optional[str], typer.Option(help="Comma-separated client weights (default: num_samples in client.json, else equal).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    aggregation: Annotated[
+        str, typer.Option(help="FLoRIST: stacked (all clients at once) or streaming (one client at a time, bounded memory).")
+    ] = "stacked",
+    streaming_tolerance: Annotated[
+        float, typer.Option(help="Streaming: drop components below this fraction of the largest singular value (0: exact).")
+    ] = 0.0,
 ) -> None:
     """Aggregate client LoRA adapters into one global PEFT adapter (one server step)."""
     from florist_hf.server import aggregate_adapters
 
     step = aggregate_adapters(
         client_dirs,
-        _method(method, threshold),
+        _method(method, threshold, aggregation, streaming_tolerance),
         out,
         weights=_parse_numbers(weights, float, "--weights"),
         overwrite=force,

@@ -41,7 +41,7 @@ from florist_hf.adapters import SIDECAR
 from florist_hf.aggregation import AggregationMethod, get_method
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import append_jsonl, write_json_atomic, write_jsonl_atomic
-from florist_hf.server import ServerStep, aggregate_adapters, rank_summary, write_published_adapter
+from florist_hf.server import ServerStep, StreamingServerRound, aggregate_adapters, rank_summary, write_published_adapter
 from florist_hf.tiny import TINY_LLAMA_ID, build_tiny_llama
 
 RUN_FORMAT = "florist-hf/run"
@@ -101,7 +101,8 @@ def method_of(recipe) -> AggregationMethod:
     """The recipe's aggregation method with its options."""
     federation = recipe.federation
     if federation.method == "florist":
-        return get_method(federation.method, threshold=federation.threshold)
+        return get_method(federation.method, threshold=federation.threshold, aggregation=federation.aggregation,
+                          tolerance=federation.streaming_tolerance)
     return get_method(federation.method)
 
 
@@ -154,7 +155,7 @@ def client_training_view(recipe) -> dict:
     """Everything in a recipe that changes what a client trains, flattened to dotted keys.
 
     Left out: where and how results are written and evaluated, the server's aggregation settings
-    (τ, min_clients), and the number of rounds unless the learning rate is scheduled over rounds.
+    (τ, min_clients, stacked or streaming), and the number of rounds unless the learning rate is scheduled over rounds.
     The method counts only by what it asks of clients: to train on the merged global updates or
     to continue the global factors, and whether lora_A is frozen.
     """
@@ -162,7 +163,7 @@ def client_training_view(recipe) -> dict:
     federation = payload.pop("federation")
     method = method_of(recipe)
     federation["client_role"] = {"merges_into_base": method.merges_into_base, "freeze_lora_a": method.name == "ffa"}
-    for key in ("method", "threshold", "min_clients", "eval_heldout_loss"):
+    for key in ("method", "threshold", "min_clients", "eval_heldout_loss", "aggregation", "streaming_tolerance"):
         federation.pop(key)
     if federation["round_lr_schedule"] == "constant":
         federation.pop("rounds")
@@ -469,8 +470,12 @@ class Federation:
         self.console.print(f"  client {plan.client_id}: loss {info['loss']:.4f}, {info['num_samples']} samples, {info['train_seconds']:.1f} s")
         return True
 
-    def aggregate(self, round_plan: RoundPlan, trained: Sequence) -> ServerStep | None:
-        """The server step of one round, weighted by sample counts (main process; None elsewhere)."""
+    def aggregate(self, round_plan: RoundPlan, trained: Sequence, streamed: StreamingServerRound | None = None) -> ServerStep | None:
+        """The server step of one round, weighted by sample counts (main process; None elsewhere).
+
+        ``streamed``: the trained clients already folded in as they arrived (streaming aggregation),
+        used when it holds exactly ``trained``, in order; otherwise they are read from disk.
+        """
         min_clients = self.recipe.federation.min_clients
         if len(trained) < min_clients:
             raise FloristError(
@@ -481,11 +486,14 @@ class Federation:
             )
         step = None
         if self.main:
-            step = aggregate_adapters(
-                [plan.export_dir for plan in trained], self.method, self.paths.global_dir(round_plan.round),
-                weights=[plan.num_samples for plan in trained], overwrite=False,
-                client_names=[plan.export_dir.name for plan in trained],
-            )
+            global_dir, names = self.paths.global_dir(round_plan.round), [plan.export_dir.name for plan in trained]
+            if streamed is not None and [Path(a.path) for a in streamed.adapters] == [plan.export_dir for plan in trained]:
+                step = streamed.write(global_dir, client_names=names)
+            else:
+                step = aggregate_adapters(
+                    [plan.export_dir for plan in trained], self.method, global_dir,
+                    weights=[plan.num_samples for plan in trained], overwrite=False, client_names=names,
+                )
             shutil.rmtree(self.paths.round_dir(round_plan.round) / "work", ignore_errors=True)  # the clients' checkpoints
         self.rounds_done.append(round_plan.round)
         return step

@@ -101,6 +101,23 @@ class FederationSection(Section):
     #: round). Within a round the Trainer's own lr_scheduler_type still applies.
     round_lr_schedule: Literal["constant", "cosine"] = "constant"
     round_lr_min: float = Field(0.0, ge=0)
+    #: How the server decomposes a FLoRIST round: "stacked" (every client's factors at once, exact)
+    #: or "streaming" (each client folded into a running SVD as it arrives: memory bounded by the
+    #: kept rank plus a block of clients, and a Flower round aggregates its replies as they come).
+    aggregation: Literal["stacked", "streaming"] = "stacked"
+    #: Streaming only: after each fold, components below this fraction of the largest singular value
+    #: are dropped (0: only round-off, so streaming equals stacked). What is dropped is recorded in
+    #: the round's aggregation.json (discarded_energy, error_bound).
+    streaming_tolerance: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _streaming_is_floristic(self):
+        if self.aggregation == "streaming" and self.method != "florist":
+            raise ValueError(f"aggregation: streaming is FLoRIST's (its stacked cost grows with the clients' summed rank); "
+                             f"{self.method} aggregates stacked — remove federation.aggregation")
+        if self.streaming_tolerance and self.aggregation != "streaming":
+            raise ValueError("streaming_tolerance applies to aggregation: streaming only; set both or neither")
+        return self
 
     @model_validator(mode="after")
     def _quorum_within_the_sample(self):

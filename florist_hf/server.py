@@ -4,6 +4,7 @@ global model of several rounds as one adapter on the original base."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -17,11 +18,13 @@ import torch
 from florist_hf.adapters import (
     SIDECAR,
     LoraAdapter,
+    check_same_modules,
     client_weights,
     read_adapter,
     read_client_adapters,
     save_adapter_files,
     widest_dtype,
+    without_factors,
 )
 from florist_hf.aggregation import (
     AggregationMethod,
@@ -85,6 +88,8 @@ def build_sidecar(
             "singular_values": None if sigma is None else [float(s) for s in sigma],
             "energy_kept": None if sigma is None else float(energy(sigma)[min(module.selected_rank, sigma.numel()) - 1]),
         }
+        if module.approximation is not None:
+            modules[name]["streaming"] = module.approximation
     return {
         "format": SIDECAR_FORMAT,
         "version": 1,
@@ -120,6 +125,13 @@ def aggregate_adapters(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FloristError(f"{out_dir}: already exists; choose another --out or pass --force to replace it")
+    if method.streaming:
+        if weights is not None and len(weights) != len(client_dirs):
+            client_weights([None] * len(client_dirs), weights)  # the one-line error for a count mismatch
+        streamed = StreamingServerRound(method)
+        for index, client_dir in enumerate(client_dirs):
+            streamed.add(client_dir, None if weights is None else weights[index])
+        return streamed.write(out_dir, dtype=dtype, overwrite=overwrite, client_names=client_names)
     started = time.perf_counter()
     adapters = read_client_adapters(client_dirs)
     raw_weights = client_weights(adapters, weights)
@@ -129,6 +141,13 @@ def aggregate_adapters(
         result = method.aggregate([adapter.modules for adapter in adapters], raw_weights, result_dtype=wire_dtype)
     except SharedAMismatch as error:
         raise FloristError(f"{adapters[error.client_index].path}: {error}") from None
+    return _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtype, overwrite, client_names,
+                              time.perf_counter() - started)
+
+
+def _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtype, overwrite, client_names,
+                       server_seconds) -> ServerStep:
+    """The global adapter (and FlexLoRA's per-client ones) plus the sidecar, written atomically."""
     communication = round_communication(
         method,
         adapters[0].module_shapes,
@@ -137,7 +156,7 @@ def aggregate_adapters(
         bytes_per_param=torch.finfo(wire_dtype).bits // 8,
     )
     names = list(client_names) if client_names else [f"client_{index}" for index in range(len(adapters))]
-    sidecar = build_sidecar(method, adapters, raw_weights, result, communication, names, time.perf_counter() - started)
+    sidecar = build_sidecar(method, adapters, raw_weights, result, communication, names, server_seconds)
     template = adapters[0].config
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         global_factors = {name: (m.lora_b, m.lora_a) for name, m in result.modules.items()}
@@ -154,6 +173,52 @@ def aggregate_adapters(
                 )
     return ServerStep(out_dir, adapters, result, communication, sidecar)
 
+
+class StreamingServerRound:
+    """Client adapter directories folded into a streaming aggregation one at a time, as they arrive:
+    the server holds the running factors and one client, never every client's stack.
+
+    ``add`` reads and checks one client (every problem a one-line FloristError, before anything is
+    written) and folds it in; ``write`` selects the ranks on the final spectrum and writes the global
+    adapter and sidecar atomically, exactly as ``aggregate_adapters`` does.
+    """
+
+    def __init__(self, method: AggregationMethod):
+        self.method = method
+        self.round = method.stream()
+        self.adapters: list[LoraAdapter] = []  # folded clients, factors dropped
+        self.given_weights: list[float | None] = []
+        self.seconds = 0.0  # reading and folding, not waiting for clients
+
+    def add(self, client_dir: str | os.PathLike, weight: float | None = None) -> None:
+        """Fold one client in, weighted by ``weight`` (default: its recorded num_samples)."""
+        started = time.perf_counter()
+        adapter = read_adapter(client_dir)
+        if self.adapters:
+            check_same_modules(self.adapters[0], adapter)
+        if weight is not None and not (math.isfinite(weight) and weight > 0):
+            raise FloristError(f"{adapter.path}: weight {weight} is not a positive finite number")
+        used = weight if weight is not None else (adapter.num_samples or 1.0)
+        self.round.add(adapter.modules, float(used))
+        self.adapters.append(without_factors(adapter))
+        self.given_weights.append(weight)
+        self.seconds += time.perf_counter() - started
+
+    def write(self, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None, overwrite: bool = False,
+              client_names: Sequence[str] | None = None) -> ServerStep:
+        if not self.adapters:
+            raise FloristError("no client adapters were folded in; nothing to aggregate")
+        started = time.perf_counter()
+        given = None if all(w is None for w in self.given_weights) else self.given_weights
+        # Validates the sample counts (all recorded, or none) as the stacked path does.
+        raw_weights = client_weights(self.adapters, given)
+        if raw_weights != self.round.raw_weights:
+            raise FloristError(f"{self.adapters[0].path}: give every client a weight or none of them")
+        wire_dtype = dtype or widest_dtype(adapter.dtype for adapter in self.adapters)
+        result = self.round.result(wire_dtype)
+        seconds = self.seconds + time.perf_counter() - started
+        return _write_server_step(self.method, self.adapters, raw_weights, result, Path(out_dir), wire_dtype,
+                                  overwrite, client_names, seconds)
 
 
 def write_published_adapter(global_dirs: Sequence[Path], rounds: Sequence[int], method: AggregationMethod, out_dir: Path) -> Path:

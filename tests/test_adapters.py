@@ -84,8 +84,9 @@ def test_scale_matches_peft_for_patterns_and_rslora(tiny_base, tmp_path):
             assert adapter.modules[name].rank == layer.r["default"]
 
 
-@pytest.mark.parametrize("method, threshold", [("florist", 1.0), ("flora", 1.0), ("ffa", None)])
-def test_exact_methods_round_trip_through_peft(tiny_base, tmp_path, heterogeneous_clients, method, threshold):
+@pytest.mark.parametrize("method, threshold, extra", [
+    ("florist", 1.0, []), ("florist", 1.0, ["--aggregation", "streaming"]), ("flora", 1.0, []), ("ffa", None, [])])
+def test_exact_methods_round_trip_through_peft(tiny_base, tmp_path, heterogeneous_clients, method, threshold, extra):
     dirs, models, weights = heterogeneous_clients
     if method == "ffa":  # FFA-LoRA clients share one frozen A: rebuild them so
         dirs, models = [], []
@@ -107,7 +108,7 @@ def test_exact_methods_round_trip_through_peft(tiny_base, tmp_path, heterogeneou
             models.append(peft_model)
         weights = weights[:2]
     out = tmp_path / "global"
-    args = ["aggregate", *map(str, dirs), "--method", method, "--out", str(out)]
+    args = ["aggregate", *map(str, dirs), "--method", method, "--out", str(out), *extra]
     if threshold is not None:
         args += ["--threshold", str(threshold)]
     result = runner.invoke(app, args)
@@ -135,6 +136,9 @@ def test_exact_methods_round_trip_through_peft(tiny_base, tmp_path, heterogeneou
     sidecar = json.loads((out / "aggregation.json").read_text())
     assert sidecar["method"] == method
     assert [c["num_samples"] for c in sidecar["clients"]] == weights
+    if extra:  # streaming records what it left out: nothing, at its exact tolerance
+        assert sidecar["options"]["aggregation"] == "streaming"
+        assert all(m["streaming"]["discarded_energy"] < 1e-20 for m in sidecar["modules"].values())
     assert sidecar["communication"]["uplink_params_total"] > 0
 
 
@@ -229,7 +233,8 @@ def reshape_module(client):
         (None, ["--threshold", "0"], "outside (0, 1]"),
     ],
 )
-def test_bad_input_is_one_clear_line(tiny_base, tmp_path, damage, extra_args, expected):
+@pytest.mark.parametrize("aggregation", ["stacked", "streaming"])
+def test_bad_input_is_one_clear_line(tiny_base, tmp_path, damage, extra_args, expected, aggregation):
     dirs = []
     for k in range(2):
         save_client(tiny_base, tmp_path / f"client_{k}", rank=4, alpha=8, seed=k)
@@ -237,7 +242,7 @@ def test_bad_input_is_one_clear_line(tiny_base, tmp_path, damage, extra_args, ex
     if damage is not None:
         damage(dirs[1])
     out = tmp_path / "global"
-    result = runner.invoke(app, ["aggregate", *map(str, dirs), "--out", str(out), *extra_args])
+    result = runner.invoke(app, ["aggregate", *map(str, dirs), "--out", str(out), *extra_args, "--aggregation", aggregation])
     assert result.exit_code == 2, result.output
     assert expected in result.output
     assert "Traceback" not in result.output

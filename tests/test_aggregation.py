@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from florist_hf.aggregation import METHODS, ClientModule, SharedAMismatch, energy, get_method, linalg, round_communication
+from florist_hf.aggregation import streaming
 from florist_hf.aggregation.base import map_modules
 
 M, N = 40, 56  # out, in: deliberately not square
@@ -39,7 +40,14 @@ def delta(result):
     return result.modules["layers.0.q_proj"].delta_weight
 
 
+#: FLoRIST's streaming aggregation runs the whole battery too, at its exact tolerance.
+BATTERY = sorted(METHODS) + ["florist_streaming"]
+EXACT = {name: METHODS[name].exact for name in METHODS} | {"florist_streaming": True}
+
+
 def method_for(name, **options):
+    if name == "florist_streaming":
+        return get_method("florist", threshold=1.0, aggregation="streaming")
     return get_method(name, threshold=1.0) if name == "florist" else get_method(name, **options)
 
 
@@ -47,13 +55,20 @@ HETER = [16, 8, 4, 4]
 WEIGHTS = [1579.0, 685.0, 3775.0, 607.0]
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Streaming folds blocks of at least 2 ranks, so these small cases fold more than once."""
+    monkeypatch.setattr(streaming, "MIN_BLOCK_RANK", 2)
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("name", BATTERY)
 class TestEveryMethod:
     def test_exact_methods_reproduce_the_weighted_update(self, name):
         clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], shared_a=name == "ffa")
         result = method_for(name).aggregate(clients, WEIGHTS)
         error = relative_error(delta(result), dense_update(clients, WEIGHTS))
-        if METHODS[name].exact:
+        if EXACT[name]:
             assert error < 1e-5
         else:  # FedIT's product of averages and FlexLoRA's truncation are lossy here
             assert error > 1e-3
@@ -82,7 +97,7 @@ class TestEveryMethod:
         result = method_for(name).aggregate(clients, WEIGHTS)
         module = result.modules["layers.0.q_proj"]
         assert module.lora_b.dtype == torch.float64 and module.lora_a.dtype == torch.float64
-        if METHODS[name].exact:  # exact w.r.t. the bf16 values the clients sent
+        if EXACT[name]:  # exact w.r.t. the bf16 values the clients sent
             assert relative_error(delta(result), dense_update(clients, WEIGHTS)) < 1e-10
 
     def test_single_client_with_its_own_scale_is_its_update(self, name):
@@ -97,19 +112,21 @@ class TestEveryMethod:
         assert module.lora_a.shape == (module.selected_rank, N)
 
 
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("aggregation", ["stacked", "streaming"])
 class TestFlorist:
-    def test_threshold_one_equals_flora_and_the_dense_update(self):
+    def test_threshold_one_equals_flora_and_the_dense_update(self, aggregation):
         clients = make_clients(HETER, [2.0, 2.0, 2.0, 2.0])
-        florist = delta(get_method("florist", threshold=1.0).aggregate(clients, WEIGHTS))
+        florist = delta(get_method("florist", threshold=1.0, aggregation=aggregation).aggregate(clients, WEIGHTS))
         flora = delta(get_method("flora").aggregate(clients, WEIGHTS))
         dense = dense_update(clients, WEIGHTS)
         assert relative_error(florist, dense) < 1e-5
         assert relative_error(florist, flora) < 1e-5
 
     @pytest.mark.parametrize("threshold", [0.5, 0.8, 0.9, 0.95, 0.99])
-    def test_below_one_it_is_the_dense_truncated_svd_at_the_smallest_rank_meeting_the_rule(self, threshold):
+    def test_below_one_it_is_the_dense_truncated_svd_at_the_smallest_rank_meeting_the_rule(self, aggregation, threshold):
         clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], seed=3)
-        module = get_method("florist", threshold=threshold).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
+        module = get_method("florist", threshold=threshold, aggregation=aggregation).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
         dense = dense_update(clients, WEIGHTS)
         u, sigma, vh = torch.linalg.svd(dense, full_matrices=False)
         dense_energy = torch.cumsum(sigma**2, 0) / (sigma**2).sum()
@@ -120,48 +137,48 @@ class TestFlorist:
         assert relative_error(module.delta_weight, truncated) < 1e-8
         assert torch.allclose(module.singular_values[: sum(HETER)], sigma[: sum(HETER)], rtol=1e-8, atol=1e-10)
 
-    def test_lower_threshold_never_selects_more_rank(self):
+    def test_lower_threshold_never_selects_more_rank(self, aggregation):
         clients = make_clients(HETER, seed=5)
         ranks = [
-            get_method("florist", threshold=t).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"].selected_rank
+            get_method("florist", threshold=t, aggregation=aggregation).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"].selected_rank
             for t in (0.5, 0.7, 0.9, 0.99, 1.0)
         ]
         assert ranks == sorted(ranks) and ranks[0] < ranks[-1] == sum(HETER)
 
-    def test_duplicated_clients_and_a_zero_client_keep_the_numerical_rank(self):
+    def test_duplicated_clients_and_a_zero_client_keep_the_numerical_rank(self, aggregation):
         clients = make_clients([8, 8])
         zero_b = ClientModule(torch.randn(4, N), torch.zeros(M, 4), 2.0)
         stack = [clients[0], clients[0], clients[1], {"layers.0.q_proj": zero_b}]
-        module = get_method("florist", threshold=1.0).aggregate(stack, [1, 1, 1, 1]).modules["layers.0.q_proj"]
+        module = get_method("florist", threshold=1.0, aggregation=aggregation).aggregate(stack, [1, 1, 1, 1]).modules["layers.0.q_proj"]
         assert module.selected_rank == 16  # duplicates add nothing, the zero client adds nothing
         assert relative_error(module.delta_weight, dense_update(stack, [1, 1, 1, 1])) < 1e-10
 
-    def test_all_zero_update_gives_rank_one_of_zeros(self):
+    def test_all_zero_update_gives_rank_one_of_zeros(self, aggregation):
         zero = {"layers.0.q_proj": ClientModule(torch.randn(4, N), torch.zeros(M, 4), 2.0)}
-        module = get_method("florist", threshold=0.9).aggregate([zero, zero], [1, 1]).modules["layers.0.q_proj"]
+        module = get_method("florist", threshold=0.9, aggregation=aggregation).aggregate([zero, zero], [1, 1]).modules["layers.0.q_proj"]
         assert module.selected_rank == 1
         assert float(module.delta_weight.abs().max()) == 0.0
 
-    def test_stacked_rank_larger_than_the_layer(self):
+    def test_stacked_rank_larger_than_the_layer(self, aggregation):
         clients = make_clients([32, 32])  # R = 64 > m = 40
-        module = get_method("florist", threshold=1.0).aggregate(clients, [1, 1]).modules["layers.0.q_proj"]
+        module = get_method("florist", threshold=1.0, aggregation=aggregation).aggregate(clients, [1, 1]).modules["layers.0.q_proj"]
         assert module.selected_rank == M
         assert relative_error(module.delta_weight, dense_update(clients, [1, 1])) < 1e-10
 
-    def test_gram_and_householder_paths_agree(self, monkeypatch):
+    def test_gram_and_householder_paths_agree(self, aggregation, monkeypatch):
         clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], seed=11)
         stacked_b, _, column_scale = linalg.stack_client_factors(
             [c["layers.0.q_proj"] for c in clients], torch.tensor(WEIGHTS) / sum(WEIGHTS)
         )
         assert linalg._cholesky_basis(linalg.column_gram(stacked_b, column_scale)) is not None  # the Gram path
-        fast = get_method("florist", threshold=0.9).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
+        fast = get_method("florist", threshold=0.9, aggregation=aggregation).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
         monkeypatch.setattr(linalg, "MAX_GRAM_CONDITION", 0.0)  # every stack now takes the Householder path
-        slow = get_method("florist", threshold=0.9).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
+        slow = get_method("florist", threshold=0.9, aggregation=aggregation).aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
         assert fast.selected_rank == slow.selected_rank
         assert relative_error(fast.delta_weight, slow.delta_weight) < 1e-10
         assert torch.allclose(fast.singular_values, slow.singular_values, rtol=1e-10, atol=0)
 
-    def test_ill_conditioned_full_rank_stack_is_still_exact(self):
+    def test_ill_conditioned_full_rank_stack_is_still_exact(self, aggregation):
         # Client 1's B is client 0's B plus a 1e-7 perturbation: full rank, condition number ~1e7,
         # beyond what the Gram matrix resolves, so the guard sends it to Householder QR.
         generator = torch.Generator().manual_seed(2)
@@ -172,10 +189,10 @@ class TestFlorist:
         ]
         stacked_b, _, column_scale = linalg.stack_client_factors([c["layers.0.q_proj"] for c in clients], torch.ones(2))
         assert linalg._cholesky_basis(linalg.column_gram(stacked_b, column_scale)) is None
-        module = get_method("florist", threshold=1.0).aggregate(clients, [1, 1]).modules["layers.0.q_proj"]
+        module = get_method("florist", threshold=1.0, aggregation=aggregation).aggregate(clients, [1, 1]).modules["layers.0.q_proj"]
         assert relative_error(module.delta_weight, dense_update(clients, [1, 1])) < 1e-10
 
-    def test_singular_values_the_squared_core_cannot_resolve_take_the_householder_path(self):
+    def test_singular_values_the_squared_core_cannot_resolve_take_the_householder_path(self, aggregation):
         # ΔW = U·diag(σ)·Vᵀ with σ from 1 down to 1e-7, factored as B = U·X, A = X⁻¹·diag(σ)·Vᵀ for
         # a well-conditioned random X. The fast path's eigenvalues are σ², resolved only to about
         # R·eps·σ_1², which would leave the smallest σ with a ~1e-2 relative error: the guard must
@@ -187,15 +204,94 @@ class TestFlorist:
         mixing = torch.eye(6, dtype=torch.float64) + 0.3 * torch.randn(6, 6, generator=generator, dtype=torch.float64)
         lora_b, lora_a = left @ mixing, torch.linalg.solve(mixing, sigma[:, None] * right.T)
         client = {"layers.0.q_proj": ClientModule(lora_a, lora_b, 1.0)}
-        module = get_method("florist", threshold=1.0).aggregate([client], [1]).modules["layers.0.q_proj"]
+        module = get_method("florist", threshold=1.0, aggregation=aggregation).aggregate([client], [1]).modules["layers.0.q_proj"]
         assert module.selected_rank == 6
         assert torch.allclose(module.singular_values, sigma, rtol=1e-9, atol=0)
         assert relative_error(module.delta_weight, dense_update([client], [1])) < 1e-12
 
-    def test_threshold_outside_the_unit_interval_is_refused(self):
+    def test_threshold_outside_the_unit_interval_is_refused(self, aggregation):
         for bad in (0.0, -0.1, 1.01):
             with pytest.raises(ValueError):
-                get_method("florist", threshold=bad)
+                get_method("florist", threshold=bad, aggregation=aggregation)
+
+
+def streamed_module(clients, weights, **options):
+    method = get_method("florist", aggregation="streaming", **options)
+    return method.aggregate(clients, weights).modules["layers.0.q_proj"]
+
+
+def rslora_scale(rank):
+    return 16 / rank**0.5
+
+
+class TestStreaming:
+    def test_many_mixed_clients_fold_in_blocks_and_equal_the_stacked_decomposition(self):
+        # 24 clients, ranks 1..16, lora_alpha and rsLoRA scales, skewed weights: R = 196 > m = 40
+        ranks = [1 + (5 * k) % 16 for k in range(24)]
+        scales = [rslora_scale(r) if k % 3 == 0 else 2.0 * (1 + k % 4) / r for k, r in enumerate(ranks)]
+        clients = make_clients(ranks, scales, seed=7)
+        weights = [float(10 + 37 * k % 101) for k in range(24)]
+        dense = dense_update(clients, weights)
+        for threshold in (0.5, 0.9, 0.99, 1.0):
+            stacked = get_method("florist", threshold=threshold).aggregate(clients, weights).modules["layers.0.q_proj"]
+            streamed = streamed_module(clients, weights, threshold=threshold)
+            assert streamed.approximation["folds"] >= 2
+            assert streamed.selected_rank == stacked.selected_rank
+            assert relative_error(streamed.delta_weight, stacked.delta_weight) < 1e-10
+            assert torch.allclose(streamed.singular_values[:M], stacked.singular_values[:M], rtol=1e-9, atol=1e-12)
+        assert relative_error(streamed.delta_weight, dense) < 1e-10
+        assert streamed.approximation["discarded_energy"] < 1e-20
+
+    def test_the_running_factors_stay_at_the_numerical_rank_of_what_was_folded(self):
+        # 40 clients of rank 4 whose updates all lie in one rank-5 subspace (fp64: exactly so)
+        generator = torch.Generator().manual_seed(1)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+        left, right = randn(M, 5), randn(5, N)
+        clients = [{"layers.0.q_proj": ClientModule(randn(4, 5) @ right, left @ randn(5, 4), 2.0)} for _ in range(40)]
+        running = streaming.RunningSVD((M, N))
+        for client in clients:
+            module = client["layers.0.q_proj"]
+            running.add(module.lora_b.double() * module.scale, module.lora_a.double())
+            assert running.sigma.numel() <= 5 and running.u.shape == (M, running.sigma.numel())
+            assert running._pending_rank <= streaming.MIN_BLOCK_RANK + 4  # never more than one block pending
+        assert running.folds >= 2
+        module = streamed_module(clients, [1.0] * 40, threshold=1.0)
+        assert module.selected_rank == 5
+        assert relative_error(module.delta_weight, dense_update(clients, [1.0] * 40)) < 1e-10
+
+    def test_a_looser_tolerance_drops_small_components_within_the_recorded_bound(self):
+        # a shared rank-4 signal plus small client-specific parts: 30 clients of rank 6
+        generator = torch.Generator().manual_seed(2)
+        left, right = torch.randn(M, 4, generator=generator), torch.randn(4, N, generator=generator)
+        clients = []
+        for _ in range(30):
+            own_b, own_a = 0.02 * torch.randn(M, 2, generator=generator), torch.randn(2, N, generator=generator)
+            mix = torch.randn(4, 4, generator=generator)
+            clients.append({"layers.0.q_proj": ClientModule(
+                torch.cat([mix @ right, own_a]), torch.cat([left @ torch.linalg.inv(mix), own_b], dim=1), 1.0)})
+        dense = dense_update(clients, [1.0] * 30)
+        exact = streamed_module(clients, [1.0] * 30, threshold=1.0)
+        loose = streamed_module(clients, [1.0] * 30, threshold=1.0, tolerance=1e-2)
+        assert loose.selected_rank < exact.selected_rank == M
+        record = loose.approximation
+        assert record["tolerance"] == 1e-2 and record["discarded_energy"] > 0
+        error = relative_error(loose.delta_weight, dense)
+        assert 0 < error <= record["error_bound"] * (1 + 1e-9) and error**2 <= record["error_bound"] ** 2
+        # τ = 0.9 picks the same components either way: they are far above the tolerance
+        assert streamed_module(clients, [1.0] * 30, threshold=0.9, tolerance=1e-2).selected_rank == \
+            get_method("florist", threshold=0.9).aggregate(clients, [1.0] * 30).modules["layers.0.q_proj"].selected_rank
+
+    def test_streaming_options_are_checked_and_recorded(self):
+        for bad in ({"aggregation": "online"}, {"aggregation": "streaming", "tolerance": 1.0},
+                    {"aggregation": "streaming", "tolerance": -1e-3}):
+            with pytest.raises(ValueError):
+                get_method("florist", **bad)
+        assert get_method("florist", threshold=0.9).options() == {"threshold": 0.9}
+        assert get_method("florist", threshold=0.9, aggregation="streaming", tolerance=1e-3).options() == {
+            "threshold": 0.9, "aggregation": "streaming", "tolerance": 1e-3}
 
 
 class TestBaselines:

@@ -219,6 +219,8 @@ def test_diverging_client_is_left_out_and_quorum_fails_cleanly(tmp_path):
         ({"federation": {"roundz": 2}}, "federation.roundz: unknown key"),
         ({"federation": {"rounds": "two"}}, "federation.rounds"),
         ({"lora": {"ranks": [4, 2]}}, "lora.ranks lists 2 values"),
+        ({"federation": {"method": "fedit", "aggregation": "streaming"}}, "aggregation: streaming is FLoRIST's"),
+        ({"federation": {"streaming_tolerance": 0.01}}, "streaming_tolerance applies to aggregation: streaming only"),
         ({"training": {"learnin_rate": 1}}, "learnin_rate is not a TrainingArguments field"),
         ({"data": {"source": "/nonexistent/data.json"}}, "not found"),
         ({"data": {"source": "builtin:demo", "max_samples_per_client": None, "partition": "dirichlet", "min_client_size": 400}}, "min_size"),
@@ -577,6 +579,21 @@ def test_force_with_a_new_threshold_reaggregates_from_the_kept_client_adapters(t
     keys = [(r["kind"], r["round"], r.get("client")) for r in records]
     assert len(keys) == len(set(keys)) == 2 * 3 + 2
     assert json.loads((paths.root / "run.json").read_text())["rounds_completed"] == 2
+
+
+def test_force_to_streaming_aggregation_reaggregates_round_one_to_the_same_update(tmp_path):
+    """Stacked or streaming is a server setting: --force re-aggregates from the kept client adapters."""
+    recipe_file = write_recipe(tmp_path, threshold=0.9, rounds=1)
+    assert runner.invoke(app, ["run", str(recipe_file)]).exit_code == 0
+    paths = RunPaths(tmp_path / "run")
+    stacked = delta_weights(paths.global_dir(1))
+    result = runner.invoke(app, ["run", str(recipe_file), "--set", "federation.aggregation=streaming", "--force"])
+    assert result.exit_code == 0, result.output
+    assert "round 1 client" not in result.output  # no client trained again
+    sidecar = json.loads((paths.global_dir(1) / "aggregation.json").read_text())
+    assert sidecar["options"] == {"threshold": 0.9, "aggregation": "streaming", "tolerance": 0.0}
+    streamed = delta_weights(paths.global_dir(1))
+    assert all(relative_error(streamed[name], stacked[name]) < 1e-6 for name in stacked)
 
 
 @pytest.mark.parametrize(

@@ -195,23 +195,33 @@ class LocalGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages):
-        raise NotImplementedError
+        """Delivers at once; the replies wait in ``outbox`` for ``pull_messages``."""
+        self.outbox = getattr(self, "outbox", {})
+        message_ids = []
+        for message in messages:
+            message_id = f"message-{len(self.deliveries)}"
+            message.metadata.__dict__["_message_id"] = message_id  # what a SuperLink assigns on push
+            self.outbox[message_id] = self._deliver(message)
+            message_ids.append(message_id)
+        return message_ids
 
     def pull_messages(self, message_ids):
-        raise NotImplementedError
+        """One reply per pull, the most recently pushed first: replies arrive out of order."""
+        ready = [message_id for message_id in message_ids if message_id in self.outbox]
+        return [self.outbox.pop(max(ready, key=lambda message_id: int(message_id.split("-")[1])))] if ready else []
+
+    def _deliver(self, message):
+        context = self.contexts[message.metadata.dst_node_id]
+        if self.before_delivery is not None:
+            self.before_delivery(message, context)
+        self.deliveries.append((message.metadata.message_type, context.node_config["partition-id"], message.metadata.group_id))
+        try:
+            return self.client_app(message, context)
+        except Exception as error:  # noqa: BLE001 - what a SuperNode replies when its ClientApp raises
+            return Message(Error(code=0, reason=f"{type(error)}:<'{error}'>"), reply_to=message)
 
     def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            context = self.contexts[message.metadata.dst_node_id]
-            if self.before_delivery is not None:
-                self.before_delivery(message, context)
-            self.deliveries.append((message.metadata.message_type, context.node_config["partition-id"], message.metadata.group_id))
-            try:
-                replies.append(self.client_app(message, context))
-            except Exception as error:  # noqa: BLE001 - what a SuperNode replies when its ClientApp raises
-                replies.append(Message(Error(code=0, reason=f"{type(error)}:<'{error}'>"), reply_to=message))
-        return replies
+        return [self._deliver(message) for message in messages]
 
 
 @pytest.fixture
@@ -260,6 +270,39 @@ def test_a_node_that_lost_its_global_updates_gets_them_again_and_a_killed_run_re
     assert {delivery[2] for delivery in grid.deliveries if delivery[0] == "train"} == {"2"}
     assert_same_run(run_dir, reference)
     assert json.loads((run_dir / "run.json").read_text())["rounds_completed"] == 2
+
+
+def assert_same_update(run_dir: Path, reference_dir: Path, rtol: float) -> None:
+    """Same ΔW = B·A·scale per module (factors may differ by the SVD's sign and basis freedom)."""
+    run, reference = read_adapter(run_dir), read_adapter(reference_dir)
+    assert run.modules.keys() == reference.modules.keys()
+    for name, module in reference.modules.items():
+        other = run.modules[name]
+        expected = module.scale * module.lora_b.double() @ module.lora_a.double()
+        got = other.scale * other.lora_b.double() @ other.lora_a.double()
+        assert float((got - expected).norm() / expected.norm()) < rtol, name
+
+
+def test_streaming_aggregation_folds_replies_as_they_arrive_and_equals_florist_hf_run(tmp_path, florist_case,
+                                                                                      server_identity, monkeypatch):
+    from florist_hf.flower import make_client_app, run_flower_federation
+    from florist_hf.flower.server_app import ArrivingReplies
+
+    monkeypatch.setattr(ArrivingReplies, "pull_interval", 0.0)
+    recipe_path, reference = florist_case
+    recipe = load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}", "federation.aggregation=streaming"])
+    grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes")
+    run_dir = run_flower_federation(grid, recipe, console=quiet_console())
+
+    for round_index in (1, 2):
+        sidecar = json.loads((RunPaths(run_dir).global_dir(round_index) / "aggregation.json").read_text())
+        # folded in the order the replies came: the last pushed first
+        assert [client["name"] for client in sidecar["clients"]] == ["client_2", "client_1", "client_0"]
+        assert sidecar["options"] == {"threshold": 0.9, "aggregation": "streaming", "tolerance": 0.0}
+        assert all(module["streaming"]["discarded_energy"] < 1e-20 for module in sidecar["modules"].values())
+        assert_same_update(RunPaths(run_dir).global_dir(round_index), RunPaths(reference).global_dir(round_index), 1e-5)
+    assert_same_update(run_dir / "global_adapter", reference / "global_adapter", 1e-5)
+    assert [r["total_selected_rank"] for r in round_records(run_dir)] == [r["total_selected_rank"] for r in round_records(reference)]
 
 
 # --- deployment: a SuperLink and SuperNodes on loopback, driven by `flwr run` --------------------

@@ -31,6 +31,8 @@ class AggregationMethod(ABC):
     #: Clients train a fresh LoRA on top of the base plus every round's global update (FLoRIST,
     #: FLoRA: SPEC §4's merge-style); otherwise they keep training the global factors.
     merges_into_base: ClassVar[bool] = False
+    #: Clients are folded into the result one at a time (``stream()``) rather than stacked at once.
+    streaming: bool = False
 
     @abstractmethod
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:

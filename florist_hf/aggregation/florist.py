@@ -8,7 +8,12 @@ import torch
 
 from florist_hf.aggregation.base import AggregationMethod, register_method
 from florist_hf.aggregation.linalg import stack_client_factors, truncated_product_svd
-from florist_hf.aggregation.types import ClientModule, ModuleAggregate
+from florist_hf.aggregation.streaming import StreamingFloristRound
+from florist_hf.aggregation.types import AggregationResult, ClientModule, ModuleAggregate
+
+#: How the server decomposes a round: every client's factors stacked at once, or folded in one
+#: client at a time into a running SVD (``streaming``, memory bounded by the kept rank).
+AGGREGATION_MODES = ("stacked", "streaming")
 
 
 @register_method
@@ -19,15 +24,49 @@ class Florist(AggregationMethod):
     exact = True  # at τ = 1; below it, the best approximation at the selected rank
     merges_into_base = True
 
-    def __init__(self, threshold: float = 0.9):
+    def __init__(self, threshold: float = 0.9, aggregation: str = "stacked", tolerance: float = 0.0):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        if aggregation not in AGGREGATION_MODES:
+            raise ValueError(f"aggregation must be one of {AGGREGATION_MODES}, got {aggregation!r}")
+        if not 0.0 <= tolerance < 1.0:
+            raise ValueError(f"streaming tolerance must be in [0, 1), got {tolerance}")
         self.threshold = float(threshold)
+        self.aggregation = aggregation
+        self.tolerance = float(tolerance)
+
+    @property
+    def streaming(self) -> bool:
+        return self.aggregation == "streaming"
 
     def options(self) -> dict:
-        return {"threshold": self.threshold}
+        if not self.streaming:  # the stacked default records what it always did
+            return {"threshold": self.threshold}
+        return {"threshold": self.threshold, "aggregation": self.aggregation, "tolerance": self.tolerance}
+
+    def stream(self) -> StreamingFloristRound:
+        """An empty round to fold clients into as they arrive (see ``StreamingFloristRound``)."""
+        return StreamingFloristRound(self.threshold, self.tolerance, self.options())
+
+    def aggregate(self, clients, client_weights, result_dtype=None) -> AggregationResult:
+        if not self.streaming:
+            return super().aggregate(clients, client_weights, result_dtype)
+        if not clients:
+            raise ValueError("no clients to aggregate")
+        weights = list(client_weights)
+        if len(weights) != len(clients):
+            raise ValueError("client weights must be one positive finite number per client")
+        streamed = self.stream()
+        for client, weight in zip(clients, weights):
+            streamed.add(client, weight)
+        return streamed.result(result_dtype)
 
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
+        if self.streaming:
+            streamed = self.stream()
+            for client, weight in zip(clients, client_weights.tolist()):
+                streamed.add({"module": client}, weight)
+            return streamed.result().modules["module"]
         stacked_b, stacked_a, column_scale = stack_client_factors(clients, client_weights)
         lora_b, lora_a, sigma, selected_rank = truncated_product_svd(stacked_b, stacked_a, column_scale, self.threshold)
         return ModuleAggregate(lora_b, lora_a, selected_rank, singular_values=sigma)

@@ -43,6 +43,8 @@ class ModuleAggregate:
     singular_values: torch.Tensor | None = None
     #: Per-client factors when clients receive different adapters (FlexLoRA), in client order.
     client_factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: What a streaming aggregation left out (its tolerance, discarded energy, error bound); None when exact.
+    approximation: dict | None = None
 
     @property
     def delta_weight(self) -> torch.Tensor:

@@ -41,6 +41,7 @@ from florist_hf.adapters import read_adapter
 from florist_hf.errors import FloristError
 from florist_hf.flower import protocol
 from florist_hf.flower.records import adapter_to_records, write_adapter_records
+from florist_hf.server import StreamingServerRound
 
 DEFAULT_NODE_TIMEOUT = 600.0
 #: A silent node must not hold a round forever: after this the round aggregates what has arrived
@@ -113,6 +114,32 @@ class _RoundState:
     #: bytes of the adapters the round's train messages carried (ArrayRecord.count_bytes), and the replies'
     downlink_bytes: int = 0
     uplink_bytes: int = 0
+
+
+class ArrivingReplies:
+    """A Grid whose ``send_and_receive`` yields each reply as soon as it has been pulled, instead
+    of returning them all once the last has arrived or the timeout has passed; everything else is
+    the wrapped Grid's."""
+
+    #: seconds between pulls while replies are outstanding
+    pull_interval = 1.0
+
+    def __init__(self, grid: Grid):
+        self._grid = grid
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        message_ids = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while message_ids:
+            for reply in self._grid.pull_messages(message_ids):
+                message_ids.discard(reply.metadata.reply_to_message_id)
+                yield reply
+            if not message_ids or (deadline is not None and time.monotonic() >= deadline):
+                return
+            time.sleep(self.pull_interval)
 
 
 class FloristStrategy(Strategy):
@@ -299,20 +326,42 @@ class FloristStrategy(Strategy):
 
     def _train_round(self, server_round: int, replies: Iterable[Message]) -> list:
         """Collect the round's client adapters, retry once where a node lacked global updates,
-        and have the engine aggregate the ones that trained; returns their plans."""
-        retry = [client for reply in replies if (client := self._receive(server_round, reply)) is not None]
+        and have the engine aggregate the ones that trained; returns their plans.
+
+        With streaming aggregation each client is accepted and folded in as its reply arrives
+        (``ArrivingReplies`` yields them one by one), so the server never holds every client.
+        """
+        streamed = StreamingServerRound(self.method) if self.method.streaming else None
+        trained = []
+
+        def take(client_id) -> None:
+            plan = self._round.plans.get(client_id)
+            if plan is None or plan in trained or not plan.export_dir.exists() or not self.federation.accept(plan):
+                return
+            trained.append(plan)
+            if streamed is not None:
+                streamed.add(plan.export_dir, plan.num_samples)
+
+        retry = []
+        for reply in replies:
+            client = self._receive(server_round, reply)
+            if client is not None:
+                retry.append(client)
+            else:
+                take(self.node_to_client.get(reply.metadata.src_node_id))
         if retry:  # once, with every earlier global update
             messages = [self._train_message(self._round.plans[client], resend_all=True) for client in retry]
             for reply in self._grid.send_and_receive(messages, timeout=self.round_timeout):
                 self._receive(server_round, reply)
-        trained = []
+                take(self.node_to_client.get(reply.metadata.src_node_id))
         for plan in self._round.plan.clients:
             if not plan.export_dir.exists():
                 self.console.print(f"  [yellow]client {plan.client_id}: no adapter this round; left out of round {server_round}[/]")
                 continue
-            if self.federation.accept(plan):
-                trained.append(plan)
-        self.federation.aggregate(self._round.plan, trained)
+            take(plan.client_id)  # trained before a restart, or accepted above already (then a no-op)
+        if streamed is None:  # stacked: in the plan's order, as florist-hf run aggregates
+            trained.sort(key=self._round.plan.clients.index)
+        self.federation.aggregate(self._round.plan, trained, streamed)
         return trained
 
     # --- no federated evaluation: the server evaluates the global adapter itself ----------------
@@ -352,7 +401,9 @@ def run_flower_federation(grid: Grid, recipe, *, force: bool = False, console=No
     console.print(federation.describe(sizes, " on Flower"))
     federation.ensure_initial_adapter()
     strategy = FloristStrategy(federation, clients, tokenizer=tokenizer, test_records=test_records, round_timeout=round_timeout)
-    strategy.start(grid, ArrayRecord(), num_rounds=recipe.federation.rounds, timeout=round_timeout)
+    # Streaming aggregation folds each reply in as it arrives, so replies are handed over one by one.
+    driving_grid = ArrivingReplies(grid) if federation.method.streaming else grid
+    strategy.start(driving_grid, ArrayRecord(), num_rounds=recipe.federation.rounds, timeout=round_timeout)
     final_dir = federation.finish(sizes, runtime={"flower": {"nodes": {str(k): clients[k].node_id for k in sorted(clients)}}})
     console.print(f"global adapter: {final_dir}")
     return federation.paths.root
