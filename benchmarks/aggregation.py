@@ -1,6 +1,7 @@
 """Server-step cost at Llama-7B scale: client adapter files on disk -> global adapter on disk.
 
     python -m benchmarks.aggregation [--targets qv|all] [--flexlora-modules 2] [--repeats 3] [--threads N] [--json OUT]
+    python -m benchmarks.aggregation --clients 8,32,128,256   # FLoRIST stacked vs streaming: see aggregation_scaling.py
 
 Eight synthetic clients (ranks 64,32,16,16,8,8,4,4, lora_alpha = 2r, the paper's Dolly sample
 counts as aggregation weights) are written once as real PEFT adapter directories under
@@ -529,9 +530,25 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the full results here")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's, one per core)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the client adapters are generated and reused")
+    scaling = parser.add_argument_group("FLoRIST against the number of clients (benchmarks/aggregation_scaling.py)")
+    scaling.add_argument("--clients", help="comma-separated client counts, e.g. 8,32,128,256: run the scaling benchmark instead")
+    scaling.add_argument("--kinds", default="random,realistic", help="client updates: random (worst case), realistic")
+    scaling.add_argument("--tolerances", default="0,1e-2", help="streaming tolerances to run beside stacked")
+    scaling.add_argument("--layers", type=int, default=1, help="decoder layers timed (× 2 modules), scaled to 32")
     args = parser.parse_args()
     if args.repeats < 1 or args.flexlora_modules < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be ≥ 1, --flexlora-modules ≥ 0")
+    if args.clients:
+        from benchmarks.aggregation_scaling import markdown_report as scaling_markdown
+        from benchmarks.aggregation_scaling import run_scaling
+
+        report = run_scaling([int(k) for k in args.clients.split(",")], args.kinds.split(","),
+                             [float(t) for t in args.tolerances.split(",")], args.layers, args.threads)
+        print(scaling_markdown(report))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return
 
     report = run_benchmark(args.targets, args.flexlora_modules, args.repeats, args.cache.resolve(), args.threads)
     print(markdown_report(report))

@@ -88,8 +88,9 @@ class RunningSVD:
         dropped = float((core_sigma[keep:] ** 2).sum())
         self.discarded_squares += dropped
         self.error_bound += math.sqrt(dropped)
-        self.u = self.u @ core_u[:kept, :keep] + q_left @ core_u[kept:, :keep]
-        self.v = self.v @ core_vh[:keep, :kept].T + q_right @ core_vh[:keep, kept:].T
+        # The rotated bases, accumulated in place: the old and the new basis are the only m×k arrays alive.
+        self.u = (q_left @ core_u[kept:, :keep]).addmm_(self.u, core_u[:kept, :keep])
+        self.v = (q_right @ core_vh[:keep, kept:].T).addmm_(self.v, core_vh[:keep, :kept].T)
         self.sigma = core_sigma[:keep].clone()
         self.folds += 1
 
