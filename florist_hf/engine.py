@@ -236,6 +236,10 @@ def round_record(paths: RunPaths, round_index: int, heldout: float | None, *, me
         # Earlier rounds' updates sent to clients that missed them (merge-style, partial participation).
         "catch_up_downlink_bytes": catch_up_bytes(paths, round_index) if merges_into_base else 0,
     }
+    streamed = [module["streaming"] for module in sidecar["modules"].values() if module.get("streaming")]
+    if streamed:  # what a streaming tolerance dropped, at the worst module
+        record["streaming_discarded_energy_max"] = max(module["discarded_energy"] for module in streamed)
+        record["streaming_error_bound_max"] = max(module["error_bound"] for module in streamed)
     if heldout is not None:
         record["heldout_loss"] = heldout
     return record
@@ -252,6 +256,8 @@ def describe_round(record: dict) -> str:
         f"(total {record['total_selected_rank']}), Eff {record['eff_x1e4']:.2f}, "
         f"up {record['uplink_bytes_total']:,} B, down {record['downlink_bytes_total']:,} B"
         + (f", held-out loss {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
+        + (f", streaming dropped ≤ {record['streaming_discarded_energy_max']:.1e} of the energy"
+           if record.get("streaming_discarded_energy_max") else "")
     )
 
 

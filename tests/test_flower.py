@@ -1,14 +1,18 @@
 """Flower: the ServerApp + ClientApp reproduce ``florist-hf run``, in simulation and in deployment."""
 
+import datetime
+import ipaddress
 import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,10 @@ import yaml
 
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -375,6 +383,9 @@ class Deployment:
         for log in self.log_files:
             log.close()
 
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.root.glob("*.log")))
 
@@ -390,65 +401,162 @@ def deployment(tmp_path):
         running.stop()
 
 
-def wait_for_http(url: str, timeout: float, process: subprocess.Popen) -> None:
+def wait_for_http(url: str, timeout: float, process: subprocess.Popen, ca: Path | None = None) -> None:
+    """Until ``url`` answers (over HTTPS verified with the root certificate ``ca``, if given)."""
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, "the SuperLink exited at start"
         try:
-            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=2):
+            with opener.open(url, timeout=2):
                 return
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(url)
 
 
-def start_loopback_federation(deployment, nodes: Path, num_nodes: int = 2) -> list[subprocess.Popen]:
-    """An insecure SuperLink on loopback, ``num_nodes`` SuperNodes (partition k each, work dirs under
-    ``nodes``) and a ``flwr`` CLI config naming the SuperLink "loopback"; returns the SuperNodes."""
-    port = free_port()
-    superlink = deployment.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port))
-    wait_for_http(f"http://127.0.0.1:{port}/health", 60, superlink)
-    supernodes = [
-        deployment.start(
-            f"supernode{client}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-            "--port", str(free_port()), "--max-retries", "20",
-            "--node-config", f"partition-id={client} num-partitions={num_nodes} work-dir='{nodes}'",
+def _write_private_key(path: Path, key, key_format: serialization.PrivateFormat) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, key_format, serialization.NoEncryption()))
+    path.chmod(0o600)
+
+
+def write_tls_certificates(pki: Path) -> None:
+    """A self-signed CA ``pki/ca.pem`` and the SuperLink's certificate ``pki/server.pem`` (key
+    ``server.key``) it signs, for IP 127.0.0.1 (where the SuperLink's own SuperExec connects) and localhost."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "florist-hf test CA")])
+
+    def certificate(subject: x509.Name, key, *extensions: tuple[x509.ExtensionType, bool]) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         )
-        for client in range(num_nodes)
-    ]
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    ca = certificate(
+        ca_name, ca_key, (x509.BasicConstraints(ca=True, path_length=0), True),
+        (x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                       data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                       encipher_only=False, decipher_only=False), True),
+    )
+    server = certificate(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), server_key,
+        (x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), False),
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False),
+    )
+    (pki / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (pki / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    _write_private_key(pki / "server.key", server_key, serialization.PrivateFormat.PKCS8)
+
+
+def write_node_key_pair(pki: Path, name: str) -> Path:
+    """An ECDSA P-384 key pair in OpenSSH format, as ``ssh-keygen -t ecdsa -b 384 -N "" -f <name>`` writes
+    it: ``pki/<name>`` for ``flower-supernode --auth-supernode-private-key`` and ``pki/<name>.pub``
+    (returned) for ``flwr supernode register``."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write_private_key(pki / name, key, serialization.PrivateFormat.OpenSSH)
+    public = pki / f"{name}.pub"
+    openssh = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    public.write_bytes(openssh + b"\n")
+    return public
+
+
+def register_supernode(deployment, public_key: Path) -> int:
+    """``flwr supernode register`` on the "loopback" connection; returns the node id the SuperLink gives the key."""
+    result = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public_key), "loopback", "--format", "json"],
+                            cwd=deployment.root, env=deployment.env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr + deployment.logs()
+    return int(json.loads(result.stdout)["node-id"])
+
+
+def start_supernode(deployment, name: str, port: int, pki: Path | None, node_config: str) -> subprocess.Popen:
+    """SuperNode ``name`` of the SuperLink on 127.0.0.1:``port``: over TLS (``pki/ca.pem``) authenticated by
+    its key ``pki/<name>``, or ``--insecure`` if ``pki`` is None."""
+    security = (["--root-certificates", str(pki / "ca.pem"), "--auth-supernode-private-key", str(pki / name)]
+                if pki else ["--insecure"])
+    return deployment.start(name, "flower-supernode", *security, "--superlink", f"127.0.0.1:{port}",
+                            "--port", str(free_port()), "--max-retries", "20", "--node-config", node_config)
+
+
+@dataclass
+class LoopbackFederation:
+    port: int
+    pki: Path | None  # certificates and node keys of a secure federation; None: --insecure
+    supernodes: list[subprocess.Popen]
+    node_ids: list[int]  # the ids the SuperLink registered the SuperNodes' keys under (secure only)
+
+
+def start_loopback_federation(deployment, nodes: Path, num_nodes: int = 2, *, secure: bool = False) -> LoopbackFederation:
+    """A SuperLink on loopback, ``num_nodes`` SuperNodes (partition k each, work dirs under ``nodes``) and a
+    ``flwr`` CLI connection "loopback" to it. ``secure``: TLS with a CA made here, SuperNode authentication,
+    and each SuperNode's key registered before it starts; else ``--insecure`` (the loopback shortcut)."""
+    port, pki = free_port(), (deployment.root / "pki" if secure else None)
+    ca = pki / "ca.pem" if pki else None
+    if pki:
+        pki.mkdir()
+        write_tls_certificates(pki)
+        security = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(pki / "server.pem"),
+                    "--ssl-keyfile", str(pki / "server.key"), "--enable-supernode-auth"]
+    else:
+        security = ["--insecure"]
+    superlink = deployment.start("superlink", "flower-superlink", *security, "--host", "127.0.0.1", "--port", str(port))
+    wait_for_http(f"{'https' if ca else 'http'}://127.0.0.1:{port}/health", 60, superlink, ca)
     home = Path(deployment.env["FLWR_HOME"])
     home.mkdir(exist_ok=True)
+    tls = f'root-certificates = "{ca}"' if ca else "insecure = true"
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\n{tls}\n'
     )
-    return supernodes
+    names = [f"supernode{client}" for client in range(num_nodes)]
+    node_ids = [register_supernode(deployment, write_node_key_pair(pki, name)) for name in names] if pki else []
+    supernodes = [
+        start_supernode(deployment, name, port, pki, f"partition-id={client} num-partitions={num_nodes} work-dir='{nodes}'")
+        for client, name in enumerate(names)
+    ]
+    return LoopbackFederation(port, pki, supernodes, node_ids)
 
 
-def test_deployment_with_a_superlink_and_two_supernodes_on_loopback_completes_a_round(tmp_path, deployment):
+def test_a_deployment_over_tls_with_supernode_authentication_completes_a_round_and_refuses_an_unknown_key(
+    tmp_path, deployment
+):
     # The shipped Flower app (recipes/flower), with this test's recipe beside its pyproject.toml.
     app_dir = tmp_path / "app"
     shutil.copytree(REPO / "recipes" / "flower", app_dir)
     recipe_path = write_recipe(app_dir / "test_recipe.yaml", method="fedit", ranks=(4, 2), rounds=1)
-    start_loopback_federation(deployment, tmp_path / "nodes")
+    federation = start_loopback_federation(deployment, tmp_path / "nodes", secure=True)
+    write_node_key_pair(federation.pki, "stranger")  # a third SuperNode, its key never registered
+    stranger = start_supernode(deployment, "stranger", federation.port, federation.pki,
+                               f"partition-id=0 num-partitions=2 work-dir='{tmp_path / 'stranger'}'")
     out_dir = tmp_path / "flower_run"
     started = time.monotonic()
+    flwr_run = deployment.start("flwr_run", "flwr", "run", str(app_dir), "loopback", "--stream", "--run-config",
+                                f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120")
+
+    try:  # the stranger is refused at once, while the round starts
+        stranger.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a SuperNode with an unregistered key still runs after 30 s\n{deployment.logs()}")
+    assert stranger.returncode != 0 and "Failed to activate SuperNode" in deployment.log("stranger"), deployment.logs()
     try:
-        result = subprocess.run(
-            [str(BIN / "flwr"), "run", str(app_dir), "loopback", "--stream",
-             "--run-config", f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120"],
-            cwd=deployment.root, env=deployment.env, capture_output=True, text=True, timeout=240, check=False,
-        )
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"flwr run did not finish in 240 s\n{error.stdout}\n{deployment.logs()}")
-    assert result.returncode == 0, result.stdout + result.stderr + deployment.logs()
-    deadline = started + 240
-    while not (out_dir / "run.json").exists() and time.monotonic() < deadline:  # --stream may end first
+        flwr_run.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"flwr run did not finish in 240 s\n{deployment.logs()}")
+    assert flwr_run.returncode == 0, deployment.logs()
+    while not (out_dir / "run.json").exists() and time.monotonic() < started + 240:  # --stream may end first
         time.sleep(1)
-    assert (out_dir / "run.json").exists(), result.stdout + result.stderr + deployment.logs()
+    assert (out_dir / "run.json").exists(), deployment.logs()
 
     summary = json.loads((out_dir / "run.json").read_text())
     assert summary["rounds_completed"] == 1 and summary["method"] == "fedit"
-    assert len(summary["runtime"]["flower"]["nodes"]) == 2
+    assert sorted(summary["runtime"]["flower"]["nodes"].values()) == sorted(federation.node_ids)  # the registered keys
     # FedIT continues from the shared round-0 init that travelled to every node: same result as run
     reference = reference_run(recipe_path, tmp_path / "reference")
     assert_same_adapter(out_dir / "global_adapter", reference / "global_adapter")
@@ -582,15 +690,10 @@ def test_a_supernode_killed_during_the_round_is_left_out_after_the_round_timeout
     shutil.copytree(REPO / "recipes" / "flower", app_dir)
     recipe_path = write_recipe(app_dir / "test_recipe.yaml", method="florist", ranks=(4, 2), rounds=1)
     nodes = tmp_path / "nodes"
-    supernodes = start_loopback_federation(deployment, nodes)
+    supernodes = start_loopback_federation(deployment, nodes).supernodes
     out_dir = tmp_path / "flower_run"
-    flwr = subprocess.Popen(
-        [str(BIN / "flwr"), "run", str(app_dir), "loopback", "--stream",
-         "--run-config", f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120 round-timeout=60"],
-        cwd=deployment.root, env=deployment.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )
-    deployment.processes.append(flwr)
+    deployment.start("flwr_run", "flwr", "run", str(app_dir), "loopback", "--stream", "--run-config",
+                     f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120 round-timeout=60")
     deadline = time.monotonic() + 300
     while not list(nodes.glob("run_*/client_1")) and time.monotonic() < deadline:  # client 1 starts its round
         time.sleep(0.05)
