@@ -106,6 +106,9 @@ def measure(kind: str, num_clients: int, aggregation: str, tolerance: float, lay
         "discarded_energy": [m.approximation["discarded_energy"] if m.approximation else 0.0 for m in modules],
         "error_bound": [m.approximation["error_bound"] if m.approximation else 0.0 for m in modules],
         "client_bytes": client_bytes, "global_adapter_bytes": global_bytes,
+        # What the method keeps between clients, in its fp64 compute precision: the stacks (stacked)
+        # or the running factors (streaming).
+        "kept_factor_bytes": sum(rank * 2 * HIDDEN * 8 for rank in kept_ranks.values()),
     }
 
 
@@ -175,10 +178,12 @@ def markdown_report(report: dict) -> str:
         (f"Machine: {machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']} ({machine['torch_threads']} threads), "
          f"{machine['date_utc']}; 1-min load average {machine['load_average_at_start'][0]:.2f} at start, "
          f"{machine['load_average_at_end'][0]:.2f} at end. Timed on {setting['layers_timed']} layer(s) "
-         f"({2 * setting['layers_timed']} modules); the 7B columns are those × {scale:g} (extrapolated)."),
+         f"({2 * setting['layers_timed']} modules); the 7B columns are those × {scale:g} (extrapolated). "
+         "Kept: the fp64 factors a method holds between clients, the stacks (stacked, rank Σr_k) or the running "
+         "factors (streaming); kept rank is before the last block."),
         "",
         ("| updates | K | aggregation | s / module | 7B round (s, extrap.) | × the K=8 step | peak RSS rise (MiB, 7B extrap.) "
-         "| peak / (2 × global + 1 client) | kept rank per module | τ=0.9 rank | energy kept | discarded energy | error bound |"),
+         "| peak / (2 × kept + 1 client) | kept rank per module | τ=0.9 rank | energy kept | discarded energy | error bound |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {}
@@ -187,7 +192,7 @@ def markdown_report(report: dict) -> str:
         per_module = row["seconds"] / row["modules_timed"]
         base.setdefault(key, per_module)
         peak = row["peak_rss_increase_bytes"] * scale
-        bound = (2 * row["global_adapter_bytes"] + row["client_bytes"]) * scale
+        bound = (2 * row["kept_factor_bytes"] + row["client_bytes"]) * scale
         name = row["aggregation"] + (f" (tol {row['tolerance']:g})" if row["aggregation"] == "streaming" else "")
         lines.append(
             f"| {row['kind']} | {row['clients']} | {name} | {per_module:.3f} | {per_module * 2 * setting['layers_in_model']:,.1f} | "

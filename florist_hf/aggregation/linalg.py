@@ -118,10 +118,11 @@ KEPT_SIGMA_ACCURACY = 1e-8
 
 
 def truncated_product_svd(
-    stacked_b: torch.Tensor, stacked_a: torch.Tensor, column_scale: torch.Tensor, threshold: float
+    stacked_b: torch.Tensor, stacked_a: torch.Tensor, column_scale: torch.Tensor, threshold: float,
+    missing_energy: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(B_g, A_g, sigma, rank) for ΔW = stacked_b·diag(column_scale)·stacked_a, truncated at the
-    rank ``select_rank`` picks.
+    rank ``select_rank`` picks (``missing_energy``: see there).
 
     Same result as ``product_svd`` + ``select_rank`` + ``truncate``, cheaper. The B stack is
     orthogonalised through a Cholesky of its R×R Gram matrix (Cholesky QR: GEMMs and an R×R
@@ -137,7 +138,7 @@ def truncated_product_svd(
         eigenvalues, eigenvectors = torch.linalg.eigh(b_chol.T @ row_gram(stacked_a) @ b_chol)
         eigenvalues, core_u = eigenvalues.flip(0), eigenvectors.flip(1)  # largest first
         sigma = eigenvalues.clamp_min(0).sqrt()  # round-off can leave zero eigenvalues slightly negative
-        rank = select_rank(sigma, threshold, shape)
+        rank = select_rank(sigma, threshold, shape, missing_energy)
         resolved = eigenvalues[0] * eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps / KEPT_SIGMA_ACCURACY
         if eigenvalues[rank - 1] > 0 and eigenvalues[rank - 1] >= resolved:
             kept_u, kept_sigma = core_u[:, :rank], sigma[:rank]
@@ -148,7 +149,7 @@ def truncated_product_svd(
     # Rank-deficient or ill-conditioned B stack (zero or duplicated clients, R > m), or kept singular
     # values too small for the squared problem to resolve: Householder QR of both stacks.
     u, sigma, vh = product_svd(stacked_b * column_scale, stacked_a)
-    rank = select_rank(sigma, threshold, shape)
+    rank = select_rank(sigma, threshold, shape, missing_energy)
     lora_b, lora_a = truncate(u, sigma, vh, rank)
     return lora_b, lora_a.clone(), sigma, rank  # clone: do not keep all of vh alive
 
@@ -170,19 +171,24 @@ def energy(sigma: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(squared, dim=0) / total
 
 
-def select_rank(sigma: torch.Tensor, threshold: float, shape: tuple[int, int]) -> int:
+def select_rank(sigma: torch.Tensor, threshold: float, shape: tuple[int, int], missing_energy: float = 0.0) -> int:
     """The smallest rank whose singular-value energy reaches ``threshold`` (SPEC §2.4).
 
     Never more than the numerical rank (components below round-off carry no energy), never less
     than it at threshold 1 (round-off can push the last partial sum a hair below 1), and at least
     1 so that an all-zero update still yields a loadable rank-1 adapter of zeros.
+
+    ``missing_energy``: Σσ² of components that ``sigma`` no longer lists (what a streaming
+    tolerance dropped), counted in the total, so that τ is the share of the whole update's energy.
     """
     rank = numerical_rank(sigma, shape)
     if rank == 0:
         return 1
     if threshold >= 1.0:
         return rank
-    first_reaching = int(torch.searchsorted(energy(sigma), torch.tensor([threshold], dtype=COMPUTE_DTYPE)))
+    squared = sigma.to(COMPUTE_DTYPE) ** 2
+    target = threshold * (float(squared.sum()) + missing_energy)
+    first_reaching = int(torch.searchsorted(torch.cumsum(squared, dim=0), torch.tensor([target], dtype=COMPUTE_DTYPE)))
     return max(1, min(first_reaching + 1, rank))
 
 

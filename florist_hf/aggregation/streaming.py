@@ -25,14 +25,14 @@ def _extend_basis(basis: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Ten
 
     ``basis`` has orthonormal columns; ``new_basis`` spans what ``columns`` adds to it. Gram-Schmidt
     is run twice ("twice is enough"), so the new directions are orthogonal to ``basis`` to round-off
-    even when the columns are nearly inside it.
+    even when the columns are nearly inside it. ``columns`` is overwritten (by the residual).
     """
     coords = basis.T @ columns
-    residual = columns - basis @ coords
-    again = basis.T @ residual
-    residual -= basis @ again
+    columns.addmm_(basis, coords, alpha=-1)
+    again = basis.T @ columns
+    columns.addmm_(basis, again, alpha=-1)
     coords += again
-    new_basis, new_coords = torch.linalg.qr(residual, mode="reduced")
+    new_basis, new_coords = torch.linalg.qr(columns, mode="reduced")
     return coords, new_basis, new_coords
 
 
@@ -80,7 +80,9 @@ class RunningSVD:
         # [u, q_left] and [v, q_right] have orthonormal columns; in those bases the new sum is a small
         # core: diag(sigma) in its top-left corner plus the block's coordinates.
         left, q_left, new_left = _extend_basis(self.u, block_b)
-        right, q_right, new_right = _extend_basis(self.v, block_a.T)
+        del block_b
+        right, q_right, new_right = _extend_basis(self.v, block_a.T.contiguous())
+        del block_a
         core = torch.cat([left, new_left]) @ torch.cat([right, new_right]).T
         core[:kept, :kept] += torch.diag(self.sigma)
         core_u, core_sigma, core_vh = torch.linalg.svd(core, full_matrices=False)
@@ -109,7 +111,8 @@ class RunningSVD:
             m, n = self.shape
             return torch.zeros(m, 1, dtype=COMPUTE_DTYPE), torch.zeros(1, n, dtype=COMPUTE_DTYPE), self.sigma, 1
         ones = torch.ones(block_a.shape[0], dtype=COMPUTE_DTYPE)
-        return truncated_product_svd(block_b, block_a, ones, threshold)
+        # τ is the share of the whole update's energy, what was dropped included.
+        return truncated_product_svd(block_b, block_a, ones, threshold, missing_energy=self.discarded_squares)
 
     def _kept_rank(self, sigma: torch.Tensor) -> int:
         if sigma.numel() == 0 or float(sigma[0]) == 0.0:
