@@ -101,7 +101,9 @@ def measure(kind: str, num_clients: int, aggregation: str, tolerance: float, lay
         "modules_timed": len(modules), "seconds": seconds, "peak_rss_increase_bytes": peak,
         "selected_ranks": [module.selected_rank for module in modules],
         "kept_ranks": list(kept_ranks.values()),
-        "energy_kept": [float(energy(m.singular_values)[m.selected_rank - 1]) for m in modules],
+        # of the whole update: a streaming tolerance's dropped energy counts in the total
+        "energy_kept": [float(energy(m.singular_values)[m.selected_rank - 1])
+                        / (1.0 + (m.approximation["discarded_energy"] if m.approximation else 0.0)) for m in modules],
         "top_singular_values": [[float(s) for s in m.singular_values[:8]] for m in modules],
         "discarded_energy": [m.approximation["discarded_energy"] if m.approximation else 0.0 for m in modules],
         "error_bound": [m.approximation["error_bound"] if m.approximation else 0.0 for m in modules],

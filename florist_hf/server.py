@@ -82,11 +82,14 @@ def build_sidecar(
     modules = {}
     for name, module in result.modules.items():
         sigma = module.singular_values
+        kept = None if sigma is None else float(energy(sigma)[min(module.selected_rank, sigma.numel()) - 1])
+        if kept is not None and module.approximation is not None:  # of the whole update, what streaming dropped included
+            kept /= 1.0 + module.approximation["discarded_energy"]
         modules[name] = {
             "shape": list(adapters[0].modules[name].shape),
             "selected_rank": module.selected_rank,
             "singular_values": None if sigma is None else [float(s) for s in sigma],
-            "energy_kept": None if sigma is None else float(energy(sigma)[min(module.selected_rank, sigma.numel()) - 1]),
+            "energy_kept": kept,
         }
         if module.approximation is not None:
             modules[name]["streaming"] = module.approximation

@@ -224,6 +224,7 @@ def rslora_scale(rank):
     return 16 / rank**0.5
 
 
+@pytest.mark.usefixtures("small_blocks")
 class TestStreaming:
     def test_many_mixed_clients_fold_in_blocks_and_equal_the_stacked_decomposition(self):
         # 24 clients, ranks 1..16, lora_alpha and rsLoRA scales, skewed weights: R = 196 > m = 40

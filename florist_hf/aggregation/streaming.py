@@ -13,11 +13,12 @@ from florist_hf.aggregation.base import map_modules
 from florist_hf.aggregation.linalg import COMPUTE_DTYPE, truncated_product_svd
 from florist_hf.aggregation.types import AggregationResult, ClientModule, ModuleAggregate
 
-#: Pending clients are folded once their summed rank reaches the kept rank, and never in blocks of
+#: Pending clients are folded once their summed rank exceeds the kept rank, and never in blocks of
 #: less than this: a fold costs O((m+n)·(k+p)·k) for k kept and p pending components, so blocks of
 #: about k keep the total cost linear in the clients, and folding one rank-16 client at a time
-#: into a few hundred kept components would rotate the kept bases once per client.
-MIN_BLOCK_RANK = 64
+#: into a few hundred kept components would rotate the kept bases once per client. Up to this
+#: summed rank (the paper's 8 clients: 128) nothing is folded: the final step is the stacked one.
+MIN_BLOCK_RANK = 128
 
 
 def _extend_basis(basis: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
