@@ -15,7 +15,7 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     the same result as an uninterrupted one.
     """
     from florist_hf import distributed
-    from florist_hf.client import BaseModelCache, reuses_base_model, run_client_round, tokenize_shard
+    from florist_hf.client import BaseModelCache, freeze_long_lived_objects, reuses_base_model, run_client_round, tokenize_shard
     from florist_hf.data import prepare_client_data
     from florist_hf.engine import Federation
     from florist_hf.loading import load_model_config, load_tokenizer
@@ -23,6 +23,7 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     # Under accelerate launch every process runs this; all of them train each client together,
     # the main one alone writes the run directory (see florist_hf.distributed).
     distributed.init_processes()
+    freeze_long_lived_objects()  # before any model exists: cheap per-client collections
     main = distributed.is_main_process()
     federation = Federation(recipe, console=console, main=main)
     console, paths = federation.console, federation.paths

@@ -10,6 +10,20 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def libraries_out_of_the_collectors_sight():
+    """The libraries every test process imports, frozen out of the garbage collector (as a run
+    does, ``client.freeze_long_lived_objects``): each full collection, the Trainer's included,
+    then walks what the test made, not all of torch and transformers."""
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    from florist_hf.client import freeze_long_lived_objects
+
+    freeze_long_lived_objects()
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A saved tiny Llama (random weights) + byte tokenizer, built once per test session."""
