@@ -86,7 +86,7 @@ def measure(kind: str, num_clients: int, aggregation: str, tolerance: float, lay
             streamed.add(client, weight)
             seconds += time.perf_counter() - started
             del client
-        kept_ranks = {name: running.sigma.numel() for name, running in streamed.modules.items()}
+        kept_ranks = {name: running.rank_held for name, running in streamed.modules.items()}
         started = time.perf_counter()
         result = streamed.result()
         seconds += time.perf_counter() - started
@@ -182,7 +182,7 @@ def markdown_report(report: dict) -> str:
          f"{machine['load_average_at_end'][0]:.2f} at end. Timed on {setting['layers_timed']} layer(s) "
          f"({2 * setting['layers_timed']} modules); the 7B columns are those × {scale:g} (extrapolated). "
          "Kept: the fp64 factors a method holds between clients, the stacks (stacked, rank Σr_k) or the running "
-         "factors (streaming); kept rank is before the last block."),
+         "factors plus the pending block (streaming), at the end of the round."),
         "",
         ("| updates | K | aggregation | s / module | 7B round (s, extrap.) | × the K=8 step | peak RSS rise (MiB, 7B extrap.) "
          "| peak / (2 × kept + 1 client) | kept rank per module | τ=0.9 rank | energy kept | discarded energy | error bound |"),

@@ -63,6 +63,11 @@ class RunningSVD:
         self.error_bound = 0.0
         self.folds = 0
 
+    @property
+    def rank_held(self) -> int:
+        """Components held now: the kept ones plus the pending block's (what memory is spent on)."""
+        return self.sigma.numel() + self._pending_rank
+
     def add(self, lora_b: torch.Tensor, lora_a: torch.Tensor) -> None:
         """Add ``lora_b @ lora_a`` (m×r times r×n); folded once enough rank is pending."""
         self._pending.append((lora_b.to(COMPUTE_DTYPE), lora_a.to(COMPUTE_DTYPE)))
