@@ -76,6 +76,15 @@ def _human_bytes(count: float) -> str:
     return str(count)
 
 
+#: FLoRIST's decomposition of a round (``federation.aggregation`` and ``streaming_tolerance`` in a recipe).
+AggregationMode = Annotated[
+    str, typer.Option(help="FLoRIST: stacked (all clients at once) or streaming (one client at a time, bounded memory).")
+]
+StreamingTolerance = Annotated[
+    float, typer.Option(help="Streaming: drop components below this fraction of the largest singular value (0: exact).")
+]
+
+
 @app.command()
 @user_errors
 def aggregate(
@@ -87,12 +96,8 @@ def aggregate(
         Optional[str], typer.Option(help="Comma-separated client weights (default: num_samples in client.json, else equal).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
-    aggregation: Annotated[
-        str, typer.Option(help="FLoRIST: stacked (all clients at once) or streaming (one client at a time, bounded memory).")
-    ] = "stacked",
-    streaming_tolerance: Annotated[
-        float, typer.Option(help="Streaming: drop components below this fraction of the largest singular value (0: exact).")
-    ] = 0.0,
+    aggregation: AggregationMode = "stacked",
+    streaming_tolerance: StreamingTolerance = 0.0,
 ) -> None:
     """Aggregate client LoRA adapters into one global PEFT adapter (one server step)."""
     from florist_hf.server import aggregate_adapters
