@@ -268,7 +268,16 @@ class Recipe(Section):
     def fingerprint(self) -> str:
         """A hash of everything that changes the result (not where it is written)."""
         payload = self.model_dump(mode="json", exclude={"output_dir", "evaluation", "hub", "tracking"})
+        # Settings added after runs were recorded count only when set: at their defaults a run
+        # directory made before they existed keeps its fingerprint (and resumes without --force).
+        for key, default in LATER_FEDERATION_DEFAULTS.items():
+            if payload["federation"].get(key) == default:
+                payload["federation"].pop(key)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: federation settings added after run directories were first recorded, with their defaults.
+LATER_FEDERATION_DEFAULTS = {"aggregation": "stacked", "streaming_tolerance": 0.0}
 
 
 def cosine_round_learning_rate(peak: float, minimum: float, round_index: int, rounds: int) -> float:

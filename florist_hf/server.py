@@ -212,11 +212,11 @@ class StreamingServerRound:
         if not self.adapters:
             raise FloristError("no client adapters were folded in; nothing to aggregate")
         started = time.perf_counter()
-        given = None if all(w is None for w in self.given_weights) else self.given_weights
+        if len({weight is None for weight in self.given_weights}) > 1:
+            raise FloristError(f"{self.adapters[0].path}: give every client a weight or none of them")
+        given = None if self.given_weights[0] is None else self.given_weights
         # Validates the sample counts (all recorded, or none) as the stacked path does.
         raw_weights = client_weights(self.adapters, given)
-        if raw_weights != self.round.raw_weights:
-            raise FloristError(f"{self.adapters[0].path}: give every client a weight or none of them")
         wire_dtype = dtype or widest_dtype(adapter.dtype for adapter in self.adapters)
         result = self.round.result(wire_dtype)
         seconds = self.seconds + time.perf_counter() - started

@@ -125,7 +125,10 @@ def sweep_branches(recipe, thresholds: Sequence[float], baselines: Sequence[str]
     root = Path(recipe.output_dir)
 
     def variant(name: str, method: str, threshold: float | None) -> Branch:
-        federation = recipe.federation.model_copy(update={"method": method, **({"threshold": threshold} if threshold else {})})
+        settings = {"method": method, **({"threshold": threshold} if threshold else {})}
+        if method != "florist":  # streaming is FLoRIST's: a baseline branch aggregates stacked
+            settings.update(aggregation="stacked", streaming_tolerance=0.0)
+        federation = recipe.federation.model_copy(update=settings)
         update = {"federation": federation, "output_dir": str(root / name), "name": f"{recipe.name}-{name}"}
         return Branch(name, method, threshold, recipe.model_copy(update=update))
 

@@ -285,6 +285,13 @@ class TestStreaming:
         assert streamed_module(clients, [1.0] * 30, threshold=0.9, tolerance=1e-2).selected_rank == \
             get_method("florist", threshold=0.9).aggregate(clients, [1.0] * 30).modules["layers.0.q_proj"].selected_rank
 
+    def test_a_module_that_stays_zero_over_many_folds_gives_rank_one_of_zeros(self, monkeypatch):
+        monkeypatch.setattr(streaming, "MIN_BLOCK_RANK", 64)  # five rank-16 clients: the last one folds
+        zero = {"layers.0.q_proj": ClientModule(torch.randn(16, N), torch.zeros(M, 16), 2.0)}
+        module = streamed_module([zero] * 5, [1.0] * 5, threshold=0.9)
+        assert module.approximation["folds"] == 1 and module.selected_rank == 1
+        assert float(module.delta_weight.abs().max()) == 0.0 and module.singular_values.tolist() == [0.0]
+
     def test_streaming_options_are_checked_and_recorded(self):
         for bad in ({"aggregation": "online"}, {"aggregation": "streaming", "tolerance": 1.0},
                     {"aggregation": "streaming", "tolerance": -1e-3}):

@@ -678,3 +678,11 @@ def test_a_quorum_above_the_clients_sampled_per_round_is_refused_at_load(tmp_pat
                                  "--set", "federation.min_clients=3"])
     assert result.exit_code == 2 and "more than the 2 clients sampled per round" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_run_directories_recorded_before_streaming_existed_keep_their_recipe_fingerprint():
+    """federation.aggregation and streaming_tolerance count in the fingerprint only when set, so a
+    run recorded before they existed resumes without --force; setting one is a change."""
+    shipped = REPO / "recipes" / "llama32_1b_alpaca_homo.yaml"
+    assert load_recipe(shipped).fingerprint() == "5d27c44f86b72e25"  # as recorded by runs made before them
+    assert load_recipe(shipped, ["federation.aggregation=streaming"]).fingerprint() != "5d27c44f86b72e25"

@@ -313,6 +313,31 @@ def test_streaming_aggregation_folds_replies_as_they_arrive_and_equals_florist_h
     assert [r["total_selected_rank"] for r in round_records(run_dir)] == [r["total_selected_rank"] for r in round_records(reference)]
 
 
+def test_a_streaming_round_leaves_out_a_client_whose_adapter_does_not_match_and_folds_the_others(
+        tmp_path, server_identity, monkeypatch):
+    from florist_hf.flower import make_client_app, protocol, run_flower_federation
+    from florist_hf.flower.server_app import ArrivingReplies
+
+    monkeypatch.setattr(ArrivingReplies, "pull_interval", 0.0)
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=1)
+    recipe = load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}", "federation.aggregation=streaming"])
+    client_app = make_client_app()
+
+    def client_1_drops_a_module(message, context):
+        reply = client_app(message, context)
+        if message.metadata.message_type == protocol.TRAIN and context.node_config["partition-id"] == 1:
+            adapter = reply.content.array_records[protocol.ADAPTER]
+            dropped = sorted(adapter)[0].split(".lora_")[0]
+            for key in [key for key in adapter if key.startswith(dropped + ".lora_")]:
+                del adapter[key]
+        return reply
+
+    run_dir = run_flower_federation(LocalGrid(client_1_drops_a_module, 3, tmp_path / "nodes"), recipe, console=quiet_console())
+    sidecar = json.loads((RunPaths(run_dir).global_dir(1) / "aggregation.json").read_text())
+    assert [client["name"] for client in sidecar["clients"]] == ["client_2", "client_0"]  # client 1 arrived second
+    assert (RunPaths(run_dir).round_dir(1) / "clients" / "client_1.invalid").is_dir()  # kept for inspection
+
+
 # --- deployment: a SuperLink and SuperNodes on loopback, driven by `flwr run` --------------------
 
 

@@ -122,3 +122,15 @@ def test_thresholds_parse_sorted_and_distinct():
     assert parse_thresholds("0.95, 0.8,0.85,0.8") == [0.8, 0.85, 0.95]
     with pytest.raises(FloristError, match="empty"):
         parse_thresholds([])
+
+
+def test_a_streaming_recipe_sweeps_its_thresholds_streaming_and_its_baselines_stacked(tmp_path):
+    from florist_hf.recipe import Recipe
+    from florist_hf.sweep import sweep_branches
+
+    recipe = load_recipe(write_recipe(tmp_path), ["federation.aggregation=streaming", "federation.streaming_tolerance=0.001"])
+    branches = {branch.name: branch.recipe for branch in sweep_branches(recipe, [0.8, 0.9], baselines=["fedit", "flora"])}
+    assert {name: r.federation.aggregation for name, r in branches.items()} == {
+        "tau_0.8": "streaming", "tau_0.9": "streaming", "fedit": "stacked", "flora": "stacked"}
+    for branch in branches.values():  # each branch's recipe.json reads back as a valid recipe
+        assert Recipe.model_validate(json.loads(branch.model_dump_json())) == branch

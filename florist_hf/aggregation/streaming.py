@@ -116,7 +116,8 @@ class RunningSVD:
         self._pending, self._pending_rank = [], 0
         if block_a.shape[0] == 0:  # everything folded so far was zero: a loadable rank-1 adapter of zeros
             m, n = self.shape
-            return torch.zeros(m, 1, dtype=COMPUTE_DTYPE), torch.zeros(1, n, dtype=COMPUTE_DTYPE), self.sigma, 1
+            zero = torch.zeros(1, dtype=COMPUTE_DTYPE)
+            return torch.zeros(m, 1, dtype=COMPUTE_DTYPE), torch.zeros(1, n, dtype=COMPUTE_DTYPE), zero, 1
         ones = torch.ones(block_a.shape[0], dtype=COMPUTE_DTYPE)
         # τ is the share of the whole update's energy, what was dropped included.
         return truncated_product_svd(block_b, block_a, ones, threshold, missing_energy=self.discarded_squares)

@@ -123,6 +123,8 @@ class ArrivingReplies:
 
     #: seconds between pulls while replies are outstanding
     pull_interval = 1.0
+    #: replies asked for per pull: what arrived together is not all held at once
+    pull_batch = 4
 
     def __init__(self, grid: Grid):
         self._grid = grid
@@ -131,15 +133,21 @@ class ArrivingReplies:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        message_ids = set(self._grid.push_messages(messages))
+        message_ids = list(self._grid.push_messages(messages))
+        del messages  # the train messages carry the global adapters: not kept while replies are folded
         deadline = None if timeout is None else time.monotonic() + timeout
         while message_ids:
-            for reply in self._grid.pull_messages(message_ids):
-                message_ids.discard(reply.metadata.reply_to_message_id)
-                yield reply
+            pulled = False
+            for start in range(0, len(message_ids), self.pull_batch):
+                for reply in self._grid.pull_messages(message_ids[start : start + self.pull_batch]):
+                    pulled = True
+                    if reply.metadata.reply_to_message_id in message_ids:
+                        message_ids.remove(reply.metadata.reply_to_message_id)
+                    yield reply
             if not message_ids or (deadline is not None and time.monotonic() >= deadline):
                 return
-            time.sleep(self.pull_interval)
+            if not pulled:
+                time.sleep(self.pull_interval)
 
 
 class FloristStrategy(Strategy):
@@ -331,16 +339,27 @@ class FloristStrategy(Strategy):
         With streaming aggregation each client is accepted and folded in as its reply arrives
         (``ArrivingReplies`` yields them one by one), so the server never holds every client.
         """
+        from florist_hf.engine import retire_directory
+
         streamed = StreamingServerRound(self.method) if self.method.streaming else None
-        trained = []
+        trained, handled = [], set()
 
         def take(client_id) -> None:
+            """Accept a client once its adapter is on disk (and fold it in, when streaming)."""
             plan = self._round.plans.get(client_id)
-            if plan is None or plan in trained or not plan.export_dir.exists() or not self.federation.accept(plan):
+            if plan is None or client_id in handled or not plan.export_dir.exists():
                 return
-            trained.append(plan)
+            handled.add(client_id)
+            if not self.federation.accept(plan):
+                return
             if streamed is not None:
-                streamed.add(plan.export_dir, plan.num_samples)
+                try:  # read and checked before anything is folded: a bad client leaves the others intact
+                    streamed.add(plan.export_dir, plan.num_samples)
+                except FloristError as error:
+                    retire_directory(plan.export_dir, plan.export_dir.with_name(plan.export_dir.name + ".invalid"))
+                    self.console.print(f"  [yellow]client {client_id}: unusable adapter ({error}); left out of round {server_round}[/]")
+                    return
+            trained.append(plan)
 
         retry = []
         for reply in replies:
@@ -355,10 +374,12 @@ class FloristStrategy(Strategy):
                 self._receive(server_round, reply)
                 take(self.node_to_client.get(reply.metadata.src_node_id))
         for plan in self._round.plan.clients:
+            if plan.client_id in handled:
+                continue
             if not plan.export_dir.exists():
                 self.console.print(f"  [yellow]client {plan.client_id}: no adapter this round; left out of round {server_round}[/]")
                 continue
-            take(plan.client_id)  # trained before a restart, or accepted above already (then a no-op)
+            take(plan.client_id)  # trained before a restart
         if streamed is None:  # stacked: in the plan's order, as florist-hf run aggregates
             trained.sort(key=self._round.plan.clients.index)
         self.federation.aggregate(self._round.plan, trained, streamed)
