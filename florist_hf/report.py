@@ -227,7 +227,9 @@ def plot_energy(sidecar: Mapping, threshold: float | None, source: Path, out_pat
         if not module.get("singular_values"):
             continue
         squared = np.asarray(module["singular_values"], dtype=float) ** 2
-        total = squared.sum()
+        # A streaming tolerance's dropped energy counts in the total, as when τ selected the rank.
+        dropped = (module.get("streaming") or {}).get("discarded_energy", 0.0)
+        total = squared.sum() * (1.0 + dropped)
         energy = np.cumsum(squared) / total if total > 0 else np.ones_like(squared)
         short_name = module_position(name, source)[1]
         color = colors.setdefault(short_name, f"C{len(colors) % 10}")
