@@ -67,7 +67,7 @@ def measure(kind: str, num_clients: int, aggregation: str, tolerance: float, lay
     method = get_method("florist", **options)
     # Warm-up (lazy imports, first LAPACK calls) outside the figures.
     warm = [next(client_stream(kind, 1, 1))[0] for _ in range(2)]
-    method.aggregate([{name: module for name, module in client.items()} for client in warm], [1.0, 2.0])
+    method.aggregate(warm, [1.0, 2.0])
     del warm
 
     baseline, _ = reset_peak_rss()
@@ -77,7 +77,7 @@ def measure(kind: str, num_clients: int, aggregation: str, tolerance: float, lay
         started = time.perf_counter()
         result = method.aggregate(list(clients), list(weights))
         seconds = time.perf_counter() - started
-        kept_ranks = {name: sum(CLIENT_RANK for _ in clients) for name in result.modules}
+        kept_ranks = {name: CLIENT_RANK * num_clients for name in result.modules}  # the stacks
         del clients
     else:
         streamed = method.stream()

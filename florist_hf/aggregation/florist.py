@@ -9,7 +9,7 @@ import torch
 from florist_hf.aggregation.base import AggregationMethod, register_method
 from florist_hf.aggregation.linalg import stack_client_factors, truncated_product_svd
 from florist_hf.aggregation.streaming import StreamingFloristRound
-from florist_hf.aggregation.types import AggregationResult, ClientModule, ModuleAggregate
+from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
 #: How the server decomposes a round: every client's factors stacked at once, or folded in one
 #: client at a time into a running SVD (``streaming``, memory bounded by the kept rank).
@@ -48,21 +48,8 @@ class Florist(AggregationMethod):
         """An empty round to fold clients into as they arrive (see ``StreamingFloristRound``)."""
         return StreamingFloristRound(self.threshold, self.tolerance, self.options())
 
-    def aggregate(self, clients, client_weights, result_dtype=None) -> AggregationResult:
-        if not self.streaming:
-            return super().aggregate(clients, client_weights, result_dtype)
-        if not clients:
-            raise ValueError("no clients to aggregate")
-        weights = list(client_weights)
-        if len(weights) != len(clients):
-            raise ValueError("client weights must be one positive finite number per client")
-        streamed = self.stream()
-        for client, weight in zip(clients, weights):
-            streamed.add(client, weight)
-        return streamed.result(result_dtype)
-
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
-        if self.streaming:
+        if self.streaming:  # clients already in memory: folded one after another all the same
             streamed = self.stream()
             for client, weight in zip(clients, client_weights.tolist()):
                 streamed.add({"module": client}, weight)

@@ -146,10 +146,6 @@ class StreamingFloristRound:
         self.modules: dict[str, RunningSVD] = {}
         self.raw_weights: list[float] = []
 
-    @property
-    def num_clients(self) -> int:
-        return len(self.raw_weights)
-
     def add(self, client: Mapping[str, ClientModule], weight: float) -> None:
         weight = float(weight)
         if not (math.isfinite(weight) and weight > 0):
