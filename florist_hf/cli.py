@@ -271,10 +271,19 @@ def export(
     base_model: Annotated[
         Optional[str], typer.Option(help="merged: the base model (default: the adapter's base_model_name_or_path).")
     ] = None,
+    gguf_file: Annotated[
+        Optional[str], typer.Option(help="merged: a GGUF file in --base-model's folder or repository (as model.gguf_file).")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Export a global adapter for a serving engine: one uniform rank, or merged into the base."""
     from florist_hf.export import export_merged, export_uniform
+    from florist_hf.loading import resolve_base
+
+    if gguf_file is not None:
+        if base_model is None:
+            raise FloristError("--gguf-file names a file in --base-model's folder or repository; pass --base-model too")
+        base_model = resolve_base(base_model, gguf_file, key="--base-model", file_key="--gguf-file")
 
     if format_ == "uniform":
         result = export_uniform(source, out, round_to=round_to, max_rank=max_rank, overwrite=force)
@@ -292,7 +301,10 @@ def export(
 @app.command()
 @user_errors
 def evaluate(
-    base: Annotated[str, typer.Option("--base", help="Base model: a Hub id or a local directory.")],
+    base: Annotated[str, typer.Option("--base", help="Base model: a Hub id, a local directory or package:NAME.")],
+    gguf_file: Annotated[
+        Optional[str], typer.Option(help="A GGUF file in --base's folder or repository: the base dequantized from it (as model.gguf_file).")
+    ] = None,
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="The global PEFT adapter directory (omit for the base alone).")] = None,
     tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval tasks.")] = "mmlu",
     num_fewshot: Annotated[int, typer.Option(help="Few-shot examples.")] = 0,
@@ -310,8 +322,10 @@ def evaluate(
 ) -> None:
     """Evaluate a global adapter with lm-evaluation-harness (MMLU by default)."""
     from florist_hf.evaluation import evaluate_adapter, evaluate_paper_mmlu, results_table
-
+    from florist_hf.loading import resolve_base
     from florist_hf.recipe import EvaluationSection
+
+    base = resolve_base(base, gguf_file, revision=revision, key="--base", file_key="--gguf-file")
 
     count_limit = int(limit) if limit is not None and limit >= 1 else limit
     try:
@@ -329,6 +343,32 @@ def evaluate(
     console.print(results_table(results))
     if out is not None:
         console.print(f"results: {out}")
+
+
+@app.command()
+@user_errors
+def answer(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (its output_dir).")],
+    instruction: Annotated[
+        Optional[list[str]], typer.Option("--instruction", help="An instruction to answer (repeatable; default: held-out records).")
+    ] = None,
+    heldout: Annotated[int, typer.Option(help="Without --instruction: this many of the run's held-out test records.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 96,
+) -> None:
+    """The base model's answer beside the global adapter's (greedy), for held-out records or your own instructions."""
+    from rich.markup import escape
+
+    from florist_hf.generation import run_answers
+
+    for index, row in enumerate(run_answers(run_dir, instructions=instruction or (), heldout=heldout,
+                                            max_new_tokens=max_new_tokens), start=1):
+        console.rule(f"[bold]{index}[/]")
+        console.print(f"[bold]instruction[/]    {escape(row['instruction'])}"
+                      + (f"\n[bold]input[/]          {escape(row['input'])}" if row["input"] else ""), highlight=False)
+        if row["reference"]:
+            console.print(f"[bold]reference[/]      {escape(row['reference'])}", highlight=False)
+        console.print(f"[bold]base[/]           {escape(row['base'])}", highlight=False)
+        console.print(f"[bold green]global adapter[/] {escape(row['adapter'])}", highlight=False)
 
 
 @app.command()

@@ -628,6 +628,19 @@ def chat_texts(records: Sequence[Mapping[str, Any]], tokenizer: PreTrainedTokeni
     return prompts, full_texts
 
 
+def prompt_ids(records: Sequence[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase, *,
+               template: str = "alpaca") -> list[list[int]]:
+    """The token ids of each record's prompt, up to where its answer starts, exactly as
+    `tokenize_records` writes them (what a model is asked to continue when it answers)."""
+    if template == "chat":
+        prompts = chat_texts([{**record, "output": record.get("output") or ""} for record in records], tokenizer)[0]
+        prefix = []
+    else:
+        prompts = [format_prompt(record["instruction"], record.get("input", "")) for record in records]
+        prefix = [tokenizer.bos_token_id] if _tokenizer_adds_bos(tokenizer) else []
+    return [prefix + list(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+
 def _tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     # We tokenize without special tokens so that EOS handling is ours for every tokenizer, but keep
     # a BOS where the tokenizer would add one itself (Llama does; FLoRA trained with it).

@@ -41,6 +41,7 @@ from florist_hf.adapters import SIDECAR
 from florist_hf.aggregation import AggregationMethod, get_method
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import append_jsonl, write_json_atomic, write_jsonl_atomic
+from florist_hf.loading import gguf_provenance
 from florist_hf.server import ServerStep, StreamingServerRound, aggregate_adapters, rank_summary, write_published_adapter
 from florist_hf.tiny import TINY_LLAMA_ID, build_tiny_llama
 
@@ -120,11 +121,15 @@ def sample_clients(num_clients: int, clients_per_round: int | float | None, seed
 
 
 def prepare_base_model(recipe, root: Path) -> str:
-    """The base model's path: the recipe's Hub id or directory, or the builtin tiny Llama, built
-    under ``root`` (a run directory, or a Flower client's work directory)."""
-    if recipe.model.name_or_path == TINY_LLAMA_ID:
-        return str(build_tiny_llama(Path(root) / BASE_MODEL_DIR, **recipe.model.tiny))
-    return recipe.model.name_or_path
+    """The base model's path: the recipe's Hub id or directory, the dequantized directory of its
+    GGUF file (`loading.resolve_base`), or the builtin tiny Llama, built under ``root`` (a run
+    directory, or a Flower client's work directory)."""
+    from florist_hf.loading import resolve_base
+
+    model = recipe.model
+    if model.name_or_path == TINY_LLAMA_ID:
+        return str(build_tiny_llama(Path(root) / BASE_MODEL_DIR, **model.tiny))
+    return resolve_base(model.name_or_path, model.gguf_file, dtype=model.dtype, revision=model.revision)
 
 
 def retire_directory(path: Path, new_path: Path) -> None:
@@ -651,6 +656,8 @@ class Federation:
             "client_ranks": [recipe.client_rank(k) for k in range(federation.num_clients)],
             "client_samples": list(client_sizes),
             "base_model": self.base_path,
+            # A base dequantized from a GGUF file: which file (its source, name and content hash).
+            "base_gguf": gguf_provenance(self.base_path),
             # Hub dataset ids only (for the model card); local files and builtin data are not linkable.
             "datasets": [] if data_source.startswith("builtin:") or Path(data_source).exists() else [data_source],
             "data_source": data_source,

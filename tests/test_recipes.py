@@ -34,6 +34,14 @@ ALL_ROUNDS = {"llama32_1b_dolly_heter", "tiny_cpu_demo"}
 runner = CliRunner()
 
 
+def real_gguf_folder(name: str) -> Path:
+    from florist_hf.loading import package_folder
+
+    if name.startswith("package:"):
+        return package_folder(name)
+    return Path(name)
+
+
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     """Builds (once per module) the stand-in base and the dataset copy a recipe names."""
@@ -58,7 +66,10 @@ def conformance_overrides(recipe_file: Path, out_dir: Path, stand_ins) -> list[s
     recipe = load_recipe(recipe_file)
     overrides = [f"output_dir={out_dir}"]
     model, data = recipe.model.name_or_path, recipe.data.source
-    if not model.startswith("builtin:"):
+    if recipe.model.gguf_file:
+        # A GGUF base is the real model itself (SmolLM2 from its PyPI package, a test dependency).
+        assert (real_gguf_folder(model) / recipe.model.gguf_file).is_file(), f"{recipe_file.name}: {model} lacks its GGUF file"
+    elif not model.startswith("builtin:"):
         assert model in PAPER_BASES, f"{recipe_file.name}: no stand-in for base {model}; add its config to PAPER_BASES"
         overrides.append(f"model.name_or_path={base(model)}")
     if not data.startswith("builtin:"):
@@ -74,7 +85,8 @@ def conformance_overrides(recipe_file: Path, out_dir: Path, stand_ins) -> list[s
         "training.per_device_train_batch_size=2",
         "training.gradient_accumulation_steps=1",
         "data.max_samples_per_client=4",
-        "data.cutoff_len=64",
+        # A chat template's system turn alone takes ~30 tokens: room for some of the answer.
+        f"data.cutoff_len={128 if recipe.data.template == 'chat' else 64}",
         f"data.holdout_per_label={min(recipe.data.holdout_per_label, 1)}",
         "evaluation=null",  # lm-eval's MMLU needs a download; evaluation has its own offline tests
     ]
@@ -115,8 +127,7 @@ def test_shipped_recipe_runs_end_to_end_and_publishes_a_peft_adapter(recipe_file
     round_updates = [delta_weights(run_dir / "rounds" / str(round_index) / "global") for round_index in rounds_used]
     expected = {name: sum(update[name] for update in round_updates) for name in round_updates[0]}
 
-    base_path = run_dir / "base_model" if recipe.model.name_or_path.startswith("builtin:") else recipe.model.name_or_path
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(summary["base_model"], dtype=torch.float32)
     model = PeftModel.from_pretrained(base, run_dir / "global_adapter")
     layers = lora_layers(model)
     assert set(layers) == set(expected)
@@ -145,7 +156,7 @@ def test_every_paper_base_has_a_faithful_stand_in(stand_ins):
 def test_recipes_name_only_bases_and_datasets_that_have_stand_ins():
     for recipe_file in RECIPES:
         recipe = load_recipe(recipe_file)
-        assert recipe.model.name_or_path.startswith("builtin:") or recipe.model.name_or_path in PAPER_BASES
+        assert recipe.model.name_or_path.startswith("builtin:") or recipe.model.name_or_path in PAPER_BASES or recipe.model.gguf_file
         assert recipe.data.source.startswith("builtin:") or recipe.data.source in HUB_FIXTURES
 
 

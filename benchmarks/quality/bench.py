@@ -19,10 +19,13 @@ def split_key(split_settings: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def grid(seeds, settings, baselines, thresholds, centralised: bool = True):
+def grid(seeds, settings, baselines, thresholds, centralised: bool = True, recipe_set: str = "tiny"):
     """Every run, seed-major so that a partial result already covers whole seeds."""
+    import functools
+
     from benchmarks.quality.runner import RunSpec
 
+    RunSpec = functools.partial(RunSpec, recipe_set=recipe_set)  # noqa: N806 - the class, bound to one base
     specs = []
     for seed in seeds:
         for setting in settings:
@@ -166,6 +169,7 @@ def run_benchmark(
     plots: bool = True,
     workers: int = 2,
     threads: int | None = None,
+    base: str = "tiny",
     log=print,
 ) -> dict:
     """Run the whole benchmark; returns (and writes) the results."""
@@ -182,14 +186,14 @@ def run_benchmark(
             out_dir=out_dir, cache=cache, seeds=seeds, settings=settings, baselines=baselines, thresholds=thresholds,
             centralised=centralised, model_settings=model_settings, pretrain_settings=pretrain_settings, vocab_size=vocab_size,
             split_settings=split_settings, extra_overrides=extra_overrides, share_first_round=share_first_round, plots=plots,
-            workers=workers, threads=threads, log=log,
+            workers=workers, threads=threads, base=base, log=log,
         )
     finally:
         torch.set_num_threads(caller_threads)
 
 
 def _run_benchmark(*, out_dir, cache, seeds, settings, baselines, thresholds, centralised, model_settings, pretrain_settings,
-                   vocab_size, split_settings, extra_overrides, share_first_round, plots, workers, threads, log) -> dict:
+                   vocab_size, split_settings, extra_overrides, share_first_round, plots, workers, threads, base, log) -> dict:
     from benchmarks.quality.base import ensure_base
     from benchmarks.quality.data import build_split, load_client_eval
     from benchmarks.quality.report import aggregate, write_markdown, write_plots
@@ -199,19 +203,35 @@ def _run_benchmark(*, out_dir, cache, seeds, settings, baselines, thresholds, ce
     started = time.perf_counter()
     load_start = os.getloadavg()
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    base_dir, pretrain_summary = ensure_base(cache, vocab_size=vocab_size, model_settings=model_settings, settings=pretrain_settings, log=log)
+    real = base != "tiny"
+    if real:  # the real model: dequantized once from its GGUF file, the paper's own split sampled
+        from benchmarks.quality.data import build_paper_split
+        from florist_hf.loading import gguf_provenance, resolve_base
+
+        base_dir = Path(resolve_base(config.REAL_BASE, config.REAL_GGUF))
+        pretrain_summary = {"gguf": gguf_provenance(base_dir)}
+        extra_overrides = (*config.REAL_OVERRIDES, *extra_overrides)
+        split_settings = {"total_train": config.REAL_TOTAL_TRAIN, "min_client_train": config.REAL_MIN_CLIENT_TRAIN,
+                          "client_eval": config.REAL_CLIENT_EVAL, **(split_settings or {})}
+        make_split = lambda split_dir, seed: build_paper_split(split_dir, seed, **split_settings)  # noqa: E731
+        num_clients = config.NUM_CLIENTS
+    else:
+        base_dir, pretrain_summary = ensure_base(cache, vocab_size=vocab_size, model_settings=model_settings, settings=pretrain_settings, log=log)
+        split_settings = {
+            "num_clients": config.NUM_CLIENTS, "alpha": config.DIRICHLET_ALPHA, "test_per_category": config.TEST_PER_CATEGORY,
+            "total_train": config.TOTAL_TRAIN_RECORDS, "min_client_train": config.MIN_CLIENT_TRAIN,
+            "client_eval": config.CLIENT_EVAL_RECORDS, **(split_settings or {}),
+        }
+        make_split = lambda split_dir, seed: build_split(split_dir, seed, **split_settings)  # noqa: E731
+        num_clients = split_settings["num_clients"]
     pretrain_seconds = time.perf_counter() - started
-    split_settings = {
-        "num_clients": config.NUM_CLIENTS, "alpha": config.DIRICHLET_ALPHA, "test_per_category": config.TEST_PER_CATEGORY,
-        "total_train": config.TOTAL_TRAIN_RECORDS, "min_client_train": config.MIN_CLIENT_TRAIN,
-        "client_eval": config.CLIENT_EVAL_RECORDS, **(split_settings or {}),
-    }
-    runs_root = cache / "runs"
+    runs_root = cache / ("runs" if not real else f"runs-{base}")
     results_file = out_dir / "results.json"
-    specs = grid(seeds, settings, baselines, thresholds, centralised)
+    specs = grid(seeds, settings, baselines, thresholds, centralised, recipe_set=base)
     results: dict = {
         "format": "florist-hf/quality-benchmark", "version": 1, "date": date, "machine": machine(),
-        "command": "python -m benchmarks.quality", "base_model": {"path": str(base_dir), **pretrain_summary},
+        "command": "python -m benchmarks.quality" + (f" --base {base}" if real else ""),
+        "base_model": {"path": str(base_dir), "name": base, **pretrain_summary},
         "finetune_categories": list(config.FINETUNE_CATEGORIES), "split_settings": split_settings,
         "seeds": list(seeds), "share_first_round": share_first_round, "extra_overrides": list(extra_overrides),
         "splits": {}, "references": [], "runs": [],
@@ -220,14 +240,15 @@ def _run_benchmark(*, out_dir, cache, seeds, settings, baselines, thresholds, ce
     # Data and the lower reference (the untouched base) per seed.
     splits, client_eval = {}, {}
     for seed in seeds:
-        split_dir = cache / "data" / f"seed_{seed}-{split_key(split_settings)}"
-        results["splits"][str(seed)] = build_split(split_dir, seed, **split_settings)
+        split_dir = cache / "data" / f"seed_{seed}-{split_key({**split_settings, 'base': base})}"
+        results["splits"][str(seed)] = make_split(split_dir, seed)
         splits[seed], client_eval[seed] = split_dir, load_client_eval(split_dir)
-        recipe = load_recipe(config.RECIPES / "homo.yaml", [f"model.name_or_path={base_dir}", f"data.source={split_dir}", *extra_overrides])
+        recipe = load_recipe(config.RECIPE_SETS[base]["homo"], [f"model.name_or_path={base_dir}", "model.gguf_file=null",
+                                                                f"data.source={split_dir}", *extra_overrides])
         from benchmarks.quality.runner import test_loss
         from florist_hf.data import load_flora_layout
 
-        _, test_records = load_flora_layout(split_dir, split_settings["num_clients"])
+        _, test_records = load_flora_layout(split_dir, num_clients)
         tic = time.perf_counter()
         base_test = test_loss(base_dir, recipe, test_records, cache / "eval_work")
         base_clients = client_losses(base_dir, None, recipe, client_eval[seed], cache / "eval_work")
@@ -322,7 +343,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--baselines", default=",".join(config.BASELINES), help="baseline methods")
     parser.add_argument("--settings", default=",".join(config.SETTINGS), help="homo,heter")
     parser.add_argument("--no-centralised", action="store_true", help="skip the centralised LoRA reference")
-    parser.add_argument("--out", type=Path, default=config.HERE, help="where results.json, results.md and plots go")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where results.json, results.md and plots go (default: benchmarks/quality/, or "
+                             "benchmarks/quality/<base>/ for a real base)")
     parser.add_argument("--cache", type=Path, default=config.CACHE, help="base model, splits and run directories")
     parser.add_argument("--no-share-first-round", action="store_true",
                         help="train round 1 of every run from scratch instead of reusing an identical one")
@@ -333,9 +356,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite results.md and the plots from OUT/results.json (and the run directories) without running")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long version: tiny model, one seed, two methods")
+    parser.add_argument("--base", choices=sorted(config.RECIPE_SETS), default="tiny",
+                        help="tiny: the 4M Llama pre-trained here (default); smollm2: the real SmolLM2-135M-Instruct "
+                             "from its GGUF file, on the paper's own Dolly split, through the shipped smollm2 recipes")
+    parser.add_argument("--mmlu", action="store_true",
+                        help="also the paper's 1,444-question MMLU protocol on the first seed's base, FLoRA, FedIT and "
+                             "FLoRIST-O/E of the last setting (see --mmlu-limit)")
+    parser.add_argument("--mmlu-limit", type=float, default=None, help="MMLU questions (a count, or a fraction < 1)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.out is None:
+        args.out = config.HERE if args.base == "tiny" else config.HERE / args.base
     if args.report_only:
         return rewrite_report(args.out)
     numbers = lambda text, kind: tuple(kind(part) for part in text.split(",") if part.strip())
@@ -348,7 +380,12 @@ def main(argv: list[str] | None = None) -> dict:
     options.setdefault("workers", args.workers)
     options.setdefault("threads", args.threads)
     options["extra_overrides"] = tuple(options.get("extra_overrides", ())) + tuple(args.overrides)
-    return run_benchmark(
+    results = run_benchmark(
         out_dir=args.out, cache=args.cache, centralised=not args.no_centralised,
-        share_first_round=not args.no_share_first_round, **options,
+        share_first_round=not args.no_share_first_round, base=args.base, **options,
     )
+    if args.mmlu:
+        from benchmarks.quality.mmlu import run_paper_mmlu
+
+        results = run_paper_mmlu(results, out_dir=args.out, limit=args.mmlu_limit)
+    return results

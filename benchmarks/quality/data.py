@@ -98,3 +98,38 @@ def build_split(
 def load_client_eval(out_dir: Path) -> list[list[dict]]:
     """Each client's own held-out records (canonical records, as written by `build_split`)."""
     return json.loads((out_dir / "client_eval.json").read_text())
+
+
+def build_paper_split(out_dir: Path, seed: int, *, source: Path = config.SHARED_DOLLY, total_train: int = config.REAL_TOTAL_TRAIN,
+                      min_client_train: int = config.REAL_MIN_CLIENT_TRAIN, client_eval: int = config.REAL_CLIENT_EVAL) -> dict:
+    """One seed's sample of the paper's own 8-client Dolly split, for the real-model benchmark.
+
+    The clients keep the paper's shards (Dirichlet(0.5) over all eight categories) and its test file
+    (10 records per category); each trains on a seeded random sample of its shard proportional to
+    the shard's size (``total_train`` in all, at least ``min_client_train``), so client sizes stay
+    skewed as in the paper, and ``client_eval`` further records of its shard are its own held-out
+    slice. Same files as `build_split`.
+    """
+    split_file = out_dir / "split.json"
+    if split_file.exists():
+        return json.loads(split_file.read_text())
+    shards, test = load_flora_layout(source.parent, int(source.name), format="dolly")
+    state = np.random.RandomState(seed)
+    sizes = client_train_sizes([len(s) for s in shards], total_train, min_client_train, [len(s) - client_eval for s in shards])
+    client_train, client_heldout = [], []
+    for shard, size in zip(shards, sizes):
+        chosen = state.permutation(len(shard))
+        client_train.append([shard[i] for i in chosen[:size]])
+        client_heldout.append([shard[i] for i in chosen[size: size + client_eval]])
+    save_flora_layout(out_dir, client_train, test)
+    save_flora_layout(out_dir, [[r for part in client_train for r in part]], test)
+    (out_dir / "client_eval.json").write_text(json.dumps(client_heldout, ensure_ascii=False))
+    categories = sorted({r["label"] for r in test})
+    description = {
+        "seed": seed, "source": "the paper's 8-client Dolly split", "categories": categories, "test_records": len(test),
+        "paper_shard_sizes": [len(s) for s in shards], "client_train_sizes": sizes,
+        "client_eval_sizes": [len(h) for h in client_heldout],
+        "client_category_counts": [{c: sum(r["label"] == c for r in part) for c in categories} for part in client_train],
+    }
+    split_file.write_text(json.dumps(description, indent=1))
+    return description

@@ -124,8 +124,37 @@ def write_markdown(results: dict, path: Path) -> Path:
     rows = results["summary"]
     runs = results["runs"]
     any_run = next((r for r in runs if r["setting"] == "homo"), runs[0] if runs else None)
-    base_note = "from the cache" if t.get("base_model_cached") else f"pre-trained in {b['seconds'] / 60:.1f} min"
     heter_ranks = next((r["client_ranks"] for r in runs if r["setting"] == "heter"), None)
+    if b.get("gguf"):  # the real pretrained base and the paper's own split
+        gguf = b["gguf"]
+        base_note = f"dequantized from its GGUF file in {t.get('base_model_seconds', 0):.0f} s (or read from the cache)"
+        base_text = (
+            f"**Base model**: SmolLM2-135M-Instruct, a real pretrained model (30 layers × 576, GQA 9/3 heads, tied embeddings, "
+            f"49,152-token BPE): `{gguf['gguf_file']}` from `{gguf['source']}` (sha256 {gguf['sha256'][:16]}…), dequantized "
+            f"to {gguf['dtype']} by transformers {gguf['transformers']}."
+        )
+        data_text = (
+            f"**Fine-tuning data**: the paper's own 8-client Dolly split (Dirichlet(0.5) over all eight categories) and its "
+            f"80 test records (10 per category); per seed each client trains on a random sample of its paper shard, "
+            f"{s['total_train']} records in all (proportional to the shard sizes, ≥ {s['min_client_train']}), and "
+            f"{s['client_eval']} further records of its shard are its held-out slice. Chat template, loss on the answer only. "
+            f"Seeds {', '.join(map(str, results['seeds']))} (each seed: its own sample, LoRA init and client seeds)."
+        )
+    else:
+        base_note = "from the cache" if t.get("base_model_cached") else f"pre-trained in {b['seconds'] / 60:.1f} min"
+        base_text = (
+            f"**Base model**: Llama {b['model']['num_hidden_layers']}×{b['model']['hidden_size']}, {b['parameters'] / 1e6:.2f}M parameters, "
+            f"{b['vocab_size']}-token byte-level BPE trained here; pre-trained on {b['train_records']} Dolly records of "
+            f"{', '.join(b['categories'])} ({b['tokens_seen'] / 1e6:.2f}M tokens, {b['epochs']:.2f} epochs): held-out loss "
+            f"{b['validation_loss_init']:.3f} → {b['validation_loss_final']:.3f}."
+        )
+        data_text = (
+            f"**Fine-tuning data**: Dolly {', '.join(results['finetune_categories'])} (never seen in pre-training); per seed, "
+            f"{s['test_per_category']} test records per category, Dirichlet({s['alpha']}) over category to {s['num_clients']} "
+            f"clients, {s['total_train']} training records in all (client sizes proportional to the Dirichlet shards, "
+            f"≥ {s['min_client_train']}), {s['client_eval']} further records of each client's own shard as its held-out slice. "
+            f"Seeds {', '.join(map(str, results['seeds']))} (each seed: its own split, LoRA init and client seeds)."
+        )
     text = [
         "# Quality benchmark results",
         "",
@@ -138,16 +167,9 @@ def write_markdown(results: dict, path: Path) -> Path:
         f"load average {', '.join(f'{x:.1f}' for x in t.get('load_average_start', []))} at start, "
         f"{', '.join(f'{x:.1f}' for x in t.get('load_average_end', []))} at end — the machine was shared).",
         "",
-        f"**Base model**: Llama {b['model']['num_hidden_layers']}×{b['model']['hidden_size']}, {b['parameters'] / 1e6:.2f}M parameters, "
-        f"{b['vocab_size']}-token byte-level BPE trained here; pre-trained on {b['train_records']} Dolly records of "
-        f"{', '.join(b['categories'])} ({b['tokens_seen'] / 1e6:.2f}M tokens, {b['epochs']:.2f} epochs): held-out loss "
-        f"{b['validation_loss_init']:.3f} → {b['validation_loss_final']:.3f}.",
+        base_text,
         "",
-        f"**Fine-tuning data**: Dolly {', '.join(results['finetune_categories'])} (never seen in pre-training); per seed, "
-        f"{s['test_per_category']} test records per category, Dirichlet({s['alpha']}) over category to {s['num_clients']} "
-        f"clients, {s['total_train']} training records in all (client sizes proportional to the Dirichlet shards, "
-        f"≥ {s['min_client_train']}), {s['client_eval']} further records of each client's own shard as its held-out slice. "
-        f"Seeds {', '.join(map(str, results['seeds']))} (each seed: its own split, LoRA init and client seeds).",
+        data_text,
         "",
     ]
     if any_run:

@@ -27,6 +27,8 @@ class RunSpec:
     seed: int
     threshold: float | None = None
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    #: Which base and recipes (`config.RECIPE_SETS`): the pre-trained tiny Llama, or the real SmolLM2.
+    recipe_set: str = "tiny"
 
     @property
     def label(self) -> str:
@@ -43,7 +45,12 @@ class RunSpec:
 
     @property
     def recipe_file(self) -> Path:
-        return config.RECIPES / f"{self.setting}.yaml"
+        return config.RECIPE_SETS[self.recipe_set][self.setting]
+
+    def base_reference(self, base_dir: Path) -> str:
+        """What ``model.name_or_path`` is set to: the tiny base's directory, or the real recipes'
+        own GGUF package (so each run goes through the GGUF path a user's does)."""
+        return str(base_dir) if self.recipe_set == "tiny" else config.REAL_BASE
 
     @property
     def merges_into_base(self) -> bool:
@@ -152,7 +159,7 @@ def summarize_metrics(run_dir: Path) -> dict:
 
 def run_overrides(spec: RunSpec, *, base_dir: Path, split_dir: Path, run_dir: Path, extra_overrides: tuple[str, ...] = ()) -> list[str]:
     return [
-        f"model.name_or_path={base_dir}",
+        f"model.name_or_path={spec.base_reference(base_dir)}",
         f"data.source={split_dir}",
         f"federation.seed={spec.seed}",
         f"output_dir={run_dir}",
