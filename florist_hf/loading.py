@@ -286,12 +286,21 @@ def package_folder(name: str, *, key: str = "model.name_or_path") -> Path:
     return Path(locations[0])
 
 
+#: sha256 of the GGUF files read in this process, by (path, size, mtime): a 7B file takes seconds to
+#: hash, and a Flower client resolves its base every round.
+_DIGESTS: dict[tuple, str] = {}
+
+
 def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def _locate_gguf(name: str, gguf_file: str, *, revision: str | None, key: str, file_key: str) -> Path:
