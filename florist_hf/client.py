@@ -330,14 +330,16 @@ class BaseModelCache:
         self.key: tuple | None = None
         self.model = None
 
-    def get(self, model_path: str, *, dtype: str, revision=None, trust_remote_code=False, quantization=None):
+    def get(self, model_path: str, *, dtype: str, revision=None, trust_remote_code=False, quantization=None,
+            attn_implementation=None):
         from florist_hf.loading import load_causal_lm
 
-        key = (model_path, dtype, revision, trust_remote_code, None if quantization is None else quantization.model_dump_json())
+        key = (model_path, dtype, revision, trust_remote_code, None if quantization is None else quantization.model_dump_json(),
+               attn_implementation)
         if self.key != key:
             self.clear()
             self.model = load_causal_lm(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
-                                        quantization=quantization)
+                                        quantization=quantization, attn_implementation=attn_implementation)
             self.key = key
         return self.model
 
@@ -369,7 +371,8 @@ class BaseModelCache:
 
 def load_base(model_path: str, *, base_cache: BaseModelCache | None, **load_options):
     """The base model: the cached one (``base_cache``; release it afterwards), else a fresh load.
-    ``load_options`` are `loading.load_causal_lm`'s (dtype, revision, trust_remote_code, quantization)."""
+    ``load_options`` are `loading.load_causal_lm`'s (dtype, revision, trust_remote_code, quantization,
+    attn_implementation)."""
     from florist_hf.loading import load_causal_lm
 
     if base_cache is not None:
@@ -379,14 +382,14 @@ def load_base(model_path: str, *, base_cache: BaseModelCache | None, **load_opti
 
 def build_lora_model(model_path: str, *, rank: int, alpha: float, target_modules, dropout: float,
                      use_rslora: bool, dtype: str = "float32", seed: int = 0, revision=None, trust_remote_code=False,
-                     base_cache: BaseModelCache | None = None, quantization=None):
+                     base_cache: BaseModelCache | None = None, quantization=None, attn_implementation=None):
     """The base model with a fresh PEFT LoRA at ``rank``; the LoRA init is seeded. With
     ``base_cache`` the base comes from it (loaded once); release it after the client. With
     ``quantization`` the base is loaded in 4 or 8 bit and prepared for QLoRA training."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = load_base(model_path, base_cache=base_cache, dtype=dtype, revision=revision,
-                      trust_remote_code=trust_remote_code, quantization=quantization)
+                      trust_remote_code=trust_remote_code, quantization=quantization, attn_implementation=attn_implementation)
     if quantization is not None:
         # Norms and other float weights in fp32, base frozen; the Trainer does gradient checkpointing if asked.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -417,12 +420,72 @@ TRAINING_DEFAULTS = {
 }
 
 
-def build_client_trainer(model, tokenizer, train_dataset, *, training: dict, work_dir: Path, seed: int, callbacks=()):
-    """A stock Trainer for one client round; any TrainingArguments field comes from ``training``."""
+#: Attention implementations that keep the records of a padding-free row apart from its
+#: ``position_ids`` alone (transformers 5 builds the block-diagonal mask from them for sdpa, eager
+#: and flex; FlashAttention reads the sequence boundaries from them).
+PACKED_ATTENTION = frozenset({"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"})
+_FALLBACKS_SAID: set[tuple] = set()
+
+
+def padding_free_unsupported(model) -> str | None:
+    """Why ``model`` cannot train on padding-free batches, or None when it can."""
+    import inspect
+    import sys
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    implementation = getattr(base.config, "_attn_implementation", None)
+    if implementation not in PACKED_ATTENTION:
+        return f"its attention implementation {implementation!r} does not read packed positions"
+    module = sys.modules.get(type(base).__module__)
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        source = ""
+    if "create_causal_mask(" not in source and not implementation.startswith("flash_attention"):
+        # Architectures of transformers' own mask builder keep packed records apart; others may not.
+        return f"{type(base).__name__} builds its attention mask without transformers' create_causal_mask"
+    return None
+
+
+def client_batching(requested: str, model, console=None, training: dict | None = None) -> str:
+    """The batch layout a client trains with: ``requested``, or padded (said once per model kind)
+    where padding-free batches would let records attend to each other."""
+    if requested != "padding_free":
+        return requested
+    reason = padding_free_unsupported(model)
+    if reason is None and (training or {}).get("use_cache"):
+        # With a KV cache transformers reads the positions as a continuation, not as packed records.
+        reason = "training.use_cache is set"
+    if reason is None:
+        return "padding_free"
+    said = (type(model).__name__, reason)
+    if console is not None and said not in _FALLBACKS_SAID:
+        _FALLBACKS_SAID.add(said)
+        console.print(f"  data.batching: padding_free is not possible here ({reason}); batches are padded")
+    return "padded"
+
+
+def check_training_backends(training: dict) -> None:
+    """One line for a TrainingArguments speed option whose package or device is missing."""
+    import importlib.util
+
+    if training.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+        raise FloristError("training.use_liger_kernel needs the liger-kernel package: pip install liger-kernel "
+                           "(its kernels run on a CUDA GPU), or remove the setting")
+    if training.get("torch_compile") and torch.cuda.is_available() and importlib.util.find_spec("triton") is None:
+        raise FloristError("training.torch_compile on a GPU needs triton (it comes with PyTorch's CUDA builds): "
+                           "pip install triton, or remove the setting")
+
+
+def build_client_trainer(model, tokenizer, train_dataset, *, training: dict, work_dir: Path, seed: int, callbacks=(),
+                         batching: str = "padded"):
+    """A stock Trainer for one client round; any TrainingArguments field comes from ``training``;
+    ``batching`` is the batch layout (`data.make_collator`)."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from florist_hf.data import make_collator
 
+    check_training_backends(training)
     training = dict(training)
     if "save_steps" in training and "save_strategy" not in training:
         # save_steps alone means "checkpoint the client round every N steps" (for resuming it);
@@ -444,7 +507,7 @@ def build_client_trainer(model, tokenizer, train_dataset, *, training: dict, wor
         model=model,
         args=args,
         train_dataset=train_dataset,
-        data_collator=make_collator(tokenizer),
+        data_collator=make_collator(tokenizer, batching),
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
@@ -526,13 +589,14 @@ def run_client_round(recipe, plan: ClientRound, base_path: str, tokenizer, datas
         base_path, rank=plan.rank, alpha=recipe.client_alpha(plan.client_id), target_modules=recipe.lora.target_modules,
         dropout=recipe.lora.dropout, use_rslora=recipe.lora.use_rslora, dtype=recipe.model.dtype, seed=seed,
         revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, base_cache=base_cache,
-        quantization=recipe.model.quantization,
+        quantization=recipe.model.quantization, attn_implementation=recipe.model.attn_implementation,
     )
     federated = FederatedCallback(plan)
     training = recipe.client_training_arguments(plan.client_id, plan.round, TRAINING_DEFAULTS["learning_rate"])
     trainer = build_client_trainer(
         model, tokenizer, dataset, training=training, work_dir=work_dir, seed=seed,
         callbacks=[federated, ConsoleProgressCallback(console, f"round {plan.round} client {plan.client_id}"), *callbacks],
+        batching=client_batching(recipe.data.batching, model, console, training),
     )
     checkpoint = last_complete_checkpoint(work_dir)
     if checkpoint is not None:

@@ -697,14 +697,23 @@ def tokenize_records(
     return datasets.Dataset.from_dict(columns)
 
 
-def make_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
-    """Dynamic padding (to a multiple of 8) with labels padded by IGNORE_INDEX.
+def make_collator(tokenizer: PreTrainedTokenizerBase, batching: str = "padded"):
+    """The batches of `tokenize_records`' rows, labels masked as they are.
 
-    A tokenizer without a pad token (Llama) gets its EOS as pad token: padded positions have
+    ``padded``: dynamic padding (to a multiple of 8) with labels padded by IGNORE_INDEX. A
+    tokenizer without a pad token (Llama) gets its EOS as pad token: padded positions have
     attention 0 and label IGNORE_INDEX, so the choice does not change the loss.
-    """
-    from transformers import DataCollatorForSeq2Seq
 
+    ``padding_free``: the batch's records concatenated into one row with ``position_ids``
+    restarting at 0 for each record and no attention mask, from which transformers' attention
+    (sdpa, eager, flex, FlashAttention) keeps the records apart. Each record's first label becomes
+    IGNORE_INDEX, which is the one a padded row never predicts either (the causal shift drops it),
+    so the trained tokens, and with them the loss and the Trainer's token count, are the same.
+    """
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if batching == "padding_free":
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise FloristError("the tokenizer has neither a pad_token nor an eos_token; set a pad_token")

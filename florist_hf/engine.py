@@ -42,6 +42,7 @@ from florist_hf.aggregation import AggregationMethod, get_method
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import append_jsonl, write_json_atomic, write_jsonl_atomic
 from florist_hf.loading import gguf_provenance
+from florist_hf.recipe import SPEED_ONLY
 from florist_hf.server import ServerStep, StreamingServerRound, aggregate_adapters, rank_summary, write_published_adapter
 from florist_hf.tiny import TINY_LLAMA_ID, build_tiny_llama
 
@@ -160,11 +161,15 @@ def client_training_view(recipe) -> dict:
     """Everything in a recipe that changes what a client trains, flattened to dotted keys.
 
     Left out: where and how results are written and evaluated, the server's aggregation settings
-    (τ, min_clients, stacked or streaming), and the number of rounds unless the learning rate is scheduled over rounds.
+    (τ, min_clients, stacked or streaming), the settings of speed alone (`recipe.SPEED_ONLY`: the
+    batch layout, the attention implementation), and the number of rounds unless the learning rate is scheduled over rounds.
     The method counts only by what it asks of clients: to train on the merged global updates or
     to continue the global factors, and whether lora_A is frozen.
     """
     payload = recipe.model_dump(mode="json", exclude={"name", "output_dir", "evaluation", "hub", "tracking"})
+    for section, keys in SPEED_ONLY.items():
+        for key in keys:
+            payload[section].pop(key, None)
     federation = payload.pop("federation")
     method = method_of(recipe)
     federation["client_role"] = {"merges_into_base": method.merges_into_base, "freeze_lora_a": method.name == "ffa"}

@@ -396,7 +396,8 @@ def results_table(results: Mapping[str, Any], title: str | None = None):
 
 
 def load_global_model(base_path: str, global_dirs: Sequence[Path], merges_into_base: bool, *, dtype: str = "float32",
-                      revision: str | None = None, trust_remote_code: bool = False, base_cache=None, quantization=None):
+                      revision: str | None = None, trust_remote_code: bool = False, base_cache=None, quantization=None,
+                      attn_implementation: str | None = None):
     """The global model a federation holds after the rounds whose global adapters are
     ``global_dirs`` (oldest first): for merge-style methods the base plus every round's update
     exactly as the clients hold it (`client.attach_global_updates`), else the base with the last
@@ -407,7 +408,7 @@ def load_global_model(base_path: str, global_dirs: Sequence[Path], merges_into_b
     from florist_hf.client import attach_global_updates, load_base
 
     model = load_base(base_path, base_cache=base_cache, dtype=dtype, revision=revision,
-                      trust_remote_code=trust_remote_code, quantization=quantization)
+                      trust_remote_code=trust_remote_code, quantization=quantization, attn_implementation=attn_implementation)
     if merges_into_base:
         attach_global_updates(model, list(global_dirs))
         return model
@@ -434,11 +435,13 @@ def heldout_loss(model, tokenizer, records, recipe, work_dir: Path) -> float | N
     dataset = dataset.select([index for index, labels in enumerate(dataset["labels"]) if any(label != IGNORE_INDEX for label in labels)])
     if len(dataset) == 0:
         return None
+    # One record per batch, unpadded: a single record's positions run 0..n-1, which every
+    # attention implementation reads (no packed records to keep apart), and no pad is computed.
+    collate = make_collator(tokenizer, "padding_free")
     if getattr(model, "hf_quantizer", None) is not None:
         # The Trainer refuses a quantized model without a trainable adapter (a QLoRA base with the
         # global updates held beside it): the same mean of per-record losses, in this process.
         device = next(model.parameters()).device
-        collate = make_collator(tokenizer)
         with torch.no_grad():
             losses = [float(model(**{key: value.to(device) for key, value in collate([row]).items()}).loss) for row in dataset]
         return sum(losses) / len(losses)
@@ -446,7 +449,7 @@ def heldout_loss(model, tokenizer, records, recipe, work_dir: Path) -> float | N
         output_dir=str(work_dir), per_device_eval_batch_size=1, report_to="none", disable_tqdm=True,
         remove_unused_columns=False, dataloader_pin_memory=torch.cuda.is_available(),
     )
-    trainer = Trainer(model=model, args=args, eval_dataset=dataset, data_collator=make_collator(tokenizer), processing_class=tokenizer)
+    trainer = Trainer(model=model, args=args, eval_dataset=dataset, data_collator=collate, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
     return float(trainer.evaluate()["eval_loss"])
 
@@ -461,6 +464,7 @@ def global_heldout_loss(recipe, base_path: str, global_dirs: Sequence[Path], mer
         base_path, global_dirs, merges_into_base, dtype=recipe.model.dtype, revision=recipe.model.revision,
         trust_remote_code=recipe.model.trust_remote_code, base_cache=base_cache,
         quantization=recipe.model.quantization,  # the model the clients train on
+        attn_implementation=recipe.model.attn_implementation,
     )
     try:
         return heldout_loss(model, tokenizer, test_records, recipe, work_dir)

@@ -198,12 +198,15 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
 
 
 def load_causal_lm(name: str, *, dtype: str = "float32", revision: str | None = None, trust_remote_code: bool = False,
-                   key: str = "model.name_or_path", quantization=None, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` with the recipe's dtype, revision and remote-code
-    setting; with ``quantization`` (a recipe's `QuantizationSection`) loaded by bitsandbytes in 4
-    or 8 bit on this process's device."""
+                   key: str = "model.name_or_path", quantization=None, attn_implementation: str | None = None, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` with the recipe's dtype, revision, remote-code
+    setting and attention implementation; with ``quantization`` (a recipe's `QuantizationSection`)
+    loaded by bitsandbytes in 4 or 8 bit on this process's device."""
     from transformers import AutoModelForCausalLM
 
+    if attn_implementation is not None:
+        check_attention_implementation(attn_implementation)
+        kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
         kwargs.update(quantization_config=bitsandbytes_config(quantization), device_map={"": _quantized_device()})
     model = _load(AutoModelForCausalLM.from_pretrained, name, what="base model", key=key, revision=revision,
@@ -216,6 +219,18 @@ def load_causal_lm(name: str, *, dtype: str = "float32", revision: str | None = 
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
     return model
+
+
+def check_attention_implementation(implementation: str) -> None:
+    """One line where the attention implementation a recipe names cannot run here."""
+    import torch
+
+    if implementation.startswith("flash_attention"):
+        if importlib.util.find_spec("flash_attn") is None:
+            raise FloristError(f"model.attn_implementation: {implementation} needs the flash-attn package: pip install "
+                               "flash-attn on a CUDA machine (or use sdpa)")
+        if not torch.cuda.is_available():
+            raise FloristError(f"model.attn_implementation: {implementation} runs on a CUDA GPU only; use sdpa on this machine")
 
 
 def bitsandbytes_config(quantization):

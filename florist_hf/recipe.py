@@ -40,6 +40,9 @@ class ModelSection(Section):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     revision: str | None = None
     trust_remote_code: bool = False
+    #: The attention implementation transformers loads the base with (its default when unset: sdpa).
+    #: flash_attention_2 needs the flash-attn package and a CUDA GPU.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = None
     #: Load the clients' base quantized (QLoRA). Merge-style methods hold the global updates beside
     #: the frozen quantized weights, so nothing is ever added into them.
     quantization: QuantizationSection | None = None
@@ -70,6 +73,12 @@ class DataSection(Section):
     max_samples_per_client: int | None = Field(None, ge=1)
     cutoff_len: int = Field(512, ge=8)
     train_on_inputs: bool = True
+    #: How a client's batch is laid out: "padding_free" (its records concatenated into one row, the
+    #: positions restarting at each record, so no token attends across records and no compute goes
+    #: to padding; where the base's attention cannot keep records apart this falls back to padded,
+    #: with one line saying why) or "padded" (a row per record, padded to the batch's longest).
+    #: The loss, the optimizer steps and gradient accumulation are the same either way.
+    batching: Literal["padding_free", "padded"] = "padding_free"
     #: How a record becomes text: the paper's Alpaca prompt, or the tokenizer's own chat template
     #: (the instruction and input as the user's turn, the output as the assistant's) for instruct bases.
     template: Literal["alpaca", "chat"] = "alpaca"
@@ -285,11 +294,20 @@ class Recipe(Section):
             for key, default in defaults.items():
                 if payload[section].get(key) == default:
                     payload[section].pop(key)
+        for section, keys in SPEED_ONLY.items():
+            for key in keys:
+                payload[section].pop(key, None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 #: settings added after run directories were first recorded, with their defaults, by section.
-LATER_DEFAULTS = {"federation": {"aggregation": "stacked", "streaming_tolerance": 0.0}, "model": {"gguf_file": None}}
+LATER_DEFAULTS = {
+    "federation": {"aggregation": "stacked", "streaming_tolerance": 0.0},
+    "model": {"gguf_file": None},
+}
+#: Settings that change how fast a result is reached, not the result (beyond float round-off):
+#: they never count in a fingerprint, nor as a change to how clients train.
+SPEED_ONLY = {"data": ("batching",), "model": ("attn_implementation",)}
 
 
 def cosine_round_learning_rate(peak: float, minimum: float, round_index: int, rounds: int) -> float:
