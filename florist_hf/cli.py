@@ -280,9 +280,9 @@ def export(
     from florist_hf.export import export_merged, export_uniform
     from florist_hf.loading import resolve_base
 
-    if gguf_file is not None:
-        if base_model is None:
-            raise FloristError("--gguf-file names a file in --base-model's folder or repository; pass --base-model too")
+    if gguf_file is not None and base_model is None:
+        raise FloristError("--gguf-file names a file in --base-model's folder or repository; pass --base-model too")
+    if base_model is not None:
         base_model = resolve_base(base_model, gguf_file, key="--base-model", file_key="--gguf-file")
 
     if format_ == "uniform":

@@ -662,7 +662,9 @@ class Federation:
             "client_samples": list(client_sizes),
             "base_model": self.base_path,
             # A base dequantized from a GGUF file: which file (its source, name and content hash).
-            "base_gguf": gguf_provenance(self.base_path),
+            "base_gguf": None if not recipe.model.gguf_file else gguf_provenance(
+                self.base_path, source=recipe.model.name_or_path, gguf_file=recipe.model.gguf_file,
+                revision=recipe.model.revision),
             # Hub dataset ids only (for the model card); local files and builtin data are not linkable.
             "datasets": [] if data_source.startswith("builtin:") or Path(data_source).exists() else [data_source],
             "data_source": data_source,

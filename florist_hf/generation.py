@@ -41,8 +41,11 @@ def run_answers(run_dir: str | os.PathLike, *, instructions: tuple[str, ...] | l
         if not records:
             raise FloristError(f"{run_dir}: its recipe holds no records out (data.holdout_per_label is 0); pass --instruction")
     check_adapter_matches_base(adapter_dir, base_path)
-    tokenizer = load_tokenizer(base_path)
-    model = load_causal_lm(base_path, dtype=recipe.model.dtype).eval()
+    model_section = recipe.model
+    tokenizer = load_tokenizer(base_path, revision=model_section.revision, trust_remote_code=model_section.trust_remote_code)
+    model = load_causal_lm(base_path, dtype=model_section.dtype, revision=model_section.revision,
+                           trust_remote_code=model_section.trust_remote_code, quantization=model_section.quantization,
+                           attn_implementation=model_section.attn_implementation).eval()
     prompts = prompt_ids(records, tokenizer, template=recipe.data.template)
 
     def answers(lm) -> list[str]:

@@ -270,14 +270,25 @@ def resolve_base(name: str, gguf_file: str | None = None, *, dtype: str = "float
     if gguf_file:
         return str(gguf_base(name, gguf_file, dtype=dtype, revision=revision, key=key, file_key=file_key))
     if name.startswith(PACKAGE_PREFIX):
-        return str(package_folder(name, key=key))
+        folder = package_folder(name, key=key)
+        ggufs = sorted(path.name for path in folder.glob("*.gguf"))
+        if ggufs and not (folder / "config.json").is_file():
+            raise FloristError(f"{key} '{name}': holds GGUF files ({', '.join(ggufs)}), not a saved model; "
+                               f"name one with {file_key}")
+        return str(folder)
     return name
 
 
-def gguf_provenance(base_path: str | os.PathLike) -> dict | None:
-    """The record of the GGUF file a dequantized base directory was made from (None for other bases)."""
+def gguf_provenance(base_path: str | os.PathLike, *, source: str, gguf_file: str, revision: str | None = None) -> dict | None:
+    """Which GGUF file a run's dequantized base came from: this run's ``source`` (folder, package
+    or Hub repository), file and revision, with the content hash, architecture, dtype and
+    transformers version of the cached directory (None for a base that is not one)."""
     record = Path(base_path) / GGUF_RECORD
-    return json.loads(record.read_text()) if record.is_file() else None
+    if not record.is_file():
+        return None
+    made = json.loads(record.read_text())  # the cache is shared by content: its maker's source may differ
+    return {"source": source, "gguf_file": gguf_file, "revision": revision,
+            **{key: made[key] for key in ("sha256", "architecture", "dtype", "transformers")}}
 
 
 def cache_root() -> Path:
@@ -333,8 +344,15 @@ def _locate_gguf(name: str, gguf_file: str, *, revision: str | None, key: str, f
 
     def download(repo_id, revision=None):
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-        return Path(hf_hub_download(repo_id, gguf_file, revision=revision))
+        try:
+            return Path(hf_hub_download(repo_id, gguf_file, revision=revision))
+        except EntryNotFoundError as error:
+            if isinstance(error, LocalEntryNotFoundError):
+                raise
+            raise FloristError(f"{file_key} '{gguf_file}': the Hub repository {repo_id} has no such file; set {file_key} "
+                               f"to one of the .gguf files listed on {HUB_URL}/{repo_id}/tree/main") from None
 
     return _load(download, name, what="GGUF base model", key=key, revision=revision)
 
@@ -375,14 +393,24 @@ def gguf_base(name: str, gguf_file: str, *, dtype: str = "float32", revision: st
     if (target / GGUF_RECORD).is_file():
         return target
     architecture = _gguf_architecture(path, file_key)
-    _dequantize(path, target, dtype=dtype, record={
-        "format": "florist-hf/gguf-base", "source": name, "gguf_file": gguf_file, "sha256": content,
-        "revision": revision, "architecture": architecture, "dtype": dtype, "transformers": transformers.__version__,
-    }, file_key=file_key)
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One process dequantizes, the others (accelerate ranks, Flower nodes, parallel runs sharing
+    # the cache) wait for it and find the finished directory.
+    with FileLock(str(target) + ".lock"):
+        if (target / GGUF_RECORD).is_file():
+            return target
+        _dequantize(path, target, dtype=dtype, record={
+            "format": "florist-hf/gguf-base", "source": name, "gguf_file": gguf_file, "sha256": content,
+            "revision": revision, "architecture": architecture, "dtype": dtype, "transformers": transformers.__version__,
+        }, file_key=file_key)
     return target
 
 
 def _dequantize(path: Path, target: Path, *, dtype: str, record: dict, file_key: str) -> None:
+    import torch
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from florist_hf.io_utils import atomic_directory, write_json_atomic
@@ -393,22 +421,27 @@ def _dequantize(path: Path, target: Path, *, dtype: str, record: dict, file_key:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         # Dequantized in float32 (what GGUF's kernels compute in), rounded to ``dtype`` once, below.
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch_dtype("float32"))
-    except (ValueError, KeyError, RuntimeError, OSError) as error:
-        import transformers
-
-        reason = (f"transformers {transformers.__version__} cannot dequantize GGUF architecture '{record['architecture']}'"
-                  if "not supported" in str(error) else f"transformers could not dequantize it ({_first_line(error)})")
+        # The weights move into a model built without memory of its own (one copy, not two).
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype("float32"))
+        model.load_state_dict(gguf_model.state_dict(), assign=True)
+        model.tie_weights()
+        model.to(torch_dtype(dtype))
+        model.generation_config = gguf_model.generation_config
+        del gguf_model
+    except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as error:
+        unsupported = "not supported" in str(error) or isinstance(error, NotImplementedError)
+        reason = (f"transformers {transformers.__version__} (with gguf) cannot dequantize it: {_first_line(error)}"
+                  if unsupported else f"transformers could not dequantize it ({_first_line(error)})")
+        if "architecture" in str(error) and "not supported" in str(error):
+            reason = f"transformers {transformers.__version__} cannot dequantize GGUF architecture '{record['architecture']}'"
         raise FloristError(f"{file_key} '{record['gguf_file']}': {reason}; use a safetensors model directory "
                            "or Hub id as the base instead") from None
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype("float32"))
-    model.load_state_dict(gguf_model.state_dict())
-    model.to(torch_dtype(dtype))
-    model.generation_config = gguf_model.generation_config
-    del gguf_model
     try:
-        with atomic_directory(target) as staging:
+        with atomic_directory(target, overwrite=True) as staging:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             write_json_atomic(staging / GGUF_RECORD, record)
-    except FileExistsError:
-        pass  # another process (an accelerate rank, a parallel run) made the same directory first
+    except OSError as error:
+        raise FloristError(f"{file_key} '{record['gguf_file']}': the dequantized model could not be written to "
+                           f"{target.parent} ({_first_line(error)}); free disk space or set {CACHE_ENV} elsewhere") from None

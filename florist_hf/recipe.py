@@ -49,9 +49,12 @@ class ModelSection(Section):
 
     @model_validator(mode="after")
     def _gguf_names_a_file(self):
-        if self.gguf_file is not None and (self.name_or_path.startswith("builtin:") or not self.gguf_file.endswith(".gguf")):
-            raise ValueError("gguf_file names a .gguf file in the folder or Hub repository of name_or_path "
-                             "(not with a builtin: base)")
+        file = self.gguf_file
+        if file is not None and (self.name_or_path.startswith("builtin:") or not file.endswith(".gguf")
+                                 or any(part in ("", ".", "..") for part in file.replace("\\", "/").split("/"))
+                                 or file.startswith("/")):
+            raise ValueError("gguf_file names a .gguf file inside the folder or Hub repository of name_or_path "
+                             "(a relative path, not with a builtin: base)")
         return self
 
 

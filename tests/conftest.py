@@ -5,6 +5,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path
 
+# Dequantized GGUF bases (the real SmolLM2 of the real-model tests) in the clone's own ignored cache
+# folder, not the user's: made once per clone (about 30 s), shared by the xdist workers, which wait
+# for each other through its lock.
+os.environ.setdefault("FLORIST_HF_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "florist_hf"))
+
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -376,6 +376,9 @@ def main(argv: list[str] | None = None) -> dict:
         thresholds=numbers(args.thresholds, float),
     )
     if args.smoke:
+        if args.base != "tiny":
+            parser.error("--smoke is the tiny base's seconds-long version; for a quick real-model run pass "
+                         "--seeds 0 --settings heter --thresholds 0.9 --baselines flora --set training.max_steps=1")
         options = {key: value for key, value in SMOKE.items()}
     options.setdefault("workers", args.workers)
     options.setdefault("threads", args.threads)
