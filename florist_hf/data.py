@@ -697,27 +697,83 @@ def tokenize_records(
     return datasets.Dataset.from_dict(columns)
 
 
-def make_collator(tokenizer: PreTrainedTokenizerBase, batching: str = "padded"):
+class PackedRowsCollator:
+    """Padding-free batches: a batch's records packed into rows, each record's positions restarting
+    at 0 and its first label IGNORE_INDEX, and no attention mask, so that transformers' attention
+    (sdpa, eager, flex, FlashAttention) keeps the records of a row apart from the positions alone.
+
+    With ``row_tokens`` None the whole batch is one row (for FlashAttention's variable-length
+    kernels, which skip what the records do not share). Otherwise the records go longest first
+    into the first row with room for them, rows of at most ``row_tokens`` tokens (or the longest
+    record's): attention without such a kernel computes a row's whole square, so a row as long as
+    the padded batch's rows costs what one of them costs, and the padding is what is saved. Rows
+    are filled up to the longest with a last block of pad tokens, positions of their own and
+    labels IGNORE_INDEX, which nothing else attends to.
+
+    The trained tokens are those of the padded batch: a padded row never predicts its first token
+    either (the causal shift drops it), so the loss and the Trainer's token count are the same.
+    """
+
+    def __init__(self, pad_token_id: int, row_tokens: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.row_tokens = row_tokens
+
+    def rows(self, lengths: Sequence[int]) -> list[list[int]]:
+        """The records (indices into ``lengths``) of each row, first fit, longest first."""
+        if self.row_tokens is None:
+            return [list(range(len(lengths)))]
+        capacity = max(self.row_tokens, max(lengths))
+        rows: list[list[int]] = []
+        filled: list[int] = []
+        for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            row = next((r for r, used in enumerate(filled) if used + lengths[index] <= capacity), None)
+            if row is None:
+                rows.append([]), filled.append(0)
+                row = len(rows) - 1
+            rows[row].append(index)
+            filled[row] += lengths[index]
+        return rows
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict:
+        import torch
+
+        lengths = [len(feature["input_ids"]) for feature in features]
+        rows = self.rows(lengths)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        input_ids, position_ids, labels = [], [], []
+        for row in rows:
+            ids, positions, row_labels = [], [], []
+            for index in row:
+                feature = features[index]
+                ids += list(feature["input_ids"])
+                positions += range(lengths[index])
+                row_labels += [IGNORE_INDEX, *list(feature.get("labels", feature["input_ids"]))[1:]]
+            padding = width - len(ids)
+            input_ids.append(ids + [self.pad_token_id] * padding)
+            position_ids.append(positions + list(range(padding)))
+            row_labels += [IGNORE_INDEX] * padding
+            labels.append(row_labels)
+        return {"input_ids": torch.tensor(input_ids), "position_ids": torch.tensor(position_ids),
+                "labels": torch.tensor(labels)}
+
+
+def make_collator(tokenizer: PreTrainedTokenizerBase, batching: str = "padded", row_tokens: int | None = None):
     """The batches of `tokenize_records`' rows, labels masked as they are.
 
     ``padded``: dynamic padding (to a multiple of 8) with labels padded by IGNORE_INDEX. A
     tokenizer without a pad token (Llama) gets its EOS as pad token: padded positions have
     attention 0 and label IGNORE_INDEX, so the choice does not change the loss.
 
-    ``padding_free``: the batch's records concatenated into one row with ``position_ids``
-    restarting at 0 for each record and no attention mask, from which transformers' attention
-    (sdpa, eager, flex, FlashAttention) keeps the records apart. Each record's first label becomes
-    IGNORE_INDEX, which is the one a padded row never predicts either (the causal shift drops it),
-    so the trained tokens, and with them the loss and the Trainer's token count, are the same.
+    ``padding_free``: `PackedRowsCollator`, rows of at most ``row_tokens`` tokens (None: one row).
     """
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+    from transformers import DataCollatorForSeq2Seq
 
-    if batching == "padding_free":
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise FloristError("the tokenizer has neither a pad_token nor an eos_token; set a pad_token")
         tokenizer.pad_token = tokenizer.eos_token
+    if batching == "padding_free":
+        return PackedRowsCollator(tokenizer.pad_token_id, row_tokens)
     return DataCollatorForSeq2Seq(
         tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
     )

@@ -76,10 +76,11 @@ class DataSection(Section):
     max_samples_per_client: int | None = Field(None, ge=1)
     cutoff_len: int = Field(512, ge=8)
     train_on_inputs: bool = True
-    #: How a client's batch is laid out: "padding_free" (its records concatenated into one row, the
-    #: positions restarting at each record, so no token attends across records and no compute goes
-    #: to padding; where the base's attention cannot keep records apart this falls back to padded,
-    #: with one line saying why) or "padded" (a row per record, padded to the batch's longest).
+    #: How a client's batch is laid out: "padding_free" (its records packed into rows no longer
+    #: than cutoff_len, one row under FlashAttention, the positions restarting at each record, so no
+    #: token attends across records and little compute goes to padding; where the base's attention
+    #: cannot keep records apart this falls back to padded, with one line saying why) or "padded"
+    #: (a row per record, padded to the batch's longest).
     #: The loss, the optimizer steps and gradient accumulation are the same either way.
     batching: Literal["padding_free", "padded"] = "padding_free"
     #: How a record becomes text: the paper's Alpaca prompt, or the tokenizer's own chat template

@@ -51,9 +51,10 @@ class _Gradients:
         self.callback = Callback()
 
 
+@pytest.mark.parametrize("row_tokens", [None, 512])
 @pytest.mark.parametrize("train_on_inputs", [False, True])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_padding_free_trains_like_padded(tiny_base, tokenizer, tmp_path, attn_implementation, train_on_inputs):
+def test_padding_free_trains_like_padded(tiny_base, tokenizer, tmp_path, attn_implementation, train_on_inputs, row_tokens):
     """Same first steps, loss and gradients (batch 2, 2 accumulation steps: the Trainer's token
     count spans both), whichever way the batch is laid out."""
     from florist_hf.client import build_client_trainer
@@ -67,7 +68,7 @@ def test_padding_free_trains_like_padded(tiny_base, tokenizer, tmp_path, attn_im
             _lora_model(tiny_base, attn_implementation), tokenizer, dataset, work_dir=tmp_path / batching, seed=0,
             training={"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
                       "learning_rate": 1e-2, "max_grad_norm": 0.0, "logging_steps": 1},
-            callbacks=[gradients.callback], batching=batching,
+            callbacks=[gradients.callback], batching=batching, row_tokens=row_tokens,
         )
         output = trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -102,6 +103,39 @@ def test_no_token_attends_across_a_record_boundary(tiny_base, tokenizer, attn_im
     # Record 1's logits do not see record 2, and record 2 in the row is computed as if alone.
     assert torch.equal(packed[:n], changed[:n]) or torch.allclose(packed[:n], changed[:n], atol=1e-6)
     assert torch.allclose(packed[n:], alone, atol=1e-5)
+    # Rows of bounded length, the shorter ones ending in a pad block: each record as if alone too.
+    rows = tokenize_records(RECORDS, tokenizer, cutoff_len=256)
+    bounded = make_collator(tokenizer, "padding_free", row_tokens=max(len(r["input_ids"]) for r in rows) + 60)
+    batch = bounded(list(rows))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for row_index, row in enumerate(bounded.rows([len(r["input_ids"]) for r in rows])):
+            start = 0
+            for index in row:
+                length = len(rows[index]["input_ids"])
+                single = model(input_ids=torch.tensor([rows[index]["input_ids"]]), use_cache=False).logits[0]
+                assert torch.allclose(logits[row_index, start:start + length], single, atol=1e-5)
+                start += length
+
+
+def test_rows_of_bounded_length_hold_every_record_once_with_a_pad_block_of_their_own(tokenizer):
+    from florist_hf.data import IGNORE_INDEX, PackedRowsCollator, tokenize_records
+
+    rows = tokenize_records(RECORDS, tokenizer, cutoff_len=256, train_on_inputs=True)
+    lengths = [len(row["input_ids"]) for row in rows]
+    collate = PackedRowsCollator(tokenizer.pad_token_id, row_tokens=max(lengths) + 60)
+    members = collate.rows(lengths)
+    assert sorted(i for row in members for i in row) == list(range(len(RECORDS)))
+    assert all(sum(lengths[i] for i in row) <= max(lengths) + 60 for row in members) and 1 < len(members) < len(RECORDS)
+    batch = collate(list(rows))
+    assert batch["input_ids"].shape == (len(members), max(sum(lengths[i] for i in row) for row in members))
+    for row, ids, positions, labels in zip(members, batch["input_ids"], batch["position_ids"], batch["labels"]):
+        used = sum(lengths[i] for i in row)
+        assert positions[:used].tolist() == [p for i in row for p in range(lengths[i])]
+        assert positions[used:].tolist() == list(range(len(ids) - used))  # the pad block: positions of its own
+        assert bool((ids[used:] == tokenizer.pad_token_id).all()) and bool((labels[used:] == IGNORE_INDEX).all())
+        trained = sum(1 for i in row for label in rows[i]["labels"][1:] if label != IGNORE_INDEX)
+        assert int((labels != IGNORE_INDEX).sum()) == trained
 
 
 def test_padding_free_collator_masks_each_records_first_label_only(tokenizer):
