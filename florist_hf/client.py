@@ -465,13 +465,12 @@ def client_batching(requested: str, model, console=None, training: dict | None =
     return "padded"
 
 
-def packed_row_tokens(model, cutoff_len: int) -> int | None:
-    """How long a padding-free row may be: the whole batch in one row for FlashAttention (its
-    variable-length kernels skip what records do not share), else the recipe's cutoff (attention
-    computes a row's whole square: rows no longer than a padded batch's cost no more than they do)."""
+def packs_one_row(model) -> bool:
+    """Whether a padding-free batch is one row: under FlashAttention, whose variable-length kernels
+    skip what records do not share; other attention computes a row's whole square, so its rows are
+    kept no longer than the batch's longest record (`data.PackedRowsCollator`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    implementation = getattr(base.config, "_attn_implementation", None) or ""
-    return None if implementation.startswith("flash_attention") else cutoff_len
+    return (getattr(base.config, "_attn_implementation", None) or "").startswith("flash_attention")
 
 
 def check_training_backends(training: dict) -> None:
@@ -487,9 +486,9 @@ def check_training_backends(training: dict) -> None:
 
 
 def build_client_trainer(model, tokenizer, train_dataset, *, training: dict, work_dir: Path, seed: int, callbacks=(),
-                         batching: str = "padded", row_tokens: int | None = None):
+                         batching: str = "padded", one_row: bool = False):
     """A stock Trainer for one client round; any TrainingArguments field comes from ``training``;
-    ``batching`` and ``row_tokens`` are the batch layout (`data.make_collator`)."""
+    ``batching`` and ``one_row`` are the batch layout (`data.make_collator`)."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from florist_hf.data import make_collator
@@ -516,7 +515,7 @@ def build_client_trainer(model, tokenizer, train_dataset, *, training: dict, wor
         model=model,
         args=args,
         train_dataset=train_dataset,
-        data_collator=make_collator(tokenizer, batching, row_tokens),
+        data_collator=make_collator(tokenizer, batching, one_row),
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
@@ -606,7 +605,7 @@ def run_client_round(recipe, plan: ClientRound, base_path: str, tokenizer, datas
         model, tokenizer, dataset, training=training, work_dir=work_dir, seed=seed,
         callbacks=[federated, ConsoleProgressCallback(console, f"round {plan.round} client {plan.client_id}"), *callbacks],
         batching=client_batching(recipe.data.batching, model, console, training),
-        row_tokens=packed_row_tokens(model, recipe.data.cutoff_len),
+        one_row=packs_one_row(model),
     )
     checkpoint = last_complete_checkpoint(work_dir)
     if checkpoint is not None:

@@ -702,33 +702,34 @@ class PackedRowsCollator:
     at 0 and its first label IGNORE_INDEX, and no attention mask, so that transformers' attention
     (sdpa, eager, flex, FlashAttention) keeps the records of a row apart from the positions alone.
 
-    With ``row_tokens`` None the whole batch is one row (for FlashAttention's variable-length
-    kernels, which skip what the records do not share). Otherwise the records go longest first
-    into the first row with room for them, rows of at most ``row_tokens`` tokens (or the longest
-    record's): attention without such a kernel computes a row's whole square, so a row as long as
-    the padded batch's rows costs what one of them costs, and the padding is what is saved. Rows
-    are filled up to the longest with a last block of pad tokens, positions of their own and
-    labels IGNORE_INDEX, which nothing else attends to.
+    With ``one_row`` the whole batch is one row (for FlashAttention's variable-length kernels,
+    which skip what the records do not share). Otherwise the records go longest first into the
+    first row with room for them, rows no longer than the batch's longest record: attention
+    without such a kernel computes a row's whole square, so no row then costs more than a padded
+    row of the same batch, and there are never more rows. Rows are filled up to the longest with
+    a last block of pad tokens, positions of their own and labels IGNORE_INDEX, which nothing else
+    attends to.
 
     The trained tokens are those of the padded batch: a padded row never predicts its first token
     either (the causal shift drops it), so the loss and the Trainer's token count are the same.
     """
 
-    def __init__(self, pad_token_id: int, row_tokens: int | None = None):
+    def __init__(self, pad_token_id: int, one_row: bool = False):
         self.pad_token_id = pad_token_id
-        self.row_tokens = row_tokens
+        self.one_row = one_row
 
     def rows(self, lengths: Sequence[int]) -> list[list[int]]:
         """The records (indices into ``lengths``) of each row, first fit, longest first."""
-        if self.row_tokens is None:
+        if self.one_row:
             return [list(range(len(lengths)))]
-        capacity = max(self.row_tokens, max(lengths))
+        capacity = max(lengths)
         rows: list[list[int]] = []
         filled: list[int] = []
         for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
             row = next((r for r, used in enumerate(filled) if used + lengths[index] <= capacity), None)
             if row is None:
-                rows.append([]), filled.append(0)
+                rows.append([])
+                filled.append(0)
                 row = len(rows) - 1
             rows[row].append(index)
             filled[row] += lengths[index]
@@ -757,14 +758,14 @@ class PackedRowsCollator:
                 "labels": torch.tensor(labels)}
 
 
-def make_collator(tokenizer: PreTrainedTokenizerBase, batching: str = "padded", row_tokens: int | None = None):
+def make_collator(tokenizer: PreTrainedTokenizerBase, batching: str = "padded", one_row: bool = False):
     """The batches of `tokenize_records`' rows, labels masked as they are.
 
     ``padded``: dynamic padding (to a multiple of 8) with labels padded by IGNORE_INDEX. A
     tokenizer without a pad token (Llama) gets its EOS as pad token: padded positions have
     attention 0 and label IGNORE_INDEX, so the choice does not change the loss.
 
-    ``padding_free``: `PackedRowsCollator`, rows of at most ``row_tokens`` tokens (None: one row).
+    ``padding_free``: `PackedRowsCollator` (``one_row``: the whole batch in one row).
     """
     from transformers import DataCollatorForSeq2Seq
 
@@ -773,7 +774,7 @@ def make_collator(tokenizer: PreTrainedTokenizerBase, batching: str = "padded", 
             raise FloristError("the tokenizer has neither a pad_token nor an eos_token; set a pad_token")
         tokenizer.pad_token = tokenizer.eos_token
     if batching == "padding_free":
-        return PackedRowsCollator(tokenizer.pad_token_id, row_tokens)
+        return PackedRowsCollator(tokenizer.pad_token_id, one_row)
     return DataCollatorForSeq2Seq(
         tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
     )

@@ -77,7 +77,7 @@ class DataSection(Section):
     cutoff_len: int = Field(512, ge=8)
     train_on_inputs: bool = True
     #: How a client's batch is laid out: "padding_free" (its records packed into rows no longer
-    #: than cutoff_len, one row under FlashAttention, the positions restarting at each record, so no
+    #: than its longest record, one row under FlashAttention, the positions restarting at each record, so no
     #: token attends across records and little compute goes to padding; where the base's attention
     #: cannot keep records apart this falls back to padded, with one line saying why) or "padded"
     #: (a row per record, padded to the batch's longest).

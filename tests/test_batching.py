@@ -21,6 +21,11 @@ RECORDS = [
 ]
 
 
+#: A record as long as three or four of the others: they share rows no longer than it.
+LONG_RECORD = {"instruction": "Write a short story about a lighthouse keeper.", "input": "",
+               "output": " ".join(["The keeper climbed the stairs and lit the lamp again."] * 9)}
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_base):
     from transformers import AutoTokenizer
@@ -51,24 +56,25 @@ class _Gradients:
         self.callback = Callback()
 
 
-@pytest.mark.parametrize("row_tokens", [None, 512])
+@pytest.mark.parametrize("one_row", [True, False])
 @pytest.mark.parametrize("train_on_inputs", [False, True])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_padding_free_trains_like_padded(tiny_base, tokenizer, tmp_path, attn_implementation, train_on_inputs, row_tokens):
-    """Same first steps, loss and gradients (batch 2, 2 accumulation steps: the Trainer's token
+def test_padding_free_trains_like_padded(tiny_base, tokenizer, tmp_path, attn_implementation, train_on_inputs, one_row):
+    """Same first steps, loss and gradients (batch 4, 2 accumulation steps: the Trainer's token
     count spans both), whichever way the batch is laid out."""
     from florist_hf.client import build_client_trainer
     from florist_hf.data import tokenize_records
 
-    dataset = tokenize_records(RECORDS, tokenizer, cutoff_len=256, train_on_inputs=train_on_inputs)
+    # Batches of 4 of these 7 records: where the long one is in a batch, the others share rows.
+    dataset = tokenize_records([*RECORDS, LONG_RECORD], tokenizer, cutoff_len=1024, train_on_inputs=train_on_inputs)
     results = {}
     for batching in ("padded", "padding_free"):
         gradients = _Gradients()
         trainer = build_client_trainer(
             _lora_model(tiny_base, attn_implementation), tokenizer, dataset, work_dir=tmp_path / batching, seed=0,
-            training={"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+            training={"max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
                       "learning_rate": 1e-2, "max_grad_norm": 0.0, "logging_steps": 1},
-            callbacks=[gradients.callback], batching=batching, row_tokens=row_tokens,
+            callbacks=[gradients.callback], batching=batching, one_row=one_row,
         )
         output = trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -92,7 +98,7 @@ def test_no_token_attends_across_a_record_boundary(tiny_base, tokenizer, attn_im
 
     model = _lora_model(tiny_base, attn_implementation).eval()
     first, second, other = tokenize_records(RECORDS[:3], tokenizer, cutoff_len=256)
-    collate = make_collator(tokenizer, "padding_free")
+    collate = make_collator(tokenizer, "padding_free", one_row=True)
     # Without a KV cache, as in training (the Trainer sets use_cache from TrainingArguments): with
     # one, transformers reads positions as a continuation, not as packed records.
     with torch.no_grad():
@@ -104,8 +110,8 @@ def test_no_token_attends_across_a_record_boundary(tiny_base, tokenizer, attn_im
     assert torch.equal(packed[:n], changed[:n]) or torch.allclose(packed[:n], changed[:n], atol=1e-6)
     assert torch.allclose(packed[n:], alone, atol=1e-5)
     # Rows of bounded length, the shorter ones ending in a pad block: each record as if alone too.
-    rows = tokenize_records(RECORDS, tokenizer, cutoff_len=256)
-    bounded = make_collator(tokenizer, "padding_free", row_tokens=max(len(r["input_ids"]) for r in rows) + 60)
+    rows = tokenize_records([*RECORDS, LONG_RECORD], tokenizer, cutoff_len=1024)
+    bounded = make_collator(tokenizer, "padding_free")
     batch = bounded(list(rows))
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
@@ -121,12 +127,14 @@ def test_no_token_attends_across_a_record_boundary(tiny_base, tokenizer, attn_im
 def test_rows_of_bounded_length_hold_every_record_once_with_a_pad_block_of_their_own(tokenizer):
     from florist_hf.data import IGNORE_INDEX, PackedRowsCollator, tokenize_records
 
-    rows = tokenize_records(RECORDS, tokenizer, cutoff_len=256, train_on_inputs=True)
+    records = [*RECORDS, LONG_RECORD]
+    rows = tokenize_records(records, tokenizer, cutoff_len=1024, train_on_inputs=True)
     lengths = [len(row["input_ids"]) for row in rows]
-    collate = PackedRowsCollator(tokenizer.pad_token_id, row_tokens=max(lengths) + 60)
+    collate = PackedRowsCollator(tokenizer.pad_token_id)
     members = collate.rows(lengths)
-    assert sorted(i for row in members for i in row) == list(range(len(RECORDS)))
-    assert all(sum(lengths[i] for i in row) <= max(lengths) + 60 for row in members) and 1 < len(members) < len(RECORDS)
+    assert sorted(i for row in members for i in row) == list(range(len(records)))
+    # No row longer than the longest record (no more attention than a padded row), fewer rows.
+    assert all(sum(lengths[i] for i in row) <= max(lengths) for row in members) and 1 < len(members) < len(records)
     batch = collate(list(rows))
     assert batch["input_ids"].shape == (len(members), max(sum(lengths[i] for i in row) for row in members))
     for row, ids, positions, labels in zip(members, batch["input_ids"], batch["position_ids"], batch["labels"]):
@@ -142,7 +150,7 @@ def test_padding_free_collator_masks_each_records_first_label_only(tokenizer):
     from florist_hf.data import IGNORE_INDEX, make_collator, tokenize_records
 
     rows = tokenize_records(RECORDS[:2], tokenizer, cutoff_len=256, train_on_inputs=True)
-    batch = make_collator(tokenizer, "padding_free")([rows[0], rows[1]])
+    batch = make_collator(tokenizer, "padding_free", one_row=True)([rows[0], rows[1]])
     n0, n1 = len(rows[0]["input_ids"]), len(rows[1]["input_ids"])
     assert batch["input_ids"].shape == (1, n0 + n1) and "attention_mask" not in batch
     assert batch["position_ids"][0].tolist() == list(range(n0)) + list(range(n1))
