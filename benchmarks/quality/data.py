@@ -40,6 +40,22 @@ def client_train_sizes(shard_sizes: list[int], total: int, minimum: int, availab
     return [min(max(minimum, round(size * scale)), room) for size, room in zip(shard_sizes, available)]
 
 
+def sample_clients(out_dir: Path, shards: list[list[dict]], test: list[dict], sizes: list[int], client_eval: int,
+                   state: np.random.RandomState) -> tuple[list[list[dict]], list[list[dict]]]:
+    """Each client's training sample (``sizes``) and held-out slice (``client_eval`` further
+    records) drawn from its shard, written: FLoRA layout for the federation, ``1/`` (their union)
+    for the centralised reference, ``client_eval.json``."""
+    client_train, client_heldout = [], []
+    for shard, size in zip(shards, sizes):
+        chosen = state.permutation(len(shard))
+        client_train.append([shard[i] for i in chosen[:size]])
+        client_heldout.append([shard[i] for i in chosen[size: size + client_eval]])
+    save_flora_layout(out_dir, client_train, test)
+    save_flora_layout(out_dir, [[r for part in client_train for r in part]], test)
+    (out_dir / "client_eval.json").write_text(json.dumps(client_heldout, ensure_ascii=False))
+    return client_train, client_heldout
+
+
 def build_split(
     out_dir: Path,
     seed: int,
@@ -71,14 +87,8 @@ def build_split(
     train, test = holdout_per_label(records, test_per_category, state)
     parts = dirichlet_partition(labels_of(train), num_clients, alpha, state, min_size=min_client_train + client_eval)
     sizes = client_train_sizes([len(p) for p in parts], total_train, min_client_train, [len(p) - client_eval for p in parts])
-    client_train, client_heldout = [], []
-    for part, size in zip(parts, sizes):
-        chosen = state.permutation(part)
-        client_train.append([train[i] for i in chosen[:size]])
-        client_heldout.append([train[i] for i in chosen[size: size + client_eval]])
-    save_flora_layout(out_dir, client_train, test)
-    save_flora_layout(out_dir, [[r for shard in client_train for r in shard]], test)
-    (out_dir / "client_eval.json").write_text(json.dumps(client_heldout, ensure_ascii=False))
+    client_train, client_heldout = sample_clients(out_dir, [[train[i] for i in part] for part in parts], test, sizes,
+                                                  client_eval, state)
     categories = sorted({r["label"] for r in records})
     description = {
         "seed": seed,
@@ -116,14 +126,7 @@ def build_paper_split(out_dir: Path, seed: int, *, source: Path = config.SHARED_
     shards, test = load_flora_layout(source.parent, int(source.name), format="dolly")
     state = np.random.RandomState(seed)
     sizes = client_train_sizes([len(s) for s in shards], total_train, min_client_train, [len(s) - client_eval for s in shards])
-    client_train, client_heldout = [], []
-    for shard, size in zip(shards, sizes):
-        chosen = state.permutation(len(shard))
-        client_train.append([shard[i] for i in chosen[:size]])
-        client_heldout.append([shard[i] for i in chosen[size: size + client_eval]])
-    save_flora_layout(out_dir, client_train, test)
-    save_flora_layout(out_dir, [[r for part in client_train for r in part]], test)
-    (out_dir / "client_eval.json").write_text(json.dumps(client_heldout, ensure_ascii=False))
+    client_train, client_heldout = sample_clients(out_dir, shards, test, sizes, client_eval, state)
     categories = sorted({r["label"] for r in test})
     description = {
         "seed": seed, "source": "the paper's 8-client Dolly split", "categories": categories, "test_records": len(test),
