@@ -27,6 +27,7 @@ from transformers.utils import logging as transformers_logging
 from florist_hf.aggregation import get_method
 from florist_hf.client import ClientRound, FederatedCallback, build_client_trainer, build_lora_model
 from florist_hf.data import demo_records, tokenize_records
+from florist_hf.global_state import state_of_adapters, write_global_state
 from florist_hf.server import aggregate_adapters
 from florist_hf.tiny import build_tiny_llama
 
@@ -64,13 +65,14 @@ def main() -> None:
         warmup = ClientRound(client_id=0, round=1, rank=8, num_samples=len(dataset), export_dir=scratch / "r1_client")
         timed_round(base, tokenizer, dataset, scratch / "work", steps=5, plan=warmup)
         aggregate_adapters([warmup.export_dir], get_method("florist", threshold=0.9), scratch / "r1_global")
+        state_dir = write_global_state(state_of_adapters([scratch / "r1_global"]), scratch / "r1_state")
 
         plain, federated = [], []
         for repeat in range(args.repeats):
             plain.append(timed_round(base, tokenizer, dataset, scratch / "work", steps=args.steps, plan=None))
             plan = ClientRound(
                 client_id=0, round=2, rank=8, num_samples=len(dataset), export_dir=scratch / f"r2_client_{repeat}",
-                merge_adapters=[scratch / "r1_global"],
+                global_state=state_dir,
             )
             federated.append(timed_round(base, tokenizer, dataset, scratch / "work", steps=args.steps, plan=plan))
 

@@ -6,7 +6,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,9 +27,9 @@ class ClientRound:
     rank: int
     num_samples: int
     export_dir: Path
-    #: Global updates the client trains on top of, held beside the frozen base (FLoRIST, FLoRA:
-    #: every earlier round; see `attach_global_updates`).
-    merge_adapters: Sequence[Path] = field(default_factory=list)
+    #: The global state the client trains on top of, held beside the frozen base (FLoRIST, FLoRA:
+    #: the cumulative update of every earlier round, a `global_state` directory).
+    global_state: Path | None = None
     #: Global factors to continue training from, sliced to this client's rank (FedIT, FFA, FlexLoRA).
     init_adapter: Path | None = None
     #: FFA-LoRA: A stays at the shared random init, only B trains.
@@ -43,83 +43,12 @@ def lora_layers(model) -> dict:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
-#: Buffer names of the global-update factors `attach_global_updates` puts on a linear layer, and
-#: the attribute that keeps its hook's handle.
-GLOBAL_A, GLOBAL_B, GLOBAL_HOOK = "florist_global_a", "florist_global_b", "florist_global_hook"
-
-
-def _add_global_update(module, inputs, output):
-    # y = W x + B_g (A_g x): the sum of the global updates as a low-rank term beside W.
-    global_a, global_b = getattr(module, GLOBAL_A), getattr(module, GLOBAL_B)
-    update = (inputs[0].to(global_a.dtype) @ global_a.T) @ global_b.T
-    return output + update.to(output.dtype)
-
-
-def _linear_layers(model) -> dict:
-    """Every nn.Linear by its PEFT module name (``base_model.model.…``), a LoRA layer's base included."""
-    from florist_hf.adapters import PEFT_PREFIX
-
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not any(part in name for part in (".lora_A.", ".lora_B.")):
-            key = name.removesuffix(".base_layer")
-            layers[key if key.startswith(PEFT_PREFIX) else PEFT_PREFIX + key] = module
-    return layers
-
-
-@torch.no_grad()
-def attach_global_updates(model, adapter_dirs: Sequence[Path]) -> list:
-    """Make ``model`` the base plus the sum of the global updates in ``adapter_dirs``, exactly.
-
-    The base weights are left as loaded; each adapted linear layer gets the concatenated factors
-    of all the updates as fp32 buffers, A_g = [A_1; …; A_T] and B_g = [s_1·B_1, …, s_T·B_T], and a
-    forward hook that adds B_g·(A_g·x) to its output (SPEC §4 allows the sum as a frozen adapter
-    beside the trainable one). Nothing is rounded into the base's dtype, so a bf16 base trains on
-    base + Σ updates at bf16 forward precision in every round, and attaching costs reading the
-    factors, not T dense products per layer. Works on a PEFT model (the LoRA layers' base layers)
-    and on a plain model alike; returns the hook handles.
-    """
-    if not adapter_dirs:
-        return []
-    factors: dict[str, tuple[list, list]] = {}
-    for adapter_dir in adapter_dirs:
-        for name, update in read_adapter(adapter_dir).modules.items():
-            a_parts, b_parts = factors.setdefault(name, ([], []))
-            a_parts.append(update.lora_a.to(torch.float64))
-            b_parts.append(update.scale * update.lora_b.to(torch.float64))
-    layers = _linear_layers(model)
-    handles = []
-    for name, (a_parts, b_parts) in factors.items():
-        if name not in layers:
-            raise FloristError(f"{adapter_dirs[0]}: module {name} is not a linear layer of the model; target_modules must match")
-        layer = layers[name]
-        device = layer.weight.device if layer.weight.device.type != "meta" else torch.device("cpu")
-        if hasattr(layer, GLOBAL_HOOK):
-            raise FloristError(f"{name}: global updates are already attached; detach_global_updates first")
-        layer.register_buffer(GLOBAL_A, torch.cat(a_parts).to(device=device, dtype=torch.float32), persistent=False)
-        layer.register_buffer(GLOBAL_B, torch.cat(b_parts, dim=1).to(device=device, dtype=torch.float32), persistent=False)
-        handle = layer.register_forward_hook(_add_global_update)
-        setattr(layer, GLOBAL_HOOK, handle)
-        handles.append(handle)
-    return handles
-
-
-def detach_global_updates(model) -> None:
-    """Undo `attach_global_updates`: hooks and factor buffers removed, the layers as loaded."""
-    for module in model.modules():
-        handle = module.__dict__.pop(GLOBAL_HOOK, None)
-        if handle is not None:
-            handle.remove()
-            delattr(module, GLOBAL_A)
-            delattr(module, GLOBAL_B)
-
-
 @torch.no_grad()
 def install_global_state(model, plan: ClientRound, adapter_name: str = "default") -> None:
     """Put the global model of this round into a freshly built PEFT model (SPEC §4).
 
-    Merge-style methods hold every earlier global update beside the frozen base
-    (`attach_global_updates`) and train a fresh LoRA; continue-style methods copy the global
+    Merge-style methods hold the cumulative update of every earlier round beside the frozen base
+    (`global_state.attach_global_state`) and train a fresh LoRA; continue-style methods copy the global
     factors into the client's LoRA, taking the first r_k components and dividing B by the
     client's own scale so that s_k·B·A is the global update.
 
@@ -129,8 +58,11 @@ def install_global_state(model, plan: ClientRound, adapter_name: str = "default"
     ZeRO-3 the LoRA factors are gathered, changed on rank 0 and re-partitioned; every process must
     call this then (it is collective).
     """
+    from florist_hf.global_state import attach_global_state, read_global_state
+
     layers = lora_layers(model)
-    attach_global_updates(model, plan.merge_adapters)
+    if plan.global_state is not None:
+        attach_global_state(model, read_global_state(plan.global_state))
     if plan.init_adapter is not None:
         for name, update in read_adapter(plan.init_adapter).modules.items():
             layer = _layer(layers, name, plan.init_adapter)
@@ -349,8 +281,10 @@ class BaseModelCache:
             return
         if peft_model is not None:
             peft_model.base_model.unload()  # the LoRA layers out, the original linear layers back
+        from florist_hf.global_state import detach_global_state
+
         base = self.model
-        detach_global_updates(base)
+        detach_global_state(base)
         if hasattr(type(base), "is_activation_checkpointing"):  # transformers 5's name for it
             if base.is_activation_checkpointing:
                 base.activation_checkpointing_disable()

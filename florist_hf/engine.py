@@ -56,6 +56,8 @@ BASE_MODEL_DIR = "base_model"
 #: a --force re-aggregation of an earlier round made stale.
 ROUND_INPUTS = "inputs.json"
 SUPERSEDED_DIR = "superseded"
+#: Held (an OS file lock) by the process that owns a run directory; it names that process.
+RUN_LOCK = ".florist-hf.lock"
 
 
 @dataclass
@@ -69,6 +71,10 @@ class RunPaths:
 
     def global_dir(self, round_index: int) -> Path:
         return self.round_dir(round_index) / "global"
+
+    def global_state_dir(self, round_index: int) -> Path:
+        """Merge-style methods: the cumulative update of every round up to this one (`global_state`)."""
+        return self.round_dir(round_index) / "global_state"
 
     def client_dir(self, round_index: int, client_id: int) -> Path:
         return self.round_dir(round_index) / "clients" / f"client_{client_id}"
@@ -85,6 +91,46 @@ class RunPaths:
     def work(self) -> Path:
         """Scratch space for the server's own Trainer runs (held-out evaluation)."""
         return self.root / "work"
+
+
+class RunDirectoryLock:
+    """An exclusive lock on a run directory, so that two processes never train into one.
+
+    A POSIX ``flock`` on ``RUN_LOCK``: the OS releases it when the process ends, however it ends,
+    so a killed run never leaves a stale lock. The file names its holder for the refusal message.
+    """
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / RUN_LOCK
+        self._handle = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+        import sys
+
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise FloristError(
+                f"{self.path.parent}: in use by {holder}; wait for it to finish (or stop it), or use another output_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        handle.write(f"florist-hf process {os.getpid()} on {socket.gethostname()} (started {started}: "
+                     f"{' '.join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))})")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the file releases the flock
+            self._handle = None
 
 
 @dataclass
@@ -166,7 +212,7 @@ def client_training_view(recipe) -> dict:
     The method counts only by what it asks of clients: to train on the merged global updates or
     to continue the global factors, and whether lora_A is frozen.
     """
-    payload = recipe.model_dump(mode="json", exclude={"name", "output_dir", "evaluation", "hub", "tracking"})
+    payload = recipe.model_dump(mode="json", exclude={"name", "output_dir", "evaluation", "publish", "hub", "tracking"})
     for section, keys in SPEED_ONLY.items():
         for key in keys:
             payload[section].pop(key, None)
@@ -202,10 +248,23 @@ def client_training_changes(old, new) -> list[str]:
     ]
 
 
+#: (weights files with their size and mtime) -> digest: every round checks the digests of all
+#: earlier rounds' global adapters, and each is hashed once per process, not once per round.
+_DIGESTS: dict[tuple, str] = {}
+
+
 def _adapter_digest(adapter_dir: Path) -> str:
     """A hash of an adapter directory's weights (a FlexLoRA global's per-client truncations included)."""
+    files = sorted(adapter_dir.rglob("*.safetensors"))
+    key = tuple((str(path), stat.st_size, stat.st_mtime_ns) for path in files for stat in [path.stat()])
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _hash_files(adapter_dir, files)
+    return _DIGESTS[key]
+
+
+def _hash_files(adapter_dir: Path, files: Sequence[Path]) -> str:
     digest = hashlib.sha256()
-    for weights in sorted(adapter_dir.rglob("*.safetensors")):
+    for weights in files:
         digest.update(str(weights.relative_to(adapter_dir)).encode())
         with open(weights, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 24), b""):
@@ -213,22 +272,56 @@ def _adapter_digest(adapter_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def catch_up_bytes(paths: RunPaths, round_index: int) -> int:
-    """Bytes of earlier global updates this round's clients had to receive before training, for
-    merge-style methods with partial participation: a client holds round t's update once it
-    trained in round t or in any later round (it receives what it lacks when it next trains), so
-    a client of round ``round_index`` lacks every earlier round since its last participation.
-    With every client in every round this is 0; the round's own broadcast is counted apart."""
+def missed_rounds(paths: RunPaths, round_index: int) -> dict:
+    """Per client of round ``round_index``: the earlier rounds whose global update it lacks, for
+    merge-style methods with partial participation. A client holds round t's update once it
+    trained in round t or in any later round (the round's own broadcast delivers it), so it lacks
+    every round since its last participation (every round, if it never took part)."""
     sidecars = {t: json.loads((paths.global_dir(t) / SIDECAR).read_text()) for t in range(1, round_index + 1)
                 if (paths.global_dir(t) / SIDECAR).exists()}
     clients = {t: {_client_id(client) for client in sidecar["clients"]} for t, sidecar in sidecars.items()}
-    per_client = {t: sidecar["communication"]["downlink_bytes_total"] / max(len(clients[t]), 1) for t, sidecar in sidecars.items()}
-    total = 0.0
+    earlier = [t for t in sorted(clients) if t < round_index]
+    missed = {}
     for client in clients.get(round_index, ()):
-        for earlier in range(1, round_index):
-            if earlier in clients and not any(client in clients[t] for t in range(earlier, round_index) if t in clients):
-                total += per_client[earlier]
-    return int(total)
+        last = max((t for t in earlier if client in clients[t]), default=0)
+        missed[client] = [t for t in earlier if t > last]
+    return missed
+
+
+#: (global adapters' digests) -> bytes of their compacted sum: the same catch-up is sent to
+#: every client that missed the same rounds.
+_CATCH_UP_BYTES: dict[tuple, int] = {}
+
+
+def catch_up_bytes(paths: RunPaths, round_index: int) -> int:
+    """Bytes of earlier global updates this round's clients receive before training (merge-style
+    methods, partial participation): a client that missed one round gets that round's global
+    adapter; one that missed several gets their sum compacted into one update (exact, fp32), or
+    the whole global state where that is no larger (always, for a client that never took part).
+    With every client in every round this is 0; the round's own broadcast is counted apart."""
+    from florist_hf.adapters import read_adapter
+    from florist_hf.global_state import fold, read_state_record, record_wire_bytes
+
+    missed = missed_rounds(paths, round_index)
+    done = [t for t in range(1, round_index) if (paths.global_dir(t) / SIDECAR).exists()]
+    total = 0
+    for rounds in missed.values():
+        if not rounds:
+            continue
+        if len(rounds) == 1:
+            sidecar = json.loads((paths.global_dir(rounds[0]) / SIDECAR).read_text())
+            total += int(sidecar["communication"]["downlink_bytes_total"] / max(len(sidecar["clients"]), 1))
+            continue
+        record = read_state_record(paths.global_state_dir(done[-1]))
+        state_bytes = record_wire_bytes(record) if record is not None and record.get("rounds") == done else None
+        if rounds == done and state_bytes is not None:
+            total += state_bytes
+            continue
+        key = tuple(_adapter_digest(paths.global_dir(t)) for t in rounds)
+        if key not in _CATCH_UP_BYTES:
+            _CATCH_UP_BYTES[key] = fold(None, [read_adapter(paths.global_dir(t)) for t in rounds], rounds).wire_bytes
+        total += _CATCH_UP_BYTES[key] if state_bytes is None else min(_CATCH_UP_BYTES[key], state_bytes)
+    return total
 
 
 def round_record(paths: RunPaths, round_index: int, heldout: float | None, *, merges_into_base: bool = True) -> dict:
@@ -294,6 +387,8 @@ class Federation:
         self._superseded: Path | None = None
         #: the recipe's tracker run (`tracking.FederationTracker`), main process only
         self.tracker = None
+        #: the run directory's lock, held by the main process from `open` to `close`
+        self._lock: RunDirectoryLock | None = None
 
     @property
     def round_indices(self) -> range:
@@ -306,6 +401,9 @@ class Federation:
         model, and read what is logged; returns the base model's path or Hub id."""
         self.paths.root.mkdir(parents=True, exist_ok=True)
         if self.main:
+            if self._lock is None:
+                self._lock = RunDirectoryLock(self.paths.root)
+                self._lock.acquire()
             self.check_recipe(force)
         self.base_path = prepare_base_model(self.recipe, self.paths.root)
         records = read_metrics(self.paths.metrics)
@@ -401,7 +499,9 @@ class Federation:
         round_plan = RoundPlan(round_index, selected, complete=self.paths.global_dir(round_index).exists())
         if round_plan.complete:
             self.rounds_done.append(round_index)
+            self.global_state_dir(round_index)  # rebuilt here if a stop came before it was written
             return round_plan
+        state_dir = self.global_state_dir(received[-1]) if merges and received else None
         for client_id in selected:
             round_plan.clients.append(
                 ClientRound(
@@ -410,7 +510,7 @@ class Federation:
                     rank=self.recipe.client_rank(client_id),
                     num_samples=client_sizes[client_id],
                     export_dir=self.paths.client_dir(round_index, client_id),
-                    merge_adapters=[self.paths.global_dir(t) for t in received] if merges else [],
+                    global_state=state_dir,
                     init_adapter=None if merges else self.paths.global_dir(received[0]),
                     freeze_lora_a=self.method.name == "ffa",
                 )
@@ -512,20 +612,68 @@ class Federation:
                 )
             shutil.rmtree(self.paths.round_dir(round_plan.round) / "work", ignore_errors=True)  # the clients' checkpoints
         self.rounds_done.append(round_plan.round)
+        self.global_state_dir(round_plan.round)
         return step
 
-    def global_dirs(self, round_index: int) -> list[Path]:
-        """The global adapters that make up the global model after ``round_index``: every round's
-        for merge-style methods, the last one's for continue-style ones."""
-        done = [t for t in self.rounds_done if t <= round_index]
-        return [self.paths.global_dir(t) for t in (done if self.method.merges_into_base else done[-1:])]
+    def global_model(self, round_index: int) -> Path:
+        """What makes up the global model after ``round_index``: the global state (the cumulative
+        update of every round) for merge-style methods, the last round's global adapter else."""
+        if self.method.merges_into_base:
+            return self.global_state_dir(round_index)
+        return self.paths.global_dir([t for t in self.rounds_done if t <= round_index][-1])
+
+    def global_state_dir(self, round_index: int) -> Path | None:
+        """Merge-style methods: the directory of the cumulative update of the rounds done up to
+        ``round_index``; the main process (re)builds it where it is missing or stale.
+
+        Each round's state is the previous one plus that round's update, re-factorised exactly
+        (`global_state.fold`), one round at a time as a Flower node folds them. Only the two newest
+        states are kept: every older one is the same fold of the kept global adapters.
+        """
+        from florist_hf.adapters import read_adapter
+        from florist_hf.global_state import fold, read_global_state, read_state_record, write_global_state
+
+        rounds = [t for t in self.rounds_done if t <= round_index]
+        if not self.method.merges_into_base or not rounds:
+            return None
+        target = self.paths.global_state_dir(rounds[-1])
+        if not self.main:  # the main process built it before the others read it
+            return target
+        digests = {str(t): _adapter_digest(self.paths.global_dir(t)) for t in rounds}
+
+        def valid(count: int) -> bool:
+            record = read_state_record(self.paths.global_state_dir(rounds[count - 1]))
+            return record is not None and record.get("rounds") == rounds[:count] and record.get("inputs") == {
+                str(t): digests[str(t)] for t in rounds[:count]}
+
+        if valid(len(rounds)):
+            return target
+        start = next((count for count in range(len(rounds) - 1, 0, -1) if valid(count)), 0)
+        state = read_global_state(self.paths.global_state_dir(rounds[start - 1])) if start else None
+        for position in range(start, len(rounds)):
+            t = rounds[position]
+            state = fold(state, [read_adapter(self.paths.global_dir(t))], [t], [digests[str(t)]])
+            if position >= len(rounds) - 2:  # the previous state stays for the next round's catch-up bytes
+                write_global_state(state, self.paths.global_state_dir(t))
+        for t in rounds[:-2]:
+            shutil.rmtree(self.paths.global_state_dir(t), ignore_errors=True)
+        return target
+
+    def catch_up_state(self, rounds: Sequence[int]):
+        """The global updates of ``rounds`` summed and compacted into one (exact): what a Flower
+        node that missed those rounds receives instead of each of them."""
+        from florist_hf.adapters import read_adapter
+        from florist_hf.global_state import fold
+
+        return fold(None, [read_adapter(self.paths.global_dir(t)) for t in rounds], list(rounds),
+                    [_adapter_digest(self.paths.global_dir(t)) for t in rounds])
 
     def heldout_loss(self, round_index: int, tokenizer, test_records, *, base_cache=None) -> float | None:
         """The held-out loss (response tokens) of the global model after ``round_index``."""
         from florist_hf.evaluation import global_heldout_loss
 
         return global_heldout_loss(
-            self.recipe, self.base_path, self.global_dirs(round_index), self.method.merges_into_base, tokenizer,
+            self.recipe, self.base_path, self.global_model(round_index), self.method.merges_into_base, tokenizer,
             test_records, self.paths.work, base_cache=base_cache,
         )
 
@@ -592,8 +740,12 @@ class Federation:
 
     def publish(self, round_index: int, out_dir: Path) -> Path:
         """The global model after ``round_index`` as one PEFT adapter on the original base."""
+        from florist_hf.global_state import read_global_state
+
         rounds = [t for t in self.rounds_done if t <= round_index]
-        return write_published_adapter([self.paths.global_dir(t) for t in rounds], rounds, self.method, out_dir)
+        state_dir = self.global_state_dir(round_index)
+        return write_published_adapter(self.paths.global_dir(rounds[-1]), read_global_state(state_dir) if state_dir else None,
+                                       self.method, out_dir, threshold=self.recipe.publish.threshold)
 
     def evaluate(self, adapter_dir: Path, round_index: int) -> dict:
         """The recipe's lm-eval evaluation of an adapter published after ``round_index``, once;
@@ -625,23 +777,37 @@ class Federation:
         evaluation = self.evaluate(final_dir, self.rounds_done[-1]) if self.recipe.evaluation is not None else None
         summary = self.summarize(client_sizes)
         summary["evaluation"] = evaluation
+        published = json.loads((final_dir / SIDECAR).read_text())
+        summary["published"] = {key: published.get(key) for key in ("total_rank", "publish_threshold", "high_rank_modules")}
+        if published.get("high_rank_modules"):
+            self.console.print(
+                f"[yellow]{len(published['high_rank_modules'])} of {len(published['modules'])} modules of the cumulative update "
+                f"are no longer low-rank (rank above a quarter of min(m, n)): {GLOBAL_ADAPTER}/ is exact but large; serve "
+                "`florist-hf export --format merged`, or set publish.threshold for a compact adapter[/]")
         if runtime:
             summary["runtime"] = runtime
         write_json_atomic(self.paths.root / RUN_SUMMARY, summary)
-        self.close()
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
         hub = self.recipe.hub
         if hub is not None and hub.push:
             from florist_hf.hub import push
 
             url = push(self.paths.root, hub.repo_id, private=hub.private, include_client_details=hub.include_client_details)
             self.console.print(f"pushed to {url}")
+        self.close()
         return final_dir
 
     def close(self) -> None:
-        """End the tracker run, if any (finish does; a driver that stops early may too)."""
+        """End the tracker run, if any, and release the run directory (finish does; a driver
+        that stops early must too)."""
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def summarize(self, client_sizes: Sequence[int]) -> dict:
         """``run.json``: what ran, what it cost, where the result is."""

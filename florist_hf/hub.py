@@ -131,6 +131,23 @@ def _card_data(run: Mapping, method: str | None, base_model: str | None, repo_id
     )
 
 
+def _published_notes(sidecar: Mapping) -> list[str]:
+    """What the card says of a cumulative update published after many rounds."""
+    notes = []
+    threshold = sidecar.get("publish_threshold")
+    if threshold is not None:
+        kept = [module["energy_kept"] for module in sidecar.get("modules", {}).values() if "energy_kept" in module]
+        notes += [f"Published compact: the cumulative update of every round kept per module at the smallest rank whose "
+                  f"energy reaches τ = {threshold:g} (energy kept: at least {min(kept, default=1.0):.4f}; per module in "
+                  f"`{SIDECAR}`).", ""]
+    high_rank = sidecar.get("high_rank_modules") or []
+    if high_rank:
+        notes += [f"{len(high_rank)} of {len(sidecar.get('modules', {}))} modules' cumulative update is no longer low-rank "
+                  "(its exact rank is above a quarter of min(m, n)): this adapter is exact but nearly as large as the "
+                  "weights it changes. To serve it, merge it into the base (`florist-hf export --format merged`).", ""]
+    return notes
+
+
 def _card_body(
     repo_id: str,
     method: str | None,
@@ -197,6 +214,7 @@ def _card_body(
         "",
         "Rank of the global adapter per module type, across layers.",
         "",
+        *_published_notes(sidecar or {}),
         "| module | min | median | max | total |",
         "|---|---|---|---|---|",
         *(

@@ -182,6 +182,16 @@ class EvaluationSection(Section):
         return batch_size
 
 
+class PublishSection(Section):
+    """How the final global adapter is written (not part of the run's fingerprint: changing it
+    republishes without training)."""
+
+    #: Merge-style methods (florist, flora) only: keep per module the smallest rank of the
+    #: cumulative update whose energy reaches this τ (FLoRIST's rule on the whole federation's
+    #: update), for a compact adapter after many rounds. None: the exact cumulative update.
+    threshold: float | None = Field(None, gt=0, le=1)
+
+
 class HubSection(Section):
     push: bool = False
     repo_id: str | None = None
@@ -235,6 +245,7 @@ class Recipe(Section):
     #: Per-client TrainingArguments overrides (clients on different hardware), by client index.
     client_training: dict[int, dict[str, Any]] = Field(default_factory=dict)
     evaluation: EvaluationSection | None = None
+    publish: PublishSection = Field(default_factory=PublishSection)
     hub: HubSection | None = None
     tracking: TrackingSection | None = None
     output_dir: str = "runs/federation"
@@ -266,6 +277,13 @@ class Recipe(Section):
                 raise ValueError(f"client_training names client {client}, outside 0..{self.federation.num_clients - 1}")
         return self
 
+    @model_validator(mode="after")
+    def _publish_threshold_on_a_cumulative_update(self):
+        if self.publish.threshold is not None and self.federation.method not in ("florist", "flora"):
+            raise ValueError(f"publish.threshold truncates the cumulative update of florist or flora; {self.federation.method} "
+                             "publishes its last round's factors as they are — remove publish.threshold")
+        return self
+
     # --- derived settings -----------------------------------------------------------------------
 
     def client_rank(self, client: int) -> int:
@@ -291,7 +309,7 @@ class Recipe(Section):
 
     def fingerprint(self) -> str:
         """A hash of everything that changes the result (not where it is written)."""
-        payload = self.model_dump(mode="json", exclude={"output_dir", "evaluation", "hub", "tracking"})
+        payload = self.model_dump(mode="json", exclude={"output_dir", "evaluation", "publish", "hub", "tracking"})
         # Settings added after runs were recorded count only when set: at their defaults a run
         # directory made before they existed keeps its fingerprint (and resumes without --force).
         for section, defaults in LATER_DEFAULTS.items():

@@ -27,63 +27,66 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     main = distributed.is_main_process()
     federation = Federation(recipe, console=console, main=main)
     console, paths = federation.console, federation.paths
-    with distributed.main_process_first():
-        base_path = federation.open(force=force)
-    model = recipe.model
-    # A base that cannot be loaded (offline, gated, misspelt) fails here in one line, before any
-    # data is prepared or any client starts: its config and tokenizer are a few KB.
-    load_model_config(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
-    tokenizer = load_tokenizer(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
-    shards, test_records = prepare_client_data(recipe)
-    client_sizes = [len(shard) for shard in shards]
-    console.print(federation.describe(client_sizes))
-    federation.ensure_initial_adapter()
+    try:
+        with distributed.main_process_first():
+            base_path = federation.open(force=force)
+        model = recipe.model
+        # A base that cannot be loaded (offline, gated, misspelt) fails here in one line, before any
+        # data is prepared or any client starts: its config and tokenizer are a few KB.
+        load_model_config(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        tokenizer = load_tokenizer(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        shards, test_records = prepare_client_data(recipe)
+        client_sizes = [len(shard) for shard in shards]
+        console.print(federation.describe(client_sizes))
+        federation.ensure_initial_adapter()
 
-    datasets: dict[int, object] = {}  # each client's shard, tokenized once for all rounds
-    base_cache = BaseModelCache() if reuses_base_model(recipe) else None  # the base, loaded once
-    for round_index in federation.round_indices:
-        distributed.wait_for_everyone()  # what the main process wrote last round is complete
-        with distributed.main_process_first():  # it sets aside what a --force change made stale
-            round_plan = federation.plan_round(round_index, client_sizes)
-        if round_plan.complete:
-            console.print(f"round {round_index}: already complete, reused")
-            # Stopped between the aggregation and the round's record: the record is rebuilt
-            # below from the global adapter's sidecar, which was written with it.
-            if federation.is_recorded(round_index):
-                continue
-        else:
-            console.print(f"[bold]round {round_index}/{recipe.federation.rounds}[/]: clients {round_plan.selected}")
-            trained = []
-            for plan in round_plan.clients:
-                if plan.export_dir.exists():
-                    console.print(f"  client {plan.client_id}: already trained this round, reused")
-                else:
-                    if plan.client_id not in datasets:
-                        datasets[plan.client_id] = tokenize_shard(recipe, tokenizer, shards[plan.client_id])
-                    training = {**recipe.training, **recipe.client_training.get(plan.client_id, {})}
-                    with distributed.client_model_loading(training):
-                        run_client_round(
-                            recipe, plan, base_path, tokenizer, datasets[plan.client_id],
-                            paths.client_work_dir(round_index, plan.client_id), console,
-                            base_cache=base_cache, is_main_process=main,
-                            callbacks=[federation.tracker.client_relay(plan.client_id, round_index)] if federation.tracker else [],
-                        )
-                distributed.wait_for_everyone()  # the main process has exported the adapter
-                if federation.accept(plan):
-                    trained.append(plan)
-            federation.aggregate(round_plan, trained)
-        heldout = None
-        if recipe.federation.eval_heldout_loss and test_records:
-            distributed.wait_for_everyone()  # the global adapter is on disk
-            # Every process evaluates a share, with whole weights (see distributed.without_deepspeed).
-            with distributed.without_deepspeed():
-                heldout = federation.heldout_loss(round_index, tokenizer, test_records, base_cache=base_cache)
-        if main:
-            federation.record_round(round_index, heldout)
+        datasets: dict[int, object] = {}  # each client's shard, tokenized once for all rounds
+        base_cache = BaseModelCache() if reuses_base_model(recipe) else None  # the base, loaded once
+        for round_index in federation.round_indices:
+            distributed.wait_for_everyone()  # what the main process wrote last round is complete
+            with distributed.main_process_first():  # it sets aside what a --force change made stale
+                round_plan = federation.plan_round(round_index, client_sizes)
+            if round_plan.complete:
+                console.print(f"round {round_index}: already complete, reused")
+                # Stopped between the aggregation and the round's record: the record is rebuilt
+                # below from the global adapter's sidecar, which was written with it.
+                if federation.is_recorded(round_index):
+                    continue
+            else:
+                console.print(f"[bold]round {round_index}/{recipe.federation.rounds}[/]: clients {round_plan.selected}")
+                trained = []
+                for plan in round_plan.clients:
+                    if plan.export_dir.exists():
+                        console.print(f"  client {plan.client_id}: already trained this round, reused")
+                    else:
+                        if plan.client_id not in datasets:
+                            datasets[plan.client_id] = tokenize_shard(recipe, tokenizer, shards[plan.client_id])
+                        training = {**recipe.training, **recipe.client_training.get(plan.client_id, {})}
+                        with distributed.client_model_loading(training):
+                            run_client_round(
+                                recipe, plan, base_path, tokenizer, datasets[plan.client_id],
+                                paths.client_work_dir(round_index, plan.client_id), console,
+                                base_cache=base_cache, is_main_process=main,
+                                callbacks=[federation.tracker.client_relay(plan.client_id, round_index)] if federation.tracker else [],
+                            )
+                    distributed.wait_for_everyone()  # the main process has exported the adapter
+                    if federation.accept(plan):
+                        trained.append(plan)
+                federation.aggregate(round_plan, trained)
+            heldout = None
+            if recipe.federation.eval_heldout_loss and test_records:
+                distributed.wait_for_everyone()  # the global adapter is on disk
+                # Every process evaluates a share, with whole weights (see distributed.without_deepspeed).
+                with distributed.without_deepspeed():
+                    heldout = federation.heldout_loss(round_index, tokenizer, test_records, base_cache=base_cache)
+            if main:
+                federation.record_round(round_index, heldout)
 
-    if base_cache is not None:
-        base_cache.clear()  # lm-eval loads its own model
-    if main:  # training is over; the main process publishes, evaluates and pushes alone
-        federation.finish(client_sizes)
+        if base_cache is not None:
+            base_cache.clear()  # lm-eval loads its own model
+        if main:  # training is over; the main process publishes, evaluates and pushes alone
+            federation.finish(client_sizes)
+    finally:
+        federation.close()  # the run directory is released however the run ends
     distributed.wait_for_everyone()
     return paths.root

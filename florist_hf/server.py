@@ -33,7 +33,6 @@ from florist_hf.aggregation import (
     SharedAMismatch,
     energy,
     round_communication,
-    sum_of_updates,
 )
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory
@@ -224,42 +223,59 @@ class StreamingServerRound:
                                   overwrite, client_names, seconds)
 
 
-def write_published_adapter(global_dirs: Sequence[Path], rounds: Sequence[int], method: AggregationMethod, out_dir: Path) -> Path:
-    """One PEFT adapter on the ORIGINAL base holding the global model whose round adapters are
-    ``global_dirs`` (rounds ``rounds``, oldest first), written atomically (SPEC §4).
+#: A module's cumulative update counts as no longer low-rank above this share of min(m, n): its
+#: adapter is then close to a dense delta, and a merged export serves it better.
+LOW_RANK_SHARE = 0.25
 
-    Merge-style methods sum the round updates and re-factorise the sum with the stacked
-    decomposition at τ = 1 (exact); continue-style methods publish the last round's global.
+
+def write_published_adapter(last_global: Path, state, method: AggregationMethod, out_dir: Path, *,
+                            threshold: float | None = None) -> Path:
+    """One PEFT adapter on the ORIGINAL base holding the global model after the round whose
+    global adapter is ``last_global``, written atomically (SPEC §4).
+
+    Merge-style methods publish ``state`` (`global_state.GlobalState`, the cumulative update of
+    every round) as its exact SVD at its numerical rank, or, with ``threshold`` (τ), at the
+    smallest rank per module whose energy reaches τ (the energy kept is recorded per module).
+    Continue-style methods publish the last round's global adapter.
     """
-    last_global = Path(global_dirs[-1])
+    from florist_hf.aggregation.cumulative import published_factors
+
+    last_global = Path(last_global)
     last_sidecar = json.loads((last_global / SIDECAR).read_text())
     with atomic_directory(out_dir, overwrite=True) as staging:
         if not method.merges_into_base:
             shutil.copytree(last_global, staging, dirs_exist_ok=True)
             shutil.rmtree(staging / CLIENT_ADAPTERS_DIR, ignore_errors=True)
             return out_dir
-        rounds_read = [read_adapter(global_dir) for global_dir in global_dirs]
-        summed = {name: sum_of_updates([r.modules[name] for r in rounds_read]) for name in rounds_read[0].modules}
+        last = read_adapter(last_global)
+        published = {name: published_factors(held, 1.0 if threshold is None else threshold) for name, held in state.modules.items()}
+        high_rank = sorted(name for name, module in published.items()
+                           if module.exact_rank > LOW_RANK_SHARE * min(state.modules[name].shape))
         sidecar = {
             **last_sidecar,
-            "published": "sum of the round updates, re-factorised at threshold 1",
-            "rounds": list(rounds),
+            "published": "the cumulative update of every round, " + (
+                "exact (its SVD at its numerical rank)" if threshold is None else f"its SVD kept at energy threshold {threshold:g}"),
+            "publish_threshold": threshold,
+            "rounds": list(state.rounds),
             "modules": {
                 name: {
-                    "shape": list(rounds_read[0].modules[name].shape),
-                    "selected_rank": module.selected_rank,
+                    "shape": list(state.modules[name].shape),
+                    "selected_rank": module.rank,
+                    "exact_rank": module.exact_rank,
                     "singular_values": [float(s) for s in module.singular_values],
-                    "energy_kept": 1.0,
+                    "energy_kept": module.energy_kept,
                 }
-                for name, module in summed.items()
+                for name, module in published.items()
             },
-            "total_rank": sum(module.selected_rank for module in summed.values()),
+            "total_rank": sum(module.rank for module in published.values()),
+            # Modules whose exact update is no longer low-rank: `florist-hf export --format merged` serves them.
+            "high_rank_modules": high_rank,
         }
         save_adapter_files(
             staging,
-            {name: (module.lora_b, module.lora_a) for name, module in summed.items()},
-            config_template=rounds_read[0].config,
-            dtype=rounds_read[0].dtype,
+            {name: (module.lora_b, module.lora_a) for name, module in published.items()},
+            config_template=last.config,
+            dtype=last.dtype,
             sidecar=sidecar,
         )
     return out_dir

@@ -94,6 +94,7 @@ def test_global_state_is_installed_when_the_trainer_is_built(tiny_base, tmp_path
     from transformers import AutoTokenizer
 
     from florist_hf.data import demo_records, tokenize_records
+    from florist_hf.global_state import state_of_adapters, write_global_state
 
     donor = lora_model(tiny_base)
     with torch.no_grad():
@@ -107,7 +108,8 @@ def test_global_state_is_installed_when_the_trainer_is_built(tiny_base, tmp_path
     before = {name: layer.get_base_layer().weight.detach().clone() for name, layer in lora_layers(model).items()}
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     dataset = tokenize_records(demo_records()[:8], tokenizer, cutoff_len=32)
-    plan = ClientRound(client_id=0, round=2, rank=4, num_samples=8, export_dir=tmp_path / "round2", merge_adapters=[global_dir])
+    state_dir = write_global_state(state_of_adapters([global_dir]), tmp_path / "state")
+    plan = ClientRound(client_id=0, round=2, rank=4, num_samples=8, export_dir=tmp_path / "round2", global_state=state_dir)
     build_client_trainer(model, tokenizer, dataset, training={"max_steps": 1, "use_cpu": True}, work_dir=tmp_path / "work",
                          seed=0, callbacks=[FederatedCallback(plan)])
     update = read_adapter(global_dir)

@@ -416,7 +416,8 @@ def test_bf16_clients_train_on_base_plus_the_exact_sum_of_updates(tmp_path):
     round, with no error that grows with the round count."""
     from transformers import AutoModelForCausalLM
 
-    from florist_hf.client import GLOBAL_A, GLOBAL_B, ClientRound, build_lora_model, install_global_state, lora_layers
+    from florist_hf.client import ClientRound, build_lora_model, install_global_state, lora_layers
+    from florist_hf.global_state import held_delta, state_of_adapters, write_global_state
     from florist_hf.data import demo_records, tokenize_records
 
     recipe = load_recipe(write_recipe(
@@ -437,13 +438,14 @@ def test_bf16_clients_train_on_base_plus_the_exact_sum_of_updates(tmp_path):
     for rounds_done in (1, 2, 3):
         model = build_lora_model(str(base), rank=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.0,
                                  use_rslora=False, dtype="bfloat16", seed=0)
+        state_dir = write_global_state(state_of_adapters(globals_[:rounds_done]), tmp_path / f"state_{rounds_done}")
         install_global_state(model, ClientRound(client_id=0, round=rounds_done + 1, rank=4, num_samples=1,
-                                                export_dir=tmp_path / "unused", merge_adapters=globals_[:rounds_done]))
+                                                export_dir=tmp_path / "unused", global_state=state_dir))
         updates = [delta_weights(g) for g in globals_[:rounds_done]]
         for name, layer in lora_layers(model).items():
             base_layer = layer.get_base_layer()
             assert torch.equal(base_layer.weight, loaded[name.removeprefix("base_model.model.")])  # never rounded into
-            held = getattr(base_layer, GLOBAL_B).double() @ getattr(base_layer, GLOBAL_A).double()
+            held = held_delta(base_layer)
             assert relative_error(held, sum(u[name] for u in updates)) < 1e-6
         with torch.no_grad():
             logits = model.eval()(input_ids=input_ids).logits.double()

@@ -256,8 +256,8 @@ def test_a_node_that_lost_its_global_updates_gets_them_again_and_a_killed_run_re
         """As if the server had sent round 1's update before and client 1's work dir was reset since."""
         where = (message.metadata.message_type, message.metadata.group_id, context.node_config["partition-id"])
         if where == ("train", "2", 1) and not lost:
-            del message.content.array_records["global.1"]
-            del message.content.config_records["global.1.config"]
+            del message.content.array_records["global"]
+            del message.content.config_records["global.config"]
             shutil.rmtree(nodes / "run_7" / "client_1" / "globals", ignore_errors=True)
             lost.append(True)
 
@@ -289,6 +289,40 @@ def assert_same_update(run_dir: Path, reference_dir: Path, rtol: float) -> None:
         expected = module.scale * module.lora_b.double() @ module.lora_a.double()
         got = other.scale * other.lora_b.double() @ other.lora_a.double()
         assert float((got - expected).norm() / expected.norm()) < rtol, name
+
+
+def test_a_node_that_sat_out_rounds_gets_one_compacted_catch_up_and_the_run_equals_florist_hf_run(tmp_path, server_identity):
+    """1 of 3 clients per round for 7 rounds (clients 2, 2, 1, 2, 2, 1, 0): a node that missed one
+    round gets that round's global adapter, one that missed several gets their sum compacted into
+    one update, a node that holds nothing gets the whole state; the global model is run's."""
+    from florist_hf.flower import make_client_app, run_flower_federation
+
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 4, 4), rounds=7)
+    settings = yaml.safe_load(recipe_path.read_text())
+    settings["federation"].update(clients_per_round=1, eval_heldout_loss=False)
+    recipe_path.write_text(yaml.safe_dump(settings))
+    reference = reference_run(recipe_path, tmp_path / "reference")
+
+    sent = []
+
+    def record(message, context):
+        if message.metadata.message_type == "train":
+            config = message.content["config"]
+            sent.append((int(message.metadata.group_id), context.node_config["partition-id"], config["sent-form"],
+                         json.loads(config["sent-rounds"])))
+
+    grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes", record)
+    run_dir = run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"]),
+                                    console=quiet_console())
+    assert sent == [
+        (1, 2, "none", []), (2, 2, "global", [1]), (3, 1, "global-state", [1, 2]), (4, 2, "catch-up", [2, 3]),
+        (5, 2, "global", [4]), (6, 1, "catch-up", [3, 4, 5]), (7, 0, "global-state", [1, 2, 3, 4, 5, 6]),
+    ]
+    # Catch-ups are compacted by another route than the server's round-by-round fold: the same
+    # update to fp32 round-off, on which the later clients trained.
+    for round_index in range(1, 8):
+        assert_same_update(RunPaths(run_dir).global_dir(round_index), RunPaths(reference).global_dir(round_index), rtol=1e-4)
+    assert_same_update(run_dir / "global_adapter", reference / "global_adapter", rtol=1e-4)
 
 
 def test_streaming_aggregation_folds_replies_as_they_arrive_and_equals_florist_hf_run(tmp_path, florist_case,

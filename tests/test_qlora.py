@@ -55,7 +55,7 @@ def test_qlora_clients_train_on_the_4bit_base_and_publish_a_peft_adapter(tmp_pat
 
 def test_global_updates_ride_beside_the_4bit_weights_exactly(tmp_path):
     """Merge-style: the 4-bit weights are never changed; the held updates add exactly B_g·A_g·x."""
-    from florist_hf.client import attach_global_updates, detach_global_updates
+    from florist_hf.global_state import attach_global_state, detach_global_state, state_of_adapters
     from florist_hf.loading import load_causal_lm
     from florist_hf.recipe import QuantizationSection
 
@@ -67,11 +67,11 @@ def test_global_updates_ride_beside_the_4bit_weights_exactly(tmp_path):
     x = torch.randn(3, layer.in_features)
     plain = layer(x)
     packed = layer.weight.data.clone()  # after the first forward: bitsandbytes' CPU path repacks the weight then
-    attach_global_updates(model, [run_dir / "rounds/1/global"])
+    attach_global_state(model, state_of_adapters([run_dir / "rounds/1/global"]))
     update = delta_weights(run_dir / "rounds/1/global")["base_model.model.model.layers.0.self_attn.q_proj"]
     assert relative_error((layer(x) - plain).double(), x.double() @ update.T) < 1e-5
     assert torch.equal(layer.weight.data, packed)
-    detach_global_updates(model)
+    detach_global_state(model)
     assert torch.equal(layer(x), plain)
 
 

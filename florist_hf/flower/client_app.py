@@ -1,14 +1,14 @@
 """The Flower ClientApp: one florist-hf client (the same Trainer + FederatedCallback as ``florist-hf run``).
 
-Each train message carries the recipe, this client's round plan and the global state; the client
-materialises the global state as PEFT adapter directories, runs ``run_client_round`` exactly as
-the in-process round loop does, and replies with its adapter's tensors (PEFT key names) plus its
+Each train message carries the recipe, this client's round plan and what the node lacks of the
+global state; the client brings its kept global state up to date (`update_global_state`), runs
+``run_client_round`` exactly as the in-process round loop does, and replies with its adapter's tensors (PEFT key names) plus its
 rank, alpha, scale and sample count.
 
 Node config (``flower-supernode --node-config "..."``):
     partition-id    this node's client index k (required in deployment; set by the simulation)
     num-partitions  optional, checked against the recipe's federation.num_clients
-    work-dir        optional, where the client keeps its base model, received global updates
+    work-dir        optional, where the client keeps its base model, its global state
                     and working files (default: <system temp>/florist-hf-flower)
     data-file       optional, a local .json/.jsonl file with this client's own records; without
                     it the client takes shard k of the recipe's data section
@@ -111,6 +111,46 @@ def _materialise(message: Message, record_key: str, out_dir: Path) -> None:
     )
 
 
+def update_global_state(message: Message, state_dir: Path, client_id: int) -> Path | None:
+    """Bring this node's global state (kept in ``state_dir`` between rounds) up to the rounds the
+    server's message names, from what the message carries of it (see `protocol`); returns the
+    directory, or None before any round is done. A node that lacks what the message assumes (its
+    work dir was reset) raises `protocol.MISSING_GLOBAL`, and the server sends the whole state."""
+    from florist_hf.adapters import read_adapter
+    from florist_hf.global_state import fold, fold_state, read_global_state, read_state_record, write_global_state
+    from florist_hf.flower.records import records_to_state
+
+    config, content = message.content[protocol.CONFIG], message.content
+    merge_rounds, sent = json.loads(str(config["merge-rounds"])), json.loads(str(config["sent-rounds"]))
+    form = str(config["sent-form"])
+    if not merge_rounds:
+        return None
+    record = read_state_record(state_dir)
+    held = list(record["rounds"]) if record is not None else []
+    if form in content.array_records and form == protocol.GLOBAL_STATE:
+        state = records_to_state(content.array_records[form], content.config_records[protocol.config_key(form)],
+                                 source="server message (global state)")
+        write_global_state(state, state_dir)
+    elif form in content.array_records and sorted(held + sent) == merge_rounds:
+        state = read_global_state(state_dir) if held else None
+        if form == protocol.GLOBAL_UPDATE:
+            update_dir = state_dir.parent / f"round_{sent[0]}"
+            _materialise(message, form, update_dir)
+            state = fold(state, [read_adapter(update_dir)], sent)
+            shutil.rmtree(update_dir, ignore_errors=True)
+        else:
+            catch_up = records_to_state(content.array_records[form], content.config_records[protocol.config_key(form)],
+                                        source="server message (catch-up)")
+            state = catch_up if state is None else fold_state(state, catch_up)
+        write_global_state(state, state_dir)
+    record = read_state_record(state_dir)
+    if record is None or list(record["rounds"]) != merge_rounds:
+        missing = sorted(set(merge_rounds) - set(record["rounds"] if record else []))
+        raise FloristError(f"client {client_id}: {protocol.MISSING_GLOBAL} {missing[0] if missing else merge_rounds[-1]} "
+                           f"(its work dir {state_dir.parent.parent} was reset)")
+    return state_dir
+
+
 def train_client(message: Message, context: Context, work_dir: str | Path | None = None, console=None) -> Message:
     """Run one client round for a ``train`` message and reply with the trained adapter."""
     from rich.console import Console
@@ -130,14 +170,7 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     round_index = int(config["round"])
     root = _work_root(context, work_dir, client_id)
 
-    merge_dirs = []
-    for earlier in json.loads(str(config["merge-rounds"])):
-        target = root / "globals" / f"round_{earlier}"
-        if protocol.global_key(earlier) in message.content.array_records:
-            _materialise(message, protocol.global_key(earlier), target)
-        elif not target.is_dir():
-            raise FloristError(f"client {client_id}: {protocol.MISSING_GLOBAL} {earlier} (its work dir {root} was reset)")
-        merge_dirs.append(target)
+    state_dir = update_global_state(message, root / "globals" / "state", client_id)
     init_dir = None
     if int(config["init-round"]) >= 0:
         init_dir = root / "init" / f"round_{round_index}"
@@ -152,7 +185,7 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
         rank=int(config["rank"]),
         num_samples=len(records),
         export_dir=root / "rounds" / str(round_index) / "export",
-        merge_adapters=merge_dirs,
+        global_state=state_dir,
         init_adapter=init_dir,
         freeze_lora_a=bool(config["freeze-lora-a"]),
     )

@@ -7,9 +7,13 @@ Client -> server:
 
 Server -> client, ``train`` (one per selected client per round):
     "config": ConfigRecord {recipe (JSON), client-id, round, rank, num-samples,
-                            merge-rounds (JSON list), init-round (-1: none), freeze-lora-a}
-    "global.<t>" + "global.<t>.config": the global update of round t, for every merge round the
-        node has not received yet (FLoRIST, FLoRA; the node keeps the ones it got)
+                            merge-rounds (JSON list: the rounds the global state sums),
+                            sent-rounds (JSON list), sent-form, init-round (-1: none), freeze-lora-a}
+    FLoRIST, FLoRA: the node keeps the global state (the cumulative update of the merge rounds) and
+    is sent what it lacks of it, the sent-rounds, in one of three forms (sent-form):
+    "global" + "global.config": one round's global adapter (the node folds it into its state);
+    "catch-up" + "catch-up.config": several rounds' updates summed and compacted into one state;
+    "global-state" + "global-state.config": the whole state, replacing the node's.
     "init" + "init.config": the global factors to continue from (FedIT, FFA-LoRA, FlexLoRA)
 Client -> server:
     "adapter": ArrayRecord, the client's trained LoRA factors under their PEFT key names
@@ -31,6 +35,10 @@ CONFIG = "config"
 ADAPTER = "adapter"
 METRICS = "metrics"
 INIT = "init"
+#: sent-form values: the record key of what a train message carries of the global state.
+GLOBAL_UPDATE = "global"
+CATCH_UP = "catch-up"
+GLOBAL_STATE = "global-state"
 
 #: A client that lacks an earlier round's global update (its work dir was reset) raises an error
 #: with this text; the server then sends it the round again, with every earlier update.
@@ -41,10 +49,6 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 WORK_DIR = "work-dir"
 DATA_FILE = "data-file"
-
-
-def global_key(round_index: int) -> str:
-    return f"global.{round_index}"
 
 
 def config_key(record_key: str) -> str:

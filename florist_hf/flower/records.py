@@ -109,3 +109,30 @@ def write_adapter_records(
         if client_info is not None:
             write_json_atomic(staging / CLIENT_INFO, client_info)
     return Path(out_dir)
+
+
+#: ConfigRecord key of a global state on the wire: its `global_state.json` record.
+STATE_RECORD_KEY = "global-state"
+
+
+def state_to_records(state) -> tuple[ArrayRecord, ConfigRecord]:
+    """A `global_state.GlobalState` -> (ArrayRecord of its fp32 tensors, ConfigRecord of its record)."""
+    from florist_hf.global_state import WIRE_DTYPE, state_tensors
+
+    tensors, record = state_tensors(state, WIRE_DTYPE)
+    arrays = ArrayRecord()
+    for name in sorted(tensors):
+        arrays[name] = Array(tensors[name].detach().cpu().contiguous().numpy())
+    return arrays, ConfigRecord({STATE_RECORD_KEY: json.dumps(record)})
+
+
+def records_to_state(arrays: ArrayRecord, config: ConfigRecord, *, source: str = "message"):
+    """The inverse of `state_to_records`."""
+    from florist_hf.global_state import state_from_tensors
+
+    try:
+        record = json.loads(str(config[STATE_RECORD_KEY]))
+    except (KeyError, json.JSONDecodeError):
+        raise FloristError(f"{source}: no readable {STATE_RECORD_KEY} record beside the global state's tensors") from None
+    tensors = {name: torch.from_numpy(array.numpy().copy()) for name, array in arrays.items()}
+    return state_from_tensors(tensors, record, source)

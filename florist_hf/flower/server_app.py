@@ -40,7 +40,7 @@ from flwr.serverapp.strategy import Strategy
 from florist_hf.adapters import read_adapter
 from florist_hf.errors import FloristError
 from florist_hf.flower import protocol
-from florist_hf.flower.records import adapter_to_records, write_adapter_records
+from florist_hf.flower.records import adapter_to_records, state_to_records, write_adapter_records
 from florist_hf.server import StreamingServerRound
 
 DEFAULT_NODE_TIMEOUT = 600.0
@@ -109,7 +109,7 @@ class _RoundState:
     plan: object = None
     #: the round's client plans, by client id
     plans: dict = field(default_factory=dict)
-    #: per node, the merge rounds this round's message carried
+    #: per node, the rounds of the global state its node holds once it has trained this round
     sent: dict = field(default_factory=dict)
     #: bytes of the adapters the round's train messages carried (ArrayRecord.count_bytes), and the replies'
     downlink_bytes: int = 0
@@ -229,10 +229,29 @@ class FloristStrategy(Strategy):
         return messages
 
     def _train_message(self, plan, *, resend_all: bool) -> Message:
-        """One client's train message: its plan and the global state it does not have yet."""
+        """One client's train message: its plan and the part of the global state it lacks.
+
+        A node keeps the global state it was sent (the cumulative update, `global_state`). It is
+        sent what it misses since: one round's global adapter as it is (the node folds it in as
+        the server did, so both hold the same state), several rounds summed and compacted into
+        one update, or the whole state where that is no larger (always, to a node that holds none).
+        """
+        from florist_hf.global_state import read_global_state, read_state_record, record_wire_bytes
+
         node_id = self.clients[plan.client_id].node_id
-        merge_rounds = [int(path.parent.name) for path in plan.merge_adapters]
+        state_record = read_state_record(plan.global_state) if plan.global_state is not None else None
+        merge_rounds = list(state_record["rounds"]) if state_record else []
+        missing = [t for t in merge_rounds if resend_all or t not in self.delivered[node_id]]
         init_round = int(plan.init_adapter.parent.name) if plan.init_adapter is not None else None
+        form, payload = "none", None
+        if len(missing) == 1:
+            form, payload = protocol.GLOBAL_UPDATE, adapter_to_records(self.paths.global_dir(missing[0]))
+        elif missing:
+            catch_up = None if missing == merge_rounds else self.federation.catch_up_state(missing)
+            if catch_up is not None and catch_up.wire_bytes < record_wire_bytes(state_record):
+                form, payload = protocol.CATCH_UP, state_to_records(catch_up)
+            else:
+                form, payload = protocol.GLOBAL_STATE, state_to_records(read_global_state(plan.global_state))
         content = RecordDict(
             {
                 protocol.CONFIG: ConfigRecord(
@@ -243,23 +262,20 @@ class FloristStrategy(Strategy):
                         "rank": plan.rank,
                         "num-samples": plan.num_samples,
                         "merge-rounds": json.dumps(merge_rounds),
+                        "sent-rounds": json.dumps(missing),
+                        "sent-form": form,
                         "init-round": -1 if init_round is None else init_round,
                         "freeze-lora-a": plan.freeze_lora_a,
                     }
                 )
             }
         )
-        sent = []
-        for earlier, global_dir in zip(merge_rounds, plan.merge_adapters):
-            if resend_all or earlier not in self.delivered[node_id]:
-                global_arrays, global_config = adapter_to_records(global_dir)
-                content[protocol.global_key(earlier)] = global_arrays
-                content[protocol.config_key(protocol.global_key(earlier))] = global_config
-                sent.append(earlier)
+        if payload is not None:
+            content[form], content[protocol.config_key(form)] = payload
         if plan.init_adapter is not None:
             init_arrays, init_config = adapter_to_records(plan.init_adapter)
             content[protocol.INIT], content[protocol.config_key(protocol.INIT)] = init_arrays, init_config
-        self._round.sent[node_id] = sent
+        self._round.sent[node_id] = merge_rounds
         self._round.downlink_bytes += sum(record.count_bytes() for record in content.array_records.values())
         return Message(content, node_id, protocol.TRAIN, group_id=str(plan.round))
 
@@ -285,7 +301,7 @@ class FloristStrategy(Strategy):
         plan = self._round.plans.get(client_id)
         if plan is None:
             return None
-        self.delivered[node_id].update(self._round.sent.get(node_id, []))
+        self.delivered[node_id] = set(self._round.sent.get(node_id, []))  # the node now holds this state
         self._round.uplink_bytes += sum(record.count_bytes() for record in content.array_records.values())
         try:
             info = json.loads(str(config["client-info"]))
@@ -402,30 +418,33 @@ def run_flower_federation(grid: Grid, recipe, *, force: bool = False, console=No
     from florist_hf.loading import load_tokenizer
 
     federation = Federation(recipe, console=console)
-    base_path = federation.open(force=force)
-    console = federation.console
-    clients = discover_clients(grid, recipe, timeout=node_timeout, console=console)
-    sizes = [clients[k].num_samples for k in range(recipe.federation.num_clients)]
-    tokenizer, test_records = None, []
-    if recipe.federation.eval_heldout_loss:
-        try:
-            _, test_records = prepare_client_data(recipe)
-        except FloristError as error:
-            raise FloristError(
-                f"{error} (the ServerApp reads the recipe's data for the held-out loss: make it readable on the "
-                "SuperLink's machine or set federation.eval_heldout_loss=false)"
-            ) from None
-        if test_records:
-            tokenizer = load_tokenizer(
-                base_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-            )
-    console.print(federation.describe(sizes, " on Flower"))
-    federation.ensure_initial_adapter()
-    strategy = FloristStrategy(federation, clients, tokenizer=tokenizer, test_records=test_records, round_timeout=round_timeout)
-    # Streaming aggregation folds each reply in as it arrives, so replies are handed over one by one.
-    driving_grid = ArrivingReplies(grid) if federation.method.streaming else grid
-    strategy.start(driving_grid, ArrayRecord(), num_rounds=recipe.federation.rounds, timeout=round_timeout)
-    final_dir = federation.finish(sizes, runtime={"flower": {"nodes": {str(k): clients[k].node_id for k in sorted(clients)}}})
+    try:
+        base_path = federation.open(force=force)
+        console = federation.console
+        clients = discover_clients(grid, recipe, timeout=node_timeout, console=console)
+        sizes = [clients[k].num_samples for k in range(recipe.federation.num_clients)]
+        tokenizer, test_records = None, []
+        if recipe.federation.eval_heldout_loss:
+            try:
+                _, test_records = prepare_client_data(recipe)
+            except FloristError as error:
+                raise FloristError(
+                    f"{error} (the ServerApp reads the recipe's data for the held-out loss: make it readable on the "
+                    "SuperLink's machine or set federation.eval_heldout_loss=false)"
+                ) from None
+            if test_records:
+                tokenizer = load_tokenizer(
+                    base_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+                )
+        console.print(federation.describe(sizes, " on Flower"))
+        federation.ensure_initial_adapter()
+        strategy = FloristStrategy(federation, clients, tokenizer=tokenizer, test_records=test_records, round_timeout=round_timeout)
+        # Streaming aggregation folds each reply in as it arrives, so replies are handed over one by one.
+        driving_grid = ArrivingReplies(grid) if federation.method.streaming else grid
+        strategy.start(driving_grid, ArrayRecord(), num_rounds=recipe.federation.rounds, timeout=round_timeout)
+        final_dir = federation.finish(sizes, runtime={"flower": {"nodes": {str(k): clients[k].node_id for k in sorted(clients)}}})
+    finally:
+        federation.close()  # the run directory is released however the run ends
     console.print(f"global adapter: {final_dir}")
     return federation.paths.root
 
