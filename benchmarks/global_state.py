@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from benchmarks.measure import machine_record
 from benchmarks.client_updates import SpectrumModel, realistic_update
 from florist_hf.aggregation import get_method
 from florist_hf.aggregation.cumulative import HeldUpdate
@@ -163,14 +161,8 @@ def main(argv=None) -> None:
     model = stack_model()
     x = torch.randn(4 * 256, 2048, dtype=torch.bfloat16)
     base_forward = time_forward(model, x)
-    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    results = {**machine_record(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "base_forward_seconds": base_forward, "before": [], "now": []}
-    try:
-        results["machine"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                                  if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     print(f"bare bf16 q,v layers: forward of 4 × 256 tokens {base_forward:.3f} s", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -22,8 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from benchmarks.measure import machine_record
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "recipes" / "flowertune_shape.yaml"
@@ -87,18 +87,12 @@ def main(argv=None) -> None:
         one_by_one.append(int(sum(share[t] for client in r["clients"] for t in share if t > last_seen.get(client, 0))))
         last_seen.update({client: r["round"] for client in r["clients"]})
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "rounds": args.rounds, "round_seconds": seconds, "total_seconds": ended - started,
+        **machine_record(), "rounds": args.rounds, "round_seconds": seconds, "total_seconds": ended - started,
         "catch_up_downlink_bytes": catch_up, "catch_up_one_by_one_bytes": one_by_one, "downlink_bytes": [r["downlink_bytes_total"] for r in rounds],
         "server_seconds": [r["server_seconds"] for r in rounds],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
         "published": summary.get("published"), "communication": summary["communication"],
     }
-    try:
-        result["machine"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                                 if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     (HERE / "long_federation.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(seconds, catch_up, HERE / "long_federation.png")
     for first, last in ((1, 10), (2, 11), (91, 100), (191, 200)):

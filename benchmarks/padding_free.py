@@ -140,16 +140,9 @@ def main(argv=None) -> list[dict]:
             print(f"batch {size:>2} {batching:<12} {result['real_tokens_per_second']:7.0f} real tokens/s, "
                   f"median step {result['median_step_seconds']:.2f} s, peak RSS {result['peak_rss_gib']:.2f} GiB, "
                   f"losses {[round(x, 4) for x in result['losses']]}", flush=True)
-    import datetime
-    import platform
+    from benchmarks.measure import machine_record
 
-    record = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": platform.processor()
-              or platform.machine(), "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "results": results}
-    try:
-        record["machine"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                                 if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    record = {**machine_record(), "results": results}
     (HERE / "padding_free.json").write_text(json.dumps(record, indent=1))
     plot(results, HERE / "padding_free_loss.png")
     return results

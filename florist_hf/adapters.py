@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from florist_hf.aggregation import ClientModule
 from florist_hf.errors import FloristError
-from florist_hf.io_utils import atomic_directory, write_json_atomic
+from florist_hf.io_utils import write_json_atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -279,7 +279,7 @@ def save_adapter_files(
 ) -> Path:
     """Write a PEFT adapter from effective factors ``{module: (B, A)}`` (scaling 1) into ``directory``.
 
-    Not atomic by itself: call it on a staging directory (``write_adapter`` does).
+    Not atomic by itself: call it on a staging directory (``io_utils.atomic_directory``).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -295,10 +295,3 @@ def save_adapter_files(
     if client_info is not None:
         write_json_atomic(directory / CLIENT_INFO, dict(client_info))
     return directory
-
-
-def write_adapter(out_dir: str | os.PathLike, factors, *, overwrite: bool = False, **options) -> Path:
-    """``save_adapter_files`` into a staging directory that then atomically becomes ``out_dir``."""
-    with atomic_directory(out_dir, overwrite=overwrite) as staging:
-        save_adapter_files(staging, factors, **options)
-    return Path(out_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -30,9 +31,9 @@ class ClientRound:
     #: The global state the client trains on top of, held beside the frozen base (FLoRIST, FLoRA:
     #: the cumulative update of every earlier round, a `global_state` directory).
     global_state: Path | None = None
-    #: Global factors to continue training from, sliced to this client's rank (FedIT, FFA, FlexLoRA).
+    #: Global factors to continue training from, sliced to this client's rank (FedIT, FFA, FlexLoRA, FedSVD).
     init_adapter: Path | None = None
-    #: FFA-LoRA: A stays at the shared random init, only B trains.
+    #: FFA-LoRA, FedSVD: A stays as the server sent it (FFA: the shared random init), only B trains.
     freeze_lora_a: bool = False
 
 
@@ -361,21 +362,31 @@ PACKED_ATTENTION = frozenset({"sdpa", "eager", "flex_attention", "flash_attentio
 _FALLBACKS_SAID: set[tuple] = set()
 
 
-def padding_free_unsupported(model) -> str | None:
-    """Why ``model`` cannot train on padding-free batches, or None when it can."""
+def _base_and_attention(model) -> tuple:
+    """The base model under a PEFT wrapper, and the attention implementation its config names."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base, getattr(base.config, "_attn_implementation", None)
+
+
+@functools.cache
+def _builds_mask_with_transformers(module_name: str) -> bool:
+    """Whether a modeling module calls transformers' ``create_causal_mask`` (read once per module)."""
     import inspect
     import sys
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    implementation = getattr(base.config, "_attn_implementation", None)
+    module = sys.modules.get(module_name)
+    try:
+        return "create_causal_mask(" in (inspect.getsource(module) if module is not None else "")
+    except (OSError, TypeError):
+        return False
+
+
+def padding_free_unsupported(model) -> str | None:
+    """Why ``model`` cannot train on padding-free batches, or None when it can."""
+    base, implementation = _base_and_attention(model)
     if implementation not in PACKED_ATTENTION:
         return f"its attention implementation {implementation!r} does not read packed positions"
-    module = sys.modules.get(type(base).__module__)
-    try:
-        source = inspect.getsource(module) if module is not None else ""
-    except (OSError, TypeError):
-        source = ""
-    if "create_causal_mask(" not in source and not implementation.startswith("flash_attention"):
+    if not implementation.startswith("flash_attention") and not _builds_mask_with_transformers(type(base).__module__):
         # Architectures of transformers' own mask builder keep packed records apart; others may not.
         return f"{type(base).__name__} builds its attention mask without transformers' create_causal_mask"
     return None
@@ -403,8 +414,7 @@ def packs_one_row(model) -> bool:
     """Whether a padding-free batch is one row: under FlashAttention, whose variable-length kernels
     skip what records do not share; other attention computes a row's whole square, so its rows are
     kept no longer than the batch's longest record (`data.PackedRowsCollator`)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return (getattr(base.config, "_attn_implementation", None) or "").startswith("flash_attention")
+    return (_base_and_attention(model)[1] or "").startswith("flash_attention")
 
 
 def check_training_backends(training: dict) -> None:

@@ -56,7 +56,7 @@ BASE_MODEL_DIR = "base_model"
 #: a --force re-aggregation of an earlier round made stale.
 ROUND_INPUTS = "inputs.json"
 SUPERSEDED_DIR = "superseded"
-#: Held (an OS file lock) by the process that owns a run directory; it names that process.
+#: Names the process that holds a run directory's lock (an OS lock on the directory), while it does.
 RUN_LOCK = ".florist-hf.lock"
 
 
@@ -96,41 +96,47 @@ class RunPaths:
 class RunDirectoryLock:
     """An exclusive lock on a run directory, so that two processes never train into one.
 
-    A POSIX ``flock`` on ``RUN_LOCK``: the OS releases it when the process ends, however it ends,
-    so a killed run never leaves a stale lock. The file names its holder for the refusal message.
+    A POSIX ``flock`` on the directory itself: the OS releases it when the process ends, however
+    it ends, so a killed run never leaves a stale lock. While it is held, ``RUN_LOCK`` names the
+    holder for the refusal message; it is removed on release (a killed run's is overwritten by the
+    next holder).
     """
 
     def __init__(self, root: Path):
-        self.path = Path(root) / RUN_LOCK
-        self._handle = None
+        self.root = Path(root)
+        self.owner_file = self.root / RUN_LOCK
+        self._descriptor: int | None = None
 
     def acquire(self) -> None:
         import fcntl
         import socket
         import sys
 
-        handle = open(self.path, "a+")
+        from florist_hf.io_utils import write_text_atomic
+
+        descriptor = os.open(self.root, os.O_RDONLY)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
+            os.close(descriptor)
+            try:
+                holder = self.owner_file.read_text().strip() or "another process"
+            except OSError:
+                holder = "another process"
             raise FloristError(
-                f"{self.path.parent}: in use by {holder}; wait for it to finish (or stop it), or use another output_dir"
+                f"{self.root}: in use by {holder}; wait for it to finish (or stop it), or use another output_dir"
             ) from None
-        handle.seek(0)
-        handle.truncate()
+        self._descriptor = descriptor
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
-        handle.write(f"florist-hf process {os.getpid()} on {socket.gethostname()} (started {started}: "
-                     f"{' '.join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))})")
-        handle.flush()
-        self._handle = handle
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        write_text_atomic(self.owner_file, f"florist-hf process {os.getpid()} on {socket.gethostname()} "
+                                           f"(started {started}: {command})\n")
 
     def release(self) -> None:
-        if self._handle is not None:
-            self._handle.close()  # closing the file releases the flock
-            self._handle = None
+        if self._descriptor is not None:
+            self.owner_file.unlink(missing_ok=True)
+            os.close(self._descriptor)  # closing the descriptor releases the flock
+            self._descriptor = None
 
 
 @dataclass
@@ -218,7 +224,7 @@ def client_training_view(recipe) -> dict:
             payload[section].pop(key, None)
     federation = payload.pop("federation")
     method = method_of(recipe)
-    federation["client_role"] = {"merges_into_base": method.merges_into_base, "freeze_lora_a": method.name == "ffa"}
+    federation["client_role"] = {"merges_into_base": method.merges_into_base, "freeze_lora_a": method.freezes_lora_a}
     for key in ("method", "threshold", "min_clients", "eval_heldout_loss", "aggregation", "streaming_tolerance"):
         federation.pop(key)
     if federation["round_lr_schedule"] == "constant":
@@ -512,7 +518,7 @@ class Federation:
                     export_dir=self.paths.client_dir(round_index, client_id),
                     global_state=state_dir,
                     init_adapter=None if merges else self.paths.global_dir(received[0]),
-                    freeze_lora_a=self.method.name == "ffa",
+                    freeze_lora_a=self.method.freezes_lora_a,
                 )
             )
         return round_plan

@@ -22,7 +22,7 @@ def run_answers(run_dir: str | os.PathLike, *, instructions: tuple[str, ...] | l
     from peft import PeftModel
 
     from florist_hf.data import prepare_client_data, prompt_ids
-    from florist_hf.engine import GLOBAL_ADAPTER, RECIPE_RECORD, RUN_SUMMARY
+    from florist_hf.engine import GLOBAL_ADAPTER, RECIPE_RECORD, RUN_SUMMARY, prepare_base_model
     from florist_hf.evaluation import check_adapter_matches_base
     from florist_hf.loading import load_causal_lm, load_tokenizer
     from florist_hf.recipe import Recipe
@@ -32,8 +32,9 @@ def run_answers(run_dir: str | os.PathLike, *, instructions: tuple[str, ...] | l
     if not (run_dir / RUN_SUMMARY).is_file() or not adapter_dir.is_dir():
         raise FloristError(f"{run_dir}: not a finished run directory (no {RUN_SUMMARY} and {GLOBAL_ADAPTER}/); "
                            "pass the output_dir of a completed `florist-hf run`")
-    base_path = json.loads((run_dir / RUN_SUMMARY).read_text())["base_model"]
     recipe = Recipe.model_validate(json.loads((run_dir / RECIPE_RECORD).read_text())["recipe"])
+    # The run's own base, made again where it is gone (a GGUF base's cache cleared since the run).
+    base_path = prepare_base_model(recipe, run_dir)
     if instructions:
         records = [{"instruction": text, "input": "", "output": None} for text in instructions]
     else:

@@ -108,7 +108,7 @@ class LoraSection(Section):
 
 
 class FederationSection(Section):
-    method: Literal["florist", "fedit", "flora", "flexlora", "ffa"] = "florist"
+    method: Literal["florist", "fedit", "flora", "flexlora", "ffa", "fedsvd"] = "florist"
     #: FLoRIST's energy threshold τ.
     threshold: float = Field(0.9, gt=0, le=1)
     rounds: int = Field(1, ge=1)

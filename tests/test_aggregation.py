@@ -43,6 +43,8 @@ def delta(result):
 #: FLoRIST's streaming aggregation runs the whole battery too, at its exact tolerance.
 BATTERY = sorted(METHODS) + ["florist_streaming"]
 EXACT = {name: METHODS[name].exact for name in METHODS} | {"florist_streaming": True}
+#: Methods whose clients keep one shared A frozen (FFA-LoRA, FedSVD): their clients must share it.
+SHARED_A = {name for name, method in METHODS.items() if method.freezes_lora_a}
 
 
 def method_for(name, **options):
@@ -65,7 +67,7 @@ def small_blocks(monkeypatch):
 @pytest.mark.parametrize("name", BATTERY)
 class TestEveryMethod:
     def test_exact_methods_reproduce_the_weighted_update(self, name):
-        clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], shared_a=name == "ffa")
+        clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], shared_a=name in SHARED_A)
         result = method_for(name).aggregate(clients, WEIGHTS)
         error = relative_error(delta(result), dense_update(clients, WEIGHTS))
         if EXACT[name]:
@@ -74,26 +76,26 @@ class TestEveryMethod:
             assert error > 1e-3
 
     def test_client_order_does_not_matter(self, name):
-        clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], shared_a=name == "ffa")
+        clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], shared_a=name in SHARED_A)
         reference = delta(method_for(name).aggregate(clients, WEIGHTS))
         for order in [(3, 2, 1, 0), (1, 0, 3, 2)]:
             permuted = method_for(name).aggregate([clients[i] for i in order], [WEIGHTS[i] for i in order])
             assert relative_error(delta(permuted), reference) < 1e-10
 
     def test_only_relative_weights_matter(self, name):
-        clients = make_clients([8, 8, 8], shared_a=name == "ffa")
+        clients = make_clients([8, 8, 8], shared_a=name in SHARED_A)
         a = delta(method_for(name).aggregate(clients, [1.0, 2.0, 3.0]))
         b = delta(method_for(name).aggregate(clients, [10.0, 20.0, 30.0]))
         assert relative_error(a, b) < 1e-12
 
     def test_weights_change_the_result(self, name):
-        clients = make_clients([8, 8, 8], shared_a=name == "ffa")
+        clients = make_clients([8, 8, 8], shared_a=name in SHARED_A)
         a = delta(method_for(name).aggregate(clients, [1.0, 1.0, 1.0]))
         b = delta(method_for(name).aggregate(clients, [1.0, 1.0, 5.0]))
         assert relative_error(a, b) > 1e-3
 
     def test_bf16_adapters_are_computed_in_high_precision(self, name):
-        clients = make_clients(HETER, dtype=torch.bfloat16, shared_a=name == "ffa")
+        clients = make_clients(HETER, dtype=torch.bfloat16, shared_a=name in SHARED_A)
         result = method_for(name).aggregate(clients, WEIGHTS)
         module = result.modules["layers.0.q_proj"]
         assert module.lora_b.dtype == torch.float64 and module.lora_a.dtype == torch.float64
@@ -106,7 +108,7 @@ class TestEveryMethod:
         assert relative_error(delta(result), dense_update(clients, [1.0])) < 1e-10
 
     def test_output_shapes_match_the_selected_rank(self, name):
-        result = method_for(name).aggregate(make_clients(HETER, shared_a=name == "ffa"), WEIGHTS)
+        result = method_for(name).aggregate(make_clients(HETER, shared_a=name in SHARED_A), WEIGHTS)
         module = result.modules["layers.0.q_proj"]
         assert module.lora_b.shape == (M, module.selected_rank)
         assert module.lora_a.shape == (module.selected_rank, N)
@@ -325,6 +327,31 @@ class TestBaselines:
         module = get_method("ffa").aggregate(clients, [1, 1]).modules["layers.0.q_proj"]
         assert torch.equal(module.lora_a, clients[0]["layers.0.q_proj"].lora_a.double())
 
+    def test_fedsvd_refactorises_the_averaged_b_times_a_by_its_svd(self):
+        """The dense oracle: B̄ = Σ p_k s_k pad(B_k), then numpy's SVD of B̄·A; the new A has
+        orthonormal rows, the new B is U·Σ, and the product is the exact weighted update."""
+        import numpy as np
+
+        clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], seed=3, shared_a=True)
+        module = get_method("fedsvd").aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
+        p = np.array(WEIGHTS) / sum(WEIGHTS)
+        mean_b = np.zeros((M, max(HETER)))
+        for weight, client in zip(p, clients):
+            part = client["layers.0.q_proj"]
+            mean_b[:, : part.rank] += weight * part.scale * part.lora_b.double().numpy()
+        shared_a = clients[0]["layers.0.q_proj"].lora_a.double().numpy()
+        u, sigma, vh = np.linalg.svd(mean_b @ shared_a, full_matrices=False)
+        rank = max(HETER)
+        assert module.selected_rank == rank and module.lora_a.shape == (rank, N)
+        np.testing.assert_allclose(module.singular_values.numpy()[:rank], sigma[:rank], rtol=1e-10)
+        np.testing.assert_allclose(module.lora_a.numpy() @ module.lora_a.numpy().T, np.eye(rank), atol=1e-12)
+        np.testing.assert_allclose(np.abs(module.lora_a.numpy()), np.abs(vh[:rank]), atol=1e-8)  # up to each row's sign
+        np.testing.assert_allclose(module.delta_weight.numpy(), mean_b @ shared_a, atol=1e-10)
+
+    def test_fedsvd_refuses_clients_that_do_not_share_the_frozen_a(self):
+        with pytest.raises(SharedAMismatch):
+            get_method("fedsvd").aggregate(make_clients([8, 4], shared_a=False), [1, 1])
+
     def test_flexlora_sends_each_client_the_truncation_at_its_own_rank(self):
         clients = make_clients(HETER, seed=7)
         module = get_method("flexlora").aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
@@ -361,6 +388,9 @@ def test_communication_counts_each_direction():
     ffa = round_communication(get_method("ffa"), shapes, [4, 2])
     assert ffa.uplink_params == [4 * 10 + 4 * 30, 2 * 10 + 2 * 30]  # B only
     assert ffa.downlink_params == [4 * 40, 4 * 40]
+    fedsvd = round_communication(get_method("fedsvd"), shapes, [4, 2])
+    assert fedsvd.uplink_params == ffa.uplink_params  # B only goes up: A is the server's
+    assert fedsvd.downlink_params == [4 * 30 + 4 * 50] * 2  # the new A and B both come down
 
 
 @pytest.mark.parametrize("rank", [1, 3, 7, 33])

@@ -72,7 +72,7 @@ def client_dirs(paths: RunPaths, round_index: int) -> list[Path]:
 
 
 @pytest.mark.parametrize("ranks", [(4, 2, 2), (4, 4)], ids=["heter", "homo"])
-@pytest.mark.parametrize("method", ["florist", "flora", "fedit", "ffa", "flexlora"])
+@pytest.mark.parametrize("method", ["florist", "flora", "fedit", "ffa", "flexlora", "fedsvd"])
 def test_two_rounds_of_every_method_publish_the_intended_update(tmp_path, method, ranks):
     recipe = load_recipe(write_recipe(tmp_path, method=method, threshold=0.9, ranks=ranks))
     run_dir = run_federation(recipe, console=quiet_console())
@@ -103,6 +103,15 @@ def test_two_rounds_of_every_method_publish_the_intended_update(tmp_path, method
         for client in client_dirs(paths, 2):
             for name, module in read_adapter(client).modules.items():
                 assert torch.equal(module.lora_a, initial_a[name][: module.rank])
+
+    if method == "fedsvd":  # round 2's clients froze round 1's orthonormal A (their rank's first rows)
+        round_one_a = {n: m.lora_a for n, m in read_adapter(paths.global_dir(1)).modules.items()}
+        for name, lora_a in round_one_a.items():
+            gram = lora_a.double() @ lora_a.double().T
+            assert torch.allclose(gram, torch.eye(gram.shape[0], dtype=torch.float64), atol=1e-5)
+        for client in client_dirs(paths, 2):
+            for name, module in read_adapter(client).modules.items():
+                assert torch.equal(module.lora_a, round_one_a[name][: module.rank].to(module.lora_a.dtype))
 
     summary = json.loads((run_dir / "run.json").read_text())
     assert summary["rounds_completed"] == 2 and summary["method"] == method

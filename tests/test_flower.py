@@ -291,6 +291,22 @@ def assert_same_update(run_dir: Path, reference_dir: Path, rtol: float) -> None:
         assert float((got - expected).norm() / expected.norm()) < rtol, name
 
 
+def test_fedsvd_on_flower_gives_florist_hf_runs_result(tmp_path, server_identity):
+    """FedSVD's clients freeze the A the server re-factorised; over Flower they get it in the init
+    record and the run equals `florist-hf run`."""
+    from florist_hf.flower import make_client_app, run_flower_federation
+
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", method="fedsvd", ranks=(4, 2, 2), rounds=2)
+    reference = reference_run(recipe_path, tmp_path / "reference")
+    grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes")
+    run_dir = run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"]),
+                                    console=quiet_console())
+    assert_same_run(run_dir, reference)
+    flower_rounds, reference_rounds = round_records(run_dir), round_records(reference)
+    for key in ("uplink_bytes_total", "downlink_bytes_total"):
+        assert [r[key] for r in flower_rounds] == [r[key] for r in reference_rounds]
+
+
 def test_a_node_that_sat_out_rounds_gets_one_compacted_catch_up_and_the_run_equals_florist_hf_run(tmp_path, server_identity):
     """1 of 3 clients per round for 7 rounds (clients 2, 2, 1, 2, 2, 1, 0): a node that missed one
     round gets that round's global adapter, one that missed several gets their sum compacted into

@@ -290,6 +290,15 @@ def test_a_long_partial_federation_holds_one_compact_state_and_counts_compacted_
     sidecar = json.loads((run_dir / "global_adapter" / "aggregation.json").read_text())
     assert sidecar["high_rank_modules"] == summary["published"]["high_rank_modules"]
     assert set(sidecar["high_rank_modules"]) <= set(sidecar["modules"])
+    for name, module in sidecar["modules"].items():  # exact rank above a quarter of min(m, n), and only those
+        assert (name in sidecar["high_rank_modules"]) == (module["exact_rank"] > min(module["shape"]) / 4)
+
+    # Six rounds of rank 4 on 32×32 and 16×32 layers: no longer low-rank, and the model card says so.
+    from florist_hf.hub import build_upload_folder
+
+    assert sidecar["high_rank_modules"]
+    card = (build_upload_folder(run_dir, tmp_path / "upload", repo_id="someone/long-federation") / "README.md").read_text()
+    assert "cumulative update is no longer low-rank" in card and "florist-hf export --format merged" in card
 
 
 @pytest.mark.slow

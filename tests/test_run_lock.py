@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from test_federation import write_recipe
 from typer.testing import CliRunner

@@ -78,6 +78,15 @@ def test_sweep_shares_round_one_only_between_methods_whose_clients_train_alike(t
     assert len(trained) == 3 * 2
 
 
+def test_fedsvd_shares_round_one_with_ffa_whose_clients_also_freeze_the_shared_init(tmp_path, monkeypatch):
+    trained = count_client_trainings(monkeypatch)
+    recipe = load_recipe(write_recipe(tmp_path, ranks=(4, 2), rounds=1, data=HELDOUT), [f"output_dir={tmp_path / 'sweep'}"])
+    root = run_sweep(recipe, [0.8], baselines=["ffa", "fedsvd"], console=quiet_console())
+    assert len(trained) == 2 * 2  # FLoRIST once; FFA-LoRA and FedSVD once for both
+    record = json.loads((root / "sweep.json").read_text())
+    assert [r["method"] for r in record["rows"]] == ["florist", "ffa", "fedsvd"]
+
+
 def row(threshold, metric, downlink, method="florist", lower=True):
     return {"branch": f"tau_{threshold}", "method": method, "threshold": threshold, "metric": metric,
             "downlink_bytes_total": downlink, "lower_is_better": lower}

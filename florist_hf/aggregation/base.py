@@ -26,8 +26,10 @@ class AggregationMethod(ABC):
     name: ClassVar[str]
     #: True when the global update equals the weighted sum of client updates exactly.
     exact: ClassVar[bool]
-    #: Only B travels (FFA-LoRA freezes A): halves the traffic and counts half in Eff.
+    #: Only B travels, both ways (FFA-LoRA's A never changes): halves the traffic and counts half in Eff.
     b_only: ClassVar[bool] = False
+    #: Clients train B only, A frozen at what the server sent (FFA-LoRA, FedSVD): only B goes up.
+    freezes_lora_a: ClassVar[bool] = False
     #: Clients train a fresh LoRA on top of the base plus every round's global update (FLoRIST,
     #: FLoRA: SPEC §4's merge-style); otherwise they keep training the global factors.
     merges_into_base: ClassVar[bool] = False

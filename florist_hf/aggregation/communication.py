@@ -65,8 +65,9 @@ def round_communication(
         module_ranks = [rank if isinstance(rank, int) else rank[name] for rank in client_ranks]
         selected = (selected_ranks or {}).get(name, max(module_ranks))
         sent_per_rank = m if method.b_only else m + n
+        sent_up_per_rank = m if method.b_only or method.freezes_lora_a else m + n
         for k, rank in enumerate(module_ranks):
-            uplink[k] += rank * sent_per_rank
+            uplink[k] += rank * sent_up_per_rank
             downlink[k] += method.downlink_rank(rank, module_ranks, selected) * sent_per_rank
         broadcast = method.broadcast_rank(module_ranks, selected)
         broadcast_total += broadcast / 2 if method.b_only else broadcast

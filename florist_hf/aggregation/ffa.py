@@ -22,6 +22,21 @@ class SharedAMismatch(ValueError):
         self.client_index = client_index
 
 
+def check_shared_a(clients: Sequence[ClientModule], tolerance: float) -> torch.Tensor:
+    """The shared frozen A (the largest client's), after checking that every client's A is its
+    first r_k rows; raises `SharedAMismatch` naming the first client whose A differs."""
+    max_rank = max(c.rank for c in clients)
+    shared_a = next(c for c in clients if c.rank == max_rank).lora_a
+    for index, client in enumerate(clients):
+        prefix = shared_a[: client.rank]
+        # Compared in the clients' own dtype (no fp64 copies): the difference of near-equal floats is exact.
+        common = torch.promote_types(client.lora_a.dtype, prefix.dtype)
+        difference = float((client.lora_a.to(common) - prefix.to(common)).abs().max())
+        if not difference <= tolerance * max(1.0, float(prefix.abs().max())):
+            raise SharedAMismatch(index)
+    return shared_a
+
+
 @register_method
 class FFALoRA(AggregationMethod):
     """Every client uses the first r_k rows of one frozen A of the largest rank, so
@@ -30,21 +45,14 @@ class FFALoRA(AggregationMethod):
     name = "ffa"
     exact = True
     b_only = True
+    freezes_lora_a = True
 
     def __init__(self, shared_a_tolerance: float = 1e-6):
         self.shared_a_tolerance = shared_a_tolerance
 
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
         max_rank = max(c.rank for c in clients)
-        shared_a = next(c for c in clients if c.rank == max_rank).lora_a
-        for index, client in enumerate(clients):
-            prefix = shared_a[: client.rank]
-            # Compared in the clients' own dtype (no fp64 copies): the difference of near-equal floats is exact.
-            common = torch.promote_types(client.lora_a.dtype, prefix.dtype)
-            difference = float((client.lora_a.to(common) - prefix.to(common)).abs().max())
-            if not difference <= self.shared_a_tolerance * max(1.0, float(prefix.abs().max())):
-                raise SharedAMismatch(index)
-        shared_a = shared_a.to(COMPUTE_DTYPE)
+        shared_a = check_shared_a(clients, self.shared_a_tolerance).to(COMPUTE_DTYPE)
         b_weights = [w * c.scale for w, c in zip(client_weights.tolist(), clients)]
         mean_b = padded_weighted_sum([c.lora_b for c in clients], b_weights, max_rank, dim=1)
         return ModuleAggregate(mean_b, shared_a, selected_rank=max_rank)

@@ -131,8 +131,9 @@ def update_global_state(message: Message, state_dir: Path, client_id: int) -> Pa
         state = records_to_state(content.array_records[form], content.config_records[protocol.config_key(form)],
                                  source="server message (global state)")
         write_global_state(state, state_dir)
-    elif form in content.array_records and sorted(held + sent) == merge_rounds:
-        state = read_global_state(state_dir) if held else None
+    elif form in content.array_records and (not held or sorted(held + sent) == merge_rounds or sent == merge_rounds):
+        # Sent everything (a new or restarted server): start afresh, whatever this node kept.
+        state = read_global_state(state_dir) if held and sent != merge_rounds else None
         if form == protocol.GLOBAL_UPDATE:
             update_dir = state_dir.parent / f"round_{sent[0]}"
             _materialise(message, form, update_dir)

@@ -178,11 +178,7 @@ class FloristStrategy(Strategy):
         self.delivered: dict[int, set[int]] = {client.node_id: set() for client in clients.values()}
         self._round = _RoundState()
 
-    @property
-    def rounds_done(self) -> list[int]:
-        return self.federation.rounds_done
-
-    def summary(self) -> None:
+    def summary(self) -> None:  # Flower's Strategy interface asks for it
         nodes = [self.clients[k].node_id for k in sorted(self.clients)]
         self.console.print(f"FloristStrategy: {self.recipe.federation.method}, clients on nodes {nodes}, -> {self.paths.root}")
 
