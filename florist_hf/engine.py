@@ -42,7 +42,7 @@ from florist_hf.aggregation import AggregationMethod, get_method
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import append_jsonl, write_json_atomic, write_jsonl_atomic
 from florist_hf.loading import gguf_provenance
-from florist_hf.recipe import SPEED_ONLY
+from florist_hf.recipe import SPEED_ONLY, sampled_count
 from florist_hf.server import ServerStep, StreamingServerRound, aggregate_adapters, rank_summary, write_published_adapter
 from florist_hf.tiny import TINY_LLAMA_ID, build_tiny_llama
 
@@ -162,12 +162,7 @@ def method_of(recipe) -> AggregationMethod:
 
 def sample_clients(num_clients: int, clients_per_round: int | float | None, seed: int, round_index: int) -> list[int]:
     """The clients of one round: all (None), a count (int) or a fraction (float), reproducibly drawn."""
-    if clients_per_round is None:
-        count = num_clients
-    elif isinstance(clients_per_round, int):
-        count = min(clients_per_round, num_clients)
-    else:
-        count = max(1, min(num_clients, round(clients_per_round * num_clients)))
+    count = sampled_count(num_clients, clients_per_round)
     if count == num_clients:
         return list(range(num_clients))
     return sorted(random.Random(seed * 1_000_003 + round_index).sample(range(num_clients), count))

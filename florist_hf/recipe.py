@@ -107,6 +107,15 @@ class LoraSection(Section):
         return ranks
 
 
+def sampled_count(num_clients: int, clients_per_round: int | float | None) -> int:
+    """Clients per round: all (None), a count (an int, at most all) or a fraction (a float, at least one)."""
+    if clients_per_round is None:
+        return num_clients
+    if isinstance(clients_per_round, int):
+        return min(clients_per_round, num_clients)
+    return max(1, min(num_clients, round(clients_per_round * num_clients)))
+
+
 class FederationSection(Section):
     method: Literal["florist", "fedit", "flora", "flexlora", "ffa", "fedsvd"] = "florist"
     #: FLoRIST's energy threshold τ.
@@ -143,11 +152,13 @@ class FederationSection(Section):
             raise ValueError("streaming_tolerance applies to aggregation: streaming only; set both or neither")
         return self
 
+    def clients_sampled(self) -> int:
+        """How many clients each round samples (`engine.sample_clients` draws them)."""
+        return sampled_count(self.num_clients, self.clients_per_round)
+
     @model_validator(mode="after")
     def _quorum_within_the_sample(self):
-        sampled = self.num_clients if self.clients_per_round is None else (
-            min(self.clients_per_round, self.num_clients) if isinstance(self.clients_per_round, int)
-            else max(1, min(self.num_clients, round(self.clients_per_round * self.num_clients))))
+        sampled = self.clients_sampled()
         if self.min_clients > sampled:
             raise ValueError(f"min_clients = {self.min_clients} is more than the {sampled} clients sampled per round; "
                              "no round could reach it")
@@ -275,6 +286,16 @@ class Recipe(Section):
         for client in self.client_training:
             if not 0 <= client < self.federation.num_clients:
                 raise ValueError(f"client_training names client {client}, outside 0..{self.federation.num_clients - 1}")
+        return self
+
+    @model_validator(mode="after")
+    def _continued_factors_reach_every_rank(self):
+        ranks = self.lora.ranks
+        if self.federation.clients_sampled() < self.federation.num_clients and isinstance(ranks, list) and len(set(ranks)) > 1 and self.federation.method not in ("florist", "flora"):
+            raise ValueError(
+                f"{self.federation.method} continues the global factors at the largest rank of the round's clients, which a "
+                "client of larger rank sampled later cannot continue; with federation.clients_per_round use one rank for "
+                "every client, or a merge-style method (florist, flora)")
         return self
 
     @model_validator(mode="after")
