@@ -90,7 +90,7 @@ StreamingTolerance = Annotated[
 def aggregate(
     client_dirs: Annotated[list[Path], typer.Argument(help="Client PEFT adapter directories.")],
     out: Annotated[Path, typer.Option("--out", help="Directory for the global PEFT adapter.")],
-    method: Annotated[str, typer.Option(help="florist, fedit, flora, flexlora, ffa or fedsvd.")] = "florist",
+    method: Annotated[str, typer.Option(help="florist, fedit, flora, flexlora, ffa, fedsvd or fedex.")] = "florist",
     threshold: Annotated[float, typer.Option(help="FLoRIST energy threshold τ in (0, 1].")] = 0.9,
     weights: Annotated[
         Optional[str], typer.Option(help="Comma-separated client weights (default: num_samples in client.json, else equal).")
@@ -126,7 +126,7 @@ def aggregate(
 @user_errors
 def comm(
     model_config: Annotated[str, typer.Option("--model-config", help="A config.json, a model directory or a Hub id.")],
-    method: Annotated[str, typer.Option(help="florist, fedit, flora, flexlora, ffa or fedsvd.")] = "florist",
+    method: Annotated[str, typer.Option(help="florist, fedit, flora, flexlora, ffa, fedsvd or fedex.")] = "florist",
     clients: Annotated[Optional[int], typer.Option(help="Number of clients (with --rank).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="One LoRA rank for every client.")] = None,
     ranks: Annotated[Optional[str], typer.Option(help="Comma-separated per-client ranks.")] = None,
@@ -238,7 +238,7 @@ def sweep(
     tolerance: Annotated[
         float, typer.Option(help="FLoRIST-E: the least-downlink τ within this much (absolute) of FLoRIST-O's value.")
     ] = 0.01,
-    baselines: Annotated[str, typer.Option(help="Also run these methods, comma-separated: flora, fedit, flexlora, ffa, fedsvd.")] = "",
+    baselines: Annotated[str, typer.Option(help="Also run these methods, comma-separated: flora, fedit, flexlora, ffa, fedsvd, fedex.")] = "",
     set_: RecipeOverrides = None,
     force: Annotated[bool, typer.Option(help="Continue branch run directories made with a different recipe (see run --force).")] = False,
 ) -> None:

@@ -43,7 +43,7 @@ from florist_hf.errors import FloristError
 from florist_hf.io_utils import append_jsonl, write_json_atomic, write_jsonl_atomic
 from florist_hf.loading import gguf_provenance
 from florist_hf.recipe import SPEED_ONLY, sampled_count
-from florist_hf.server import ServerStep, StreamingServerRound, aggregate_adapters, rank_summary, write_published_adapter
+from florist_hf.server import RESIDUAL_DIR, ServerStep, StreamingServerRound, aggregate_adapters, rank_summary, write_published_adapter
 from florist_hf.tiny import TINY_LLAMA_ID, build_tiny_llama
 
 RUN_FORMAT = "florist-hf/run"
@@ -495,14 +495,17 @@ class Federation:
         federation = self.recipe.federation
         selected = sample_clients(federation.num_clients, federation.clients_per_round, federation.seed, round_index)
         merges = self.method.merges_into_base
-        received = list(self.rounds_done) if merges else [self.rounds_done[-1] if self.rounds_done else 0]
+        # What the round's clients receive: every earlier round where a global state holds them
+        # (merge-style; FedEx-LoRA's residuals), and the last global's factors to continue.
+        received = list(self.rounds_done) if self.holds_state else [self.rounds_done[-1] if self.rounds_done else 0]
         self._retire_if_stale(round_index, received)
         round_plan = RoundPlan(round_index, selected, complete=self.paths.global_dir(round_index).exists())
         if round_plan.complete:
             self.rounds_done.append(round_index)
             self.global_state_dir(round_index)  # rebuilt here if a stop came before it was written
             return round_plan
-        state_dir = self.global_state_dir(received[-1]) if merges and received else None
+        state_dir = self.global_state_dir(self.rounds_done[-1]) if self.holds_state and self.rounds_done else None
+        continued = self.paths.global_dir(self.rounds_done[-1] if self.rounds_done else 0)
         for client_id in selected:
             round_plan.clients.append(
                 ClientRound(
@@ -512,7 +515,7 @@ class Federation:
                     num_samples=client_sizes[client_id],
                     export_dir=self.paths.client_dir(round_index, client_id),
                     global_state=state_dir,
-                    init_adapter=None if merges else self.paths.global_dir(received[0]),
+                    init_adapter=None if merges else continued,
                     freeze_lora_a=self.method.freezes_lora_a,
                 )
             )
@@ -616,12 +619,27 @@ class Federation:
         self.global_state_dir(round_plan.round)
         return step
 
-    def global_model(self, round_index: int) -> Path:
-        """What makes up the global model after ``round_index``: the global state (the cumulative
-        update of every round) for merge-style methods, the last round's global adapter else."""
+    @property
+    def holds_state(self) -> bool:
+        """Whether the clients hold a global state beside the base: the cumulative update
+        (merge-style methods) or the sum of the earlier rounds' residuals (FedEx-LoRA)."""
+        return self.method.merges_into_base or self.method.holds_residual
+
+    def state_update_dir(self, round_index: int) -> Path:
+        """What round ``round_index`` adds to the global state: its global adapter (merge-style
+        methods), or the residual part of it (FedEx-LoRA)."""
+        global_dir = self.paths.global_dir(round_index)
+        return global_dir / RESIDUAL_DIR if self.method.holds_residual else global_dir
+
+    def global_model(self, round_index: int) -> tuple[Path | None, Path | None]:
+        """(global state, global adapter) that make up the global model after ``round_index``:
+        the state of every round (merge-style methods); the last round's global adapter
+        (continue-style); FedEx-LoRA both, the residuals of the rounds before and the last global."""
+        rounds = [t for t in self.rounds_done if t <= round_index]
         if self.method.merges_into_base:
-            return self.global_state_dir(round_index)
-        return self.paths.global_dir([t for t in self.rounds_done if t <= round_index][-1])
+            return self.global_state_dir(round_index), None
+        earlier = self.global_state_dir(rounds[-2]) if self.method.holds_residual and len(rounds) > 1 else None
+        return earlier, self.paths.global_dir(rounds[-1])
 
     def global_state_dir(self, round_index: int) -> Path | None:
         """Merge-style methods: the directory of the cumulative update of the rounds done up to
@@ -635,7 +653,7 @@ class Federation:
         from florist_hf.global_state import fold, read_global_state, read_state_record, write_global_state
 
         rounds = [t for t in self.rounds_done if t <= round_index]
-        if not self.method.merges_into_base or not rounds:
+        if not self.holds_state or not rounds:
             return None
         target = self.paths.global_state_dir(rounds[-1])
         if not self.main:  # the main process built it before the others read it
@@ -653,7 +671,7 @@ class Federation:
         state = read_global_state(self.paths.global_state_dir(rounds[start - 1])) if start else None
         for position in range(start, len(rounds)):
             t = rounds[position]
-            state = fold(state, [read_adapter(self.paths.global_dir(t))], [t], [digests[str(t)]])
+            state = fold(state, [read_adapter(self.state_update_dir(t))], [t], [digests[str(t)]])
             if position >= len(rounds) - 2:  # the previous state stays for the next round's catch-up bytes
                 write_global_state(state, self.paths.global_state_dir(t))
         for t in rounds[:-2]:
@@ -666,17 +684,16 @@ class Federation:
         from florist_hf.adapters import read_adapter
         from florist_hf.global_state import fold
 
-        return fold(None, [read_adapter(self.paths.global_dir(t)) for t in rounds], list(rounds),
+        return fold(None, [read_adapter(self.state_update_dir(t)) for t in rounds], list(rounds),
                     [_adapter_digest(self.paths.global_dir(t)) for t in rounds])
 
     def heldout_loss(self, round_index: int, tokenizer, test_records, *, base_cache=None) -> float | None:
         """The held-out loss (response tokens) of the global model after ``round_index``."""
         from florist_hf.evaluation import global_heldout_loss
 
-        return global_heldout_loss(
-            self.recipe, self.base_path, self.global_model(round_index), self.method.merges_into_base, tokenizer,
-            test_records, self.paths.work, base_cache=base_cache,
-        )
+        state, adapter = self.global_model(round_index)
+        return global_heldout_loss(self.recipe, self.base_path, tokenizer, test_records, self.paths.work,
+                                   state=state, adapter=adapter, base_cache=base_cache)
 
     def _evaluates_round(self, round_index: int) -> bool:
         evaluation = self.recipe.evaluation
@@ -743,10 +760,16 @@ class Federation:
         """The global model after ``round_index`` as one PEFT adapter on the original base."""
         from florist_hf.global_state import read_global_state
 
+        from florist_hf.adapters import read_adapter
+        from florist_hf.global_state import fold
+
         rounds = [t for t in self.rounds_done if t <= round_index]
-        state_dir = self.global_state_dir(round_index)
-        return write_published_adapter(self.paths.global_dir(rounds[-1]), read_global_state(state_dir) if state_dir else None,
-                                       self.method, out_dir, threshold=self.recipe.publish.threshold)
+        state_dir, adapter = self.global_model(round_index)
+        state = read_global_state(state_dir) if state_dir else None
+        if self.method.holds_residual:  # the earlier residuals plus the last round's whole global
+            state = fold(state, [read_adapter(adapter)], [rounds[-1]])
+        return write_published_adapter(self.paths.global_dir(rounds[-1]), state, self.method, out_dir,
+                                       threshold=self.recipe.publish.threshold)
 
     def evaluate(self, adapter_dir: Path, round_index: int) -> dict:
         """The recipe's lm-eval evaluation of an adapter published after ``round_index``, once;

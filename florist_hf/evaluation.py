@@ -395,13 +395,13 @@ def results_table(results: Mapping[str, Any], title: str | None = None):
 # --- a federation's own evaluations: held-out loss of the global model, the recipe's lm-eval ----
 
 
-def load_global_model(base_path: str, global_model: Path, merges_into_base: bool, *, dtype: str = "float32",
+def load_global_model(base_path: str, *, state: Path | None = None, adapter: Path | None = None, dtype: str = "float32",
                       revision: str | None = None, trust_remote_code: bool = False, base_cache=None, quantization=None,
                       attn_implementation: str | None = None):
-    """The global model a federation holds after a round: for merge-style methods the base plus
-    the cumulative update in the state directory ``global_model``, exactly as the clients hold it
-    (`global_state.attach_global_state`), else the base with the round's global adapter
-    ``global_model``. With ``base_cache`` it is built on the cached base; release that afterwards."""
+    """The global model a federation holds after a round (`engine.Federation.global_model`): the
+    base plus the global state ``state`` exactly as the clients hold it
+    (`global_state.attach_global_state`), and the global adapter ``adapter`` on top, where given.
+    With ``base_cache`` it is built on the cached base; release that afterwards."""
     from peft import PeftModel
 
     from florist_hf.client import load_base
@@ -409,10 +409,9 @@ def load_global_model(base_path: str, global_model: Path, merges_into_base: bool
 
     model = load_base(base_path, base_cache=base_cache, dtype=dtype, revision=revision,
                       trust_remote_code=trust_remote_code, quantization=quantization, attn_implementation=attn_implementation)
-    if merges_into_base:
-        attach_global_state(model, read_global_state(global_model))
-        return model
-    return PeftModel.from_pretrained(model, global_model)
+    if state is not None:
+        attach_global_state(model, read_global_state(state))
+    return PeftModel.from_pretrained(model, adapter) if adapter is not None else model
 
 
 def heldout_loss(model, tokenizer, records, recipe, work_dir: Path) -> float | None:
@@ -454,14 +453,14 @@ def heldout_loss(model, tokenizer, records, recipe, work_dir: Path) -> float | N
     return float(trainer.evaluate()["eval_loss"])
 
 
-def global_heldout_loss(recipe, base_path: str, global_model: Path, merges_into_base: bool, tokenizer,
-                        test_records, work_dir: Path, *, base_cache=None) -> float | None:
+def global_heldout_loss(recipe, base_path: str, tokenizer, test_records, work_dir: Path, *, state: Path | None = None,
+                        adapter: Path | None = None, base_cache=None) -> float | None:
     """`heldout_loss` of the global model `load_global_model` builds; with ``base_cache`` built
     on the cached base, which is put back as loaded afterwards."""
     from florist_hf.client import free_memory
 
     model = load_global_model(
-        base_path, global_model, merges_into_base, dtype=recipe.model.dtype, revision=recipe.model.revision,
+        base_path, state=state, adapter=adapter, dtype=recipe.model.dtype, revision=recipe.model.revision,
         trust_remote_code=recipe.model.trust_remote_code, base_cache=base_cache,
         quantization=recipe.model.quantization,  # the model the clients train on
         attn_implementation=recipe.model.attn_implementation,

@@ -117,7 +117,7 @@ def sampled_count(num_clients: int, clients_per_round: int | float | None) -> in
 
 
 class FederationSection(Section):
-    method: Literal["florist", "fedit", "flora", "flexlora", "ffa", "fedsvd"] = "florist"
+    method: Literal["florist", "fedit", "flora", "flexlora", "ffa", "fedsvd", "fedex"] = "florist"
     #: FLoRIST's energy threshold τ.
     threshold: float = Field(0.9, gt=0, le=1)
     rounds: int = Field(1, ge=1)
@@ -299,9 +299,22 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _fedex_clients_continue_the_same_factors(self):
+        if self.federation.method != "fedex":
+            return self
+        ranks = self.lora.ranks
+        if isinstance(ranks, list) and len(set(ranks)) > 1:
+            raise ValueError("fedex keeps the global model exact only when every client continues the same averaged "
+                             f"factors: give every client one rank (lora.ranks: {ranks})")
+        if self.federation.clients_sampled() < self.federation.num_clients:
+            raise ValueError("fedex with federation.clients_per_round is not supported yet (a client that sat out would "
+                             "need the residuals it missed); sample every client, or use florist or flora")
+        return self
+
+    @model_validator(mode="after")
     def _publish_threshold_on_a_cumulative_update(self):
-        if self.publish.threshold is not None and self.federation.method not in ("florist", "flora"):
-            raise ValueError(f"publish.threshold truncates the cumulative update of florist or flora; {self.federation.method} "
+        if self.publish.threshold is not None and self.federation.method not in ("florist", "flora", "fedex"):
+            raise ValueError(f"publish.threshold truncates the cumulative update of florist, flora or fedex; {self.federation.method} "
                              "publishes its last round's factors as they are — remove publish.threshold")
         return self
 

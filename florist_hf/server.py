@@ -40,6 +40,8 @@ from florist_hf.io_utils import atomic_directory
 SIDECAR_FORMAT = "florist-hf/aggregation"
 #: FlexLoRA writes each client's own truncation here, inside the global adapter directory.
 CLIENT_ADAPTERS_DIR = "clients"
+#: FedEx-LoRA: beside the round's global adapter, its residual part alone (what joins the base).
+RESIDUAL_DIR = "residual"
 
 
 @dataclass
@@ -92,6 +94,8 @@ def build_sidecar(
         }
         if module.approximation is not None:
             modules[name]["streaming"] = module.approximation
+        if module.continued_rank is not None:
+            modules[name]["continued_rank"] = module.continued_rank
     return {
         "format": SIDECAR_FORMAT,
         "version": 1,
@@ -163,6 +167,9 @@ def _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtyp
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         global_factors = {name: (m.lora_b, m.lora_a) for name, m in result.modules.items()}
         save_adapter_files(staging, global_factors, config_template=template, dtype=wire_dtype, sidecar=sidecar)
+        if any(m.continued_rank is not None for m in result.modules.values()):
+            residual = {name: (m.lora_b[:, m.continued_rank:], m.lora_a[m.continued_rank:]) for name, m in result.modules.items()}
+            save_adapter_files(staging / RESIDUAL_DIR, residual, config_template=template, dtype=wire_dtype)
         if any(m.client_factors is not None for m in result.modules.values()):
             for index, (adapter, client_name) in enumerate(zip(adapters, names)):
                 client_factors = {name: m.client_factors[index] for name, m in result.modules.items()}
@@ -233,19 +240,20 @@ def write_published_adapter(last_global: Path, state, method: AggregationMethod,
     """One PEFT adapter on the ORIGINAL base holding the global model after the round whose
     global adapter is ``last_global``, written atomically (SPEC §4).
 
-    Merge-style methods publish ``state`` (`global_state.GlobalState`, the cumulative update of
-    every round) as its exact SVD at its numerical rank, or, with ``threshold`` (τ), at the
-    smallest rank per module whose energy reaches τ (the energy kept is recorded per module).
-    Continue-style methods publish the last round's global adapter.
+    Merge-style methods (and FedEx-LoRA) publish ``state`` (`global_state.GlobalState`, the whole
+    update of every round) as its exact SVD at its numerical rank, or, with ``threshold`` (τ), at
+    the smallest rank per module whose energy reaches τ (the energy kept is recorded per module).
+    Continue-style methods (``state`` None) publish the last round's global adapter.
     """
     from florist_hf.aggregation.cumulative import published_factors
 
     last_global = Path(last_global)
     last_sidecar = json.loads((last_global / SIDECAR).read_text())
     with atomic_directory(out_dir, overwrite=True) as staging:
-        if not method.merges_into_base:
+        if state is None:
             shutil.copytree(last_global, staging, dirs_exist_ok=True)
             shutil.rmtree(staging / CLIENT_ADAPTERS_DIR, ignore_errors=True)
+            shutil.rmtree(staging / RESIDUAL_DIR, ignore_errors=True)
             return out_dir
         last = read_adapter(last_global)
         published = {name: published_factors(held, 1.0 if threshold is None else threshold) for name, held in state.modules.items()}

@@ -36,7 +36,7 @@ SWEEP_RECORD = "sweep.json"
 SWEEP_TABLE = "sweep.md"
 SWEEP_PLOT = "sweep.png"
 HELDOUT_LOSS = "heldout_loss"
-BASELINES = ("flora", "fedit", "flexlora", "ffa", "fedsvd")
+BASELINES = ("flora", "fedit", "flexlora", "ffa", "fedsvd", "fedex")
 DEFAULT_TOLERANCE = 0.01
 #: lm-eval metrics for which lower is better when the results file does not say.
 LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte", "ppl")

@@ -348,6 +348,20 @@ class TestBaselines:
         np.testing.assert_allclose(np.abs(module.lora_a.numpy()), np.abs(vh[:rank]), atol=1e-8)  # up to each row's sign
         np.testing.assert_allclose(module.delta_weight.numpy(), mean_b @ shared_a, atol=1e-10)
 
+    def test_fedex_continues_fedits_averages_and_carries_the_exact_residual(self):
+        """The dense oracle: the global update is Σ p_k s_k B_k A_k exactly; its first r components
+        are FedIT's averages, which the clients continue, and the rest is Σ p_k ΔW_k − B̄·Ā."""
+        clients = make_clients(HETER, [0.5, 2.0, 4.0, 1.0], seed=5)
+        module = get_method("fedex").aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
+        fedit = get_method("fedit").aggregate(clients, WEIGHTS).modules["layers.0.q_proj"]
+        rank = module.continued_rank
+        assert rank == max(HETER) and module.selected_rank == module.lora_a.shape[0] > rank
+        assert torch.allclose(module.lora_b[:, :rank], fedit.lora_b) and torch.allclose(module.lora_a[:rank], fedit.lora_a)
+        exact = dense_update(clients, WEIGHTS)
+        assert relative_error(module.delta_weight, exact) < 1e-10
+        residual = module.lora_b[:, rank:] @ module.lora_a[rank:]
+        assert relative_error(residual, exact - fedit.lora_b @ fedit.lora_a) < 1e-10
+
     def test_fedsvd_refuses_clients_that_do_not_share_the_frozen_a(self):
         with pytest.raises(SharedAMismatch):
             get_method("fedsvd").aggregate(make_clients([8, 4], shared_a=False), [1, 1])

@@ -81,6 +81,7 @@ CASES = [
     ("flexlora", (4, 2, 2), None, "stacked", 3),
     ("fedsvd", (4, 4, 2), None, "stacked", 3),
     ("fedsvd", (4, 4, 4), 1, "stacked", 4),
+    ("fedex", (4, 4, 4), None, "stacked", 4),
 ]
 
 
@@ -125,7 +126,14 @@ def test_the_engine_publishes_what_its_rounds_aggregated_and_a_stop_anywhere_res
     assert sum(r["kind"] == "client" for r in records) == sum(len(r["clients"]) for r in round_lines)
 
     published = delta_weights(run_dir / "global_adapter")
-    if aggregator.merges_into_base:
+    if aggregator.holds_residual:  # the earlier rounds' residuals plus the last round's whole global
+        residuals = [delta_weights(paths.global_dir(t) / "residual") for t in range(1, rounds)]
+        last = delta_weights(paths.global_dir(rounds))
+        for name in SHAPES:
+            assert relative_error(published[name], last[name] + sum(r[name] for r in residuals)) < 1e-5
+        state = read_global_state(paths.global_state_dir(rounds))
+        assert state.rounds == list(range(1, rounds + 1))
+    elif aggregator.merges_into_base:
         total = {name: sum(delta_weights(paths.global_dir(t))[name] for t in range(1, rounds + 1)) for name in SHAPES}
         state = read_global_state(paths.global_state_dir(rounds))
         assert state.rounds == list(range(1, rounds + 1))

@@ -291,12 +291,14 @@ def assert_same_update(run_dir: Path, reference_dir: Path, rtol: float) -> None:
         assert float((got - expected).norm() / expected.norm()) < rtol, name
 
 
-def test_fedsvd_on_flower_gives_florist_hf_runs_result(tmp_path, server_identity):
-    """FedSVD's clients freeze the A the server re-factorised; over Flower they get it in the init
-    record and the run equals `florist-hf run`."""
+@pytest.mark.parametrize("method, ranks", [("fedsvd", (4, 2, 2)), ("fedex", (4, 4, 4))])
+def test_the_2025_baselines_on_flower_give_florist_hf_runs_result(tmp_path, server_identity, method, ranks):
+    """FedSVD's clients freeze the A the server re-factorised (sent in the init record); FedEx-LoRA's
+    continue the averaged factors on top of the earlier residuals (the node's global state). Over
+    Flower both runs equal `florist-hf run`."""
     from florist_hf.flower import make_client_app, run_flower_federation
 
-    recipe_path = write_recipe(tmp_path / "recipe.yaml", method="fedsvd", ranks=(4, 2, 2), rounds=2)
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", method=method, ranks=ranks, rounds=2)
     reference = reference_run(recipe_path, tmp_path / "reference")
     grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes")
     run_dir = run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"]),

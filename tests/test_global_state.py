@@ -337,5 +337,5 @@ def test_publish_threshold_is_refused_for_a_method_that_publishes_its_last_facto
 
     from florist_hf.recipe import load_recipe
 
-    with pytest.raises(FloristError, match="publish.threshold truncates the cumulative update of florist or flora"):
+    with pytest.raises(FloristError, match="publish.threshold truncates the cumulative update of florist, flora or fedex"):
         load_recipe(write_recipe(tmp_path, method="fedit", publish={"threshold": 0.9}))

@@ -87,6 +87,15 @@ def test_fedsvd_shares_round_one_with_ffa_whose_clients_also_freeze_the_shared_i
     assert [r["method"] for r in record["rows"]] == ["florist", "ffa", "fedsvd"]
 
 
+def test_fedex_shares_round_one_with_fedit_whose_clients_train_alike(tmp_path, monkeypatch):
+    trained = count_client_trainings(monkeypatch)
+    recipe = load_recipe(write_recipe(tmp_path, ranks=(4, 4), rounds=1, data=HELDOUT), [f"output_dir={tmp_path / 'sweep'}"])
+    root = run_sweep(recipe, [0.8], baselines=["fedit", "fedex"], console=quiet_console())
+    assert len(trained) == 2 * 2  # FLoRIST once; FedIT and FedEx-LoRA once for both
+    rows = {r["method"]: r for r in json.loads((root / "sweep.json").read_text())["rows"]}
+    assert rows["fedex"]["downlink_bytes_total"] > rows["fedit"]["downlink_bytes_total"]  # + the residual's factors
+
+
 def row(threshold, metric, downlink, method="florist", lower=True):
     return {"branch": f"tau_{threshold}", "method": method, "threshold": threshold, "metric": metric,
             "downlink_bytes_total": downlink, "lower_is_better": lower}

@@ -3,7 +3,7 @@
 No Hugging Face imports here: methods take per-module client factors and return global factors.
 """
 
-from florist_hf.aggregation import fedit, fedsvd, ffa, flexlora, flora, florist  # noqa: F401  (registers methods)
+from florist_hf.aggregation import fedex, fedit, fedsvd, ffa, flexlora, flora, florist  # noqa: F401  (registers methods)
 from florist_hf.aggregation.base import METHODS, AggregationMethod, get_method, register_method
 from florist_hf.aggregation.communication import CommunicationReport, round_communication
 from florist_hf.aggregation.ffa import SharedAMismatch

@@ -30,6 +30,9 @@ class AggregationMethod(ABC):
     b_only: ClassVar[bool] = False
     #: Clients train B only, A frozen at what the server sent (FFA-LoRA, FedSVD): only B goes up.
     freezes_lora_a: ClassVar[bool] = False
+    #: Clients continue the global factors on top of a frozen sum of earlier rounds' residuals
+    #: (FedEx-LoRA: each global's components past ``continued_rank``).
+    holds_residual: ClassVar[bool] = False
     #: Clients train a fresh LoRA on top of the base plus every round's global update (FLoRIST,
     #: FLoRA: SPEC §4's merge-style); otherwise they keep training the global factors.
     merges_into_base: ClassVar[bool] = False

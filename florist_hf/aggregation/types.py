@@ -45,6 +45,8 @@ class ModuleAggregate:
     client_factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     #: What a streaming aggregation left out (its tolerance, discarded energy, error bound); None when exact.
     approximation: dict | None = None
+    #: FedEx-LoRA: the first components the clients continue; the rest is the residual that joins the base.
+    continued_rank: int | None = None
 
     @property
     def delta_weight(self) -> torch.Tensor:

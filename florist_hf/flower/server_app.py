@@ -241,7 +241,7 @@ class FloristStrategy(Strategy):
         init_round = int(plan.init_adapter.parent.name) if plan.init_adapter is not None else None
         form, payload = "none", None
         if len(missing) == 1:
-            form, payload = protocol.GLOBAL_UPDATE, adapter_to_records(self.paths.global_dir(missing[0]))
+            form, payload = protocol.GLOBAL_UPDATE, adapter_to_records(self.federation.state_update_dir(missing[0]))
         elif missing:
             catch_up = None if missing == merge_rounds else self.federation.catch_up_state(missing)
             if catch_up is not None and catch_up.wire_bytes < record_wire_bytes(state_record):

@@ -1,15 +1,16 @@
-"""FFA-LoRA against FedSVD on the real SmolLM2-135M over several rounds: the two methods whose
-clients train B against a frozen A, one keeping the random A, the other re-factorising it.
+"""Baselines over several rounds on the real SmolLM2-135M, for the pairs whose round 1 is the same
+computation and which part from round 2 on: FFA-LoRA and FedSVD (clients train B against a frozen
+A, random or re-factorised), FedIT and FedEx-LoRA (clients continue the averaged factors, without
+or with the residual that makes the global model exact).
 
-    .venv/bin/python -m benchmarks.frozen_a                      # about 20 minutes on 2 CPU cores
-    .venv/bin/python -m benchmarks.frozen_a --rounds 3 --setting homo
+    .venv/bin/python -m benchmarks.over_rounds                                   # ffa,fedsvd; about 20 minutes
+    .venv/bin/python -m benchmarks.over_rounds --methods fedit,fedex --setting homo
 
 ``recipes/smollm2_135m_dolly_<setting>.yaml`` on the paper's Dolly split (``../shared/data/dolly``
 beside the clone, FLoRA's layout), FLoRIST's recipe with the method changed, run through
-`run_federation`. Round 1 is the same for both (the same shared init, the same frozen A, the
-same B training), so FedSVD's run takes FFA-LoRA's round-1 client adapters (`sweep.share_round_one`)
-and the two part from round 2 on. Reports the held-out loss (response tokens) after every round
-and the bytes each way; writes ``frozen_a.json`` beside this file.
+`run_federation`; the second method takes the first one's round-1 client adapters
+(`sweep.share_round_one`: the same init, the same training). Reports the held-out loss (response
+tokens) after every round and the bytes each way; writes ``over_rounds_<a>_<b>.json`` beside this file.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ DOLLY = REPO.parent / "shared" / "data" / "dolly"
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.frozen_a", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.over_rounds", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--methods", default="ffa,fedsvd", help="two methods whose clients train alike in round 1")
     parser.add_argument("--setting", default="heter", choices=("heter", "homo"))
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,6 +41,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"the paper's Dolly split is not at {DOLLY} (it lies beside the CI clone)")
     from rich.console import Console
 
+    from florist_hf.engine import client_training_view
     from florist_hf.recipe import load_recipe
     from florist_hf.runner import run_federation
     from florist_hf.sweep import share_round_one
@@ -47,13 +50,16 @@ def main(argv=None) -> None:
     recipe_file = REPO / "recipes" / f"smollm2_135m_dolly_{args.setting}.yaml"
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
-        previous = None
-        for method in ("ffa", "fedsvd"):
+        previous = previous_recipe = None
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        for method in methods:
             run_dir = Path(scratch) / method
             recipe = load_recipe(recipe_file, [
                 "data.layout=flora", f"data.source={DOLLY}", f"federation.method={method}",
                 f"federation.rounds={args.rounds}", "evaluation=null", f"output_dir={run_dir}"])
             if previous is not None:
+                if client_training_view(recipe) != client_training_view(previous_recipe):
+                    raise SystemExit(f"{methods[0]} and {method} do not train their clients alike; no round 1 to share")
                 share_round_one(previous, run_dir)
             started = time.perf_counter()
             run_federation(recipe, console=console)
@@ -68,11 +74,11 @@ def main(argv=None) -> None:
                                 for t in range(1, args.rounds + 1)],
                 "seconds": seconds,
             }
-            previous = run_dir
+            previous, previous_recipe = run_dir, recipe
             console.print(f"{method}: held-out loss per round {rows[method]['heldout_loss']}")
     result = {**machine_record(), "setting": args.setting, "rounds": args.rounds, "recipe": str(recipe_file.relative_to(REPO)),
               "methods": rows}
-    (HERE / "frozen_a.json").write_text(json.dumps(result, indent=1) + "\n")
+    (HERE / f"over_rounds_{'_'.join(methods)}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
