@@ -337,11 +337,8 @@ def load_flora_layout(
 
     def read(path: Path) -> list[dict]:
         nonlocal resolved
-        rows = _read_json_rows(path)
-        if resolved is None:
-            columns = sorted(set().union(*(row.keys() for row in rows)))
-            resolved = resolve_fields(columns, format=format, fields=fields, source=str(path))
-        return normalize_records(rows, resolved, source=str(path))
+        records, resolved = _read_flora_file(path, format, fields, resolved)
+        return records
 
     client_records = []
     for client in range(num_clients):
@@ -352,6 +349,16 @@ def load_flora_layout(
     test_path = split_dir / FLORA_TEST_FILE
     test_records = read(test_path) if test_path.is_file() else []
     return client_records, test_records
+
+
+def _read_flora_file(path: Path, format: str | None, fields, resolved: dict | None) -> tuple[list[dict], dict]:  # noqa: A002
+    """One file of FLoRA's layout as records, and the field mapping (inferred from its columns
+    unless ``resolved`` or ``format`` says)."""
+    rows = _read_json_rows(path)
+    if resolved is None:
+        columns = sorted(set().union(*(row.keys() for row in rows)))
+        resolved = resolve_fields(columns, format=format, fields=fields, source=str(path))
+    return normalize_records(rows, resolved, source=str(path)), resolved
 
 
 def save_flora_layout(
@@ -575,20 +582,36 @@ def prepare_client_data(recipe: Recipe) -> tuple[list[list[dict]], list[dict]]:
                 train, test = records, []
             parts = iid_partition(len(train), num_clients, random_state)
             shards = [[train[index] for index in part] for part in parts]
+    return [_client_sample(recipe, client_id, shard) for client_id, shard in enumerate(shards)], test
+
+
+def _client_sample(recipe: Recipe, client_id: int, shard: list[dict]) -> list[dict]:
+    """A client's shard as it trains on it: its ``max_samples_per_client`` draw; never empty."""
+    section, num_clients = recipe.data, recipe.federation.num_clients
     if section.max_samples_per_client:
-        shards = [
-            sample_records(shard, section.max_samples_per_client, client_sample_seed(section.seed, client_id))
-            for client_id, shard in enumerate(shards)
-        ]
-    for client_id, shard in enumerate(shards):
-        if not shard:
-            fix = (
-                f"add records to {num_clients}/local_training_{client_id}.json or use a split with more data"
-                if section.layout == "flora"
-                else "lower federation.num_clients or raise data.min_client_size"
-            )
-            raise FloristError(f"{section.source}: client {client_id}'s shard is empty; {fix}")
-    return shards, test
+        shard = sample_records(shard, section.max_samples_per_client, client_sample_seed(section.seed, client_id))
+    if not shard:
+        fix = (
+            f"add records to {num_clients}/local_training_{client_id}.json or use a split with more data"
+            if section.layout == "flora"
+            else "lower federation.num_clients or raise data.min_client_size"
+        )
+        raise FloristError(f"{section.source}: client {client_id}'s shard is empty; {fix}")
+    return shard
+
+
+def client_shard(recipe: Recipe, client_id: int) -> list[dict]:
+    """One client's training records, exactly as `prepare_client_data` gives them. From FLoRA's
+    layout only that client's own file is read (a Flower node need not hold the others'); a
+    partition of one dataset (Dirichlet, iid) needs the whole of it, so that is split."""
+    section = recipe.data
+    if section.layout != "flora":
+        return prepare_client_data(recipe)[0][client_id]
+    path = Path(section.source).expanduser() / str(recipe.federation.num_clients) / FLORA_TRAIN_FILE.format(client=client_id)
+    if not path.is_file():
+        raise FloristError(f"missing client file {path}: FLoRA's layout needs local_training_{client_id}.json for client {client_id}")
+    records, _ = _read_flora_file(path, section.format, section.fields, None)
+    return _client_sample(recipe, client_id, records)
 
 
 # --------------------------------------------------------------------------------------------

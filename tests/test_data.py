@@ -519,3 +519,28 @@ def test_a_federation_trains_on_chat_template_prompts(tmp_path):
     run_dir = run_federation(recipe, console=quiet_console())
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["heldout_loss"] > 0 for r in rounds if r["kind"] == "round"] == [True]
+
+
+def test_a_client_shard_is_what_prepare_client_data_gives_and_reads_only_its_own_file(tmp_path):
+    """A Flower node takes its shard with `client_shard`: the same records as the whole split gives
+    it; from FLoRA's layout it reads its own file alone, so the others' files need not be there."""
+    from florist_hf.recipe import load_recipe
+
+    records = data.demo_records()
+    data.save_flora_layout(tmp_path / "split", [records[:30], records[30:50], records[50:90]])
+    base = {"model": {"name_or_path": "builtin:tiny-llama"}, "lora": {"ranks": 2}, "federation": {"num_clients": 3},
+            "output_dir": str(tmp_path / "run")}
+    flora = tmp_path / "flora.yaml"
+    flora.write_text(json.dumps({**base, "data": {"layout": "flora", "source": str(tmp_path / "split"), "max_samples_per_client": 12}}))
+    demo = tmp_path / "demo.yaml"
+    demo.write_text(json.dumps({**base, "data": {"source": "builtin:demo", "partition": "dirichlet", "min_client_size": 20}}))
+    for recipe_file in (flora, demo):
+        recipe = load_recipe(recipe_file)
+        shards, _ = data.prepare_client_data(recipe)
+        assert [data.client_shard(recipe, k) for k in range(3)] == shards
+    recipe = load_recipe(flora)
+    expected = data.prepare_client_data(recipe)[0][2]
+    (tmp_path / "split" / "3" / "local_training_0.json").unlink()
+    assert data.client_shard(recipe, 2) == expected
+    with pytest.raises(FloristError, match="local_training_0.json"):
+        data.client_shard(recipe, 0)

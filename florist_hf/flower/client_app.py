@@ -66,10 +66,9 @@ def client_records(recipe, context: Context, client_id: int) -> list[dict]:
                 records, recipe.data.max_samples_per_client, client_sample_seed(recipe.data.seed, client_id)
             )
         else:
-            from florist_hf.data import prepare_client_data
+            from florist_hf.data import client_shard
 
-            shards, _ = prepare_client_data(recipe)
-            records = shards[client_id]
+            records = client_shard(recipe, client_id)
         _RECORDS_CACHE[key] = records
     return _RECORDS_CACHE[key]
 
