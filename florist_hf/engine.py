@@ -294,6 +294,19 @@ def missed_rounds(paths: RunPaths, round_index: int) -> dict:
 _CATCH_UP_BYTES: dict[tuple, int] = {}
 
 
+def catch_up_form(missing: Sequence[int], state_rounds: Sequence[int], state_bytes: int | None, compacted_bytes) -> str:
+    """What a client that lacks the updates of rounds ``missing`` (of the rounds ``state_rounds``
+    the global state sums) is sent: "round", that one round's update as it is; "state", the whole
+    state, when it holds nothing of it or where that is no larger than ``compacted_bytes()``; else
+    "compacted", the missed rounds' sum compacted into one update. `catch_up_bytes` counts it and
+    the Flower strategy sends it."""
+    if len(missing) == 1:
+        return "round"
+    if list(missing) == list(state_rounds) or (state_bytes is not None and compacted_bytes() >= state_bytes):
+        return "state"
+    return "compacted"
+
+
 def catch_up_bytes(paths: RunPaths, round_index: int) -> int:
     """Bytes of earlier global updates this round's clients receive before training (merge-style
     methods, partial participation): a client that missed one round gets that round's global
@@ -303,25 +316,27 @@ def catch_up_bytes(paths: RunPaths, round_index: int) -> int:
     from florist_hf.adapters import read_adapter
     from florist_hf.global_state import fold, read_state_record, record_wire_bytes
 
-    missed = missed_rounds(paths, round_index)
+    missed = {client: rounds for client, rounds in missed_rounds(paths, round_index).items() if rounds}
+    if not missed:
+        return 0
     done = [t for t in range(1, round_index) if (paths.global_dir(t) / SIDECAR).exists()]
-    total = 0
-    for rounds in missed.values():
-        if not rounds:
-            continue
-        if len(rounds) == 1:
-            sidecar = json.loads((paths.global_dir(rounds[0]) / SIDECAR).read_text())
-            total += int(sidecar["communication"]["downlink_bytes_total"] / max(len(sidecar["clients"]), 1))
-            continue
-        record = read_state_record(paths.global_state_dir(done[-1]))
-        state_bytes = record_wire_bytes(record) if record is not None and record.get("rounds") == done else None
-        if rounds == done and state_bytes is not None:
-            total += state_bytes
-            continue
+    record = read_state_record(paths.global_state_dir(done[-1]))
+    state_bytes = record_wire_bytes(record) if record is not None and record.get("rounds") == done else None
+
+    def compacted_bytes(rounds: list[int]) -> int:
         key = tuple(_adapter_digest(paths.global_dir(t)) for t in rounds)
         if key not in _CATCH_UP_BYTES:
             _CATCH_UP_BYTES[key] = fold(None, [read_adapter(paths.global_dir(t)) for t in rounds], rounds).wire_bytes
-        total += _CATCH_UP_BYTES[key] if state_bytes is None else min(_CATCH_UP_BYTES[key], state_bytes)
+        return _CATCH_UP_BYTES[key]
+
+    total = 0
+    for rounds in missed.values():
+        form = catch_up_form(rounds, done, state_bytes, lambda: compacted_bytes(rounds))
+        if form == "round":
+            sidecar = json.loads((paths.global_dir(rounds[0]) / SIDECAR).read_text())
+            total += int(sidecar["communication"]["downlink_bytes_total"] / max(len(sidecar["clients"]), 1))
+        else:  # the whole state (its record's size; or, without one, the same sum compacted)
+            total += state_bytes if form == "state" and state_bytes is not None else compacted_bytes(rounds)
     return total
 
 
@@ -758,10 +773,8 @@ class Federation:
 
     def publish(self, round_index: int, out_dir: Path) -> Path:
         """The global model after ``round_index`` as one PEFT adapter on the original base."""
-        from florist_hf.global_state import read_global_state
-
         from florist_hf.adapters import read_adapter
-        from florist_hf.global_state import fold
+        from florist_hf.global_state import fold, read_global_state
 
         rounds = [t for t in self.rounds_done if t <= round_index]
         state_dir, adapter = self.global_model(round_index)
@@ -811,9 +824,7 @@ class Federation:
         if runtime:
             summary["runtime"] = runtime
         write_json_atomic(self.paths.root / RUN_SUMMARY, summary)
-        if self.tracker is not None:
-            self.tracker.close()
-            self.tracker = None
+        self._close_tracker()  # the run is complete; the push below still holds the directory
         hub = self.recipe.hub
         if hub is not None and hub.push:
             from florist_hf.hub import push
@@ -826,12 +837,15 @@ class Federation:
     def close(self) -> None:
         """End the tracker run, if any, and release the run directory (finish does; a driver
         that stops early must too)."""
-        if self.tracker is not None:
-            self.tracker.close()
-            self.tracker = None
+        self._close_tracker()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+    def _close_tracker(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
     def summarize(self, client_sizes: Sequence[int]) -> dict:
         """``run.json``: what ran, what it cost, where the result is."""

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from florist_hf.aggregation.cumulative import HeldUpdate, accumulate
+from florist_hf.aggregation.cumulative import HeldUpdate, accumulate, held_numel
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory, write_json_atomic
 
@@ -56,11 +56,6 @@ class GlobalState:
     def wire_bytes(self) -> int:
         """Bytes of its tensors as sent (fp32)."""
         return self.numel * torch.finfo(WIRE_DTYPE).bits // 8
-
-    def summary(self) -> dict:
-        dense = [name for name, module in self.modules.items() if module.is_dense]
-        return {"modules": len(self.modules), "dense_modules": len(dense), "numel": self.numel,
-                "max_rank": max((m.rank for m in self.modules.values() if not m.is_dense), default=0)}
 
 
 def fold(state: GlobalState | None, adapters: Sequence, rounds: Sequence[int], digests: Sequence[str] = ()) -> GlobalState:
@@ -234,10 +229,7 @@ def held_delta(layer) -> torch.Tensor | None:
 
 def record_wire_bytes(record: Mapping) -> int:
     """`GlobalState.wire_bytes` of a state from its record alone."""
-    numel = 0
-    for entry in record["modules"].values():
-        m, n = entry["shape"]
-        numel += m * n if entry["form"] == "dense" else entry["rank"] * (m + n)
+    numel = sum(held_numel(tuple(entry["shape"]), entry["rank"], entry["form"] == "dense") for entry in record["modules"].values())
     return numel * torch.finfo(WIRE_DTYPE).bits // 8
 
 

@@ -106,6 +106,10 @@ class LoraSection(Section):
             raise ValueError("ranks must be positive")
         return ranks
 
+    def mixed_ranks(self) -> bool:
+        """Whether the clients' ranks differ."""
+        return isinstance(self.ranks, list) and len(set(self.ranks)) > 1
+
 
 def sampled_count(num_clients: int, clients_per_round: int | float | None) -> int:
     """Clients per round: all (None), a count (an int, at most all) or a fraction (a float, at least one)."""
@@ -197,7 +201,7 @@ class PublishSection(Section):
     """How the final global adapter is written (not part of the run's fingerprint: changing it
     republishes without training)."""
 
-    #: Merge-style methods (florist, flora) only: keep per module the smallest rank of the
+    #: florist, flora and fedex (whose published update sums every round): keep per module the smallest rank of the
     #: cumulative update whose energy reaches this τ (FLoRIST's rule on the whole federation's
     #: update), for a compact adapter after many rounds. None: the exact cumulative update.
     threshold: float | None = Field(None, gt=0, le=1)
@@ -290,8 +294,8 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _continued_factors_reach_every_rank(self):
-        ranks = self.lora.ranks
-        if self.federation.clients_sampled() < self.federation.num_clients and isinstance(ranks, list) and len(set(ranks)) > 1 and self.federation.method not in ("florist", "flora"):
+        if (self.federation.clients_sampled() < self.federation.num_clients and self.lora.mixed_ranks()
+                and self.federation.method not in ("florist", "flora")):
             raise ValueError(
                 f"{self.federation.method} continues the global factors at the largest rank of the round's clients, which a "
                 "client of larger rank sampled later cannot continue; with federation.clients_per_round use one rank for "
@@ -302,10 +306,9 @@ class Recipe(Section):
     def _fedex_clients_continue_the_same_factors(self):
         if self.federation.method != "fedex":
             return self
-        ranks = self.lora.ranks
-        if isinstance(ranks, list) and len(set(ranks)) > 1:
+        if self.lora.mixed_ranks():
             raise ValueError("fedex keeps the global model exact only when every client continues the same averaged "
-                             f"factors: give every client one rank (lora.ranks: {ranks})")
+                             f"factors: give every client one rank (lora.ranks: {self.lora.ranks})")
         if self.federation.clients_sampled() < self.federation.num_clients:
             raise ValueError("fedex with federation.clients_per_round is not supported yet (a client that sat out would "
                              "need the residuals it missed); sample every client, or use florist or flora")

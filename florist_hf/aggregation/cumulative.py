@@ -43,9 +43,7 @@ class HeldUpdate:
 
     @property
     def numel(self) -> int:
-        """Numbers held: r·(m + n), or m·n once dense."""
-        m, n = self.shape
-        return m * n if self.is_dense else self.rank * (m + n)
+        return held_numel(self.shape, self.rank, self.is_dense)
 
     def as_update(self) -> ClientModule:
         """The low-rank form as a stacked-decomposition input (scale 1)."""
@@ -61,6 +59,12 @@ class HeldUpdate:
         if self.is_dense:
             return self.dense.to(COMPUTE_DTYPE, copy=True)
         return self.lora_b.to(COMPUTE_DTYPE) @ self.lora_a.to(COMPUTE_DTYPE)
+
+
+def held_numel(shape: tuple[int, int], rank: int, dense: bool) -> int:
+    """Numbers a held update holds: r·(m + n), or m·n once dense."""
+    m, n = shape
+    return m * n if dense else rank * (m + n)
 
 
 def dense_is_smaller(rank: int, shape: tuple[int, int]) -> bool:

@@ -126,13 +126,15 @@ def update_global_state(message: Message, state_dir: Path, client_id: int) -> Pa
         return None
     record = read_state_record(state_dir)
     held = list(record["rounds"]) if record is not None else []
+    base = sorted(set(merge_rounds) - set(sent))  # the rounds what is sent goes on top of
     if form in content.array_records and form == protocol.GLOBAL_STATE:
         state = records_to_state(content.array_records[form], content.config_records[protocol.config_key(form)],
                                  source="server message (global state)")
         write_global_state(state, state_dir)
-    elif form in content.array_records and (not held or sorted(held + sent) == merge_rounds or sent == merge_rounds):
-        # Sent everything (a new or restarted server): start afresh, whatever this node kept.
-        state = read_global_state(state_dir) if held and sent != merge_rounds else None
+    elif form in content.array_records and (held == base or not base):
+        # What is sent goes on top of the rounds it assumes held; sent everything (a new or
+        # restarted server), the node starts afresh, whatever it kept.
+        state = read_global_state(state_dir) if base else None
         if form == protocol.GLOBAL_UPDATE:
             update_dir = state_dir.parent / f"round_{sent[0]}"
             _materialise(message, form, update_dir)

@@ -20,6 +20,7 @@ Run config (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterable
@@ -232,6 +233,7 @@ class FloristStrategy(Strategy):
         the server did, so both hold the same state), several rounds summed and compacted into
         one update, or the whole state where that is no larger (always, to a node that holds none).
         """
+        from florist_hf.engine import catch_up_form
         from florist_hf.global_state import read_global_state, read_state_record, record_wire_bytes
 
         node_id = self.clients[plan.client_id].node_id
@@ -240,12 +242,16 @@ class FloristStrategy(Strategy):
         missing = [t for t in merge_rounds if resend_all or t not in self.delivered[node_id]]
         init_round = int(plan.init_adapter.parent.name) if plan.init_adapter is not None else None
         form, payload = "none", None
-        if len(missing) == 1:
-            form, payload = protocol.GLOBAL_UPDATE, adapter_to_records(self.federation.state_update_dir(missing[0]))
-        elif missing:
-            catch_up = None if missing == merge_rounds else self.federation.catch_up_state(missing)
-            if catch_up is not None and catch_up.wire_bytes < record_wire_bytes(state_record):
-                form, payload = protocol.CATCH_UP, state_to_records(catch_up)
+        if missing:
+            @functools.cache
+            def compacted():  # made at most once, and only where the rule asks for its size
+                return self.federation.catch_up_state(missing)
+
+            chosen = catch_up_form(missing, merge_rounds, record_wire_bytes(state_record), lambda: compacted().wire_bytes)
+            if chosen == "round":
+                form, payload = protocol.GLOBAL_UPDATE, adapter_to_records(self.federation.state_update_dir(missing[0]))
+            elif chosen == "compacted":
+                form, payload = protocol.CATCH_UP, state_to_records(compacted())
             else:
                 form, payload = protocol.GLOBAL_STATE, state_to_records(read_global_state(plan.global_state))
         content = RecordDict(
