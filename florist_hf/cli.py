@@ -98,16 +98,33 @@ def aggregate(
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     aggregation: AggregationMode = "stacked",
     streaming_tolerance: StreamingTolerance = 0.0,
+    clip_update_norm: Annotated[
+        Optional[float], typer.Option(help="Bound every client's update to this Frobenius norm (over its whole adapter).")
+    ] = None,
+    reference: Annotated[
+        Optional[Path], typer.Option(help="With --clip-update-norm for fedit, ffa, fedsvd, fedex: the global the clients continued.")
+    ] = None,
 ) -> None:
     """Aggregate client LoRA adapters into one global PEFT adapter (one server step)."""
-    from florist_hf.server import aggregate_adapters
+    from florist_hf.server import UpdateBounding, aggregate_adapters
 
+    aggregator = _method(method, threshold, aggregation, streaming_tolerance)
+    bounding = None
+    if clip_update_norm is not None:
+        if not clip_update_norm > 0:
+            raise FloristError(f"--clip-update-norm {clip_update_norm} must be a positive norm, e.g. 0.1")
+        if method == "flexlora":
+            raise FloristError("--clip-update-norm bounds a client's update; flexlora aggregates each client's whole product")
+        bounding = UpdateBounding(clip=clip_update_norm, reference=None if aggregator.merges_into_base else reference)
+    elif reference is not None:
+        raise FloristError("--reference is the global the clients continued, for --clip-update-norm; add it or drop --reference")
     step = aggregate_adapters(
         client_dirs,
-        _method(method, threshold, aggregation, streaming_tolerance),
+        aggregator,
         out,
         weights=_parse_numbers(weights, float, "--weights"),
         overwrite=force,
+        bounding=bounding,
     )
     ranks = step.rank_summary
     table = Table(title=f"{method} over {len(step.adapters)} clients", show_header=False)
@@ -118,6 +135,11 @@ def aggregate(
     comm = step.communication.to_dict()
     table.add_row("uplink (all clients)", _human_bytes(comm["uplink_bytes_total"]))
     table.add_row("downlink (all clients)", _human_bytes(comm["downlink_bytes_total"]))
+    if bounding is not None:
+        clipped = [client["name"] for client in step.sidecar["clients"] if client.get("clipped")]
+        table.add_row(f"clipped to {clip_update_norm:g}", ", ".join(clipped) or "none")
+    if step.sidecar.get("outliers"):
+        table.add_row("outliers (norm ≥ 10× the median)", ", ".join(step.sidecar["outliers"]))
     console.print(table)
     console.print(f"global adapter: {step.out_dir}")
 

@@ -165,8 +165,10 @@ class FederatedCallback(TrainerCallback):
         trainer.train()   # out/client_0 now holds the adapter + client.json for the server
     """
 
-    def __init__(self, plan: ClientRound):
+    def __init__(self, plan: ClientRound, info: dict | None = None):
         self.plan = plan
+        #: Recorded with the adapter beside its metrics (a DP-SGD client's privacy spent).
+        self.info = dict(info or {})
         self.metrics: dict = {}
         self._started = 0.0
         self._resumed_at = 0
@@ -207,6 +209,7 @@ class FederatedCallback(TrainerCallback):
             "steps": state.global_step,
             "train_seconds": time.perf_counter() - self._started,
             "finite": factors_finite and train_loss is not None and math.isfinite(train_loss),
+            **self.info,
         }
         lora_state = {name: tensor for name, tensor in gathered.items() if is_lora_factor(name)}
         export_client_adapter(model, self.plan, self.metrics, state_dict=lora_state, is_main_process=state.is_world_process_zero)
@@ -392,12 +395,13 @@ def padding_free_unsupported(model) -> str | None:
     return None
 
 
-def client_batching(requested: str, model, console=None, training: dict | None = None) -> str:
+def client_batching(requested: str, model, console=None, training: dict | None = None, *, dp_sgd: bool = False) -> str:
     """The batch layout a client trains with: ``requested``, or padded (said once per model kind)
-    where padding-free batches would let records attend to each other."""
+    where padding-free batches would let records attend to each other, or under DP-SGD."""
     if requested != "padding_free":
         return requested
-    reason = padding_free_unsupported(model)
+    # Opacus' per-sample gradients are per row, and a padding-free row holds several records.
+    reason = "DP-SGD clips every record's gradient apart" if dp_sgd else padding_free_unsupported(model)
     if reason is None and (training or {}).get("use_cache"):
         # With a KV cache transformers reads the positions as a continuation, not as packed records.
         reason = "training.use_cache is set"
@@ -430,15 +434,24 @@ def check_training_backends(training: dict) -> None:
 
 
 def build_client_trainer(model, tokenizer, train_dataset, *, training: dict, work_dir: Path, seed: int, callbacks=(),
-                         batching: str = "padded", one_row: bool = False):
+                         batching: str = "padded", one_row: bool = False, privacy=None, noise_seed: int | None = None):
     """A stock Trainer for one client round; any TrainingArguments field comes from ``training``;
-    ``batching`` and ``one_row`` are the batch layout (`data.make_collator`)."""
+    ``batching`` and ``one_row`` are the batch layout (`data.make_collator`). With ``privacy``
+    (`privacy.ClientPrivacy`) the Trainer is `privacy.DPSGDTrainer`, its sampling and noise drawn
+    from ``noise_seed``."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from florist_hf.data import make_collator
 
     check_training_backends(training)
     training = dict(training)
+    trainer_class, dp_options = Trainer, {}
+    if privacy is not None:
+        from florist_hf.privacy import DPSGDTrainer
+
+        # Every record's gradient is clipped by DP-SGD; the Trainer's clip of the batch's would be spent work.
+        training["max_grad_norm"] = 0.0
+        trainer_class, dp_options = DPSGDTrainer, {"privacy": privacy, "seed": noise_seed}
     if "save_steps" in training and "save_strategy" not in training:
         # save_steps alone means "checkpoint the client round every N steps" (for resuming it);
         # only the newest checkpoint is needed for that.
@@ -455,13 +468,14 @@ def build_client_trainer(model, tokenizer, train_dataset, *, training: dict, wor
                 f"(CPU autocast) or --set training.{precision}=false trains in fp32"
             ) from None
         raise FloristError(f"training: {reason}; fix the recipe's training section") from None
-    trainer = Trainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_dataset,
         data_collator=make_collator(tokenizer, batching, one_row),
         processing_class=tokenizer,
         callbacks=list(callbacks),
+        **dp_options,
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
@@ -524,7 +538,8 @@ def tokenize_shard(recipe, tokenizer, records):
 
 
 def run_client_round(recipe, plan: ClientRound, base_path: str, tokenizer, dataset, work_dir: Path, console,
-                     base_cache: BaseModelCache | None = None, *, is_main_process: bool = True, callbacks=()) -> dict:
+                     base_cache: BaseModelCache | None = None, *, is_main_process: bool = True, callbacks=(),
+                     secret_dir: Path | None = None) -> dict:
     """Train one client for one round (a stock Trainer + FederatedCallback) on ``dataset`` (see
     `tokenize_shard`) and export its adapter to ``plan.export_dir``.
 
@@ -533,9 +548,19 @@ def run_client_round(recipe, plan: ClientRound, base_path: str, tokenizer, datas
     (``resume_from_checkpoint``: LoRA factors, optimizer, scheduler, RNG and data position), so it
     ends where an uninterrupted round ends. The work dir is removed once the adapter is exported.
     With ``base_cache`` the base is loaded once for all clients and put back as loaded afterwards.
+    Under ``privacy`` the client trains with DP-SGD, its noise drawn from the secret kept in
+    ``secret_dir`` (the run directory, or a Flower node's work directory).
     """
     import shutil
 
+    from florist_hf.privacy import client_privacy, derived_seed, secret_seed
+
+    privacy = client_privacy(recipe, plan.client_id, plan.round, len(dataset))
+    noise_seed = None
+    if privacy is not None:
+        if secret_dir is None:
+            raise FloristError("a DP-SGD client needs the directory of its secret noise seed (secret_dir)")
+        noise_seed = derived_seed(secret_seed(secret_dir), "dp-sgd", plan.client_id, plan.round)
     seed = client_seed(recipe.training.get("seed", recipe.federation.seed), plan.client_id, plan.round)
     model = build_lora_model(
         base_path, rank=plan.rank, alpha=recipe.client_alpha(plan.client_id), target_modules=recipe.lora.target_modules,
@@ -543,13 +568,13 @@ def run_client_round(recipe, plan: ClientRound, base_path: str, tokenizer, datas
         revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, base_cache=base_cache,
         quantization=recipe.model.quantization, attn_implementation=recipe.model.attn_implementation,
     )
-    federated = FederatedCallback(plan)
+    federated = FederatedCallback(plan, info=privacy.record() if privacy is not None else None)
     training = recipe.client_training_arguments(plan.client_id, plan.round, TRAINING_DEFAULTS["learning_rate"])
     trainer = build_client_trainer(
         model, tokenizer, dataset, training=training, work_dir=work_dir, seed=seed,
         callbacks=[federated, ConsoleProgressCallback(console, f"round {plan.round} client {plan.client_id}"), *callbacks],
-        batching=client_batching(recipe.data.batching, model, console, training),
-        one_row=packs_one_row(model),
+        batching=client_batching(recipe.data.batching, model, console, training, dp_sgd=privacy is not None),
+        one_row=packs_one_row(model), privacy=privacy, noise_seed=noise_seed,
     )
     checkpoint = last_complete_checkpoint(work_dir)
     if checkpoint is not None:

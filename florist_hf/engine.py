@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import time
 from collections.abc import Sequence
@@ -42,8 +41,16 @@ from florist_hf.aggregation import AggregationMethod, get_method
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import append_jsonl, write_json_atomic, write_jsonl_atomic
 from florist_hf.loading import gguf_provenance
-from florist_hf.recipe import SPEED_ONLY, sampled_count
-from florist_hf.server import RESIDUAL_DIR, ServerStep, StreamingServerRound, aggregate_adapters, rank_summary, write_published_adapter
+from florist_hf.recipe import SPEED_ONLY, sample_clients
+from florist_hf.server import (
+    RESIDUAL_DIR,
+    ServerStep,
+    StreamingServerRound,
+    UpdateBounding,
+    aggregate_adapters,
+    rank_summary,
+    write_published_adapter,
+)
 from florist_hf.tiny import TINY_LLAMA_ID, build_tiny_llama
 
 RUN_FORMAT = "florist-hf/run"
@@ -157,15 +164,9 @@ def method_of(recipe) -> AggregationMethod:
     if federation.method == "florist":
         return get_method(federation.method, threshold=federation.threshold, aggregation=federation.aggregation,
                           tolerance=federation.streaming_tolerance)
+    if federation.robust is not None:
+        return get_method(federation.method, robust=federation.robust, trim_fraction=federation.trim_fraction)
     return get_method(federation.method)
-
-
-def sample_clients(num_clients: int, clients_per_round: int | float | None, seed: int, round_index: int) -> list[int]:
-    """The clients of one round: all (None), a count (int) or a fraction (float), reproducibly drawn."""
-    count = sampled_count(num_clients, clients_per_round)
-    if count == num_clients:
-        return list(range(num_clients))
-    return sorted(random.Random(seed * 1_000_003 + round_index).sample(range(num_clients), count))
 
 
 def prepare_base_model(recipe, root: Path) -> str:
@@ -220,10 +221,14 @@ def client_training_view(recipe) -> dict:
     federation = payload.pop("federation")
     method = method_of(recipe)
     federation["client_role"] = {"merges_into_base": method.merges_into_base, "freeze_lora_a": method.freezes_lora_a}
-    for key in ("method", "threshold", "min_clients", "eval_heldout_loss", "aggregation", "streaming_tolerance"):
-        federation.pop(key)
-    if federation["round_lr_schedule"] == "constant":
+    for key in ("method", "threshold", "min_clients", "eval_heldout_loss", "aggregation", "streaming_tolerance",
+                "clip_update_norm", "central_dp", "robust", "trim_fraction"):
+        federation.pop(key, None)
+    # The rounds count where the learning rate or a DP-SGD client's noise (calibrated to its planned rounds) depends on it.
+    if federation["round_lr_schedule"] == "constant" and not (recipe.privacy and recipe.privacy.target_epsilon is not None):
         federation.pop("rounds")
+    if payload.get("privacy") is None:
+        payload.pop("privacy", None)
     payload["federation"] = federation
 
     flat: dict = {}
@@ -359,6 +364,14 @@ def round_record(paths: RunPaths, round_index: int, heldout: float | None, *, me
     if streamed:  # what a streaming tolerance dropped, at the worst module
         record["streaming_discarded_energy_max"] = max(module["discarded_energy"] for module in streamed)
         record["streaming_error_bound_max"] = max(module["error_bound"] for module in streamed)
+    bounding = sidecar.get("bounding")
+    if bounding is not None:
+        record["clients_clipped"] = sum(1 for client in sidecar["clients"] if client.get("clipped"))
+        central = bounding.get("central_dp")
+        if central is not None:
+            record["central_epsilon"] = central.get("epsilon")
+    if sidecar.get("outliers"):
+        record["outliers"] = sidecar["outliers"]
     if heldout is not None:
         record["heldout_loss"] = heldout
     return record
@@ -377,6 +390,8 @@ def describe_round(record: dict) -> str:
         + (f", held-out loss {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
         + (f", streaming dropped ≤ {record['streaming_discarded_energy_max']:.1e} of the energy"
            if record.get("streaming_discarded_energy_max") else "")
+        + (f", {record['clients_clipped']} clients clipped" if record.get("clients_clipped") else "")
+        + (f", client-level ε {record['central_epsilon']:.3g}" if record.get("central_epsilon") is not None else "")
     )
 
 
@@ -547,9 +562,15 @@ class Federation:
         global_dir = self.paths.global_dir(round_index)
         if global_dir.exists():
             sidecar = json.loads((global_dir / SIDECAR).read_text())
-            current = (self.method.name, json.loads(json.dumps(self.method.options())))
-            if (sidecar.get("method"), sidecar.get("options")) != current:
-                self._supersede(round_index, global_dir, f"aggregated with {sidecar.get('method')} {sidecar.get('options')}")
+            bounding = self.update_bounding(round_index)
+            current = (self.method.name, json.loads(json.dumps(self.method.options())),
+                       None if bounding is None else bounding.clip, None if bounding is None else bounding.noise_multiplier)
+            recorded_bound = sidecar.get("bounding") or {}
+            recorded = (sidecar.get("method"), sidecar.get("options"), recorded_bound.get("clip_update_norm"),
+                        (recorded_bound.get("central_dp") or {}).get("noise_multiplier"))
+            if recorded != current:
+                self._supersede(round_index, global_dir, f"aggregated with {sidecar.get('method')} {sidecar.get('options')}"
+                                + (f", clip_update_norm {recorded[2]}" if recorded[2] is not None else ""))
                 for stale in ("published", "evaluation.json"):
                     if (round_dir / stale).exists():
                         retire_directory(round_dir / stale, self._superseded_dir() / "rounds" / str(round_index) / stale)
@@ -594,7 +615,8 @@ class Federation:
                 self.tracker.step += info.get("steps") or 0
                 prefix = f"client_{plan.client_id}"
                 self.tracker.log({f"{prefix}/train_loss": info.get("loss"), f"{prefix}/train_seconds": info.get("train_seconds"),
-                                  f"{prefix}/round": plan.round}, step=self.tracker.step)
+                                  f"{prefix}/round": plan.round,
+                                  **({f"{prefix}/epsilon": info["epsilon"]} if "epsilon" in info else {})}, step=self.tracker.step)
         if not info.get("finite", True):
             distributed.wait_for_everyone()  # every process has read it before it moves
             # Kept for inspection under another name, so that a resumed run trains it again.
@@ -628,11 +650,56 @@ class Federation:
                 step = aggregate_adapters(
                     [plan.export_dir for plan in trained], self.method, global_dir,
                     weights=[plan.num_samples for plan in trained], overwrite=False, client_names=names,
+                    bounding=self.update_bounding(round_plan.round),
                 )
+            self._say_outliers(step)
             shutil.rmtree(self.paths.round_dir(round_plan.round) / "work", ignore_errors=True)  # the clients' checkpoints
         self.rounds_done.append(round_plan.round)
         self.global_state_dir(round_plan.round)
         return step
+
+    def update_bounding(self, round_index: int) -> UpdateBounding | None:
+        """How the server bounds round ``round_index``'s client updates (``federation.clip_update_norm``)
+        and, with ``central_dp``, noises their mean; None when it does not."""
+        from florist_hf.privacy import central_epsilon, central_noise_multiplier, derived_seed, require_opacus, secret_seed
+
+        federation = self.recipe.federation
+        if federation.clip_update_norm is None:
+            return None
+        # Continue-style clients start from the last global (round 0: the shared init); their update is the change since.
+        earlier = [t for t in self.rounds_done if t < round_index]
+        reference = None if self.method.merges_into_base else self.paths.global_dir(earlier[-1] if earlier else 0)
+        bounding = UpdateBounding(clip=federation.clip_update_norm, reference=reference)
+        central = federation.central_dp
+        if central is not None:
+            require_opacus()
+            sampled = federation.clients_sampled()
+            rate = sampled / federation.num_clients
+            noise = central_noise_multiplier(central, rate, federation.rounds, federation.num_clients)
+            bounding.noise_multiplier, bounding.denominator = noise, sampled
+            bounding.noise_seed = derived_seed(secret_seed(self.paths.root), "central-dp", round_index)
+            bounding.accounting = {
+                "sample_rate": rate, "rounds": round_index, "accountant": central.accountant, "level": "client",
+                "delta": central.delta if central.delta is not None else 1.0 / federation.num_clients,
+                "epsilon": central_epsilon(central, noise, rate, round_index, federation.num_clients),
+                "epsilon_planned": central_epsilon(central, noise, rate, federation.rounds, federation.num_clients),
+            }
+        return bounding
+
+    def _say_outliers(self, step: ServerStep) -> None:
+        """One line per client an operator should look at (its norm far above the round's, or pointing away)."""
+        clients = {client["name"]: client for client in step.sidecar["clients"]}
+        norms = sorted(client["update_norm"] for client in clients.values() if client.get("update_norm") is not None)
+        median = norms[len(norms) // 2] if norms else 0.0
+        for name in step.sidecar.get("outliers", []):
+            client = clients[name]
+            cosine = client.get("cosine")
+            self.console.print(
+                f"  [yellow]{name}: update norm {client['update_norm']:.3g}"
+                + (f" ({client['update_norm'] / median:.3g}× the round's median)" if median > 0 else "")
+                + (f", cosine {cosine:.3f} to the global update" if cosine is not None else "")
+                + (f", clipped to {step.sidecar['bounding']['clip_update_norm']:g}" if client.get("clipped") else "")
+                + f"; see {step.out_dir / SIDECAR}[/]")
 
     @property
     def holds_state(self) -> bool:
@@ -847,6 +914,37 @@ class Federation:
             self.tracker.close()
             self.tracker = None
 
+    def privacy_summary(self) -> dict | None:
+        """What the run guarantees and bounds (run.json, the model card): each client's record-level
+        (ε, δ) after its last round, the client-level ε of central DP, the update bound, the robust rule."""
+        recipe, federation = self.recipe, self.recipe.federation
+        summary: dict = {}
+        if recipe.privacy is not None:
+            last: dict = {}
+            for record in read_metrics(self.paths.metrics):
+                if record.get("kind") == "client" and "epsilon" in record and record.get("round") in self.rounds_done:
+                    last[record["client"]] = record
+            if last:
+                summary["record_level"] = {
+                    "mechanism": "DP-SGD (Opacus)", "accountant": recipe.privacy.accountant,
+                    "max_grad_norm": recipe.privacy.max_grad_norm,
+                    "epsilon_max": max(record["epsilon"] for record in last.values()),
+                    "delta_max": max(record["delta"] for record in last.values()),
+                    "per_client": {str(client): {"epsilon": record["epsilon"], "delta": record["delta"]}
+                                   for client, record in sorted(last.items())},
+                }
+        if federation.clip_update_norm is not None:
+            summary["clip_update_norm"] = federation.clip_update_norm
+        if federation.central_dp is not None and self.rounds_done:
+            sidecar = json.loads((self.paths.global_dir(self.rounds_done[-1]) / SIDECAR).read_text())
+            central = sidecar.get("bounding", {}).get("central_dp", {})
+            summary["client_level"] = {"mechanism": "DP-FedAvg (Gaussian noise on the clipped mean)",
+                                       **{key: central.get(key) for key in ("epsilon", "delta", "noise_multiplier", "sample_rate",
+                                                                            "accountant", "rounds")}}
+        if federation.robust is not None:
+            summary["robust"] = federation.robust
+        return summary or None
+
     def summarize(self, client_sizes: Sequence[int]) -> dict:
         """``run.json``: what ran, what it cost, where the result is."""
         recipe, federation = self.recipe, self.recipe.federation
@@ -881,6 +979,7 @@ class Federation:
                 "eff_x1e4_per_round": [r["eff_x1e4"] for r in rounds],
             },
             "heldout_loss": [r.get("heldout_loss") for r in rounds],
+            "privacy": self.privacy_summary(),
             "evaluation": None,
             "recipe": recipe.model_dump(mode="json"),
         }

@@ -46,7 +46,7 @@ MODEL_CARD = "README.md"
 LOCAL_PATH = "<local path>"
 #: Client-level fields: removed from the records unless client details are included.
 CLIENT_LEVEL_KEYS = {
-    SIDECAR: ("clients", "raw_weights"),
+    SIDECAR: ("clients", "raw_weights", "outliers"),
     RUN_RECORD: ("client_samples",),
 }
 #: Per-client byte counts inside a communication record (the totals stay).
@@ -148,6 +148,28 @@ def _published_notes(sidecar: Mapping) -> list[str]:
     return notes
 
 
+def privacy_rows(privacy: Mapping) -> list[tuple[str, str]]:
+    """The model card's lines on what the run guarantees: record-level (ε, δ), client-level ε, the bound."""
+    rows = []
+    record = privacy.get("record_level")
+    if record:
+        rows.append(("Differential privacy", f"(ε, δ) = ({record['epsilon_max']:.2f}, {record['delta_max']:.2g}) per client, "
+                                             f"record-level: DP-SGD with Opacus, each record's gradient clipped to "
+                                             f"{record['max_grad_norm']:g}, {record['accountant'].upper()} accountant over "
+                                             "every round a client took part in (the largest ε of any client)"))
+    client = privacy.get("client_level")
+    if client and client.get("epsilon") is not None:
+        rows.append(("Client-level DP", f"(ε, δ) = ({client['epsilon']:.2f}, {client['delta']:.2g}) for any one client's "
+                                        f"participation: {client['mechanism']}, noise σ = {client['noise_multiplier']:.3g}, "
+                                        f"{client['rounds']} rounds at sampling rate {client['sample_rate']:.3g}"))
+    if privacy.get("clip_update_norm") is not None:
+        rows.append(("Update bound", f"every client's update clipped to Frobenius norm {privacy['clip_update_norm']:g} "
+                                     "(its whole adapter) before aggregation"))
+    if privacy.get("robust"):
+        rows.append(("Robust aggregation", f"coordinate-wise {privacy['robust'].replace('_', ' ')} of the client factors"))
+    return rows
+
+
 def _card_body(
     repo_id: str,
     method: str | None,
@@ -180,6 +202,7 @@ def _card_body(
         training_rows.append(("Client LoRA ranks", ", ".join(str(rank) for rank in client_ranks)))
     if run.get("datasets"):
         training_rows.append(("Datasets", ", ".join(run["datasets"])))
+    training_rows += privacy_rows(run.get("privacy") or {})
     if gguf:
         source = gguf["source"] if _hub_repo_id(gguf["source"]) or gguf["source"].startswith("package:") else "a local folder"
         training_rows.append(("Base model", f"`{gguf['gguf_file']}` from {source} (sha256 {gguf['sha256'][:16]}…), "
@@ -308,6 +331,13 @@ def public_record(record: dict, file_name: str, public_ids: set[str] = frozenset
         communication = holder.get("communication")
         if isinstance(communication, dict):
             holder["communication"] = {k: v for k, v in communication.items() if k not in PER_CLIENT_COMMUNICATION}
+    if isinstance(public.get("modules"), dict):  # each client's norm and cosine per module
+        public["modules"] = {name: {k: v for k, v in module.items() if k != "clients"} if isinstance(module, dict) else module
+                             for name, module in public["modules"].items()}
+    privacy = public.get("privacy")
+    if isinstance(privacy, dict) and isinstance(privacy.get("record_level"), dict):
+        # Each client's (ε, δ): its δ defaults to 1/N, its record count.
+        public["privacy"] = {**privacy, "record_level": {k: v for k, v in privacy["record_level"].items() if k != "per_client"}}
     return _without_local_paths(public, set(public_ids))
 
 

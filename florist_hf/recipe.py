@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,6 +112,11 @@ class LoraSection(Section):
         return isinstance(self.ranks, list) and len(set(self.ranks)) > 1
 
 
+#: Methods whose global factors are averages of the client factors, where the server can add noise
+#: (central DP) or take robust statistics.
+LINEAR_METHODS = ("fedit", "ffa")
+
+
 def sampled_count(num_clients: int, clients_per_round: int | float | None) -> int:
     """Clients per round: all (None), a count (an int, at most all) or a fraction (a float, at least one)."""
     if clients_per_round is None:
@@ -118,6 +124,35 @@ def sampled_count(num_clients: int, clients_per_round: int | float | None) -> in
     if isinstance(clients_per_round, int):
         return min(clients_per_round, num_clients)
     return max(1, min(num_clients, round(clients_per_round * num_clients)))
+
+
+class CentralDPSection(Section):
+    """Client-level differential privacy on the server (DP-FedAvg): each client's factor update
+    is bounded to ``federation.clip_update_norm``, the bounded updates are averaged with one fixed
+    denominator (the clients sampled per round, each weighted alike), and Gaussian noise of
+    standard deviation noise_multiplier · C / n is added to the average. Only where the
+    aggregation is linear in the factors (fedit, ffa)."""
+
+    #: The noise, or the budget to calibrate it to over the federation's rounds (give one).
+    noise_multiplier: float | None = Field(None, ge=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    #: δ of the client-level guarantee (default 1 / num_clients).
+    delta: float | None = Field(None, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _noise_or_budget(self):
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give central_dp one of noise_multiplier (the noise) or target_epsilon (the budget to calibrate it to)")
+        return self
+
+
+def sample_clients(num_clients: int, clients_per_round: int | float | None, seed: int, round_index: int) -> list[int]:
+    """The clients of one round: all (None), a count (int) or a fraction (float), reproducibly drawn."""
+    count = sampled_count(num_clients, clients_per_round)
+    if count == num_clients:
+        return list(range(num_clients))
+    return sorted(random.Random(seed * 1_000_003 + round_index).sample(range(num_clients), count))
 
 
 class FederationSection(Section):
@@ -146,6 +181,38 @@ class FederationSection(Section):
     #: are dropped (0: only round-off, so streaming equals stacked). What is dropped is recorded in
     #: the round's aggregation.json (discarded_energy, error_bound).
     streaming_tolerance: float = Field(0.0, ge=0, lt=1)
+    #: Bound every client's update to this Frobenius norm, over its whole adapter, before
+    #: aggregation: the update s·B·A for florist and flora (whose clients train a fresh LoRA), the
+    #: change of the factors since the global they continued for fedit, ffa, fedsvd and fedex. Each
+    #: client's norm and scaling are recorded in the round's aggregation.json.
+    clip_update_norm: float | None = Field(None, gt=0)
+    #: Client-level DP on the server for fedit and ffa (needs clip_update_norm).
+    central_dp: CentralDPSection | None = None
+    #: fedit, ffa: combine the clients' factors by their coordinate-wise median or trimmed mean
+    #: (each client alike) instead of the weighted mean, so that a few bad clients cannot move them far.
+    robust: Literal["median", "trimmed_mean"] | None = None
+    #: trimmed_mean: the share of clients dropped at each end of every coordinate.
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _server_defences_where_defined(self):
+        if self.clip_update_norm is not None and self.method == "flexlora":
+            raise ValueError("clip_update_norm bounds a client's update; flexlora aggregates each client's whole product "
+                             "(the global it was sent included), so no update is there to bound — use florist, flora, fedit or ffa")
+        if self.central_dp is not None:
+            if self.method not in LINEAR_METHODS:
+                raise ValueError(
+                    f"central_dp needs an aggregation that is linear in the client factors (fedit, ffa); {self.method} needs each "
+                    "client's factors, so noise on the server cannot hide them — use privacy.mode: dp_sgd (record-level DP on "
+                    "every client) instead")
+            if self.clip_update_norm is None:
+                raise ValueError("central_dp calibrates its noise to federation.clip_update_norm; set it (e.g. 0.1)")
+            if self.robust is not None:
+                raise ValueError("central_dp adds its noise to the clients' mean; robust replaces that mean — use one of them")
+        if self.robust is not None and self.method not in LINEAR_METHODS:
+            raise ValueError(f"robust combines factors coordinate by coordinate (fedit, ffa); for {self.method} bound the "
+                             "clients' updates with clip_update_norm and read each client's norm and cosine in aggregation.json")
+        return self
 
     @model_validator(mode="after")
     def _streaming_is_floristic(self):
@@ -157,7 +224,7 @@ class FederationSection(Section):
         return self
 
     def clients_sampled(self) -> int:
-        """How many clients each round samples (`engine.sample_clients` draws them)."""
+        """How many clients each round samples (`sample_clients` draws them)."""
         return sampled_count(self.num_clients, self.clients_per_round)
 
     @model_validator(mode="after")
@@ -195,6 +262,50 @@ class EvaluationSection(Section):
         if mode != "auto" or (count and not count.isdigit()):
             raise ValueError('batch_size must be a number, "auto" or "auto:N"')
         return batch_size
+
+
+class PrivacySection(Section):
+    """Record-level differential privacy on every client: DP-SGD with Opacus (per-record gradient
+    clipping, Gaussian noise, Poisson-sampled batches), accounted over every round a client takes
+    part in. Aggregation is post-processing, so every method keeps the guarantee."""
+
+    mode: Literal["dp_sgd"] = "dp_sgd"
+    #: Each client's budget for the whole federation (the rounds it is planned to take part in):
+    #: its noise is calibrated to reach it exactly then. Or give the noise itself.
+    target_epsilon: float | None = Field(None, gt=0)
+    noise_multiplier: float | None = Field(None, ge=0)
+    #: Every record's gradient is clipped to this L2 norm (over all the LoRA factors).
+    max_grad_norm: float = Field(1.0, gt=0)
+    #: δ of the guarantee (default 1 / the client's record count; smaller is stronger).
+    delta: float | None = Field(None, gt=0, lt=1)
+    accountant: Literal["prv", "rdp"] = "prv"
+
+    @model_validator(mode="after")
+    def _noise_or_budget(self):
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give privacy one of target_epsilon (each client's budget for the federation) or noise_multiplier")
+        return self
+
+
+#: TrainingArguments DP-SGD cannot keep, with the reason and the fix.
+_DP_SGD_REFUSED = {
+    "gradient_accumulation_steps": "Poisson sampling makes every batch one logical batch, which gradient accumulation would "
+                                   "split — set per_device_train_batch_size to the expected batch size instead",
+    "deepspeed": "DP-SGD clients train in one process (Opacus' per-record gradients do not reach DeepSpeed's partitions)",
+    "gradient_checkpointing": "Opacus captures each layer's activations in the forward pass, which checkpointing runs twice",
+    "torch_compile": "Opacus' per-record gradient hooks do not survive compilation",
+    "max_grad_norm": "under DP-SGD every record's gradient is clipped to privacy.max_grad_norm; remove training.max_grad_norm",
+    "save_steps": "a DP-SGD client round restarts from its start after a stop (its sampling and noise are seeded, so it ends "
+                  "the same); remove training.save_steps",
+}
+
+
+def _refused_under_dp_sgd(key: str, value) -> bool:
+    if key == "gradient_accumulation_steps":
+        return value not in (None, 1)
+    if key in ("gradient_checkpointing", "torch_compile"):
+        return bool(value)
+    return key in _DP_SGD_REFUSED and value is not None
 
 
 class PublishSection(Section):
@@ -259,6 +370,8 @@ class Recipe(Section):
     training: dict[str, Any] = Field(default_factory=dict)
     #: Per-client TrainingArguments overrides (clients on different hardware), by client index.
     client_training: dict[int, dict[str, Any]] = Field(default_factory=dict)
+    #: Record-level DP-SGD on every client (None: none).
+    privacy: PrivacySection | None = None
     evaluation: EvaluationSection | None = None
     publish: PublishSection = Field(default_factory=PublishSection)
     hub: HubSection | None = None
@@ -315,6 +428,20 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _dp_sgd_keeps_its_guarantee(self):
+        if self.privacy is None:
+            return self
+        sections = {"training": self.training, **{f"client_training.{k}": v for k, v in self.client_training.items()}}
+        for where, training in sections.items():
+            for key, value in training.items():
+                if _refused_under_dp_sgd(key, value):
+                    raise ValueError(f"{where}.{key} cannot be used with privacy.mode: dp_sgd: {_DP_SGD_REFUSED[key]}")
+        if self.model.quantization is not None:
+            raise ValueError("privacy.mode: dp_sgd is not supported with model.quantization (QLoRA) yet; "
+                             "remove one of them")
+        return self
+
+    @model_validator(mode="after")
     def _publish_threshold_on_a_cumulative_update(self):
         if self.publish.threshold is not None and self.federation.method not in ("florist", "flora", "fedex"):
             raise ValueError(f"publish.threshold truncates the cumulative update of florist, flora or fedex; {self.federation.method} "
@@ -347,6 +474,8 @@ class Recipe(Section):
     def fingerprint(self) -> str:
         """A hash of everything that changes the result (not where it is written)."""
         payload = self.model_dump(mode="json", exclude={"output_dir", "evaluation", "publish", "hub", "tracking"})
+        if payload.get("privacy") is None:  # added later; a run without it keeps its fingerprint
+            payload.pop("privacy", None)
         # Settings added after runs were recorded count only when set: at their defaults a run
         # directory made before they existed keeps its fingerprint (and resumes without --force).
         for section, defaults in LATER_DEFAULTS.items():
@@ -361,7 +490,8 @@ class Recipe(Section):
 
 #: settings added after run directories were first recorded, with their defaults, by section.
 LATER_DEFAULTS = {
-    "federation": {"aggregation": "stacked", "streaming_tolerance": 0.0},
+    "federation": {"aggregation": "stacked", "streaming_tolerance": 0.0, "clip_update_norm": None, "central_dp": None,
+                   "robust": None, "trim_fraction": 0.1},
     "model": {"gguf_file": None},
 }
 #: Settings that change how fast a result is reached, not the result (beyond float round-off):

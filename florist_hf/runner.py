@@ -66,7 +66,7 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
                             run_client_round(
                                 recipe, plan, base_path, tokenizer, datasets[plan.client_id],
                                 paths.client_work_dir(round_index, plan.client_id), console,
-                                base_cache=base_cache, is_main_process=main,
+                                base_cache=base_cache, is_main_process=main, secret_dir=paths.root,
                                 callbacks=[federation.tracker.client_relay(plan.client_id, round_index)] if federation.tracker else [],
                             )
                     distributed.wait_for_everyone()  # the main process has exported the adapter

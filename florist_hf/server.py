@@ -34,6 +34,7 @@ from florist_hf.aggregation import (
     energy,
     round_communication,
 )
+from florist_hf.aggregation.bounding import bound_client, gaussian_noise_like, outlier_report, outliers, update_norm
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory
 
@@ -42,6 +43,83 @@ SIDECAR_FORMAT = "florist-hf/aggregation"
 CLIENT_ADAPTERS_DIR = "clients"
 #: FedEx-LoRA: beside the round's global adapter, its residual part alone (what joins the base).
 RESIDUAL_DIR = "residual"
+
+
+@dataclass
+class UpdateBounding:
+    """How the server bounds (and, for client-level DP, noises) the clients' updates of one round."""
+
+    #: Each client's update scaled to this Frobenius norm over its whole adapter (None: not bounded).
+    clip: float | None = None
+    #: The global adapter the clients continued (continue-style methods: their update is the change
+    #: of their factors since it); None for fresh LoRAs, whose update is s·B·A.
+    reference: Path | None = None
+    #: Central DP (fedit, ffa): noise σ·clip/denominator on the average of the bounded updates, each
+    #: client weighted 1/denominator (the clients sampled per round), drawn from ``noise_seed``.
+    noise_multiplier: float | None = None
+    denominator: int | None = None
+    noise_seed: int | None = None
+    #: Recorded in the sidecar as it is (the accountant's ε so far, δ, q).
+    accounting: dict | None = None
+
+    def reference_modules(self, method: AggregationMethod) -> dict | None:
+        if self.reference is None:
+            if not method.merges_into_base:
+                raise FloristError(f"{method.name} clients continue a global adapter; bounding their updates needs it "
+                                   "(--reference DIR: the global the clients were sent)")
+            return None
+        return read_adapter(self.reference).modules
+
+
+def _bound_clients(bounding: UpdateBounding, method: AggregationMethod, adapters: Sequence[LoraAdapter],
+                   weights: Sequence[float]) -> tuple[list[dict], list[float], list[dict]]:
+    """The clients' modules bounded as ``bounding`` asks, the weights to aggregate them with, and
+    each client's bound record."""
+    reference = bounding.reference_modules(method)
+    rescale, used_weights = 1.0, list(weights)
+    if bounding.noise_multiplier is not None:
+        # DP-FedAvg: a fixed denominator, every client alike, so that one client moves the mean by clip/n at most.
+        rescale, used_weights = len(adapters) / bounding.denominator, [1.0] * len(adapters)
+    modules, records = [], []
+    for adapter in adapters:
+        if reference is not None and set(reference) != set(adapter.modules):
+            raise FloristError(f"{adapter.path}: adapts other modules than the global it continued ({bounding.reference})")
+        try:
+            bounded, bound = bound_client(adapter.modules, bounding.clip, reference=reference,
+                                          freezes_lora_a=method.freezes_lora_a, rescale=rescale)
+        except ValueError as error:
+            raise FloristError(f"{adapter.path}: {error}") from None
+        modules.append(bounded)
+        records.append(bound.record())
+    return modules, used_weights, records
+
+
+def _add_central_noise(result: AggregationResult, bounding: UpdateBounding, method: AggregationMethod) -> None:
+    """Gaussian noise of std σ·clip/n on every trained factor of the mean (B, and A unless frozen)."""
+    generator = torch.Generator().manual_seed(bounding.noise_seed)
+    std = bounding.noise_multiplier * bounding.clip / bounding.denominator
+    for name in sorted(result.modules):  # one fixed order: the same seed gives the same noise
+        module = result.modules[name]
+        module.lora_b = gaussian_noise_like(module.lora_b, std, generator)
+        if not method.freezes_lora_a:
+            module.lora_a = gaussian_noise_like(module.lora_a, std, generator)
+
+
+def _client_report(method: AggregationMethod, modules: Sequence[dict], result: AggregationResult,
+                   bounds: list[dict] | None) -> dict:
+    """The sidecar's per-client norms (and, for fresh-LoRA methods, cosines to the global update)."""
+    clients = [dict(bound) for bound in bounds] if bounds else [{} for _ in modules]
+    report: dict = {"clients": clients}
+    if method.merges_into_base and all(module for module in modules):
+        outlook = outlier_report(modules, {name: (m.lora_b, m.lora_a) for name, m in result.modules.items()})
+        for client, whole in zip(clients, outlook["clients"]):
+            client.setdefault("update_norm", whole["update_norm"])
+            client["cosine"] = whole["cosine"]
+        report["modules"] = outlook["modules"]
+    if all("update_norm" in client for client in clients):
+        flagged = outliers([c["update_norm"] for c in clients])
+        report["outliers"] = flagged
+    return report
 
 
 @dataclass
@@ -123,8 +201,10 @@ def aggregate_adapters(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     client_names: Sequence[str] | None = None,
+    bounding: UpdateBounding | None = None,
 ) -> ServerStep:
     """Read client adapters, aggregate them, and write the global PEFT adapter + sidecar atomically.
+    With ``bounding`` every client's update is first bounded (and, for client-level DP, the mean noised).
 
     Every input problem raises FloristError before anything is written to ``out_dir``.
     """
@@ -134,7 +214,7 @@ def aggregate_adapters(
     if method.streaming:
         if weights is not None and len(weights) != len(client_dirs):
             client_weights([None] * len(client_dirs), weights)  # the one-line error for a count mismatch
-        streamed = StreamingServerRound(method)
+        streamed = StreamingServerRound(method, bounding)
         for index, client_dir in enumerate(client_dirs):
             streamed.add(client_dir, None if weights is None else weights[index])
         return streamed.write(out_dir, dtype=dtype, overwrite=overwrite, client_names=client_names)
@@ -142,17 +222,23 @@ def aggregate_adapters(
     adapters = read_client_adapters(client_dirs)
     raw_weights = client_weights(adapters, weights)
     wire_dtype = dtype or widest_dtype(adapter.dtype for adapter in adapters)
+    modules, used_weights, bounds = [adapter.modules for adapter in adapters], raw_weights, None
+    if bounding is not None:
+        modules, used_weights, bounds = _bound_clients(bounding, method, adapters, raw_weights)
     try:
         # Results in the wire dtype module by module: fp64 copies of every module would double the peak.
-        result = method.aggregate([adapter.modules for adapter in adapters], raw_weights, result_dtype=wire_dtype)
+        result = method.aggregate(modules, used_weights, result_dtype=wire_dtype)
     except SharedAMismatch as error:
         raise FloristError(f"{adapters[error.client_index].path}: {error}") from None
+    if bounding is not None and bounding.noise_multiplier is not None:
+        _add_central_noise(result, bounding, method)
+    report = _client_report(method, [adapter.modules for adapter in adapters], result, bounds)
     return _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtype, overwrite, client_names,
-                              time.perf_counter() - started)
+                              time.perf_counter() - started, report, bounding)
 
 
 def _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtype, overwrite, client_names,
-                       server_seconds) -> ServerStep:
+                       server_seconds, report: dict | None = None, bounding: UpdateBounding | None = None) -> ServerStep:
     """The global adapter (and FlexLoRA's per-client ones) plus the sidecar, written atomically."""
     communication = round_communication(
         method,
@@ -163,6 +249,23 @@ def _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtyp
     )
     names = list(client_names) if client_names else [f"client_{index}" for index in range(len(adapters))]
     sidecar = build_sidecar(method, adapters, raw_weights, result, communication, names, server_seconds)
+    if report is not None:
+        for client, row in zip(sidecar["clients"], report["clients"]):
+            client.update(row)
+        for name, rows in report.get("modules", {}).items():
+            sidecar["modules"][name]["clients"] = rows
+        sidecar["outliers"] = [names[index] for index in report.get("outliers", [])]
+    if bounding is not None:
+        sidecar["bounding"] = {
+            "clip_update_norm": bounding.clip,
+            "bounded": "the factors' change since the global the clients continued" if bounding.reference is not None
+                       else "each client's update s·B·A",
+            "over": "the whole adapter",
+            **({"central_dp": {"noise_multiplier": bounding.noise_multiplier, "denominator": bounding.denominator,
+                               "noise_std": bounding.noise_multiplier * bounding.clip / bounding.denominator,
+                               "weighting": "uniform", **(bounding.accounting or {})}}
+               if bounding.noise_multiplier is not None else {}),
+        }
     template = adapters[0].config
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         global_factors = {name: (m.lora_b, m.lora_a) for name, m in result.modules.items()}
@@ -192,11 +295,14 @@ class StreamingServerRound:
     adapter and sidecar atomically, exactly as ``aggregate_adapters`` does.
     """
 
-    def __init__(self, method: AggregationMethod):
+    def __init__(self, method: AggregationMethod, bounding: UpdateBounding | None = None):
         self.method = method
         self.round = method.stream()
+        self.bounding = bounding
         self.adapters: list[LoraAdapter] = []  # folded clients, factors dropped
         self.given_weights: list[float | None] = []
+        #: Each folded client's update norm (and bound); their cosines need the factors, which are not kept.
+        self.client_rows: list[dict] = []
         self.seconds = 0.0  # reading and folding, not waiting for clients
 
     def add(self, client_dir: str | os.PathLike, weight: float | None = None) -> None:
@@ -208,7 +314,16 @@ class StreamingServerRound:
         if weight is not None and not (math.isfinite(weight) and weight > 0):
             raise FloristError(f"{adapter.path}: weight {weight} is not a positive finite number")
         used = weight if weight is not None else (adapter.num_samples or 1.0)
-        self.round.add(adapter.modules, float(used))
+        modules = adapter.modules
+        if self.bounding is not None:
+            try:
+                modules, bound = bound_client(modules, self.bounding.clip)
+            except ValueError as error:
+                raise FloristError(f"{adapter.path}: {error}") from None
+            self.client_rows.append(bound.record())
+        else:
+            self.client_rows.append({"update_norm": update_norm(modules)})
+        self.round.add(modules, float(used))
         self.adapters.append(without_factors(adapter))
         self.given_weights.append(weight)
         self.seconds += time.perf_counter() - started
@@ -226,8 +341,10 @@ class StreamingServerRound:
         wire_dtype = dtype or widest_dtype(adapter.dtype for adapter in self.adapters)
         result = self.round.result(wire_dtype)
         seconds = self.seconds + time.perf_counter() - started
+        report = {"clients": self.client_rows,
+                  "outliers": outliers([row["update_norm"] for row in self.client_rows])}
         return _write_server_step(self.method, self.adapters, raw_weights, result, Path(out_dir), wire_dtype,
-                                  overwrite, client_names, seconds)
+                                  overwrite, client_names, seconds, report, self.bounding)
 
 
 #: A module's cumulative update counts as no longer low-rank above this share of min(m, n): its

@@ -28,8 +28,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory, write_json_atomic, write_text_atomic
+from florist_hf.recipe import Recipe
 
 SWEEP_FORMAT = "florist-hf/sweep"
 SWEEP_RECORD = "sweep.json"
@@ -128,9 +131,15 @@ def sweep_branches(recipe, thresholds: Sequence[float], baselines: Sequence[str]
         settings = {"method": method, **({"threshold": threshold} if threshold else {})}
         if method != "florist":  # streaming is FLoRIST's: a baseline branch aggregates stacked
             settings.update(aggregation="stacked", streaming_tolerance=0.0)
-        federation = recipe.federation.model_copy(update=settings)
-        update = {"federation": federation, "output_dir": str(root / name), "name": f"{recipe.name}-{name}"}
-        return Branch(name, method, threshold, recipe.model_copy(update=update))
+        tree = recipe.model_dump(mode="json")
+        tree["federation"].update(settings)
+        tree.update(output_dir=str(root / name), name=f"{recipe.name}-{name}")
+        try:  # validated as a recipe of its own: a setting of the sweep's recipe may not hold for a baseline
+            branch = Recipe.model_validate(tree)
+        except ValidationError as error:
+            reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+            raise FloristError(f"sweep branch {name}: {reason}") from None
+        return Branch(name, method, threshold, branch)
 
     branches = [variant(f"tau_{threshold!r}", "florist", threshold) for threshold in thresholds]  # repr: distinct τ, distinct names
     return branches + [variant(method, method, None) for method in baselines]

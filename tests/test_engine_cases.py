@@ -40,10 +40,10 @@ def fake_client(plan, base_path: str) -> None:
                                     "num_samples": plan.num_samples, "loss": 1.0, "steps": 1, "train_seconds": 0.0})
 
 
-def drive(recipe, client_sizes, *, stop_after_clients: int | None = None) -> Path:
-    """`runner.run_federation`'s round loop with fake clients; ``stop_after_clients``: raise after
-    that many clients have been written in all (a stop inside a round)."""
-    federation = Federation(recipe, console=quiet_console())
+def drive(recipe, client_sizes, *, stop_after_clients: int | None = None, client=fake_client, console=None) -> Path:
+    """`runner.run_federation`'s round loop with fake clients (``client(plan, base_path)``);
+    ``stop_after_clients``: raise after that many clients have been written in all (a stop inside a round)."""
+    federation = Federation(recipe, console=console or quiet_console())
     written = 0
     try:
         base_path = federation.open()
@@ -56,7 +56,7 @@ def drive(recipe, client_sizes, *, stop_after_clients: int | None = None) -> Pat
                     if not plan.export_dir.exists():
                         if stop_after_clients is not None and written == stop_after_clients:
                             raise KeyboardInterrupt
-                        fake_client(plan, base_path)
+                        client(plan, base_path)
                         written += 1
                     if federation.accept(plan):
                         trained.append(plan)

@@ -783,3 +783,33 @@ def test_a_supernode_killed_during_the_round_is_left_out_after_the_round_timeout
     sidecar = json.loads((out_dir / "rounds" / "1" / "global" / "aggregation.json").read_text())
     assert [client["name"] for client in sidecar["clients"]] == ["client_0"]
     assert json.loads((out_dir / "run.json").read_text())["rounds_completed"] == 1
+
+
+def test_dp_sgd_clients_and_bounded_updates_over_flower_give_florist_hf_runs_result(tmp_path, server_identity):
+    """DP-SGD on every node and the server's update bound, through the ServerApp and ClientApp. Each
+    node draws its noise from its own secret; given the run's secret, every node trains what `run`'s
+    clients train and the run equals `florist-hf run`, ε lines included."""
+    from florist_hf.flower import make_client_app, run_flower_federation
+    from florist_hf.privacy import SECRET_SEED_FILE
+
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=2)
+    settings = ["privacy={target_epsilon: 6, max_grad_norm: 1.0}", "federation.clip_update_norm=0.05",
+                "training.max_steps=-1", "training.num_train_epochs=1", "training.per_device_train_batch_size=4"]
+    reference = run_federation(load_recipe(recipe_path, [f"output_dir={tmp_path / 'reference'}", *settings]),
+                               console=quiet_console())
+    for client in range(3):
+        node_root = tmp_path / "nodes" / "run_7" / f"client_{client}"
+        node_root.mkdir(parents=True)
+        (node_root / SECRET_SEED_FILE).write_text((reference / SECRET_SEED_FILE).read_text())
+    grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes")
+    run_dir = run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}", *settings]),
+                                    console=quiet_console())
+    assert_same_run(run_dir, reference)
+
+    def client_lines(path):
+        return sorted(((r["round"], r["client"], r["epsilon"]) for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+                       if r["kind"] == "client"))
+
+    assert client_lines(run_dir) == client_lines(reference) and len(client_lines(run_dir)) == 6
+    sidecar = json.loads((RunPaths(run_dir).global_dir(2) / "aggregation.json").read_text())
+    assert sidecar["bounding"]["clip_update_norm"] == 0.05

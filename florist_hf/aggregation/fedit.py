@@ -7,8 +7,16 @@ from collections.abc import Sequence
 import torch
 
 from florist_hf.aggregation.base import AggregationMethod, register_method
-from florist_hf.aggregation.linalg import padded_weighted_sum
+from florist_hf.aggregation.bounding import robust_combine
+from florist_hf.aggregation.linalg import COMPUTE_DTYPE, padded_weighted_sum
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
+
+
+def robust_options(robust: str | None, trim_fraction: float) -> dict:
+    """The sidecar's record of a robust rule (nothing for the weighted mean, as before it existed)."""
+    if robust is None:
+        return {}
+    return {"robust": robust, **({"trim_fraction": trim_fraction} if robust == "trimmed_mean" else {})}
 
 
 @register_method
@@ -20,8 +28,20 @@ class FedIT(AggregationMethod):
     name = "fedit"
     exact = False
 
+    def __init__(self, robust: str | None = None, trim_fraction: float = 0.1):
+        #: None (the weighted mean), "median" or "trimmed_mean" (coordinate-wise, each client alike).
+        self.robust = robust
+        self.trim_fraction = trim_fraction
+
+    def options(self) -> dict:
+        return robust_options(self.robust, self.trim_fraction)
+
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
         max_rank = max(c.rank for c in clients)
+        if self.robust is not None:
+            mean_b = robust_combine([c.scale * c.lora_b.to(COMPUTE_DTYPE) for c in clients], max_rank, 1, self.robust, self.trim_fraction)
+            mean_a = robust_combine([c.lora_a for c in clients], max_rank, 0, self.robust, self.trim_fraction)
+            return ModuleAggregate(mean_b, mean_a, selected_rank=max_rank)
         weights = client_weights.tolist()
         mean_b = padded_weighted_sum([c.lora_b for c in clients], [w * c.scale for w, c in zip(weights, clients)], max_rank, dim=1)
         mean_a = padded_weighted_sum([c.lora_a for c in clients], weights, max_rank, dim=0)

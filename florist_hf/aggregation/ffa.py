@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from florist_hf.aggregation.base import AggregationMethod, register_method
+from florist_hf.aggregation.bounding import robust_combine
+from florist_hf.aggregation.fedit import robust_options
 from florist_hf.aggregation.linalg import COMPUTE_DTYPE, padded_weighted_sum
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
@@ -47,12 +49,22 @@ class FFALoRA(AggregationMethod):
     b_only = True
     freezes_lora_a = True
 
-    def __init__(self, shared_a_tolerance: float = 1e-6):
+    def __init__(self, shared_a_tolerance: float = 1e-6, robust: str | None = None, trim_fraction: float = 0.1):
         self.shared_a_tolerance = shared_a_tolerance
+        #: None (the weighted mean of the B's), "median" or "trimmed_mean" (coordinate-wise, each client alike).
+        self.robust = robust
+        self.trim_fraction = trim_fraction
+
+    def options(self) -> dict:
+        return robust_options(self.robust, self.trim_fraction)
 
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
         max_rank = max(c.rank for c in clients)
         shared_a = check_shared_a(clients, self.shared_a_tolerance).to(COMPUTE_DTYPE)
+        if self.robust is not None:
+            combined_b = robust_combine([c.scale * c.lora_b.to(COMPUTE_DTYPE) for c in clients], max_rank, 1, self.robust,
+                                        self.trim_fraction)
+            return ModuleAggregate(combined_b, shared_a, selected_rank=max_rank)
         b_weights = [w * c.scale for w, c in zip(client_weights.tolist(), clients)]
         mean_b = padded_weighted_sum([c.lora_b for c in clients], b_weights, max_rank, dim=1)
         return ModuleAggregate(mean_b, shared_a, selected_rank=max_rank)

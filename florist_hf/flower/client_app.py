@@ -27,7 +27,8 @@ from flwr.clientapp import ClientApp
 
 from florist_hf.errors import FloristError
 from florist_hf.flower import protocol
-from florist_hf.flower.policy import check_request, load_policy
+from florist_hf.flower.policy import check_privacy, check_request, load_policy
+from florist_hf.privacy import client_privacy
 from florist_hf.flower.records import adapter_to_records, write_adapter_records
 
 #: Per-process caches (a simulation worker or a long-lived process serves many rounds).
@@ -179,6 +180,8 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
         _materialise(message, protocol.INIT, init_dir)
 
     records = client_records(recipe, context, client_id)
+    # Its own accounting on its own records, before the base is loaded.
+    check_privacy(policy, source, client_privacy(recipe, client_id, round_index, len(records)))
     base_path = prepare_base_model(recipe, root)
     tokenizer = _tokenizer(base_path, recipe.model.revision)
     plan = ClientRound(
@@ -202,7 +205,8 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     # Its own work dir: with training.save_steps a node restarted mid-round resumes the round from
     # its last checkpoint when the server sends it again.
     work = plan.export_dir.parent / "work"
-    run_client_round(recipe, plan, base_path, tokenizer, _DATASET_CACHE[dataset_key], work, console, base_cache=_BASE_CACHE)
+    run_client_round(recipe, plan, base_path, tokenizer, _DATASET_CACHE[dataset_key], work, console, base_cache=_BASE_CACHE,
+                     secret_dir=root)
 
     arrays, adapter_config = adapter_to_records(plan.export_dir)
     info = read_client_info(plan.export_dir)

@@ -9,6 +9,7 @@ operator writes a policy YAML and starts the SuperNode with ``--node-config "pol
     trust_remote_code: false                                       # the default
     training_keys: [deepspeed]                                     # beyond the safe defaults
     data_sources: [databricks/databricks-dolly-15k]                # empty or absent: any
+    privacy: {require: dp_sgd, max_epsilon: 3.0}                   # train only under DP-SGD, ε ≤ 3 for the federation
 
 Without a policy the safe defaults hold: any base model, no remote code, and only the
 `SAFE_TRAINING_KEYS`. A request outside the policy is refused with one line naming the rule; the
@@ -18,6 +19,7 @@ server leaves that client out of the round, which goes on if ``federation.min_cl
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -43,6 +45,18 @@ SAFE_TRAINING_KEYS = frozenset({
 })
 
 
+class PrivacyPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Train only with record-level DP-SGD (``privacy.mode: dp_sgd`` in the recipe).
+    require: Literal["dp_sgd"] = "dp_sgd"
+    #: The most ε this node spends over every round it is planned to take part in (its own records,
+    #: its own accounting); None: any budget.
+    max_epsilon: float | None = Field(None, gt=0)
+    #: The largest δ it accepts; None: any.
+    max_delta: float | None = Field(None, gt=0, lt=1)
+
+
 class NodePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,6 +68,8 @@ class NodePolicy(BaseModel):
     #: Datasets (Hub ids or local paths) the server may name as data.source; empty: any. A node
     #: started with its own ``data-file`` never reads the server's source.
     data_sources: list[str] = Field(default_factory=list)
+    #: DP-SGD this node requires before it trains (None: none required).
+    privacy: PrivacyPolicy | None = None
 
 
 def load_policy(node_config) -> tuple[NodePolicy, str]:
@@ -74,6 +90,16 @@ def load_policy(node_config) -> tuple[NodePolicy, str]:
 
 def check_request(policy: NodePolicy, source: str, recipe, client_id: int, *, own_data: bool = False) -> None:
     """Refuse, in one line naming the rule, a recipe that asks this node for more than its policy allows."""
+    required = policy.privacy
+    if required is not None:
+        if recipe.privacy is None:
+            raise FloristError(f"{source} requires DP-SGD (privacy: require: dp_sgd) and the recipe trains without it; "
+                               "the server can set privacy.mode: dp_sgd with a target_epsilon"
+                               + (f" of at most {required.max_epsilon:g}" if required.max_epsilon is not None else ""))
+        target = recipe.privacy.target_epsilon
+        if required.max_epsilon is not None and target is not None and target > required.max_epsilon:
+            raise FloristError(f"{source} refuses privacy.target_epsilon {target:g}: this node spends at most "
+                               f"ε = {required.max_epsilon:g} (its policy's privacy.max_epsilon)")
     if policy.data_sources and not own_data and recipe.data.source not in policy.data_sources:
         raise FloristError(
             f"{source} refuses data.source {recipe.data.source!r} (data_sources: {policy.data_sources}); "
@@ -111,3 +137,19 @@ def check_request(policy: NodePolicy, source: str, recipe, client_id: int, *, ow
             + (f" (and {', '.join(refused[1:])})" if refused[1:] else "")
             + ": not a key a server may set on this node; the node operator can list it in the policy's training_keys"
         )
+
+
+def check_privacy(policy: NodePolicy, source: str, client_privacy) -> None:
+    """Refuse a DP-SGD round whose (ε, δ), accounted on this node's own records over every round it
+    is planned to take part in, exceeds the policy (`privacy.client_privacy`'s result)."""
+    required = policy.privacy
+    if required is None or client_privacy is None:
+        return
+    planned = client_privacy.epsilon_planned
+    if required.max_epsilon is not None and planned > required.max_epsilon:
+        raise FloristError(f"{source} refuses to train: its records would spend ε = {planned:.3g} over the "
+                           f"{client_privacy.rounds_planned} rounds planned (noise σ = {client_privacy.noise_multiplier:.3g}), "
+                           f"above its policy's max_epsilon {required.max_epsilon:g}")
+    if required.max_delta is not None and client_privacy.delta > required.max_delta:
+        raise FloristError(f"{source} refuses δ = {client_privacy.delta:.3g}, above its policy's max_delta "
+                           f"{required.max_delta:g}; the server can set privacy.delta")

@@ -359,7 +359,8 @@ class FloristStrategy(Strategy):
         """
         from florist_hf.engine import retire_directory
 
-        streamed = StreamingServerRound(self.method) if self.method.streaming else None
+        streamed = (StreamingServerRound(self.method, self.federation.update_bounding(self._round.plan.round))
+                    if self.method.streaming else None)
         trained, handled = [], set()
 
         def take(client_id) -> None:
