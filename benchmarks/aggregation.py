@@ -30,25 +30,21 @@ free cores, the small R×R LAPACK calls spin-wait and one server step can take 1
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
-import re
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from benchmarks.measure import in_fresh_process, machine_facts, peak_rss, reset_peak_rss
 from florist_hf.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -209,27 +205,6 @@ def files_bytes(paths: Sequence[Path]) -> int:
 # --- measurements, each run in a fresh process ----------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> tuple[int, bool]:
-    """Reset the RSS high-water mark where Linux allows it; return (current RSS in bytes, whether reset)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current RSS
-        was_reset = True
-    except OSError:  # then the figure is the rise of the high-water mark, a lower bound
-        was_reset = False
-    return _status_kib("VmRSS" if was_reset else "VmHWM") * 1024, was_reset
-
-
-def peak_rss() -> int:
-    return _status_kib("VmHWM") * 1024
-
-
 def _warm_up(scratch: Path, method=None) -> None:
     """One tiny aggregation (or read), so lazy imports (peft's pattern matching) and first-call
     BLAS/LAPACK set-up happen before the baseline and stay out of the figures."""
@@ -294,52 +269,7 @@ def measure_io_floor(client_dirs: list[Path], repeats: int, scratch_root: Path, 
     }
 
 
-def in_fresh_process(function, *args):
-    """Run ``function(*args)`` in a new interpreter, so each peak RSS starts from a clean process."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(function, *args).result()
-
-
 # --- the benchmark --------------------------------------------------------------------------------
-
-
-def machine_facts(threads: int) -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-
-    def cpuinfo_field(name: str) -> str | None:
-        found = re.search(rf"^{name}\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
-        return found.group(1) if found else None
-
-    meminfo = Path("/proc/meminfo").read_text()
-    memory_kib = int(re.search(r"^MemTotal:\s*(\d+)", meminfo, re.MULTILINE).group(1))
-    blas = dict(re.findall(r"(BLAS_INFO|LAPACK_INFO)=(\w+)", torch.__config__.show()))
-    import numpy
-    import peft
-    import safetensors
-    from threadpoolctl import threadpool_info
-
-    # numpy's BLAS runs FLoRIST's large products (florist_hf.aggregation.linalg.blas_matmul).
-    numpy_blas = next(
-        (lib["internal_api"] for lib in threadpool_info() if lib["user_api"] == "blas" and "numpy" in lib["filepath"]),
-        None,
-    )
-    return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": cpuinfo_field("model name") or platform.processor(),
-        "cpu_family_model": f"{cpuinfo_field('cpu family')}/{cpuinfo_field('model')}",
-        "cores": len(os.sched_getaffinity(0)),
-        "memory_gib": round(memory_kib / 2**20, 1),
-        "load_average_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "blas": blas.get("BLAS_INFO"),
-        "lapack": blas.get("LAPACK_INFO"),
-        "numpy": numpy.__version__,
-        "numpy_blas": numpy_blas,
-        "peft": peft.__version__,
-        "safetensors": safetensors.__version__,
-    }
 
 
 def flexlora_modules(shapes: dict[str, tuple[int, int]], per_shape: int) -> dict[tuple[int, int], list[str]]:

@@ -58,7 +58,7 @@ def client_stream(kind: str, num_clients: int, layers: int):
 
 def measure(kind: str, num_clients: int, aggregation: str, tolerance: float, layers: int, threads: int) -> dict:
     """One configuration, in the calling (fresh) process."""
-    from benchmarks.aggregation import peak_rss, reset_peak_rss
+    from benchmarks.measure import peak_rss, reset_peak_rss
 
     torch.set_num_threads(threads)
     options = {"threshold": THRESHOLD}
@@ -146,7 +146,7 @@ def accuracy(kind: str, num_clients: int, tolerances: Sequence[float], threads: 
 
 def run_scaling(client_counts: Sequence[int], kinds: Sequence[str], tolerances: Sequence[float], layers: int,
                 threads: int) -> dict:
-    from benchmarks.aggregation import in_fresh_process, machine_facts
+    from benchmarks.measure import in_fresh_process, machine_facts
 
     machine = machine_facts(threads)
     rows = []

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.measure import machine_record
+from benchmarks.measure import machine_record, peak_rss_gib
 from benchmarks.client_updates import SpectrumModel, realistic_update
 from florist_hf.aggregation import get_method
 from florist_hf.aggregation.cumulative import HeldUpdate
@@ -195,7 +194,7 @@ def main(argv=None) -> None:
                       f"load+attach {row['load_attach_seconds']:.2f} s, forward {row['forward_vs_base']:.2f}× base, "
                       f"fold {fold_seconds:.2f} s, write {write_seconds:.2f} s", flush=True)
     results["fold_seconds_per_round"] = folds
-    results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    results["peak_rss_gib"] = peak_rss_gib()
     args.json.write_text(json.dumps(results, indent=1) + "\n")
 
 

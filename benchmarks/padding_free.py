@@ -30,11 +30,11 @@ DOLLY = HERE.parents[0].parent / "shared" / "data" / "dolly" / "8"
 
 def measure(batch_size: int, batching: str, steps: int, cutoff: int, records: int) -> dict:
     """One (batch size, layout): per-step wall time and real tokens, losses, peak RSS (in this process)."""
-    import resource
 
     import torch
     from transformers import TrainerCallback
 
+    from benchmarks.measure import peak_rss_gib
     from florist_hf.client import build_client_trainer, build_lora_model, freeze_long_lived_objects
     from florist_hf.data import load_flora_layout, tokenize_records
     from florist_hf.loading import load_tokenizer, resolve_base
@@ -83,7 +83,7 @@ def measure(batch_size: int, batching: str, steps: int, cutoff: int, records: in
         "step_seconds": clock.seconds, "real_tokens_per_step": counted[:len(clock.seconds)],
         "median_step_seconds": statistics.median(timed),
         "real_tokens_per_second": statistics.median(n / s for n, s in zip(tokens, timed)),
-        "losses": losses, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "losses": losses, "peak_rss_gib": peak_rss_gib(),
         "torch_threads": torch.get_num_threads(),
     }
 

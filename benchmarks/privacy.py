@@ -3,6 +3,8 @@ what DP-SGD costs a client in throughput and memory.
 
     .venv/bin/python -m benchmarks.privacy --part cost        # a few minutes on 2 CPU cores
     .venv/bin/python -m benchmarks.privacy --part quality     # 8 one-round federations, about 40 minutes
+    .venv/bin/python -m benchmarks.privacy --part quality --records 96 --methods florist --epsilons inf,8
+    .venv/bin/python -m benchmarks.privacy --part base        # the base's own held-out loss, for reference
 
 ``quality``: ``recipes/smollm2_135m_dolly_heter.yaml`` on the paper's Dolly split (``../shared/data/dolly``
 beside the clone, FLoRA's layout: 8 clients, 24 records each, batch 4, one epoch), one round, for
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,12 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.measure import machine_record
+from benchmarks.measure import machine_record, peak_rss_gib
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DOLLY = REPO.parent / "shared" / "data" / "dolly"
-EPSILONS = (None, 8.0, 3.0, 1.0)
 
 
 def measure_client(mode: str, steps: int, batch: int, cutoff: int) -> dict:
@@ -93,7 +93,7 @@ def measure_client(mode: str, steps: int, batch: int, cutoff: int) -> dict:
             "real_tokens_per_step": counted[:len(clock.seconds)],
             "real_tokens_per_second": sum(tokens) / sum(timed),
             "median_step_seconds": statistics.median(timed),
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_rss_gib": peak_rss_gib(),
             "torch_threads": torch.get_num_threads()}
 
 
@@ -124,30 +124,54 @@ def quality(args) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for method in args.methods.split(","):
-            for target in EPSILONS:
+            for target in args.epsilons:
                 run_dir = Path(scratch) / f"{method}-{target}"
                 privacy = [] if target is None else [f"privacy={{target_epsilon: {target}, max_grad_norm: {args.clip}}}"]
                 recipe = load_recipe(recipe_file, ["data.layout=flora", f"data.source={DOLLY}", f"federation.method={method}",
+                                                   f"data.max_samples_per_client={args.records}",
                                                    "evaluation=null", f"output_dir={run_dir}", *privacy])
                 started = time.perf_counter()
                 run_federation(recipe, console=console)
                 records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
                 clients = [r for r in records if r["kind"] == "client"]
                 round_line = next(r for r in records if r["kind"] == "round")
+                sidecar = json.loads((run_dir / "rounds" / "1" / "global" / "aggregation.json").read_text())
                 row = {"method": method, "target_epsilon": target, "heldout_loss": round_line.get("heldout_loss"),
+                       "update_norms": [c.get("update_norm") for c in sidecar["clients"]],
                        "client_epsilon": [c.get("epsilon") for c in clients],
                        "noise_multiplier": [c.get("privacy", {}).get("noise_multiplier") for c in clients],
                        "client_loss": [c["loss"] for c in clients], "seconds": time.perf_counter() - started}
                 rows.append(row)
                 console.print(f"{method} ε = {target}: held-out loss {row['heldout_loss']:.4f}")
-    return {"recipe": str(recipe_file.relative_to(REPO)), "max_grad_norm": args.clip, "rows": rows}
+    return {"recipe": str(recipe_file.relative_to(REPO)), "records_per_client": args.records, "max_grad_norm": args.clip,
+            "rows": rows}
+
+
+def base_loss(args) -> dict:
+    """The held-out loss of the base itself on the same test records: where a federation starts."""
+    from florist_hf.data import prepare_client_data
+    from florist_hf.engine import prepare_base_model
+    from florist_hf.evaluation import global_heldout_loss
+    from florist_hf.loading import load_tokenizer
+    from florist_hf.recipe import load_recipe
+
+    recipe_file = REPO / "recipes" / "smollm2_135m_dolly_heter.yaml"
+    with tempfile.TemporaryDirectory() as scratch:
+        recipe = load_recipe(recipe_file, ["data.layout=flora", f"data.source={DOLLY}", "evaluation=null", f"output_dir={scratch}"])
+        _, test_records = prepare_client_data(recipe)
+        base = prepare_base_model(recipe, Path(scratch))
+        loss = global_heldout_loss(recipe, base, load_tokenizer(base), test_records, Path(scratch) / "work")
+    print(f"base: held-out loss {loss:.4f} on {len(test_records)} records")
+    return {"recipe": str(recipe_file.relative_to(REPO)), "heldout_loss": loss, "test_records": len(test_records)}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.privacy", description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("cost", "quality"), default="cost")
+    parser.add_argument("--part", choices=("cost", "quality", "base"), default="cost")
     parser.add_argument("--methods", default="florist,fedit")
     parser.add_argument("--clip", type=float, default=1.0, help="DP-SGD's per-record clip norm")
+    parser.add_argument("--records", type=int, default=24, help="records per client (the recipe's 24)")
+    parser.add_argument("--epsilons", default="inf,8,3,1", help="per-client budgets; inf: no DP")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--cutoff", type=int, default=256)
@@ -155,14 +179,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args.epsilons = [None if e.strip() == "inf" else float(e) for e in args.epsilons.split(",")]
     if args.one:
         mode, steps, batch, cutoff = args.one[0], *map(int, args.one[1:])
         print(json.dumps(measure_client(mode, steps, batch, cutoff)))
         return
     if not (DOLLY / "8").is_dir():
         raise SystemExit(f"the paper's Dolly split is not at {DOLLY} (it lies beside the CI clone)")
-    result = {**machine_record(), "part": args.part, **(cost(args) if args.part == "cost" else quality(args))}
-    out = HERE / f"privacy_{args.part}.json"
+    parts = {"cost": cost, "quality": quality, "base": base_loss}
+    result = {**machine_record(), "part": args.part, **parts[args.part](args)}
+    out = HERE / (f"privacy_{args.part}.json" if args.part == "cost" or args.records == 24 else f"privacy_quality_{args.records}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 from collections import defaultdict
@@ -31,6 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+
+from benchmarks.measure import peak_rss_gib
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / "_cache" / "real_shapes"
@@ -94,10 +95,6 @@ def instrument(timers: Timers) -> None:
                 return _original(*args, **kwargs)
 
         setattr(module, name, phased)
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def published_equals_sum_of_rounds(run_dir: Path, rounds: int) -> float:

@@ -51,20 +51,17 @@ def _parse_numbers(text: str | None, kind, option: str) -> list | None:
 
 def _method(name: str, threshold: float | None, aggregation: str = "stacked", tolerance: float = 0.0):
     from florist_hf.aggregation import METHODS, get_method
-    from florist_hf.aggregation.florist import AGGREGATION_MODES
+    from florist_hf.aggregation.florist import FloristOptions, check_aggregation_mode
 
     if name not in METHODS:
         raise FloristError(f"--method {name!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
-    if aggregation not in AGGREGATION_MODES:
-        raise FloristError(f"--aggregation {aggregation!r} is unknown; choose stacked or streaming")
-    if name != "florist" and (aggregation != "stacked" or tolerance):
-        raise FloristError(f"--aggregation streaming is FLoRIST's; {name} aggregates stacked — drop --aggregation")
-    if not 0.0 <= tolerance < 1.0 or (tolerance and aggregation != "streaming"):
-        raise FloristError(f"--streaming-tolerance {tolerance} needs --aggregation streaming and a value in [0, 1), e.g. 1e-3")
+    try:
+        check_aggregation_mode(name, aggregation, tolerance)
+        options = FloristOptions(0.9 if threshold is None else threshold, aggregation, tolerance)
+    except ValueError as error:
+        raise FloristError(f"--threshold/--aggregation/--streaming-tolerance: {error}") from None
     if name == "florist":
-        if threshold is None or not 0.0 < threshold <= 1.0:
-            raise FloristError(f"--threshold {threshold} is outside (0, 1]; FLoRIST keeps the energy share τ, e.g. 0.9")
-        return get_method(name, threshold=threshold, aggregation=aggregation, tolerance=tolerance)
+        return get_method(name, threshold=options.threshold, aggregation=options.aggregation, tolerance=options.tolerance)
     return get_method(name)
 
 
@@ -443,7 +440,9 @@ def report(
 
 def print_run_summary(run_dir: Path) -> None:
     """Per-round loss, ranks and bytes, and where the global adapter is."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from florist_hf.rundir import GLOBAL_ADAPTER, RunPaths, read_metrics
+
+    records = read_metrics(RunPaths(run_dir).metrics)
     table = Table(title=f"{run_dir}")
     for column in ("round", "client loss", "test loss", "ranks", "total", "up", "down", "Eff"):
         table.add_column(column, justify="right")
@@ -465,7 +464,7 @@ def print_run_summary(run_dir: Path) -> None:
         )
     console.print(table)
     console.print("client loss: mean over the round's clients; ranks: min/median/max per module; Eff: x1e-4")
-    console.print(f"global adapter: {run_dir / 'global_adapter'}")
+    console.print(f"global adapter: {run_dir / GLOBAL_ADAPTER}")
 
 
 def quiet_libraries() -> None:

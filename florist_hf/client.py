@@ -247,8 +247,11 @@ class ConsoleProgressCallback(TrainerCallback):
 
 
 def client_seed(base_seed: int, client_id: int, round_index: int) -> int:
-    """Distinct, reproducible seed per client and round."""
-    return base_seed + 1000 * (round_index - 1) + client_id
+    """Distinct, reproducible seed per client and round. Below 1,000 clients the original scheme
+    (so that earlier runs reproduce); from client 1,000 on, one that cannot meet it or itself."""
+    if client_id < 1000:
+        return base_seed + 1000 * (round_index - 1) + client_id
+    return base_seed + 10**12 + round_index * 10**7 + client_id
 
 
 class BaseModelCache:
@@ -513,7 +516,8 @@ def last_complete_checkpoint(work_dir: Path) -> Path | None:
     """The newest ``checkpoint-<step>`` in a client's work dir that the Trainer finished writing.
 
     The Trainer writes ``trainer_state.json`` last, after the adapter, optimizer, scheduler and
-    RNG states, so a checkpoint cut by a kill has none (or an unreadable one) and is skipped.
+    RNG states, so a checkpoint cut by a kill has none (or an unreadable one) and is skipped; that
+    is why this is not transformers' ``get_last_checkpoint``, which takes the highest step as it is.
     """
     work_dir = Path(work_dir)
     if not work_dir.is_dir():

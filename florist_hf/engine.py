@@ -1,6 +1,6 @@
 """The round engine: a federation's state on disk and the steps that move it on, round by round.
 
-A federation is a run directory (`RunPaths`) and a `Federation` that knows, from the recipe and
+A federation is a run directory (`rundir.RunPaths`) and a `Federation` that knows, from the recipe and
 what is on disk, which rounds are done and what each client of the next round receives. Two
 drivers move the clients' adapters in and out and call the same steps in the same order:
 ``florist-hf run`` (`florist_hf.runner`) trains each client itself, in one process or in the
@@ -42,6 +42,19 @@ from florist_hf.errors import FloristError
 from florist_hf.io_utils import append_jsonl, write_json_atomic, write_jsonl_atomic
 from florist_hf.loading import gguf_provenance
 from florist_hf.recipe import SPEED_ONLY, sample_clients
+from florist_hf.rundir import (
+    BASE_MODEL_DIR,
+    GLOBAL_ADAPTER,
+    METRICS_FILE,
+    RECIPE_RECORD,
+    ROUND_INPUTS,
+    RUN_FORMAT,
+    RUN_SUMMARY,
+    SUPERSEDED_DIR,
+    RunDirectoryLock,
+    RunPaths,
+    read_metrics,
+)
 from florist_hf.server import (
     RESIDUAL_DIR,
     ServerStep,
@@ -52,99 +65,6 @@ from florist_hf.server import (
     write_published_adapter,
 )
 from florist_hf.tiny import TINY_LLAMA_ID, build_tiny_llama
-
-RUN_FORMAT = "florist-hf/run"
-RECIPE_RECORD = "recipe.json"
-METRICS_FILE = "metrics.jsonl"
-RUN_SUMMARY = "run.json"
-GLOBAL_ADAPTER = "global_adapter"
-BASE_MODEL_DIR = "base_model"
-#: What a round's clients were given (the global updates they trained on), to tell a round that
-#: a --force re-aggregation of an earlier round made stale.
-ROUND_INPUTS = "inputs.json"
-SUPERSEDED_DIR = "superseded"
-#: Names the process that holds a run directory's lock (an OS lock on the directory), while it does.
-RUN_LOCK = ".florist-hf.lock"
-
-
-@dataclass
-class RunPaths:
-    """Where a run keeps its state; every file here is written atomically."""
-
-    root: Path
-
-    def round_dir(self, round_index: int) -> Path:
-        return self.root / "rounds" / str(round_index)
-
-    def global_dir(self, round_index: int) -> Path:
-        return self.round_dir(round_index) / "global"
-
-    def global_state_dir(self, round_index: int) -> Path:
-        """Merge-style methods: the cumulative update of every round up to this one (`global_state`)."""
-        return self.round_dir(round_index) / "global_state"
-
-    def client_dir(self, round_index: int, client_id: int) -> Path:
-        return self.round_dir(round_index) / "clients" / f"client_{client_id}"
-
-    def client_work_dir(self, round_index: int, client_id: int) -> Path:
-        """The client's Trainer output dir: its mid-round checkpoints (``training.save_steps``)."""
-        return self.round_dir(round_index) / "work" / f"client_{client_id}"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS_FILE
-
-    @property
-    def work(self) -> Path:
-        """Scratch space for the server's own Trainer runs (held-out evaluation)."""
-        return self.root / "work"
-
-
-class RunDirectoryLock:
-    """An exclusive lock on a run directory, so that two processes never train into one.
-
-    A POSIX ``flock`` on the directory itself: the OS releases it when the process ends, however
-    it ends, so a killed run never leaves a stale lock. While it is held, ``RUN_LOCK`` names the
-    holder for the refusal message; it is removed on release (a killed run's is overwritten by the
-    next holder).
-    """
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.owner_file = self.root / RUN_LOCK
-        self._descriptor: int | None = None
-
-    def acquire(self) -> None:
-        import fcntl
-        import socket
-        import sys
-
-        from florist_hf.io_utils import write_text_atomic
-
-        descriptor = os.open(self.root, os.O_RDONLY)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(descriptor)
-            try:
-                holder = self.owner_file.read_text().strip() or "another process"
-            except OSError:
-                holder = "another process"
-            raise FloristError(
-                f"{self.root}: in use by {holder}; wait for it to finish (or stop it), or use another output_dir"
-            ) from None
-        self._descriptor = descriptor
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
-        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-        write_text_atomic(self.owner_file, f"florist-hf process {os.getpid()} on {socket.gethostname()} "
-                                           f"(started {started}: {command})\n")
-
-    def release(self) -> None:
-        if self._descriptor is not None:
-            self.owner_file.unlink(missing_ok=True)
-            os.close(self._descriptor)  # closing the descriptor releases the flock
-            self._descriptor = None
-
 
 @dataclass
 class RoundPlan:
@@ -162,8 +82,9 @@ def method_of(recipe) -> AggregationMethod:
     """The recipe's aggregation method with its options."""
     federation = recipe.federation
     if federation.method == "florist":
-        return get_method(federation.method, threshold=federation.threshold, aggregation=federation.aggregation,
-                          tolerance=federation.streaming_tolerance)
+        options = federation.florist_options()
+        return get_method(federation.method, threshold=options.threshold, aggregation=options.aggregation,
+                          tolerance=options.tolerance)
     if federation.robust is not None:
         return get_method(federation.method, robust=federation.robust, trim_fraction=federation.trim_fraction)
     return get_method(federation.method)
@@ -186,19 +107,6 @@ def retire_directory(path: Path, new_path: Path) -> None:
     shutil.rmtree(new_path, ignore_errors=True)
     new_path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(path, new_path)
-
-
-def read_metrics(metrics_file: Path) -> list[dict]:
-    """The records of metrics.jsonl; a line cut by a kill is skipped (rewritten on resume)."""
-    if not metrics_file.exists():
-        return []
-    records = []
-    for line in metrics_file.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def record_key(record: dict) -> tuple:
@@ -437,7 +345,7 @@ class Federation:
                 self._lock.acquire()
             self.check_recipe(force)
         self.base_path = prepare_base_model(self.recipe, self.paths.root)
-        records = read_metrics(self.paths.metrics)
+        records = read_metrics(self.paths.metrics, strict=False)
         self.logged = {record_key(record) for record in records}
         tracking = self.recipe.tracking
         if tracking is not None and self.main and self.tracker is None:
@@ -589,7 +497,7 @@ class Federation:
         # The metrics lines go first: a stop before the move finds the stale round again on resume,
         # whereas lines kept for a round already moved would be trusted as its record.
         kept, dropped = [], []
-        for record in read_metrics(self.paths.metrics):
+        for record in read_metrics(self.paths.metrics, strict=False):
             stale = record.get("round") == round_index and (whole_round or record.get("kind") != "client")
             (dropped if stale else kept).append(record)
         if dropped:
@@ -921,7 +829,7 @@ class Federation:
         summary: dict = {}
         if recipe.privacy is not None:
             last: dict = {}
-            for record in read_metrics(self.paths.metrics):
+            for record in read_metrics(self.paths.metrics, strict=False):
                 if record.get("kind") == "client" and "epsilon" in record and record.get("round") in self.rounds_done:
                     last[record["client"]] = record
             if last:
@@ -948,7 +856,7 @@ class Federation:
     def summarize(self, client_sizes: Sequence[int]) -> dict:
         """``run.json``: what ran, what it cost, where the result is."""
         recipe, federation = self.recipe, self.recipe.federation
-        rounds = [r for r in read_metrics(self.paths.metrics) if r["kind"] == "round" and r["round"] in self.rounds_done]
+        rounds = [r for r in read_metrics(self.paths.metrics, strict=False) if r["kind"] == "round" and r["round"] in self.rounds_done]
         data_source = recipe.data.source
         return {
             "format": RUN_FORMAT,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from florist_hf.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR, read_adapter, save_adapter_files
+from florist_hf.adapters import ADAPTER_CONFIG, SIDECAR, read_adapter, save_adapter_files
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory, write_json_atomic
 
@@ -43,17 +43,10 @@ class UniformExport:
 
 
 def resolve_adapter(source: str | os.PathLike) -> Path:
-    """A run directory's published adapter (run.json's ``global_adapter``), or an adapter directory."""
-    source = Path(source)
-    if (source / "run.json").is_file():
-        run = json.loads((source / "run.json").read_text())
-        source = source / run.get("global_adapter", "global_adapter")
-    if not (source / ADAPTER_CONFIG).is_file() or not (source / ADAPTER_WEIGHTS).is_file():
-        raise FloristError(
-            f"{source}: not a finished run directory or a PEFT adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}); "
-            "pass a run directory or its global_adapter/"
-        )
-    return source
+    """A run directory's published adapter, or an adapter directory (`rundir.published_adapter`)."""
+    from florist_hf.rundir import published_adapter
+
+    return published_adapter(source)
 
 
 def export_uniform(source: str | os.PathLike, out_dir: str | os.PathLike, *, round_to: int = 1,

@@ -29,17 +29,14 @@ from florist_hf.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR, read_a
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory
 from florist_hf.report import (
-    DEFAULT_GLOBAL_ADAPTER,
     RANKS_PLOT,
-    RUN_RECORD,
     evaluation_rows,
-    final_sidecar_path,
     format_bytes,
     plot_selected_ranks,
     rank_summary_by_module,
-    read_json,
     selected_ranks,
 )
+from florist_hf.rundir import GLOBAL_ADAPTER, RUN_SUMMARY, final_sidecar_path, read_json
 
 MODEL_CARD = "README.md"
 #: What replaces a local filesystem path in an upload without client details.
@@ -47,7 +44,7 @@ LOCAL_PATH = "<local path>"
 #: Client-level fields: removed from the records unless client details are included.
 CLIENT_LEVEL_KEYS = {
     SIDECAR: ("clients", "raw_weights", "outliers"),
-    RUN_RECORD: ("client_samples",),
+    RUN_SUMMARY: ("client_samples",),
 }
 #: Per-client byte counts inside a communication record (the totals stay).
 PER_CLIENT_COMMUNICATION = ("uplink_bytes", "downlink_bytes", "uplink_params", "downlink_params")
@@ -70,10 +67,10 @@ class PublishSource:
 
 def resolve_source(source: str | os.PathLike) -> PublishSource:
     source = Path(source)
-    if (source / RUN_RECORD).is_file():
-        run_path = source / RUN_RECORD
+    if (source / RUN_SUMMARY).is_file():
+        run_path = source / RUN_SUMMARY
         run = read_json(run_path)
-        adapter_dir = source / run.get("global_adapter", DEFAULT_GLOBAL_ADAPTER)
+        adapter_dir = source / run.get("global_adapter", GLOBAL_ADAPTER)
         sidecar_path = final_sidecar_path(source, run)
     elif (source / ADAPTER_CONFIG).is_file():
         adapter_dir, run, run_path = source, {}, None
@@ -81,7 +78,7 @@ def resolve_source(source: str | os.PathLike) -> PublishSource:
         sidecar_path = next((path for path in (source / SIDECAR, source.parent / SIDECAR) if path.is_file()), None)
     else:
         raise FloristError(
-            f"{source}: neither a run directory ({RUN_RECORD}) nor a PEFT adapter ({ADAPTER_CONFIG}); "
+            f"{source}: neither a run directory ({RUN_SUMMARY}) nor a PEFT adapter ({ADAPTER_CONFIG}); "
             "pass the run directory or the global adapter directory"
         )
     for required in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
@@ -281,7 +278,7 @@ def _card_body(
         "",
         f"`{SIDECAR}` records how the adapter was aggregated (per-module ranks and singular values"
         + (", clients and their weights)" if include_client_details else ")")
-        + (f"; `{RUN_RECORD}` records the run and its recipe." if run else "."),
+        + (f"; `{RUN_SUMMARY}` records the run and its recipe." if run else "."),
     ]
     if not include_client_details:
         lines += [

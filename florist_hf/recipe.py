@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from florist_hf.aggregation.florist import FloristOptions, check_aggregation_mode
 from florist_hf.errors import FloristError
 
 
@@ -157,8 +158,8 @@ def sample_clients(num_clients: int, clients_per_round: int | float | None, seed
 
 class FederationSection(Section):
     method: Literal["florist", "fedit", "flora", "flexlora", "ffa", "fedsvd", "fedex"] = "florist"
-    #: FLoRIST's energy threshold τ.
-    threshold: float = Field(0.9, gt=0, le=1)
+    #: FLoRIST's energy threshold τ, in (0, 1] (checked by `aggregation.florist.FloristOptions`).
+    threshold: float = 0.9
     rounds: int = Field(1, ge=1)
     num_clients: int = Field(8, ge=1)
     #: Clients sampled each round: all (None), a count (an integer), or a fraction (a float in (0, 1]).
@@ -214,14 +215,23 @@ class FederationSection(Section):
                              "clients' updates with clip_update_norm and read each client's norm and cosine in aggregation.json")
         return self
 
+    @field_validator("threshold")
+    @classmethod
+    def _energy_threshold(cls, threshold):
+        FloristOptions(threshold=threshold)
+        return threshold
+
     @model_validator(mode="after")
     def _streaming_is_floristic(self):
-        if self.aggregation == "streaming" and self.method != "florist":
-            raise ValueError(f"aggregation: streaming is FLoRIST's (its stacked cost grows with the clients' summed rank); "
-                             f"{self.method} aggregates stacked — remove federation.aggregation")
-        if self.streaming_tolerance and self.aggregation != "streaming":
-            raise ValueError("streaming_tolerance applies to aggregation: streaming only; set both or neither")
+        try:
+            check_aggregation_mode(self.method, self.aggregation, self.streaming_tolerance)
+        except ValueError as error:
+            raise ValueError(f"{error} — remove federation.aggregation") from None
+        FloristOptions(self.threshold, self.aggregation, self.streaming_tolerance)
         return self
+
+    def florist_options(self) -> FloristOptions:
+        return FloristOptions(self.threshold, self.aggregation, self.streaming_tolerance)
 
     def clients_sampled(self) -> int:
         """How many clients each round samples (`sample_clients` draws them)."""
@@ -297,6 +307,8 @@ _DP_SGD_REFUSED = {
     "max_grad_norm": "under DP-SGD every record's gradient is clipped to privacy.max_grad_norm; remove training.max_grad_norm",
     "save_steps": "a DP-SGD client round restarts from its start after a stop (its sampling and noise are seeded, so it ends "
                   "the same); remove training.save_steps",
+    "train_sampling_strategy": "DP-SGD draws every batch by Poisson sampling (each record with probability q), which its "
+                               "accounting assumes; another sampler would break it",
 }
 
 
@@ -305,6 +317,8 @@ def _refused_under_dp_sgd(key: str, value) -> bool:
         return value not in (None, 1)
     if key in ("gradient_checkpointing", "torch_compile"):
         return bool(value)
+    if key == "train_sampling_strategy":
+        return value not in (None, "random")
     return key in _DP_SGD_REFUSED and value is not None
 
 

@@ -6,7 +6,6 @@ pyplot, so reports render headless and leave no global figure state behind.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,15 +19,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from florist_hf.adapters import SIDECAR
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory
+from florist_hf.rundir import METRICS_FILE, ROUNDS_DIR, RUN_SUMMARY, final_sidecar_path, read_json, read_metrics
 
-RUN_RECORD = "run.json"
-METRICS_LOG = "metrics.jsonl"
-ROUNDS_DIR = "rounds"
 REPORT_DIR = "report"
-DEFAULT_GLOBAL_ADAPTER = "global_adapter"
 
 LOSS_PLOT = "loss.png"
 RANKS_PLOT = "selected_ranks.png"
@@ -70,53 +65,10 @@ class RunRecord:
         return sorted((r for r in self.metrics if r.get("kind") == "round"), key=lambda r: r["round"])
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from ``path``; a missing or corrupt file is a one-line FloristError."""
-    if not path.is_file():
-        raise FloristError(f"{path}: not found; pass a run directory written by the florist-hf federation runner")
-    try:
-        payload = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FloristError(f"{path}: corrupt JSON ({error}); re-run or restore this file") from None
-    if not isinstance(payload, dict):
-        raise FloristError(f"{path}: expected a JSON object, found {type(payload).__name__}; re-run or restore this file")
-    return payload
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FloristError(f"{path}: not found; pass a run directory written by the florist-hf federation runner")
-    records = []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise FloristError(f"{path}:{line_number}: corrupt JSON line ({error}); delete that line and retry") from None
-        if not isinstance(record, dict):
-            raise FloristError(f"{path}:{line_number}: expected a JSON object per line; delete that line and retry")
-        records.append(record)
-    return records
-
-
-def final_sidecar_path(run_dir: Path, run: Mapping) -> Path | None:
-    """The final global adapter's sidecar, else the sidecar of the highest-numbered round, else None."""
-    final = run_dir / run.get("global_adapter", DEFAULT_GLOBAL_ADAPTER) / SIDECAR
-    if final.is_file():
-        return final
-    round_sidecars = [
-        (int(round_dir.name), round_dir / "global" / SIDECAR)
-        for round_dir in (run_dir / ROUNDS_DIR).glob("*")
-        if round_dir.name.isdigit() and (round_dir / "global" / SIDECAR).is_file()
-    ]
-    return max(round_sidecars)[1] if round_sidecars else None
-
-
 def load_run(run_dir: str | os.PathLike) -> RunRecord:
     run_dir = Path(run_dir)
-    run = read_json(run_dir / RUN_RECORD)
-    metrics = read_metrics(run_dir / METRICS_LOG)
+    run = read_json(run_dir / RUN_SUMMARY)
+    metrics = read_metrics(run_dir / METRICS_FILE)
     sidecar_path = final_sidecar_path(run_dir, run)
     sidecar = read_json(sidecar_path) if sidecar_path is not None else None
     return RunRecord(run_dir, run, metrics, sidecar, sidecar_path)

@@ -21,7 +21,6 @@ Selection (only among the FLoRIST branches):
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from florist_hf.aggregation.florist import FloristOptions
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory, write_json_atomic, write_text_atomic
 from florist_hf.recipe import Recipe
@@ -83,8 +83,10 @@ def parse_thresholds(text: str | Sequence[float]) -> list[float]:
             value = float(part)
         except (TypeError, ValueError):
             raise FloristError(f"--thresholds: {part!r} is not a number; e.g. --thresholds 0.80,0.85,0.90,0.95") from None
-        if not (0 < value <= 1) or math.isnan(value):
-            raise FloristError(f"--thresholds: τ = {part} is outside (0, 1]; the energy threshold is a fraction of the spectrum")
+        try:
+            FloristOptions(threshold=value)
+        except ValueError as error:
+            raise FloristError(f"--thresholds: {error}") from None
         thresholds.append(value)
     return sorted(set(thresholds))
 
@@ -148,7 +150,7 @@ def sweep_branches(recipe, thresholds: Sequence[float], baselines: Sequence[str]
 def share_round_one(source: Path, target: Path) -> int:
     """Link the round-1 client adapters of run ``source`` into run ``target`` (those it lacks);
     returns how many. Hard links where the filesystem allows, copies elsewhere."""
-    from florist_hf.engine import RunPaths
+    from florist_hf.rundir import RunPaths
 
     shared = 0
     initial = RunPaths(source).global_dir(0)  # continue-style methods: the round-0 init the clients started from
@@ -189,10 +191,11 @@ def _metric_direction(evaluation: dict, criterion: Criterion) -> bool:
 
 def branch_row(branch: Branch, criterion: Criterion) -> dict:
     """One line of sweep.json from a finished branch's run.json and metrics.jsonl."""
-    from florist_hf.engine import METRICS_FILE, RUN_SUMMARY, read_metrics
+    from florist_hf.rundir import RunPaths, read_json, read_metrics
 
-    run = json.loads((branch.run_dir / RUN_SUMMARY).read_text())
-    rounds = [record for record in read_metrics(branch.run_dir / METRICS_FILE)
+    paths = RunPaths(branch.run_dir)
+    run = read_json(paths.run_record)
+    rounds = [record for record in read_metrics(paths.metrics)
               if record["kind"] == "round" and record["round"] <= branch.recipe.federation.rounds]
     last = max(rounds, key=lambda record: record["round"])
     if criterion.task is None:

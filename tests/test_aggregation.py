@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from helpers import relative_error
 
 from florist_hf.aggregation import METHODS, ClientModule, SharedAMismatch, energy, get_method, linalg, round_communication
 from florist_hf.aggregation import streaming
@@ -31,9 +32,6 @@ def dense_update(clients, weights):
         for k, c in enumerate(clients)
     )
 
-
-def relative_error(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def delta(result):

@@ -506,7 +506,7 @@ def test_chat_template_needs_a_tokenizer_that_has_one(tmp_path):
 
 
 def test_a_federation_trains_on_chat_template_prompts(tmp_path):
-    from test_federation import quiet_console, write_recipe
+    from helpers import quiet_console, write_recipe
 
     from florist_hf.recipe import load_recipe
     from florist_hf.runner import run_federation

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_federation import delta_weights, quiet_console, relative_error, write_recipe
+from helpers import delta_weights, quiet_console, relative_error, write_recipe
 
 from florist_hf.adapters import read_adapter, save_adapter_files
 from florist_hf.aggregation import get_method
-from florist_hf.engine import Federation, RunPaths
+from florist_hf.engine import Federation
+from florist_hf.rundir import RunPaths
 from florist_hf.global_state import read_global_state
 from florist_hf.recipe import load_recipe
 
@@ -179,3 +180,11 @@ def assert_same_run(run_dir: Path, reference: Path, rounds: int) -> None:
     got, expected = delta_weights(run_dir / "global_adapter"), delta_weights(reference / "global_adapter")
     for name in expected:
         assert relative_error(got[name], expected[name]) < 1e-6, name
+
+
+def test_client_seeds_are_distinct_for_thousands_of_clients_and_keep_the_original_scheme_below_1000():
+    from florist_hf.client import client_seed
+
+    seeds = [client_seed(42, client, round_index) for client in range(3000) for round_index in range(1, 6)]
+    assert len(set(seeds)) == len(seeds)
+    assert client_seed(42, 7, 3) == 42 + 2000 + 7  # earlier runs reproduce

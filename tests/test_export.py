@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
+from helpers import relative_error
 
 from florist_hf.cli import app
 from florist_hf.tiny import PAPER_BASES, build_random_llama, build_tiny_llama, scaled_down_config
@@ -41,9 +42,6 @@ def updates(base, adapter_dir) -> dict[str, torch.Tensor]:
     return {name: layer.get_delta_weight("default").detach().double() for name, layer in lora_layers(model).items()}
 
 
-def relative_error(a, b):
-    return float((a - b).norm() / b.norm())
-
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
@@ -68,7 +66,7 @@ def test_uniform_export_is_the_same_update_at_one_rank_with_no_patterns(base, tm
 
 
 def test_uniform_export_of_a_run_directory_reads_its_published_adapter(tmp_path):
-    from test_federation import quiet_console, write_recipe
+    from helpers import quiet_console, write_recipe
 
     from florist_hf.recipe import load_recipe
     from florist_hf.runner import run_federation

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import write_sums_task
+from helpers import delta_weights, quiet_console, relative_error, write_recipe
 from typer.testing import CliRunner
 
 from florist_hf.adapters import read_adapter
@@ -20,52 +20,11 @@ from florist_hf.aggregation import get_method
 from florist_hf.cli import app
 from florist_hf.errors import FloristError
 from florist_hf.recipe import load_recipe
-from florist_hf.engine import RunPaths
+from florist_hf.rundir import RunPaths
 from florist_hf.runner import run_federation
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-
-TINY_MODEL = {"num_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
-
-
-def write_recipe(tmp_path, *, method="florist", threshold=0.9, ranks=(4, 2, 2), rounds=2, **sections) -> Path:
-    recipe = {
-        "name": f"test-{method}",
-        "model": {"name_or_path": "builtin:tiny-llama", "tiny": TINY_MODEL},
-        "data": {"source": "builtin:demo", "partition": "iid", "max_samples_per_client": 16, "cutoff_len": 64},
-        "lora": {"ranks": list(ranks)},
-        "federation": {"method": method, "threshold": threshold, "rounds": rounds, "num_clients": len(ranks)},
-        "training": {"max_steps": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-2},
-        "output_dir": str(tmp_path / "run"),
-    }
-    for section, values in sections.items():
-        recipe.setdefault(section, {})
-        if isinstance(values, dict):
-            recipe[section].update(values)
-        else:
-            recipe[section] = values
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def quiet_console():
-    from rich.console import Console
-
-    return Console(file=open(os.devnull, "w"))
-
-
-def delta_weights(adapter_dir) -> dict[str, torch.Tensor]:
-    adapter = read_adapter(adapter_dir)
-    return {
-        name: m.scale * (m.lora_b.double() @ m.lora_a.double()) for name, m in adapter.modules.items()
-    }
-
-
-def relative_error(a, b):
-    return float((a - b).norm() / max(float(b.norm()), 1e-30))
-
 
 def client_dirs(paths: RunPaths, round_index: int) -> list[Path]:
     return sorted((paths.round_dir(round_index) / "clients").glob("client_*[0-9]"))

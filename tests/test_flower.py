@@ -28,40 +28,22 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
+import helpers
+from helpers import quiet_console
+
 from florist_hf.adapters import read_adapter
 from florist_hf.recipe import load_recipe
-from florist_hf.engine import RunPaths
+from florist_hf.rundir import RunPaths
 from florist_hf.runner import run_federation
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY_MODEL = {"num_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
-
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-
-
-def write_recipe(path: Path, *, method: str, ranks, rounds: int, threshold: float = 0.9) -> Path:
-    recipe = {
-        "name": f"flower-{method}",
-        "model": {"name_or_path": "builtin:tiny-llama", "tiny": TINY_MODEL},
-        # 256 byte tokens hold the ~170-byte prompt and a response, which the held-out loss scores.
-        "data": {"source": "builtin:demo", "partition": "iid", "max_samples_per_client": 16, "cutoff_len": 256,
-                 "holdout_per_label": 1},
-        "lora": {"ranks": list(ranks)},
-        "federation": {"method": method, "threshold": threshold, "rounds": rounds, "num_clients": len(ranks)},
-        "training": {"max_steps": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-2},
-        "output_dir": "runs/flower-test",
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def quiet_console():
-    from rich.console import Console
-
-    return Console(file=open(os.devnull, "w"))
+def flower_recipe(path: Path, *, method: str, ranks, rounds: int, threshold: float = 0.9) -> Path:
+    """`helpers.write_recipe` at ``path``, with 256 byte tokens (the ~170-byte prompt and a response,
+    which the held-out loss scores) and one held-out record per label."""
+    return helpers.write_recipe(path.parent, file_name=path.name, method=method, ranks=ranks, rounds=rounds,
+                                threshold=threshold, name=f"flower-{method}", output_dir="runs/flower-test",
+                                data={"cutoff_len": 256, "holdout_per_label": 1})
 
 
 def reference_run(recipe_path: Path, out_dir: Path) -> Path:
@@ -135,7 +117,7 @@ def test_the_shipped_flower_app_is_a_valid_flower_app_with_a_valid_recipe():
 def florist_case(tmp_path_factory):
     """A 3-client, 2-round FLoRIST recipe (τ = 0.9, ranks 4/2/2) and its ``florist-hf run`` result."""
     root = tmp_path_factory.mktemp("florist_case")
-    recipe_path = write_recipe(root / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=2, threshold=0.9)
+    recipe_path = flower_recipe(root / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=2, threshold=0.9)
     return recipe_path, reference_run(recipe_path, root / "reference")
 
 
@@ -298,7 +280,7 @@ def test_the_2025_baselines_on_flower_give_florist_hf_runs_result(tmp_path, serv
     Flower both runs equal `florist-hf run`."""
     from florist_hf.flower import make_client_app, run_flower_federation
 
-    recipe_path = write_recipe(tmp_path / "recipe.yaml", method=method, ranks=ranks, rounds=2)
+    recipe_path = flower_recipe(tmp_path / "recipe.yaml", method=method, ranks=ranks, rounds=2)
     reference = reference_run(recipe_path, tmp_path / "reference")
     grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes")
     run_dir = run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"]),
@@ -315,7 +297,7 @@ def test_a_node_that_sat_out_rounds_gets_one_compacted_catch_up_and_the_run_equa
     one update, a node that holds nothing gets the whole state; the global model is run's."""
     from florist_hf.flower import make_client_app, run_flower_federation
 
-    recipe_path = write_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 4, 4), rounds=7)
+    recipe_path = flower_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 4, 4), rounds=7)
     settings = yaml.safe_load(recipe_path.read_text())
     settings["federation"].update(clients_per_round=1, eval_heldout_loss=False)
     recipe_path.write_text(yaml.safe_dump(settings))
@@ -371,7 +353,7 @@ def test_a_streaming_round_leaves_out_a_client_whose_adapter_does_not_match_and_
     from florist_hf.flower.server_app import ArrivingReplies
 
     monkeypatch.setattr(ArrivingReplies, "pull_interval", 0.0)
-    recipe_path = write_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=1)
+    recipe_path = flower_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=1)
     recipe = load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}", "federation.aggregation=streaming"])
     client_app = make_client_app()
 
@@ -607,7 +589,7 @@ def test_a_deployment_over_tls_with_supernode_authentication_completes_a_round_a
     # The shipped Flower app (recipes/flower), with this test's recipe beside its pyproject.toml.
     app_dir = tmp_path / "app"
     shutil.copytree(REPO / "recipes" / "flower", app_dir)
-    recipe_path = write_recipe(app_dir / "test_recipe.yaml", method="fedit", ranks=(4, 2), rounds=1)
+    recipe_path = flower_recipe(app_dir / "test_recipe.yaml", method="fedit", ranks=(4, 2), rounds=1)
     federation = start_loopback_federation(deployment, tmp_path / "nodes", secure=True)
     write_node_key_pair(federation.pki, "stranger")  # a third SuperNode, its key never registered
     stranger = start_supernode(deployment, "stranger", federation.port, federation.pki,
@@ -649,7 +631,7 @@ def test_a_node_refuses_what_its_policy_does_not_allow_and_the_round_goes_on(tmp
 
     from florist_hf.flower import make_client_app, run_flower_federation
 
-    recipe_path = write_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=1)
+    recipe_path = flower_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=1)
     recipe = load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}", "federation.min_clients=2"])
     policy = tmp_path / "policy.yaml"
     policy.write_text("models: [meta-llama/Llama-3.2-1B]\n")
@@ -684,7 +666,7 @@ def test_node_policy_rules(tmp_path, policy_text, change, refusal):
     from florist_hf.flower.policy import check_request, load_policy
     from florist_hf.recipe import Recipe
 
-    base = yaml.safe_load(write_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2), rounds=1).read_text())
+    base = yaml.safe_load(flower_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2), rounds=1).read_text())
     for section, values in change.items():
         base[section].update(values)
     try:
@@ -720,7 +702,7 @@ def test_a_silent_node_is_left_out_when_the_round_times_out(tmp_path, server_ide
             silent = [m for m in messages if m.metadata.message_type == "train" and m.metadata.dst_node_id == 102]
             return super().send_and_receive([m for m in messages if m not in silent], timeout=timeout)
 
-    recipe_path = write_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=1)
+    recipe_path = flower_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=1)
     recipe = load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}", "federation.min_clients=2"])
     grid = SilentNodeGrid(make_client_app(), 3, tmp_path / "nodes")
     grid.timeouts = []
@@ -765,7 +747,7 @@ def test_a_client_whose_supernode_reconnects_under_a_new_id_is_mapped_again(tmp_
 def test_a_supernode_killed_during_the_round_is_left_out_after_the_round_timeout(tmp_path, deployment):
     app_dir = tmp_path / "app"
     shutil.copytree(REPO / "recipes" / "flower", app_dir)
-    recipe_path = write_recipe(app_dir / "test_recipe.yaml", method="florist", ranks=(4, 2), rounds=1)
+    recipe_path = flower_recipe(app_dir / "test_recipe.yaml", method="florist", ranks=(4, 2), rounds=1)
     nodes = tmp_path / "nodes"
     supernodes = start_loopback_federation(deployment, nodes).supernodes
     out_dir = tmp_path / "flower_run"
@@ -792,7 +774,7 @@ def test_dp_sgd_clients_and_bounded_updates_over_flower_give_florist_hf_runs_res
     from florist_hf.flower import make_client_app, run_flower_federation
     from florist_hf.privacy import SECRET_SEED_FILE
 
-    recipe_path = write_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=2)
+    recipe_path = flower_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=2)
     settings = ["privacy={target_epsilon: 6, max_grad_norm: 1.0}", "federation.clip_update_norm=0.05",
                 "training.max_steps=-1", "training.num_train_epochs=1", "training.per_device_train_batch_size=4"]
     reference = run_federation(load_recipe(recipe_path, [f"output_dir={tmp_path / 'reference'}", *settings]),

@@ -7,6 +7,8 @@ import shutil
 import pytest
 import torch
 
+from helpers import relative_error
+
 from florist_hf.aggregation import ClientModule
 from florist_hf.aggregation.cumulative import HeldUpdate, accumulate, add_held, dense_is_smaller, published_factors
 from florist_hf.errors import FloristError
@@ -23,9 +25,6 @@ from florist_hf.global_state import (
     write_global_state,
 )
 
-
-def relative_error(a, b):
-    return float((a - b).norm() / max(float(b.norm()), 1e-30))
 
 
 def random_update(shape, rank, generator, scale=0.5, dtype=torch.float32) -> ClientModule:
@@ -231,7 +230,7 @@ def test_state_of_adapters_folds_round_global_adapters(tmp_path):
 
 
 def long_federation(tmp_path, rounds=6, **sections):
-    from test_federation import quiet_console, write_recipe
+    from helpers import quiet_console, write_recipe
 
     from florist_hf.recipe import load_recipe
     from florist_hf.runner import run_federation
@@ -243,7 +242,7 @@ def long_federation(tmp_path, rounds=6, **sections):
 
 
 def round_updates(run_dir, rounds):
-    from test_federation import delta_weights
+    from helpers import delta_weights
 
     updates = [delta_weights(run_dir / "rounds" / str(t) / "global") for t in rounds]
     return {name: sum(update[name] for update in updates) for name in updates[0]}
@@ -258,7 +257,8 @@ def test_a_long_partial_federation_holds_one_compact_state_and_counts_compacted_
     from transformers import AutoModelForCausalLM
 
     from florist_hf.client import lora_layers
-    from florist_hf.engine import RunPaths, missed_rounds
+    from florist_hf.engine import missed_rounds
+    from florist_hf.rundir import RunPaths
 
     recipe, run_dir = long_federation(tmp_path)
     paths = RunPaths(run_dir)
@@ -303,9 +303,9 @@ def test_a_long_partial_federation_holds_one_compact_state_and_counts_compacted_
 
 @pytest.mark.slow
 def test_a_lost_or_stale_state_is_rebuilt_to_the_same_result_and_publish_threshold_republishes(tmp_path):
-    from test_federation import quiet_console
+    from helpers import quiet_console
 
-    from florist_hf.engine import RunPaths
+    from florist_hf.rundir import RunPaths
     from florist_hf.recipe import load_recipe
     from florist_hf.runner import run_federation
 
@@ -333,7 +333,7 @@ def test_a_lost_or_stale_state_is_rebuilt_to_the_same_result_and_publish_thresho
 
 
 def test_publish_threshold_is_refused_for_a_method_that_publishes_its_last_factors(tmp_path):
-    from test_federation import write_recipe
+    from helpers import write_recipe
 
     from florist_hf.recipe import load_recipe
 

@@ -170,7 +170,7 @@ def _strings(value) -> list[str]:
 
 def test_upload_leaks_no_client_details_by_default(tmp_path, tiny_base):
     """A real run's upload: no client path, name, sample count or weight, no local path anywhere."""
-    from test_federation import quiet_console, write_recipe
+    from helpers import quiet_console, write_recipe
 
     from florist_hf.recipe import load_recipe
     from florist_hf.runner import run_federation

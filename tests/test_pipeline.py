@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import write_sums_task
 from huggingface_hub import ModelCard
-from test_federation import write_recipe
+from helpers import write_recipe
 from typer.testing import CliRunner
 
 from florist_hf.cli import app

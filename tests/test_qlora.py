@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_federation import delta_weights, quiet_console, relative_error, write_recipe
+from helpers import delta_weights, quiet_console, relative_error, write_recipe
 
 from florist_hf.recipe import load_recipe
 from florist_hf.runner import run_federation

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from dataset_fixtures import HUB_FIXTURES
-from test_federation import delta_weights
+from helpers import delta_weights
 from typer.testing import CliRunner
 
 from florist_hf.cli import app

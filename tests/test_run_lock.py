@@ -7,11 +7,11 @@ import subprocess
 import sys
 import time
 
-from test_federation import write_recipe
+from helpers import write_recipe
 from typer.testing import CliRunner
 
 from florist_hf.cli import app
-from florist_hf.engine import RUN_LOCK
+from florist_hf.rundir import RUN_LOCK
 
 runner = CliRunner()
 
@@ -51,7 +51,7 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from florist_hf.engine import RunDirectoryLock; "
+        "import sys, time; from pathlib import Path; from florist_hf.rundir import RunDirectoryLock; "
         f"lock = RunDirectoryLock(Path({str(run_dir)!r})); lock.acquire(); print('locked', flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_federation import delta_weights, quiet_console, relative_error, write_recipe
+from helpers import delta_weights, quiet_console, relative_error, write_recipe
 from typer.testing import CliRunner
 
 from florist_hf.cli import app

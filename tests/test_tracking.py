@@ -2,7 +2,7 @@
 
 import json
 
-from test_federation import quiet_console, write_recipe
+from helpers import quiet_console, write_recipe
 from typer.testing import CliRunner
 
 from florist_hf.cli import app

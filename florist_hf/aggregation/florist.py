@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +18,37 @@ from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 AGGREGATION_MODES = ("stacked", "streaming")
 
 
+@dataclass(frozen=True)
+class FloristOptions:
+    """FLoRIST's server settings, checked here once: the recipe, the CLI and the sweep build them
+    and put their own key or flag before the message of the ValueError."""
+
+    #: The energy threshold τ: per module the smallest rank whose share of the spectrum reaches it.
+    threshold: float = 0.9
+    aggregation: str = "stacked"
+    #: Streaming only: components below this fraction of the largest singular value are dropped.
+    tolerance: float = 0.0
+
+    def __post_init__(self):
+        if not (0.0 < self.threshold <= 1.0) or math.isnan(self.threshold):
+            raise ValueError(f"τ = {self.threshold:g} is outside (0, 1]; the energy threshold is the share of each "
+                             "module's spectrum FLoRIST keeps, e.g. 0.9")
+        if self.aggregation not in AGGREGATION_MODES:
+            raise ValueError(f"aggregation {self.aggregation!r} is unknown; choose stacked or streaming")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ValueError(f"streaming_tolerance {self.tolerance:g} is outside [0, 1), e.g. 1e-3")
+        if self.tolerance and self.aggregation != "streaming":
+            raise ValueError("streaming_tolerance applies to aggregation: streaming only; set both or neither")
+
+
+def check_aggregation_mode(method: str, aggregation: str, tolerance: float = 0.0) -> None:
+    """Streaming is FLoRIST's (its stacked cost grows with the clients' summed rank); every other
+    method aggregates stacked. A ValueError names what to drop."""
+    if method != "florist" and (aggregation != "stacked" or tolerance):
+        raise ValueError(f"aggregation: streaming is FLoRIST's (its stacked cost grows with the clients' summed rank); "
+                         f"{method} aggregates stacked")
+
+
 @register_method
 class Florist(AggregationMethod):
     """Keep, per module, the smallest rank whose singular-value energy reaches ``threshold`` (τ)."""
@@ -25,15 +58,8 @@ class Florist(AggregationMethod):
     merges_into_base = True
 
     def __init__(self, threshold: float = 0.9, aggregation: str = "stacked", tolerance: float = 0.0):
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        if aggregation not in AGGREGATION_MODES:
-            raise ValueError(f"aggregation must be one of {AGGREGATION_MODES}, got {aggregation!r}")
-        if not 0.0 <= tolerance < 1.0:
-            raise ValueError(f"streaming tolerance must be in [0, 1), got {tolerance}")
-        self.threshold = float(threshold)
-        self.aggregation = aggregation
-        self.tolerance = float(tolerance)
+        options = FloristOptions(float(threshold), aggregation, float(tolerance))
+        self.threshold, self.aggregation, self.tolerance = options.threshold, options.aggregation, options.tolerance
 
     @property
     def streaming(self) -> bool:

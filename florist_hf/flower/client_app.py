@@ -39,11 +39,15 @@ _BASE_CACHE = None  # a client.BaseModelCache, made on first use (the base stays
 
 
 def _recipe(config: ConfigRecord):
-    from florist_hf.recipe import Recipe
-
     text = config.get("recipe")
     if not isinstance(text, str):
         raise FloristError("the server's message carries no recipe")
+    return _recipe_of(text)
+
+
+def _recipe_of(text: str):
+    from florist_hf.recipe import Recipe
+
     return Recipe.model_validate_json(text)
 
 
@@ -120,9 +124,9 @@ def update_global_state(message: Message, state_dir: Path, client_id: int) -> Pa
     from florist_hf.global_state import fold, fold_state, read_global_state, read_state_record, write_global_state
     from florist_hf.flower.records import records_to_state
 
-    config, content = message.content[protocol.CONFIG], message.content
-    merge_rounds, sent = json.loads(str(config["merge-rounds"])), json.loads(str(config["sent-rounds"]))
-    form = str(config["sent-form"])
+    content = message.content
+    request = protocol.TrainRequest.from_config(content[protocol.CONFIG])
+    merge_rounds, sent, form = request.merge_rounds, request.sent_rounds, request.sent_form
     if not merge_rounds:
         return None
     record = read_state_record(state_dir)
@@ -162,20 +166,20 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     from florist_hf.engine import prepare_base_model
 
     console = console or Console(stderr=True)
-    config = message.content[protocol.CONFIG]
-    recipe = _recipe(config)
+    request = protocol.TrainRequest.from_config(message.content[protocol.CONFIG])
+    recipe = _recipe_of(request.recipe_json)
     client_id = protocol.client_id_of(context, recipe.federation.num_clients)
     # The node operator's policy, before anything is loaded, downloaded or written.
     policy, source = load_policy(context.node_config)
     check_request(policy, source, recipe, client_id, own_data=bool(context.node_config.get(protocol.DATA_FILE)))
-    if int(config["client-id"]) != client_id:
-        raise FloristError(f"the server addressed client {config['client-id']} but this node is client {client_id}")
-    round_index = int(config["round"])
+    if request.client_id != client_id:
+        raise FloristError(f"the server addressed client {request.client_id} but this node is client {client_id}")
+    round_index = request.round
     root = _work_root(context, work_dir, client_id)
 
     state_dir = update_global_state(message, root / "globals" / "state", client_id)
     init_dir = None
-    if int(config["init-round"]) >= 0:
+    if request.init_round is not None:
         init_dir = root / "init" / f"round_{round_index}"
         _materialise(message, protocol.INIT, init_dir)
 
@@ -187,12 +191,12 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     plan = ClientRound(
         client_id=client_id,
         round=round_index,
-        rank=int(config["rank"]),
+        rank=request.rank,
         num_samples=len(records),
         export_dir=root / "rounds" / str(round_index) / "export",
         global_state=state_dir,
         init_adapter=init_dir,
-        freeze_lora_a=bool(config["freeze-lora-a"]),
+        freeze_lora_a=request.freeze_lora_a,
     )
     dataset_key = (recipe.fingerprint(), str(context.node_config.get(protocol.DATA_FILE)), client_id, base_path)
     if dataset_key not in _DATASET_CACHE:

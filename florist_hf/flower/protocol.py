@@ -5,7 +5,7 @@ Server -> client, ``query.florist_hello`` (once per run, to every node):
 Client -> server:
     "config": ConfigRecord {client-id, num-samples}
 
-Server -> client, ``train`` (one per selected client per round):
+Server -> client, ``train`` (one per selected client per round; `TrainRequest` encodes and decodes its config):
     "config": ConfigRecord {recipe (JSON), client-id, round, rank, num-samples,
                             merge-rounds (JSON list: the rounds the global state sums),
                             sent-rounds (JSON list), sent-form, init-round (-1: none), freeze-lora-a}
@@ -24,7 +24,10 @@ Client -> server:
 
 from __future__ import annotations
 
-from flwr.app import Context, MessageType
+import json
+from dataclasses import dataclass, field
+
+from flwr.app import ConfigRecord, Context, MessageType
 
 from florist_hf.errors import FloristError
 
@@ -49,6 +52,44 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 WORK_DIR = "work-dir"
 DATA_FILE = "data-file"
+
+
+@dataclass
+class TrainRequest:
+    """The "config" record of a ``train`` message: what one client does in one round and what the
+    message carries of the global state. `to_config` and `from_config` are each other's inverse."""
+
+    recipe_json: str
+    client_id: int
+    round: int
+    rank: int
+    num_samples: int
+    #: The rounds the global state sums after this message, and those it sends (in ``sent_form``).
+    merge_rounds: list[int] = field(default_factory=list)
+    sent_rounds: list[int] = field(default_factory=list)
+    sent_form: str = "none"
+    #: The round whose global factors the client continues (None: a fresh LoRA).
+    init_round: int | None = None
+    freeze_lora_a: bool = False
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord({
+            "recipe": self.recipe_json, "client-id": self.client_id, "round": self.round, "rank": self.rank,
+            "num-samples": self.num_samples, "merge-rounds": json.dumps(self.merge_rounds),
+            "sent-rounds": json.dumps(self.sent_rounds), "sent-form": self.sent_form,
+            "init-round": -1 if self.init_round is None else self.init_round, "freeze-lora-a": self.freeze_lora_a,
+        })
+
+    @classmethod
+    def from_config(cls, config) -> "TrainRequest":
+        text = config.get("recipe")
+        if not isinstance(text, str):
+            raise FloristError("the server's message carries no recipe")
+        init_round = int(config["init-round"])
+        return cls(recipe_json=text, client_id=int(config["client-id"]), round=int(config["round"]), rank=int(config["rank"]),
+                   num_samples=int(config["num-samples"]), merge_rounds=json.loads(str(config["merge-rounds"])),
+                   sent_rounds=json.loads(str(config["sent-rounds"])), sent_form=str(config["sent-form"]),
+                   init_round=None if init_round < 0 else init_round, freeze_lora_a=bool(config["freeze-lora-a"]))
 
 
 def config_key(record_key: str) -> str:

@@ -254,24 +254,12 @@ class FloristStrategy(Strategy):
                 form, payload = protocol.CATCH_UP, state_to_records(compacted())
             else:
                 form, payload = protocol.GLOBAL_STATE, state_to_records(read_global_state(plan.global_state))
-        content = RecordDict(
-            {
-                protocol.CONFIG: ConfigRecord(
-                    {
-                        "recipe": self.recipe_json,
-                        "client-id": plan.client_id,
-                        "round": plan.round,
-                        "rank": plan.rank,
-                        "num-samples": plan.num_samples,
-                        "merge-rounds": json.dumps(merge_rounds),
-                        "sent-rounds": json.dumps(missing),
-                        "sent-form": form,
-                        "init-round": -1 if init_round is None else init_round,
-                        "freeze-lora-a": plan.freeze_lora_a,
-                    }
-                )
-            }
+        request = protocol.TrainRequest(
+            recipe_json=self.recipe_json, client_id=plan.client_id, round=plan.round, rank=plan.rank,
+            num_samples=plan.num_samples, merge_rounds=merge_rounds, sent_rounds=missing, sent_form=form,
+            init_round=init_round, freeze_lora_a=plan.freeze_lora_a,
         )
+        content = RecordDict({protocol.CONFIG: request.to_config()})
         if payload is not None:
             content[form], content[protocol.config_key(form)] = payload
         if plan.init_adapter is not None:

@@ -1,0 +1,55 @@
+"""Builders the test files share (peft's testing_common.py is the model): the tiny model's shape,
+a recipe on it, a silent console, and the dense update of a written adapter."""
+
+import os
+from pathlib import Path
+
+import torch
+import yaml
+
+from florist_hf.adapters import read_adapter
+
+#: The tiny Llama most tests train: one layer, GQA (2 query heads, 1 key-value head).
+TINY_MODEL = {"num_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+def write_recipe(directory, *, method="florist", threshold=0.9, ranks=(4, 2, 2), rounds=2, file_name="recipe.yaml",
+                 **sections) -> Path:
+    """A recipe on the tiny Llama and the builtin demo data, written to ``directory / file_name``;
+    each keyword section is merged into the default one (a dict) or replaces it (anything else)."""
+    directory = Path(directory)
+    recipe = {
+        "name": f"test-{method}",
+        "model": {"name_or_path": "builtin:tiny-llama", "tiny": TINY_MODEL},
+        "data": {"source": "builtin:demo", "partition": "iid", "max_samples_per_client": 16, "cutoff_len": 64},
+        "lora": {"ranks": list(ranks)},
+        "federation": {"method": method, "threshold": threshold, "rounds": rounds, "num_clients": len(ranks)},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-2},
+        "output_dir": str(directory / "run"),
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {})
+        if isinstance(values, dict):
+            recipe[section].update(values)
+        else:
+            recipe[section] = values
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / file_name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def quiet_console():
+    from rich.console import Console
+
+    return Console(file=open(os.devnull, "w"))
+
+
+def delta_weights(adapter_dir) -> dict[str, torch.Tensor]:
+    """Each module's dense update s·B·A of a written adapter, in fp64."""
+    adapter = read_adapter(adapter_dir)
+    return {name: m.scale * (m.lora_b.double() @ m.lora_a.double()) for name, m in adapter.modules.items()}
+
+
+def relative_error(a, b):
+    return float((a.double() - b.double()).norm() / max(float(b.double().norm()), 1e-30))
