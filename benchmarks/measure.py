@@ -27,6 +27,25 @@ def machine_record() -> dict:
             "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
 
 
+def step_clock():
+    """A TrainerCallback that times every optimizer step (its ``seconds``, in order)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.started, self.seconds = 0.0, []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    return StepClock()
+
+
 # --- memory -----------------------------------------------------------------------------------------
 
 

@@ -41,7 +41,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"the paper's Dolly split is not at {DOLLY} (it lies beside the CI clone)")
     from rich.console import Console
 
-    from florist_hf.engine import client_training_view
+    from florist_hf.recipe import client_training_view
     from florist_hf.recipe import load_recipe
     from florist_hf.runner import run_federation
     from florist_hf.sweep import share_round_one

@@ -32,9 +32,8 @@ def measure(batch_size: int, batching: str, steps: int, cutoff: int, records: in
     """One (batch size, layout): per-step wall time and real tokens, losses, peak RSS (in this process)."""
 
     import torch
-    from transformers import TrainerCallback
 
-    from benchmarks.measure import peak_rss_gib
+    from benchmarks.measure import peak_rss_gib, step_clock
     from florist_hf.client import build_client_trainer, build_lora_model, freeze_long_lived_objects
     from florist_hf.data import load_flora_layout, tokenize_records
     from florist_hf.loading import load_tokenizer, resolve_base
@@ -50,17 +49,7 @@ def measure(batch_size: int, batching: str, steps: int, cutoff: int, records: in
                              use_rslora=False, seed=0)
     counted: list[int] = []
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.started, self.seconds = 0.0, []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.seconds.append(time.perf_counter() - self.started)
-
-    clock = Clock()
+    clock = step_clock()
     trainer = build_client_trainer(
         model, tokenizer, dataset, work_dir=Path("/tmp/florist_padding_free") / f"{batching}-{batch_size}", seed=0,
         training={"max_steps": steps, "per_device_train_batch_size": batch_size, "learning_rate": 1e-3,

@@ -3,7 +3,7 @@ what DP-SGD costs a client in throughput and memory.
 
     .venv/bin/python -m benchmarks.privacy --part cost        # a few minutes on 2 CPU cores
     .venv/bin/python -m benchmarks.privacy --part quality     # 8 one-round federations, about 40 minutes
-    .venv/bin/python -m benchmarks.privacy --part quality --records 96 --methods florist --epsilons inf,8
+    .venv/bin/python -m benchmarks.privacy --part quality --records 96 --client-batch 16 --methods florist --epsilons inf,8
     .venv/bin/python -m benchmarks.privacy --part base        # the base's own held-out loss, for reference
 
 ``quality``: ``recipes/smollm2_135m_dolly_heter.yaml`` on the paper's Dolly split (``../shared/data/dolly``
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.measure import machine_record, peak_rss_gib
+from benchmarks.measure import machine_record, peak_rss_gib, step_clock
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -40,7 +40,6 @@ DOLLY = REPO.parent / "shared" / "data" / "dolly"
 def measure_client(mode: str, steps: int, batch: int, cutoff: int) -> dict:
     """One client's steps, with (``dp_sgd``) or without (``plain``) DP-SGD, in this process."""
     import torch
-    from transformers import TrainerCallback
 
     from florist_hf.client import build_client_trainer, build_lora_model, freeze_long_lived_objects
     from florist_hf.data import load_flora_layout, tokenize_records
@@ -63,17 +62,7 @@ def measure_client(mode: str, steps: int, batch: int, cutoff: int) -> dict:
                                 steps=steps, delta=1 / len(dataset), accountant="prv", rounds_planned=1, rounds_so_far=1)
     counted: list[int] = []
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.started, self.seconds = 0.0, []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.seconds.append(time.perf_counter() - self.started)
-
-    clock = Clock()
+    clock = step_clock()
     trainer = build_client_trainer(
         model, tokenizer, dataset, work_dir=Path(tempfile.mkdtemp()), seed=0,
         training={"max_steps": steps, "per_device_train_batch_size": batch, "learning_rate": 1e-3, "logging_steps": 1},
@@ -129,6 +118,7 @@ def quality(args) -> dict:
                 privacy = [] if target is None else [f"privacy={{target_epsilon: {target}, max_grad_norm: {args.clip}}}"]
                 recipe = load_recipe(recipe_file, ["data.layout=flora", f"data.source={DOLLY}", f"federation.method={method}",
                                                    f"data.max_samples_per_client={args.records}",
+                                                   f"training.per_device_train_batch_size={args.client_batch}",
                                                    "evaluation=null", f"output_dir={run_dir}", *privacy])
                 started = time.perf_counter()
                 run_federation(recipe, console=console)
@@ -143,7 +133,8 @@ def quality(args) -> dict:
                        "client_loss": [c["loss"] for c in clients], "seconds": time.perf_counter() - started}
                 rows.append(row)
                 console.print(f"{method} ε = {target}: held-out loss {row['heldout_loss']:.4f}")
-    return {"recipe": str(recipe_file.relative_to(REPO)), "records_per_client": args.records, "max_grad_norm": args.clip,
+    return {"recipe": str(recipe_file.relative_to(REPO)), "records_per_client": args.records, "client_batch": args.client_batch,
+            "max_grad_norm": args.clip,
             "rows": rows}
 
 
@@ -171,6 +162,7 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", default="florist,fedit")
     parser.add_argument("--clip", type=float, default=1.0, help="DP-SGD's per-record clip norm")
     parser.add_argument("--records", type=int, default=24, help="records per client (the recipe's 24)")
+    parser.add_argument("--client-batch", type=int, default=4, help="each client's (expected) batch (the recipe's 4)")
     parser.add_argument("--epsilons", default="inf,8,3,1", help="per-client budgets; inf: no DP")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
@@ -188,7 +180,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"the paper's Dolly split is not at {DOLLY} (it lies beside the CI clone)")
     parts = {"cost": cost, "quality": quality, "base": base_loss}
     result = {**machine_record(), "part": args.part, **parts[args.part](args)}
-    out = HERE / (f"privacy_{args.part}.json" if args.part == "cost" or args.records == 24 else f"privacy_quality_{args.records}.json")
+    out = HERE / (f"privacy_{args.part}.json" if args.part == "cost" or args.records == 24 else f"privacy_quality_{args.records}x{args.client_batch}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 

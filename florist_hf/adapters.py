@@ -85,6 +85,24 @@ def module_scale(config: Mapping, module_name: str) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
+def factor_shapes(adapter_dir: str | os.PathLike) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{module: {"A": shape, "B": shape}}`` of an adapter's safetensors file, from its header alone
+    (no tensor is read); module names as PEFT saves them. A missing or unreadable file is one line."""
+    from safetensors import safe_open
+
+    weights_file = Path(adapter_dir) / ADAPTER_WEIGHTS
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    try:
+        with safe_open(weights_file, framework="pt") as handle:
+            for key in handle.keys():
+                match = _FACTOR_KEY.match(key)
+                if match:
+                    shapes.setdefault(match["module"], {})[match["factor"]] = tuple(handle.get_slice(key).get_shape())
+    except (SafetensorError, OSError) as error:
+        raise FloristError(f"{weights_file}: not a readable safetensors file ({error}); re-save the adapter") from None
+    return shapes
+
+
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     safetensors_file = path / ADAPTER_WEIGHTS
     pickle_file = path / ADAPTER_WEIGHTS_PICKLE

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from florist_hf.adapters import ADAPTER_WEIGHTS, CLIENT_INFO, read_adapter
+from florist_hf.adapters import ADAPTER_WEIGHTS, CLIENT_INFO, factor_shapes, read_adapter
 from florist_hf.distributed import gathered_parameters, gathered_state_dict
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory, write_json_atomic
+from florist_hf.loading import BaseModelCache, free_memory, load_base
 
 
 @dataclass
@@ -124,12 +125,11 @@ def check_exported_factors(adapter_dir: Path, model, adapter_name: str = "defaul
     DeepSpeed ZeRO-3 leaves an empty placeholder (``torch.Size([0])``) in each partitioned
     parameter, and a save that does not gather first writes those placeholders.
     """
-    from safetensors.torch import load_file
-
     weights_file = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not weights_file.is_file():
         raise FloristError(f"{weights_file}: not written by save_pretrained; the client adapter export failed")
-    saved = {key: tensor.shape for key, tensor in load_file(weights_file).items()}
+    shapes = factor_shapes(adapter_dir)
+    saved = {f"{name}.lora_{factor}.weight": torch.Size(shape) for name, module in shapes.items() for factor, shape in module.items()}
     for name, layer in lora_layers(model).items():
         rank = layer.r[adapter_name]
         expected = {"lora_A": (rank, layer.in_features), "lora_B": (layer.out_features, rank)}
@@ -252,73 +252,6 @@ def client_seed(base_seed: int, client_id: int, round_index: int) -> int:
     if client_id < 1000:
         return base_seed + 1000 * (round_index - 1) + client_id
     return base_seed + 10**12 + round_index * 10**7 + client_id
-
-
-class BaseModelCache:
-    """One base model kept for a process's whole run, so a client round does not reload it.
-
-    `get` loads it once (per path, dtype, revision and remote-code setting); `release` takes a
-    finished client's LoRA layers and global-update hooks out again and puts the base back as
-    loaded: eval mode, no gradient checkpointing, no input-gradient hook. The base weights are
-    never changed by a client (the global updates are held beside them), so every client starts
-    from the same model a fresh load would give. Not for DeepSpeed or multi-process runs, where
-    the Trainer's engine owns the model's parameters.
-    """
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.model = None
-
-    def get(self, model_path: str, *, dtype: str, revision=None, trust_remote_code=False, quantization=None,
-            attn_implementation=None):
-        from florist_hf.loading import load_causal_lm
-
-        key = (model_path, dtype, revision, trust_remote_code, None if quantization is None else quantization.model_dump_json(),
-               attn_implementation)
-        if self.key != key:
-            self.clear()
-            self.model = load_causal_lm(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
-                                        quantization=quantization, attn_implementation=attn_implementation)
-            self.key = key
-        return self.model
-
-    def release(self, peft_model=None) -> None:
-        """Put the base back as loaded after a client (``peft_model`` wrapped it) or an evaluation."""
-        if self.model is None:
-            return
-        if peft_model is not None:
-            peft_model.base_model.unload()  # the LoRA layers out, the original linear layers back
-        from florist_hf.global_state import detach_global_state
-
-        base = self.model
-        detach_global_state(base)
-        if hasattr(type(base), "is_activation_checkpointing"):  # transformers 5's name for it
-            if base.is_activation_checkpointing:
-                base.activation_checkpointing_disable()
-        elif getattr(base, "is_gradient_checkpointing", False):
-            base.gradient_checkpointing_disable()
-        if getattr(base, "_require_grads_hook", None) is not None:
-            base.disable_input_require_grads()
-        base.__dict__.pop("peft_config", None)  # PEFT's mark on a model it wrapped
-        base.eval()
-        for parameter in base.parameters():  # as from_pretrained returns it; PEFT froze it (quantized weights never train)
-            if parameter.is_floating_point():
-                parameter.requires_grad_(True)
-
-    def clear(self) -> None:
-        self.key, self.model = None, None
-        free_memory()
-
-
-def load_base(model_path: str, *, base_cache: BaseModelCache | None, **load_options):
-    """The base model: the cached one (``base_cache``; release it afterwards), else a fresh load.
-    ``load_options`` are `loading.load_causal_lm`'s (dtype, revision, trust_remote_code, quantization,
-    attn_implementation)."""
-    from florist_hf.loading import load_causal_lm
-
-    if base_cache is not None:
-        return base_cache.get(model_path, **load_options)
-    return load_causal_lm(model_path, **load_options)
 
 
 def build_lora_model(model_path: str, *, rank: int, alpha: float, target_modules, dropout: float,
@@ -501,15 +434,6 @@ def freeze_long_lived_objects() -> None:
 
     gc.collect()
     gc.freeze()
-
-
-def free_memory() -> None:
-    """Release a finished client's model before the next one is built."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def last_complete_checkpoint(work_dir: Path) -> Path | None:

@@ -22,7 +22,8 @@ Every file is written atomically, and a round's record is rebuilt from its globa
 sidecar, so a driver stopped anywhere resumes to the same result. ``--force`` with changed server
 settings (τ, the method) re-aggregates the rounds they touch from the kept client adapters; a
 round whose clients trained on a global update that changed is set aside under ``superseded/``
-and trained again. A change to how clients train is refused (see `client_training_changes`).
+and trained again. A change to how clients train is refused (see `recipe.client_training_changes`); a
+round's record, its catch-up bytes and the digests of its globals are `rounds.py`'s.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from florist_hf.adapters import SIDECAR
-from florist_hf.aggregation import AggregationMethod, get_method
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import append_jsonl, write_json_atomic, write_jsonl_atomic
 from florist_hf.loading import gguf_provenance
-from florist_hf.recipe import SPEED_ONLY, sample_clients
+from florist_hf.recipe import client_training_changes, method_of, sample_clients
+from florist_hf.rounds import adapter_digest, describe_round, round_record
 from florist_hf.rundir import (
     BASE_MODEL_DIR,
     GLOBAL_ADAPTER,
@@ -61,7 +62,6 @@ from florist_hf.server import (
     StreamingServerRound,
     UpdateBounding,
     aggregate_adapters,
-    rank_summary,
     write_published_adapter,
 )
 from florist_hf.tiny import TINY_LLAMA_ID, build_tiny_llama
@@ -76,18 +76,6 @@ class RoundPlan:
     clients: list = field(default_factory=list)
     #: Its global adapter exists: nothing to train or aggregate.
     complete: bool = False
-
-
-def method_of(recipe) -> AggregationMethod:
-    """The recipe's aggregation method with its options."""
-    federation = recipe.federation
-    if federation.method == "florist":
-        options = federation.florist_options()
-        return get_method(federation.method, threshold=options.threshold, aggregation=options.aggregation,
-                          tolerance=options.tolerance)
-    if federation.robust is not None:
-        return get_method(federation.method, robust=federation.robust, trim_fraction=federation.trim_fraction)
-    return get_method(federation.method)
 
 
 def prepare_base_model(recipe, root: Path) -> str:
@@ -111,196 +99,6 @@ def retire_directory(path: Path, new_path: Path) -> None:
 
 def record_key(record: dict) -> tuple:
     return record.get("kind"), record.get("round"), record.get("client")
-
-
-def client_training_view(recipe) -> dict:
-    """Everything in a recipe that changes what a client trains, flattened to dotted keys.
-
-    Left out: where and how results are written and evaluated, the server's aggregation settings
-    (τ, min_clients, stacked or streaming), the settings of speed alone (`recipe.SPEED_ONLY`: the
-    batch layout, the attention implementation), and the number of rounds unless the learning rate is scheduled over rounds.
-    The method counts only by what it asks of clients: to train on the merged global updates or
-    to continue the global factors, and whether lora_A is frozen.
-    """
-    payload = recipe.model_dump(mode="json", exclude={"name", "output_dir", "evaluation", "publish", "hub", "tracking"})
-    for section, keys in SPEED_ONLY.items():
-        for key in keys:
-            payload[section].pop(key, None)
-    federation = payload.pop("federation")
-    method = method_of(recipe)
-    federation["client_role"] = {"merges_into_base": method.merges_into_base, "freeze_lora_a": method.freezes_lora_a}
-    for key in ("method", "threshold", "min_clients", "eval_heldout_loss", "aggregation", "streaming_tolerance",
-                "clip_update_norm", "central_dp", "robust", "trim_fraction"):
-        federation.pop(key, None)
-    # The rounds count where the learning rate or a DP-SGD client's noise (calibrated to its planned rounds) depends on it.
-    if federation["round_lr_schedule"] == "constant" and not (recipe.privacy and recipe.privacy.target_epsilon is not None):
-        federation.pop("rounds")
-    if payload.get("privacy") is None:
-        payload.pop("privacy", None)
-    payload["federation"] = federation
-
-    flat: dict = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict) and value:
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        else:
-            flat[prefix] = value
-
-    walk("", payload)
-    return flat
-
-
-def client_training_changes(old, new) -> list[str]:
-    """``key: old -> new`` for every difference between two recipes in how clients train."""
-    before, after = client_training_view(old), client_training_view(new)
-    return [
-        f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
-        for key in sorted(set(before) | set(after))
-        if before.get(key) != after.get(key)
-    ]
-
-
-#: (weights files with their size and mtime) -> digest: every round checks the digests of all
-#: earlier rounds' global adapters, and each is hashed once per process, not once per round.
-_DIGESTS: dict[tuple, str] = {}
-
-
-def _adapter_digest(adapter_dir: Path) -> str:
-    """A hash of an adapter directory's weights (a FlexLoRA global's per-client truncations included)."""
-    files = sorted(adapter_dir.rglob("*.safetensors"))
-    key = tuple((str(path), stat.st_size, stat.st_mtime_ns) for path in files for stat in [path.stat()])
-    if key not in _DIGESTS:
-        _DIGESTS[key] = _hash_files(adapter_dir, files)
-    return _DIGESTS[key]
-
-
-def _hash_files(adapter_dir: Path, files: Sequence[Path]) -> str:
-    digest = hashlib.sha256()
-    for weights in files:
-        digest.update(str(weights.relative_to(adapter_dir)).encode())
-        with open(weights, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def missed_rounds(paths: RunPaths, round_index: int) -> dict:
-    """Per client of round ``round_index``: the earlier rounds whose global update it lacks, for
-    merge-style methods with partial participation. A client holds round t's update once it
-    trained in round t or in any later round (the round's own broadcast delivers it), so it lacks
-    every round since its last participation (every round, if it never took part)."""
-    sidecars = {t: json.loads((paths.global_dir(t) / SIDECAR).read_text()) for t in range(1, round_index + 1)
-                if (paths.global_dir(t) / SIDECAR).exists()}
-    clients = {t: {_client_id(client) for client in sidecar["clients"]} for t, sidecar in sidecars.items()}
-    earlier = [t for t in sorted(clients) if t < round_index]
-    missed = {}
-    for client in clients.get(round_index, ()):
-        last = max((t for t in earlier if client in clients[t]), default=0)
-        missed[client] = [t for t in earlier if t > last]
-    return missed
-
-
-#: (global adapters' digests) -> bytes of their compacted sum: the same catch-up is sent to
-#: every client that missed the same rounds.
-_CATCH_UP_BYTES: dict[tuple, int] = {}
-
-
-def catch_up_form(missing: Sequence[int], state_rounds: Sequence[int], state_bytes: int | None, compacted_bytes) -> str:
-    """What a client that lacks the updates of rounds ``missing`` (of the rounds ``state_rounds``
-    the global state sums) is sent: "round", that one round's update as it is; "state", the whole
-    state, when it holds nothing of it or where that is no larger than ``compacted_bytes()``; else
-    "compacted", the missed rounds' sum compacted into one update. `catch_up_bytes` counts it and
-    the Flower strategy sends it."""
-    if len(missing) == 1:
-        return "round"
-    if list(missing) == list(state_rounds) or (state_bytes is not None and compacted_bytes() >= state_bytes):
-        return "state"
-    return "compacted"
-
-
-def catch_up_bytes(paths: RunPaths, round_index: int) -> int:
-    """Bytes of earlier global updates this round's clients receive before training (merge-style
-    methods, partial participation): a client that missed one round gets that round's global
-    adapter; one that missed several gets their sum compacted into one update (exact, fp32), or
-    the whole global state where that is no larger (always, for a client that never took part).
-    With every client in every round this is 0; the round's own broadcast is counted apart."""
-    from florist_hf.adapters import read_adapter
-    from florist_hf.global_state import fold, read_state_record, record_wire_bytes
-
-    missed = {client: rounds for client, rounds in missed_rounds(paths, round_index).items() if rounds}
-    if not missed:
-        return 0
-    done = [t for t in range(1, round_index) if (paths.global_dir(t) / SIDECAR).exists()]
-    record = read_state_record(paths.global_state_dir(done[-1]))
-    state_bytes = record_wire_bytes(record) if record is not None and record.get("rounds") == done else None
-
-    def compacted_bytes(rounds: list[int]) -> int:
-        key = tuple(_adapter_digest(paths.global_dir(t)) for t in rounds)
-        if key not in _CATCH_UP_BYTES:
-            _CATCH_UP_BYTES[key] = fold(None, [read_adapter(paths.global_dir(t)) for t in rounds], rounds).wire_bytes
-        return _CATCH_UP_BYTES[key]
-
-    total = 0
-    for rounds in missed.values():
-        form = catch_up_form(rounds, done, state_bytes, lambda: compacted_bytes(rounds))
-        if form == "round":
-            sidecar = json.loads((paths.global_dir(rounds[0]) / SIDECAR).read_text())
-            total += int(sidecar["communication"]["downlink_bytes_total"] / max(len(sidecar["clients"]), 1))
-        else:  # the whole state (its record's size; or, without one, the same sum compacted)
-            total += state_bytes if form == "state" and state_bytes is not None else compacted_bytes(rounds)
-    return total
-
-
-def round_record(paths: RunPaths, round_index: int, heldout: float | None, *, merges_into_base: bool = True) -> dict:
-    """The round's line in metrics.jsonl, from its global adapter's sidecar (written atomically
-    with the adapter, so a round stopped before its line was written gets the same line on resume)."""
-    sidecar = json.loads((paths.global_dir(round_index) / SIDECAR).read_text())
-    ranks = rank_summary(module["selected_rank"] for module in sidecar["modules"].values())
-    comm = sidecar["communication"]
-    record = {
-        "kind": "round", "round": round_index, "clients": [_client_id(client) for client in sidecar["clients"]],
-        "total_selected_rank": ranks["total"], "rank_min": ranks["min"], "rank_median": ranks["median"],
-        "rank_max": ranks["max"], "uplink_bytes_total": comm["uplink_bytes_total"],
-        "downlink_bytes_total": comm["downlink_bytes_total"], "eff_x1e4": comm["eff_x1e4"],
-        "server_seconds": sidecar.get("server_seconds"),
-        # Earlier rounds' updates sent to clients that missed them (merge-style, partial participation).
-        "catch_up_downlink_bytes": catch_up_bytes(paths, round_index) if merges_into_base else 0,
-    }
-    streamed = [module["streaming"] for module in sidecar["modules"].values() if module.get("streaming")]
-    if streamed:  # what a streaming tolerance dropped, at the worst module
-        record["streaming_discarded_energy_max"] = max(module["discarded_energy"] for module in streamed)
-        record["streaming_error_bound_max"] = max(module["error_bound"] for module in streamed)
-    bounding = sidecar.get("bounding")
-    if bounding is not None:
-        record["clients_clipped"] = sum(1 for client in sidecar["clients"] if client.get("clipped"))
-        central = bounding.get("central_dp")
-        if central is not None:
-            record["central_epsilon"] = central.get("epsilon")
-    if sidecar.get("outliers"):
-        record["outliers"] = sidecar["outliers"]
-    if heldout is not None:
-        record["heldout_loss"] = heldout
-    return record
-
-
-def _client_id(client: dict) -> int | str:
-    name = client.get("name") or Path(client["path"]).name
-    return int(name.removeprefix("client_")) if name.removeprefix("client_").isdigit() else name
-
-
-def describe_round(record: dict) -> str:
-    return (
-        f"  server: ranks {record['rank_min']}/{record['rank_median']:g}/{record['rank_max']} "
-        f"(total {record['total_selected_rank']}), Eff {record['eff_x1e4']:.2f}, "
-        f"up {record['uplink_bytes_total']:,} B, down {record['downlink_bytes_total']:,} B"
-        + (f", held-out loss {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
-        + (f", streaming dropped ≤ {record['streaming_discarded_energy_max']:.1e} of the energy"
-           if record.get("streaming_discarded_energy_max") else "")
-        + (f", {record['clients_clipped']} clients clipped" if record.get("clients_clipped") else "")
-        + (f", client-level ε {record['central_epsilon']:.3g}" if record.get("central_epsilon") is not None else "")
-    )
 
 
 class Federation:
@@ -463,7 +261,7 @@ class Federation:
         if not self.main:  # the main process plans first and moves what is stale
             return
         round_dir = self.paths.round_dir(round_index)
-        inputs = {"globals": {str(t): _adapter_digest(self.paths.global_dir(t)) for t in received}}
+        inputs = {"globals": {str(t): adapter_digest(self.paths.global_dir(t)) for t in received}}
         inputs_file = round_dir / ROUND_INPUTS
         if inputs_file.exists() and json.loads(inputs_file.read_text()) != inputs:
             self._supersede(round_index, round_dir, "its clients trained on global updates that have changed")
@@ -648,7 +446,7 @@ class Federation:
         target = self.paths.global_state_dir(rounds[-1])
         if not self.main:  # the main process built it before the others read it
             return target
-        digests = {str(t): _adapter_digest(self.paths.global_dir(t)) for t in rounds}
+        digests = {str(t): adapter_digest(self.paths.global_dir(t)) for t in rounds}
 
         def valid(count: int) -> bool:
             record = read_state_record(self.paths.global_state_dir(rounds[count - 1]))
@@ -675,7 +473,7 @@ class Federation:
         from florist_hf.global_state import fold
 
         return fold(None, [read_adapter(self.state_update_dir(t)) for t in rounds], list(rounds),
-                    [_adapter_digest(self.paths.global_dir(t)) for t in rounds])
+                    [adapter_digest(self.paths.global_dir(t)) for t in rounds])
 
     def heldout_loss(self, round_index: int, tokenizer, test_records, *, base_cache=None) -> float | None:
         """The held-out loss (response tokens) of the global model after ``round_index``."""

@@ -12,12 +12,12 @@ import difflib
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from florist_hf.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, factor_shapes, model_key
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import write_json_atomic
 
@@ -43,8 +43,6 @@ _KEPT_CONFIG_KEYS = (
     "generation_kwargs",
     "metadata",
 )
-#: ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` as PEFT saves them (adapter name dropped).
-_LORA_FACTOR_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 
 def default_device() -> str:
@@ -65,23 +63,6 @@ def _load_base_config(base_model: str):
     from florist_hf.loading import load_model_config
 
     return load_model_config(base_model, key="--base")
-
-
-def _adapter_factor_shapes(adapter_dir: Path) -> dict[str, dict[str, tuple[int, ...]]]:
-    """``{module: {"A": shape, "B": shape}}`` from the safetensors header, without reading tensors."""
-    from safetensors import SafetensorError, safe_open
-
-    weights_file = adapter_dir / "adapter_model.safetensors"
-    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    try:
-        with safe_open(weights_file, framework="pt") as handle:
-            for key in handle.keys():
-                match = _LORA_FACTOR_KEY.match(key)
-                if match:
-                    shapes.setdefault(match["module"], {})[match["factor"]] = tuple(handle.get_slice(key).get_shape())
-    except (SafetensorError, OSError) as error:
-        raise FloristError(f"{weights_file}: not a readable safetensors file ({error}); re-save the adapter") from None
-    return shapes
 
 
 def _linear_in_out(module) -> tuple[int, int] | None:
@@ -116,7 +97,7 @@ def check_adapter_matches_base(adapter: str | os.PathLike, base_model: str) -> N
     adapter_dir = Path(adapter)
     if not adapter_dir.is_dir():
         raise FloristError(f"{adapter_dir}: adapter directory not found; pass a directory written by PEFT's save_pretrained")
-    config_file = adapter_dir / "adapter_config.json"
+    config_file = adapter_dir / ADAPTER_CONFIG
     try:
         adapter_config = json.loads(config_file.read_text())
     except FileNotFoundError:
@@ -127,7 +108,7 @@ def check_adapter_matches_base(adapter: str | os.PathLike, base_model: str) -> N
         raise FloristError(f"{config_file}: corrupt JSON ({error}); re-save the adapter") from None
     if not isinstance(adapter_config, dict) or "peft_type" not in adapter_config:
         raise FloristError(f"{config_file}: no peft_type, so not a PEFT adapter config; re-save the adapter with PEFT")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise FloristError(
             f"{adapter_dir}: no adapter_model.safetensors; re-save the adapter with save_pretrained (safetensors is its default)"
         )
@@ -139,7 +120,10 @@ def check_adapter_matches_base(adapter: str | os.PathLike, base_model: str) -> N
     base_config = _load_base_config(base_model)
     with torch.device("meta"):
         base_architecture = AutoModelForCausalLM.from_config(base_config)
-    for module_name, factor_shapes in sorted(_adapter_factor_shapes(adapter_dir).items()):
+    for peft_name, shapes in sorted(factor_shapes(adapter_dir).items()):
+        if not peft_name.startswith(PEFT_PREFIX):
+            continue  # not a factor of the base's own layers
+        module_name = model_key(peft_name)
         try:
             base_layer = base_architecture.get_submodule(module_name)
         except AttributeError:
@@ -148,10 +132,10 @@ def check_adapter_matches_base(adapter: str | os.PathLike, base_model: str) -> N
                 "evaluate the adapter on the base model it was trained on (--base)"
             ) from None
         in_out = _linear_in_out(base_layer)
-        if in_out is None or set(factor_shapes) != {"A", "B"}:
+        if in_out is None or set(shapes) != {"A", "B"}:
             continue
         in_features, out_features = in_out
-        lora_a_shape, lora_b_shape = factor_shapes["A"], factor_shapes["B"]
+        lora_a_shape, lora_b_shape = shapes["A"], shapes["B"]
         if lora_a_shape[1] != in_features or lora_b_shape[0] != out_features:
             raise FloristError(
                 f"{adapter_dir}: module {module_name} has lora_A {lora_a_shape} and lora_B {lora_b_shape}, "
@@ -404,7 +388,7 @@ def load_global_model(base_path: str, *, state: Path | None = None, adapter: Pat
     With ``base_cache`` it is built on the cached base; release that afterwards."""
     from peft import PeftModel
 
-    from florist_hf.client import load_base
+    from florist_hf.loading import load_base
     from florist_hf.global_state import attach_global_state, read_global_state
 
     model = load_base(base_path, base_cache=base_cache, dtype=dtype, revision=revision,
@@ -457,7 +441,7 @@ def global_heldout_loss(recipe, base_path: str, tokenizer, test_records, work_di
                         adapter: Path | None = None, base_cache=None) -> float | None:
     """`heldout_loss` of the global model `load_global_model` builds; with ``base_cache`` built
     on the cached base, which is put back as loaded afterwards."""
-    from florist_hf.client import free_memory
+    from florist_hf.loading import free_memory
 
     model = load_global_model(
         base_path, state=state, adapter=adapter, dtype=recipe.model.dtype, revision=recipe.model.revision,

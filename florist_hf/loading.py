@@ -445,3 +445,80 @@ def _dequantize(path: Path, target: Path, *, dtype: str, record: dict, file_key:
     except OSError as error:
         raise FloristError(f"{file_key} '{record['gguf_file']}': the dequantized model could not be written to "
                            f"{target.parent} ({_first_line(error)}); free disk space or set {CACHE_ENV} elsewhere") from None
+
+
+# --- the base a process keeps for all its clients ------------------------------------------------
+
+
+class BaseModelCache:
+    """One base model kept for a process's whole run, so a client round does not reload it.
+
+    `get` loads it once (per path, dtype, revision and remote-code setting); `release` takes a
+    finished client's LoRA layers and global-update hooks out again and puts the base back as
+    loaded: eval mode, no gradient checkpointing, no input-gradient hook. The base weights are
+    never changed by a client (the global updates are held beside them), so every client starts
+    from the same model a fresh load would give. Not for DeepSpeed or multi-process runs, where
+    the Trainer's engine owns the model's parameters.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.model = None
+
+    def get(self, model_path: str, *, dtype: str, revision=None, trust_remote_code=False, quantization=None,
+            attn_implementation=None):
+        key = (model_path, dtype, revision, trust_remote_code, None if quantization is None else quantization.model_dump_json(),
+               attn_implementation)
+        if self.key != key:
+            self.clear()
+            self.model = load_causal_lm(model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                                        quantization=quantization, attn_implementation=attn_implementation)
+            self.key = key
+        return self.model
+
+    def release(self, peft_model=None) -> None:
+        """Put the base back as loaded after a client (``peft_model`` wrapped it) or an evaluation."""
+        if self.model is None:
+            return
+        if peft_model is not None:
+            peft_model.base_model.unload()  # the LoRA layers out, the original linear layers back
+        from florist_hf.global_state import detach_global_state
+
+        base = self.model
+        detach_global_state(base)
+        if hasattr(type(base), "is_activation_checkpointing"):  # transformers 5's name for it
+            if base.is_activation_checkpointing:
+                base.activation_checkpointing_disable()
+        elif getattr(base, "is_gradient_checkpointing", False):
+            base.gradient_checkpointing_disable()
+        if getattr(base, "_require_grads_hook", None) is not None:
+            base.disable_input_require_grads()
+        base.__dict__.pop("peft_config", None)  # PEFT's mark on a model it wrapped
+        base.eval()
+        for parameter in base.parameters():  # as from_pretrained returns it; PEFT froze it (quantized weights never train)
+            if parameter.is_floating_point():
+                parameter.requires_grad_(True)
+
+    def clear(self) -> None:
+        self.key, self.model = None, None
+        free_memory()
+
+
+def load_base(model_path: str, *, base_cache: BaseModelCache | None, **load_options):
+    """The base model: the cached one (``base_cache``; release it afterwards), else a fresh load.
+    ``load_options`` are `loading.load_causal_lm`'s (dtype, revision, trust_remote_code, quantization,
+    attn_implementation)."""
+    if base_cache is not None:
+        return base_cache.get(model_path, **load_options)
+    return load_causal_lm(model_path, **load_options)
+
+
+def free_memory() -> None:
+    """Release a finished client's model before the next one is built."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

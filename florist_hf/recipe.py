@@ -8,11 +8,12 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from florist_hf.aggregation import get_method
 from florist_hf.aggregation.florist import FloristOptions, check_aggregation_mode
 from florist_hf.errors import FloristError
 
@@ -127,25 +128,33 @@ def sampled_count(num_clients: int, clients_per_round: int | float | None) -> in
     return max(1, min(num_clients, round(clients_per_round * num_clients)))
 
 
-class CentralDPSection(Section):
+class DPBudget(Section):
+    """The noise of a Gaussian mechanism, or the (ε, δ) budget to calibrate it to (give one)."""
+
+    #: The budget for the whole federation (every round it covers), or the noise itself.
+    target_epsilon: float | None = Field(None, gt=0)
+    noise_multiplier: float | None = Field(None, ge=0)
+    #: δ of the guarantee (default: 1 / the records of a client, or 1 / the clients).
+    delta: float | None = Field(None, gt=0, lt=1)
+    #: The recipe's key for this section, in its messages.
+    _key: ClassVar[str] = "privacy"
+
+    @model_validator(mode="after")
+    def _noise_or_budget(self):
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(f"give {self._key} one of target_epsilon (the budget to calibrate the noise to) or noise_multiplier")
+        return self
+
+
+class CentralDPSection(DPBudget):
     """Client-level differential privacy on the server (DP-FedAvg): each client's factor update
     is bounded to ``federation.clip_update_norm``, the bounded updates are averaged with one fixed
     denominator (the clients sampled per round, each weighted alike), and Gaussian noise of
     standard deviation noise_multiplier · C / n is added to the average. Only where the
     aggregation is linear in the factors (fedit, ffa)."""
 
-    #: The noise, or the budget to calibrate it to over the federation's rounds (give one).
-    noise_multiplier: float | None = Field(None, ge=0)
-    target_epsilon: float | None = Field(None, gt=0)
-    #: δ of the client-level guarantee (default 1 / num_clients).
-    delta: float | None = Field(None, gt=0, lt=1)
     accountant: Literal["rdp", "prv"] = "rdp"
-
-    @model_validator(mode="after")
-    def _noise_or_budget(self):
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError("give central_dp one of noise_multiplier (the noise) or target_epsilon (the budget to calibrate it to)")
-        return self
+    _key: ClassVar[str] = "central_dp"
 
 
 def sample_clients(num_clients: int, clients_per_round: int | float | None, seed: int, round_index: int) -> list[int]:
@@ -274,27 +283,16 @@ class EvaluationSection(Section):
         return batch_size
 
 
-class PrivacySection(Section):
+class PrivacySection(DPBudget):
     """Record-level differential privacy on every client: DP-SGD with Opacus (per-record gradient
     clipping, Gaussian noise, Poisson-sampled batches), accounted over every round a client takes
-    part in. Aggregation is post-processing, so every method keeps the guarantee."""
+    part in. Aggregation is post-processing, so every method keeps the guarantee. ``target_epsilon``
+    is each client's budget for the rounds it is planned to take part in; δ defaults to 1 / its records."""
 
     mode: Literal["dp_sgd"] = "dp_sgd"
-    #: Each client's budget for the whole federation (the rounds it is planned to take part in):
-    #: its noise is calibrated to reach it exactly then. Or give the noise itself.
-    target_epsilon: float | None = Field(None, gt=0)
-    noise_multiplier: float | None = Field(None, ge=0)
     #: Every record's gradient is clipped to this L2 norm (over all the LoRA factors).
     max_grad_norm: float = Field(1.0, gt=0)
-    #: δ of the guarantee (default 1 / the client's record count; smaller is stronger).
-    delta: float | None = Field(None, gt=0, lt=1)
     accountant: Literal["prv", "rdp"] = "prv"
-
-    @model_validator(mode="after")
-    def _noise_or_budget(self):
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError("give privacy one of target_epsilon (each client's budget for the federation) or noise_multiplier")
-        return self
 
 
 #: TrainingArguments DP-SGD cannot keep, with the reason and the fix.
@@ -583,3 +581,67 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             message = message.removeprefix("Value error, ")
             message += f" (got {first.get('input')!r})" if first["type"] != "value_error" else ""
         raise FloristError(f"{path}: {key}: {message}") from None
+
+
+# --- what a recipe means for the federation ------------------------------------------------------
+
+
+def method_of(recipe):
+    """The recipe's aggregation method with its options."""
+    federation = recipe.federation
+    if federation.method == "florist":
+        options = federation.florist_options()
+        return get_method(federation.method, threshold=options.threshold, aggregation=options.aggregation,
+                          tolerance=options.tolerance)
+    if federation.robust is not None:
+        return get_method(federation.method, robust=federation.robust, trim_fraction=federation.trim_fraction)
+    return get_method(federation.method)
+
+
+def client_training_view(recipe) -> dict:
+    """Everything in a recipe that changes what a client trains, flattened to dotted keys.
+
+    Left out: where and how results are written and evaluated, the server's aggregation settings
+    (τ, min_clients, stacked or streaming), the settings of speed alone (`recipe.SPEED_ONLY`: the
+    batch layout, the attention implementation), and the number of rounds unless the learning rate is scheduled over rounds.
+    The method counts only by what it asks of clients: to train on the merged global updates or
+    to continue the global factors, and whether lora_A is frozen.
+    """
+    payload = recipe.model_dump(mode="json", exclude={"name", "output_dir", "evaluation", "publish", "hub", "tracking"})
+    for section, keys in SPEED_ONLY.items():
+        for key in keys:
+            payload[section].pop(key, None)
+    federation = payload.pop("federation")
+    method = method_of(recipe)
+    federation["client_role"] = {"merges_into_base": method.merges_into_base, "freeze_lora_a": method.freezes_lora_a}
+    for key in ("method", "threshold", "min_clients", "eval_heldout_loss", "aggregation", "streaming_tolerance",
+                "clip_update_norm", "central_dp", "robust", "trim_fraction"):
+        federation.pop(key, None)
+    # The rounds count where the learning rate or a DP-SGD client's noise (calibrated to its planned rounds) depends on it.
+    if federation["round_lr_schedule"] == "constant" and not (recipe.privacy and recipe.privacy.target_epsilon is not None):
+        federation.pop("rounds")
+    if payload.get("privacy") is None:
+        payload.pop("privacy", None)
+    payload["federation"] = federation
+
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = value
+
+    walk("", payload)
+    return flat
+
+
+def client_training_changes(old, new) -> list[str]:
+    """``key: old -> new`` for every difference between two recipes in how clients train."""
+    before, after = client_training_view(old), client_training_view(new)
+    return [
+        f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]

@@ -15,7 +15,8 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     the same result as an uninterrupted one.
     """
     from florist_hf import distributed
-    from florist_hf.client import BaseModelCache, freeze_long_lived_objects, reuses_base_model, run_client_round, tokenize_shard
+    from florist_hf.client import freeze_long_lived_objects, reuses_base_model, run_client_round, tokenize_shard
+    from florist_hf.loading import BaseModelCache
     from florist_hf.data import prepare_client_data
     from florist_hf.engine import Federation
     from florist_hf.loading import load_model_config, load_tokenizer

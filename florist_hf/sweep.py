@@ -3,7 +3,7 @@ for all of them, and the choice of FLoRIST-O and FLoRIST-E.
 
 Every branch is an ordinary run directory under the sweep's (``tau_0.85/``, ``flora/``, ...) made
 by `runner.run_federation`, so each resumes like any run. Branches whose clients train alike
-(`engine.client_training_view`: every FLoRIST τ, FLoRA; FedIT with FlexLoRA) share round 1: its
+(`recipe.client_training_view`: every FLoRIST τ, FLoRA; FedIT with FlexLoRA) share round 1: its
 client adapters, trained in the first such branch, are linked into the others before they run,
 and the engine reuses them as finished clients. From round 2 on a branch's clients train on its
 own global model, so each branch trains its own rounds.
@@ -245,7 +245,7 @@ def run_sweep(recipe, thresholds: Sequence[float], *, baselines: Sequence[str] =
     from rich.console import Console
 
     from florist_hf import distributed
-    from florist_hf.engine import client_training_view
+    from florist_hf.recipe import client_training_view
     from florist_hf.runner import run_federation
 
     console = console or Console()

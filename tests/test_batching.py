@@ -210,7 +210,7 @@ def test_speed_options_without_their_packages_are_one_line(tiny_base, tokenizer,
 def test_batch_layout_and_attention_do_not_change_a_runs_fingerprint():
     from pathlib import Path
 
-    from florist_hf.engine import client_training_changes
+    from florist_hf.recipe import client_training_changes
     from florist_hf.recipe import load_recipe
 
     demo = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu_demo.yaml"

@@ -457,7 +457,7 @@ def test_one_base_for_all_clients_gives_what_a_fresh_load_per_client_gives(tmp_p
     every client adapter and held-out loss equals the run that loads the base for each of them."""
     from florist_hf import client as client_module
     from florist_hf.adapters import ADAPTER_WEIGHTS
-    from florist_hf.client import BaseModelCache
+    from florist_hf.loading import BaseModelCache
 
     loads = []
     get = BaseModelCache.get
@@ -638,7 +638,7 @@ def test_memory_stays_flat_across_clients_and_rounds(tmp_path, monkeypatch):
 def test_catch_up_downlink_counts_the_earlier_updates_a_returning_client_lacks(tmp_path):
     """Partial participation, merge-style: a client receives, before it trains, every earlier
     round's update it has not held since it last trained (hand-checked)."""
-    from florist_hf.engine import catch_up_bytes
+    from florist_hf.rounds import catch_up_bytes
 
     paths = RunPaths(tmp_path)
     rounds = {1: ([0, 1], 100), 2: ([2, 3], 200), 3: ([0, 2], 300)}  # clients, broadcast bytes per client

@@ -35,7 +35,7 @@ from florist_hf.flower.records import adapter_to_records, write_adapter_records
 _RECORDS_CACHE: dict[tuple, list[dict]] = {}
 _TOKENIZER_CACHE: dict[tuple, object] = {}
 _DATASET_CACHE: dict[tuple, object] = {}
-_BASE_CACHE = None  # a client.BaseModelCache, made on first use (the base stays loaded between rounds)
+_BASE_CACHE = None  # a loading.BaseModelCache, made on first use (the base stays loaded between rounds)
 
 
 def _recipe(config: ConfigRecord):
@@ -203,7 +203,7 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
         _DATASET_CACHE[dataset_key] = tokenize_shard(recipe, tokenizer, records)
     global _BASE_CACHE
     if _BASE_CACHE is None:
-        from florist_hf.client import BaseModelCache
+        from florist_hf.loading import BaseModelCache
 
         _BASE_CACHE = BaseModelCache()
     # Its own work dir: with training.save_steps a node restarted mid-round resumes the round from

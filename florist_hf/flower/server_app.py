@@ -233,7 +233,7 @@ class FloristStrategy(Strategy):
         the server did, so both hold the same state), several rounds summed and compacted into
         one update, or the whole state where that is no larger (always, to a node that holds none).
         """
-        from florist_hf.engine import catch_up_form
+        from florist_hf.rounds import catch_up_form
         from florist_hf.global_state import read_global_state, read_state_record, record_wire_bytes
 
         node_id = self.clients[plan.client_id].node_id
