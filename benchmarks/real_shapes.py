@@ -76,7 +76,7 @@ class Timers:
 def instrument(timers: Timers) -> None:
     import peft
 
-    from florist_hf import client, evaluation, loading
+    from florist_hf import client, heldout, loading
 
     timers.wrap(loading, "load_causal_lm", "load base")
     timers.wrap(peft, "get_peft_model", "build PEFT")
@@ -85,8 +85,8 @@ def instrument(timers: Timers) -> None:
     timers.wrap(client, "install_global_state", "install global")
     timers.wrap(client, "export_client_adapter", "export")
     timers.wrap(client, "free_memory", "free memory")
-    timers.wrap(evaluation, "heldout_loss", "held-out loss", phase=("held-out",))
-    for module, name in ((client, "run_client_round"), (evaluation, "load_global_model")):
+    timers.wrap(heldout, "heldout_loss", "held-out loss", phase=("held-out",))
+    for module, name in ((client, "run_client_round"), (heldout, "load_global_model")):
         original = getattr(module, name)
 
         def phased(*args, _original=original, _name=name, **kwargs):

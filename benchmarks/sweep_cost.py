@@ -6,7 +6,7 @@
 Both sides run in this process, one after the other, on fresh directories. Client trainings are
 counted by wrapping `florist_hf.client.run_client_round`; server steps by wrapping
 `florist_hf.server.aggregate_adapters`; held-out evaluations by wrapping
-`florist_hf.evaluation.heldout_loss`. The sweep should cost one round of client training plus one
+`florist_hf.heldout.heldout_loss`. The sweep should cost one round of client training plus one
 server step and one evaluation per τ (for a one-round recipe).
 """
 

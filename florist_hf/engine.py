@@ -4,7 +4,7 @@ A federation is a run directory (`rundir.RunPaths`) and a `Federation` that know
 what is on disk, which rounds are done and what each client of the next round receives. Two
 drivers move the clients' adapters in and out and call the same steps in the same order:
 ``florist-hf run`` (`florist_hf.runner`) trains each client itself, in one process or in the
-processes of ``accelerate launch``; the Flower strategy (`florist_hf.flower.server_app`) sends each
+processes of ``accelerate launch``; the Flower strategy (`florist_hf.flower.strategy`) sends each
 client's plan to its SuperNode::
 
     federation = Federation(recipe, console=console)
@@ -477,7 +477,7 @@ class Federation:
 
     def heldout_loss(self, round_index: int, tokenizer, test_records, *, base_cache=None) -> float | None:
         """The held-out loss (response tokens) of the global model after ``round_index``."""
-        from florist_hf.evaluation import global_heldout_loss
+        from florist_hf.heldout import global_heldout_loss
 
         state, adapter = self.global_model(round_index)
         return global_heldout_loss(self.recipe, self.base_path, tokenizer, test_records, self.paths.work,

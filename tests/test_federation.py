@@ -354,7 +354,7 @@ def test_heldout_loss_scores_response_tokens_only(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from florist_hf.data import demo_records, tokenize_records
-    from florist_hf.evaluation import heldout_loss
+    from florist_hf.heldout import heldout_loss
 
     recipe = load_recipe(write_recipe(tmp_path, data={"cutoff_len": 256}))  # train_on_inputs: true, as shipped
     base = Path(recipe.output_dir).parent / "base"

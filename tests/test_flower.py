@@ -328,7 +328,7 @@ def test_a_node_that_sat_out_rounds_gets_one_compacted_catch_up_and_the_run_equa
 def test_streaming_aggregation_folds_replies_as_they_arrive_and_equals_florist_hf_run(tmp_path, florist_case,
                                                                                       server_identity, monkeypatch):
     from florist_hf.flower import make_client_app, run_flower_federation
-    from florist_hf.flower.server_app import ArrivingReplies
+    from florist_hf.flower.nodes import ArrivingReplies
 
     monkeypatch.setattr(ArrivingReplies, "pull_interval", 0.0)
     recipe_path, reference = florist_case
@@ -350,7 +350,7 @@ def test_streaming_aggregation_folds_replies_as_they_arrive_and_equals_florist_h
 def test_a_streaming_round_leaves_out_a_client_whose_adapter_does_not_match_and_folds_the_others(
         tmp_path, server_identity, monkeypatch):
     from florist_hf.flower import make_client_app, protocol, run_flower_federation
-    from florist_hf.flower.server_app import ArrivingReplies
+    from florist_hf.flower.nodes import ArrivingReplies
 
     monkeypatch.setattr(ArrivingReplies, "pull_interval", 0.0)
     recipe_path = flower_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=1)
@@ -692,7 +692,8 @@ def test_a_silent_node_is_left_out_when_the_round_times_out(tmp_path, server_ide
     from rich.console import Console
 
     from florist_hf.flower import make_client_app, run_flower_federation
-    from florist_hf.flower.server_app import DEFAULT_ROUND_TIMEOUT, make_server_app
+    from florist_hf.flower.nodes import DEFAULT_ROUND_TIMEOUT
+    from florist_hf.flower.server_app import make_server_app
 
     class SilentNodeGrid(LocalGrid):
         """Node 102 never answers a train message: what send_and_receive returns when its timeout passes."""

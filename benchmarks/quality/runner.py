@@ -101,7 +101,7 @@ def client_losses(base_dir: Path, adapter_dir: Path | None, recipe, client_recor
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from florist_hf.evaluation import heldout_loss
+    from florist_hf.heldout import heldout_loss
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -118,7 +118,7 @@ def test_loss(base_dir: Path, recipe, test_records: list[dict], work_dir: Path) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from florist_hf.evaluation import heldout_loss
+    from florist_hf.heldout import heldout_loss
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)

@@ -10,11 +10,8 @@ in the message's ConfigRecord/MetricRecord. The recipe drives both sides. See RE
 """
 
 from florist_hf.flower.client_app import make_client_app
-from florist_hf.flower.server_app import (
-    FloristStrategy,
-    make_server_app,
-    run_flower_federation,
-)
+from florist_hf.flower.server_app import make_server_app, run_flower_federation
+from florist_hf.flower.strategy import FloristStrategy
 from florist_hf.flower.simulation import run_simulation
 
 __all__ = ["FloristStrategy", "make_client_app", "make_server_app", "run_flower_federation", "run_simulation"]
