@@ -318,11 +318,7 @@ class Federation:
             append_jsonl(self.paths.metrics, {"kind": "client", "round": plan.round, **info})
             self.logged.add(key)
             if self.tracker is not None:
-                self.tracker.step += info.get("steps") or 0
-                prefix = f"client_{plan.client_id}"
-                self.tracker.log({f"{prefix}/train_loss": info.get("loss"), f"{prefix}/train_seconds": info.get("train_seconds"),
-                                  f"{prefix}/round": plan.round,
-                                  **({f"{prefix}/epsilon": info["epsilon"]} if "epsilon" in info else {})}, step=self.tracker.step)
+                self.tracker.log_client(plan.client_id, plan.round, info)
         if not info.get("finite", True):
             distributed.wait_for_everyone()  # every process has read it before it moves
             # Kept for inspection under another name, so that a resumed run trains it again.
@@ -365,32 +361,14 @@ class Federation:
         return step
 
     def update_bounding(self, round_index: int) -> UpdateBounding | None:
-        """How the server bounds round ``round_index``'s client updates (``federation.clip_update_norm``)
-        and, with ``central_dp``, noises their mean; None when it does not."""
-        from florist_hf.privacy import central_epsilon, central_noise_multiplier, derived_seed, require_opacus, secret_seed
+        """How the server bounds round ``round_index``'s client updates, and noises their mean
+        (`privacy.update_bounding`); None when it does not."""
+        from florist_hf.privacy import update_bounding
 
-        federation = self.recipe.federation
-        if federation.clip_update_norm is None:
-            return None
-        # Continue-style clients start from the last global (round 0: the shared init); their update is the change since.
         earlier = [t for t in self.rounds_done if t < round_index]
+        # Continue-style clients start from the last global (round 0: the shared init); their update is the change since.
         reference = None if self.method.merges_into_base else self.paths.global_dir(earlier[-1] if earlier else 0)
-        bounding = UpdateBounding(clip=federation.clip_update_norm, reference=reference)
-        central = federation.central_dp
-        if central is not None:
-            require_opacus()
-            sampled = federation.clients_sampled()
-            rate = sampled / federation.num_clients
-            noise = central_noise_multiplier(central, rate, federation.rounds, federation.num_clients)
-            bounding.noise_multiplier, bounding.denominator = noise, sampled
-            bounding.noise_seed = derived_seed(secret_seed(self.paths.root), "central-dp", round_index)
-            bounding.accounting = {
-                "sample_rate": rate, "rounds": round_index, "accountant": central.accountant, "level": "client",
-                "delta": central.delta if central.delta is not None else 1.0 / federation.num_clients,
-                "epsilon": central_epsilon(central, noise, rate, round_index, federation.num_clients),
-                "epsilon_planned": central_epsilon(central, noise, rate, federation.rounds, federation.num_clients),
-            }
-        return bounding
+        return update_bounding(self.recipe.federation, round_index, reference=reference, secret_dir=self.paths.root)
 
     def _say_outliers(self, step: ServerStep) -> None:
         """One line per client an operator should look at (its norm far above the round's, or pointing away)."""
@@ -503,44 +481,13 @@ class Federation:
             append_jsonl(self.paths.metrics, record)
             self.logged.add(("round", round_index, None))
             if self.tracker is not None:
-                self._track_round(record)
+                self.tracker.log_round(record, self.paths.global_dir(round_index) / SIDECAR, self.paths.work / "tracking_plots",
+                                       images=self.recipe.tracking.log_images, console=self.console)
         if self._evaluates_round(round_index):
             published = self.publish(round_index, self.paths.round_dir(round_index) / "published")
             self.evaluate(published, round_index)
         self.console.print(describe_round(record))
         return record
-
-    def _track_round(self, record: dict) -> None:
-        """The round's server metrics (and its rank heatmap and energy curves) to the tracker."""
-        round_index, step = record["round"], self.tracker.step
-        metrics = {f"server/{key}": record[key] for key in (
-            "total_selected_rank", "rank_min", "rank_median", "rank_max", "eff_x1e4", "uplink_bytes_total",
-            "downlink_bytes_total", "server_seconds")}
-        metrics["server/round"] = round_index
-        if "heldout_loss" in record:
-            metrics["eval_heldout_loss"] = record["heldout_loss"]
-        self.tracker.log(metrics, step=step)
-        if not self.recipe.tracking.log_images:
-            return
-        try:
-            self._track_round_images(round_index, step)
-        except FloristError as error:  # a module layout the plots do not know: the scalars are logged all the same
-            self.console.print(f"[yellow]tracking: no rank images for round {round_index} ({error})[/]")
-
-    def _track_round_images(self, round_index: int, step: int) -> None:
-        from florist_hf.report import plot_energy, plot_selected_ranks, selected_ranks
-
-        global_dir = self.paths.global_dir(round_index)
-        sidecar = json.loads((global_dir / SIDECAR).read_text())
-        plots = self.paths.work / "tracking_plots"
-        plots.mkdir(parents=True, exist_ok=True)
-        heatmap = plot_selected_ranks(selected_ranks(sidecar), global_dir / SIDECAR, plots / f"ranks_{round_index}.png",
-                                      title=f"Selected rank, round {round_index}")
-        self.tracker.log_image("server/selected_ranks", heatmap, step=step)
-        if any(module.get("singular_values") for module in sidecar["modules"].values()):
-            curves = plot_energy(sidecar, sidecar.get("threshold"), global_dir / SIDECAR, plots / f"energy_{round_index}.png",
-                                 title=f"Energy, round {round_index}")
-            self.tracker.log_image("server/energy", curves, step=step)
 
     # --- the end of a run ------------------------------------------------------------------------
 
@@ -621,35 +568,12 @@ class Federation:
             self.tracker = None
 
     def privacy_summary(self) -> dict | None:
-        """What the run guarantees and bounds (run.json, the model card): each client's record-level
-        (ε, δ) after its last round, the client-level ε of central DP, the update bound, the robust rule."""
-        recipe, federation = self.recipe, self.recipe.federation
-        summary: dict = {}
-        if recipe.privacy is not None:
-            last: dict = {}
-            for record in read_metrics(self.paths.metrics, strict=False):
-                if record.get("kind") == "client" and "epsilon" in record and record.get("round") in self.rounds_done:
-                    last[record["client"]] = record
-            if last:
-                summary["record_level"] = {
-                    "mechanism": "DP-SGD (Opacus)", "accountant": recipe.privacy.accountant,
-                    "max_grad_norm": recipe.privacy.max_grad_norm,
-                    "epsilon_max": max(record["epsilon"] for record in last.values()),
-                    "delta_max": max(record["delta"] for record in last.values()),
-                    "per_client": {str(client): {"epsilon": record["epsilon"], "delta": record["delta"]}
-                                   for client, record in sorted(last.items())},
-                }
-        if federation.clip_update_norm is not None:
-            summary["clip_update_norm"] = federation.clip_update_norm
-        if federation.central_dp is not None and self.rounds_done:
-            sidecar = json.loads((self.paths.global_dir(self.rounds_done[-1]) / SIDECAR).read_text())
-            central = sidecar.get("bounding", {}).get("central_dp", {})
-            summary["client_level"] = {"mechanism": "DP-FedAvg (Gaussian noise on the clipped mean)",
-                                       **{key: central.get(key) for key in ("epsilon", "delta", "noise_multiplier", "sample_rate",
-                                                                            "accountant", "rounds")}}
-        if federation.robust is not None:
-            summary["robust"] = federation.robust
-        return summary or None
+        """What the run guarantees and bounds, for run.json and the model card (`privacy.privacy_summary`)."""
+        from florist_hf.privacy import privacy_summary
+
+        last = self.paths.global_dir(self.rounds_done[-1]) / SIDECAR if self.rounds_done else None
+        return privacy_summary(self.recipe, read_metrics(self.paths.metrics, strict=False), self.rounds_done,
+                               json.loads(last.read_text()) if last is not None else None)
 
     def summarize(self, client_sizes: Sequence[int]) -> dict:
         """``run.json``: what ran, what it cost, where the result is."""

@@ -1,5 +1,6 @@
-"""Differential privacy: a client's DP-SGD round (Opacus on a stock Trainer) and the accounting of
-record-level and client-level budgets over the rounds of a federation.
+"""Differential privacy: a client's DP-SGD round (Opacus on a stock Trainer), the accounting of
+record-level and client-level budgets over the rounds of a federation, and the server's plan for a
+round's bounding and noise (its math in `aggregation.bounding`).
 
 Record level (``privacy.mode: dp_sgd``): every client trains with Opacus' per-record gradients on
 its LoRA factors, each record's gradient clipped to ``max_grad_norm``, Gaussian noise of
@@ -314,3 +315,63 @@ def _clearing_dp_optimizer():
                     parameter.summed_grad = None
 
     return ClearingDPOptimizer
+
+
+# --- the server's side: bounding and noise of a round, and what a run guarantees ------------------------
+
+
+def update_bounding(federation, round_index: int, *, reference: Path | None, secret_dir: Path):
+    """How the server bounds round ``round_index``'s client updates (``federation.clip_update_norm``)
+    and, with ``central_dp``, noises their mean (`server.UpdateBounding`; None when it does not).
+    ``reference``: the global the round's clients continued (continue-style methods)."""
+    from florist_hf.server import UpdateBounding
+
+    if federation.clip_update_norm is None:
+        return None
+    bounding = UpdateBounding(clip=federation.clip_update_norm, reference=reference)
+    central = federation.central_dp
+    if central is not None:
+        require_opacus()
+        sampled = federation.clients_sampled()
+        rate = sampled / federation.num_clients
+        noise = central_noise_multiplier(central, rate, federation.rounds, federation.num_clients)
+        bounding.noise_multiplier, bounding.denominator = noise, sampled
+        bounding.noise_seed = derived_seed(secret_seed(secret_dir), "central-dp", round_index)
+        bounding.accounting = {
+            "sample_rate": rate, "rounds": round_index, "accountant": central.accountant, "level": "client",
+            "delta": central.delta if central.delta is not None else 1.0 / federation.num_clients,
+            "epsilon": central_epsilon(central, noise, rate, round_index, federation.num_clients),
+            "epsilon_planned": central_epsilon(central, noise, rate, federation.rounds, federation.num_clients),
+        }
+    return bounding
+
+
+def privacy_summary(recipe, metrics: list[dict], rounds_done, last_sidecar: dict | None) -> dict | None:
+    """What a run guarantees and bounds (run.json, the model card): each client's record-level
+    (ε, δ) after its last round, the client-level ε of central DP, the update bound, the robust rule."""
+    federation = recipe.federation
+    summary: dict = {}
+    if recipe.privacy is not None:
+        last: dict = {}
+        for record in metrics:
+            if record.get("kind") == "client" and "epsilon" in record and record.get("round") in rounds_done:
+                last[record["client"]] = record
+        if last:
+            summary["record_level"] = {
+                "mechanism": "DP-SGD (Opacus)", "accountant": recipe.privacy.accountant,
+                "max_grad_norm": recipe.privacy.max_grad_norm,
+                "epsilon_max": max(record["epsilon"] for record in last.values()),
+                "delta_max": max(record["delta"] for record in last.values()),
+                "per_client": {str(client): {"epsilon": record["epsilon"], "delta": record["delta"]}
+                               for client, record in sorted(last.items())},
+            }
+    if federation.clip_update_norm is not None:
+        summary["clip_update_norm"] = federation.clip_update_norm
+    if federation.central_dp is not None and last_sidecar is not None:
+        central = (last_sidecar.get("bounding") or {}).get("central_dp", {})
+        summary["client_level"] = {"mechanism": "DP-FedAvg (Gaussian noise on the clipped mean)",
+                                   **{key: central.get(key) for key in ("epsilon", "delta", "noise_multiplier", "sample_rate",
+                                                                        "accountant", "rounds")}}
+    if federation.robust is not None:
+        summary["robust"] = federation.robust
+    return summary or None

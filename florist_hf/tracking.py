@@ -75,6 +75,50 @@ class FederationTracker:
                 # an explicit step= behind that counter would be dropped.
                 callback._wandb.log({name: callback._wandb.Image(str(image_file)), "train/global_step": step})
 
+    def log_client(self, client_id: int, round_index: int, info: dict) -> None:
+        """A finished client's line (its client.json): its steps move the federation's step on."""
+        self.step += info.get("steps") or 0
+        prefix = f"client_{client_id}"
+        self.log({f"{prefix}/train_loss": info.get("loss"), f"{prefix}/train_seconds": info.get("train_seconds"),
+                  f"{prefix}/round": round_index, **({f"{prefix}/epsilon": info["epsilon"]} if "epsilon" in info else {})},
+                 step=self.step)
+
+    def log_round(self, record: dict, sidecar_file: Path, plots_dir: Path, *, images: bool = True, console=None) -> None:
+        """A round's server metrics (its line in metrics.jsonl) and, where ``images``, its rank heatmap
+        and energy curves drawn from its sidecar into ``plots_dir``."""
+        round_index, step = record["round"], self.step
+        metrics = {f"server/{key}": record[key] for key in (
+            "total_selected_rank", "rank_min", "rank_median", "rank_max", "eff_x1e4", "uplink_bytes_total",
+            "downlink_bytes_total", "server_seconds")}
+        metrics["server/round"] = round_index
+        if "heldout_loss" in record:
+            metrics["eval_heldout_loss"] = record["heldout_loss"]
+        if record.get("central_epsilon") is not None:
+            metrics["server/central_epsilon"] = record["central_epsilon"]
+        self.log(metrics, step=step)
+        if not images:
+            return
+        try:
+            self._log_round_images(round_index, sidecar_file, plots_dir, step)
+        except FloristError as error:  # a module layout the plots do not know: the scalars are logged all the same
+            if console is not None:
+                console.print(f"[yellow]tracking: no rank images for round {round_index} ({error})[/]")
+
+    def _log_round_images(self, round_index: int, sidecar_file: Path, plots_dir: Path, step: int) -> None:
+        import json
+
+        from florist_hf.report import plot_energy, plot_selected_ranks, selected_ranks
+
+        sidecar = json.loads(sidecar_file.read_text())
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        heatmap = plot_selected_ranks(selected_ranks(sidecar), sidecar_file, plots_dir / f"ranks_{round_index}.png",
+                                      title=f"Selected rank, round {round_index}")
+        self.log_image("server/selected_ranks", heatmap, step=step)
+        if any(module.get("singular_values") for module in sidecar["modules"].values()):
+            curves = plot_energy(sidecar, sidecar.get("threshold"), sidecar_file, plots_dir / f"energy_{round_index}.png",
+                                 title=f"Energy, round {round_index}")
+            self.log_image("server/energy", curves, step=step)
+
     def client_relay(self, client_id: int, round_index: int) -> TrainerCallback:
         """A callback for client ``client_id``'s Trainer in ``round_index`` that forwards its logs."""
         return ClientCurveRelay(self, client_id, round_index)

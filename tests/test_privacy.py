@@ -465,3 +465,18 @@ def test_the_aggregate_command_bounds_one_server_step(tmp_path):
     refused = CliRunner().invoke(app, ["aggregate", *dirs, "--method", "fedit", "--out", str(tmp_path / "g2"),
                                        "--clip-update-norm", "0.05"])
     assert refused.exit_code == 2 and "--reference DIR" in refused.output
+
+
+def test_streaming_florist_bounds_each_client_as_it_is_folded_in(tmp_path):
+    run_dir = drive(engine_recipe(tmp_path, "florist", rounds=1, clip_update_norm=0.05, aggregation="streaming"), [16, 16, 16],
+                    client=poisoning_client(0))
+    paths = RunPaths(run_dir)
+    clients = [read_adapter(paths.client_dir(1, k)) for k in range(3)]
+    clipped = [bound_client(c.modules, 0.05)[0] for c in clients]
+    expected = get_method("florist", threshold=0.9).aggregate(clipped, [16, 16, 16])
+    written = delta_weights(paths.global_dir(1))
+    for name, module in expected.modules.items():
+        assert relative_error(written[name], module.delta_weight) < 1e-5  # streaming at tolerance 0 equals stacked
+    sidecar = json.loads((paths.global_dir(1) / "aggregation.json").read_text())
+    assert sidecar["outliers"] == ["client_0"] and sidecar["clients"][0]["clipped"]
+    assert "cosine" not in sidecar["clients"][0]  # the folded clients' factors are not kept to compare
