@@ -82,7 +82,12 @@ def module_scale(config: Mapping, module_name: str) -> float:
     alpha_pattern = config.get("alpha_pattern") or {}
     rank = rank_pattern.get(pattern_key(rank_pattern.keys(), key), config["r"])
     alpha = alpha_pattern.get(pattern_key(alpha_pattern.keys(), key), config["lora_alpha"])
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return peft_scale(alpha, rank, bool(config.get("use_rslora")))
+
+
+def peft_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def factor_shapes(adapter_dir: str | os.PathLike) -> dict[str, dict[str, tuple[int, ...]]]:

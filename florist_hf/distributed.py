@@ -47,6 +47,11 @@ def init_processes() -> None:
         PartialState(backend=None if torch.cuda.is_available() else "gloo", timeout=BARRIER_TIMEOUT)
 
 
+# The queries below read torch.distributed directly rather than accelerate's PartialState: a
+# PartialState built in a single process would fix accelerate's shared state (its device) before
+# the clients' Trainers choose it from their own TrainingArguments (use_cpu, per-client overrides).
+
+
 def world_size() -> int:
     return torch.distributed.get_world_size() if _dist_ready() else 1
 

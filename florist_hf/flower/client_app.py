@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from florist_hf.errors import FloristError
+from florist_hf.adapters import peft_scale
 from florist_hf.flower import protocol
 from florist_hf.flower.policy import check_privacy, check_request, load_policy
 from florist_hf.privacy import client_privacy
@@ -215,7 +216,7 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     arrays, adapter_config = adapter_to_records(plan.export_dir)
     info = read_client_info(plan.export_dir)
     alpha = float(recipe.client_alpha(client_id))
-    scale = alpha / (math.sqrt(plan.rank) if recipe.lora.use_rslora else plan.rank)
+    scale = peft_scale(alpha, plan.rank, recipe.lora.use_rslora)
     reply_config = ConfigRecord(
         {
             **adapter_config,
