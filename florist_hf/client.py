@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from florist_hf.adapters import ADAPTER_WEIGHTS, CLIENT_INFO, factor_shapes, read_adapter
-from florist_hf.distributed import gathered_parameters, gathered_state_dict
+from florist_hf.adapters import ADAPTER_WEIGHTS, CLIENT_INFO, factor_shapes
+from florist_hf.distributed import gathered_state_dict
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory, write_json_atomic
+from florist_hf.global_state import install_global_state, lora_layers
 from florist_hf.loading import BaseModelCache, free_memory, load_base
 
 
@@ -36,59 +37,6 @@ class ClientRound:
     init_adapter: Path | None = None
     #: FFA-LoRA, FedSVD: A stays as the server sent it (FFA: the shared random init), only B trains.
     freeze_lora_a: bool = False
-
-
-def lora_layers(model) -> dict:
-    """The LoRA-wrapped linear layers of a PEFT model, by the names PEFT saves them under."""
-    from peft.tuners.lora import LoraLayer
-
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
-
-
-@torch.no_grad()
-def install_global_state(model, plan: ClientRound, adapter_name: str = "default") -> None:
-    """Put the global model of this round into a freshly built PEFT model (SPEC §4).
-
-    Merge-style methods hold the cumulative update of every earlier round beside the frozen base
-    (`global_state.attach_global_state`) and train a fresh LoRA; continue-style methods copy the global
-    factors into the client's LoRA, taking the first r_k components and dividing B by the
-    client's own scale so that s_k·B·A is the global update.
-
-    Call it before the model is wrapped for training (``FederatedCallback`` does, at the end of the
-    Trainer's ``__init__``): DeepSpeed copies the trainable factors into its own fp32 optimizer
-    partitions when it wraps the model, and would overwrite later changes at the first step. Under
-    ZeRO-3 the LoRA factors are gathered, changed on rank 0 and re-partitioned; every process must
-    call this then (it is collective).
-    """
-    from florist_hf.global_state import attach_global_state, read_global_state
-
-    layers = lora_layers(model)
-    if plan.global_state is not None:
-        attach_global_state(model, read_global_state(plan.global_state))
-    if plan.init_adapter is not None:
-        for name, update in read_adapter(plan.init_adapter).modules.items():
-            layer = _layer(layers, name, plan.init_adapter)
-            rank, scale = layer.r[adapter_name], layer.scaling[adapter_name]
-            if update.rank < rank:
-                raise FloristError(
-                    f"{plan.init_adapter}: module {name} has rank {update.rank}, below client {plan.client_id}'s rank {rank}"
-                )
-            lora_a = layer.lora_A[adapter_name].weight
-            lora_b = layer.lora_B[adapter_name].weight
-            with gathered_parameters([lora_a, lora_b], modifier_rank=0):
-                lora_a.copy_(update.lora_a[:rank].to(device=lora_a.device, dtype=lora_a.dtype))
-                global_b = update.scale / scale * update.lora_b[:, :rank].to(torch.float64)
-                lora_b.copy_(global_b.to(device=lora_b.device, dtype=lora_b.dtype))
-    if plan.freeze_lora_a:
-        for layer in layers.values():
-            layer.lora_A[adapter_name].weight.requires_grad_(False)
-
-
-def _layer(layers: dict, name: str, source: Path):
-    try:
-        return layers[name]
-    except KeyError:
-        raise FloristError(f"{source}: module {name} is not adapted in the client model; target_modules must match") from None
 
 
 def is_lora_factor(name: str, param=None) -> bool:

@@ -1,6 +1,7 @@
 """The global model of a merge-style federation on disk and on a model: the compact cumulative
 update (`aggregation.cumulative`) written as one state directory per round, and attached beside a
-model's frozen linear layers as a forward hook.
+model's frozen linear layers as a forward hook; and a round's whole global model put into a client's
+fresh PEFT model (`install_global_state`: the state attached, continued factors copied in).
 
 A state directory holds ``global_state.safetensors`` (per module ``<name>.lora_A`` and
 ``<name>.lora_B``, or ``<name>.delta``; fp64) and ``global_state.json`` (the rounds it sums, the
@@ -254,3 +255,61 @@ def state_of_adapters(adapter_dirs: Sequence[str | os.PathLike], rounds: Sequenc
     for index, adapter_dir in enumerate(adapter_dirs):
         state = fold(state, [read_adapter(adapter_dir)], [rounds[index] if rounds else index + 1])
     return state
+
+
+# --- the global model of a round, put into a client's fresh PEFT model ------------------------------
+
+
+def lora_layers(model) -> dict:
+    """The LoRA-wrapped linear layers of a PEFT model, by the names PEFT saves them under."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+@torch.no_grad()
+def install_global_state(model, plan, adapter_name: str = "default") -> None:
+    """Put the global model of this round into a freshly built PEFT model (SPEC §4); ``plan`` is the
+    client's `client.ClientRound`.
+
+    Merge-style methods hold the cumulative update of every earlier round beside the frozen base
+    (`global_state.attach_global_state`) and train a fresh LoRA; continue-style methods copy the global
+    factors into the client's LoRA, taking the first r_k components and dividing B by the
+    client's own scale so that s_k·B·A is the global update.
+
+    Call it before the model is wrapped for training (``FederatedCallback`` does, at the end of the
+    Trainer's ``__init__``): DeepSpeed copies the trainable factors into its own fp32 optimizer
+    partitions when it wraps the model, and would overwrite later changes at the first step. Under
+    ZeRO-3 the LoRA factors are gathered, changed on rank 0 and re-partitioned; every process must
+    call this then (it is collective).
+    """
+    from florist_hf.adapters import read_adapter
+    from florist_hf.distributed import gathered_parameters
+
+    layers = lora_layers(model)
+    if plan.global_state is not None:
+        attach_global_state(model, read_global_state(plan.global_state))
+    if plan.init_adapter is not None:
+        for name, update in read_adapter(plan.init_adapter).modules.items():
+            layer = _layer(layers, name, plan.init_adapter)
+            rank, scale = layer.r[adapter_name], layer.scaling[adapter_name]
+            if update.rank < rank:
+                raise FloristError(
+                    f"{plan.init_adapter}: module {name} has rank {update.rank}, below client {plan.client_id}'s rank {rank}"
+                )
+            lora_a = layer.lora_A[adapter_name].weight
+            lora_b = layer.lora_B[adapter_name].weight
+            with gathered_parameters([lora_a, lora_b], modifier_rank=0):
+                lora_a.copy_(update.lora_a[:rank].to(device=lora_a.device, dtype=lora_a.dtype))
+                global_b = update.scale / scale * update.lora_b[:, :rank].to(torch.float64)
+                lora_b.copy_(global_b.to(device=lora_b.device, dtype=lora_b.dtype))
+    if plan.freeze_lora_a:
+        for layer in layers.values():
+            layer.lora_A[adapter_name].weight.requires_grad_(False)
+
+
+def _layer(layers: dict, name: str, source: Path):
+    try:
+        return layers[name]
+    except KeyError:
+        raise FloristError(f"{source}: module {name} is not adapted in the client model; target_modules must match") from None
