@@ -58,7 +58,7 @@ def measure_client(mode: str, steps: int, batch: int, cutoff: int) -> dict:
     model = build_lora_model(base, rank=16, alpha=32, target_modules=["q_proj", "v_proj"], dropout=0.0, use_rslora=False, seed=0)
     privacy = None
     if mode == "dp_sgd":
-        privacy = ClientPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, expected_batch_size=float(len(dataset)),
+        privacy = ClientPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, num_samples=len(dataset),
                                 steps=steps, delta=1 / len(dataset), accountant="prv", rounds_planned=1, rounds_so_far=1)
     counted: list[int] = []
 

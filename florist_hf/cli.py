@@ -110,8 +110,8 @@ def aggregate(
     if clip_update_norm is not None:
         if not clip_update_norm > 0:
             raise FloristError(f"--clip-update-norm {clip_update_norm} must be a positive norm, e.g. 0.1")
-        if method == "flexlora":
-            raise FloristError("--clip-update-norm bounds a client's update; flexlora aggregates each client's whole product")
+        if not aggregator.bounds_updates:
+            raise FloristError(f"--clip-update-norm bounds a client's update; {method} aggregates each client's whole product")
         bounding = UpdateBounding(clip=clip_update_norm, reference=None if aggregator.merges_into_base else reference)
     elif reference is not None:
         raise FloristError("--reference is the global the clients continued, for --clip-update-norm; add it or drop --reference")

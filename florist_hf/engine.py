@@ -371,10 +371,11 @@ class Federation:
         return update_bounding(self.recipe.federation, round_index, reference=reference, secret_dir=self.paths.root)
 
     def _say_outliers(self, step: ServerStep) -> None:
-        """One line per client an operator should look at (its norm far above the round's, or pointing away)."""
+        """One line per client an operator should look at (`aggregation.bounding.outliers`: its norm far above the round's)."""
+        from florist_hf.aggregation.bounding import median_norm
+
         clients = {client["name"]: client for client in step.sidecar["clients"]}
-        norms = sorted(client["update_norm"] for client in clients.values() if client.get("update_norm") is not None)
-        median = norms[len(norms) // 2] if norms else 0.0
+        median = median_norm([client["update_norm"] for client in clients.values() if client.get("update_norm") is not None])
         for name in step.sidecar.get("outliers", []):
             client = clients[name]
             cosine = client.get("cosine")
@@ -567,18 +568,19 @@ class Federation:
             self.tracker.close()
             self.tracker = None
 
-    def privacy_summary(self) -> dict | None:
-        """What the run guarantees and bounds, for run.json and the model card (`privacy.privacy_summary`)."""
+    def privacy_summary(self, records: list[dict]) -> dict | None:
+        """What the run guarantees and bounds, for run.json and the model card (`privacy.privacy_summary`),
+        from the records of metrics.jsonl and the last round's sidecar."""
         from florist_hf.privacy import privacy_summary
 
         last = self.paths.global_dir(self.rounds_done[-1]) / SIDECAR if self.rounds_done else None
-        return privacy_summary(self.recipe, read_metrics(self.paths.metrics, strict=False), self.rounds_done,
-                               json.loads(last.read_text()) if last is not None else None)
+        return privacy_summary(self.recipe, records, self.rounds_done, json.loads(last.read_text()) if last is not None else None)
 
     def summarize(self, client_sizes: Sequence[int]) -> dict:
         """``run.json``: what ran, what it cost, where the result is."""
         recipe, federation = self.recipe, self.recipe.federation
-        rounds = [r for r in read_metrics(self.paths.metrics, strict=False) if r["kind"] == "round" and r["round"] in self.rounds_done]
+        records = read_metrics(self.paths.metrics, strict=False)
+        rounds = [r for r in records if r["kind"] == "round" and r["round"] in self.rounds_done]
         data_source = recipe.data.source
         return {
             "format": RUN_FORMAT,
@@ -609,7 +611,7 @@ class Federation:
                 "eff_x1e4_per_round": [r["eff_x1e4"] for r in rounds],
             },
             "heldout_loss": [r.get("heldout_loss") for r in rounds],
-            "privacy": self.privacy_summary(),
+            "privacy": self.privacy_summary(records),
             "evaluation": None,
             "recipe": recipe.model_dump(mode="json"),
         }

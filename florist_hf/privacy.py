@@ -31,12 +31,11 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from florist_hf.data import IGNORE_INDEX
 from florist_hf.errors import FloristError
 
 #: The secret seed's file, in the run directory (never uploaded) or a Flower node's work directory.
 SECRET_SEED_FILE = "privacy-seed"
-#: Opacus' TrainingArguments default for per_device_train_batch_size and num_train_epochs.
-DEFAULT_BATCH, DEFAULT_EPOCHS = 8, 3.0
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv") -> float:
@@ -82,8 +81,8 @@ class ClientPrivacy:
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
-    #: Opacus' expected batch (q · N): the denominator of every step's gradient.
-    expected_batch_size: float
+    #: The client's records, N.
+    num_samples: int
     #: DP-SGD steps in one round.
     steps: int
     delta: float
@@ -91,6 +90,11 @@ class ClientPrivacy:
     #: The rounds this client is planned to take part in, and those up to this one.
     rounds_planned: int
     rounds_so_far: int
+
+    @property
+    def expected_batch_size(self) -> float:
+        """Opacus' expected batch q · N: the denominator of every step's gradient."""
+        return self.sample_rate * self.num_samples
 
     @property
     def epsilon(self) -> float:
@@ -110,7 +114,8 @@ class ClientPrivacy:
     def record(self) -> dict:
         """The fields a client's line in metrics.jsonl carries."""
         return {"epsilon": self.epsilon, "epsilon_round": self.epsilon_round, "delta": self.delta,
-                "privacy": {**asdict(self), "epsilon_planned": self.epsilon_planned, "level": "record"}}
+                "privacy": {**asdict(self), "expected_batch_size": self.expected_batch_size,
+                            "epsilon_planned": self.epsilon_planned, "level": "record"}}
 
 
 def require_opacus() -> None:
@@ -124,11 +129,20 @@ def require_opacus() -> None:
 def round_steps(training: dict, sample_rate: float) -> int:
     """The optimizer steps of one DP-SGD round: ``max_steps``, or the epochs over 1/q Poisson batches
     each (the Trainer's own count for a loader of that length)."""
-    max_steps = int(training.get("max_steps", -1) or -1)
+    max_steps = int(training.get("max_steps", training_default("max_steps")) or -1)
     if max_steps > 0:
         return max_steps
     batches = int(1 / sample_rate)  # Opacus' UniformWithReplacementSampler: 1/q batches an epoch
-    return max(1, math.ceil(float(training.get("num_train_epochs", DEFAULT_EPOCHS)) * batches))
+    return max(1, math.ceil(float(training.get("num_train_epochs", training_default("num_train_epochs"))) * batches))
+
+
+def training_default(key: str):
+    """A TrainingArguments field's default, as the Trainer would take it where the recipe is silent."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    return next(field.default for field in dataclasses.fields(TrainingArguments) if field.name == key)
 
 
 def client_privacy(recipe, client_id: int, round_index: int, num_samples: int) -> ClientPrivacy | None:
@@ -145,7 +159,7 @@ def client_privacy(recipe, client_id: int, round_index: int, num_samples: int) -
     if num_samples < 1:
         raise FloristError(f"client {client_id}: no training records; DP-SGD needs at least one")
     training = recipe.client_training_arguments(client_id, round_index, TRAINING_DEFAULTS["learning_rate"])
-    batch = int(training.get("per_device_train_batch_size", DEFAULT_BATCH))
+    batch = int(training.get("per_device_train_batch_size", training_default("per_device_train_batch_size")))
     sample_rate = min(1.0, batch / num_samples)
     steps = round_steps(training, sample_rate)
     federation = recipe.federation
@@ -157,22 +171,26 @@ def client_privacy(recipe, client_id: int, round_index: int, num_samples: int) -
     if noise is None:
         noise = calibrated_noise(privacy.target_epsilon, delta, sample_rate, steps * max(1, len(rounds)), privacy.accountant)
     return ClientPrivacy(noise_multiplier=noise, max_grad_norm=privacy.max_grad_norm, sample_rate=sample_rate,
-                         expected_batch_size=sample_rate * num_samples, steps=steps, delta=delta,
+                         num_samples=num_samples, steps=steps, delta=delta,
                          accountant=privacy.accountant, rounds_planned=len(rounds), rounds_so_far=max(1, rounds_so_far))
+
+
+def central_delta(central_dp, num_clients: int) -> float:
+    """δ of the client-level guarantee: the recipe's, else 1 / the clients."""
+    return central_dp.delta if central_dp.delta is not None else 1.0 / num_clients
 
 
 def central_epsilon(central_dp, noise_multiplier: float, sample_rate: float, rounds: int, num_clients: int) -> float:
     """Client-level ε of ``rounds`` rounds of DP-FedAvg at noise σ and client sampling rate q."""
-    delta = central_dp.delta if central_dp.delta is not None else 1.0 / num_clients
-    return epsilon(noise_multiplier, sample_rate, rounds, delta, central_dp.accountant)
+    return epsilon(noise_multiplier, sample_rate, rounds, central_delta(central_dp, num_clients), central_dp.accountant)
 
 
 def central_noise_multiplier(central_dp, sample_rate: float, rounds: int, num_clients: int) -> float:
     """The recipe's client-level σ, or the one calibrated to its target ε over ``rounds`` rounds."""
     if central_dp.noise_multiplier is not None:
         return central_dp.noise_multiplier
-    delta = central_dp.delta if central_dp.delta is not None else 1.0 / num_clients
-    return calibrated_noise(central_dp.target_epsilon, delta, sample_rate, rounds, central_dp.accountant)
+    return calibrated_noise(central_dp.target_epsilon, central_delta(central_dp, num_clients), sample_rate, rounds,
+                            central_dp.accountant)
 
 
 def secret_seed(directory: Path) -> bytes:
@@ -216,7 +234,7 @@ class _EmptyBatchCollator:
         if records:
             return self.collator(records)
         blank = dict(self.dataset[0])
-        blank["labels"] = [-100] * len(blank["input_ids"])
+        blank["labels"] = [IGNORE_INDEX] * len(blank["input_ids"])
         return self.collator([blank])
 
 
@@ -247,8 +265,8 @@ class DPSGDTrainer(Trainer):
         from torch.utils.data import DataLoader
 
         dataset = self.train_dataset
-        if abs(self.privacy.sample_rate * len(dataset) - self.privacy.expected_batch_size) > 1e-6 * len(dataset):
-            raise FloristError(f"the client's dataset holds {len(dataset)} records, not the {self.privacy.expected_batch_size / self.privacy.sample_rate:.0f} "
+        if len(dataset) != self.privacy.num_samples:
+            raise FloristError(f"the client's dataset holds {len(dataset)} records, not the {self.privacy.num_samples} "
                                "its privacy was accounted for")
         sampler = UniformWithReplacementSampler(
             num_samples=len(dataset), sample_rate=self.privacy.sample_rate,
@@ -275,10 +293,10 @@ class DPSGDTrainer(Trainer):
         outputs = model(**inputs)
         logits = outputs.logits.float()
         # Labels shifted left (transformers' own way): the logits stay contiguous, with no copy of the largest tensor.
-        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).to(logits.device)
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
         token_losses = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
-                                                         ignore_index=-100, reduction="none").view(targets.shape)
-        counted = (targets != -100).sum(dim=1).clamp(min=1)
+                                                         ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+        counted = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
         loss = (token_losses.sum(dim=1) / counted).mean()
         return (loss, outputs) if return_outputs else loss
 
@@ -339,7 +357,7 @@ def update_bounding(federation, round_index: int, *, reference: Path | None, sec
         bounding.noise_seed = derived_seed(secret_seed(secret_dir), "central-dp", round_index)
         bounding.accounting = {
             "sample_rate": rate, "rounds": round_index, "accountant": central.accountant, "level": "client",
-            "delta": central.delta if central.delta is not None else 1.0 / federation.num_clients,
+            "delta": central_delta(central, federation.num_clients),
             "epsilon": central_epsilon(central, noise, rate, round_index, federation.num_clients),
             "epsilon_planned": central_epsilon(central, noise, rate, federation.rounds, federation.num_clients),
         }

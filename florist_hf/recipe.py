@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from florist_hf.aggregation import get_method
+from florist_hf.aggregation import METHODS, get_method
 from florist_hf.aggregation.florist import FloristOptions, check_aggregation_mode
 from florist_hf.errors import FloristError
 
@@ -114,9 +114,6 @@ class LoraSection(Section):
         return isinstance(self.ranks, list) and len(set(self.ranks)) > 1
 
 
-#: Methods whose global factors are averages of the client factors, where the server can add noise
-#: (central DP) or take robust statistics.
-LINEAR_METHODS = ("fedit", "ffa")
 
 
 def sampled_count(num_clients: int, clients_per_round: int | float | None) -> int:
@@ -206,11 +203,12 @@ class FederationSection(Section):
 
     @model_validator(mode="after")
     def _server_defences_where_defined(self):
-        if self.clip_update_norm is not None and self.method == "flexlora":
-            raise ValueError("clip_update_norm bounds a client's update; flexlora aggregates each client's whole product "
+        method = METHODS[self.method]
+        if self.clip_update_norm is not None and not method.bounds_updates:
+            raise ValueError(f"clip_update_norm bounds a client's update; {self.method} aggregates each client's whole product "
                              "(the global it was sent included), so no update is there to bound — use florist, flora, fedit or ffa")
         if self.central_dp is not None:
-            if self.method not in LINEAR_METHODS:
+            if not method.averages_factors:
                 raise ValueError(
                     f"central_dp needs an aggregation that is linear in the client factors (fedit, ffa); {self.method} needs each "
                     "client's factors, so noise on the server cannot hide them — use privacy.mode: dp_sgd (record-level DP on "
@@ -219,7 +217,7 @@ class FederationSection(Section):
                 raise ValueError("central_dp calibrates its noise to federation.clip_update_norm; set it (e.g. 0.1)")
             if self.robust is not None:
                 raise ValueError("central_dp adds its noise to the clients' mean; robust replaces that mean — use one of them")
-        if self.robust is not None and self.method not in LINEAR_METHODS:
+        if self.robust is not None and not method.averages_factors:
             raise ValueError(f"robust combines factors coordinate by coordinate (fedit, ffa); for {self.method} bound the "
                              "clients' updates with clip_update_norm and read each client's norm and cosine in aggregation.json")
         return self
@@ -236,7 +234,7 @@ class FederationSection(Section):
             check_aggregation_mode(self.method, self.aggregation, self.streaming_tolerance)
         except ValueError as error:
             raise ValueError(f"{error} — remove federation.aggregation") from None
-        FloristOptions(self.threshold, self.aggregation, self.streaming_tolerance)
+        self.florist_options()
         return self
 
     def florist_options(self) -> FloristOptions:
@@ -420,7 +418,7 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _continued_factors_reach_every_rank(self):
         if (self.federation.clients_sampled() < self.federation.num_clients and self.lora.mixed_ranks()
-                and self.federation.method not in ("florist", "flora")):
+                and not METHODS[self.federation.method].merges_into_base):
             raise ValueError(
                 f"{self.federation.method} continues the global factors at the largest rank of the round's clients, which a "
                 "client of larger rank sampled later cannot continue; with federation.clients_per_round use one rank for "
@@ -455,7 +453,8 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _publish_threshold_on_a_cumulative_update(self):
-        if self.publish.threshold is not None and self.federation.method not in ("florist", "flora", "fedex"):
+        method = METHODS[self.federation.method]
+        if self.publish.threshold is not None and not (method.merges_into_base or method.holds_residual):
             raise ValueError(f"publish.threshold truncates the cumulative update of florist, flora or fedex; {self.federation.method} "
                              "publishes its last round's factors as they are — remove publish.threshold")
         return self

@@ -294,7 +294,7 @@ def test_a_dp_sgd_step_is_the_mean_of_each_records_clipped_gradient_plus_noise(t
     def one_step(noise_multiplier, work):
         # q = 1: every record in the one step; plain SGD at lr 1 moves the factors by minus the gradient.
         privacy = ClientPrivacy(noise_multiplier=noise_multiplier, max_grad_norm=clip, sample_rate=1.0,
-                                expected_batch_size=float(len(dataset)), steps=1, delta=1e-3, accountant="rdp",
+                                num_samples=len(dataset), steps=1, delta=1e-3, accountant="rdp",
                                 rounds_planned=1, rounds_so_far=1)
         for parameter, start in zip((p for p in model.parameters() if p.requires_grad), before):
             parameter.data.copy_(start)

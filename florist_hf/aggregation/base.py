@@ -33,6 +33,12 @@ class AggregationMethod(ABC):
     #: Clients continue the global factors on top of a frozen sum of earlier rounds' residuals
     #: (FedEx-LoRA: each global's components past ``continued_rank``).
     holds_residual: ClassVar[bool] = False
+    #: The global factors are averages of the client factors (FedIT, FFA-LoRA): the server can add
+    #: noise to them (central DP) or take robust statistics of them instead.
+    averages_factors: ClassVar[bool] = False
+    #: A client's update can be bounded before aggregation; FlexLoRA aggregates each client's whole
+    #: product (the global it was sent included), so it has no update apart from that to bound.
+    bounds_updates: ClassVar[bool] = True
     #: Clients train a fresh LoRA on top of the base plus every round's global update (FLoRIST,
     #: FLoRA: SPEC §4's merge-style); otherwise they keep training the global factors.
     merges_into_base: ClassVar[bool] = False

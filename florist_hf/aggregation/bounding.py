@@ -154,9 +154,14 @@ def _cosine(inner: float, norm: float, other: float) -> float | None:
     return inner / (norm * other) if norm > 0 and other > 0 else None
 
 
+def median_norm(norms: Sequence[float]) -> float:
+    """The round's median update norm (the upper one of an even count), 0 for no clients."""
+    return sorted(norms)[len(norms) // 2] if norms else 0.0
+
+
 def outliers(norms: Sequence[float], ratio: float = 10.0) -> list[int]:
     """The clients an operator should look at: an update norm ``ratio`` times the round's median or
     more (among three clients or more). Their cosines are reported beside, not used: a poisoned
     global update turns every honest client's cosine to it towards 0."""
-    median = sorted(norms)[len(norms) // 2] if norms else 0.0
+    median = median_norm(norms)
     return [index for index, norm in enumerate(norms) if len(norms) > 2 and median > 0 and norm >= ratio * median]

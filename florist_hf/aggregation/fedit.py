@@ -27,6 +27,7 @@ class FedIT(AggregationMethod):
 
     name = "fedit"
     exact = False
+    averages_factors = True
 
     def __init__(self, robust: str | None = None, trim_fraction: float = 0.1):
         #: None (the weighted mean), "median" or "trimmed_mean" (coordinate-wise, each client alike).

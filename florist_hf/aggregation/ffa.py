@@ -46,6 +46,7 @@ class FFALoRA(AggregationMethod):
 
     name = "ffa"
     exact = True
+    averages_factors = True
     b_only = True
     freezes_lora_a = True
 

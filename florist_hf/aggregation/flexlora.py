@@ -21,6 +21,7 @@ class FlexLoRA(AggregationMethod):
 
     name = "flexlora"
     exact = False
+    bounds_updates = False
 
     def __init__(self, global_rank: int | None = None):
         self.global_rank = global_rank
