@@ -18,7 +18,6 @@ import platform
 import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

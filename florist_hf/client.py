@@ -227,6 +227,21 @@ def build_lora_model(model_path: str, *, rank: int, alpha: float, target_modules
     return get_peft_model(model, config)
 
 
+def write_initial_adapter(recipe, base_path: str, out_dir: Path) -> Path:
+    """Round 0's global adapter for continue-style methods, written atomically: one shared LoRA
+    init at the largest client rank. Every client slices it to its own rank, so FedIT averages
+    factors that started equal and FFA-LoRA's frozen A is the same on every client (SPEC §3)."""
+    max_rank = max(recipe.client_rank(k) for k in range(recipe.federation.num_clients))
+    model = build_lora_model(
+        base_path, rank=max_rank, alpha=max_rank, target_modules=recipe.lora.target_modules,
+        dropout=0.0, use_rslora=False, dtype=recipe.model.dtype, seed=recipe.federation.seed,
+        revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+    )
+    with atomic_directory(out_dir, overwrite=True) as staging:
+        model.save_pretrained(staging)
+    return out_dir
+
+
 #: TrainingArguments florist-hf sets unless the recipe does: no checkpoints inside a client round
 #: unless ``save_steps`` asks for them (the round itself is the checkpoint), no external loggers
 #: unless asked, our own progress lines.

@@ -22,15 +22,16 @@ Every file is written atomically, and a round's record is rebuilt from its globa
 sidecar, so a driver stopped anywhere resumes to the same result. ``--force`` with changed server
 settings (τ, the method) re-aggregates the rounds they touch from the kept client adapters; a
 round whose clients trained on a global update that changed is set aside under ``superseded/``
-and trained again. A change to how clients train is refused (see `recipe.client_training_changes`); a
-round's record, its catch-up bytes and the digests of its globals are `rounds.py`'s.
+and trained again. A change to how clients train is refused (see `recipe.client_training_changes`).
+
+The engine decides; others own the pieces it calls: the run directory's layout and lock
+(`rundir`), the global model after each round, its state, catch-up and published adapter
+(`global_history`), a round's records and the run's summary (`rounds`), the server step (`server`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -39,32 +40,24 @@ from pathlib import Path
 
 from florist_hf.adapters import SIDECAR
 from florist_hf.errors import FloristError
-from florist_hf.io_utils import append_jsonl, write_json_atomic, write_jsonl_atomic
-from florist_hf.loading import gguf_provenance
+from florist_hf.global_history import GlobalHistory
+from florist_hf.io_utils import append_jsonl, retire_directory, write_json_atomic, write_jsonl_atomic
+from florist_hf.loading import prepare_base_model
 from florist_hf.recipe import client_training_changes, method_of, sample_clients
-from florist_hf.rounds import adapter_digest, describe_round, round_record
+from florist_hf.rounds import adapter_digest, describe_outliers, describe_round, round_record, run_summary
 from florist_hf.rundir import (
-    BASE_MODEL_DIR,
     GLOBAL_ADAPTER,
     METRICS_FILE,
     RECIPE_RECORD,
     ROUND_INPUTS,
-    RUN_FORMAT,
     RUN_SUMMARY,
     SUPERSEDED_DIR,
     RunDirectoryLock,
     RunPaths,
     read_metrics,
 )
-from florist_hf.server import (
-    RESIDUAL_DIR,
-    ServerStep,
-    StreamingServerRound,
-    UpdateBounding,
-    aggregate_adapters,
-    write_published_adapter,
-)
-from florist_hf.tiny import TINY_LLAMA_ID, build_tiny_llama
+from florist_hf.server import ServerStep, StreamingServerRound, UpdateBounding, aggregate_adapters
+
 
 @dataclass
 class RoundPlan:
@@ -76,25 +69,6 @@ class RoundPlan:
     clients: list = field(default_factory=list)
     #: Its global adapter exists: nothing to train or aggregate.
     complete: bool = False
-
-
-def prepare_base_model(recipe, root: Path) -> str:
-    """The base model's path: the recipe's Hub id or directory, the dequantized directory of its
-    GGUF file (`loading.resolve_base`), or the builtin tiny Llama, built under ``root`` (a run
-    directory, or a Flower client's work directory)."""
-    from florist_hf.loading import resolve_base
-
-    model = recipe.model
-    if model.name_or_path == TINY_LLAMA_ID:
-        return str(build_tiny_llama(Path(root) / BASE_MODEL_DIR, **model.tiny))
-    return resolve_base(model.name_or_path, model.gguf_file, dtype=model.dtype, revision=model.revision)
-
-
-def retire_directory(path: Path, new_path: Path) -> None:
-    """Move ``path`` aside to ``new_path`` (replacing what was there), kept for inspection."""
-    shutil.rmtree(new_path, ignore_errors=True)
-    new_path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, new_path)
 
 
 def record_key(record: dict) -> tuple:
@@ -119,13 +93,18 @@ class Federation:
         self.base_path: str | None = None
         #: (kind, round, client) of every line in metrics.jsonl
         self.logged: set[tuple] = set()
-        #: rounds whose global adapter exists, in order
-        self.rounds_done: list[int] = []
+        #: the global model after each round done (`global_history.GlobalHistory`)
+        self.history = GlobalHistory(self.paths, self.method, main=main)
         self._superseded: Path | None = None
         #: the recipe's tracker run (`tracking.FederationTracker`), main process only
         self.tracker = None
         #: the run directory's lock, held by the main process from `open` to `close`
         self._lock: RunDirectoryLock | None = None
+
+    @property
+    def rounds_done(self) -> list[int]:
+        """The rounds whose global adapter exists, in order."""
+        return self.history.rounds_done
 
     @property
     def round_indices(self) -> range:
@@ -199,23 +178,12 @@ class Federation:
         )
 
     def ensure_initial_adapter(self) -> None:
-        """Round 0's global adapter for continue-style methods: one shared LoRA init at the
-        largest rank. Every client slices it to its own rank, so FedIT averages factors that
-        started equal and FFA-LoRA's frozen A is the same on every client (SPEC §3)."""
-        from florist_hf.client import build_lora_model
-        from florist_hf.io_utils import atomic_directory
+        """Round 0's global adapter (the clients' shared init, `client.write_initial_adapter`) for
+        continue-style methods, once."""
+        from florist_hf.client import write_initial_adapter
 
-        recipe = self.recipe
-        if not self.main or self.method.merges_into_base or self.paths.global_dir(0).exists():
-            return
-        max_rank = max(recipe.client_rank(k) for k in range(recipe.federation.num_clients))
-        model = build_lora_model(
-            self.base_path, rank=max_rank, alpha=max_rank, target_modules=recipe.lora.target_modules,
-            dropout=0.0, use_rslora=False, dtype=recipe.model.dtype, seed=recipe.federation.seed,
-            revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
-        )
-        with atomic_directory(self.paths.global_dir(0), overwrite=True) as staging:
-            model.save_pretrained(staging)
+        if self.main and not self.method.merges_into_base and not self.paths.global_dir(0).exists():
+            write_initial_adapter(self.recipe, self.base_path, self.paths.global_dir(0))
 
     # --- one round --------------------------------------------------------------------------------
 
@@ -230,18 +198,14 @@ class Federation:
 
         federation = self.recipe.federation
         selected = sample_clients(federation.num_clients, federation.clients_per_round, federation.seed, round_index)
-        merges = self.method.merges_into_base
-        # What the round's clients receive: every earlier round where a global state holds them
-        # (merge-style; FedEx-LoRA's residuals), and the last global's factors to continue.
-        received = list(self.rounds_done) if self.holds_state else [self.rounds_done[-1] if self.rounds_done else 0]
-        self._retire_if_stale(round_index, received)
+        history = self.history
+        self._retire_if_stale(round_index, history.received())
         round_plan = RoundPlan(round_index, selected, complete=self.paths.global_dir(round_index).exists())
         if round_plan.complete:
-            self.rounds_done.append(round_index)
-            self.global_state_dir(round_index)  # rebuilt here if a stop came before it was written
+            history.rounds_done.append(round_index)
+            history.global_state_dir(round_index)  # rebuilt here if a stop came before it was written
             return round_plan
-        state_dir = self.global_state_dir(self.rounds_done[-1]) if self.holds_state and self.rounds_done else None
-        continued = self.paths.global_dir(self.rounds_done[-1] if self.rounds_done else 0)
+        state_dir = history.global_state_dir(history.rounds_done[-1]) if history.rounds_done else None
         for client_id in selected:
             round_plan.clients.append(
                 ClientRound(
@@ -251,7 +215,7 @@ class Federation:
                     num_samples=client_sizes[client_id],
                     export_dir=self.paths.client_dir(round_index, client_id),
                     global_state=state_dir,
-                    init_adapter=None if merges else continued,
+                    init_adapter=None if self.method.merges_into_base else history.continued(),
                     freeze_lora_a=self.method.freezes_lora_a,
                 )
             )
@@ -354,10 +318,11 @@ class Federation:
                     weights=[plan.num_samples for plan in trained], overwrite=False, client_names=names,
                     bounding=self.update_bounding(round_plan.round),
                 )
-            self._say_outliers(step)
+            for line in describe_outliers(step.sidecar, step.out_dir / SIDECAR):
+                self.console.print(line)
             shutil.rmtree(self.paths.round_dir(round_plan.round) / "work", ignore_errors=True)  # the clients' checkpoints
-        self.rounds_done.append(round_plan.round)
-        self.global_state_dir(round_plan.round)
+        self.history.rounds_done.append(round_plan.round)
+        self.history.global_state_dir(round_plan.round)
         return step
 
     def update_bounding(self, round_index: int) -> UpdateBounding | None:
@@ -365,100 +330,15 @@ class Federation:
         (`privacy.update_bounding`); None when it does not."""
         from florist_hf.privacy import update_bounding
 
-        earlier = [t for t in self.rounds_done if t < round_index]
         # Continue-style clients start from the last global (round 0: the shared init); their update is the change since.
-        reference = None if self.method.merges_into_base else self.paths.global_dir(earlier[-1] if earlier else 0)
+        reference = None if self.method.merges_into_base else self.history.continued(before=round_index)
         return update_bounding(self.recipe.federation, round_index, reference=reference, secret_dir=self.paths.root)
-
-    def _say_outliers(self, step: ServerStep) -> None:
-        """One line per client an operator should look at (`aggregation.bounding.outliers`: its norm far above the round's)."""
-        from florist_hf.aggregation.bounding import median_norm
-
-        clients = {client["name"]: client for client in step.sidecar["clients"]}
-        median = median_norm([client["update_norm"] for client in clients.values() if client.get("update_norm") is not None])
-        for name in step.sidecar.get("outliers", []):
-            client = clients[name]
-            cosine = client.get("cosine")
-            self.console.print(
-                f"  [yellow]{name}: update norm {client['update_norm']:.3g}"
-                + (f" ({client['update_norm'] / median:.3g}× the round's median)" if median > 0 else "")
-                + (f", cosine {cosine:.3f} to the global update" if cosine is not None else "")
-                + (f", clipped to {step.sidecar['bounding']['clip_update_norm']:g}" if client.get("clipped") else "")
-                + f"; see {step.out_dir / SIDECAR}[/]")
-
-    @property
-    def holds_state(self) -> bool:
-        """Whether the clients hold a global state beside the base: the cumulative update
-        (merge-style methods) or the sum of the earlier rounds' residuals (FedEx-LoRA)."""
-        return self.method.merges_into_base or self.method.holds_residual
-
-    def state_update_dir(self, round_index: int) -> Path:
-        """What round ``round_index`` adds to the global state: its global adapter (merge-style
-        methods), or the residual part of it (FedEx-LoRA)."""
-        global_dir = self.paths.global_dir(round_index)
-        return global_dir / RESIDUAL_DIR if self.method.holds_residual else global_dir
-
-    def global_model(self, round_index: int) -> tuple[Path | None, Path | None]:
-        """(global state, global adapter) that make up the global model after ``round_index``:
-        the state of every round (merge-style methods); the last round's global adapter
-        (continue-style); FedEx-LoRA both, the residuals of the rounds before and the last global."""
-        rounds = [t for t in self.rounds_done if t <= round_index]
-        if self.method.merges_into_base:
-            return self.global_state_dir(round_index), None
-        earlier = self.global_state_dir(rounds[-2]) if self.method.holds_residual and len(rounds) > 1 else None
-        return earlier, self.paths.global_dir(rounds[-1])
-
-    def global_state_dir(self, round_index: int) -> Path | None:
-        """Merge-style methods: the directory of the cumulative update of the rounds done up to
-        ``round_index``; the main process (re)builds it where it is missing or stale.
-
-        Each round's state is the previous one plus that round's update, re-factorised exactly
-        (`global_state.fold`), one round at a time as a Flower node folds them. Only the two newest
-        states are kept: every older one is the same fold of the kept global adapters.
-        """
-        from florist_hf.adapters import read_adapter
-        from florist_hf.global_state import fold, read_global_state, read_state_record, write_global_state
-
-        rounds = [t for t in self.rounds_done if t <= round_index]
-        if not self.holds_state or not rounds:
-            return None
-        target = self.paths.global_state_dir(rounds[-1])
-        if not self.main:  # the main process built it before the others read it
-            return target
-        digests = {str(t): adapter_digest(self.paths.global_dir(t)) for t in rounds}
-
-        def valid(count: int) -> bool:
-            record = read_state_record(self.paths.global_state_dir(rounds[count - 1]))
-            return record is not None and record.get("rounds") == rounds[:count] and record.get("inputs") == {
-                str(t): digests[str(t)] for t in rounds[:count]}
-
-        if valid(len(rounds)):
-            return target
-        start = next((count for count in range(len(rounds) - 1, 0, -1) if valid(count)), 0)
-        state = read_global_state(self.paths.global_state_dir(rounds[start - 1])) if start else None
-        for position in range(start, len(rounds)):
-            t = rounds[position]
-            state = fold(state, [read_adapter(self.state_update_dir(t))], [t], [digests[str(t)]])
-            if position >= len(rounds) - 2:  # the previous state stays for the next round's catch-up bytes
-                write_global_state(state, self.paths.global_state_dir(t))
-        for t in rounds[:-2]:
-            shutil.rmtree(self.paths.global_state_dir(t), ignore_errors=True)
-        return target
-
-    def catch_up_state(self, rounds: Sequence[int]):
-        """The global updates of ``rounds`` summed and compacted into one (exact): what a Flower
-        node that missed those rounds receives instead of each of them."""
-        from florist_hf.adapters import read_adapter
-        from florist_hf.global_state import fold
-
-        return fold(None, [read_adapter(self.state_update_dir(t)) for t in rounds], list(rounds),
-                    [adapter_digest(self.paths.global_dir(t)) for t in rounds])
 
     def heldout_loss(self, round_index: int, tokenizer, test_records, *, base_cache=None) -> float | None:
         """The held-out loss (response tokens) of the global model after ``round_index``."""
         from florist_hf.heldout import global_heldout_loss
 
-        state, adapter = self.global_model(round_index)
+        state, adapter = self.history.global_model(round_index)
         return global_heldout_loss(self.recipe, self.base_path, tokenizer, test_records, self.paths.work,
                                    state=state, adapter=adapter, base_cache=base_cache)
 
@@ -485,43 +365,25 @@ class Federation:
                 self.tracker.log_round(record, self.paths.global_dir(round_index) / SIDECAR, self.paths.work / "tracking_plots",
                                        images=self.recipe.tracking.log_images, console=self.console)
         if self._evaluates_round(round_index):
-            published = self.publish(round_index, self.paths.round_dir(round_index) / "published")
+            published = self.history.publish(round_index, self.paths.round_dir(round_index) / "published",
+                                             threshold=self.recipe.publish.threshold)
             self.evaluate(published, round_index)
         self.console.print(describe_round(record))
         return record
 
     # --- the end of a run ------------------------------------------------------------------------
 
-    def publish(self, round_index: int, out_dir: Path) -> Path:
-        """The global model after ``round_index`` as one PEFT adapter on the original base."""
-        from florist_hf.adapters import read_adapter
-        from florist_hf.global_state import fold, read_global_state
-
-        rounds = [t for t in self.rounds_done if t <= round_index]
-        state_dir, adapter = self.global_model(round_index)
-        state = read_global_state(state_dir) if state_dir else None
-        if self.method.holds_residual:  # the earlier residuals plus the last round's whole global
-            state = fold(state, [read_adapter(adapter)], [rounds[-1]])
-        return write_published_adapter(self.paths.global_dir(rounds[-1]), state, self.method, out_dir,
-                                       threshold=self.recipe.publish.threshold)
-
     def evaluate(self, adapter_dir: Path, round_index: int) -> dict:
         """The recipe's lm-eval evaluation of an adapter published after ``round_index``, once;
         later resumes reuse its file."""
         from florist_hf import distributed
-        from florist_hf.evaluation import evaluate_recipe
+        from florist_hf.evaluation import evaluate_recipe, read_evaluation
 
         out_file = self.paths.round_dir(round_index) / "evaluation.json"
-        # The evaluation section is not part of the run's fingerprint: a result made with other
-        # settings (tasks, shots, limit) is made again rather than reused.
-        settings = hashlib.sha256(self.recipe.evaluation.model_dump_json().encode()).hexdigest()[:16]
-        evaluation = json.loads(out_file.read_text())["florist_hf_summary"] if out_file.exists() else None
-        if evaluation is None or evaluation.get("settings") != settings:
+        evaluation = read_evaluation(out_file, self.recipe.evaluation)
+        if evaluation is None:
             with distributed.single_process():  # lm-eval on the main process alone
                 evaluation = evaluate_recipe(self.recipe, self.base_path, adapter_dir, out_file, self.console)
-            evaluation["settings"] = settings
-            results = json.loads(out_file.read_text())
-            write_json_atomic(out_file, {**results, "florist_hf_summary": evaluation})
             self.logged.discard(("evaluation", round_index, None))
         if ("evaluation", round_index, None) not in self.logged:
             append_jsonl(self.paths.metrics, {"kind": "evaluation", "round": round_index, **evaluation})
@@ -531,9 +393,10 @@ class Federation:
     def finish(self, client_sizes: Sequence[int], *, runtime: dict | None = None) -> Path:
         """Publish the final global adapter, evaluate it, write run.json and push if the recipe
         says so (main process); returns the published adapter's directory."""
-        final_dir = self.publish(self.rounds_done[-1], self.paths.root / GLOBAL_ADAPTER)
+        final_dir = self.history.publish(self.rounds_done[-1], self.paths.root / GLOBAL_ADAPTER,
+                                         threshold=self.recipe.publish.threshold)
         evaluation = self.evaluate(final_dir, self.rounds_done[-1]) if self.recipe.evaluation is not None else None
-        summary = self.summarize(client_sizes)
+        summary = run_summary(self.recipe, self.paths, self.rounds_done, client_sizes, self.base_path)
         summary["evaluation"] = evaluation
         published = json.loads((final_dir / SIDECAR).read_text())
         summary["published"] = {key: published.get(key) for key in ("total_rank", "publish_threshold", "high_rank_modules")}
@@ -567,52 +430,3 @@ class Federation:
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
-
-    def privacy_summary(self, records: list[dict]) -> dict | None:
-        """What the run guarantees and bounds, for run.json and the model card (`privacy.privacy_summary`),
-        from the records of metrics.jsonl and the last round's sidecar."""
-        from florist_hf.privacy import privacy_summary
-
-        last = self.paths.global_dir(self.rounds_done[-1]) / SIDECAR if self.rounds_done else None
-        return privacy_summary(self.recipe, records, self.rounds_done, json.loads(last.read_text()) if last is not None else None)
-
-    def summarize(self, client_sizes: Sequence[int]) -> dict:
-        """``run.json``: what ran, what it cost, where the result is."""
-        recipe, federation = self.recipe, self.recipe.federation
-        records = read_metrics(self.paths.metrics, strict=False)
-        rounds = [r for r in records if r["kind"] == "round" and r["round"] in self.rounds_done]
-        data_source = recipe.data.source
-        return {
-            "format": RUN_FORMAT,
-            "version": 1,
-            "name": recipe.name,
-            "method": federation.method,
-            "threshold": federation.threshold if federation.method == "florist" else None,
-            "rounds": federation.rounds,
-            "rounds_completed": len(rounds),
-            "num_clients": federation.num_clients,
-            "clients_per_round": len(sample_clients(federation.num_clients, federation.clients_per_round, federation.seed, 1)),
-            "client_ranks": [recipe.client_rank(k) for k in range(federation.num_clients)],
-            "client_samples": list(client_sizes),
-            "base_model": self.base_path,
-            # A base dequantized from a GGUF file: which file (its source, name and content hash).
-            "base_gguf": None if not recipe.model.gguf_file else gguf_provenance(
-                self.base_path, source=recipe.model.name_or_path, gguf_file=recipe.model.gguf_file,
-                revision=recipe.model.revision),
-            # Hub dataset ids only (for the model card); local files and builtin data are not linkable.
-            "datasets": [] if data_source.startswith("builtin:") or Path(data_source).exists() else [data_source],
-            "data_source": data_source,
-            "global_adapter": GLOBAL_ADAPTER,
-            "communication": {
-                "uplink_bytes_total": sum(r["uplink_bytes_total"] for r in rounds),
-                "downlink_bytes_total": sum(r["downlink_bytes_total"] for r in rounds),
-                "catch_up_downlink_bytes_total": sum(r.get("catch_up_downlink_bytes", 0) for r in rounds),
-                "eff_x1e4": rounds[-1]["eff_x1e4"] if rounds else None,
-                "eff_x1e4_per_round": [r["eff_x1e4"] for r in rounds],
-            },
-            "heldout_loss": [r.get("heldout_loss") for r in rounds],
-            "privacy": self.privacy_summary(records),
-            "evaluation": None,
-            "recipe": recipe.model_dump(mode="json"),
-        }
-

@@ -9,6 +9,7 @@ reported as a one-line ``FloristError``.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import os
@@ -379,9 +380,21 @@ def results_table(results: Mapping[str, Any], title: str | None = None):
 # --- a federation's own evaluations: held-out loss of the global model, the recipe's lm-eval ----
 
 
+def evaluation_settings(section) -> str:
+    """A digest of the recipe's evaluation section: the section is not part of a run's fingerprint,
+    so a result made with other settings (tasks, shots, limit) is made again rather than reused."""
+    return hashlib.sha256(section.model_dump_json().encode()).hexdigest()[:16]
+
+
+def read_evaluation(out_file: Path, section) -> dict | None:
+    """The summary of an evaluation written by `evaluate_recipe`, if it was made with ``section``'s settings."""
+    summary = json.loads(out_file.read_text())["florist_hf_summary"] if out_file.exists() else None
+    return summary if summary is not None and summary.get("settings") == evaluation_settings(section) else None
+
+
 def evaluate_recipe(recipe, base_path: str, adapter_dir: Path, out_file: Path, console) -> dict:
     """The recipe's lm-eval evaluation of a published adapter, written to ``out_file``; returns
-    ``{"tasks": {task: {metric: value}}, "results_file": ...}``."""
+    ``{"tasks": {task: {metric: value}}, "results_file": ..., "settings": ...}``."""
     section = recipe.evaluation
     if section.paper_mmlu_file:
         results = evaluate_paper_mmlu(
@@ -402,6 +415,6 @@ def evaluate_recipe(recipe, base_path: str, adapter_dir: Path, out_file: Path, c
         tasks.setdefault(task, {})[metric] = value
         if stderr is not None:
             tasks[task][f"{metric}_stderr"] = stderr
-    summary = {"tasks": tasks, "results_file": str(out_file)}
+    summary = {"tasks": tasks, "results_file": str(out_file), "settings": evaluation_settings(section)}
     write_json_atomic(out_file, {**results, "florist_hf_summary": summary})
     return summary

@@ -22,7 +22,7 @@ def run_answers(run_dir: str | os.PathLike, *, instructions: tuple[str, ...] | l
     from peft import PeftModel
 
     from florist_hf.data import prepare_client_data, prompt_ids
-    from florist_hf.engine import prepare_base_model
+    from florist_hf.loading import prepare_base_model
     from florist_hf.rundir import GLOBAL_ADAPTER, RECIPE_RECORD, RUN_SUMMARY
     from florist_hf.evaluation import check_adapter_matches_base
     from florist_hf.loading import load_causal_lm, load_tokenizer

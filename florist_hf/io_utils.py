@@ -71,3 +71,10 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def retire_directory(path: Path, new_path: Path) -> None:
+    """Move ``path`` aside to ``new_path`` (replacing what was there), kept for inspection."""
+    shutil.rmtree(new_path, ignore_errors=True)
+    new_path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, new_path)

@@ -279,6 +279,19 @@ def resolve_base(name: str, gguf_file: str | None = None, *, dtype: str = "float
     return name
 
 
+def prepare_base_model(recipe, root: Path) -> str:
+    """The base model's path: the recipe's Hub id or directory, the dequantized directory of its
+    GGUF file (`resolve_base`), or the builtin tiny Llama, built under ``root`` (a run directory,
+    or a Flower client's work directory)."""
+    from florist_hf.rundir import BASE_MODEL_DIR
+    from florist_hf.tiny import TINY_LLAMA_ID, build_tiny_llama
+
+    model = recipe.model
+    if model.name_or_path == TINY_LLAMA_ID:
+        return str(build_tiny_llama(Path(root) / BASE_MODEL_DIR, **model.tiny))
+    return resolve_base(model.name_or_path, model.gguf_file, dtype=model.dtype, revision=model.revision)
+
+
 def gguf_provenance(base_path: str | os.PathLike, *, source: str, gguf_file: str, revision: str | None = None) -> dict | None:
     """Which GGUF file a run's dequantized base came from: this run's ``source`` (folder, package
     or Hub repository), file and revision, with the content hash, architecture, dtype and

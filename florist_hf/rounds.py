@@ -1,5 +1,6 @@
-"""A round's records: its line in metrics.jsonl (rebuilt from its sidecar), what its clients that
-missed earlier rounds were sent, and the digests of global adapters that tell a stale round."""
+"""A run's records: a round's line in metrics.jsonl (rebuilt from its sidecar) and its console
+lines, what its clients that missed earlier rounds were sent, the digests of global adapters that
+tell a stale round, and the run's summary (``run.json``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from florist_hf.adapters import SIDECAR
-from florist_hf.rundir import RunPaths
+from florist_hf.rundir import GLOBAL_ADAPTER, RUN_FORMAT, RunPaths, read_metrics
 from florist_hf.server import rank_summary
 
 #: (weights files with their size and mtime) -> digest: every round checks the digests of all
@@ -154,3 +155,70 @@ def describe_round(record: dict) -> str:
     )
 
 
+
+
+def describe_outliers(sidecar: dict, sidecar_path: Path) -> list[str]:
+    """One line per client of a round an operator should look at (`aggregation.bounding.outliers`:
+    its update norm far above the round's median)."""
+    from florist_hf.aggregation.bounding import median_norm
+
+    clients = {client["name"]: client for client in sidecar["clients"]}
+    median = median_norm([client["update_norm"] for client in clients.values() if client.get("update_norm") is not None])
+    lines = []
+    for name in sidecar.get("outliers", []):
+        client = clients[name]
+        cosine = client.get("cosine")
+        lines.append(
+            f"  [yellow]{name}: update norm {client['update_norm']:.3g}"
+            + (f" ({client['update_norm'] / median:.3g}× the round's median)" if median > 0 else "")
+            + (f", cosine {cosine:.3f} to the global update" if cosine is not None else "")
+            + (f", clipped to {sidecar['bounding']['clip_update_norm']:g}" if client.get("clipped") else "")
+            + f"; see {sidecar_path}[/]")
+    return lines
+
+
+def run_summary(recipe, paths: RunPaths, rounds_done: Sequence[int], client_sizes: Sequence[int], base_path: str) -> dict:
+    """``run.json`` without its evaluation and published parts: what ran, what it cost, where the
+    result is, from the recipe and the rounds' lines in metrics.jsonl."""
+    from florist_hf.loading import gguf_provenance
+    from florist_hf.privacy import privacy_summary
+    from florist_hf.recipe import sample_clients
+
+    federation = recipe.federation
+    records = read_metrics(paths.metrics, strict=False)
+    rounds = [r for r in records if r["kind"] == "round" and r["round"] in rounds_done]
+    last = paths.global_dir(rounds_done[-1]) / SIDECAR if rounds_done else None
+    data_source = recipe.data.source
+    return {
+        "format": RUN_FORMAT,
+        "version": 1,
+        "name": recipe.name,
+        "method": federation.method,
+        "threshold": federation.threshold if federation.method == "florist" else None,
+        "rounds": federation.rounds,
+        "rounds_completed": len(rounds),
+        "num_clients": federation.num_clients,
+        "clients_per_round": len(sample_clients(federation.num_clients, federation.clients_per_round, federation.seed, 1)),
+        "client_ranks": [recipe.client_rank(k) for k in range(federation.num_clients)],
+        "client_samples": list(client_sizes),
+        "base_model": base_path,
+        # A base dequantized from a GGUF file: which file (its source, name and content hash).
+        "base_gguf": None if not recipe.model.gguf_file else gguf_provenance(
+            base_path, source=recipe.model.name_or_path, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision),
+        # Hub dataset ids only (for the model card); local files and builtin data are not linkable.
+        "datasets": [] if data_source.startswith("builtin:") or Path(data_source).exists() else [data_source],
+        "data_source": data_source,
+        "global_adapter": GLOBAL_ADAPTER,
+        "communication": {
+            "uplink_bytes_total": sum(r["uplink_bytes_total"] for r in rounds),
+            "downlink_bytes_total": sum(r["downlink_bytes_total"] for r in rounds),
+            "catch_up_downlink_bytes_total": sum(r.get("catch_up_downlink_bytes", 0) for r in rounds),
+            "eff_x1e4": rounds[-1]["eff_x1e4"] if rounds else None,
+            "eff_x1e4_per_round": [r["eff_x1e4"] for r in rounds],
+        },
+        "heldout_loss": [r.get("heldout_loss") for r in rounds],
+        # What the run guarantees and bounds, from the clients' lines and the last round's sidecar.
+        "privacy": privacy_summary(recipe, records, rounds_done, json.loads(last.read_text()) if last is not None else None),
+        "evaluation": None,
+        "recipe": recipe.model_dump(mode="json"),
+    }

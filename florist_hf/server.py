@@ -34,7 +34,7 @@ from florist_hf.aggregation import (
     energy,
     round_communication,
 )
-from florist_hf.aggregation.bounding import bound_client, gaussian_noise_like, outlier_report, outliers, update_norm
+from florist_hf.aggregation.bounding import ClientBound, bound_client, gaussian_noise_like, outlier_report, outliers, update_norm
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory
 
@@ -72,15 +72,15 @@ class UpdateBounding:
 
 
 def _bound_clients(bounding: UpdateBounding, method: AggregationMethod, adapters: Sequence[LoraAdapter],
-                   weights: Sequence[float]) -> tuple[list[dict], list[float], list[dict]]:
+                   weights: Sequence[float]) -> tuple[list[dict], list[float], list[ClientBound]]:
     """The clients' modules bounded as ``bounding`` asks, the weights to aggregate them with, and
-    each client's bound record."""
+    each client's bound."""
     reference = bounding.reference_modules(method)
     rescale, used_weights = 1.0, list(weights)
     if bounding.noise_multiplier is not None:
         # DP-FedAvg: a fixed denominator, every client alike, so that one client moves the mean by clip/n at most.
         rescale, used_weights = len(adapters) / bounding.denominator, [1.0] * len(adapters)
-    modules, records = [], []
+    modules, bounds = [], []
     for adapter in adapters:
         if reference is not None and set(reference) != set(adapter.modules):
             raise FloristError(f"{adapter.path}: adapts other modules than the global it continued ({bounding.reference})")
@@ -90,8 +90,8 @@ def _bound_clients(bounding: UpdateBounding, method: AggregationMethod, adapters
         except ValueError as error:
             raise FloristError(f"{adapter.path}: {error}") from None
         modules.append(bounded)
-        records.append(bound.record())
-    return modules, used_weights, records
+        bounds.append(bound)
+    return modules, used_weights, bounds
 
 
 def _add_central_noise(result: AggregationResult, bounding: UpdateBounding, method: AggregationMethod) -> None:
@@ -106,12 +106,16 @@ def _add_central_noise(result: AggregationResult, bounding: UpdateBounding, meth
 
 
 def _client_report(method: AggregationMethod, modules: Sequence[dict], result: AggregationResult,
-                   bounds: list[dict] | None) -> dict:
-    """The sidecar's per-client norms (and, for fresh-LoRA methods, cosines to the global update)."""
-    clients = [dict(bound) for bound in bounds] if bounds else [{} for _ in modules]
+                   bounds: list[ClientBound] | None, bounding: UpdateBounding | None) -> dict:
+    """The sidecar's per-client norms (and, for fresh-LoRA methods, cosines to the global update)
+    of the clients' ``modules`` as they sent them."""
+    clients = [bound.record() for bound in bounds] if bounds else [{} for _ in modules]
     report: dict = {"clients": clients}
     if method.merges_into_base and all(module for module in modules):
-        outlook = outlier_report(modules, {name: (m.lora_b, m.lora_a) for name, m in result.modules.items()})
+        # A bound without a reference measured each module's ‖s·B·A‖ as it was sent: reused.
+        fresh = bounds is not None and bounding is not None and bounding.reference is None
+        outlook = outlier_report(modules, {name: (m.lora_b, m.lora_a) for name, m in result.modules.items()},
+                                 norms=[bound.module_norms for bound in bounds] if fresh else None)
         for client, whole in zip(clients, outlook["clients"]):
             client.setdefault("update_norm", whole["update_norm"])
             client["cosine"] = whole["cosine"]
@@ -232,7 +236,7 @@ def aggregate_adapters(
         raise FloristError(f"{adapters[error.client_index].path}: {error}") from None
     if bounding is not None and bounding.noise_multiplier is not None:
         _add_central_noise(result, bounding, method)
-    report = _client_report(method, [adapter.modules for adapter in adapters], result, bounds)
+    report = _client_report(method, [adapter.modules for adapter in adapters], result, bounds, bounding)
     return _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtype, overwrite, client_names,
                               time.perf_counter() - started, report, bounding)
 

@@ -753,7 +753,7 @@ def test_a_supernode_killed_during_the_round_is_left_out_after_the_round_timeout
     supernodes = start_loopback_federation(deployment, nodes).supernodes
     out_dir = tmp_path / "flower_run"
     deployment.start("flwr_run", "flwr", "run", str(app_dir), "loopback", "--stream", "--run-config",
-                     f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120 round-timeout=60")
+                     f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120 round-timeout=25")
     deadline = time.monotonic() + 300
     while not list(nodes.glob("run_*/client_1")) and time.monotonic() < deadline:  # client 1 starts its round
         time.sleep(0.05)

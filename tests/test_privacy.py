@@ -113,6 +113,12 @@ def test_a_client_sending_a_million_fold_update_is_bounded_and_florist_aggregate
         assert sidecar["outliers"] == ["client_1"]
         assert len(sidecar["modules"][next(iter(SHAPES))]["clients"]) == 3  # per module: norm and cosine
         assert all(-1 <= row["cosine"] <= 1 for row in sidecar["modules"][next(iter(SHAPES))]["clients"])
+        # The report's per-module norms (taken from the bound) are those of the updates as sent.
+        for name, rows in sidecar["modules"].items():
+            for row, client in zip(rows["clients"], clients):
+                module = client.modules[name]
+                dense = module.scale * (module.lora_b.double() @ module.lora_a.double())
+                assert row["norm"] == pytest.approx(float(dense.norm()), rel=1e-9)
     assert "client_1: update norm" in log.getvalue() and "the round's median" in log.getvalue()
 
     # Without the bound the poisoned client owns the global update; the report still names it.

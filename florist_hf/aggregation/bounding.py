@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,10 +31,12 @@ def low_rank_norm(b: torch.Tensor, a: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class ClientBound:
-    """One client's update norm over its whole adapter, and the factor (≤ 1) it was scaled by."""
+    """One client's update norm over its whole adapter, and the factor (≤ 1) it was scaled by;
+    ``module_norms``, each module's norm before it, for the outlier report."""
 
     norm: float
     factor: float
+    module_norms: Mapping[str, float] = field(default_factory=dict)
 
     def record(self) -> dict:
         return {"update_norm": self.norm, "clip_factor": self.factor, "clipped": self.factor < 1.0}
@@ -49,18 +51,29 @@ def _factor_delta(client: ClientModule, reference: ClientModule, freezes_lora_a:
     return delta_b, delta_a
 
 
-def update_norm(modules: Mapping[str, ClientModule], reference: Mapping[str, ClientModule] | None = None,
-                freezes_lora_a: bool = False) -> float:
-    """A client's update norm over its whole adapter: √Σ‖s·B·A‖²_F for a fresh LoRA (``reference``
-    None), else the norm of its factors' change since ``reference`` (B only where A is frozen)."""
-    total = 0.0
+def module_norms(modules: Mapping[str, ClientModule], reference: Mapping[str, ClientModule] | None = None,
+                 freezes_lora_a: bool = False) -> dict[str, float]:
+    """Each module's update norm: ‖s·B·A‖_F for a fresh LoRA (``reference`` None), else the norm of
+    its factors' change since ``reference`` (B only where A is frozen)."""
+    norms = {}
     for name, module in modules.items():
         if reference is None:
-            total += (module.scale * low_rank_norm(module.lora_b, module.lora_a)) ** 2
+            norms[name] = module.scale * low_rank_norm(module.lora_b, module.lora_a)
         else:
             delta_b, delta_a = _factor_delta(module, reference[name], freezes_lora_a)
-            total += float(delta_b.square().sum()) + (0.0 if delta_a is None else float(delta_a.square().sum()))
-    return math.sqrt(total)
+            norms[name] = math.sqrt(float(delta_b.square().sum()) + (0.0 if delta_a is None else float(delta_a.square().sum())))
+    return norms
+
+
+def whole_norm(norms: Mapping[str, float]) -> float:
+    """The norm over a whole adapter from its modules' norms: √Σ‖·‖²."""
+    return math.sqrt(sum(norm ** 2 for norm in norms.values()))
+
+
+def update_norm(modules: Mapping[str, ClientModule], reference: Mapping[str, ClientModule] | None = None,
+                freezes_lora_a: bool = False) -> float:
+    """A client's update norm over its whole adapter (`module_norms`, summed in squares)."""
+    return whole_norm(module_norms(modules, reference, freezes_lora_a))
 
 
 def bound_client(modules: Mapping[str, ClientModule], clip: float | None, *,
@@ -73,11 +86,12 @@ def bound_client(modules: Mapping[str, ClientModule], clip: float | None, *,
     A fresh LoRA's update s·B·A scales with its scale; a continued client's factors become
     reference + c·(factors − reference), c the factor.
     """
-    norm = update_norm(modules, reference, freezes_lora_a)
+    norms = module_norms(modules, reference, freezes_lora_a)
+    norm = whole_norm(norms)
     if not math.isfinite(norm):
         raise ValueError(f"the client's update norm is {norm}: its factors are not finite")
     factor = 1.0 if clip is None or norm <= clip else clip / norm
-    bound = ClientBound(norm, factor)
+    bound = ClientBound(norm, factor, norms)
     scaling = factor * rescale
     if scaling == 1.0:
         return dict(modules), bound
@@ -127,9 +141,11 @@ def _robust_statistic(stacked: torch.Tensor, rule: str, trim_fraction: float) ->
     raise ValueError(f"unknown robust rule {rule!r}; choose median or trimmed_mean")
 
 
-def outlier_report(clients: Sequence[Mapping[str, ClientModule]], global_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
+def outlier_report(clients: Sequence[Mapping[str, ClientModule]], global_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                   norms: Sequence[Mapping[str, float]] | None = None) -> dict:
     """Each client's update norm and its cosine to the round's global update, per module and over
-    the whole adapter (fresh-LoRA updates s·B·A against the global B·A), from the factors."""
+    the whole adapter (fresh-LoRA updates s·B·A against the global B·A), from the factors.
+    ``norms``: each client's module norms where the bound already has them (`module_norms`)."""
     per_module: dict[str, list[dict]] = {}
     totals = [{"norm_sq": 0.0, "inner": 0.0} for _ in clients]
     global_sq = 0.0
@@ -139,7 +155,7 @@ def outlier_report(clients: Sequence[Mapping[str, ClientModule]], global_factors
         rows = []
         for index, client in enumerate(clients):
             module = client[name]
-            norm = module.scale * low_rank_norm(module.lora_b, module.lora_a)
+            norm = module.scale * low_rank_norm(module.lora_b, module.lora_a) if norms is None else norms[index][name]
             inner = module.scale * low_rank_inner(module.lora_b, module.lora_a, global_b, global_a)
             totals[index]["norm_sq"] += norm ** 2
             totals[index]["inner"] += inner

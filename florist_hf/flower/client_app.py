@@ -164,7 +164,7 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     from rich.console import Console
 
     from florist_hf.client import ClientRound, read_client_info, run_client_round, tokenize_shard
-    from florist_hf.engine import prepare_base_model
+    from florist_hf.loading import prepare_base_model
 
     console = console or Console(stderr=True)
     request = protocol.TrainRequest.from_config(message.content[protocol.CONFIG])

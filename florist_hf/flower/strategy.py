@@ -127,11 +127,11 @@ class FloristStrategy(Strategy):
         if missing:
             @functools.cache
             def compacted():  # made at most once, and only where the rule asks for its size
-                return self.federation.catch_up_state(missing)
+                return self.federation.history.catch_up_state(missing)
 
             chosen = catch_up_form(missing, merge_rounds, record_wire_bytes(state_record), lambda: compacted().wire_bytes)
             if chosen == "round":
-                form, payload = protocol.GLOBAL_UPDATE, adapter_to_records(self.federation.state_update_dir(missing[0]))
+                form, payload = protocol.GLOBAL_UPDATE, adapter_to_records(self.federation.history.state_update_dir(missing[0]))
             elif chosen == "compacted":
                 form, payload = protocol.CATCH_UP, state_to_records(compacted())
             else:
@@ -153,7 +153,7 @@ class FloristStrategy(Strategy):
 
     def _receive(self, server_round: int, reply: Message) -> int | None:
         """Store one reply as a client adapter directory; returns a client to ask again, if any."""
-        from florist_hf.engine import retire_directory
+        from florist_hf.io_utils import retire_directory
 
         node_id = reply.metadata.src_node_id
         client_id = self.node_to_client.get(node_id)
@@ -227,7 +227,7 @@ class FloristStrategy(Strategy):
         With streaming aggregation each client is accepted and folded in as its reply arrives
         (``ArrivingReplies`` yields them one by one), so the server never holds every client.
         """
-        from florist_hf.engine import retire_directory
+        from florist_hf.io_utils import retire_directory
 
         streamed = (StreamingServerRound(self.method, self.federation.update_bounding(self._round.plan.round))
                     if self.method.streaming else None)
