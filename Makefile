@@ -3,7 +3,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.florist-hf-installed
 # Three xdist workers on two cores: the Flower deployment tests spend most of their time waiting.
-PYTEST_ARGS ?= -n 3
+PYTEST_ARGS ?= -n 3 --maxschedchunk 2
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false

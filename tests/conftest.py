@@ -15,6 +15,13 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first, the rest in file order: with the Makefile's small scheduling chunks
+    (``--maxschedchunk``), each xdist worker starts on a long test and the short ones fill in
+    around them, rather than one worker running a late long test alone while the others idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def libraries_out_of_the_collectors_sight():
     """The libraries every test process imports, frozen out of the garbage collector (as a run

@@ -215,6 +215,7 @@ print("REPORT " + json.dumps(report))
 '''
 
 
+@pytest.mark.slow
 def test_a_real_zero3_engine_saves_empty_tensors_that_the_export_refuses(tiny_base, tmp_path):
     """The known failure, reproduced: save_pretrained inside a ZeRO-3 engine writes torch.Size([0]) LoRA
     tensors; the export check refuses them, and export_client_adapter gathers and writes the real ones."""
@@ -254,6 +255,7 @@ def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
+@pytest.mark.slow
 def test_two_process_zero3_clients_export_what_one_process_does(tmp_path):
     """`accelerate launch` with the shipped zero3.yaml, 2 CPU processes, against a single-process run.
 

@@ -497,6 +497,7 @@ app()
 """
 
 
+@pytest.mark.slow
 def test_client_killed_mid_training_resumes_from_its_checkpoint_to_the_same_result(tmp_path):
     """SIGKILL inside a client's training (after its checkpoint at step 6 of 12): the rerun resumes
     from that checkpoint and ends with the adapter an uninterrupted run trains."""

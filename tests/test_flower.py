@@ -130,6 +130,7 @@ def assert_same_run(run_dir: Path, reference: Path, rounds=(1, 2), clients=range
                                 RunPaths(reference).client_dir(round_index, client))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("importlib").util.find_spec("ray") is None,
                     reason='Flower simulation needs Ray: pip install "flwr[simulation]>=1.41,<1.42"')
 def test_simulation_of_three_clients_gives_the_global_adapter_of_florist_hf_run(tmp_path, florist_case):
@@ -583,6 +584,7 @@ def start_loopback_federation(deployment, nodes: Path, num_nodes: int = 2, *, se
     return LoopbackFederation(port, pki, supernodes, node_ids)
 
 
+@pytest.mark.slow
 def test_a_deployment_over_tls_with_supernode_authentication_completes_a_round_and_refuses_an_unknown_key(
     tmp_path, deployment
 ):
@@ -768,6 +770,7 @@ def test_a_supernode_killed_during_the_round_is_left_out_after_the_round_timeout
     assert json.loads((out_dir / "run.json").read_text())["rounds_completed"] == 1
 
 
+@pytest.mark.slow
 def test_dp_sgd_clients_and_bounded_updates_over_flower_give_florist_hf_runs_result(tmp_path, server_identity):
     """DP-SGD on every node and the server's update bound, through the ServerApp and ClientApp. Each
     node draws its noise from its own secret; given the run's secret, every node trains what `run`'s

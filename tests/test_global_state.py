@@ -248,7 +248,6 @@ def round_updates(run_dir, rounds):
     return {name: sum(update[name] for update in updates) for name in updates[0]}
 
 
-@pytest.mark.slow
 def test_a_long_partial_federation_holds_one_compact_state_and_counts_compacted_catch_ups(tmp_path):
     """1 of 4 clients per round for 6 rounds on the tiny model (q, v: 32×32 and 16×32): the held
     update goes dense where that is smaller, only the two newest states are kept, a client that sat
@@ -301,7 +300,6 @@ def test_a_long_partial_federation_holds_one_compact_state_and_counts_compacted_
     assert "cumulative update is no longer low-rank" in card and "florist-hf export --format merged" in card
 
 
-@pytest.mark.slow
 def test_a_lost_or_stale_state_is_rebuilt_to_the_same_result_and_publish_threshold_republishes(tmp_path):
     from helpers import quiet_console
 

@@ -90,6 +90,7 @@ def test_chat_template_masking_on_the_real_tokenizer(smollm2_base):
     assert bool((row[length:] == IGNORE_INDEX).all()) and bool((batch["attention_mask"][shorter][length:] == 0).all())
 
 
+@pytest.mark.slow
 def test_real_model_federation_trains_an_adapter_that_changes_its_answers(smollm2_folder, tmp_path):
     """GGUF base (bf16) -> 2 clients x 2 steps of FLoRIST -> the published adapter on the dequantized
     base through PEFT -> greedy answers that differ from the base's; the card names the GGUF file."""
