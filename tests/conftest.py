@@ -2,6 +2,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread per test process (set before torch is imported; the Flower nodes and
+# `accelerate launch` processes the tests start inherit it): the xdist workers already keep every
+# core busy, and each one's OpenMP pool on top of the others' spun the cores: the suite took twice
+# as long on the 2-core CI machine (benchmarks/README.md, "Test suite").
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path
 
