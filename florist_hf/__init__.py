@@ -9,3 +9,16 @@ __version__ = "0.1.0"
 # never asked for 4-bit. Its errors still show; a recipe's QLoRA checks what it needs itself
 # (`loading.bitsandbytes_config`).
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _outside_deepspeed(record: logging.LogRecord) -> bool:
+    """DeepSpeed's "Setting accelerator to CPU" warning only where DeepSpeed runs the clients:
+    accelerate imports DeepSpeed, when installed, inside every ``save_pretrained``, and the warning
+    would otherwise show on every plain run."""
+    from florist_hf.distributed import launched_with_deepspeed
+
+    return launched_with_deepspeed() or not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+# A filter on the logger DeepSpeed creates later (it sets its own level, but keeps filters).
+logging.getLogger("DeepSpeed").addFilter(_outside_deepspeed)
