@@ -446,9 +446,6 @@ class Recipe(Section):
             for key, value in training.items():
                 if _refused_under_dp_sgd(key, value):
                     raise ValueError(f"{where}.{key} cannot be used with privacy.mode: dp_sgd: {_DP_SGD_REFUSED[key]}")
-        if self.model.quantization is not None:
-            raise ValueError("privacy.mode: dp_sgd is not supported with model.quantization (QLoRA) yet; "
-                             "remove one of them")
         return self
 
     @model_validator(mode="after")

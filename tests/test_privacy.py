@@ -227,7 +227,6 @@ def test_a_robust_median_keeps_a_poisoned_client_from_moving_the_factors(tmp_pat
     ({"privacy": {"target_epsilon": 3}, "training": {"gradient_checkpointing": True}}, "training.gradient_checkpointing cannot"),
     ({"privacy": {"target_epsilon": 3}, "training": {"max_grad_norm": 1.0}}, "privacy.max_grad_norm"),
     ({"privacy": {"target_epsilon": 3}, "client_training": {1: {"save_steps": 1}}}, "client_training.1.save_steps cannot"),
-    ({"privacy": {"target_epsilon": 3}, "model": {"quantization": {"bits": 4}}}, "not supported with model.quantization"),
     ({"privacy": {"target_epsilon": 3}, "training": {"train_sampling_strategy": "group_by_length"}},
      "training.train_sampling_strategy cannot"),
     ({"privacy": {"target_epsilon": -1}}, "privacy.target_epsilon: Input should be greater than 0"),
@@ -249,20 +248,32 @@ def test_settings_that_break_a_guarantee_are_refused_in_one_line(tmp_path, chang
 # --- DP-SGD clients ---------------------------------------------------------------------------------
 
 
-def tiny_dp_setup(tmp_path, records=6):
+def tiny_dp_setup(tmp_path, records=6, quantization=None, model_shape=None):
     from florist_hf.client import build_lora_model
     from florist_hf.data import tokenize_records
     from florist_hf.loading import load_tokenizer
     from florist_hf.tiny import build_tiny_llama
     from helpers import TINY_MODEL
 
-    base = build_tiny_llama(tmp_path / "base", **TINY_MODEL)
+    base = build_tiny_llama(tmp_path / "base", **(model_shape or TINY_MODEL))
     tokenizer = load_tokenizer(str(base))
     data = [{"instruction": f"Say {word} {i} times.", "input": "", "output": f"{word} " * (i + 1)}
             for i, word in enumerate(["one", "two", "three", "four", "five", "six", "seven", "eight"][:records])]
     dataset = tokenize_records(data, tokenizer, cutoff_len=256, train_on_inputs=False)  # byte tokens: the prompt is ~170
-    model = build_lora_model(str(base), rank=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.0, use_rslora=False, seed=3)
+    model = build_lora_model(str(base), rank=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.0, use_rslora=False, seed=3,
+                             quantization=quantization)
     return tokenizer, dataset, model
+
+
+#: QLoRA's base: NF4 with double quantisation, LoRA in fp32 (bitsandbytes' 4-bit blocks need widths of 64).
+QLORA_SHAPE = {"num_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+def qlora(bits=4):
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install bitsandbytes)")
+    from florist_hf.recipe import QuantizationSection
+
+    return QuantizationSection(bits=bits, quant_type="nf4", double_quant=True, compute_dtype="float32")
 
 
 def per_record_gradients(model, tokenizer, dataset):
@@ -283,11 +294,20 @@ def per_record_gradients(model, tokenizer, dataset):
     return gradients
 
 
-def test_a_dp_sgd_step_is_the_mean_of_each_records_clipped_gradient_plus_noise(tmp_path):
+@pytest.mark.parametrize("base", ["full", "4bit"])
+def test_a_dp_sgd_step_is_the_mean_of_each_records_clipped_gradient_plus_noise(tmp_path, base):
+    """On a full-precision base and on QLoRA's 4-bit one (the per-record gradients of the LoRA factors
+    flow back through bitsandbytes' dequantizing matmuls; Opacus sees only the LoRA layers)."""
     from florist_hf.client import build_client_trainer
     from florist_hf.privacy import ClientPrivacy
 
-    tokenizer, dataset, model = tiny_dp_setup(tmp_path)
+    if base == "4bit":
+        from bitsandbytes.nn import Linear4bit
+
+        tokenizer, dataset, model = tiny_dp_setup(tmp_path, quantization=qlora(), model_shape=QLORA_SHAPE)
+        assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, Linear4bit)
+    else:
+        tokenizer, dataset, model = tiny_dp_setup(tmp_path)
     model.train()
     clip = 0.05
     gradients = per_record_gradients(model, tokenizer, dataset)
@@ -370,6 +390,40 @@ def test_a_dp_sgd_federation_records_each_clients_epsilon_composed_over_its_roun
     assert "per_client" not in public and public["epsilon_max"] == summary["epsilon_max"]
     public_sidecar = json.loads((upload / "aggregation.json").read_text())
     assert "outliers" not in public_sidecar and all("clients" not in m for m in public_sidecar["modules"].values())
+
+
+def test_dp_sgd_qlora_clients_train_on_the_4bit_base_spend_their_budget_and_publish_a_peft_adapter(tmp_path, monkeypatch):
+    from bitsandbytes.nn import Linear4bit
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from florist_hf import client
+    from florist_hf.runner import run_federation
+
+    quantization = qlora()
+    seen = []
+    build = client.build_lora_model
+
+    def recording(*args, **kwargs):
+        model = build(*args, **kwargs)
+        seen.append(type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer))
+        return model
+
+    monkeypatch.setattr(client, "build_lora_model", recording)
+    recipe = load_recipe(write_recipe(
+        tmp_path, ranks=(4, 2, 2), rounds=2, model={"tiny": QLORA_SHAPE, "quantization": quantization.model_dump()},
+        training={"max_steps": -1, "num_train_epochs": 1, "per_device_train_batch_size": 4},
+        privacy={"target_epsilon": 5.0, "max_grad_norm": 1.0, "delta": 1e-3, "accountant": "rdp"}))
+    run_dir = run_federation(recipe, console=quiet_console())
+    assert len(seen) == 6 and set(seen) == {Linear4bit}  # every client trained on the quantized base
+    clients = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "client"]
+    assert len(clients) == 6 and all(r["finite"] for r in clients)
+    assert all(5.0 - 0.1 <= r["epsilon"] <= 5.0 for r in clients if r["round"] == 2)
+    # Published on the unquantized base as an ordinary PEFT adapter holding the run's update (both rounds' sum).
+    updates = [delta_weights(RunPaths(run_dir).global_dir(t)) for t in (1, 2)]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "base_model"), run_dir / "global_adapter")
+    for name, layer in client.lora_layers(model).items():
+        assert relative_error(layer.get_delta_weight("default").detach().double(), updates[0][name] + updates[1][name]) < 1e-5
 
 
 def test_a_dp_sgd_client_still_learns_and_reruns_to_the_same_adapter(tmp_path):
