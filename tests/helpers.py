@@ -53,3 +53,20 @@ def delta_weights(adapter_dir) -> dict[str, torch.Tensor]:
 
 def relative_error(a, b):
     return float((a.double() - b.double()).norm() / max(float(b.double().norm()), 1e-30))
+
+
+def record_client_base_layers(monkeypatch) -> list[type]:
+    """The type of layer 0's q_proj base layer of every LoRA model the clients build from now on
+    (a 4-bit ``Linear4bit`` where the recipe asks for QLoRA), appended as they are built."""
+    from florist_hf import client
+
+    seen: list[type] = []
+    build = client.build_lora_model
+
+    def recording(*args, **kwargs):
+        model = build(*args, **kwargs)
+        seen.append(type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer))
+        return model
+
+    monkeypatch.setattr(client, "build_lora_model", recording)
+    return seen

@@ -10,7 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 from test_engine_cases import SHAPES, drive, fake_client
-from helpers import delta_weights, quiet_console, relative_error, write_recipe
+from helpers import delta_weights, quiet_console, record_client_base_layers, relative_error, write_recipe
 
 from florist_hf.adapters import read_adapter, save_adapter_files
 from florist_hf.aggregation import ClientModule, get_method
@@ -401,15 +401,7 @@ def test_dp_sgd_qlora_clients_train_on_the_4bit_base_spend_their_budget_and_publ
     from florist_hf.runner import run_federation
 
     quantization = qlora()
-    seen = []
-    build = client.build_lora_model
-
-    def recording(*args, **kwargs):
-        model = build(*args, **kwargs)
-        seen.append(type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer))
-        return model
-
-    monkeypatch.setattr(client, "build_lora_model", recording)
+    seen = record_client_base_layers(monkeypatch)
     recipe = load_recipe(write_recipe(
         tmp_path, ranks=(4, 2, 2), rounds=2, model={"tiny": QLORA_SHAPE, "quantization": quantization.model_dump()},
         training={"max_steps": -1, "num_train_epochs": 1, "per_device_train_batch_size": 4},

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import delta_weights, quiet_console, relative_error, write_recipe
+from helpers import delta_weights, quiet_console, record_client_base_layers, relative_error, write_recipe
 
 from florist_hf.recipe import load_recipe
 from florist_hf.runner import run_federation
@@ -19,17 +19,7 @@ TINY = {"num_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_atten
 def test_qlora_clients_train_on_the_4bit_base_and_publish_a_peft_adapter(tmp_path, monkeypatch, method):
     from bitsandbytes.nn import Linear4bit
 
-    from florist_hf import client
-
-    seen = []
-    build = client.build_lora_model
-
-    def recording(*args, **kwargs):
-        model = build(*args, **kwargs)
-        seen.append(type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer))
-        return model
-
-    monkeypatch.setattr(client, "build_lora_model", recording)
+    seen = record_client_base_layers(monkeypatch)
     data = {"partition": "dirichlet", "holdout_per_label": 2, "min_client_size": 10, "cutoff_len": 256}
     recipe = load_recipe(write_recipe(tmp_path, method=method, rounds=2, data=data, model={"tiny": TINY}), [QUANTIZATION])
     run_dir = run_federation(recipe, console=quiet_console())
