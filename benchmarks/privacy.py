@@ -141,9 +141,8 @@ def quality(args) -> dict:
 def base_loss(args) -> dict:
     """The held-out loss of the base itself on the same test records: where a federation starts."""
     from florist_hf.data import prepare_client_data
-    from florist_hf.loading import prepare_base_model
     from florist_hf.heldout import global_heldout_loss
-    from florist_hf.loading import load_tokenizer
+    from florist_hf.loading import load_tokenizer, prepare_base_model
     from florist_hf.recipe import load_recipe
 
     recipe_file = REPO / "recipes" / "smollm2_135m_dolly_heter.yaml"

@@ -17,7 +17,7 @@ def _outside_deepspeed(record: logging.LogRecord) -> bool:
     would otherwise show on every plain run."""
     from florist_hf.distributed import launched_with_deepspeed
 
-    return launched_with_deepspeed() or not record.getMessage().startswith("Setting accelerator to CPU")
+    return launched_with_deepspeed() or not str(record.msg).startswith("Setting accelerator to CPU")
 
 
 # A filter on the logger DeepSpeed creates later (it sets its own level, but keeps filters).

@@ -109,9 +109,9 @@ class GlobalHistory:
         return fold(None, [read_adapter(self.state_update_dir(t)) for t in rounds], list(rounds),
                     [adapter_digest(self.paths.global_dir(t)) for t in rounds])
 
-    def publish(self, round_index: int, out_dir: Path, *, threshold: float | None = None) -> Path:
+    def publish(self, round_index: int, out_dir: Path, *, threshold: float | None) -> Path:
         """The global model after ``round_index`` as one PEFT adapter on the original base
-        (`server.write_published_adapter`; ``threshold``: the recipe's publish.threshold)."""
+        (`server.write_published_adapter`; ``threshold``: the recipe's publish.threshold, None: exact)."""
         from florist_hf.adapters import read_adapter
         from florist_hf.global_state import fold, read_global_state
 

@@ -155,8 +155,6 @@ def describe_round(record: dict) -> str:
     )
 
 
-
-
 def describe_outliers(sidecar: dict, sidecar_path: Path) -> list[str]:
     """One line per client of a round an operator should look at (`aggregation.bounding.outliers`:
     its update norm far above the round's median)."""

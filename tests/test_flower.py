@@ -113,7 +113,8 @@ def test_the_shipped_flower_app_is_a_valid_flower_app_with_a_valid_recipe():
 # --- simulation: the same global adapter as florist-hf run ---------------------------------------
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: the slow simulation test runs first and the fast tests that share it later.
+@pytest.fixture(scope="session")
 def florist_case(tmp_path_factory):
     """A 3-client, 2-round FLoRIST recipe (τ = 0.9, ranks 4/2/2) and its ``florist-hf run`` result."""
     root = tmp_path_factory.mktemp("florist_case")
@@ -755,7 +756,7 @@ def test_a_supernode_killed_during_the_round_is_left_out_after_the_round_timeout
     supernodes = start_loopback_federation(deployment, nodes).supernodes
     out_dir = tmp_path / "flower_run"
     deployment.start("flwr_run", "flwr", "run", str(app_dir), "loopback", "--stream", "--run-config",
-                     f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120 round-timeout=25")
+                     f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120 round-timeout=40")
     deadline = time.monotonic() + 300
     while not list(nodes.glob("run_*/client_1")) and time.monotonic() < deadline:  # client 1 starts its round
         time.sleep(0.05)

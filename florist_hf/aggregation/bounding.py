@@ -51,29 +51,35 @@ def _factor_delta(client: ClientModule, reference: ClientModule, freezes_lora_a:
     return delta_b, delta_a
 
 
+def _module_norms(modules: Mapping[str, ClientModule], reference: Mapping[str, ClientModule] | None,
+                  freezes_lora_a: bool) -> tuple[dict[str, float], float]:
+    """Each module's update norm and the norm over the whole adapter, the latter from the modules'
+    squared norms summed in their order (the square root taken once: not re-squared norms)."""
+    norms, total = {}, 0.0
+    for name, module in modules.items():
+        if reference is None:
+            norm = module.scale * low_rank_norm(module.lora_b, module.lora_a)
+            squared = norm ** 2
+        else:
+            delta_b, delta_a = _factor_delta(module, reference[name], freezes_lora_a)
+            squared = float(delta_b.square().sum()) + (0.0 if delta_a is None else float(delta_a.square().sum()))
+            norm = math.sqrt(squared)
+        norms[name] = norm
+        total += squared
+    return norms, math.sqrt(total)
+
+
 def module_norms(modules: Mapping[str, ClientModule], reference: Mapping[str, ClientModule] | None = None,
                  freezes_lora_a: bool = False) -> dict[str, float]:
     """Each module's update norm: ‖s·B·A‖_F for a fresh LoRA (``reference`` None), else the norm of
     its factors' change since ``reference`` (B only where A is frozen)."""
-    norms = {}
-    for name, module in modules.items():
-        if reference is None:
-            norms[name] = module.scale * low_rank_norm(module.lora_b, module.lora_a)
-        else:
-            delta_b, delta_a = _factor_delta(module, reference[name], freezes_lora_a)
-            norms[name] = math.sqrt(float(delta_b.square().sum()) + (0.0 if delta_a is None else float(delta_a.square().sum())))
-    return norms
-
-
-def whole_norm(norms: Mapping[str, float]) -> float:
-    """The norm over a whole adapter from its modules' norms: √Σ‖·‖²."""
-    return math.sqrt(sum(norm ** 2 for norm in norms.values()))
+    return _module_norms(modules, reference, freezes_lora_a)[0]
 
 
 def update_norm(modules: Mapping[str, ClientModule], reference: Mapping[str, ClientModule] | None = None,
                 freezes_lora_a: bool = False) -> float:
-    """A client's update norm over its whole adapter (`module_norms`, summed in squares)."""
-    return whole_norm(module_norms(modules, reference, freezes_lora_a))
+    """A client's update norm over its whole adapter: √Σ of its modules' squared norms (`module_norms`)."""
+    return _module_norms(modules, reference, freezes_lora_a)[1]
 
 
 def bound_client(modules: Mapping[str, ClientModule], clip: float | None, *,
@@ -86,8 +92,7 @@ def bound_client(modules: Mapping[str, ClientModule], clip: float | None, *,
     A fresh LoRA's update s·B·A scales with its scale; a continued client's factors become
     reference + c·(factors − reference), c the factor.
     """
-    norms = module_norms(modules, reference, freezes_lora_a)
-    norm = whole_norm(norms)
+    norms, norm = _module_norms(modules, reference, freezes_lora_a)
     if not math.isfinite(norm):
         raise ValueError(f"the client's update norm is {norm}: its factors are not finite")
     factor = 1.0 if clip is None or norm <= clip else clip / norm
