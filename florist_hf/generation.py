@@ -22,10 +22,9 @@ def run_answers(run_dir: str | os.PathLike, *, instructions: tuple[str, ...] | l
     from peft import PeftModel
 
     from florist_hf.data import prepare_client_data, prompt_ids
-    from florist_hf.loading import prepare_base_model
     from florist_hf.rundir import GLOBAL_ADAPTER, RECIPE_RECORD, RUN_SUMMARY
     from florist_hf.evaluation import check_adapter_matches_base
-    from florist_hf.loading import load_causal_lm, load_tokenizer
+    from florist_hf.loading import load_causal_lm, load_tokenizer, prepare_base_model
     from florist_hf.recipe import Recipe
 
     run_dir = Path(run_dir)

@@ -113,7 +113,7 @@ def _client_report(method: AggregationMethod, modules: Sequence[dict], result: A
     report: dict = {"clients": clients}
     if method.merges_into_base and all(module for module in modules):
         # A bound without a reference measured each module's ‖s·B·A‖ as it was sent: reused.
-        fresh = bounds is not None and bounding is not None and bounding.reference is None
+        fresh = bounds is not None and bounding.reference is None  # bounds come only with a bounding
         outlook = outlier_report(modules, {name: (m.lora_b, m.lora_a) for name, m in result.modules.items()},
                                  norms=[bound.module_norms for bound in bounds] if fresh else None)
         for client, whole in zip(clients, outlook["clients"]):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +36,7 @@ class ClientBound:
 
     norm: float
     factor: float
-    module_norms: Mapping[str, float] = field(default_factory=dict)
+    module_norms: Mapping[str, float]
 
     def record(self) -> dict:
         return {"update_norm": self.norm, "clip_factor": self.factor, "clipped": self.factor < 1.0}
@@ -53,8 +53,9 @@ def _factor_delta(client: ClientModule, reference: ClientModule, freezes_lora_a:
 
 def _module_norms(modules: Mapping[str, ClientModule], reference: Mapping[str, ClientModule] | None,
                   freezes_lora_a: bool) -> tuple[dict[str, float], float]:
-    """Each module's update norm and the norm over the whole adapter, the latter from the modules'
-    squared norms summed in their order (the square root taken once: not re-squared norms)."""
+    """Each module's update norm (‖s·B·A‖_F for a fresh LoRA, ``reference`` None; else the norm of its
+    factors' change since ``reference``, B only where A is frozen) and the norm over the whole
+    adapter, from the modules' squared norms summed in their order (the square root taken once)."""
     norms, total = {}, 0.0
     for name, module in modules.items():
         if reference is None:
@@ -69,16 +70,9 @@ def _module_norms(modules: Mapping[str, ClientModule], reference: Mapping[str, C
     return norms, math.sqrt(total)
 
 
-def module_norms(modules: Mapping[str, ClientModule], reference: Mapping[str, ClientModule] | None = None,
-                 freezes_lora_a: bool = False) -> dict[str, float]:
-    """Each module's update norm: ‖s·B·A‖_F for a fresh LoRA (``reference`` None), else the norm of
-    its factors' change since ``reference`` (B only where A is frozen)."""
-    return _module_norms(modules, reference, freezes_lora_a)[0]
-
-
 def update_norm(modules: Mapping[str, ClientModule], reference: Mapping[str, ClientModule] | None = None,
                 freezes_lora_a: bool = False) -> float:
-    """A client's update norm over its whole adapter: √Σ of its modules' squared norms (`module_norms`)."""
+    """A client's update norm over its whole adapter: √Σ of its modules' squared norms."""
     return _module_norms(modules, reference, freezes_lora_a)[1]
 
 
@@ -150,7 +144,7 @@ def outlier_report(clients: Sequence[Mapping[str, ClientModule]], global_factors
                    norms: Sequence[Mapping[str, float]] | None = None) -> dict:
     """Each client's update norm and its cosine to the round's global update, per module and over
     the whole adapter (fresh-LoRA updates s·B·A against the global B·A), from the factors.
-    ``norms``: each client's module norms where the bound already has them (`module_norms`)."""
+    ``norms``: each client's module norms where its bound already has them (`ClientBound.module_norms`)."""
     per_module: dict[str, list[dict]] = {}
     totals = [{"norm_sq": 0.0, "inner": 0.0} for _ in clients]
     global_sq = 0.0
