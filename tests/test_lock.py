@@ -59,8 +59,11 @@ def test_the_lock_reader_takes_pip_compile_output_and_refuses_a_loose_line(tmp_p
 
 def test_drift_names_each_package_that_differs_from_the_lock():
     pins = {"transformers": Version("5.24.0"), "kernels": Version("0.19.1"), "peft": Version("0.21.2"),
-            "setuptools": Version("84.2.1")}
+            "setuptools": Version("84.2.1"), "wheel": Version("0.48.0"), "opacus": Version("1.6.0")}
     environment = {"transformers": Version("5.25.0"), "peft": Version("0.21.2"), "kernels": Version("0.19.1"),
-                   "newdep": Version("1.0"), "pip": Version("26.3"), "florist-hf": Version("0.1.0")}
-    assert lock.drift(pins, environment) == ["newdep: 1.0 (not in the lock)", "setuptools: not installed (lock 84.2.1)",
-                                             "transformers: 5.25.0 (lock 5.24.0)"]
+                   "newdep": Version("1.0"), "pip": Version("26.3"), "florist-hf": Version("0.1.0"),
+                   "setuptools": Version("85.0")}
+    # pip beside the lock and wheel only in a build's environment are no drift; setuptools at another
+    # version is.
+    assert lock.drift(pins, environment) == ["newdep: 1.0 (not in the lock)", "opacus: not installed (lock 1.6.0)",
+                                             "setuptools: 85.0 (lock 84.2.1)", "transformers: 5.25.0 (lock 5.24.0)"]

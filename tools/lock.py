@@ -76,8 +76,8 @@ def installed(python: str = sys.executable) -> dict[str, Version]:
     return {canonicalize_name(entry["name"]): Version(entry["version"]) for entry in json.loads(listing)}
 
 
-# pip, setuptools and wheel come with every virtual environment; only a difference in those the lock
-# pins is drift.
+# pip, setuptools and wheel come with a virtual environment or only into a build's: one of them
+# missing on either side is no drift, another version of it is.
 _ENVIRONMENT_TOOLS = {"pip", "setuptools", "wheel"}
 
 
@@ -90,9 +90,10 @@ def drift(pins: dict[str, Version], environment: dict[str, Version]) -> list[str
         locked, have = pins.get(name), environment.get(name)
         if locked == have:
             continue
+        if (locked is None or have is None) and name in _ENVIRONMENT_TOOLS:
+            continue
         if locked is None:
-            if name not in _ENVIRONMENT_TOOLS:
-                lines.append(f"{name}: {have} (not in the lock)")
+            lines.append(f"{name}: {have} (not in the lock)")
         elif have is None:
             lines.append(f"{name}: not installed (lock {locked})")
         else:
