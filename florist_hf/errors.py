@@ -3,3 +3,13 @@
 
 class FloristError(Exception):
     """A problem with the user's input: the message names the file, the module and the fix."""
+
+
+class SettingError(ValueError):
+    """A bad value of one recipe setting, raised inside the recipe's validation: ``key`` is its
+    dotted name (``training.learning_rate``), which `recipe.load_recipe` puts in its one line."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(reason)
+        self.key = key
+

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -15,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from florist_hf.aggregation import METHODS, get_method
 from florist_hf.aggregation.florist import FloristOptions, check_aggregation_mode
-from florist_hf.errors import FloristError
+from florist_hf.errors import FloristError, SettingError
 
 
 class Section(BaseModel):
@@ -355,21 +354,6 @@ class TrackingSection(Section):
     log_images: bool = True
 
 
-def _check_training_keys(training: dict) -> None:
-    from transformers import TrainingArguments
-
-    known = {field.name for field in dataclasses.fields(TrainingArguments)}
-    owned = {"output_dir"}  # each client gets its own working directory
-    for key in training:
-        if key not in known:
-            raise ValueError(f"{key} is not a TrainingArguments field")
-        if key in owned:
-            raise ValueError(f"{key} is set by florist-hf per client; remove it")
-    if training.get("report_to") not in (None, "none", [], ["none"]):
-        # Per-client trackers would start a run per client and round, each at step 0.
-        raise ValueError("report_to is a federation-level setting: use tracking.report_to (one tracker run per federation)")
-
-
 class Recipe(Section):
     name: str = "federation"
     model: ModelSection
@@ -390,16 +374,18 @@ class Recipe(Section):
 
     @field_validator("training")
     @classmethod
-    def _known_training_arguments(cls, training):
-        _check_training_keys(training)
-        return training
+    def _training_arguments_build(cls, training):
+        from florist_hf.training_args import check_training
+
+        return check_training(training)
 
     @field_validator("client_training")
     @classmethod
-    def _known_client_training_arguments(cls, client_training):
-        for overrides in client_training.values():
-            _check_training_keys(overrides)
-        return client_training
+    def _client_training_arguments_build(cls, client_training):
+        from florist_hf.training_args import check_training
+
+        return {client: check_training(overrides, where=f"client_training.{client}")
+                for client, overrides in client_training.items()}
 
     @model_validator(mode="after")
     def _ranks_per_client(self):
@@ -410,9 +396,12 @@ class Recipe(Section):
                     f"lora.{key} lists {len(value)} values for federation.num_clients = "
                     f"{self.federation.num_clients}; give one per client"
                 )
-        for client in self.client_training:
+        from florist_hf.training_args import check_training
+
+        for client, overrides in self.client_training.items():
             if not 0 <= client < self.federation.num_clients:
                 raise ValueError(f"client_training names client {client}, outside 0..{self.federation.num_clients - 1}")
+            check_training({**self.training, **overrides}, where=f"client_training.{client}")  # the two together
         return self
 
     @model_validator(mode="after")
@@ -568,6 +557,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except ValidationError as error:
         first = error.errors()[0]
         key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        setting = (first.get("ctx") or {}).get("error")
+        if isinstance(setting, SettingError):  # a setting inside a free-form section (training.learning_rate)
+            key = setting.key
         message = first["msg"]
         if first["type"] == "extra_forbidden":
             message = "unknown key; check its spelling against the recipe schema"

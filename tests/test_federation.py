@@ -208,7 +208,7 @@ def test_diverging_client_is_left_out_and_quorum_fails_cleanly(tmp_path):
         ({"lora": {"ranks": [4, 2]}}, "lora.ranks lists 2 values"),
         ({"federation": {"method": "fedit", "aggregation": "streaming"}}, "aggregation: streaming is FLoRIST's"),
         ({"federation": {"streaming_tolerance": 0.01}}, "streaming_tolerance applies to aggregation: streaming only"),
-        ({"training": {"learnin_rate": 1}}, "learnin_rate is not a TrainingArguments field"),
+        ({"training": {"learnin_rate": 1}}, "training.learnin_rate: not a TrainingArguments field"),
         ({"data": {"source": "/nonexistent/data.json"}}, "not found"),
         ({"data": {"source": "builtin:demo", "max_samples_per_client": None, "partition": "dirichlet", "min_client_size": 400}}, "min_size"),
         ({"federation": {"method": "fedex"}}, "fedex keeps the global model exact only when every client continues"),
