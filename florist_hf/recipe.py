@@ -470,6 +470,10 @@ class Recipe(Section):
 
     def fingerprint(self) -> str:
         """A hash of everything that changes the result (not where it is written)."""
+        return hashlib.sha256(json.dumps(self.fingerprinted(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def fingerprinted(self) -> dict:
+        """The settings `fingerprint` hashes: everything that changes the result."""
         payload = self.model_dump(mode="json", exclude={"output_dir", "evaluation", "publish", "hub", "tracking"})
         if payload.get("privacy") is None:  # added later; a run without it keeps its fingerprint
             payload.pop("privacy", None)
@@ -482,7 +486,7 @@ class Recipe(Section):
         for section, keys in SPEED_ONLY.items():
             for key in keys:
                 payload[section].pop(key, None)
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return payload
 
 
 #: settings added after run directories were first recorded, with their defaults, by section.
@@ -612,6 +616,11 @@ def client_training_view(recipe) -> dict:
         payload.pop("privacy", None)
     payload["federation"] = federation
 
+    return _flattened(payload)
+
+
+def _flattened(payload: dict) -> dict:
+    """A nested recipe payload as ``{dotted.key: value}``."""
     flat: dict = {}
 
     def walk(prefix: str, value) -> None:
@@ -627,7 +636,16 @@ def client_training_view(recipe) -> dict:
 
 def client_training_changes(old, new) -> list[str]:
     """``key: old -> new`` for every difference between two recipes in how clients train."""
-    before, after = client_training_view(old), client_training_view(new)
+    return _changes(client_training_view(old), client_training_view(new))
+
+
+def recipe_changes(old, new) -> list[str]:
+    """``key: old -> new`` for every difference between two recipes that changes the result
+    (what `Recipe.fingerprint` hashes)."""
+    return _changes(_flattened(old.fingerprinted()), _flattened(new.fingerprinted()))
+
+
+def _changes(before: dict, after: dict) -> list[str]:
     return [
         f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
         for key in sorted(set(before) | set(after))

@@ -177,7 +177,8 @@ def test_changed_recipe_is_refused_unless_forced(tmp_path):
     recipe_file = write_recipe(tmp_path, rounds=1)
     assert runner.invoke(app, ["run", str(recipe_file)]).exit_code == 0
     result = runner.invoke(app, ["run", str(recipe_file), "--set", "federation.threshold=0.5"])
-    assert result.exit_code == 2 and "different recipe" in result.output and "--force" in result.output
+    assert result.exit_code == 2 and "another recipe (federation.threshold: 0.9 -> 0.5)" in result.output
+    assert "--force" in result.output
     result = runner.invoke(app, ["run", str(recipe_file), "--set", "federation.rounds=2", "--force"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "run.json").read_text())["rounds_completed"] == 2

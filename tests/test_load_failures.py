@@ -1,5 +1,5 @@
 """A base model, tokenizer or dataset that cannot be loaded stops `florist-hf run` with one line
-naming the id, the cause and the fix, exit code 2, and nothing written beyond the recipe record.
+naming the id, the cause and the fix, exit code 2, and no run directory made.
 
 The Hub cases run the real CLI in a subprocess against a loopback server that refuses the way the
 Hub does (huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, at import).
@@ -41,7 +41,7 @@ def assert_one_line_failure(result, out_dir: Path, *expected: str) -> None:
     assert len(lines) == 1, result.stderr
     for text in expected:
         assert text in lines[0], lines[0]
-    assert sorted(path.name for path in out_dir.iterdir()) == ["recipe.json"]
+    assert not out_dir.exists()  # the base and the data are read before the run directory is made
 
 
 def test_design_card_command_offline_with_nothing_cached_is_one_line(tmp_path):
@@ -87,7 +87,7 @@ def test_missing_local_model_directory_is_one_line(tmp_path):
                                  "--set", f"output_dir={out_dir}", "--set", f"model.name_or_path={missing}"])
     assert result.exit_code == 2
     assert f"base model '{missing}': local path not found" in result.output
-    assert sorted(path.name for path in out_dir.iterdir()) == ["recipe.json"]
+    assert not out_dir.exists()
 
 
 def test_folder_without_a_model_is_one_line(tmp_path):
@@ -122,4 +122,4 @@ def test_model_folder_without_a_tokenizer_is_one_line(tmp_path, tiny_base):
                                  "--set", f"output_dir={out_dir}", "--set", f"model.name_or_path={model_only}"])
     assert result.exit_code == 2, result.output
     assert f"tokenizer of '{model_only}': cannot be read" in result.output
-    assert sorted(path.name for path in out_dir.iterdir()) == ["recipe.json"]
+    assert not out_dir.exists()
