@@ -41,7 +41,7 @@ from pathlib import Path
 from florist_hf.adapters import SIDECAR
 from florist_hf.errors import FloristError
 from florist_hf.global_history import GlobalHistory
-from florist_hf.io_utils import append_jsonl, retire_directory, write_json_atomic, write_jsonl_atomic
+from florist_hf.io_utils import append_jsonl, retire_directory, writable_directory, write_json_atomic, write_jsonl_atomic
 from florist_hf.loading import prepare_base_model
 from florist_hf.recipe import client_training_changes, method_of, recipe_changes, sample_clients
 from florist_hf.rounds import adapter_digest, describe_outliers, describe_round, round_record, run_summary
@@ -124,7 +124,7 @@ class Federation:
     def open(self, *, force: bool = False) -> str:
         """Check the run directory against the recipe (main process), make or find the base
         model, and read what is logged; returns the base model's path or Hub id."""
-        self.paths.root.mkdir(parents=True, exist_ok=True)
+        writable_directory(self.paths.root, key="output_dir")
         if self.main:
             if self._lock is None:
                 self._lock = RunDirectoryLock(self.paths.root)

@@ -255,7 +255,8 @@ class FederationSection(Section):
 class EvaluationSection(Section):
     tasks: list[str] = Field(default_factory=lambda: ["mmlu"])
     num_fewshot: int = 0
-    limit: float | None = None
+    #: Examples per task: a count (1 or more) or a fraction in (0, 1); None: every example.
+    limit: float | None = Field(None, gt=0)
     include_path: str | None = None
     #: A number, or lm-eval's "auto" (the largest batch that fits) / "auto:N" (re-detected N times).
     batch_size: int | str = 8
