@@ -74,7 +74,7 @@ def test_flora_layout_errors_name_what_is_missing(tmp_path):
         data.load_flora_layout(tmp_path, 2)
 
     # Pointing at the K folder itself gets a hint to use its parent.
-    with pytest.raises(FloristError, match="set data_dir to its parent"):
+    with pytest.raises(FloristError, match="set data.source to its parent"):
         data.load_flora_layout(split_dir, 2)
 
 

@@ -319,8 +319,11 @@ def test_iid_split_needs_labels_only_for_a_per_label_holdout(tmp_path):
     assert sorted(len(shard) for shard in shards) == [10, 10, 10] and test == []
     assert sorted(r["output"] for shard in shards for r in shard) == sorted(r["output"] for r in rows)
 
-    with pytest.raises(FloristError, match="30 record.s. have no label.*set data.fields.label"):
+    with pytest.raises(FloristError) as refused:
         prepare_client_data(load_recipe(write_recipe(tmp_path, data={**data, "holdout_per_label": 2})))
+    assert str(refused.value) == (
+        f"{tmp_path / 'alpaca.json'}: 30 record(s) have no label (first: row 0); data.holdout_per_label: 2 needs every "
+        "record's label: set data.fields.label to the category column, or data.holdout_per_label: 0")
 
 
 def test_cosine_round_schedule_sets_each_rounds_learning_rate(tmp_path, monkeypatch):
