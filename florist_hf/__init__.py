@@ -9,6 +9,9 @@ __version__ = "0.1.0"
 # never asked for 4-bit. Its errors still show; a recipe's QLoRA checks what it needs itself
 # (`loading.bitsandbytes_config`).
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# bitsandbytes then looks for its CPU kernel with the kernels package, which warns on every offline
+# run that it cannot check the kernel's publisher; its errors still show.
+logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 def _outside_deepspeed(record: logging.LogRecord) -> bool:

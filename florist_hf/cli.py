@@ -481,14 +481,18 @@ def print_run_summary(run_dir: Path) -> None:
 def quiet_libraries() -> None:
     """Our own progress lines replace the libraries' bars and deprecation chatter.
 
-    Set through the environment, which transformers and huggingface_hub read when they are first
-    imported, so that commands that need neither (aggregate, comm) do not import them.
+    Set through the environment, which transformers, huggingface_hub, datasets and tqdm read when
+    they are first imported, so that commands that need none of them (aggregate, comm) do not
+    import them. ``TQDM_DISABLE`` is tqdm's own default for every bar that does not set
+    ``disable`` itself (transformers' GGUF dequantization, lm-eval's request building).
     """
     import os
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
