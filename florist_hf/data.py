@@ -454,7 +454,7 @@ def dirichlet_partition(
     if min_size * num_clients > num_examples:
         raise FloristError(
             f"cannot give each of {num_clients} clients {min_size} examples out of {num_examples}; "
-            "lower min_size or use fewer clients"
+            "lower data.min_client_size or federation.num_clients"
         )
     random_state = _random_state(seed)
     label_array = np.asarray(labels, dtype=object)
@@ -484,7 +484,8 @@ def dirichlet_partition(
             return client_indices
     raise FloristError(
         f"no Dirichlet(alpha={alpha}) split gave every one of {num_clients} clients {min_size} "
-        f"examples in {max_attempts} attempts; lower min_size, raise alpha, or use fewer clients"
+        f"examples in {max_attempts} attempts; lower data.min_client_size, raise data.dirichlet_alpha, or lower "
+        "federation.num_clients"
     )
 
 

@@ -80,24 +80,6 @@ def test_hub_refusals_are_one_line_naming_the_fix(case, tmp_path):
     assert_one_line_failure(result, out_dir, "'meta-llama/Llama-3.2-1B'", *expected)
 
 
-def test_missing_local_model_directory_is_one_line(tmp_path):
-    out_dir = tmp_path / "run"
-    missing = tmp_path / "models" / "llama"
-    result = runner.invoke(app, ["run", str(REPO / "recipes/tinyllama_alpaca_heter.yaml"),
-                                 "--set", f"output_dir={out_dir}", "--set", f"model.name_or_path={missing}"])
-    assert result.exit_code == 2
-    assert f"base model '{missing}': local path not found" in result.output
-    assert not out_dir.exists()
-
-
-def test_folder_without_a_model_is_one_line(tmp_path):
-    out_dir = tmp_path / "run"
-    (tmp_path / "empty").mkdir()
-    result = runner.invoke(app, ["run", str(REPO / "recipes/tinyllama_alpaca_heter.yaml"),
-                                 "--set", f"output_dir={out_dir}", "--set", f"model.name_or_path={tmp_path / 'empty'}"])
-    assert result.exit_code == 2 and "has no config.json, so it is not a saved model" in result.output
-
-
 def test_uncached_hub_dataset_offline_is_one_line(tmp_path, tiny_base):
     out_dir = tmp_path / "run"
     result = run_cli(
