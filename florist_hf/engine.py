@@ -154,11 +154,11 @@ class Federation:
         record_file = self.paths.recipe_record
         fingerprint = self.recipe.fingerprint()
         if record_file.exists():
-            recorded = self._recorded_recipe(record_file)
-            if recorded is None or recorded.fingerprint() != fingerprint:
+            stored = self._stored_record(record_file)
+            if stored is None or stored.get("fingerprint") != fingerprint:
                 if not self.trained_any_client():
                     self._set_aside_failed_start()
-                elif recorded is None:
+                elif (recorded := self._recorded_recipe(stored)) is None:
                     raise FloristError(f"{record_file}: cannot be read by this version of florist-hf, so the run it "
                                        "records cannot be continued; use another output_dir")
                 elif not force:
@@ -174,15 +174,24 @@ class Federation:
         write_json_atomic(record_file, {"fingerprint": fingerprint, "recipe": self.recipe.model_dump(mode="json")})
 
     @staticmethod
-    def _recorded_recipe(record_file: Path):
-        """The recipe recorded in ``record_file``, or None where this version cannot read it."""
+    def _stored_record(record_file: Path) -> dict | None:
+        """recipe.json as stored (its fingerprint and recipe), or None where it is not a JSON object."""
+        try:
+            stored = json.loads(record_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return stored if isinstance(stored, dict) else None
+
+    @staticmethod
+    def _recorded_recipe(stored: dict | None):
+        """The recipe of a stored record, or None where this version cannot read it."""
         from pydantic import ValidationError
 
         from florist_hf.recipe import Recipe
 
         try:
-            return Recipe.model_validate(json.loads(record_file.read_text())["recipe"])
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValidationError):
+            return Recipe.model_validate(stored["recipe"])
+        except (KeyError, TypeError, ValidationError):
             return None
 
     def trained_any_client(self) -> bool:
