@@ -120,7 +120,7 @@ def build_training_arguments(training: dict, *, work_dir: str | Path, seed: int,
         fields["use_cpu"] = True
     try:
         return kind(output_dir=str(work_dir), **fields)
-    except (TypeError, ValueError, KeyError) as error:
+    except (TypeError, ValueError, KeyError, OSError, NotImplementedError) as error:  # a config file it names, too
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "bf16" in reason or "fp16" in reason:  # a GPU recipe on a machine without one
             precision = "bf16" if "bf16" in reason else "fp16"
