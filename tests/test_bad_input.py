@@ -105,11 +105,15 @@ TEST_CASES: dict[str, tuple[list[str], list[str]]] = {
     "run-output-is-a-file": (["run", "{recipe}", "--set", "output_dir={file}"], ["{file} is a file", "set output_dir"]),
     "run-output-in-proc": (
         ["run", "{recipe}", "--set", "output_dir=/proc/florist-hf-test/run"], ["/proc/florist-hf-test/run: cannot be made"]),
+    "run-output-not-permitted": (
+        ["run", "{recipe}", "--set", "output_dir=/sys/florist-hf-test"], ["/sys/florist-hf-test: cannot be made", "set output_dir"]),
     "aggregate-out-under-a-file": (
         ["aggregate", "{clients}", "--out", "{file}/global"], ["{file}/global: cannot be made", "set --out"]),
     "aggregate-out-in-proc": (
         ["aggregate", "{clients}", "--out", "/proc/florist-hf-test"], ["/proc/florist-hf-test: cannot be written", "set --out"]),
     "export-out-under-a-file": (["export", "{run}", "--out", "{file}/uniform"], ["{file}/uniform: cannot be made", "--out"]),
+    "export-out-not-permitted": (
+        ["export", "{run}", "--out", "/sys/florist-hf-test"], ["/sys/florist-hf-test: cannot be written", "set --out"]),
     "export-merged-out-in-proc": (
         ["export", "{run}", "--format", "merged", "--out", "/proc/florist-hf-test"], ["/proc/florist-hf-test: cannot be written"]),
     "evaluate-out-under-a-file": (
@@ -193,7 +197,7 @@ def test_bad_input_is_one_line_a_non_zero_exit_and_an_untouched_run(case, finish
     for text in expected:
         assert text.format(**paths) in lines[0], lines[0]
     assert tree_digest(Path(paths["run"])) == before
-    assert not Path("/proc/florist-hf-test").exists()
+    assert not Path("/proc/florist-hf-test").exists() and not Path("/sys/florist-hf-test").exists()
 
 
 def test_a_failed_start_leaves_a_directory_that_takes_the_corrected_recipe(tmp_path):
