@@ -195,8 +195,10 @@ class Federation:
             return None
 
     def trained_any_client(self) -> bool:
-        """Whether a client finished a round in this run directory (its adapter was exported)."""
-        return any(self.paths.root.glob("rounds/*/clients/client_*"))
+        """Whether a client finished a round in this run directory: its adapter was exported, or a
+        round was aggregated (round 0's global is the clients' shared init, not a result)."""
+        return (any(self.paths.root.glob("rounds/*/clients/client_*"))
+                or any(path.parent.name != "0" for path in self.paths.root.glob("rounds/*/global")))
 
     def _set_aside_failed_start(self) -> None:
         """Move what a start that trained nothing left (its recipe, base model, initial adapter,

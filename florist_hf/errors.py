@@ -1,4 +1,5 @@
-"""The one exception type the CLI turns into a one-line message and exit code 2."""
+"""Bad input's exceptions: `FloristError`, which the CLI turns into a one-line message and exit code 2,
+and `SettingError`, one recipe setting's bad value found while the recipe is validated."""
 
 
 class FloristError(Exception):
@@ -12,4 +13,3 @@ class SettingError(ValueError):
     def __init__(self, key: str, reason: str):
         super().__init__(reason)
         self.key = key
-
