@@ -99,6 +99,7 @@ def build_training_arguments(training: dict, *, work_dir: str | Path, seed: int,
     for bf16, tf32, DeepSpeed) is checked where the client trains. A bad value is a FloristError
     naming ``where`` and the key.
     """
+    import torch
     from transformers import TrainingArguments
 
     training = _checked_values(training, where)
@@ -109,8 +110,6 @@ def build_training_arguments(training: dict, *, work_dir: str | Path, seed: int,
         # only the newest checkpoint is needed for that.
         training["save_strategy"] = "steps"
         training.setdefault("save_total_limit", 1)
-    import torch
-
     fields = {**TRAINING_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available(), **training,
               "seed": seed, "data_seed": seed}
     kind = TrainingArguments
