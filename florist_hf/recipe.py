@@ -18,7 +18,8 @@ from florist_hf.errors import FloristError, SettingError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # A recorded recipe (recipe.json) reads back as it was written: an infinite or NaN value stays one.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
 
 class QuantizationSection(Section):
