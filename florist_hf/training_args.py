@@ -41,11 +41,27 @@ def _field_types() -> dict[str, Any]:
     return {field.name: hints[field.name] for field in dataclasses.fields(TrainingArguments) if field.init}
 
 
+#: Ranges TrainingArguments leaves to the optimizer (AdamW) and the data loader, which would refuse
+#: a value outside them only once the first client trains.
+RANGES = {
+    "learning_rate": {"ge": 0},
+    "weight_decay": {"ge": 0},
+    "adam_beta1": {"ge": 0, "lt": 1},
+    "adam_beta2": {"ge": 0, "lt": 1},
+    "adam_epsilon": {"ge": 0},
+    "per_device_train_batch_size": {"ge": 1},
+    "gradient_accumulation_steps": {"ge": 1},
+}
+
+
 @functools.cache
 def _type_adapter(key: str):
-    from pydantic import TypeAdapter
+    from typing import Annotated
 
-    return TypeAdapter(_field_types()[key])
+    from pydantic import Field, TypeAdapter
+
+    kind = _field_types()[key]
+    return TypeAdapter(Annotated[kind, Field(**RANGES[key])] if key in RANGES else kind)
 
 
 def _checked_values(training: dict, where: str) -> dict:

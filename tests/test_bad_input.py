@@ -38,6 +38,14 @@ TEST_CASES: dict[str, tuple[list[str], list[str]]] = {
     "client-batch-size-not-an-integer": (
         [*RUN, "--set", "client_training={{1: {{per_device_train_batch_size: 2.5}}}}"],
         ["recipe.yaml: client_training.1.per_device_train_batch_size: got 2.5", "valid integer"]),
+    "learning-rate-negative": (
+        [*RUN, "--set", "training.learning_rate=-1"], ["recipe.yaml: training.learning_rate: got -1", "greater than or equal to 0"]),
+    "batch-size-zero": (
+        [*RUN, "--set", "training.per_device_train_batch_size=0"],
+        ["recipe.yaml: training.per_device_train_batch_size: got 0", "greater than or equal to 1"]),
+    "gradient-accumulation-zero": (
+        [*RUN, "--set", "training.gradient_accumulation_steps=0"], ["training.gradient_accumulation_steps: got 0"]),
+    "adam-beta-one": ([*RUN, "--set", "training.adam_beta2=1"], ["training.adam_beta2: got 1", "less than 1"]),
     "training-key-misspelt": (
         [*RUN, "--set", "training.learnin_rate=1"],
         ["recipe.yaml: training.learnin_rate: not a TrainingArguments field"]),
