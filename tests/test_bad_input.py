@@ -126,6 +126,8 @@ TEST_CASES: dict[str, tuple[list[str], list[str]]] = {
         ["export", "{run}", "--format", "merged", "--out", "/proc/florist-hf-test"], ["/proc/florist-hf-test: cannot be written"]),
     "evaluate-out-under-a-file": (
         ["evaluate", "--base", "{run}/base_model", "--out", "{file}/results.json"], ["{file}/results.json: cannot be made"]),
+    "push-dry-run-under-a-file": (
+        ["push", "{run}", "--repo-id", "alice/tiny", "--dry-run", "{file}/upload"], ["{file}/upload: cannot be made"]),
     # --- other commands -------------------------------------------------------------------------
     "aggregate-out-exists": (
         ["aggregate", "{clients}", "--out", "{run}/global_adapter"], ["{run}/global_adapter", "already exists", "--force"]),
