@@ -103,9 +103,11 @@ def aggregate(
     ] = None,
 ) -> None:
     """Aggregate client LoRA adapters into one global PEFT adapter (one server step)."""
+    from florist_hf.io_utils import writable_directory
     from florist_hf.server import UpdateBounding, aggregate_adapters
 
     aggregator = _method(method, threshold, aggregation, streaming_tolerance)
+    writable_directory(out.parent, key="--out", target=out)  # before any adapter is read
     bounding = None
     if clip_update_norm is not None:
         if not clip_update_norm > 0:
@@ -297,8 +299,10 @@ def export(
 ) -> None:
     """Export a global adapter for a serving engine: one uniform rank, or merged into the base."""
     from florist_hf.export import export_merged, export_uniform
+    from florist_hf.io_utils import writable_directory
     from florist_hf.loading import resolve_base
 
+    writable_directory(out.parent, key="--out", target=out)  # before any model is loaded
     if gguf_file is not None and base_model is None:
         raise FloristError("--gguf-file names a file in --base-model's folder or repository; pass --base-model too")
     if base_model is not None:
@@ -344,6 +348,13 @@ def evaluate(
     from florist_hf.loading import resolve_base
     from florist_hf.recipe import EvaluationSection
 
+    if limit is not None and not limit > 0:
+        raise FloristError(f"--limit {limit:g}: give the examples per task as a count (1 or more) or a fraction in (0, 1), "
+                           "or leave --limit out for every example")
+    if out is not None:
+        from florist_hf.io_utils import writable_directory
+
+        writable_directory(out.parent, key="--out", target=out)  # before the model is loaded
     base = resolve_base(base, gguf_file, revision=revision, key="--base", file_key="--gguf-file")
 
     count_limit = int(limit) if limit is not None and limit >= 1 else limit
@@ -470,14 +481,18 @@ def print_run_summary(run_dir: Path) -> None:
 def quiet_libraries() -> None:
     """Our own progress lines replace the libraries' bars and deprecation chatter.
 
-    Set through the environment, which transformers and huggingface_hub read when they are first
-    imported, so that commands that need neither (aggregate, comm) do not import them.
+    Set through the environment, which transformers, huggingface_hub, datasets and tqdm read when
+    they are first imported, so that commands that need none of them (aggregate, comm) do not
+    import them. ``TQDM_DISABLE`` is tqdm's own default for every bar that does not set
+    ``disable`` itself (transformers' GGUF dequantization, lm-eval's request building).
     """
     import os
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 

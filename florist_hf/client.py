@@ -19,6 +19,7 @@ from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory, write_json_atomic
 from florist_hf.global_state import install_global_state, lora_layers
 from florist_hf.loading import BaseModelCache, free_memory, load_base
+from florist_hf.training_args import TRAINING_DEFAULTS, build_training_arguments
 
 
 @dataclass
@@ -242,21 +243,6 @@ def write_initial_adapter(recipe, base_path: str, out_dir: Path) -> Path:
     return out_dir
 
 
-#: TrainingArguments florist-hf sets unless the recipe does: no checkpoints inside a client round
-#: unless ``save_steps`` asks for them (the round itself is the checkpoint), no external loggers
-#: unless asked, our own progress lines.
-TRAINING_DEFAULTS = {
-    "report_to": "none",
-    "dataloader_pin_memory": torch.cuda.is_available(),
-    "save_strategy": "no",
-    "logging_steps": 1,
-    "disable_tqdm": True,
-    "remove_unused_columns": False,
-    "learning_rate": 3e-4,
-    "lr_scheduler_type": "linear",
-}
-
-
 #: Attention implementations that keep the records of a padding-free row apart from its
 #: ``position_ids`` alone (transformers 5 builds the block-diagonal mask from them for sdpa, eager
 #: and flex; FlashAttention reads the sequence boundaries from them).
@@ -338,35 +324,17 @@ def build_client_trainer(model, tokenizer, train_dataset, *, training: dict, wor
     ``batching`` and ``one_row`` are the batch layout (`data.make_collator`). With ``privacy``
     (`privacy.ClientPrivacy`) the Trainer is `privacy.DPSGDTrainer`, its sampling and noise drawn
     from ``noise_seed``."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer
 
     from florist_hf.data import make_collator
 
     check_training_backends(training)
-    training = dict(training)
     trainer_class, dp_options = Trainer, {}
     if privacy is not None:
         from florist_hf.privacy import DPSGDTrainer
 
-        # Every record's gradient is clipped by DP-SGD; the Trainer's clip of the batch's would be spent work.
-        training["max_grad_norm"] = 0.0
         trainer_class, dp_options = DPSGDTrainer, {"privacy": privacy, "seed": noise_seed}
-    if "save_steps" in training and "save_strategy" not in training:
-        # save_steps alone means "checkpoint the client round every N steps" (for resuming it);
-        # only the newest checkpoint is needed for that.
-        training["save_strategy"] = "steps"
-        training.setdefault("save_total_limit", 1)
-    try:
-        args = TrainingArguments(output_dir=str(work_dir), **{**TRAINING_DEFAULTS, **training, "seed": seed, "data_seed": seed})
-    except (TypeError, ValueError) as error:
-        reason = str(error).splitlines()[0]
-        if "bf16" in reason or "fp16" in reason:  # a GPU recipe on a machine without one
-            precision = "bf16" if "bf16" in reason else "fp16"
-            raise FloristError(
-                f"training: {reason}; on a machine without a GPU, --set training.use_cpu=true keeps {precision} "
-                f"(CPU autocast) or --set training.{precision}=false trains in fp32"
-            ) from None
-        raise FloristError(f"training: {reason}; fix the recipe's training section") from None
+    args = build_training_arguments(training, work_dir=work_dir, seed=seed, dp_sgd=privacy is not None)
     trainer = trainer_class(
         model=model,
         args=args,

@@ -327,7 +327,7 @@ def load_flora_layout(
     if not split_dir.is_dir():
         found = sorted(child.name for child in root.iterdir() if child.is_dir())
         hint = (
-            f"; {root} itself holds client files, so set data_dir to its parent {root.parent}"
+            f"; {root} itself holds client files, so set data.source to its parent {root.parent}"
             if (root / FLORA_TRAIN_FILE.format(client=0)).is_file()
             else f" (subfolders: {', '.join(found) or 'none'})"
         )
@@ -416,14 +416,16 @@ def iid_partition(num_examples: int, num_clients: int, seed: int | np.random.Ran
     return [part.tolist() for part in np.array_split(permutation, num_clients)]
 
 
-def labels_of(records: Sequence[Mapping[str, Any]], *, source: str = "records") -> list[Hashable]:
-    """The label of every record; a record without one is an error (label-based splits need it)."""
+def labels_of(records: Sequence[Mapping[str, Any]], *, source: str = "records", needed_by: str = "a label-based split",
+              otherwise: str = "use an iid split") -> list[Hashable]:
+    """The label of every record; a record without one is an error naming the ``source`` and the
+    setting that needs labels (``needed_by``), with the way to do without them (``otherwise``)."""
     labels = [record.get("label") for record in records]
     missing = [index for index, label in enumerate(labels) if label is None]
     if missing:
         raise FloristError(
-            f"{source}: {len(missing)} record(s) have no label (first: row {missing[0]}); "
-            "set data.fields.label to the category column, or use an iid split"
+            f"{source}: {len(missing)} record(s) have no label (first: row {missing[0]}); {needed_by} needs every "
+            f"record's label: set data.fields.label to the category column, or {otherwise}"
         )
     return labels
 
@@ -452,7 +454,7 @@ def dirichlet_partition(
     if min_size * num_clients > num_examples:
         raise FloristError(
             f"cannot give each of {num_clients} clients {min_size} examples out of {num_examples}; "
-            "lower min_size or use fewer clients"
+            "lower data.min_client_size or federation.num_clients"
         )
     random_state = _random_state(seed)
     label_array = np.asarray(labels, dtype=object)
@@ -482,7 +484,8 @@ def dirichlet_partition(
             return client_indices
     raise FloristError(
         f"no Dirichlet(alpha={alpha}) split gave every one of {num_clients} clients {min_size} "
-        f"examples in {max_attempts} attempts; lower min_size, raise alpha, or use fewer clients"
+        f"examples in {max_attempts} attempts; lower data.min_client_size, raise data.dirichlet_alpha, or lower "
+        "federation.num_clients"
     )
 
 
@@ -497,7 +500,7 @@ def holdout_per_label(
     stream FLoRA's ``groupby(...).sample(n)`` consumed. Train keeps the input order; test is
     grouped by label.
     """
-    labels = labels_of(records)
+    labels = labels_of(records, needed_by="a per-label hold-out", otherwise="hold none out")
     random_state = _random_state(seed)
     label_array = np.asarray(labels, dtype=object)
     test_indices: list[int] = []
@@ -561,6 +564,10 @@ def client_sample_seed(data_seed: int, client_id: int) -> int:
 def prepare_client_data(recipe: Recipe) -> tuple[list[list[dict]], list[dict]]:
     """Every client's records and the held-out test records, as the recipe's data section says."""
     section, num_clients = recipe.data, recipe.federation.num_clients
+    # What needs the records' labels, and the setting that does without them.
+    label_needs = [(f"data.partition: {section.partition}", "data.partition: iid")] if section.partition == "dirichlet" else []
+    if section.holdout_per_label:
+        label_needs.append((f"data.holdout_per_label: {section.holdout_per_label}", "data.holdout_per_label: 0"))
     if section.layout == "flora":
         shards, test = load_flora_layout(section.source, num_clients, format=section.format, fields=section.fields)
     else:
@@ -568,6 +575,9 @@ def prepare_client_data(recipe: Recipe) -> tuple[list[list[dict]], list[dict]]:
             records = demo_records()
         else:
             records = load_records(section.source, format=section.format, fields=section.fields, split=section.split)
+        if label_needs:
+            labels_of(records, source=section.source, needed_by=" and ".join(need for need, _ in label_needs),
+                      otherwise=" and ".join(fix for _, fix in label_needs))
         if section.partition == "dirichlet":
             shards, test = flora_split(
                 records, num_clients, alpha=section.dirichlet_alpha, seed=section.seed,

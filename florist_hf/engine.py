@@ -41,15 +41,16 @@ from pathlib import Path
 from florist_hf.adapters import SIDECAR
 from florist_hf.errors import FloristError
 from florist_hf.global_history import GlobalHistory
-from florist_hf.io_utils import append_jsonl, retire_directory, write_json_atomic, write_jsonl_atomic
+from florist_hf.io_utils import append_jsonl, retire_directory, writable_directory, write_json_atomic, write_jsonl_atomic
 from florist_hf.loading import prepare_base_model
-from florist_hf.recipe import client_training_changes, method_of, sample_clients
+from florist_hf.recipe import client_training_changes, method_of, recipe_changes, sample_clients
 from florist_hf.rounds import adapter_digest, describe_outliers, describe_round, round_record, run_summary
 from florist_hf.rundir import (
     GLOBAL_ADAPTER,
     METRICS_FILE,
     RECIPE_RECORD,
     ROUND_INPUTS,
+    RUN_LOCK,
     RUN_SUMMARY,
     SUPERSEDED_DIR,
     RunDirectoryLock,
@@ -69,6 +70,14 @@ class RoundPlan:
     clients: list = field(default_factory=list)
     #: Its global adapter exists: nothing to train or aggregate.
     complete: bool = False
+
+
+def _listed(changes: list[str]) -> str:
+    """The first few of ``changes`` (``key: old -> new``), and how many more there are."""
+    if not changes:
+        return "no setting this version can name differs"
+    shown = "; ".join(changes[:3])
+    return shown + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
 
 
 def record_key(record: dict) -> tuple:
@@ -115,7 +124,7 @@ class Federation:
     def open(self, *, force: bool = False) -> str:
         """Check the run directory against the recipe (main process), make or find the base
         model, and read what is logged; returns the base model's path or Hub id."""
-        self.paths.root.mkdir(parents=True, exist_ok=True)
+        writable_directory(self.paths.root, key="output_dir")
         if self.main:
             if self._lock is None:
                 self._lock = RunDirectoryLock(self.paths.root)
@@ -137,36 +146,70 @@ class Federation:
         return self.base_path
 
     def check_recipe(self, force: bool) -> None:
-        """Refuse a run directory that holds another recipe unless ``force``; with ``force``,
-        refuse still a change to how clients train (their kept adapters were trained without
-        it) and accept the rest: server settings re-aggregate, new rounds extend the run."""
+        """Refuse a run directory that holds another recipe unless ``force``, naming the settings
+        that differ; with ``force``, refuse still a change to how clients train (their kept
+        adapters were trained without it) and accept the rest: server settings re-aggregate, new
+        rounds extend the run. A directory in which no client finished (a start that failed) takes
+        the new recipe: what that start left is set aside under superseded/."""
+        record_file = self.paths.recipe_record
+        fingerprint = self.recipe.fingerprint()
+        if record_file.exists():
+            stored = self._stored_record(record_file)
+            if stored is None or stored.get("fingerprint") != fingerprint:
+                if not self.trained_any_client():
+                    self._set_aside_failed_start()
+                elif (recorded := self._recorded_recipe(stored)) is None:
+                    raise FloristError(f"{record_file}: cannot be read by this version of florist-hf, so the run it "
+                                       "records cannot be continued; use another output_dir")
+                elif not force:
+                    raise FloristError(
+                        f"{self.paths.root}: holds a run of another recipe ({_listed(recipe_changes(recorded, self.recipe))}); "
+                        "use another output_dir, or --force to continue it with the new recipe"
+                    )
+                elif changes := client_training_changes(recorded, self.recipe):
+                    raise FloristError(
+                        f"{self.paths.root}: --force cannot apply {_listed(changes)}: it changes how the clients train, "
+                        "and the kept client adapters were trained without it; use another output_dir"
+                    )
+        write_json_atomic(record_file, {"fingerprint": fingerprint, "recipe": self.recipe.model_dump(mode="json")})
+
+    @staticmethod
+    def _stored_record(record_file: Path) -> dict | None:
+        """recipe.json as stored (its fingerprint and recipe), or None where it is not a JSON object."""
+        try:
+            stored = json.loads(record_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return stored if isinstance(stored, dict) else None
+
+    @staticmethod
+    def _recorded_recipe(stored: dict | None):
+        """The recipe of a stored record, or None where this version cannot read it."""
         from pydantic import ValidationError
 
         from florist_hf.recipe import Recipe
 
-        record_file = self.paths.root / RECIPE_RECORD
-        fingerprint = self.recipe.fingerprint()
-        if record_file.exists():
-            recorded = json.loads(record_file.read_text())
-            if recorded.get("fingerprint") != fingerprint:
-                if not force:
-                    raise FloristError(
-                        f"{self.paths.root}: holds a run of a different recipe (fingerprint {recorded.get('fingerprint')} "
-                        f"vs {fingerprint}); use another output_dir, or --force to continue it with the new recipe"
-                    )
-                try:
-                    changes = client_training_changes(Recipe.model_validate(recorded["recipe"]), self.recipe)
-                except (KeyError, ValidationError):
-                    changes = ["the recorded recipe.json cannot be read by this version"]
-                if changes and any(self.paths.root.glob("rounds/*/clients/client_*")):
-                    raise FloristError(
-                        f"{self.paths.root}: --force cannot apply {changes[0]}"
-                        + (f" (and {len(changes) - 1} more)" if len(changes) > 1 else "")
-                        + ": it changes how the clients train, and the kept client adapters were trained without it; "
-                        "use another output_dir"
-                    )
-        write_json_atomic(record_file, {"fingerprint": fingerprint, "recipe": self.recipe.model_dump(mode="json")})
+        try:
+            return Recipe.model_validate(stored["recipe"])
+        except (KeyError, TypeError, ValidationError):
+            return None
 
+    def trained_any_client(self) -> bool:
+        """Whether a client finished a round in this run directory: its adapter was exported, or a
+        round was aggregated (round 0's global is the clients' shared init, not a result)."""
+        return (any(self.paths.root.glob("rounds/*/clients/client_*"))
+                or any(path.parent.name != "0" for path in self.paths.root.glob("rounds/*/global")))
+
+    def _set_aside_failed_start(self) -> None:
+        """Move what a start that trained nothing left (its recipe, base model, initial adapter,
+        checkpoints of unfinished clients) under superseded/, so that the new recipe starts clean."""
+        left = sorted(path for path in self.paths.root.iterdir() if path.name not in (RUN_LOCK, SUPERSEDED_DIR, RECIPE_RECORD))
+        if left:  # a recipe record alone (a start that failed at the base model) is simply replaced
+            for path in [*left, self.paths.recipe_record]:
+                if path.exists():
+                    retire_directory(path, self._superseded_dir() / path.name)
+            self.console.print(f"[yellow]{self.paths.root}: its last start, of another recipe, trained no client; what it "
+                               f"left is set aside under {self._superseded_dir()}, and this recipe starts afresh[/]")
 
     def describe(self, client_sizes: Sequence[int], where: str = "") -> str:
         recipe, federation = self.recipe, self.recipe.federation

@@ -8,6 +8,7 @@ reported as a one-line ``FloristError``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -23,6 +24,11 @@ from florist_hf.errors import FloristError
 from florist_hf.io_utils import write_json_atomic
 
 logger = logging.getLogger(__name__)
+# lm-eval's hints for its own command line name flags this one does not have (``--metadata`` for the
+# paper task's data file, "Ensure do_sample=True" for our max_gen_toks, "Overwriting default
+# num_fewshot" for our --num-fewshot); its errors still show.
+for _lm_eval_logger in ("lm_eval.evaluator", "lm_eval.api.task"):
+    logging.getLogger(_lm_eval_logger).setLevel(logging.ERROR)
 
 #: The folder of task YAMLs shipped with the package; always on lm-eval's include path.
 PACKAGED_TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -205,6 +211,41 @@ def _results_record(raw: Mapping[str, Any], run_info: Mapping[str, Any], log_sam
     return _to_json_safe(record)
 
 
+def _quiet_lm(lm_class):
+    """``lm_class`` (lm-eval's HFLM) with its per-request progress bars off, through lm-eval's own
+    ``disable_tqdm`` (its bars set ``disable`` themselves, so tqdm's TQDM_DISABLE does not reach them)."""
+
+    class QuietLM(lm_class):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    QuietLM.__name__ = QuietLM.__qualname__ = lm_class.__name__
+    return QuietLM
+
+
+@contextlib.contextmanager
+def _git_hash_without_git():
+    """lm-eval records the git commit of the working directory by running ``git describe``, whose
+    "fatal: not a git repository" goes straight to the terminal outside a repository (and the
+    commit is not kept in our results); lm-eval's own reader of ``.git/HEAD`` gives that commit
+    without a subprocess, so it stands in while lm-eval runs."""
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    original = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = lambda: get_commit_from_path(os.getcwd())
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original
+
+
 def evaluate_adapter(
     base_model: str,
     adapter: str | os.PathLike | None,
@@ -260,7 +301,7 @@ def evaluate_adapter(
     task_manager = _task_manager(task_names, [PACKAGED_TASKS_DIR, *map(Path, user_include_paths)], task_metadata)
 
     device = device or default_device()
-    model = HFLM(
+    model = _quiet_lm(HFLM)(
         pretrained=base_model,
         peft=None if adapter is None else str(adapter),
         device=device,
@@ -268,16 +309,17 @@ def evaluate_adapter(
         revision=revision or "main",
         trust_remote_code=trust_remote_code,
     )
-    raw_results = lm_eval.simple_evaluate(
-        model=model,
-        tasks=task_names,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        gen_kwargs=None if max_new_tokens is None else {"max_gen_toks": max_new_tokens},
-        log_samples=log_samples,
-        apply_chat_template=apply_chat_template,
-        task_manager=task_manager,
-    )
+    with _git_hash_without_git():
+        raw_results = lm_eval.simple_evaluate(
+            model=model,
+            tasks=task_names,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            gen_kwargs=None if max_new_tokens is None else {"max_gen_toks": max_new_tokens},
+            log_samples=log_samples,
+            apply_chat_template=apply_chat_template,
+            task_manager=task_manager,
+        )
     run_info = {
         "base_model": str(base_model),
         "adapter": None if adapter is None else str(adapter),

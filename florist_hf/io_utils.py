@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from florist_hf.errors import FloristError
+
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and one rename (fsynced first)."""
@@ -47,17 +49,40 @@ def write_jsonl_atomic(path: str | os.PathLike, records) -> Path:
     return write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
+def writable_directory(path: str | os.PathLike, *, key: str | None, target: str | os.PathLike | None = None) -> Path:
+    """``path`` made with its parents where missing, and checked writable; where it cannot be (a
+    parent is a file, a read-only or virtual file system, no permission) one line naming ``target``
+    (what is to be written in ``path``; default ``path`` itself) and the setting ``key`` that chose it."""
+    path = Path(path)
+    named = Path(target) if target is not None else path
+    fix = f"set {key} to a folder you can write" if key else "write it to a folder you can write"
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(20, f"{path} is a file, not a folder")
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename and Path(error.filename) != named else ""
+        raise FloristError(f"{named}: cannot be made: {error.strerror or error}{where}; {fix}") from None
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".florist-hf-write-check.", dir=path))
+    except OSError as error:
+        raise FloristError(f"{named}: cannot be written: {path} does not take new files ({error.strerror or error}); "
+                           f"{fix}") from None
+    return path
+
+
 @contextmanager
-def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False, key: str | None = None) -> Iterator[Path]:
     """Yield a staging directory that replaces ``target`` when the block succeeds.
 
     On any error the staging directory is removed and ``target`` is untouched. With ``overwrite``,
-    an existing ``target`` is swapped out only after the new one is complete.
+    an existing ``target`` is swapped out only after the new one is complete. Where ``target``'s
+    folder cannot be made or written, one line names it and the setting ``key`` that chose it.
     """
     target = Path(target)
     if target.exists() and not overwrite:
         raise FileExistsError(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    writable_directory(target.parent, key=key, target=target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield staging

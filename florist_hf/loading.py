@@ -451,7 +451,7 @@ def _dequantize(path: Path, target: Path, *, dtype: str, record: dict, file_key:
         raise FloristError(f"{file_key} '{record['gguf_file']}': {reason}; use a safetensors model directory "
                            "or Hub id as the base instead") from None
     try:
-        with atomic_directory(target, overwrite=True) as staging:
+        with atomic_directory(target, overwrite=True, key=CACHE_ENV) as staging:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             write_json_atomic(staging / GGUF_RECORD, record)

@@ -149,7 +149,7 @@ def client_privacy(recipe, client_id: int, round_index: int, num_samples: int) -
     """Client ``client_id``'s DP-SGD settings in round ``round_index`` on its ``num_samples`` records
     (None without ``privacy``). The noise is the recipe's, or calibrated to ``target_epsilon`` over
     the rounds the client is planned to take part in (the recipe's sampling, known in advance)."""
-    from florist_hf.client import TRAINING_DEFAULTS
+    from florist_hf.training_args import TRAINING_DEFAULTS
     from florist_hf.recipe import sample_clients
 
     privacy = recipe.privacy

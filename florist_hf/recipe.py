@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -15,11 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from florist_hf.aggregation import METHODS, get_method
 from florist_hf.aggregation.florist import FloristOptions, check_aggregation_mode
-from florist_hf.errors import FloristError
+from florist_hf.errors import FloristError, SettingError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # A recorded recipe (recipe.json) reads back as it was written: an infinite or NaN value stays one.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
 
 class QuantizationSection(Section):
@@ -256,7 +256,8 @@ class FederationSection(Section):
 class EvaluationSection(Section):
     tasks: list[str] = Field(default_factory=lambda: ["mmlu"])
     num_fewshot: int = 0
-    limit: float | None = None
+    #: Examples per task: a count (1 or more) or a fraction in (0, 1); None: every example.
+    limit: float | None = Field(None, gt=0)
     include_path: str | None = None
     #: A number, or lm-eval's "auto" (the largest batch that fits) / "auto:N" (re-detected N times).
     batch_size: int | str = 8
@@ -355,21 +356,6 @@ class TrackingSection(Section):
     log_images: bool = True
 
 
-def _check_training_keys(training: dict) -> None:
-    from transformers import TrainingArguments
-
-    known = {field.name for field in dataclasses.fields(TrainingArguments)}
-    owned = {"output_dir"}  # each client gets its own working directory
-    for key in training:
-        if key not in known:
-            raise ValueError(f"{key} is not a TrainingArguments field")
-        if key in owned:
-            raise ValueError(f"{key} is set by florist-hf per client; remove it")
-    if training.get("report_to") not in (None, "none", [], ["none"]):
-        # Per-client trackers would start a run per client and round, each at step 0.
-        raise ValueError("report_to is a federation-level setting: use tracking.report_to (one tracker run per federation)")
-
-
 class Recipe(Section):
     name: str = "federation"
     model: ModelSection
@@ -390,16 +376,18 @@ class Recipe(Section):
 
     @field_validator("training")
     @classmethod
-    def _known_training_arguments(cls, training):
-        _check_training_keys(training)
-        return training
+    def _training_arguments_build(cls, training):
+        from florist_hf.training_args import check_training
+
+        return check_training(training)
 
     @field_validator("client_training")
     @classmethod
-    def _known_client_training_arguments(cls, client_training):
-        for overrides in client_training.values():
-            _check_training_keys(overrides)
-        return client_training
+    def _client_training_arguments_build(cls, client_training):
+        from florist_hf.training_args import check_training
+
+        return {client: check_training(overrides, where=f"client_training.{client}")
+                for client, overrides in client_training.items()}
 
     @model_validator(mode="after")
     def _ranks_per_client(self):
@@ -410,9 +398,12 @@ class Recipe(Section):
                     f"lora.{key} lists {len(value)} values for federation.num_clients = "
                     f"{self.federation.num_clients}; give one per client"
                 )
-        for client in self.client_training:
+        from florist_hf.training_args import check_training
+
+        for client, overrides in self.client_training.items():
             if not 0 <= client < self.federation.num_clients:
                 raise ValueError(f"client_training names client {client}, outside 0..{self.federation.num_clients - 1}")
+            check_training({**self.training, **overrides}, where=f"client_training.{client}")  # the two together
         return self
 
     @model_validator(mode="after")
@@ -481,6 +472,10 @@ class Recipe(Section):
 
     def fingerprint(self) -> str:
         """A hash of everything that changes the result (not where it is written)."""
+        return hashlib.sha256(json.dumps(self.fingerprinted(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def fingerprinted(self) -> dict:
+        """The settings `fingerprint` hashes: everything that changes the result."""
         payload = self.model_dump(mode="json", exclude={"output_dir", "evaluation", "publish", "hub", "tracking"})
         if payload.get("privacy") is None:  # added later; a run without it keeps its fingerprint
             payload.pop("privacy", None)
@@ -493,7 +488,7 @@ class Recipe(Section):
         for section, keys in SPEED_ONLY.items():
             for key in keys:
                 payload[section].pop(key, None)
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return payload
 
 
 #: settings added after run directories were first recorded, with their defaults, by section.
@@ -568,6 +563,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except ValidationError as error:
         first = error.errors()[0]
         key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        setting = (first.get("ctx") or {}).get("error")
+        if isinstance(setting, SettingError):  # a setting inside a free-form section (training.learning_rate)
+            key = setting.key
         message = first["msg"]
         if first["type"] == "extra_forbidden":
             message = "unknown key; check its spelling against the recipe schema"
@@ -620,6 +618,11 @@ def client_training_view(recipe) -> dict:
         payload.pop("privacy", None)
     payload["federation"] = federation
 
+    return _flattened(payload)
+
+
+def _flattened(payload: dict) -> dict:
+    """A nested recipe payload as ``{dotted.key: value}``."""
     flat: dict = {}
 
     def walk(prefix: str, value) -> None:
@@ -635,7 +638,16 @@ def client_training_view(recipe) -> dict:
 
 def client_training_changes(old, new) -> list[str]:
     """``key: old -> new`` for every difference between two recipes in how clients train."""
-    before, after = client_training_view(old), client_training_view(new)
+    return _changes(client_training_view(old), client_training_view(new))
+
+
+def recipe_changes(old, new) -> list[str]:
+    """``key: old -> new`` for every difference between two recipes that changes the result
+    (what `Recipe.fingerprint` hashes)."""
+    return _changes(_flattened(old.fingerprinted()), _flattened(new.fingerprinted()))
+
+
+def _changes(before: dict, after: dict) -> list[str]:
     return [
         f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
         for key in sorted(set(before) | set(after))

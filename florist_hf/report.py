@@ -47,6 +47,8 @@ class RunRecord:
     #: The sidecar of the final global adapter, or of the last aggregated round; None before round 1 ends.
     sidecar: dict | None
     sidecar_path: Path | None
+    #: What the report calls the run: the recipe's name, or where runs share one, their directories (`distinct_names`).
+    name: str = ""
 
     @property
     def sidecar_origin(self) -> str:
@@ -56,7 +58,7 @@ class RunRecord:
 
     @property
     def label(self) -> str:
-        return f"{self.run.get('method', '?')} ({self.run.get('name') or self.run_dir.name})"
+        return f"{self.run.get('method', '?')} ({self.name or self.run.get('name') or self.run_dir.name})"
 
     def client_records(self) -> list[dict]:
         return [record for record in self.metrics if record.get("kind") == "client"]
@@ -72,6 +74,18 @@ def load_run(run_dir: str | os.PathLike) -> RunRecord:
     sidecar_path = final_sidecar_path(run_dir, run)
     sidecar = read_json(sidecar_path) if sidecar_path is not None else None
     return RunRecord(run_dir, run, metrics, sidecar, sidecar_path)
+
+
+def distinct_names(records: Sequence[RunRecord]) -> None:
+    """Name every run by its recipe's name; where several runs share one (the same recipe run
+    twice), by its run directory's name, or by its whole path where those are shared too."""
+    namers = (lambda r: r.run.get("name") or r.run_dir.name, lambda r: r.run_dir.name, lambda r: str(r.run_dir))
+    for namer in namers:
+        names = [namer(record) for record in records]
+        if len(set(names)) == len(names):
+            break
+    for record, name in zip(records, names):
+        record.name = name
 
 
 def module_position(module_name: str, source: Path) -> tuple[int, str]:
@@ -142,32 +156,55 @@ def plot_selected_ranks(ranks: Mapping[str, int], source: Path, out_path: Path, 
 
 
 def plot_loss(record: RunRecord, out_path: Path) -> Path:
+    loss_figure(record).savefig(out_path)
+    return out_path
+
+
+def loss_figure(record: RunRecord) -> Figure:
+    """Each client's training loss per round (dots, side by side), their mean, and the global model's
+    held-out loss after each round; one tick per round, so that a one-round run reads as well."""
     by_client: dict[int, list[tuple[int, float]]] = {}
     for client_record in record.client_records():
         by_client.setdefault(int(client_record["client"]), []).append((client_record["round"], client_record["loss"]))
+    heldout = [(r["round"], r["heldout_loss"]) for r in record.round_records() if r.get("heldout_loss") is not None]
 
     figure = _new_figure(6.4, 4.0)
     axes = figure.subplots()
-    for client, points in sorted(by_client.items()):
-        rounds, losses = zip(*sorted(points))
-        axes.plot(rounds, losses, marker="o", markersize=3, linewidth=1, alpha=0.7, label=f"client {client}")
+    clients = sorted(by_client)
+    # The clients of a round side by side within ±0.2 of its tick, so that none hides another.
+    spread = 0.4 / max(len(clients), 1)
+    for position, client in enumerate(clients):
+        rounds, losses = zip(*sorted(by_client[client]))
+        offset = (position - (len(clients) - 1) / 2) * spread
+        axes.plot([r + offset for r in rounds], losses, marker="o", markersize=5, linewidth=0.8, alpha=0.75,
+                  label=f"client {client}")
     by_round: dict[int, list[float]] = {}
     for points in by_client.values():
         for round_index, loss in points:
             by_round.setdefault(round_index, []).append(loss)
     if by_round:
         rounds = sorted(by_round)
-        axes.plot(rounds, [statistics.fmean(by_round[r]) for r in rounds], color="black", linewidth=2, label="mean")
+        axes.plot(rounds, [statistics.fmean(by_round[r]) for r in rounds], color="black", linewidth=2, marker="_",
+                  markersize=22, markeredgewidth=2.5, label="clients' mean")
+    if heldout:
+        rounds, losses = zip(*heldout)
+        axes.plot(rounds, losses, color="crimson", linestyle="--", linewidth=1.5, marker="D", markersize=7,
+                  label="held-out (global model)")
     # A legend with dozens of clients would hide the curves.
     if len(by_client) <= _MAX_LEGEND_CLIENTS:
         axes.legend(fontsize=7)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    every_round = sorted(set(by_round) | {r for r, _ in heldout})
+    if every_round:
+        axes.set_xlim(every_round[0] - 0.5, every_round[-1] + 0.5)
+        if len(every_round) <= 20:
+            axes.set_xticks(every_round)
+        else:
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("round")
-    axes.set_ylabel("training loss")
-    axes.set_title(f"Client training loss: {record.label}")
+    axes.set_ylabel("loss (cross-entropy per token)")
+    axes.set_title(f"Loss per round: {record.label}")
     axes.grid(alpha=0.3)
-    figure.savefig(out_path)
-    return out_path
+    return figure
 
 
 def plot_energy(sidecar: Mapping, threshold: float | None, source: Path, out_path: Path, *, title: str) -> Path:
@@ -296,8 +333,9 @@ def _summary_row(record: RunRecord, eval_columns: Sequence[str]) -> list[str]:
     threshold = run.get("threshold")
     eff = totals.get("eff_x1e4")
     evaluation = _evaluation_columns(run)
+    heldout = [r["heldout_loss"] for r in rounds if r.get("heldout_loss") is not None]
     return [
-        str(run.get("name") or record.run_dir.name),
+        record.name or str(run.get("name") or record.run_dir.name),
         str(run.get("method", "?")),
         "–" if threshold is None else f"{threshold:g}",
         f"{run.get('rounds_completed', len(rounds))}/{run.get('rounds', '?')}",
@@ -305,6 +343,7 @@ def _summary_row(record: RunRecord, eval_columns: Sequence[str]) -> list[str]:
         ", ".join(str(rank) for rank in run.get("client_ranks", [])) or "–",
         total_rank,
         f"{statistics.fmean(last_losses):.4f}" if last_losses else "–",
+        f"{heldout[-1]:.4f}" if heldout else "–",
         format_bytes(totals.get("uplink_bytes_total", 0)),
         format_bytes(totals.get("downlink_bytes_total", 0)),
         "–" if eff is None else f"{eff:.3f}",
@@ -316,18 +355,20 @@ def _summary_markdown(records: Sequence[RunRecord], figures: Sequence[Path], not
     eval_columns = sorted({column for record in records for column in _evaluation_columns(record.run)})
     header = [
         "run", "method", "τ", "rounds", "clients per round/total", "client ranks", "total rank",
-        "final loss", "uplink", "downlink", "Eff (×10⁻⁴)", *eval_columns,
+        "final loss", "held-out loss", "uplink", "downlink", "Eff (×10⁻⁴)", *eval_columns,
     ]
     lines = [
-        f"# Run report: {records[0].run.get('name') or records[0].run_dir.name}",
+        f"# Run report: {records[0].name or records[0].run.get('name') or records[0].run_dir.name}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
         *("| " + " | ".join(_summary_row(record, eval_columns)) + " |" for record in records),
         "",
-        "`final loss` is the mean client training loss of the last round; `total rank` sums the selected rank"
-        " of every module of the final global adapter.",
+        "`final loss` is the mean client training loss of the last round; `held-out loss` is the global model's"
+        " loss on the held-out test records after the last round (– where the run holds none out); `total rank`"
+        " sums the selected rank of every module of the final global adapter.",
         "",
+        *_per_round_markdown(records[0]),
         "## Figures",
         "",
         *(f"![{figure.stem}]({figure.name})" for figure in figures),
@@ -335,6 +376,30 @@ def _summary_markdown(records: Sequence[RunRecord], figures: Sequence[Path], not
     if notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _per_round_markdown(record: RunRecord) -> list[str]:
+    """The run's losses round by round: its clients' mean training loss and the global model's held-out loss."""
+    by_round: dict[int, list[float]] = {}
+    for client_record in record.client_records():
+        by_round.setdefault(client_record["round"], []).append(client_record["loss"])
+    heldout = {r["round"]: r.get("heldout_loss") for r in record.round_records()}
+    rounds = sorted(set(by_round) | set(heldout))
+    if not rounds:
+        return []
+    return [
+        f"## Loss per round: {record.name or record.run_dir.name}",
+        "",
+        "| round | clients' mean training loss | held-out loss |",
+        "|---|---|---|",
+        *(f"| {r} | {_number(statistics.fmean(by_round[r]) if r in by_round else None)} | {_number(heldout.get(r))} |"
+          for r in rounds),
+        "",
+    ]
 
 
 def write_report(run_dir: str | os.PathLike, *, compare: Sequence[str | os.PathLike] = ()) -> list[Path]:
@@ -345,6 +410,7 @@ def write_report(run_dir: str | os.PathLike, *, compare: Sequence[str | os.PathL
     """
     record = load_run(run_dir)
     records = [record, *(load_run(other) for other in compare)]
+    distinct_names(records)
     report_dir = record.run_dir / REPORT_DIR
     notes = []
     with atomic_directory(report_dir, overwrite=True) as staging:

@@ -19,24 +19,38 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     from florist_hf.loading import BaseModelCache
     from florist_hf.data import prepare_client_data
     from florist_hf.engine import Federation
-    from florist_hf.loading import load_model_config, load_tokenizer
+    from florist_hf.loading import load_model_config, load_tokenizer, resolve_base
+    from florist_hf.tiny import TINY_LLAMA_ID
 
     # Under accelerate launch every process runs this; all of them train each client together,
     # the main one alone writes the run directory (see florist_hf.distributed).
     distributed.init_processes()
     freeze_long_lived_objects()  # before any model exists: cheap per-client collections
     main = distributed.is_main_process()
+    model = recipe.model
+
+    def base_tokenizer(base_path: str):
+        # A base that cannot be loaded (offline, gated, misspelt) fails here in one line, before any
+        # client starts: its config and tokenizer are a few KB.
+        load_model_config(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        return load_tokenizer(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+
+    # The base (unless it is the builtin one, built inside the run directory) and the data are read
+    # first: a base or data source that cannot be read, an empty file or missing labels stop the run
+    # in one line before its directory is made or touched.
+    tokenizer = None
+    if model.name_or_path != TINY_LLAMA_ID:
+        with distributed.main_process_first():
+            tokenizer = base_tokenizer(resolve_base(model.name_or_path, model.gguf_file, dtype=model.dtype,
+                                                    revision=model.revision))
+    shards, test_records = prepare_client_data(recipe)
     federation = Federation(recipe, console=console, main=main)
     console, paths = federation.console, federation.paths
     try:
         with distributed.main_process_first():
             base_path = federation.open(force=force)
-        model = recipe.model
-        # A base that cannot be loaded (offline, gated, misspelt) fails here in one line, before any
-        # data is prepared or any client starts: its config and tokenizer are a few KB.
-        load_model_config(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
-        tokenizer = load_tokenizer(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
-        shards, test_records = prepare_client_data(recipe)
+        if tokenizer is None:
+            tokenizer = base_tokenizer(base_path)
         client_sizes = [len(shard) for shard in shards]
         console.print(federation.describe(client_sizes))
         federation.ensure_initial_adapter()

@@ -74,7 +74,7 @@ def test_flora_layout_errors_name_what_is_missing(tmp_path):
         data.load_flora_layout(tmp_path, 2)
 
     # Pointing at the K folder itself gets a hint to use its parent.
-    with pytest.raises(FloristError, match="set data_dir to its parent"):
+    with pytest.raises(FloristError, match="set data.source to its parent"):
         data.load_flora_layout(split_dir, 2)
 
 
@@ -312,7 +312,7 @@ def test_dirichlet_without_self_balancing_breaks_the_cap():
 def test_dirichlet_impossible_min_size_raises():
     with pytest.raises(FloristError, match="cannot give each of 5 clients 400 examples out of 1750"):
         data.dirichlet_partition(LABELS, 5, alpha=0.5, seed=0, min_size=400)
-    with pytest.raises(FloristError, match="in 3 attempts; lower min_size"):
+    with pytest.raises(FloristError, match="in 3 attempts; lower data.min_client_size"):
         data.dirichlet_partition(LABELS, 5, alpha=0.05, seed=0, min_size=349, max_attempts=3)
 
 

@@ -109,3 +109,47 @@ def test_corrupt_metrics_line_is_a_florist_error_naming_the_line(run_dir):
 
     with pytest.raises(FloristError, match=r"metrics\.jsonl:13: corrupt JSON line"):
         write_report(run_dir)
+
+
+@pytest.fixture(scope="module")
+def one_round_runs(tmp_path_factory) -> list[Path]:
+    """The same one-round recipe, with held-out records, run into two directories (as a user would
+    run it twice to compare)."""
+    from helpers import write_recipe
+    from typer.testing import CliRunner
+
+    from florist_hf.cli import app
+
+    root = tmp_path_factory.mktemp("one-round")
+    recipe = write_recipe(root, rounds=1, data={"holdout_per_label": 1, "cutoff_len": 256})
+    runs = []
+    for name in ("first", "second"):
+        result = CliRunner().invoke(app, ["run", str(recipe), "--set", f"output_dir={root / name}"])
+        assert result.exit_code == 0, result.output
+        runs.append(root / name)
+    return runs
+
+
+def test_one_round_loss_figure_has_a_tick_per_round_visible_points_and_the_heldout_loss(one_round_runs):
+    from florist_hf.report import loss_figure
+
+    record = load_run(one_round_runs[0])
+    heldout = record.round_records()[0]["heldout_loss"]
+    axes = loss_figure(record).axes[0]
+    assert list(axes.get_xticks()) == [1]
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert {"client 0", "client 1", "client 2", "clients' mean", "held-out (global model)"} <= set(lines)
+    assert all(line.get_marker() not in (None, "None", "") and line.get_markersize() >= 5 for line in lines.values())
+    assert list(lines["held-out (global model)"].get_ydata()) == [heldout]
+    client_x = [x for name, line in lines.items() if name.startswith("client ") for x in line.get_xdata()]
+    assert len(set(client_x)) == 3 and all(0.5 < x < 1.5 for x in client_x)  # side by side, within round 1
+
+
+def test_summary_holds_the_heldout_loss_and_compare_names_runs_of_one_recipe_apart(one_round_runs):
+    first, second = one_round_runs
+    write_report(first, compare=[second])
+    summary = (first / "report" / "summary.md").read_text()
+    heldout = load_run(first).round_records()[0]["heldout_loss"]
+    assert "| held-out loss |" in summary and f"| {heldout:.4f} |" in summary
+    assert "| first | florist |" in summary and "| second | florist |" in summary
+    assert f"| 1 | " in summary and summary.count(f"{heldout:.4f}") >= 2  # the per-round table too

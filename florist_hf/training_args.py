@@ -1,0 +1,157 @@
+"""The one builder of a client's ``TrainingArguments`` from a recipe's training settings: its checks,
+florist-hf's defaults, and one line naming the key for a bad value.
+
+The recipe calls it when it loads (`check_training`), so that a bad value (``learning_rate: fast``)
+stops the run before a run directory exists; the client calls it again for each round with its own
+working directory, seed and learning rate (`build_training_arguments`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from pathlib import Path
+from typing import Any
+
+from florist_hf.errors import FloristError, SettingError
+
+#: TrainingArguments florist-hf sets unless the recipe does: no checkpoints inside a client round
+#: unless ``save_steps`` asks for them (the round itself is the checkpoint), no external loggers
+#: unless asked, our own progress lines.
+TRAINING_DEFAULTS = {
+    "report_to": "none",
+    "save_strategy": "no",
+    "logging_steps": 1,
+    "disable_tqdm": True,
+    "remove_unused_columns": False,
+    "learning_rate": 3e-4,
+    "lr_scheduler_type": "linear",
+}
+
+#: Fields florist-hf sets per client: each client round gets its own working directory.
+OWNED_FIELDS = frozenset({"output_dir"})
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    return {field.name: hints[field.name] for field in dataclasses.fields(TrainingArguments) if field.init}
+
+
+#: Ranges TrainingArguments leaves to the optimizer (AdamW) and the data loader, which would refuse
+#: a value outside them only once the first client trains.
+RANGES = {
+    "learning_rate": {"ge": 0},
+    "weight_decay": {"ge": 0},
+    "adam_beta1": {"ge": 0, "lt": 1},
+    "adam_beta2": {"ge": 0, "lt": 1},
+    "adam_epsilon": {"ge": 0},
+    "per_device_train_batch_size": {"ge": 1},
+    "gradient_accumulation_steps": {"ge": 1},
+}
+
+
+@functools.cache
+def _type_adapter(key: str):
+    from typing import Annotated
+
+    from pydantic import Field, TypeAdapter
+
+    kind = _field_types()[key]
+    return TypeAdapter(Annotated[kind, Field(**RANGES[key])] if key in RANGES else kind)
+
+
+def _checked_values(training: dict, where: str) -> dict:
+    """``training`` with every key known and every value of its field's type; a number written as
+    a string (YAML 1.1 reads ``5e-3`` as one) becomes that number."""
+    from pydantic import ValidationError
+
+    checked = {}
+    for key, value in training.items():
+        setting = f"{where}.{key}"
+        if key not in _field_types():
+            raise SettingError(setting, "not a TrainingArguments field; check its spelling "
+                                        "(https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments)")
+        if key in OWNED_FIELDS:
+            raise SettingError(setting, "set by florist-hf per client; remove it")
+        if key == "report_to" and value not in (None, "none", [], ["none"]):
+            # Per-client trackers would start a run per client and round, each at step 0.
+            raise SettingError(setting, "a federation-level setting: use tracking.report_to (one tracker run per federation)")
+        try:
+            value_as_typed = _type_adapter(key).validate_python(value)
+        except ValidationError as error:
+            reason = error.errors()[0]["msg"]
+            raise SettingError(setting, f"got {value!r}; {reason[:1].lower()}{reason[1:]}") from None
+        # A string enum (lr_scheduler_type: cosine) stays as written; a number in a string becomes the number.
+        checked[key] = value_as_typed if isinstance(value, str) and not isinstance(value_as_typed, str) else value
+    return checked
+
+
+@functools.cache
+def _machine_free_arguments():
+    """TrainingArguments whose device is never set up (accelerate's state is left alone), for
+    checking a recipe on any machine: the recipe may be for a GPU that this machine lacks."""
+    import torch
+    from transformers import TrainingArguments
+
+    class MachineFreeTrainingArguments(TrainingArguments):
+        @functools.cached_property
+        def _setup_devices(self):
+            return torch.device("cpu")
+
+    return MachineFreeTrainingArguments
+
+
+def build_training_arguments(training: dict, *, work_dir: str | Path, seed: int, dp_sgd: bool = False,
+                             where: str = "training", on_this_machine: bool = True):
+    """The TrainingArguments of one client round: florist-hf's defaults, then ``training`` (a
+    recipe's section merged with the client's overrides), its ``seed`` and ``work_dir``.
+
+    ``dp_sgd``: every record's gradient is clipped by DP-SGD, so the Trainer's clip of the batch's
+    is turned off. ``on_this_machine`` False checks the values alone: what the machine lacks (a GPU
+    for bf16, tf32, DeepSpeed) is checked where the client trains. A bad value is a FloristError
+    naming ``where`` and the key.
+    """
+    import torch
+    from transformers import TrainingArguments
+
+    training = _checked_values(training, where)
+    if dp_sgd:
+        training["max_grad_norm"] = 0.0
+    if "save_steps" in training and "save_strategy" not in training:
+        # save_steps alone means "checkpoint the client round every N steps" (for resuming it);
+        # only the newest checkpoint is needed for that.
+        training["save_strategy"] = "steps"
+        training.setdefault("save_total_limit", 1)
+    fields = {**TRAINING_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available(), **training,
+              "seed": seed, "data_seed": seed}
+    kind = TrainingArguments
+    if not on_this_machine:
+        kind = _machine_free_arguments()
+        fields = {key: value for key, value in fields.items() if key not in ("tf32", "deepspeed")}
+        fields["use_cpu"] = True
+    try:
+        return kind(output_dir=str(work_dir), **fields)
+    except (TypeError, ValueError, KeyError, OSError, NotImplementedError) as error:  # a config file it names, too
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "bf16" in reason or "fp16" in reason:  # a GPU recipe on a machine without one
+            precision = "bf16" if "bf16" in reason else "fp16"
+            raise FloristError(
+                f"{where}: {reason}; on a machine without a GPU, --set training.use_cpu=true keeps {precision} "
+                f"(CPU autocast) or --set training.{precision}=false trains in fp32"
+            ) from None
+        raise FloristError(f"{where}: {reason}; fix the recipe's {where.split('.')[0]} section") from None
+
+
+def check_training(training: dict, *, where: str = "training") -> dict:
+    """``training`` checked as a client would build it, on any machine; returns it with numbers
+    written as strings made numbers. A bad value raises `SettingError` (a ValueError) naming the key."""
+    checked = _checked_values(training, where)
+    try:
+        build_training_arguments(checked, work_dir="florist-hf-check", seed=0, where=where, on_this_machine=False)
+    except FloristError as error:
+        raise SettingError(where, str(error).removeprefix(f"{where}: ")) from None
+    return checked
