@@ -4,7 +4,9 @@ may vanish after masking; fewer than t replies fail in one line; the result does
 import numpy as np
 import pytest
 
-from florist_hf.secure import SecAggClient, SecAggServer, SecAggSettings, SecureAggregationError, secure_sum
+from florist_hf.secure import SecAggSettings, SecureAggregationError
+from florist_hf.secure.local import secure_sum
+from florist_hf.secure.protocol import SecAggClient, SecAggServer
 from florist_hf.secure import encoding
 from florist_hf.secure.protocol import EncryptedShares, MaskedInput, PublicKeys, RevealedShares, UnmaskRequest
 
@@ -29,7 +31,7 @@ def plain_sum(inputs, included):
 
 
 def encoding_tolerance(n, fraction_bits):
-    return n * 2.0 ** -(fraction_bits + 1) * (1 + 1e-9)  # round-to-nearest per client, plus fp64 round-off
+    return encoding.sum_error(n, fraction_bits) * (1 + 1e-9)  # plus fp64 round-off
 
 
 @pytest.mark.parametrize("fraction_bits", [32, 16])

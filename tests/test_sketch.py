@@ -109,7 +109,7 @@ def test_a_narrower_sketch_measures_its_error(columns):
     assert update.error is not None and 0.3 * true_error <= update.error <= 3.0 * true_error
     assert true_error > 1e-6  # really approximate
     result = sketch.florist_from_sketch(update, 1.0)
-    assert result.approximation == {"sketch_columns": columns, "estimated_relative_error": update.error}
+    assert update.record() == {"columns": columns, "estimated_relative_error": update.error}
     assert relative_error(result.delta_weight, dense) == pytest.approx(true_error, rel=1e-6)
     assert result.selected_rank <= columns
 

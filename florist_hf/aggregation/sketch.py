@@ -18,6 +18,7 @@ q·‖(I−QQᵀ)ΔW‖²_F for q Gaussian columns. Pure math: no I/O, fp64 thro
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,6 +98,13 @@ class SketchedUpdate:
     projection: torch.Tensor  # Z = Qᵀ·ΔW, p×n
     #: Estimated relative error of Q·Z (None: the sketch was wide enough to be exact).
     error: float | None = None
+    #: A bound on each summed entry's absolute error (a secure sum's fixed-point round-off; 0 for
+    #: plain sums): components of the update below the noise it can make are not counted as rank.
+    entry_error: float = 0.0
+
+    def noise_floor(self) -> float:
+        """‖Q·E_Z‖₂ ≤ ‖E_Z‖_F ≤ entry_error·√(p·n): no singular value at or below it is known to be real."""
+        return self.entry_error * math.sqrt(self.projection.numel())
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -111,19 +119,22 @@ class SketchedUpdate:
         core_u, sigma, vh = torch.linalg.svd(self.projection.to(COMPUTE_DTYPE), full_matrices=False)
         return self.basis @ core_u, sigma, vh
 
-    def approximation(self) -> dict | None:
-        """The sidecar's record of a narrower-than-exact sketch (None when exact)."""
-        if self.error is None:
-            return None
-        return {"sketch_columns": self.columns, "estimated_relative_error": self.error}
+    def record(self) -> dict:
+        """The sidecar's record of the sketch: its width, and its estimated error where it may not be exact."""
+        return {"columns": self.columns, "estimated_relative_error": self.error}
 
 
 def florist_from_sketch(update: SketchedUpdate, threshold: float) -> ModuleAggregate:
     """FLoRIST on the sketched update: the smallest rank whose energy reaches τ (``select_rank``)."""
     u, sigma, vh = update.svd()
-    rank = select_rank(sigma, threshold, update.shape)
+    rank = min(select_rank(sigma, threshold, update.shape), _above(sigma, update.noise_floor()))
     lora_b, lora_a = truncate(u, sigma, vh, rank)
-    return ModuleAggregate(lora_b, lora_a.clone(), rank, singular_values=sigma, approximation=update.approximation())
+    return ModuleAggregate(lora_b, lora_a.clone(), rank, singular_values=sigma)
+
+
+def _above(sigma: torch.Tensor, floor: float) -> int:
+    """How many singular values exceed ``floor`` (at least 1: an adapter needs a component)."""
+    return max(1, int((sigma > floor).sum())) if floor > 0 else sigma.numel()
 
 
 def flexlora_from_sketch(update: SketchedUpdate, client_ranks: Sequence[int], global_rank: int | None = None
@@ -135,23 +146,31 @@ def flexlora_from_sketch(update: SketchedUpdate, client_ranks: Sequence[int], gl
     lora_b, lora_a = truncate(u, sigma, vh, global_rank)
     per_client = [tuple(f.clone() for f in truncate(u, sigma, vh, rank)) for rank in client_ranks]
     return ModuleAggregate(lora_b, lora_a.clone(), global_rank, singular_values=sigma[: sum(client_ranks)],
-                           client_factors=per_client, approximation=update.approximation())
+                           client_factors=per_client)
 
 
 def fedex_from_sketch(update: SketchedUpdate, mean_b: torch.Tensor, mean_a: torch.Tensor) -> ModuleAggregate:
     """FedEx-LoRA from FedIT's summed factors (B̄ = Σ p_k s_k pad(B_k), Ā = Σ p_k pad(A_k)) and the
     sketched update: the clients continue (B̄, Ā); the residual Q·Z − B̄·Ā, re-factorised exactly at
-    its numerical rank, joins the frozen base."""
+    its numerical rank, joins the frozen base. With secure sums (``update.entry_error`` > 0, the same
+    bound on B̄'s and Ā's entries) components below the noise the round-off can make are left out."""
     mean_b, mean_a = mean_b.to(COMPUTE_DTYPE), mean_a.to(COMPUTE_DTYPE)
     residual = sum_of_updates([
         ClientModule(lora_a=update.projection.to(COMPUTE_DTYPE), lora_b=update.basis, scale=1.0),
         ClientModule(lora_a=mean_a, lora_b=mean_b, scale=-1.0),
     ])
+    residual_b, residual_a, residual_rank = residual.lora_b, residual.lora_a, residual.selected_rank
+    if update.entry_error > 0:
+        # ‖B̃Ã − B̄Ā‖₂ ≤ ‖E_B‖_F‖Ā‖₂ + ‖B̄‖₂‖E_A‖_F + ‖E_B‖_F‖E_A‖_F, each ‖E‖_F ≤ entry_error·√(entries).
+        error_b, error_a = update.entry_error * math.sqrt(mean_b.numel()), update.entry_error * math.sqrt(mean_a.numel())
+        floor = (update.noise_floor() + error_b * float(torch.linalg.matrix_norm(mean_a, ord=2))
+                 + float(torch.linalg.matrix_norm(mean_b, ord=2)) * error_a + error_b * error_a)
+        residual_rank = min(residual_rank, _above(residual.singular_values, floor))
+        residual_b, residual_a = residual_b[:, :residual_rank], residual_a[:residual_rank]
     continued = mean_a.shape[0]
     return ModuleAggregate(
-        torch.cat([mean_b, residual.lora_b], dim=1), torch.cat([mean_a, residual.lora_a]),
-        selected_rank=continued + residual.selected_rank, continued_rank=continued,
-        approximation=update.approximation(),
+        torch.cat([mean_b, residual_b], dim=1), torch.cat([mean_a, residual_a]),
+        selected_rank=continued + residual_rank, continued_rank=continued,
     )
 
 

@@ -1,11 +1,10 @@
 """Secure aggregation: SecAgg+ over Flower's primitives, so the server learns only sums of client arrays.
 
-Needs the ``flower`` extra (flwr brings its secure-aggregation primitives, ``cryptography`` and pycryptodome).
+``settings`` and ``errors`` import nothing cryptographic (the recipe reads them); ``protocol``,
+``local`` and ``server_step`` need the ``flower`` extra (flwr, with ``cryptography`` and pycryptodome).
 """
 
 from florist_hf.secure.errors import SecureAggregationError
-from florist_hf.secure.local import SecureSum, secure_sum
-from florist_hf.secure.protocol import SecAggClient, SecAggServer, SecAggSettings, default_threshold
+from florist_hf.secure.settings import SecAggSettings, default_threshold
 
-__all__ = ["SecAggClient", "SecAggServer", "SecAggSettings", "SecureAggregationError", "SecureSum", "default_threshold",
-           "secure_sum"]
+__all__ = ["SecAggSettings", "SecureAggregationError", "default_threshold"]

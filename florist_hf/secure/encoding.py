@@ -14,8 +14,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from florist_hf.secure.errors import SecureAggregationError
 
-#: Default fractional bits: a value x travels as round(x·2^32) mod 2^64, |error| ≤ 2^-33 per client.
-FRACTION_BITS = 32
+# A value x travels as round(x·2^f) mod 2^64 (f = settings.FRACTION_BITS by default): |error| ≤ 2^-(f+1) per client.
 #: Bytes of a mask seed (a ChaCha20 key).
 SEED_BYTES = 32
 #: Masks are expanded in pieces of this many uint64 words (8 MiB), so memory stays bounded.
@@ -25,6 +24,12 @@ _MASK_CHUNK_WORDS = 1 << 20
 def max_encodable(num_clients: int, fraction_bits: int) -> float:
     """The largest |x| a client may send so that a sum over ``num_clients`` still fits in int64."""
     return float(2 ** (63 - fraction_bits)) / num_clients
+
+
+def sum_error(num_clients: int, fraction_bits: int) -> float:
+    """The largest absolute error of one decoded entry of a sum over ``num_clients``: each encoding
+    rounds to nearest, off by at most half a unit of 2^-f."""
+    return num_clients * 2.0 ** -(fraction_bits + 1)
 
 
 def encode(name: str, values: np.ndarray, num_clients: int, fraction_bits: int) -> np.ndarray:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from florist_hf.secure.protocol import STAGES, SecAggClient, SecAggServer, SecAggSettings
+from florist_hf.secure.protocol import STAGES, SecAggClient, SecAggServer
+from florist_hf.secure.settings import SecAggSettings
 
 
 @dataclass

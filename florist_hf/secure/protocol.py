@@ -24,15 +24,15 @@ Fewer than t clients at any stage: a SecureAggregationError, and no sum.
 from __future__ import annotations
 
 import base64
-import math
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from florist_hf.secure.encoding import FRACTION_BITS, SEED_BYTES, apply_mask, decode, encode
+from florist_hf.secure.encoding import SEED_BYTES, apply_mask, decode, encode
 from florist_hf.secure.errors import SecureAggregationError
+from florist_hf.secure.settings import SecAggSettings
 
 try:
     from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
@@ -53,34 +53,6 @@ except ImportError as error:  # pragma: no cover - the flower extra is missing
                                  "pip install 'florist-hf[flower]'") from error
 
 STAGES = ("keys", "shares", "masked", "unmask")
-
-
-def default_threshold(num_clients: int) -> int:
-    """t = ⌈2n/3⌉ (at least 2, and above n/2): the honest-majority bound of Bell et al."""
-    return max(2, num_clients // 2 + 1, math.ceil(2 * num_clients / 3))
-
-
-@dataclass(frozen=True)
-class SecAggSettings:
-    """The protocol's settings, checked here once (the recipe puts its key before the message)."""
-
-    #: Clients needed at every stage (None: ``default_threshold``); up to n − t may vanish after masking.
-    threshold: int | None = None
-    fraction_bits: int = FRACTION_BITS
-
-    def __post_init__(self):
-        if not 8 <= self.fraction_bits <= 52:
-            raise ValueError(f"fraction_bits {self.fraction_bits} is outside [8, 52]; 32 keeps fp32 detail")
-
-    def threshold_for(self, num_clients: int) -> int:
-        """t for ``num_clients`` clients; a ValueError names the range when it is out of it."""
-        if num_clients < 2:
-            raise ValueError(f"secure aggregation needs at least 2 clients (the sum of one is its update); got {num_clients}")
-        threshold = default_threshold(num_clients) if self.threshold is None else self.threshold
-        if not num_clients // 2 < threshold <= num_clients or threshold < 2:
-            raise ValueError(f"threshold {threshold} is outside ({num_clients // 2}, {num_clients}] for {num_clients} "
-                             f"clients: more than half must be needed to unmask, e.g. {default_threshold(num_clients)}")
-        return threshold
 
 
 # ---- messages -------------------------------------------------------------------------------------
