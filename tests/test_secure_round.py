@@ -245,3 +245,57 @@ def test_disabled_secure_aggregation_is_the_plain_run(tmp_path):
                                                             "clip_update_norm": 0.1}))
     assert recipe.federation.secure() is None
     assert read_adapter  # the plain path keeps every defence
+
+
+def test_nothing_the_server_step_receives_is_a_clients_contribution(tmp_path, monkeypatch):
+    """Both secure sums of a FedEx-LoRA round (sketches and summed factors) are recorded: every masked
+    array the server side receives equals no client's contribution and does not correlate with it."""
+    import numpy as np
+
+    from florist_hf.secure import server_step
+    from florist_hf.secure.protocol import MaskedInput
+
+    recorded, real_sum = [], server_step.secure_sum
+
+    def recording(inputs, *args, **kwargs):
+        result = real_sum(inputs, *args, **kwargs)
+        recorded.append((inputs, result.transcript))
+        return result
+
+    monkeypatch.setattr(server_step, "secure_sum", recording)
+    dirs, _ = write_clients(tmp_path, torch.float32, ranks=[16, 8, 8, 4])
+    secure_aggregate_adapters(dirs, get_method("fedex"), tmp_path / "secure", SecureRound(SecAggSettings(), seed=5))
+    assert len(recorded) == 2
+    checked = 0
+    for inputs, transcript in recorded:
+        for message in (m for m in transcript if isinstance(m, MaskedInput)):
+            for name, masked in message.arrays.items():
+                signed = masked.view(np.int64).astype(np.float64).ravel()
+                for contribution in (arrays[name] for arrays in inputs.values()):
+                    assert not np.array_equal(masked.view(np.int64) / 2.0**32, contribution)
+                    assert abs(np.corrcoef(signed, contribution.ravel())[0, 1]) < 6 / np.sqrt(signed.size)
+                    checked += 1
+    # 4 clients' messages × (range, lora_b, lora_a; projection) × 2 modules, each against 4 contributions
+    assert checked == 4 * 4 * 2 * 4
+
+
+def test_a_secure_florist_run_with_real_trainer_clients_publishes_the_plain_runs_adapter(tmp_path):
+    """`florist-hf run` on the tiny Llama: real Trainer clients, heterogeneous ranks, two rounds."""
+    from florist_hf.runner import run_federation
+
+    published = {}
+    for secure in (False, True):
+        federation = {"secure_aggregation": {"enabled": True}} if secure else {}
+        recipe = load_recipe(write_recipe(tmp_path / str(secure), method="florist", threshold=0.9, ranks=(4, 2, 2),
+                                          rounds=2, federation=federation))
+        run_dir = run_federation(recipe, console=quiet_console())
+        published[secure] = run_dir
+    for t in (1, 2):
+        ours = json.loads((RunPaths(published[True]).global_dir(t) / SIDECAR).read_text())
+        theirs = json.loads((RunPaths(published[False]).global_dir(t) / SIDECAR).read_text())
+        assert {n: m["selected_rank"] for n, m in ours["modules"].items()} == \
+               {n: m["selected_rank"] for n, m in theirs["modules"].items()}
+    ours, theirs = delta_weights(published[True] / "global_adapter"), delta_weights(published[False] / "global_adapter")
+    assert all(relative_error(ours[m], theirs[m]) < 1e-4 for m in theirs)
+    lines = [json.loads(line) for line in (published[True] / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines if line.get("secure_aggregation")] == [1, 2]
