@@ -197,3 +197,19 @@ def test_a_client_outside_the_layout_is_refused():
     inputs[107] = {name: values[:-1] if name.endswith("range") else values for name, values in inputs[107].items()}
     with pytest.raises(SecureAggregationError, match="differ in names or shapes"):
         secure_sum(inputs)
+
+
+def test_a_mask_longer_than_one_chunk_is_the_one_keystream():
+    """Masks are expanded a chunk at a time into one reused buffer: the words are ChaCha20's keystream
+    (the encryption of zeros under the seed and the array's nonce), unbroken across chunks."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    size = encoding._MASK_CHUNK_WORDS * 2 + 12_345
+    seed = bytes(range(1, 33))
+    target = np.zeros(size, dtype=np.uint64).reshape(-1, 5) if size % 5 == 0 else np.zeros(size, dtype=np.uint64)
+    encoding.apply_mask(target, seed, 7, +1)
+    keystream = Cipher(algorithms.ChaCha20(seed, bytes(4) + (7).to_bytes(12, "little")), mode=None).encryptor()
+    expected = np.frombuffer(keystream.update(bytes(8 * size)), dtype="<u8")
+    assert np.array_equal(target.ravel(), expected)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        encoding.apply_mask(np.zeros((4, 4), dtype=np.uint64).T, seed, 0, +1)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from florist_hf.aggregation.florist import sum_of_updates
-from florist_hf.aggregation.linalg import COMPUTE_DTYPE, select_rank, truncate
+from florist_hf.aggregation.linalg import COMPUTE_DTYPE, truncate, truncated_product_svd
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
 #: Columns of the error-check sketch, sent only when the sketch is narrower than the update's rank bound.
@@ -126,10 +126,13 @@ class SketchedUpdate:
 
 def florist_from_sketch(update: SketchedUpdate, threshold: float) -> ModuleAggregate:
     """FLoRIST on the sketched update: the smallest rank whose energy reaches τ (``select_rank``)."""
-    u, sigma, vh = update.svd()
-    rank = min(select_rank(sigma, threshold, update.shape), _above(sigma, update.noise_floor()))
-    lora_b, lora_a = truncate(u, sigma, vh, rank)
-    return ModuleAggregate(lora_b, lora_a.clone(), rank, singular_values=sigma)
+    # ΔW = Q·Z is a product of stacked factors with R = p: the stacked FLoRIST's own decomposition
+    # (an eigendecomposition of the p×p Z·Zᵀ, Householder where that is not accurate enough).
+    basis, projection = update.basis, update.projection.to(COMPUTE_DTYPE)
+    lora_b, lora_a, sigma, rank = truncated_product_svd(basis, projection, torch.ones(basis.shape[1], dtype=COMPUTE_DTYPE),
+                                                        threshold)
+    kept = min(rank, _above(sigma, update.noise_floor()))  # the columns come largest first: a prefix is a truncation
+    return ModuleAggregate(lora_b[:, :kept].contiguous(), lora_a[:kept].contiguous(), kept, singular_values=sigma)
 
 
 def _above(sigma: torch.Tensor, floor: float) -> int:

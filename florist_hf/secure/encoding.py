@@ -19,6 +19,7 @@ from florist_hf.secure.errors import SecureAggregationError
 SEED_BYTES = 32
 #: Masks are expanded in pieces of this many uint64 words (8 MiB), so memory stays bounded.
 _MASK_CHUNK_WORDS = 1 << 20
+_ZEROS = memoryview(bytes(8 * _MASK_CHUNK_WORDS))
 
 
 def max_encodable(num_clients: int, fraction_bits: int) -> float:
@@ -64,10 +65,16 @@ def apply_mask(target: np.ndarray, seed: bytes, index: int, sign: int) -> None:
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
     keystream = Cipher(algorithms.ChaCha20(seed, _nonce(index)), mode=None).encryptor()
-    flat = target.reshape(-1)  # a view: target is contiguous (the encodings and the server's sum are)
+    if not target.flags.c_contiguous:
+        raise ValueError("a masked array must be C-contiguous (it is masked in place)")
+    flat = target.reshape(-1)  # a view
+    # The keystream is the encryption of zeros, written into one reused buffer (update_into: about
+    # twice update's speed, which allocates the output every call).
+    buffer = bytearray(8 * min(flat.size, _MASK_CHUNK_WORDS) + 64)
     for start in range(0, flat.size, _MASK_CHUNK_WORDS):
         piece = flat[start : start + _MASK_CHUNK_WORDS]
-        mask = np.frombuffer(keystream.update(bytes(8 * piece.size)), dtype="<u8")
+        keystream.update_into(_ZEROS[: 8 * piece.size], buffer)
+        mask = np.frombuffer(buffer, dtype="<u8", count=piece.size)
         if sign > 0:
             np.add(piece, mask, out=piece)
         else:
