@@ -1,6 +1,7 @@
 """Secure against plain FLoRIST: the server's work, one client's work, and the bytes each client sends.
 
     python -m benchmarks.secure_aggregation [--shape llama7b|smollm2] [--layers 2] [--threads 1] [--json OUT]
+    python -m benchmarks.secure_aggregation --run RUN_DIR [--round 1]   # a run's real client adapters
 
 Eight clients with the paper's heterogeneous ranks [64, 32, 16, 16, 8, 8, 4, 4] (fp32 factors, B
 scaled like a trained update, the Dolly sample counts as weights) on the q_proj and v_proj of
@@ -88,6 +89,47 @@ def secure_round(clients, weights, threshold: float):
     return clock["server"], clock["client"] / len(clients), up, basis_bytes
 
 
+def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float) -> dict:
+    """A run's kept client adapters aggregated plain and secure (whole server steps, files to files):
+    the ranks FLoRIST selects, the secure global's error against the plain one, both times."""
+    import shutil
+    from pathlib import Path
+
+    from florist_hf.adapters import read_adapter
+    from florist_hf.secure.server_step import SecureRound, secure_aggregate_adapters
+    from florist_hf.server import aggregate_adapters
+
+    dirs = sorted((Path(run_dir) / "rounds" / str(round_index) / "clients").glob("client_*[0-9]"))
+    method = get_method("florist", threshold=threshold)
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    plain = aggregate_adapters(dirs, method, out / "plain")
+    secure = secure_aggregate_adapters(dirs, method, out / "secure", SecureRound(SecAggSettings(), seed=round_index))
+
+    def updates(directory):
+        adapter = read_adapter(directory)
+        return {name: m.scale * (m.lora_b.double() @ m.lora_a.double()) for name, m in adapter.modules.items()}
+
+    ours, theirs = updates(out / "secure"), updates(out / "plain")
+    errors = [float((ours[n] - theirs[n]).norm() / theirs[n].norm()) for n in theirs]
+    exact = method.aggregate([a.modules for a in plain.adapters], [a.num_samples for a in plain.adapters])
+    fp64_errors = [float((secure.result.modules[n].delta_weight - m.delta_weight).norm() / m.delta_weight.norm())
+                   for n, m in exact.modules.items()]
+    ranks_plain, ranks_secure = plain.result.selected_ranks, secure.result.selected_ranks
+    comm = secure.sidecar["communication"]
+    return {
+        **machine_record(), "run": str(run_dir), "round": round_index, "clients": len(dirs), "modules": len(theirs),
+        "same_ranks": ranks_plain == ranks_secure, "total_rank_plain": sum(ranks_plain.values()),
+        "total_rank_secure": sum(ranks_secure.values()),
+        "modules_with_other_rank": sorted(n for n in ranks_plain if ranks_plain[n] != ranks_secure[n]),
+        "max_relative_error_fp64": max(fp64_errors), "max_relative_error_written": max(errors),
+        "plain_server_seconds": plain.sidecar["server_seconds"],
+        "secure_seconds_all_clients_and_server": secure.sidecar["server_seconds"],
+        "uplink_bytes_total": {"secure": comm["uplink_bytes_total"], "plain": comm["plain"]["uplink_bytes_total"]},
+        "downlink_bytes_total": {"secure": comm["downlink_bytes_total"], "plain": comm["plain"]["downlink_bytes_total"]},
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama7b")
@@ -95,8 +137,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json")
+    parser.add_argument("--run", help="a run directory whose kept client adapters to aggregate plain and secure")
+    parser.add_argument("--round", type=int, default=1)
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--out", default="benchmarks/_cache/secure_real")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.run:
+        result = real_clients(args.run, args.round, args.out, args.threshold)
+        print(json.dumps(result, indent=1))
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(result, handle, indent=1)
+        return result
     clients = make_clients(args.shape, args.layers)
     weights = [w / sum(DOLLY_SAMPLES) for w in DOLLY_SAMPLES]
     method = get_method("florist", threshold=0.9)

@@ -258,8 +258,9 @@ def test_nothing_the_server_step_receives_is_a_clients_contribution(tmp_path, mo
     recorded, real_sum = [], server_step.secure_sum
 
     def recording(inputs, *args, **kwargs):
-        result = real_sum(inputs, *args, **kwargs)
-        recorded.append((inputs, result.transcript))
+        result = real_sum(inputs, *args, keep_transcript=True, **kwargs)
+        # What each client contributed: its arrays, computed again (deterministic) from its side.
+        recorded.append(({k: compute() for k, compute in inputs.items()}, result.transcript))
         return result
 
     monkeypatch.setattr(server_step, "secure_sum", recording)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,11 +126,13 @@ def _key_bytes(shared_key: bytes) -> bytes:
 class SecAggClient:
     """One client's side of one secure sum: it holds its arrays and its secrets, and answers each stage."""
 
-    def __init__(self, client_id: int, arrays: Mapping[str, np.ndarray]):
+    def __init__(self, client_id: int, arrays: Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]]):
+        """``arrays``: what to sum, or a function that computes it when the client masks (then it is
+        held only while it is masked: a process simulating many clients holds one client's at a time)."""
         if client_id < 0:
             raise ValueError("client ids are non-negative integers (they travel as 8-byte unsigned)")
         self.client_id = client_id
-        self._arrays = {name: np.asarray(value, dtype=np.float64) for name, value in arrays.items()}
+        self._arrays = arrays
 
     def advertise_keys(self, setup: Setup) -> PublicKeys:
         if self.client_id not in setup.client_ids:
@@ -183,8 +185,9 @@ class SecAggClient:
         if len(self._partners) < setup.threshold:
             raise _too_few("shares", len(self._partners), len(setup.client_ids), setup.threshold)
         num_clients = len(setup.client_ids)
+        arrays = self._arrays() if callable(self._arrays) else self._arrays
         masked = {}
-        for index, (name, values) in enumerate(sorted(self._arrays.items())):
+        for index, (name, values) in enumerate(sorted(arrays.items())):
             encoded = np.ascontiguousarray(encode(f"client {self.client_id}'s {name}", values, num_clients,
                                                   setup.fraction_bits))
             apply_mask(encoded, self._seed, index, +1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,26 +134,28 @@ def _message_bytes(message) -> int:
     raise TypeError(type(message))
 
 
-def _traffic(sums: Sequence[SecureSum], num_clients: int) -> tuple[list[int], list[int], list[int]]:
-    """Per client: bytes up (every message it sent), bytes down (the keys and shares routed to it),
-    and the masked parameters it sent."""
-    up, down, params = [0] * num_clients, [0] * num_clients, [0] * num_clients
-    for summed in sums:
-        for message in summed.transcript:
-            up[message.client_id] += _message_bytes(message)
-            if isinstance(message, MaskedInput):
-                params[message.client_id] += sum(array.size for array in message.arrays.values())
-            elif isinstance(message, PublicKeys):  # the server forwards every client's keys to every other
-                for other in range(num_clients):
-                    down[other] += _message_bytes(message) if other != message.client_id else 0
-            elif isinstance(message, EncryptedShares):
-                for recipient, ciphertext in message.ciphertexts.items():
-                    down[recipient] += len(ciphertext)
-    return up, down, params
+class Traffic:
+    """What each client sends and receives in the secure sums, counted message by message as the
+    server receives them: bytes up (every message it sent), bytes down (the keys and shares routed
+    to it), and the masked parameters it sent."""
+
+    def __init__(self, num_clients: int):
+        self.up, self.down, self.params = [0] * num_clients, [0] * num_clients, [0] * num_clients
+
+    def __call__(self, message) -> None:
+        self.up[message.client_id] += _message_bytes(message)
+        if isinstance(message, MaskedInput):
+            self.params[message.client_id] += sum(array.size for array in message.arrays.values())
+        elif isinstance(message, PublicKeys):  # the server forwards every client's keys to every other
+            for other in range(len(self.down)):
+                self.down[other] += _message_bytes(message) if other != message.client_id else 0
+        elif isinstance(message, EncryptedShares):
+            for recipient, ciphertext in message.ciphertexts.items():
+                self.down[recipient] += len(ciphertext)
 
 
-def _run_sum(inputs: dict[int, dict[str, np.ndarray]], settings: SecAggSettings, stage: str) -> SecureSum:
-    summed = secure_sum(inputs, settings, keep_transcript=True)
+def _run_sum(inputs: dict, settings: SecAggSettings, stage: str, traffic: Traffic) -> SecureSum:
+    summed = secure_sum(inputs, settings, on_message=traffic)
     if len(summed.included) != len(inputs):
         raise SecureAggregationError(f"secure aggregation: {len(inputs) - len(summed.included)} clients vanished during "
                                      f"the {stage}; the round needs every client's share of both sums — rerun it")
@@ -190,14 +193,16 @@ def secure_aggregate_adapters(
     clients = [ClientSide(adapter.modules, weight, needs, method.freezes_lora_a)
                for adapter, weight in zip(adapters, normalised)]
 
-    first = _run_sum({k: client.first_sum(plans, secure.seed) for k, client in enumerate(clients)}, secure.settings,
-                     "first sum")
-    sums, updates = [first], {}
+    # Each client computes its arrays when it masks them (one client's held at a time).
+    traffic = Traffic(len(clients))
+    first = _run_sum({k: partial(client.first_sum, plans, secure.seed) for k, client in enumerate(clients)},
+                     secure.settings, "first sum", traffic)
+    sums, updates = 1, {}
     if SKETCH in needs:
         bases = {plan.name: sketch.range_basis(_tensor(first, f"{plan.name}/range")) for plan in plans}
-        second = _run_sum({k: client.second_sum(bases) for k, client in enumerate(clients)}, secure.settings,
-                          "second sum")
-        sums.append(second)
+        second = _run_sum({k: partial(client.second_sum, bases) for k, client in enumerate(clients)}, secure.settings,
+                          "second sum", traffic)
+        sums = 2
         for plan in plans:
             error = sketch.sketch_error(bases[plan.name], _tensor(first, f"{plan.name}/check")) if plan.checks_error else None
             updates[plan.name] = sketch.SketchedUpdate(bases[plan.name], _tensor(second, f"{plan.name}/projection"), error,
@@ -225,7 +230,7 @@ def secure_aggregate_adapters(
     result = AggregationResult(method.name, modules, normalised, method.options())
     seconds = time.perf_counter() - started
 
-    up, down, params = _traffic(sums, len(adapters))
+    up, down, params = traffic.up, traffic.down, traffic.params
     basis_bytes = sum(plan.shape[0] * plan.columns for plan in plans) * BASIS_BYTES_PER_PARAM if SKETCH in needs else 0
     plain = round_communication(method, adapters[0].module_shapes, [_client_rank(a) for a in adapters],
                                 result.selected_ranks, bytes_per_param=torch.finfo(wire_dtype).bits // 8).to_dict()
@@ -235,7 +240,7 @@ def secure_aggregate_adapters(
             "protocol": "SecAgg+ (Bell et al. 2020), all pairs",
             "settings": secure_record(secure),
             "threshold": secure.settings.threshold_for(len(adapters)),
-            "sums": len(sums),
+            "sums": sums,
             "needs": list(needs),
             "sketch_seed": secure.seed if SKETCH in needs else None,
             "outlier_report": OUTLIER_NOTE,
