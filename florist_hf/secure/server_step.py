@@ -193,6 +193,13 @@ def secure_aggregate_adapters(
     clients = [ClientSide(adapter.modules, weight, needs, method.freezes_lora_a)
                for adapter, weight in zip(adapters, normalised)]
 
+    shared_a = None
+    if method.freezes_lora_a:  # public: the server sent it
+        if secure.reference is None:
+            raise FloristError(f"{method.name} under secure aggregation reads the shared frozen A from the global the "
+                               "clients continued; none was given")
+        shared_a = read_adapter(secure.reference).modules
+
     # Each client computes its arrays when it masks them (one client's held at a time).
     traffic = Traffic(len(clients))
     first = _run_sum({k: partial(client.first_sum, plans, secure.seed) for k, client in enumerate(clients)},
@@ -208,12 +215,6 @@ def secure_aggregate_adapters(
             updates[plan.name] = sketch.SketchedUpdate(bases[plan.name], _tensor(second, f"{plan.name}/projection"), error,
                                                        entry_error=sum_error(len(clients), secure.settings.fraction_bits))
 
-    shared_a = None
-    if method.freezes_lora_a:
-        if secure.reference is None:
-            raise FloristError(f"{method.name} under secure aggregation reads the shared frozen A from the global the "
-                               "clients continued; none was given")
-        shared_a = read_adapter(secure.reference).modules
     modules = {}
     for plan in plans:
         client_ranks = [adapter.modules[plan.name].rank for adapter in adapters]
@@ -244,6 +245,8 @@ def secure_aggregate_adapters(
             "needs": list(needs),
             "sketch_seed": secure.seed if SKETCH in needs else None,
             "outlier_report": OUTLIER_NOTE,
+            "server_seconds": "in florist-hf run it includes every client's side (sketching, masking), run in the "
+                              "server's process",
         },
         "modules": {plan.name: {"sketch": updates[plan.name].record()} for plan in plans if plan.name in updates},
         "communication": {
