@@ -164,7 +164,7 @@ class SecureAggregationSection(Section):
     threshold: int | None = Field(None, ge=2)
     #: Fixed-point fractional bits of what is summed (|error| ≤ n·2^-(bits+1) per value).
     fraction_bits: int = Field(32, ge=8, le=52)
-    #: Columns of the sketch (florist, flexlora, fedex); default min(Σ r_k, m, n) per module, exact.
+    #: Columns of the sketch (florist, flexlora, fedex); default min(Σ r_k + 8, m, n) per module, exact.
     #: Fewer: less traffic, an approximate update, its estimated error in aggregation.json.
     sketch_columns: int | None = Field(None, ge=1)
 

@@ -93,9 +93,9 @@ def test_the_secure_server_step_equals_the_plain_one(tmp_path, name, dtype):
     comm, sketches = sidecar["communication"], name in ("florist", "flexlora", "fedex")
     assert record["sums"] == (2 if sketches else 1)
     for k, rank in enumerate(RANKS):
-        # What each client sent, counted exactly: (m+n)·p per module for a sketch (p = Σ r_k, as Σ r_k ≤ m, n here),
+        # What each client sent, counted exactly: (m+n)·p per module for a sketch (p = Σ r_k + 8 ≤ m, n here),
         # the factors padded to the round's largest rank for a sum (B only where A is frozen), and fedex both.
-        expected = sum((m + n) * sum(RANKS) if sketches else 0 for m, n in MODULES.values())
+        expected = sum((m + n) * (sum(RANKS) + 8) if sketches else 0 for m, n in MODULES.values())
         if name in ("fedit", "fedex"):
             expected += sum((m + n) * max(RANKS) for m, n in MODULES.values())
         if name in ("ffa", "fedsvd"):
@@ -104,7 +104,7 @@ def test_the_secure_server_step_equals_the_plain_one(tmp_path, name, dtype):
         assert comm["uplink_bytes"][k] > 8 * expected  # the masked words plus the protocol's keys and shares
         assert comm["uplink_bytes"][k] < 8 * expected + 20_000 * len(RANKS)
         assert comm["plain"]["uplink_bytes"][k] == plain.sidecar["communication"]["uplink_bytes"][k]
-    basis = sum(m * sum(RANKS) for m, n in MODULES.values()) * 8 if sketches else 0
+    basis = sum(m * (sum(RANKS) + 8) for m, n in MODULES.values()) * 8 if sketches else 0
     assert comm["secure"]["basis_downlink_bytes"] == basis
     assert comm["downlink_bytes"][0] == (comm["plain"]["downlink_bytes"][0] + basis
                                          + comm["secure"]["protocol_downlink_bytes"][0])

@@ -55,7 +55,7 @@ class SecureRound:
     settings: SecAggSettings
     #: Seeds the public sketch matrices Ω (the server broadcasts it; the engine derives it from the recipe).
     seed: int
-    #: Sketch width per module (None: min(Σ r_k, m, n), exact).
+    #: Sketch width per module (None: min(Σ r_k + 8, m, n), exact; see `sketch.default_columns`).
     sketch_columns: int | None = None
     #: The global the clients continued: its frozen A is the shared A of FFA-LoRA and FedSVD.
     reference: Path | None = None
@@ -81,8 +81,8 @@ def plan_modules(module_shapes: Mapping[str, tuple[int, int]], client_ranks: Seq
     plans = []
     for name, shape in module_shapes.items():
         ranks = [ranks[name] for ranks in client_ranks]
-        exact = sketch.default_columns(ranks, shape)
-        columns = exact if sketch_columns is None else min(sketch_columns, *shape)
+        exact = sketch.rank_bound(ranks, shape)
+        columns = sketch.default_columns(ranks, shape) if sketch_columns is None else min(sketch_columns, *shape)
         plans.append(ModulePlan(name, shape, max(ranks), columns, exact))
     return plans
 
