@@ -175,6 +175,7 @@ class Federation:
         return (
             f"[bold]{recipe.name}[/]{where}: {federation.method}"
             + (f" (τ = {federation.threshold})" if federation.method == "florist" else "")
+            + (" under secure aggregation" if federation.secure() is not None else "")
             + f", {federation.num_clients} clients {list(client_sizes)} samples, ranks "
             f"{[recipe.client_rank(k) for k in range(federation.num_clients)]}, {federation.rounds} rounds -> {self.paths.root}"
         )
@@ -245,7 +246,8 @@ class Federation:
                         (sidecar.get("secure_aggregation") or {}).get("settings"))
             if recorded != current:
                 self._supersede(round_index, global_dir, f"aggregated with {sidecar.get('method')} {sidecar.get('options')}"
-                                + (f", clip_update_norm {recorded[2]}" if recorded[2] is not None else ""))
+                                + (f", clip_update_norm {recorded[2]}" if recorded[2] is not None else "")
+                                + (f", secure_aggregation {recorded[4]}" if recorded[4] != current[4] else ""))
                 for stale in ("published", "evaluation.json"):
                     if (round_dir / stale).exists():
                         retire_directory(round_dir / stale, self._superseded_dir() / "rounds" / str(round_index) / stale)
