@@ -1,7 +1,7 @@
 """Secure against plain FLoRIST: the server's work, one client's work, and the bytes each client sends.
 
     python -m benchmarks.secure_aggregation [--shape llama7b|smollm2] [--layers 2] [--threads 1] [--json OUT]
-    python -m benchmarks.secure_aggregation --run RUN_DIR [--round 1]   # a run's real client adapters
+    python -m benchmarks.secure_aggregation --run RUN_DIR [--round 1]   # a run's real client adapters (+ held-out loss)
 
 Eight clients with the paper's heterogeneous ranks [64, 32, 16, 16, 8, 8, 4, 4] (fp32 factors, B
 scaled like a trained update, the Dolly sample counts as weights) on the q_proj and v_proj of
@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.measure import machine_record
 from florist_hf.aggregation import ClientModule, get_method, sketch
+from florist_hf.rundir import RECIPE_RECORD
 from florist_hf.secure.protocol import SecAggClient, SecAggServer
 from florist_hf.secure.server_step import ClientSide, _message_bytes, plan_modules
 from florist_hf.secure.settings import SecAggSettings
@@ -91,7 +92,8 @@ def secure_round(clients, weights, threshold: float):
 
 def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float) -> dict:
     """A run's kept client adapters aggregated plain and secure (whole server steps, files to files):
-    the ranks FLoRIST selects, the secure global's error against the plain one, both times."""
+    the ranks FLoRIST selects, the secure global's error against the plain one, both times, and
+    (round 1) the held-out loss of each global on the run's base."""
     import shutil
     from pathlib import Path
 
@@ -111,6 +113,7 @@ def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float)
         return {name: m.scale * (m.lora_b.double() @ m.lora_a.double()) for name, m in adapter.modules.items()}
 
     ours, theirs = updates(out / "secure"), updates(out / "plain")
+    heldout = heldout_losses(run_dir, out) if (Path(run_dir) / RECIPE_RECORD).exists() and round_index == 1 else None
     errors = [float((ours[n] - theirs[n]).norm() / theirs[n].norm()) for n in theirs]
     exact = method.aggregate([a.modules for a in plain.adapters], [a.num_samples for a in plain.adapters])
     fp64_errors = [float((secure.result.modules[n].delta_weight - m.delta_weight).norm() / m.delta_weight.norm())
@@ -123,11 +126,30 @@ def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float)
         "total_rank_secure": sum(ranks_secure.values()),
         "modules_with_other_rank": sorted(n for n in ranks_plain if ranks_plain[n] != ranks_secure[n]),
         "max_relative_error_fp64": max(fp64_errors), "max_relative_error_written": max(errors),
+        "heldout_loss": heldout,
         "plain_server_seconds": plain.sidecar["server_seconds"],
         "secure_seconds_all_clients_and_server": secure.sidecar["server_seconds"],
         "uplink_bytes_total": {"secure": comm["uplink_bytes_total"], "plain": comm["plain"]["uplink_bytes_total"]},
         "downlink_bytes_total": {"secure": comm["downlink_bytes_total"], "plain": comm["plain"]["downlink_bytes_total"]},
     }
+
+
+def heldout_losses(run_dir, out) -> dict:
+    """The run's held-out loss (its recipe's test records, response tokens) of the base with each
+    round-1 global adapter on top: plain and secure (a merge-style round 1 holds no earlier state)."""
+    from pathlib import Path
+
+    from florist_hf.data import prepare_client_data
+    from florist_hf.heldout import global_heldout_loss
+    from florist_hf.loading import load_tokenizer, prepare_base_model
+    from florist_hf.recipe import Recipe
+
+    recipe = Recipe.model_validate(json.loads((Path(run_dir) / RECIPE_RECORD).read_text())["recipe"])
+    base = prepare_base_model(recipe, Path(run_dir))
+    _, test_records = prepare_client_data(recipe)
+    tokenizer = load_tokenizer(base, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    return {name: global_heldout_loss(recipe, base, tokenizer, test_records, Path(out) / "heldout_work",
+                                      adapter=Path(out) / name) for name in ("plain", "secure")} | {"records": len(test_records)}
 
 
 def main(argv=None) -> dict:
