@@ -109,6 +109,8 @@ class Federation:
         self.tracker = None
         #: the run directory's lock, held by the main process from `open` to `close`
         self._lock: RunDirectoryLock | None = None
+        #: the one-line note that secure aggregation has no per-client outlier report, printed once
+        self._secure_noted = False
 
     @property
     def rounds_done(self) -> list[int]:
@@ -216,6 +218,7 @@ class Federation:
         return (
             f"[bold]{recipe.name}[/]{where}: {federation.method}"
             + (f" (τ = {federation.threshold})" if federation.method == "florist" else "")
+            + (" under secure aggregation" if federation.secure() is not None else "")
             + f", {federation.num_clients} clients {list(client_sizes)} samples, ranks "
             f"{[recipe.client_rank(k) for k in range(federation.num_clients)]}, {federation.rounds} rounds -> {self.paths.root}"
         )
@@ -276,14 +279,18 @@ class Federation:
         if global_dir.exists():
             sidecar = json.loads((global_dir / SIDECAR).read_text())
             bounding = self.update_bounding(round_index)
+            secure = self.recipe.federation.secure()
             current = (self.method.name, json.loads(json.dumps(self.method.options())),
-                       None if bounding is None else bounding.clip, None if bounding is None else bounding.noise_multiplier)
+                       None if bounding is None else bounding.clip, None if bounding is None else bounding.noise_multiplier,
+                       None if secure is None else secure.model_dump(exclude={"enabled"}))
             recorded_bound = sidecar.get("bounding") or {}
             recorded = (sidecar.get("method"), sidecar.get("options"), recorded_bound.get("clip_update_norm"),
-                        (recorded_bound.get("central_dp") or {}).get("noise_multiplier"))
+                        (recorded_bound.get("central_dp") or {}).get("noise_multiplier"),
+                        (sidecar.get("secure_aggregation") or {}).get("settings"))
             if recorded != current:
                 self._supersede(round_index, global_dir, f"aggregated with {sidecar.get('method')} {sidecar.get('options')}"
-                                + (f", clip_update_norm {recorded[2]}" if recorded[2] is not None else ""))
+                                + (f", clip_update_norm {recorded[2]}" if recorded[2] is not None else "")
+                                + (f", secure_aggregation {recorded[4]}" if recorded[4] != current[4] else ""))
                 for stale in ("published", "evaluation.json"):
                     if (round_dir / stale).exists():
                         retire_directory(round_dir / stale, self._superseded_dir() / "rounds" / str(round_index) / stale)
@@ -353,7 +360,17 @@ class Federation:
         step = None
         if self.main:
             global_dir, names = self.paths.global_dir(round_plan.round), [plan.export_dir.name for plan in trained]
-            if streamed is not None and [Path(a.path) for a in streamed.adapters] == [plan.export_dir for plan in trained]:
+            if self.recipe.federation.secure() is not None:
+                from florist_hf.secure.server_step import OUTLIER_NOTE, secure_aggregate_adapters
+
+                step = secure_aggregate_adapters(
+                    [plan.export_dir for plan in trained], self.method, global_dir, self.secure_round(round_plan.round),
+                    weights=[plan.num_samples for plan in trained], client_names=names,
+                )
+                if not self._secure_noted:
+                    self.console.print(f"  [dim]secure aggregation: the per-client outlier report is {OUTLIER_NOTE}[/]")
+                    self._secure_noted = True
+            elif streamed is not None and [Path(a.path) for a in streamed.adapters] == [plan.export_dir for plan in trained]:
                 step = streamed.write(global_dir, client_names=names)
             else:
                 step = aggregate_adapters(
@@ -367,6 +384,17 @@ class Federation:
         self.history.rounds_done.append(round_plan.round)
         self.history.global_state_dir(round_plan.round)
         return step
+
+    def secure_round(self, round_index: int):
+        """Round ``round_index``'s public secure-aggregation parameters (`secure.server_step.SecureRound`):
+        the sketch seed follows from the recipe's seed, so a resumed round sketches alike."""
+        from florist_hf.secure.server_step import SecureRound
+
+        federation = self.recipe.federation
+        secure = federation.secure()
+        reference = None if self.method.merges_into_base else self.history.continued(before=round_index)
+        return SecureRound(secure.settings(), seed=federation.seed * 1_000_003 + round_index,
+                           sketch_columns=secure.sketch_columns, reference=reference)
 
     def update_bounding(self, round_index: int) -> UpdateBounding | None:
         """How the server bounds round ``round_index``'s client updates, and noises their mean

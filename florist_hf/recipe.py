@@ -154,6 +154,26 @@ class CentralDPSection(DPBudget):
     _key: ClassVar[str] = "central_dp"
 
 
+class SecureAggregationSection(Section):
+    """federation.secure_aggregation: the server learns only sums of what the clients send (SecAgg+,
+    `florist_hf.secure`). FLoRIST, FlexLoRA and FedEx-LoRA aggregate from two sketch sums, exactly
+    at the default sketch width; FedIT, FFA-LoRA and FedSVD from their summed factors."""
+
+    enabled: bool = True
+    #: Clients needed at every stage of the protocol (default ⌈2n/3⌉); up to n − t may vanish after masking.
+    threshold: int | None = Field(None, ge=2)
+    #: Fixed-point fractional bits of what is summed (|error| ≤ n·2^-(bits+1) per value).
+    fraction_bits: int = Field(32, ge=8, le=52)
+    #: Columns of the sketch (florist, flexlora, fedex); default min(Σ r_k + 8, m, n) per module, exact.
+    #: Fewer: less traffic, an approximate update, its estimated error in aggregation.json.
+    sketch_columns: int | None = Field(None, ge=1)
+
+    def settings(self):
+        from florist_hf.secure.settings import SecAggSettings
+
+        return SecAggSettings(threshold=self.threshold, fraction_bits=self.fraction_bits)
+
+
 def sample_clients(num_clients: int, clients_per_round: int | float | None, seed: int, round_index: int) -> list[int]:
     """The clients of one round: all (None), a count (int) or a fraction (float), reproducibly drawn."""
     count = sampled_count(num_clients, clients_per_round)
@@ -200,6 +220,38 @@ class FederationSection(Section):
     robust: Literal["median", "trimmed_mean"] | None = None
     #: trimmed_mean: the share of clients dropped at each end of every coordinate.
     trim_fraction: float = Field(0.1, ge=0, lt=0.5)
+    #: The server learns only sums of the clients' contributions (see `SecureAggregationSection`).
+    secure_aggregation: SecureAggregationSection | None = None
+
+    def secure(self) -> SecureAggregationSection | None:
+        """The secure-aggregation section when it is enabled, else None."""
+        return self.secure_aggregation if self.secure_aggregation is not None and self.secure_aggregation.enabled else None
+
+    @model_validator(mode="after")
+    def _secure_aggregation_applies(self):
+        secure = self.secure()
+        if secure is None:
+            return self
+        from florist_hf.secure.methods import SKETCH, secure_inputs
+
+        secure_inputs(self.method)  # a ValueError naming why the method cannot run so
+        blocked = [("clip_update_norm", self.clip_update_norm is not None, "the server cannot see a client's update to "
+                    "bound it, and client-side clipping before masking is not built yet"),
+                   ("central_dp", self.central_dp is not None, "it needs the server's bound on every update"),
+                   ("robust", self.robust is not None, "a median or trimmed mean needs each client's factors"),
+                   ("aggregation: streaming", self.aggregation == "streaming", "the server holds only sums, so there is "
+                    "no client stack to stream")]
+        for key, present, why in blocked:
+            if present:
+                raise ValueError(f"secure_aggregation and {key} do not combine: {why}; remove one of them")
+        if secure.sketch_columns is not None and SKETCH not in secure_inputs(self.method):
+            raise ValueError(f"secure_aggregation.sketch_columns applies to florist, flexlora and fedex; {self.method} sums "
+                             "its factors — remove it")
+        try:
+            secure.settings().threshold_for(self.clients_sampled())
+        except ValueError as error:
+            raise ValueError(f"secure_aggregation: {error} (the clients sampled per round)") from None
+        return self
 
     @model_validator(mode="after")
     def _server_defences_where_defined(self):
@@ -494,7 +546,7 @@ class Recipe(Section):
 #: settings added after run directories were first recorded, with their defaults, by section.
 LATER_DEFAULTS = {
     "federation": {"aggregation": "stacked", "streaming_tolerance": 0.0, "clip_update_norm": None, "central_dp": None,
-                   "robust": None, "trim_fraction": 0.1},
+                   "robust": None, "trim_fraction": 0.1, "secure_aggregation": None},
     "model": {"gguf_file": None},
 }
 #: Settings that change how fast a result is reached, not the result (beyond float round-off):
@@ -609,7 +661,7 @@ def client_training_view(recipe) -> dict:
     method = method_of(recipe)
     federation["client_role"] = {"merges_into_base": method.merges_into_base, "freeze_lora_a": method.freezes_lora_a}
     for key in ("method", "threshold", "min_clients", "eval_heldout_loss", "aggregation", "streaming_tolerance",
-                "clip_update_norm", "central_dp", "robust", "trim_fraction"):
+                "clip_update_norm", "central_dp", "robust", "trim_fraction", "secure_aggregation"):
         federation.pop(key, None)
     # The rounds count where the learning rate or a DP-SGD client's noise (calibrated to its planned rounds) depends on it.
     if federation["round_lr_schedule"] == "constant" and not (recipe.privacy and recipe.privacy.target_epsilon is not None):

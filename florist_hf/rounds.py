@@ -123,6 +123,10 @@ def round_record(paths: RunPaths, round_index: int, heldout: float | None, *, me
     if streamed:  # what a streaming tolerance dropped, at the worst module
         record["streaming_discarded_energy_max"] = max(module["discarded_energy"] for module in streamed)
         record["streaming_error_bound_max"] = max(module["error_bound"] for module in streamed)
+    if "plain" in comm:  # secure aggregation: what travelled, and what the plain round would have sent
+        record["secure_aggregation"] = True
+        record["plain_uplink_bytes_total"] = comm["plain"]["uplink_bytes_total"]
+        record["plain_downlink_bytes_total"] = comm["plain"]["downlink_bytes_total"]
     bounding = sidecar.get("bounding")
     if bounding is not None:
         record["clients_clipped"] = sum(1 for client in sidecar["clients"] if client.get("clipped"))
@@ -147,6 +151,8 @@ def describe_round(record: dict) -> str:
         f"  server: ranks {record['rank_min']}/{record['rank_median']:g}/{record['rank_max']} "
         f"(total {record['total_selected_rank']}), Eff {record['eff_x1e4']:.2f}, "
         f"up {record['uplink_bytes_total']:,} B, down {record['downlink_bytes_total']:,} B"
+        + (f" (secure; plain: up {record['plain_uplink_bytes_total']:,} B, down {record['plain_downlink_bytes_total']:,} B)"
+           if record.get("secure_aggregation") else "")
         + (f", held-out loss {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
         + (f", streaming dropped ≤ {record['streaming_discarded_energy_max']:.1e} of the energy"
            if record.get("streaming_discarded_energy_max") else "")

@@ -242,8 +242,10 @@ def aggregate_adapters(
 
 
 def _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtype, overwrite, client_names,
-                       server_seconds, report: dict | None = None, bounding: UpdateBounding | None = None) -> ServerStep:
-    """The global adapter (and FlexLoRA's per-client ones) plus the sidecar, written atomically."""
+                       server_seconds, report: dict | None = None, bounding: UpdateBounding | None = None,
+                       sidecar_extra: dict | None = None) -> ServerStep:
+    """The global adapter (and FlexLoRA's per-client ones) plus the sidecar, written atomically.
+    ``sidecar_extra``: merged into the sidecar, dict into dict (secure aggregation's record)."""
     communication = round_communication(
         method,
         adapters[0].module_shapes,
@@ -270,6 +272,7 @@ def _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtyp
                                "weighting": "uniform", **(bounding.accounting or {})}}
                if bounding.noise_multiplier is not None else {}),
         }
+    _merge(sidecar, sidecar_extra or {})
     template = adapters[0].config
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         global_factors = {name: (m.lora_b, m.lora_a) for name, m in result.modules.items()}
@@ -288,6 +291,14 @@ def _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtyp
                     client_info={"source": str(adapter.path)},
                 )
     return ServerStep(out_dir, adapters, result, communication, sidecar)
+
+
+def _merge(target: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
 
 
 class StreamingServerRound:

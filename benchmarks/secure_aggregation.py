@@ -1,0 +1,201 @@
+"""Secure against plain FLoRIST: the server's work, one client's work, and the bytes each client sends.
+
+    python -m benchmarks.secure_aggregation [--shape llama7b|smollm2] [--layers 2] [--threads 1] [--json OUT]
+    python -m benchmarks.secure_aggregation --run RUN_DIR [--round 1]   # a run's real client adapters (+ held-out loss)
+
+Eight clients with the paper's heterogeneous ranks [64, 32, 16, 16, 8, 8, 4, 4] (fp32 factors, B
+scaled like a trained update, the Dolly sample counts as weights) on the q_proj and v_proj of
+``--layers`` layers: Llama-7B (4096×4096 both) or SmolLM2-135M (576×576 and 192×576, GQA). Timed,
+best of ``--repeats``, in memory (no adapter files; the plain side is `Florist.aggregate`):
+- plain: FLoRIST τ = 0.9 on the stacked factors;
+- secure, server: what `SecAggServer` does in both sums (collect keys, route shares, add the masked
+  inputs, rebuild the self masks and take them off) plus Q = orth(Y) and FLoRIST on Q·Z;
+- secure, one client: its two sketches, fixed-point encoding and masking (one ChaCha20 keystream per
+  other client plus its own), key agreement, Shamir sharing and encryption, per client on average.
+Bytes up per client: every message it sends (masked 8-byte words, keys, shares) against the plain
+round's (m+n)·r_k fp32 factors; the secure downlink adds Q (m·p fp64 per module).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+
+from benchmarks.measure import machine_record
+from florist_hf.aggregation import ClientModule, get_method, sketch
+from florist_hf.rundir import RECIPE_RECORD
+from florist_hf.secure.protocol import SecAggClient, SecAggServer
+from florist_hf.secure.server_step import ClientSide, _message_bytes, plan_modules
+from florist_hf.secure.settings import SecAggSettings
+
+RANKS = [64, 32, 16, 16, 8, 8, 4, 4]
+DOLLY_SAMPLES = [1579, 685, 3775, 607, 1149, 2192, 4000, 711]  # weights; only their ratios matter
+SHAPES = {"llama7b": {"q_proj": (4096, 4096), "v_proj": (4096, 4096)},
+          "smollm2": {"q_proj": (576, 576), "v_proj": (192, 576)}}
+
+
+def make_clients(shape: str, layers: int) -> list[dict[str, ClientModule]]:
+    generator = torch.Generator().manual_seed(0)
+    clients = []
+    for rank in RANKS:
+        modules = {}
+        for layer in range(layers):
+            for target, (m, n) in SHAPES[shape].items():
+                lora_a = torch.randn(rank, n, generator=generator) / n**0.5
+                lora_b = 0.01 * torch.randn(m, rank, generator=generator)
+                modules[f"base_model.model.model.layers.{layer}.self_attn.{target}"] = ClientModule(lora_a, lora_b, 2.0)
+        clients.append(modules)
+    return clients
+
+
+def secure_round(clients, weights, threshold: float):
+    """Both sums through the protocol, timing each side; returns (server s, client s per client, bytes up per client)."""
+    clock: dict[str, float] = defaultdict(float)
+    up = [0] * len(clients)
+    plans = plan_modules({name: m.shape for name, m in clients[0].items()},
+                         [{name: m.rank for name, m in c.items()} for c in clients], None)
+    sides = [ClientSide(c, w, ("sketch",), False) for c, w in zip(clients, weights)]
+
+    def timed(side: str, function, *args):
+        started = time.perf_counter()
+        result = function(*args)
+        clock[side] += time.perf_counter() - started
+        return result
+
+    def one_sum(arrays_of):
+        server = SecAggServer(range(len(clients)), SecAggSettings())
+        parties = {k: SecAggClient(k, timed("client", arrays_of, k)) for k in range(len(clients))}
+        setup = server.setup()
+        sent = [timed("client", parties[k].advertise_keys, setup) for k in parties]
+        keys = timed("server", server.collect_keys, sent)
+        shares = [timed("client", parties[k].share_keys, keys) for k in parties]
+        routed = timed("server", server.route_shares, shares)
+        masked = [timed("client", parties[k].mask_input, routed[k]) for k in parties]
+        request = timed("server", server.collect_masked, masked)
+        revealed = [timed("client", parties[k].reveal, request) for k in parties]
+        for message in [*sent, *shares, *masked, *revealed]:
+            up[message.client_id] += _message_bytes(message)
+        return {name: torch.from_numpy(array) for name, array in timed("server", server.unmask, revealed).items()}
+
+    first = one_sum(lambda k: sides[k].first_sum(plans, seed=1))
+    bases = timed("server", lambda: {p.name: sketch.range_basis(first[f"{p.name}/range"]) for p in plans})
+    second = one_sum(lambda k: sides[k].second_sum(bases))
+    timed("server", lambda: [sketch.florist_from_sketch(sketch.SketchedUpdate(bases[p.name], second[f"{p.name}/projection"]),
+                                                        threshold) for p in plans])
+    basis_bytes = sum(p.shape[0] * p.columns * 8 for p in plans)
+    return clock["server"], clock["client"] / len(clients), up, basis_bytes
+
+
+def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float) -> dict:
+    """A run's kept client adapters aggregated plain and secure (whole server steps, files to files):
+    the ranks FLoRIST selects, the secure global's error against the plain one, both times, and
+    (round 1) the held-out loss of each global on the run's base."""
+    import shutil
+    from pathlib import Path
+
+    from florist_hf.adapters import read_adapter
+    from florist_hf.secure.server_step import SecureRound, secure_aggregate_adapters
+    from florist_hf.server import aggregate_adapters
+
+    dirs = sorted((Path(run_dir) / "rounds" / str(round_index) / "clients").glob("client_*[0-9]"))
+    method = get_method("florist", threshold=threshold)
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    plain = aggregate_adapters(dirs, method, out / "plain")
+    secure = secure_aggregate_adapters(dirs, method, out / "secure", SecureRound(SecAggSettings(), seed=round_index))
+
+    def updates(directory):
+        adapter = read_adapter(directory)
+        return {name: m.scale * (m.lora_b.double() @ m.lora_a.double()) for name, m in adapter.modules.items()}
+
+    ours, theirs = updates(out / "secure"), updates(out / "plain")
+    heldout = heldout_losses(run_dir, out) if (Path(run_dir) / RECIPE_RECORD).exists() and round_index == 1 else None
+    errors = [float((ours[n] - theirs[n]).norm() / theirs[n].norm()) for n in theirs]
+    exact = method.aggregate([a.modules for a in plain.adapters], [a.num_samples for a in plain.adapters])
+    fp64_errors = [float((secure.result.modules[n].delta_weight - m.delta_weight).norm() / m.delta_weight.norm())
+                   for n, m in exact.modules.items()]
+    ranks_plain, ranks_secure = plain.result.selected_ranks, secure.result.selected_ranks
+    comm = secure.sidecar["communication"]
+    return {
+        **machine_record(), "run": str(run_dir), "round": round_index, "clients": len(dirs), "modules": len(theirs),
+        "same_ranks": ranks_plain == ranks_secure, "total_rank_plain": sum(ranks_plain.values()),
+        "total_rank_secure": sum(ranks_secure.values()),
+        "modules_with_other_rank": sorted(n for n in ranks_plain if ranks_plain[n] != ranks_secure[n]),
+        "max_relative_error_fp64": max(fp64_errors), "max_relative_error_written": max(errors),
+        "heldout_loss": heldout,
+        "plain_server_seconds": plain.sidecar["server_seconds"],
+        "secure_seconds_all_clients_and_server": secure.sidecar["server_seconds"],
+        "uplink_bytes_total": {"secure": comm["uplink_bytes_total"], "plain": comm["plain"]["uplink_bytes_total"]},
+        "downlink_bytes_total": {"secure": comm["downlink_bytes_total"], "plain": comm["plain"]["downlink_bytes_total"]},
+    }
+
+
+def heldout_losses(run_dir, out) -> dict:
+    """The run's held-out loss (its recipe's test records, response tokens) of the base with each
+    round-1 global adapter on top: plain and secure (a merge-style round 1 holds no earlier state)."""
+    from pathlib import Path
+
+    from florist_hf.data import prepare_client_data
+    from florist_hf.heldout import global_heldout_loss
+    from florist_hf.loading import load_tokenizer, prepare_base_model
+    from florist_hf.recipe import Recipe
+
+    recipe = Recipe.model_validate(json.loads((Path(run_dir) / RECIPE_RECORD).read_text())["recipe"])
+    base = prepare_base_model(recipe, Path(run_dir))
+    _, test_records = prepare_client_data(recipe)
+    tokenizer = load_tokenizer(base, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    return {name: global_heldout_loss(recipe, base, tokenizer, test_records, Path(out) / "heldout_work",
+                                      adapter=Path(out) / name) for name in ("plain", "secure")} | {"records": len(test_records)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama7b")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json")
+    parser.add_argument("--run", help="a run directory whose kept client adapters to aggregate plain and secure")
+    parser.add_argument("--round", type=int, default=1)
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--out", default="benchmarks/_cache/secure_real")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.run:
+        result = real_clients(args.run, args.round, args.out, args.threshold)
+        print(json.dumps(result, indent=1))
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(result, handle, indent=1)
+        return result
+    clients = make_clients(args.shape, args.layers)
+    weights = [w / sum(DOLLY_SAMPLES) for w in DOLLY_SAMPLES]
+    method = get_method("florist", threshold=0.9)
+    plain = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        method.aggregate(clients, weights)
+        plain.append(time.perf_counter() - started)
+    runs = [secure_round(clients, weights, 0.9) for _ in range(args.repeats)]
+    server, client = min(r[0] for r in runs), min(r[1] for r in runs)
+    up, basis_bytes = runs[0][2], runs[0][3]
+    plain_up = [sum((m.shape[0] + m.shape[1]) * m.rank * 4 for m in c.values()) for c in clients]
+    result = {
+        **machine_record(), "shape": args.shape, "modules": len(clients[0]), "threads": args.threads,
+        "plain_florist_s": min(plain), "secure_server_s": server, "secure_client_s": client,
+        "server_ratio": server / min(plain),
+        "uplink_bytes_secure": up, "uplink_bytes_plain": plain_up, "basis_downlink_bytes": basis_bytes,
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The ring the masked sums live in: fixed-point encoding of fp64 values to uint64 (mod 2^64), and
+the masks, expanded from 32-byte seeds by ChaCha20 from the ``cryptography`` package.
+
+Not Flower's ``pseudo_rand_gen``: it folds the seed to 32 bits and draws from numpy's RandomState
+(a Mersenne Twister, predictable from its output), so a mask would carry 32 bits of secrecy at most.
+Not Flower's ``quantize`` either: it rounds stochastically from numpy's global, unseeded generator;
+here rounding is to nearest, so the decoded sum is the same number every time the round runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from florist_hf.secure.errors import SecureAggregationError
+
+# A value x travels as round(x·2^f) mod 2^64 (f = settings.FRACTION_BITS by default): |error| ≤ 2^-(f+1) per client.
+#: Bytes of a mask seed (a ChaCha20 key).
+SEED_BYTES = 32
+#: Masks are expanded in pieces of this many uint64 words (8 MiB), so memory stays bounded.
+_MASK_CHUNK_WORDS = 1 << 20
+_ZEROS = memoryview(bytes(8 * _MASK_CHUNK_WORDS))
+
+
+def max_encodable(num_clients: int, fraction_bits: int) -> float:
+    """The largest |x| a client may send so that a sum over ``num_clients`` still fits in int64."""
+    return float(2 ** (63 - fraction_bits)) / num_clients
+
+
+def sum_error(num_clients: int, fraction_bits: int) -> float:
+    """The largest absolute error of one decoded entry of a sum over ``num_clients``: each encoding
+    rounds to nearest, off by at most half a unit of 2^-f."""
+    return num_clients * 2.0 ** -(fraction_bits + 1)
+
+
+def encode(name: str, values: np.ndarray, num_clients: int, fraction_bits: int) -> np.ndarray:
+    """round(values·2^f) as two's-complement uint64; refuses (one line) a value whose sum over
+    ``num_clients`` could overflow, or a non-finite one."""
+    values = np.asarray(values, dtype=np.float64)
+    largest = float(np.abs(values).max(initial=0.0))
+    limit = max_encodable(num_clients, fraction_bits)
+    if not np.isfinite(largest):
+        raise SecureAggregationError(f"secure aggregation: {name} holds a NaN or infinite value; a masked sum cannot "
+                                     "carry it (check the client's training for divergence)")
+    if largest >= limit:
+        raise SecureAggregationError(
+            f"secure aggregation: {name} holds |x| = {largest:.3g}, beyond the {limit:.3g} that {num_clients} clients "
+            f"can sum at {fraction_bits} fractional bits; lower federation.secure_aggregation.fraction_bits")
+    return np.rint(np.ldexp(values, fraction_bits)).astype(np.int64).view(np.uint64)
+
+
+def decode(encoded_sum: np.ndarray, fraction_bits: int) -> np.ndarray:
+    """The fp64 value of a uint64 sum of encodings (read as int64)."""
+    return np.ldexp(encoded_sum.view(np.int64).astype(np.float64), -fraction_bits)
+
+
+def _nonce(index: int) -> bytes:
+    # OpenSSL's ChaCha20 IV: a 4-byte block counter (from 0), then a 12-byte nonce, here the array's index.
+    return bytes(4) + index.to_bytes(12, "little")
+
+
+def apply_mask(target: np.ndarray, seed: bytes, index: int, sign: int) -> None:
+    """target += sign·mask (mod 2^64), in place; the mask is the ChaCha20 keystream under ``seed``
+    with nonce ``index`` (each array of one secure sum its own index), read as uint64 words."""
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
+    keystream = Cipher(algorithms.ChaCha20(seed, _nonce(index)), mode=None).encryptor()
+    if not target.flags.c_contiguous:
+        raise ValueError("a masked array must be C-contiguous (it is masked in place)")
+    flat = target.reshape(-1)  # a view
+    # The keystream is the encryption of zeros, written into one reused buffer (update_into: about
+    # twice update's speed, which allocates the output every call).
+    buffer = bytearray(8 * min(flat.size, _MASK_CHUNK_WORDS) + 64)
+    for start in range(0, flat.size, _MASK_CHUNK_WORDS):
+        piece = flat[start : start + _MASK_CHUNK_WORDS]
+        keystream.update_into(_ZEROS[: 8 * piece.size], buffer)
+        mask = np.frombuffer(buffer, dtype="<u8", count=piece.size)
+        if sign > 0:
+            np.add(piece, mask, out=piece)
+        else:
+            np.subtract(piece, mask, out=piece)

@@ -1,0 +1,74 @@
+"""One secure sum run in one process: every client still masks and the server still only unmasks the
+sum; the messages pass as Python objects instead of over a network (``florist-hf run`` and tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from florist_hf.secure.protocol import STAGES, SecAggClient, SecAggServer
+from florist_hf.secure.settings import SecAggSettings
+
+
+@dataclass
+class SecureSum:
+    """The decoded sum and the clients whose inputs it holds (the others vanished before masking)."""
+
+    arrays: dict[str, np.ndarray]
+    included: tuple[int, ...]
+    #: Every message the server received, in order, when a transcript was asked for.
+    transcript: list = field(default_factory=list)
+
+
+def secure_sum(
+    inputs: Mapping[int, Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]]],
+    settings: SecAggSettings = SecAggSettings(),
+    vanish: Mapping[str, Collection[int]] | None = None,
+    keep_transcript: bool = False,
+    on_message: Callable[[object], None] | None = None,
+) -> SecureSum:
+    """Σ_k inputs[k] through SecAgg+, client ids as keys; an input may be a function computing the
+    client's arrays, called when it masks them.
+
+    The masked inputs reach the server one at a time and are added as they come, so besides the
+    server's sum one client's arrays (and their masked copy) are held at once. ``on_message`` sees
+    every message the server receives (e.g. to count bytes); ``keep_transcript`` keeps them all.
+    ``vanish`` maps a stage ("keys", "shares", "masked", "unmask") to the clients that stop replying
+    from that stage on, as a crashed or disconnected client would. A SecureAggregationError (one
+    line) when fewer than the threshold remain at any stage.
+    """
+    vanish = vanish or {}
+    unknown = set(vanish) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown protocol stages {sorted(unknown)}; choose from {STAGES}")
+    gone: set[int] = set()
+    transcript: list = []
+
+    def replying(stage: str, clients: Mapping[int, SecAggClient]) -> dict[int, SecAggClient]:
+        gone.update(vanish.get(stage, ()))
+        return {cid: client for cid, client in clients.items() if cid not in gone}
+
+    def received(messages: Iterable) -> Iterator:
+        for message in messages:
+            if keep_transcript:
+                transcript.append(message)
+            if on_message is not None:
+                on_message(message)
+            yield message
+
+    server = SecAggServer(inputs, settings)
+    clients = {cid: SecAggClient(cid, arrays) for cid, arrays in inputs.items()}
+    setup = server.setup()
+
+    active = replying("keys", clients)
+    keys = server.collect_keys(received(client.advertise_keys(setup) for client in active.values()))
+    active = replying("shares", {cid: active[cid] for cid in keys})
+    routed = server.route_shares(received(client.share_keys(keys) for client in active.values()))
+    active = replying("masked", {cid: active[cid] for cid in routed})
+    # A generator: each client masks when the server takes its input, one after the other.
+    request = server.collect_masked(received(client.mask_input(routed[cid]) for cid, client in active.items()))
+    active = replying("unmask", {cid: active[cid] for cid in request.survivors})
+    arrays = server.unmask(received(client.reveal(request) for client in active.values()))
+    return SecureSum(arrays, server.survivors, transcript)

@@ -1,0 +1,268 @@
+"""The server step under secure aggregation: each client computes its contribution from its own adapter,
+the contributions are summed through SecAgg+, and the global adapter is built from the sums alone.
+
+FLoRIST, FlexLoRA and FedEx-LoRA take the two sums of the two-stage sketch (`aggregation.sketch`):
+exact when the sketch is as wide as the update's rank bound; FedIT, FFA-LoRA and FedSVD take their
+summed factors and aggregate them as one client of weight 1 (the same code as the plain method).
+In ``florist-hf run`` the clients' side runs in the server's process, each on its own adapter only;
+the server's side sees nothing but the protocol's messages and the sums.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import partial
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from florist_hf.adapters import client_weights, read_adapter, read_client_adapters, widest_dtype
+from florist_hf.aggregation import AggregationMethod, AggregationResult, ClientModule, round_communication
+from florist_hf.aggregation import sketch
+from florist_hf.aggregation.linalg import COMPUTE_DTYPE, padded_weighted_sum
+from florist_hf.errors import FloristError
+from florist_hf.secure.encoding import sum_error
+from florist_hf.secure.errors import SecureAggregationError
+from florist_hf.secure.local import SecureSum, secure_sum
+from florist_hf.secure.methods import FACTOR_SUMS, SKETCH, secure_inputs
+from florist_hf.secure.protocol import EncryptedShares, MaskedInput, PublicKeys, RevealedShares
+from florist_hf.secure.settings import SecAggSettings
+from florist_hf.server import ServerStep, _client_rank, _write_server_step
+
+#: The Q a sketch method sends back to every client travels in fp64 (it must stay orthonormal).
+BASIS_BYTES_PER_PARAM = 8
+OUTLIER_NOTE = "unavailable under secure aggregation: the server sees only sums, never a client's update or its norm"
+
+
+#: How each sketch method turns the sketched update (and the first sum) into its global module;
+#: keyed by name until the method registry declares it in each method's own module.
+FROM_SKETCH = {
+    "florist": lambda method, update, ranks, first, name: sketch.florist_from_sketch(update, method.threshold),
+    "flexlora": lambda method, update, ranks, first, name: sketch.flexlora_from_sketch(update, ranks, method.global_rank),
+    "fedex": lambda method, update, ranks, first, name: sketch.fedex_from_sketch(
+        update, _tensor(first, f"{name}/lora_b"), _tensor(first, f"{name}/lora_a")),
+}
+
+
+@dataclass(frozen=True)
+class SecureRound:
+    """A round's public secure-aggregation parameters."""
+
+    settings: SecAggSettings
+    #: Seeds the public sketch matrices Ω (the server broadcasts it; the engine derives it from the recipe).
+    seed: int
+    #: Sketch width per module (None: min(Σ r_k + 8, m, n), exact; see `sketch.default_columns`).
+    sketch_columns: int | None = None
+    #: The global the clients continued: its frozen A is the shared A of FFA-LoRA and FedSVD.
+    reference: Path | None = None
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """What every client sends for one module (public: shapes, ranks and the seed are)."""
+
+    name: str
+    shape: tuple[int, int]
+    max_rank: int
+    columns: int
+    exact_columns: int
+
+    @property
+    def checks_error(self) -> bool:
+        return self.columns < self.exact_columns
+
+
+def plan_modules(module_shapes: Mapping[str, tuple[int, int]], client_ranks: Sequence[Mapping[str, int]],
+                 sketch_columns: int | None) -> list[ModulePlan]:
+    plans = []
+    for name, shape in module_shapes.items():
+        ranks = [ranks[name] for ranks in client_ranks]
+        exact = sketch.rank_bound(ranks, shape)
+        columns = sketch.default_columns(ranks, shape) if sketch_columns is None else min(sketch_columns, *shape)
+        plans.append(ModulePlan(name, shape, max(ranks), columns, exact))
+    return plans
+
+
+class ClientSide:
+    """One client's part of the secure round: it reads its own adapter's modules and nothing else."""
+
+    def __init__(self, modules: Mapping[str, ClientModule], weight: float, needs: Sequence[str], freezes_lora_a: bool):
+        self.modules, self.weight, self.needs, self.freezes_lora_a = modules, float(weight), needs, freezes_lora_a
+
+    def first_sum(self, plans: Sequence[ModulePlan], seed: int) -> dict[str, np.ndarray]:
+        """The range sketch (and error check) and/or the padded weighted factors, by array name."""
+        arrays = {}
+        for plan in plans:
+            module = self.modules[plan.name]
+            if SKETCH in self.needs:
+                omega = sketch.sketch_matrix(plan.shape[1], plan.columns, seed, plan.name)
+                arrays[f"{plan.name}/range"] = sketch.range_sketch(module, self.weight, omega).numpy()
+                if plan.checks_error:
+                    check = sketch.sketch_matrix(plan.shape[1], sketch.ERROR_CHECK_COLUMNS, seed, plan.name, "error")
+                    arrays[f"{plan.name}/check"] = sketch.range_sketch(module, self.weight, check).numpy()
+            if FACTOR_SUMS in self.needs:
+                scale = self.weight * module.scale
+                arrays[f"{plan.name}/lora_b"] = padded_weighted_sum([module.lora_b], [scale], plan.max_rank, dim=1).numpy()
+                if not self.freezes_lora_a:
+                    arrays[f"{plan.name}/lora_a"] = padded_weighted_sum([module.lora_a], [self.weight], plan.max_rank,
+                                                                        dim=0).numpy()
+        return arrays
+
+    def second_sum(self, bases: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The projection sketch Z_k = p_k s_k (Qᵀ B_k) A_k of every module, on the broadcast Q."""
+        return {f"{name}/projection": sketch.projection_sketch(self.modules[name], self.weight, basis).numpy()
+                for name, basis in bases.items()}
+
+
+def _tensor(summed: SecureSum, key: str) -> torch.Tensor:
+    return torch.from_numpy(summed.arrays[key])
+
+
+def _message_bytes(message) -> int:
+    if isinstance(message, MaskedInput):
+        return sum(array.nbytes for array in message.arrays.values())
+    if isinstance(message, PublicKeys):
+        return len(message.share_key) + len(message.mask_key)
+    if isinstance(message, EncryptedShares):
+        return sum(len(ciphertext) for ciphertext in message.ciphertexts.values())
+    if isinstance(message, RevealedShares):
+        return sum(len(share) for share in [*message.seed_shares.values(), *message.key_shares.values()])
+    raise TypeError(type(message))
+
+
+class Traffic:
+    """What each client sends and receives in the secure sums, counted message by message as the
+    server receives them: bytes up (every message it sent), bytes down (the keys and shares routed
+    to it), and the masked parameters it sent."""
+
+    def __init__(self, num_clients: int):
+        self.up, self.down, self.params = [0] * num_clients, [0] * num_clients, [0] * num_clients
+
+    def __call__(self, message) -> None:
+        self.up[message.client_id] += _message_bytes(message)
+        if isinstance(message, MaskedInput):
+            self.params[message.client_id] += sum(array.size for array in message.arrays.values())
+        elif isinstance(message, PublicKeys):  # the server forwards every client's keys to every other
+            for other in range(len(self.down)):
+                self.down[other] += _message_bytes(message) if other != message.client_id else 0
+        elif isinstance(message, EncryptedShares):
+            for recipient, ciphertext in message.ciphertexts.items():
+                self.down[recipient] += len(ciphertext)
+
+
+def _run_sum(inputs: dict, settings: SecAggSettings, stage: str, traffic: Traffic) -> SecureSum:
+    summed = secure_sum(inputs, settings, on_message=traffic)
+    if len(summed.included) != len(inputs):
+        raise SecureAggregationError(f"secure aggregation: {len(inputs) - len(summed.included)} clients vanished during "
+                                     f"the {stage}; the round needs every client's share of both sums — rerun it")
+    return summed
+
+
+def secure_aggregate_adapters(
+    client_dirs: Sequence[str | os.PathLike],
+    method: AggregationMethod,
+    out_dir: str | os.PathLike,
+    secure: SecureRound,
+    *,
+    weights: Sequence[float] | None = None,
+    overwrite: bool = False,
+    client_names: Sequence[str] | None = None,
+) -> ServerStep:
+    """`server.aggregate_adapters` with the server learning only sums; the same global adapter
+    within the fixed-point encoding's round-off, written the same way, its sidecar recording the
+    protocol, each module's sketch and the traffic (secure and plain side by side)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FloristError(f"{out_dir}: already exists; choose another --out or pass --force to replace it")
+    try:
+        needs = secure_inputs(method.name)
+    except ValueError as error:
+        raise FloristError(str(error)) from None
+    started = time.perf_counter()
+    adapters = read_client_adapters(client_dirs)
+    raw_weights = client_weights(adapters, weights)
+    total = sum(raw_weights)
+    normalised = [weight / total for weight in raw_weights]  # public: the sample counts are
+    wire_dtype = widest_dtype(adapter.dtype for adapter in adapters)
+    plans = plan_modules(adapters[0].module_shapes, [{n: m.rank for n, m in a.modules.items()} for a in adapters],
+                         secure.sketch_columns)
+    clients = [ClientSide(adapter.modules, weight, needs, method.freezes_lora_a)
+               for adapter, weight in zip(adapters, normalised)]
+
+    shared_a = None
+    if method.freezes_lora_a:  # public: the server sent it
+        if secure.reference is None:
+            raise FloristError(f"{method.name} under secure aggregation reads the shared frozen A from the global the "
+                               "clients continued; none was given")
+        shared_a = read_adapter(secure.reference).modules
+
+    # Each client computes its arrays when it masks them (one client's held at a time).
+    traffic = Traffic(len(clients))
+    first = _run_sum({k: partial(client.first_sum, plans, secure.seed) for k, client in enumerate(clients)},
+                     secure.settings, "first sum", traffic)
+    sums, updates = 1, {}
+    if SKETCH in needs:
+        bases = {plan.name: sketch.range_basis(_tensor(first, f"{plan.name}/range")) for plan in plans}
+        second = _run_sum({k: partial(client.second_sum, bases) for k, client in enumerate(clients)}, secure.settings,
+                          "second sum", traffic)
+        sums = 2
+        for plan in plans:
+            error = sketch.sketch_error(bases[plan.name], _tensor(first, f"{plan.name}/check")) if plan.checks_error else None
+            updates[plan.name] = sketch.SketchedUpdate(bases[plan.name], _tensor(second, f"{plan.name}/projection"), error,
+                                                       entry_error=sum_error(len(clients), secure.settings.fraction_bits))
+
+    modules = {}
+    for plan in plans:
+        client_ranks = [adapter.modules[plan.name].rank for adapter in adapters]
+        if SKETCH in needs:
+            modules[plan.name] = FROM_SKETCH[method.name](method, updates[plan.name], client_ranks, first, plan.name)
+        else:  # the summed factors are the clients' weighted average: aggregated as one client of weight 1
+            summed_b = _tensor(first, f"{plan.name}/lora_b")
+            if shared_a is not None:
+                summed_a = shared_a[plan.name].lora_a[: plan.max_rank].to(COMPUTE_DTYPE)
+            else:
+                summed_a = _tensor(first, f"{plan.name}/lora_a")
+            modules[plan.name] = method.aggregate_module([ClientModule(summed_a, summed_b, 1.0)],
+                                                         torch.ones(1, dtype=COMPUTE_DTYPE))
+    result = AggregationResult(method.name, modules, normalised, method.options())
+    seconds = time.perf_counter() - started
+
+    up, down, params = traffic.up, traffic.down, traffic.params
+    basis_bytes = sum(plan.shape[0] * plan.columns for plan in plans) * BASIS_BYTES_PER_PARAM if SKETCH in needs else 0
+    plain = round_communication(method, adapters[0].module_shapes, [_client_rank(a) for a in adapters],
+                                result.selected_ranks, bytes_per_param=torch.finfo(wire_dtype).bits // 8).to_dict()
+    downlink = [plain_down + routed + basis_bytes for plain_down, routed in zip(plain["downlink_bytes"], down)]
+    extra = {
+        "secure_aggregation": {
+            "protocol": "SecAgg+ (Bell et al. 2020), all pairs",
+            "settings": secure_record(secure),
+            "threshold": secure.settings.threshold_for(len(adapters)),
+            "sums": sums,
+            "needs": list(needs),
+            "sketch_seed": secure.seed if SKETCH in needs else None,
+            "outlier_report": OUTLIER_NOTE,
+            "server_seconds": "in florist-hf run it includes every client's side (sketching, masking), run in the "
+                              "server's process",
+        },
+        "modules": {plan.name: {"sketch": updates[plan.name].record()} for plan in plans if plan.name in updates},
+        "communication": {
+            "uplink_bytes": up, "uplink_bytes_total": sum(up), "downlink_bytes": downlink,
+            "downlink_bytes_total": sum(downlink),
+            "secure": {"uplink_params": params, "bytes_per_param": 8, "basis_downlink_bytes": basis_bytes,
+                       "protocol_downlink_bytes": down},
+            "plain": {key: plain[key] for key in ("uplink_bytes", "uplink_bytes_total", "downlink_bytes",
+                                                  "downlink_bytes_total", "bytes_per_param")},
+        },
+    }
+    return _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtype, overwrite, client_names,
+                              seconds, sidecar_extra=extra)
+
+
+def secure_record(secure: SecureRound) -> dict:
+    """The settings a round's sidecar records (and a resumed run compares)."""
+    return {"threshold": secure.settings.threshold, "fraction_bits": secure.settings.fraction_bits,
+            "sketch_columns": secure.sketch_columns}

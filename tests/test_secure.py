@@ -1,0 +1,215 @@
+"""SecAgg+ (florist_hf/secure): the server unmasks the clients' sum and nothing else; up to n − t clients
+may vanish after masking; fewer than t replies fail in one line; the result does not depend on the keys."""
+
+import numpy as np
+import pytest
+
+from florist_hf.secure import SecAggSettings, SecureAggregationError
+from florist_hf.secure.local import secure_sum
+from florist_hf.secure.protocol import SecAggClient, SecAggServer
+from florist_hf.secure import encoding
+from florist_hf.secure.protocol import EncryptedShares, MaskedInput, PublicKeys, RevealedShares, UnmaskRequest
+
+N_CLIENTS = 8  # default threshold ⌈2·8/3⌉ = 6: two may vanish
+
+
+def client_inputs(n=N_CLIENTS, seed=0):
+    """Sketch-like arrays: a few named blocks of very different scales per client (ids need not be 0..n-1)."""
+    rng = np.random.default_rng(seed)
+    return {
+        100 + 7 * k: {
+            "layers.0.q_proj.range": 0.05 * rng.standard_normal((64, 40)),
+            "layers.0.v_proj.range": 3.0 * rng.standard_normal((48, 40)),
+            "layers.0.q_proj.lora_a": rng.standard_normal((4, 16)) * 1e-4,
+        }
+        for k in range(n)
+    }
+
+
+def plain_sum(inputs, included):
+    return {name: sum(inputs[cid][name] for cid in included) for name in inputs[next(iter(inputs))]}
+
+
+def encoding_tolerance(n, fraction_bits):
+    return encoding.sum_error(n, fraction_bits) * (1 + 1e-9)  # plus fp64 round-off
+
+
+@pytest.mark.parametrize("fraction_bits", [32, 16])
+def test_the_unmasked_sum_equals_the_plain_sum_within_the_encoding(fraction_bits):
+    inputs = client_inputs()
+    result = secure_sum(inputs, SecAggSettings(fraction_bits=fraction_bits))
+    assert result.included == tuple(sorted(inputs))
+    expected = plain_sum(inputs, inputs)
+    errors = [float(np.abs(result.arrays[name] - expected[name]).max()) for name in expected]
+    assert max(errors) <= encoding_tolerance(N_CLIENTS, fraction_bits)
+    assert max(errors) > 0  # really quantised, not passed through
+    assert all(result.arrays[name].dtype == np.float64 and result.arrays[name].shape == expected[name].shape
+               for name in expected)
+
+
+def test_the_result_does_not_depend_on_the_keys():
+    """Fresh key pairs, seeds and Shamir polynomials every run, the same sum to the bit: a round resumed
+    after a kill mid-protocol reruns it and publishes what an uninterrupted run would have."""
+    inputs = client_inputs()
+    first, second = secure_sum(inputs), secure_sum(inputs)
+    assert all(np.array_equal(first.arrays[name], second.arrays[name]) for name in first.arrays)
+
+
+@pytest.mark.parametrize("vanish", [
+    {"masked": {107, 142}},  # shared their keys, never sent a masked input: their pairwise masks are rebuilt
+    {"unmask": {100, 149}},  # sent their masked inputs, then vanished: their self masks are rebuilt
+    {"masked": {114}, "unmask": {121}},
+    {"shares": {128}, "masked": {135}},  # one before sharing (never in the masks at all), one after
+])
+def test_up_to_n_minus_t_clients_may_vanish(vanish):
+    inputs = client_inputs()
+    result = secure_sum(inputs, vanish=vanish)
+    before_masking = set(vanish.get("masked", ())) | set(vanish.get("shares", ()))
+    assert set(result.included) == set(inputs) - before_masking
+    expected = plain_sum(inputs, result.included)
+    for name in expected:
+        assert float(np.abs(result.arrays[name] - expected[name]).max()) <= encoding_tolerance(N_CLIENTS, 32)
+
+
+@pytest.mark.parametrize("vanish", [{"masked": {100, 107, 114}}, {"unmask": {100, 107, 114}}, {"keys": {100, 107, 114}},
+                                    {"masked": {100, 107}, "unmask": {114}}])
+def test_more_than_n_minus_t_vanishing_fails_in_one_line(vanish):
+    with pytest.raises(SecureAggregationError) as error:
+        secure_sum(client_inputs(), vanish=vanish)
+    message = str(error.value)
+    assert "\n" not in message and "5 of 8 clients replied and the threshold is 6" in message
+    assert "nothing was aggregated" in message
+
+
+def test_a_lower_threshold_tolerates_more_vanishing():
+    inputs = client_inputs()
+    result = secure_sum(inputs, SecAggSettings(threshold=5), vanish={"masked": {100, 107, 114}})
+    assert len(result.included) == 5
+
+
+def test_the_server_never_holds_a_clients_update():
+    """Every message the server receives is recorded: each masked array is uniform-looking in the ring,
+    equals no client's encoding (or a partial sum of them) and does not correlate with any client's
+    input; keys and shares are opaque bytes that hold no input; the revealed shares never give the
+    server both secrets of one client."""
+    inputs = client_inputs(seed=3)
+    result = secure_sum(inputs, vanish={"unmask": {121}}, keep_transcript=True)
+    kinds = {type(message) for message in result.transcript}
+    assert kinds == {PublicKeys, EncryptedShares, MaskedInput, RevealedShares}
+    masked = [message for message in result.transcript if isinstance(message, MaskedInput)]
+    assert len(masked) == N_CLIENTS
+    encoded = {cid: {name: encoding.encode(name, values, N_CLIENTS, 32) for name, values in arrays.items()}
+               for cid, arrays in inputs.items()}
+    for message in masked:
+        for name, array in message.arrays.items():
+            assert array.dtype == np.uint64
+            signed = array.view(np.int64).astype(np.float64).ravel()
+            # Uniform on the ring: the mean of the signed words is about 0 on the scale of 2^63.
+            assert abs(signed.mean()) / 2.0**63 < 0.2
+            for cid, arrays in inputs.items():
+                assert not np.array_equal(array, encoded[cid][name])
+                assert np.mean(array == encoded[cid][name]) < 0.01
+                correlation = abs(np.corrcoef(signed, arrays[name].ravel())[0, 1])
+                assert correlation < 6 / np.sqrt(signed.size)  # ~6σ of independent data
+    payload = b"".join(
+        b"".join(m.ciphertexts.values()) if isinstance(m, EncryptedShares)
+        else m.share_key + m.mask_key if isinstance(m, PublicKeys)
+        else b"".join([*m.seed_shares.values(), *m.key_shares.values()]) if isinstance(m, RevealedShares)
+        else b""
+        for m in result.transcript
+    )
+    for cid, arrays in inputs.items():
+        for name, values in arrays.items():
+            assert values.tobytes()[:64] not in payload and encoded[cid][name].tobytes()[:64] not in payload
+    for message in result.transcript:
+        if isinstance(message, RevealedShares):
+            assert not set(message.seed_shares) & set(message.key_shares)
+
+
+def test_a_client_refuses_to_reveal_both_secrets_of_one_client():
+    """A curious server that lists a present client as dropped too would get its mask key and its
+    self-mask seed, hence its input: the client checks the request."""
+    inputs = client_inputs(n=3)
+    server = SecAggServer(inputs)
+    clients = {cid: SecAggClient(cid, arrays) for cid, arrays in inputs.items()}
+    keys = server.collect_keys([client.advertise_keys(server.setup()) for client in clients.values()])
+    routed = server.route_shares([client.share_keys(keys) for client in clients.values()])
+    server.collect_masked([client.mask_input(routed[cid]) for cid, client in clients.items()])
+    honest = clients[100]
+    with pytest.raises(SecureAggregationError, match="both present and dropped"):
+        honest.reveal(UnmaskRequest(survivors=(100, 107, 114), dropped=(107,)))
+    with pytest.raises(SecureAggregationError, match="threshold is 2"):
+        honest.reveal(UnmaskRequest(survivors=(100,), dropped=(107, 114)))
+
+
+def test_a_value_that_could_overflow_the_sum_is_refused_in_one_line():
+    inputs = client_inputs(n=4)
+    limit = encoding.max_encodable(4, 32)
+    inputs[107]["layers.0.v_proj.range"][3, 5] = limit * 1.01
+    with pytest.raises(SecureAggregationError) as error:
+        secure_sum(inputs)
+    assert "\n" not in str(error.value)
+    assert "client 107's layers.0.v_proj.range" in str(error.value) and "fraction_bits" in str(error.value)
+    inputs[107]["layers.0.v_proj.range"][3, 5] = np.nan
+    with pytest.raises(SecureAggregationError, match="NaN or infinite"):
+        secure_sum(inputs)
+
+
+def test_values_near_the_limit_still_sum_exactly():
+    """The largest admitted |x| summed over every client, all of one sign, stays inside int64."""
+    limit = encoding.max_encodable(3, 32)
+    inputs = {cid: {"x": np.full(5, 0.999 * limit)} for cid in (1, 2, 3)}
+    result = secure_sum(inputs)
+    assert np.allclose(result.arrays["x"], 3 * 0.999 * limit, rtol=1e-12)
+    inputs = {cid: {"x": np.full(5, -0.999 * limit)} for cid in (1, 2, 3)}
+    assert np.allclose(secure_sum(inputs).arrays["x"], -3 * 0.999 * limit, rtol=1e-12)
+
+
+@pytest.mark.parametrize("threshold, clients, message", [
+    (4, 8, r"threshold 4 is outside \(4, 8\]"),
+    (9, 8, r"threshold 9 is outside"),
+    (None, 1, "at least 2 clients"),
+])
+def test_settings_out_of_range_are_refused(threshold, clients, message):
+    with pytest.raises(SecureAggregationError, match=message):
+        SecAggServer(range(clients), SecAggSettings(threshold=threshold))
+
+
+def test_fraction_bits_out_of_range_are_refused():
+    with pytest.raises(ValueError, match=r"fraction_bits 60 is outside \[8, 52\]"):
+        SecAggSettings(fraction_bits=60)
+
+
+def test_masks_cancel_and_differ_per_seed_and_array():
+    base = np.arange(10_000, dtype=np.uint64)
+    target = base.copy()
+    encoding.apply_mask(target, bytes(range(32)), 0, +1)
+    assert np.mean(target == base) < 0.001
+    other = base.copy()
+    encoding.apply_mask(other, bytes(range(32)), 1, +1)
+    assert np.mean(target == other) < 0.001
+    encoding.apply_mask(target, bytes(range(32)), 0, -1)
+    assert np.array_equal(target, base)
+
+
+def test_a_client_outside_the_layout_is_refused():
+    inputs = client_inputs(n=3)
+    inputs[107] = {name: values[:-1] if name.endswith("range") else values for name, values in inputs[107].items()}
+    with pytest.raises(SecureAggregationError, match="differ in names or shapes"):
+        secure_sum(inputs)
+
+
+def test_a_mask_longer_than_one_chunk_is_the_one_keystream():
+    """Masks are expanded a chunk at a time into one reused buffer: the words are ChaCha20's keystream
+    (the encryption of zeros under the seed and the array's nonce), unbroken across chunks."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    size = encoding._MASK_CHUNK_WORDS * 2 + 12_345
+    seed = bytes(range(1, 33))
+    target = np.zeros(size, dtype=np.uint64).reshape(-1, 5) if size % 5 == 0 else np.zeros(size, dtype=np.uint64)
+    encoding.apply_mask(target, seed, 7, +1)
+    keystream = Cipher(algorithms.ChaCha20(seed, bytes(4) + (7).to_bytes(12, "little")), mode=None).encryptor()
+    expected = np.frombuffer(keystream.update(bytes(8 * size)), dtype="<u8")
+    assert np.array_equal(target.ravel(), expected)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        encoding.apply_mask(np.zeros((4, 4), dtype=np.uint64).T, seed, 0, +1)
