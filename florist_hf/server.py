@@ -34,7 +34,15 @@ from florist_hf.aggregation import (
     energy,
     round_communication,
 )
-from florist_hf.aggregation.bounding import ClientBound, bound_client, gaussian_noise_like, outlier_report, outliers, update_norm
+from florist_hf.aggregation.bounding import (
+    ClientBound,
+    bound_client,
+    factor_products,
+    gaussian_noise_like,
+    outlier_report,
+    outliers,
+    update_norm,
+)
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory
 
@@ -112,10 +120,14 @@ def _client_report(method: AggregationMethod, modules: Sequence[dict], result: A
     clients = [bound.record() for bound in bounds] if bounds else [{} for _ in modules]
     report: dict = {"clients": clients}
     if method.merges_into_base and all(module for module in modules):
-        # A bound without a reference measured each module's ‖s·B·A‖ as it was sent: reused.
-        fresh = bounds is not None and bounding.reference is None  # bounds come only with a bounding
-        outlook = outlier_report(modules, {name: (m.lora_b, m.lora_a) for name, m in result.modules.items()},
-                                 norms=[bound.module_norms for bound in bounds] if fresh else None)
+        products = {name: module.client_products for name, module in result.modules.items()}
+        # A method's products are of the factors it aggregated: the clients' as sent where nothing but
+        # a bound's scale changed them (a fresh LoRA's bound scales s only) and no noise was added after.
+        as_sent = bounding is None or (bounding.reference is None and bounding.noise_multiplier is None)
+        if not as_sent or any(product is None for product in products.values()):
+            products = {name: factor_products([client[name] for client in modules], m.lora_b, m.lora_a)
+                        for name, m in result.modules.items()}
+        outlook = outlier_report(modules, products)
         for client, whole in zip(clients, outlook["clients"]):
             client.setdefault("update_norm", whole["update_norm"])
             client["cosine"] = whole["cosine"]

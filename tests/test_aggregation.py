@@ -449,3 +449,59 @@ def test_modules_are_aggregated_in_parallel_with_the_same_result():
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
+
+
+#: Merge-style methods report each client's norm and cosine to the global update (the outlier report).
+REPORTING = sorted(name for name, method in METHODS.items() if method.merges_into_base)
+
+
+def random_heterogeneous_case(case: int, dtype: torch.dtype):
+    """Clients of random ranks (2-7 of them, ranks 1-12), scales and weights; case 0 repeats a
+    client (a rank-deficient stack: FLoRIST's Householder path), case 1 stacks more rank than M."""
+    generator = torch.Generator().manual_seed(100 + case)
+    count = int(torch.randint(2, 8, (1,), generator=generator))
+    ranks = [int(r) for r in torch.randint(1, 13, (count,), generator=generator)]
+    if case == 1:
+        ranks = [24, 16, 8, 4]  # R = 52 > M = 40
+    clients = []
+    for rank in ranks:
+        lora_b = torch.randn(M, rank, generator=generator, dtype=torch.float64) * float(torch.rand(1, generator=generator) * 10 + 0.1)
+        lora_a = torch.randn(rank, N, generator=generator, dtype=torch.float64)
+        scale = float(torch.rand(1, generator=generator) * 4 + 0.25)
+        clients.append({"layers.0.q_proj": ClientModule(lora_a.to(dtype), lora_b.to(dtype), scale)})
+    if case == 0:
+        clients.append(clients[0])
+    weights = (torch.rand(len(clients), generator=generator, dtype=torch.float64) * 1000 + 1).tolist()
+    threshold = float(torch.rand(1, generator=generator) * 0.5 + 0.5)
+    return clients, weights, threshold
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("name", REPORTING)
+def test_client_products_read_off_the_grams_equal_the_dense_ones(name, case, dtype):
+    """Each client's ‖B_k·A_k‖² and ⟨B_k·A_k, B_g·A_g⟩ (what the outlier report needs), read off the
+    method's Gram matrices, equal the dense m×n computation to 1e-9, bf16 clients included."""
+    from florist_hf.aggregation.bounding import factor_products
+
+    clients, weights, threshold = random_heterogeneous_case(case, dtype)
+    method = get_method(name, threshold=threshold) if name == "florist" else get_method(name)
+    module = method.aggregate(clients, weights).modules["layers.0.q_proj"]
+    if name == "florist":  # the global is the dense update's SVD truncated at the selected rank
+        u, sigma, vh = torch.linalg.svd(dense_update(clients, weights), full_matrices=False)
+        rank = module.selected_rank
+        assert relative_error(module.delta_weight, u[:, :rank] * sigma[:rank] @ vh[:rank]) < 1e-9
+    global_update = module.delta_weight
+    global_norm = float(global_update.norm())
+    products = module.client_products
+    assert products.global_norm_squared == pytest.approx(global_norm**2, rel=1e-9)
+    for k, client in enumerate(c["layers.0.q_proj"] for c in clients):
+        dense = client.lora_b.double() @ client.lora_a.double()
+        norm = float(dense.norm())
+        assert products.norms_squared[k] == pytest.approx(norm**2, rel=1e-9)
+        # The cosine to 1e-9: the inner product's error relative to the norms it is divided by.
+        assert abs(products.inners[k] - float((dense * global_update).sum())) <= 1e-9 * norm * global_norm
+    # The factor path (for factors changed after aggregation) agrees with the Gram path.
+    from_factors = factor_products([c["layers.0.q_proj"] for c in clients], module.lora_b, module.lora_a)
+    assert from_factors.norms_squared == pytest.approx(products.norms_squared, rel=1e-9)
+    assert from_factors.global_norm_squared == pytest.approx(products.global_norm_squared, rel=1e-9)

@@ -18,8 +18,8 @@ class Flora(AggregationMethod):
     merges_into_base = True
 
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
-        stacked_b, stacked_a = stack_weighted_factors(clients, client_weights)
-        return ModuleAggregate(stacked_b, stacked_a, selected_rank=stacked_a.shape[0])
+        stacked_b, stacked_a, products = stack_weighted_factors(clients, client_weights)
+        return ModuleAggregate(stacked_b, stacked_a, selected_rank=stacked_a.shape[0], client_products=products)
 
     def broadcast_rank(self, client_ranks: Sequence[int], selected_rank: int) -> int:
         return sum(client_ranks)

@@ -81,8 +81,10 @@ class Florist(AggregationMethod):
                 streamed.add({"module": client}, weight)
             return streamed.result().modules["module"]
         stacked_b, stacked_a, column_scale = stack_client_factors(clients, client_weights)
-        lora_b, lora_a, sigma, selected_rank = truncated_product_svd(stacked_b, stacked_a, column_scale, self.threshold)
-        return ModuleAggregate(lora_b, lora_a, selected_rank, singular_values=sigma)
+        kept = truncated_product_svd(stacked_b, stacked_a, column_scale, self.threshold,
+                                     client_ranks=[client.rank for client in clients])
+        return ModuleAggregate(kept.lora_b, kept.lora_a, kept.rank, singular_values=kept.sigma,
+                               client_products=kept.client_products)
 
 
 def sum_of_updates(updates: Sequence[ClientModule], threshold: float = 1.0) -> ModuleAggregate:
