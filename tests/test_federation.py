@@ -207,6 +207,7 @@ def test_diverging_client_is_left_out_and_quorum_fails_cleanly(tmp_path):
         ({"federation": {"rounds": "two"}}, "federation.rounds"),
         ({"lora": {"ranks": [4, 2]}}, "lora.ranks lists 2 values"),
         ({"federation": {"method": "fedit", "aggregation": "streaming"}}, "aggregation: streaming is FLoRIST's"),
+        ({"federation": {"method": "fedavg"}}, "federation.method: unknown aggregation method 'fedavg'; choose one of fedex, fedit"),
         ({"federation": {"streaming_tolerance": 0.01}}, "streaming_tolerance applies to aggregation: streaming only"),
         ({"training": {"learnin_rate": 1}}, "learnin_rate is not a TrainingArguments field"),
         ({"data": {"source": "/nonexistent/data.json"}}, "not found"),

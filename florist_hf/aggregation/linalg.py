@@ -192,11 +192,12 @@ def truncated_product_svd(
             # B_g = Q_B U_p Σ_p = B·diag(s)·C_B⁻ᵀ·U_p Σ_p ;  A_g = V_pᵀ = Σ_p⁻¹ U_pᵀ Q_Bᵀ ΔW = Σ_p⁻¹ U_pᵀ C_Bᵀ A.
             b_mix = column_scale[:, None] * (b_chol_inverse.T @ (kept_u * kept_sigma))
             a_mix = (kept_u.T @ b_chol.T) / kept_sigma[:, None]
+            lora_b, lora_a = blas_matmul(stacked_b, b_mix), blas_matmul(a_mix, stacked_a)
             products = None
             if client_ranks is not None:  # ‖B_g·A_g‖² = Σ kept σ²
                 products = client_products(gram_b, gram_a, gram_b @ b_mix, a_mix @ gram_a, client_ranks,
                                            float(kept_sigma.square().sum()))
-            return TruncatedProduct(blas_matmul(stacked_b, b_mix), blas_matmul(a_mix, stacked_a), sigma, rank, products)
+            return TruncatedProduct(lora_b, lora_a, sigma, rank, products)
     # Rank-deficient or ill-conditioned B stack (zero or duplicated clients, R > m), or kept singular
     # values too small for the squared problem to resolve: Householder QR of both stacks.
     u, sigma, vh = product_svd(stacked_b * column_scale, stacked_a)
