@@ -116,11 +116,13 @@ def write_client_set(
     samples: Sequence[int],
     shared_a: bool,
     seed: int,
+    dtype: torch.dtype = torch.float32,
 ) -> list[Path]:
     """One PEFT LoRA adapter directory per client: adapter_config.json, adapter_model.safetensors, client.json.
 
-    Factors are fp32 Gaussians (A ~ N(0, 1/in), B ~ N(0, LORA_B_STD²)). With ``shared_a`` every
-    client's A is the first r_k rows of one A of the largest rank, as FFA-LoRA clients have.
+    Factors are Gaussians (A ~ N(0, 1/in), B ~ N(0, LORA_B_STD²)), drawn in fp32 and stored in
+    ``dtype``. With ``shared_a`` every client's A is the first r_k rows of one A of the largest
+    rank, as FFA-LoRA clients have.
     """
     from peft import LoraConfig  # only the generator needs it
 
@@ -135,8 +137,8 @@ def write_client_set(
         tensors = {}
         for name, (out_features, in_features) in shapes.items():
             lora_a = shared[name][:rank].clone() if shared_a else random_a(rank, in_features)
-            tensors[f"{name}.lora_A.weight"] = lora_a
-            tensors[f"{name}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * LORA_B_STD
+            tensors[f"{name}.lora_A.weight"] = lora_a.to(dtype)
+            tensors[f"{name}.lora_B.weight"] = (torch.randn(out_features, rank, generator=generator) * LORA_B_STD).to(dtype)
         client_dir = directory / f"client_{index}"
         client_dir.mkdir(parents=True)
         save_file(tensors, client_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
@@ -161,20 +163,23 @@ def _cached(directory: Path, manifest: dict, build) -> list[Path]:
     return sorted(directory.glob("client_*"), key=lambda path: int(path.name.split("_")[1]))
 
 
-def llama_7b_client_set(cache_root: Path, targets_key: str, *, shared_a: bool) -> list[Path]:
-    """The eight Llama-7B clients for a target set (independent or shared-A factors), cached."""
+def llama_7b_client_set(cache_root: Path, targets_key: str, *, shared_a: bool, dtype: str = "float32") -> list[Path]:
+    """The eight Llama-7B clients for a target set (independent or shared-A factors, stored in
+    ``dtype``: float32 or bfloat16), cached."""
     targets = TARGET_SETS[targets_key]
     shapes = llama_7b_module_shapes(targets)
     manifest = {
         "format": CACHE_FORMAT, "base_model": BASE_MODEL_ID, "layers": LLAMA_7B_LAYERS, "targets": list(targets),
         "ranks": list(CLIENT_RANKS), "samples": list(DOLLY_CLIENT_SAMPLES), "shared_a": shared_a,
-        "lora_b_std": LORA_B_STD, "seed": SEED,
+        "lora_b_std": LORA_B_STD, "seed": SEED, **({} if dtype == "float32" else {"dtype": dtype}),
     }
-    directory = cache_root / f"llama7b_{targets_key}_{'shared_a' if shared_a else 'independent'}"
+    suffix = "" if dtype == "float32" else f"_{dtype}"
+    directory = cache_root / f"llama7b_{targets_key}_{'shared_a' if shared_a else 'independent'}{suffix}"
     return _cached(
         directory, manifest,
         lambda staging: write_client_set(
-            staging, shapes, targets, ranks=CLIENT_RANKS, samples=DOLLY_CLIENT_SAMPLES, shared_a=shared_a, seed=SEED
+            staging, shapes, targets, ranks=CLIENT_RANKS, samples=DOLLY_CLIENT_SAMPLES, shared_a=shared_a, seed=SEED,
+            dtype=getattr(torch, dtype),
         ),
     )
 

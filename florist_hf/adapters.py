@@ -112,8 +112,8 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     safetensors_file = path / ADAPTER_WEIGHTS
     pickle_file = path / ADAPTER_WEIGHTS_PICKLE
     if safetensors_file.is_file():
-        try:
-            return load_file(safetensors_file)
+        try:  # pread: each tensor in a buffer of its own (not views of one file map), freed on its own
+            return load_file(safetensors_file, backend="pread")
         except (SafetensorError, OSError, ValueError) as error:
             raise FloristError(
                 f"{safetensors_file}: not a readable safetensors file ({error}); re-export the client adapter"

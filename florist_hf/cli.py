@@ -50,7 +50,7 @@ def _parse_numbers(text: str | None, kind, option: str) -> list | None:
 
 
 def _method(name: str, threshold: float | None, aggregation: str = "stacked", tolerance: float = 0.0):
-    from florist_hf.aggregation import METHODS, get_method
+    from florist_hf.aggregation import METHODS, method_from_settings
     from florist_hf.aggregation.florist import FloristOptions, check_aggregation_mode
 
     if name not in METHODS:
@@ -60,9 +60,8 @@ def _method(name: str, threshold: float | None, aggregation: str = "stacked", to
         options = FloristOptions(0.9 if threshold is None else threshold, aggregation, tolerance)
     except ValueError as error:
         raise FloristError(f"--threshold/--aggregation/--streaming-tolerance: {error}") from None
-    if name == "florist":
-        return get_method(name, threshold=options.threshold, aggregation=options.aggregation, tolerance=options.tolerance)
-    return get_method(name)
+    return method_from_settings(name, {"threshold": options.threshold, "aggregation": options.aggregation,
+                                       "streaming_tolerance": options.tolerance})
 
 
 def _human_bytes(count: float) -> str:

@@ -217,7 +217,7 @@ class Federation:
         recipe, federation = self.recipe, self.recipe.federation
         return (
             f"[bold]{recipe.name}[/]{where}: {federation.method}"
-            + (f" (τ = {federation.threshold})" if federation.method == "florist" else "")
+            + (f" (τ = {federation.threshold})" if "threshold" in self.method.settings else "")
             + (" under secure aggregation" if federation.secure() is not None else "")
             + f", {federation.num_clients} clients {list(client_sizes)} samples, ranks "
             f"{[recipe.client_rank(k) for k in range(federation.num_clients)]}, {federation.rounds} rounds -> {self.paths.root}"

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from florist_hf.aggregation import METHODS, get_method
+from florist_hf.aggregation import METHODS, method_class, method_from_settings
 from florist_hf.aggregation.florist import FloristOptions, check_aggregation_mode
 from florist_hf.errors import FloristError, SettingError
 
@@ -183,7 +183,8 @@ def sample_clients(num_clients: int, clients_per_round: int | float | None, seed
 
 
 class FederationSection(Section):
-    method: Literal["florist", "fedit", "flora", "flexlora", "ffa", "fedsvd", "fedex"] = "florist"
+    #: A registered aggregation method (`aggregation.METHODS`).
+    method: str = "florist"
     #: FLoRIST's energy threshold τ, in (0, 1] (checked by `aggregation.florist.FloristOptions`).
     threshold: float = 0.9
     rounds: int = Field(1, ge=1)
@@ -273,6 +274,12 @@ class FederationSection(Section):
             raise ValueError(f"robust combines factors coordinate by coordinate (fedit, ffa); for {self.method} bound the "
                              "clients' updates with clip_update_norm and read each client's norm and cosine in aggregation.json")
         return self
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, method):
+        method_class(method)
+        return method
 
     @field_validator("threshold")
     @classmethod
@@ -469,15 +476,12 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
-    def _fedex_clients_continue_the_same_factors(self):
-        if self.federation.method != "fedex":
-            return self
-        if self.lora.mixed_ranks():
-            raise ValueError("fedex keeps the global model exact only when every client continues the same averaged "
-                             f"factors: give every client one rank (lora.ranks: {self.lora.ranks})")
-        if self.federation.clients_sampled() < self.federation.num_clients:
-            raise ValueError("fedex with federation.clients_per_round is not supported yet (a client that sat out would "
-                             "need the residuals it missed); sample every client, or use florist or flora")
+    def _method_takes_these_clients(self):
+        federation = self.federation
+        reason = METHODS[federation.method].refusal([self.client_rank(k) for k in range(federation.num_clients)],
+                                                    federation.clients_sampled() == federation.num_clients)
+        if reason is not None:
+            raise ValueError(reason)
         return self
 
     @model_validator(mode="after")
@@ -633,15 +637,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def method_of(recipe):
-    """The recipe's aggregation method with its options."""
-    federation = recipe.federation
-    if federation.method == "florist":
-        options = federation.florist_options()
-        return get_method(federation.method, threshold=options.threshold, aggregation=options.aggregation,
-                          tolerance=options.tolerance)
-    if federation.robust is not None:
-        return get_method(federation.method, robust=federation.robust, trim_fraction=federation.trim_fraction)
-    return get_method(federation.method)
+    """The recipe's aggregation method with its options (the federation settings it declares)."""
+    return method_from_settings(recipe.federation.method, dict(recipe.federation))
 
 
 def client_training_view(recipe) -> dict:

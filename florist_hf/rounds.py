@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from florist_hf.adapters import SIDECAR
+from florist_hf.aggregation import METHODS
 from florist_hf.rundir import GLOBAL_ADAPTER, RUN_FORMAT, RunPaths, read_metrics
 from florist_hf.server import rank_summary
 
@@ -198,7 +199,7 @@ def run_summary(recipe, paths: RunPaths, rounds_done: Sequence[int], client_size
         "version": 1,
         "name": recipe.name,
         "method": federation.method,
-        "threshold": federation.threshold if federation.method == "florist" else None,
+        "threshold": federation.threshold if "threshold" in METHODS[federation.method].settings else None,
         "rounds": federation.rounds,
         "rounds_completed": len(rounds),
         "num_clients": federation.num_clients,

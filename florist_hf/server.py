@@ -34,7 +34,15 @@ from florist_hf.aggregation import (
     energy,
     round_communication,
 )
-from florist_hf.aggregation.bounding import ClientBound, bound_client, gaussian_noise_like, outlier_report, outliers, update_norm
+from florist_hf.aggregation.bounding import (
+    ClientBound,
+    bound_client,
+    factor_products,
+    gaussian_noise_like,
+    outlier_report,
+    outliers,
+    update_norm,
+)
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory
 
@@ -112,10 +120,14 @@ def _client_report(method: AggregationMethod, modules: Sequence[dict], result: A
     clients = [bound.record() for bound in bounds] if bounds else [{} for _ in modules]
     report: dict = {"clients": clients}
     if method.merges_into_base and all(module for module in modules):
-        # A bound without a reference measured each module's ‖s·B·A‖ as it was sent: reused.
-        fresh = bounds is not None and bounding.reference is None  # bounds come only with a bounding
-        outlook = outlier_report(modules, {name: (m.lora_b, m.lora_a) for name, m in result.modules.items()},
-                                 norms=[bound.module_norms for bound in bounds] if fresh else None)
+        if _report_reads_factors(method, bounding):
+            products = {name: factor_products([client[name] for client in modules], m.lora_b, m.lora_a)
+                        for name, m in result.modules.items()}
+        else:
+            products = {name: module.client_products for name, module in result.modules.items()}
+            if any(product is None for product in products.values()):
+                raise RuntimeError(f"{method.name} declares reports_client_products but returned a module without them")
+        outlook = outlier_report(modules, products)
         for client, whole in zip(clients, outlook["clients"]):
             client.setdefault("update_norm", whole["update_norm"])
             client["cosine"] = whole["cosine"]
@@ -226,19 +238,36 @@ def aggregate_adapters(
     adapters = read_client_adapters(client_dirs)
     raw_weights = client_weights(adapters, weights)
     wire_dtype = dtype or widest_dtype(adapter.dtype for adapter in adapters)
-    modules, used_weights, bounds = [adapter.modules for adapter in adapters], raw_weights, None
+    modules, used_weights, bounds = [dict(adapter.modules) for adapter in adapters], raw_weights, None
     if bounding is not None:
         modules, used_weights, bounds = _bound_clients(bounding, method, adapters, raw_weights)
+    # Unless the outlier report reads them, each module's client factors are released as soon as that
+    # module is aggregated: the clients' factors and the global's are never all in memory at once.
+    release = not _report_reads_factors(method, bounding)
+    if release:
+        adapters = [without_factors(adapter) for adapter in adapters]
     try:
         # Results in the wire dtype module by module: fp64 copies of every module would double the peak.
-        result = method.aggregate(modules, used_weights, result_dtype=wire_dtype)
+        result = method.aggregate(modules, used_weights, result_dtype=wire_dtype, release=release)
     except SharedAMismatch as error:
         raise FloristError(f"{adapters[error.client_index].path}: {error}") from None
     if bounding is not None and bounding.noise_multiplier is not None:
         _add_central_noise(result, bounding, method)
     report = _client_report(method, [adapter.modules for adapter in adapters], result, bounds, bounding)
+    # Freed before the write, whose serialisation holds a second copy of the global adapter.
+    del modules
+    adapters = [without_factors(adapter) for adapter in adapters]
     return _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtype, overwrite, client_names,
                               time.perf_counter() - started, report, bounding)
+
+
+def _report_reads_factors(method: AggregationMethod, bounding: UpdateBounding | None) -> bool:
+    """Whether the outlier report computes the clients' products with the global from their factors:
+    for a merge-style method that does not return them, or when the factors it aggregated are not
+    those sent (a bound relative to a reference changes them, central noise changes the global;
+    a fresh LoRA's bound scales s only, which the report applies itself)."""
+    as_sent = bounding is None or (bounding.reference is None and bounding.noise_multiplier is None)
+    return method.merges_into_base and not (as_sent and method.reports_client_products())
 
 
 def _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtype, overwrite, client_names,

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from florist_hf.aggregation import METHODS
 from florist_hf.aggregation.florist import FloristOptions
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory, write_json_atomic, write_text_atomic
@@ -39,7 +40,8 @@ SWEEP_RECORD = "sweep.json"
 SWEEP_TABLE = "sweep.md"
 SWEEP_PLOT = "sweep.png"
 HELDOUT_LOSS = "heldout_loss"
-BASELINES = ("flora", "fedit", "flexlora", "ffa", "fedsvd", "fedex")
+#: The method a sweep varies τ for; every other registered method can run beside it as a baseline.
+SWEPT = "florist"
 DEFAULT_TOLERANCE = 0.01
 #: lm-eval metrics for which lower is better when the results file does not say.
 LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte", "ppl")
@@ -94,9 +96,10 @@ def parse_thresholds(text: str | Sequence[float]) -> list[float]:
 def parse_baselines(text: str | Sequence[str] | None) -> list[str]:
     names = [part.strip() for part in text.split(",")] if isinstance(text, str) else list(text or [])
     names = [name for name in names if name]
+    baselines = sorted(set(METHODS) - {SWEPT})
     for name in names:
-        if name not in BASELINES:
-            raise FloristError(f"--baselines: unknown method {name!r}; choose from {', '.join(BASELINES)}")
+        if name not in baselines:
+            raise FloristError(f"--baselines: unknown method {name!r}; choose from {', '.join(baselines)}")
     return list(dict.fromkeys(names))
 
 
@@ -131,7 +134,7 @@ def sweep_branches(recipe, thresholds: Sequence[float], baselines: Sequence[str]
 
     def variant(name: str, method: str, threshold: float | None) -> Branch:
         settings = {"method": method, **({"threshold": threshold} if threshold else {})}
-        if method != "florist":  # streaming is FLoRIST's: a baseline branch aggregates stacked
+        if not METHODS[method].can_stream:  # a baseline that cannot stream aggregates stacked
             settings.update(aggregation="stacked", streaming_tolerance=0.0)
         tree = recipe.model_dump(mode="json")
         tree["federation"].update(settings)
@@ -143,7 +146,7 @@ def sweep_branches(recipe, thresholds: Sequence[float], baselines: Sequence[str]
             raise FloristError(f"sweep branch {name}: {reason}") from None
         return Branch(name, method, threshold, branch)
 
-    branches = [variant(f"tau_{threshold!r}", "florist", threshold) for threshold in thresholds]  # repr: distinct τ, distinct names
+    branches = [variant(f"tau_{threshold!r}", SWEPT, threshold) for threshold in thresholds]  # repr: distinct τ, distinct names
     return branches + [variant(method, method, None) for method in baselines]
 
 
@@ -229,7 +232,7 @@ def branch_row(branch: Branch, criterion: Criterion) -> dict:
 
 def select_variants(rows: Sequence[dict], tolerance: float) -> tuple[dict, dict]:
     """(FLoRIST-O, FLoRIST-E) among the FLoRIST rows; see the module docstring for the rule."""
-    florist = [row for row in rows if row["method"] == "florist"]
+    florist = [row for row in rows if row["method"] == SWEPT]
     if not florist:
         raise FloristError("the sweep has no FLoRIST branch to choose from")
     sign = 1.0 if florist[0]["lower_is_better"] else -1.0
@@ -347,13 +350,13 @@ def plot_sweep(record: dict, out_file: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    florist = [row for row in record["rows"] if row["method"] == "florist"]
+    florist = [row for row in record["rows"] if row["method"] == SWEPT]
     axes.plot([row["downlink_bytes_total"] for row in florist], [row["metric"] for row in florist], "o-", label="FLoRIST")
     for row in florist:
         axes.annotate(f"τ={row['threshold']:g}", (row["downlink_bytes_total"], row["metric"]), textcoords="offset points",
                       xytext=(4, 4), fontsize=8)
     for row in record["rows"]:
-        if row["method"] != "florist":
+        if row["method"] != SWEPT:
             axes.plot(row["downlink_bytes_total"], row["metric"], "s", label=row["method"])
     for key, marker, label in (("optimal", "*", "FLoRIST-O"), ("efficient", "D", "FLoRIST-E")):
         row = next(row for row in record["rows"] if row["branch"] == record["branches"][key])

@@ -185,6 +185,39 @@ def test_bf16_adapters_aggregate_and_stay_bf16(tiny_base, tmp_path):
     assert json.loads((out / "aggregation.json").read_text())["communication"]["bytes_per_param"] == 2
 
 
+@pytest.mark.parametrize("method", ["florist", "flora"])
+def test_the_outlier_report_of_bf16_clients_equals_the_dense_computation(tiny_base, tmp_path, method):
+    """The sidecar's per-module norms and cosines (read off the Gram matrices inside the aggregation)
+    equal the dense fp64 ‖s_k·B_k·A_k‖ and cosine to the round's global update as computed."""
+    dirs = []
+    for k, (rank, alpha) in enumerate([(8, 16), (4, 3), (2, 7)]):
+        save_client(tiny_base, tmp_path / f"c{k}", rank=rank, alpha=alpha, seed=k, num_samples=100 * (k + 1), dtype=torch.bfloat16)
+        dirs.append(tmp_path / f"c{k}")
+    out = tmp_path / "global"
+    result = runner.invoke(app, ["aggregate", *map(str, dirs), "--method", method, "--threshold", "0.8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads((out / "aggregation.json").read_text())
+    from florist_hf.aggregation import get_method
+
+    clients = [read_adapter(d).modules for d in dirs]
+    aggregator = get_method(method, threshold=0.8) if method == "florist" else get_method(method)
+    computed = aggregator.aggregate(clients, [100, 200, 300]).modules  # fp64, before the cast to bf16
+    whole = [{"norm_sq": 0.0, "inner": 0.0} for _ in clients]
+    global_sq = 0.0
+    for name, module in computed.items():
+        update = module.delta_weight
+        global_sq += float(update.square().sum())
+        for k, (row, client) in enumerate(zip(sidecar["modules"][name]["clients"], clients)):
+            dense = client[name].scale * (client[name].lora_b.double() @ client[name].lora_a.double())
+            assert row["norm"] == pytest.approx(float(dense.norm()), rel=1e-9)
+            assert row["cosine"] == pytest.approx(float((dense * update).sum() / (dense.norm() * update.norm())), abs=1e-9)
+            whole[k]["norm_sq"] += float(dense.square().sum())
+            whole[k]["inner"] += float((dense * update).sum())
+    for row, total in zip(sidecar["clients"], whole):
+        assert row["update_norm"] == pytest.approx(math.sqrt(total["norm_sq"]), rel=1e-9)
+        assert row["cosine"] == pytest.approx(total["inner"] / math.sqrt(total["norm_sq"] * global_sq), abs=1e-9)
+
+
 # --- bad input: one line naming the directory and the fix, exit code 2, nothing written -------------
 
 

@@ -449,3 +449,141 @@ def test_modules_are_aggregated_in_parallel_with_the_same_result():
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
+
+
+#: Merge-style methods report each client's norm and cosine to the global update (the outlier report).
+REPORTING = sorted(name for name, method in METHODS.items() if method.merges_into_base)
+
+
+def random_heterogeneous_case(case: int, dtype: torch.dtype):
+    """Clients of random ranks (2-7 of them, ranks 1-12), scales and weights; case 0 repeats a
+    client (a rank-deficient stack: FLoRIST's Householder path), case 1 stacks more rank than M."""
+    generator = torch.Generator().manual_seed(100 + case)
+    count = int(torch.randint(2, 8, (1,), generator=generator))
+    ranks = [int(r) for r in torch.randint(1, 13, (count,), generator=generator)]
+    if case == 1:
+        ranks = [24, 16, 8, 4]  # R = 52 > M = 40
+    clients = []
+    for rank in ranks:
+        lora_b = torch.randn(M, rank, generator=generator, dtype=torch.float64) * float(torch.rand(1, generator=generator) * 10 + 0.1)
+        lora_a = torch.randn(rank, N, generator=generator, dtype=torch.float64)
+        scale = float(torch.rand(1, generator=generator) * 4 + 0.25)
+        clients.append({"layers.0.q_proj": ClientModule(lora_a.to(dtype), lora_b.to(dtype), scale)})
+    if case == 0:
+        clients.append(clients[0])
+    weights = (torch.rand(len(clients), generator=generator, dtype=torch.float64) * 1000 + 1).tolist()
+    threshold = float(torch.rand(1, generator=generator) * 0.5 + 0.5)
+    return clients, weights, threshold
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("name", REPORTING)
+def test_client_products_read_off_the_grams_equal_the_dense_ones(name, case, dtype):
+    """Each client's ‖B_k·A_k‖² and ⟨B_k·A_k, B_g·A_g⟩ (what the outlier report needs), read off the
+    method's Gram matrices, equal the dense m×n computation to 1e-9, bf16 clients included."""
+    from florist_hf.aggregation.bounding import factor_products
+
+    clients, weights, threshold = random_heterogeneous_case(case, dtype)
+    method = get_method(name, threshold=threshold) if name == "florist" else get_method(name)
+    module = method.aggregate(clients, weights).modules["layers.0.q_proj"]
+    if name == "florist":  # the global is the dense update's SVD truncated at the selected rank
+        u, sigma, vh = torch.linalg.svd(dense_update(clients, weights), full_matrices=False)
+        rank = module.selected_rank
+        assert relative_error(module.delta_weight, u[:, :rank] * sigma[:rank] @ vh[:rank]) < 1e-9
+    global_update = module.delta_weight
+    global_norm = float(global_update.norm())
+    products = module.client_products
+    assert products.global_norm_squared == pytest.approx(global_norm**2, rel=1e-9)
+    for k, client in enumerate(c["layers.0.q_proj"] for c in clients):
+        dense = client.lora_b.double() @ client.lora_a.double()
+        norm = float(dense.norm())
+        assert products.norms_squared[k] == pytest.approx(norm**2, rel=1e-9)
+        # The cosine to 1e-9: the inner product's error relative to the norms it is divided by.
+        assert abs(products.inners[k] - float((dense * global_update).sum())) <= 1e-9 * norm * global_norm
+    # The factor path (for factors changed after aggregation) agrees with the Gram path.
+    from_factors = factor_products([c["layers.0.q_proj"] for c in clients], module.lora_b, module.lora_a)
+    assert from_factors.norms_squared == pytest.approx(products.norms_squared, rel=1e-9)
+    assert from_factors.global_norm_squared == pytest.approx(products.global_norm_squared, rel=1e-9)
+
+
+def clients_with_hidden_difference(shared_a: bool):
+    """Two client sets with the same factor sums (Σ p_k·s_k·B_k, Σ p_k·A_k) and the same update
+    ΔW = Σ p_k·s_k·B_k·A_k, whose clients' own factors differ: clients 0 and 1 share A and p·s,
+    and their B's move by +E and −E. Weights for ``aggregate``."""
+    generator = torch.Generator().manual_seed(21)
+    frozen_a = torch.randn(4, N, generator=generator, dtype=torch.float64)
+    third_a = frozen_a[:2].clone() if shared_a else torch.randn(2, N, generator=generator, dtype=torch.float64)
+    factors = [(torch.randn(M, 4, generator=generator, dtype=torch.float64), frozen_a, 2.0),
+               (torch.randn(M, 4, generator=generator, dtype=torch.float64), frozen_a, 2.0),
+               (torch.randn(M, 2, generator=generator, dtype=torch.float64), third_a, 0.5)]
+    shift = torch.randn(M, 4, generator=generator, dtype=torch.float64)
+    moved = [(factors[0][0] + shift, *factors[0][1:]), (factors[1][0] - shift, *factors[1][1:]), factors[2]]
+
+    def as_clients(triples):
+        return [{"layers.0.q_proj": ClientModule(a.clone(), b, scale)} for b, a, scale in triples]
+
+    return as_clients(factors), as_clients(moved), [300.0, 300.0, 100.0]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_what_a_method_declares_it_needs_from_the_clients_is_all_it_reads(name):
+    """A method that needs only the factor sums and/or the sketch sums (ΔW) gives the same global
+    update for two client sets that agree on those and differ in each client's own factors; one that
+    needs each client's factors (FLoRA's broadcast, a robust statistic) tells them apart."""
+    from florist_hf.aggregation import FACTORS, NEEDS
+
+    method_cls = METHODS[name]
+    assert method_cls.needs and method_cls.needs <= set(NEEDS)
+    clients, moved, weights = clients_with_hidden_difference(shared_a=method_cls.freezes_lora_a)
+    variants = [method_for(name)]
+    if "robust" in method_cls.settings:
+        variants.append(method_cls.from_settings({"robust": "median"}))
+    for method in variants:
+        before = method.aggregate(clients, weights).modules["layers.0.q_proj"]
+        after = method.aggregate(moved, weights).modules["layers.0.q_proj"]
+        if FACTORS in method.client_needs():
+            assert not torch.allclose(before.lora_b, after.lora_b, rtol=1e-6, atol=1e-6)
+            continue
+        assert relative_error(after.delta_weight, before.delta_weight) < 1e-10
+        for own_before, own_after in zip(before.client_factors or [], after.client_factors or []):
+            assert relative_error(own_after[0] @ own_after[1], own_before[0] @ own_before[1]) < 1e-10
+        if before.continued_rank is not None:  # FedEx-LoRA's continued factors are the averages
+            assert torch.allclose(after.lora_b[:, :before.continued_rank], before.lora_b[:, :before.continued_rank],
+                                  rtol=1e-10, atol=1e-12)
+
+
+def test_methods_take_their_federation_settings_from_the_registry():
+    from florist_hf.aggregation import method_from_settings
+
+    settings = {"threshold": 0.7, "aggregation": "streaming", "streaming_tolerance": 1e-3, "robust": "trimmed_mean",
+                "trim_fraction": 0.2, "rounds": 5}
+    florist = method_from_settings("florist", settings)
+    assert (florist.threshold, florist.aggregation, florist.tolerance) == (0.7, "streaming", 1e-3)
+    assert method_from_settings("fedit", settings).options() == {"robust": "trimmed_mean", "trim_fraction": 0.2}
+    assert method_from_settings("flora", settings).options() == {}
+    with pytest.raises(ValueError, match="unknown aggregation method 'fedavg'; choose one of fedex, fedit"):
+        method_from_settings("fedavg", settings)
+    assert METHODS["fedex"].refusal([4, 4], samples_every_client=True) is None
+    assert "give every client one rank" in METHODS["fedex"].refusal([4, 2], samples_every_client=True)
+    assert "clients_per_round" in METHODS["fedex"].refusal([4, 4], samples_every_client=False)
+    assert all(METHODS[name].refusal([4, 2], samples_every_client=False) is None for name in METHODS if name != "fedex")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_released_client_factors_give_the_same_result_and_leave_the_dicts_empty(name):
+    generator = torch.Generator().manual_seed(6)
+    frozen = {i: torch.randn(max(HETER), N, generator=generator) for i in range(3)}
+    clients = [
+        {f"layers.{i}.q_proj": ClientModule(frozen[i][:r].clone() if name in SHARED_A else torch.randn(r, N, generator=generator),
+                                            torch.randn(M, r, generator=generator), 2.0) for i in range(3)}
+        for r in HETER
+    ]
+    kept = method_for(name).aggregate(clients, WEIGHTS, result_dtype=torch.bfloat16)
+    handed_over = [dict(client) for client in clients]
+    released = method_for(name).aggregate(handed_over, WEIGHTS, result_dtype=torch.bfloat16, release=True)
+    assert all(not client for client in handed_over) and all(len(client) == 3 for client in clients)
+    for module_name, module in kept.modules.items():
+        assert torch.equal(released.modules[module_name].lora_b, module.lora_b)
+        assert torch.equal(released.modules[module_name].lora_a, module.lora_a)
+        assert released.modules[module_name].lora_b.dtype == torch.bfloat16

@@ -65,6 +65,9 @@ TEST_CASES: dict[str, tuple[list[str], list[str]]] = {
     "section-key-misspelt": ([*RUN, "--set", "federation.roundz=2"], ["recipe.yaml: federation.roundz: unknown key"]),
     "rounds-not-a-number": ([*RUN, "--set", "federation.rounds=two"], ["recipe.yaml: federation.rounds", "'two'"]),
     "ranks-for-other-clients": ([*RUN, "--set", "lora.ranks=[4, 2]"], ["lora.ranks lists 2 values"]),
+    "method-unknown": (
+        [*RUN, "--set", "federation.method=fedavg"],
+        ["recipe.yaml: federation.method: unknown aggregation method 'fedavg'; choose one of fedex, fedit"]),
     "streaming-for-fedit": (
         [*RUN, "--set", "federation.method=fedit", "--set", "federation.aggregation=streaming"],
         ["aggregation: streaming is FLoRIST's"]),

@@ -4,7 +4,18 @@ No Hugging Face imports here: methods take per-module client factors and return 
 """
 
 from florist_hf.aggregation import fedex, fedit, fedsvd, ffa, flexlora, flora, florist  # noqa: F401  (registers methods)
-from florist_hf.aggregation.base import METHODS, AggregationMethod, get_method, register_method
+from florist_hf.aggregation.base import (
+    FACTOR_SUMS,
+    FACTORS,
+    METHODS,
+    NEEDS,
+    SKETCH_SUMS,
+    AggregationMethod,
+    get_method,
+    method_class,
+    method_from_settings,
+    register_method,
+)
 from florist_hf.aggregation.communication import CommunicationReport, round_communication
 from florist_hf.aggregation.ffa import SharedAMismatch
 from florist_hf.aggregation.florist import sum_of_updates
@@ -12,7 +23,11 @@ from florist_hf.aggregation.linalg import energy, product_svd, select_rank
 from florist_hf.aggregation.types import AggregationResult, ClientModule, ModuleAggregate
 
 __all__ = [
+    "FACTORS",
+    "FACTOR_SUMS",
     "METHODS",
+    "NEEDS",
+    "SKETCH_SUMS",
     "AggregationMethod",
     "AggregationResult",
     "ClientModule",
@@ -21,6 +36,8 @@ __all__ = [
     "SharedAMismatch",
     "energy",
     "get_method",
+    "method_class",
+    "method_from_settings",
     "product_svd",
     "register_method",
     "round_communication",

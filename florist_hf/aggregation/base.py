@@ -1,9 +1,15 @@
-"""The method interface and the name registry: a method is chosen by name, never by an if-chain."""
+"""The method interface and the name registry: a method is chosen by name, never by an if-chain.
+
+Each method declares, in its own module, what it needs from the clients (``needs``), the
+federation settings it takes (``settings``), what it can do (the class flags below) and what it
+refuses (``refusal``); everything outside the methods reads those declarations through ``METHODS``,
+so a new method is one module plus one import in ``aggregation/__init__.py``.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
@@ -14,8 +20,24 @@ from florist_hf.aggregation.types import AggregationResult, ClientModule, Module
 
 METHODS: dict[str, type["AggregationMethod"]] = {}
 
+# What the server needs from the clients to aggregate (``AggregationMethod.needs``): under secure
+# aggregation it learns sums only, so a method that needs each client's own factors cannot run there.
+#: Each client's own factors (FLoRA broadcasts them; a robust statistic reads every client's).
+FACTORS = "factors"
+#: The weighted sums of the clients' factors, Σ p_k·s_k·B_k and Σ p_k·A_k, zero-padded to the largest rank.
+FACTOR_SUMS = "factor_sums"
+#: The sums of each client's two sketches of its update, Σ p_k·s_k·B_k·(A_k·Ω) and Σ p_k·s_k·(Qᵀ·B_k)·A_k
+#: (Ω shared and random, Q the orthonormal range of the first sum): the round's update ΔW = Σ p_k·s_k·B_k·A_k.
+SKETCH_SUMS = "sketch_sums"
+NEEDS = (FACTORS, FACTOR_SUMS, SKETCH_SUMS)
+
 
 def register_method(cls: type["AggregationMethod"]) -> type["AggregationMethod"]:
+    """Add a method to ``METHODS`` under its ``name``, after checking its declarations."""
+    if not cls.needs or not cls.needs <= set(NEEDS):
+        raise TypeError(f"{cls.__name__}.needs must be a non-empty subset of {NEEDS}")
+    if cls.name in METHODS:
+        raise TypeError(f"aggregation method {cls.name!r} is registered twice")
     METHODS[cls.name] = cls
     return cls
 
@@ -44,6 +66,32 @@ class AggregationMethod(ABC):
     merges_into_base: ClassVar[bool] = False
     #: Clients are folded into the result one at a time (``stream()``) rather than stacked at once.
     streaming: bool = False
+    #: It can aggregate streaming (``aggregation: streaming``), not only stacked.
+    can_stream: ClassVar[bool] = False
+    #: What the server needs from the clients (a subset of ``NEEDS``) with the method's default options.
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: The federation settings (recipe keys, CLI options) the method takes -> its constructor's keyword.
+    settings: ClassVar[Mapping[str, str]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, object]) -> "AggregationMethod":
+        """The method with its options taken from federation settings (the keys it declares in ``settings``)."""
+        return cls(**{keyword: settings[key] for key, keyword in cls.settings.items() if key in settings})
+
+    @classmethod
+    def refusal(cls, client_ranks: Sequence[int], samples_every_client: bool) -> str | None:
+        """Why the method cannot run a federation of clients with these LoRA ranks (sampled every
+        round or not), as one line naming the fix; None when it can."""
+        return None
+
+    def reports_client_products(self) -> bool:
+        """Whether ``aggregate_module`` returns each client's `ClientProducts` with the global update
+        (for the outlier report; merge-style methods read them off the Gram matrices they form)."""
+        return False
+
+    def client_needs(self) -> frozenset[str]:
+        """What the server needs from the clients with these options (``needs`` unless an option changes it)."""
+        return self.needs
 
     @abstractmethod
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
@@ -66,11 +114,15 @@ class AggregationMethod(ABC):
         clients: Sequence[dict[str, ClientModule]],
         client_weights: Sequence[float],
         result_dtype: torch.dtype | None = None,
+        *,
+        release: bool = False,
     ) -> AggregationResult:
         """Aggregate every module; clients must share module names and shapes (checked on load).
 
         Factors come back in the compute precision (fp64) unless ``result_dtype`` is given: then each
         module is cast as soon as it is computed, so a whole model's results are never held in fp64.
+        With ``release`` each module's client factors are taken out of ``clients`` (the caller's dicts,
+        left empty) as that module is aggregated, so that their memory goes as the results arrive.
         Modules are independent, so they are computed in parallel on torch's threads (see ``map_modules``).
         """
         if not clients:
@@ -81,15 +133,19 @@ class AggregationMethod(ABC):
         weights = weights / weights.sum()
 
         def aggregate_one(name: str) -> ModuleAggregate:
-            return _cast(self.aggregate_module([client[name] for client in clients], weights), result_dtype)
+            modules = [client.pop(name) if release else client[name] for client in clients]
+            return self.aggregate_module(modules, weights)
 
         names = list(clients[0])
-        modules = dict(zip(names, map_modules(aggregate_one, names)))
+        # Cast on this thread: the results are allocated where the released client factors were.
+        modules = dict(zip(names, map_modules(aggregate_one, names, then=lambda module: _cast(module, result_dtype))))
         return AggregationResult(self.name, modules, weights.tolist(), self.options())
 
 
-def map_modules(function: Callable[[str], ModuleAggregate], names: Sequence[str]) -> list[ModuleAggregate]:
-    """``[function(name) for name in names]``, spread over ``torch.get_num_threads()`` worker threads.
+def map_modules(function: Callable[[str], ModuleAggregate], names: Sequence[str],
+                then: Callable[[ModuleAggregate], ModuleAggregate] = lambda module: module) -> list[ModuleAggregate]:
+    """``[then(function(name)) for name in names]``, ``function`` spread over ``torch.get_num_threads()``
+    worker threads, ``then`` on the calling thread as each result arrives, in order.
 
     A module's work is a handful of GEMMs on m×R data with R in the hundreds and a few R×R
     factorisations that do not parallelise: one module per core, each single-threaded, keeps every
@@ -101,13 +157,13 @@ def map_modules(function: Callable[[str], ModuleAggregate], names: Sequence[str]
     workers = min(threads, len(names))
     if workers <= 1:
         with threadpool_limits(threads, user_api="blas"):
-            return [function(name) for name in names]
+            return [then(function(name)) for name in names]
     torch.set_num_threads(1)  # read by each new worker thread on its first op
     try:
         with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="florist-aggregate"
         ) as pool:
-            return list(pool.map(function, names))
+            return [then(module) for module in pool.map(function, names)]
     finally:
         torch.set_num_threads(threads)
 
@@ -124,10 +180,20 @@ def _cast(module: ModuleAggregate, dtype: torch.dtype | None) -> ModuleAggregate
     return module
 
 
+def method_class(name: str) -> type[AggregationMethod]:
+    """The registered method called ``name``; a ValueError lists the registered names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown aggregation method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
+
+
 def get_method(name: str, **options) -> AggregationMethod:
     """Instantiate a registered method by name, e.g. ``get_method("florist", threshold=0.9)``."""
-    try:
-        method_cls = METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown aggregation method {name!r}; choose one of {sorted(METHODS)}") from None
-    return method_cls(**options)
+    return method_class(name)(**options)
+
+
+def method_from_settings(name: str, settings: Mapping[str, object]) -> AggregationMethod:
+    """A registered method with the federation settings it declares taken from ``settings``
+    (e.g. a recipe's federation section); the others are ignored."""
+    return method_class(name).from_settings(settings)

@@ -3,7 +3,10 @@ clipping, the Gaussian noise of client-level DP, robust statistics, and the outl
 
 A client's update of one module is s·B·A (m × n); its Frobenius norm and its inner product with
 another low-rank update come from the factors alone, ‖BA‖²_F = tr((BᵀB)(AAᵀ)), in O((m + n)·r²),
-never the dense m × n matrix. Everything here is pure tensor math in fp64.
+never the dense m × n matrix. The outlier report takes each module's products with the global
+update as the merge-style methods read them off their Gram matrices (`types.ClientProducts`), or,
+for factors changed after aggregation, from the factors here. Everything here is pure tensor math
+in fp64.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from florist_hf.aggregation.linalg import COMPUTE_DTYPE
-from florist_hf.aggregation.types import ClientModule
+from florist_hf.aggregation.types import ClientModule, ClientProducts
 
 
 def low_rank_inner(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> float:
@@ -31,12 +34,10 @@ def low_rank_norm(b: torch.Tensor, a: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class ClientBound:
-    """One client's update norm over its whole adapter, and the factor (≤ 1) it was scaled by;
-    ``module_norms``, each module's norm before it, for the outlier report."""
+    """One client's update norm over its whole adapter, and the factor (≤ 1) it was scaled by."""
 
     norm: float
     factor: float
-    module_norms: Mapping[str, float]
 
     def record(self) -> dict:
         return {"update_norm": self.norm, "clip_factor": self.factor, "clipped": self.factor < 1.0}
@@ -51,29 +52,19 @@ def _factor_delta(client: ClientModule, reference: ClientModule, freezes_lora_a:
     return delta_b, delta_a
 
 
-def _module_norms(modules: Mapping[str, ClientModule], reference: Mapping[str, ClientModule] | None,
-                  freezes_lora_a: bool) -> tuple[dict[str, float], float]:
-    """Each module's update norm (‖s·B·A‖_F for a fresh LoRA, ``reference`` None; else the norm of its
-    factors' change since ``reference``, B only where A is frozen) and the norm over the whole
-    adapter, from the modules' squared norms summed in their order (the square root taken once)."""
-    norms, total = {}, 0.0
-    for name, module in modules.items():
-        if reference is None:
-            norm = module.scale * low_rank_norm(module.lora_b, module.lora_a)
-            squared = norm ** 2
-        else:
-            delta_b, delta_a = _factor_delta(module, reference[name], freezes_lora_a)
-            squared = float(delta_b.square().sum()) + (0.0 if delta_a is None else float(delta_a.square().sum()))
-            norm = math.sqrt(squared)
-        norms[name] = norm
-        total += squared
-    return norms, math.sqrt(total)
-
-
 def update_norm(modules: Mapping[str, ClientModule], reference: Mapping[str, ClientModule] | None = None,
                 freezes_lora_a: bool = False) -> float:
-    """A client's update norm over its whole adapter: √Σ of its modules' squared norms."""
-    return _module_norms(modules, reference, freezes_lora_a)[1]
+    """A client's update norm over its whole adapter: √Σ of its modules' squared norms, summed in
+    their order (‖s·B·A‖_F for a fresh LoRA, ``reference`` None; else the norm of its factors'
+    change since ``reference``, B only where A is frozen)."""
+    total = 0.0
+    for name, module in modules.items():
+        if reference is None:
+            total += (module.scale * low_rank_norm(module.lora_b, module.lora_a)) ** 2
+        else:
+            delta_b, delta_a = _factor_delta(module, reference[name], freezes_lora_a)
+            total += float(delta_b.square().sum()) + (0.0 if delta_a is None else float(delta_a.square().sum()))
+    return math.sqrt(total)
 
 
 def bound_client(modules: Mapping[str, ClientModule], clip: float | None, *,
@@ -86,11 +77,11 @@ def bound_client(modules: Mapping[str, ClientModule], clip: float | None, *,
     A fresh LoRA's update s·B·A scales with its scale; a continued client's factors become
     reference + c·(factors − reference), c the factor.
     """
-    norms, norm = _module_norms(modules, reference, freezes_lora_a)
+    norm = update_norm(modules, reference, freezes_lora_a)
     if not math.isfinite(norm):
         raise ValueError(f"the client's update norm is {norm}: its factors are not finite")
     factor = 1.0 if clip is None or norm <= clip else clip / norm
-    bound = ClientBound(norm, factor, norms)
+    bound = ClientBound(norm, factor)
     scaling = factor * rescale
     if scaling == 1.0:
         return dict(modules), bound
@@ -140,22 +131,29 @@ def _robust_statistic(stacked: torch.Tensor, rule: str, trim_fraction: float) ->
     raise ValueError(f"unknown robust rule {rule!r}; choose median or trimmed_mean")
 
 
-def outlier_report(clients: Sequence[Mapping[str, ClientModule]], global_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                   norms: Sequence[Mapping[str, float]] | None = None) -> dict:
+def factor_products(modules: Sequence[ClientModule], global_b: torch.Tensor, global_a: torch.Tensor) -> ClientProducts:
+    """One module's `ClientProducts` from the factors themselves, O((m + n)·r_k·p) per client: for
+    a method that does not read them off its Gram matrices, or factors changed after aggregation."""
+    return ClientProducts([low_rank_inner(m.lora_b, m.lora_a, m.lora_b, m.lora_a) for m in modules],
+                          [low_rank_inner(m.lora_b, m.lora_a, global_b, global_a) for m in modules],
+                          low_rank_inner(global_b, global_a, global_b, global_a))
+
+
+def outlier_report(clients: Sequence[Mapping[str, ClientModule]], products: Mapping[str, ClientProducts]) -> dict:
     """Each client's update norm and its cosine to the round's global update, per module and over
-    the whole adapter (fresh-LoRA updates s·B·A against the global B·A), from the factors.
-    ``norms``: each client's module norms where its bound already has them (`ClientBound.module_norms`)."""
+    the whole adapter (fresh-LoRA updates s·B·A against the global B·A), from each module's
+    `ClientProducts` and the clients' scales as they sent them."""
     per_module: dict[str, list[dict]] = {}
     totals = [{"norm_sq": 0.0, "inner": 0.0} for _ in clients]
     global_sq = 0.0
-    for name, (global_b, global_a) in global_factors.items():
-        global_norm = low_rank_norm(global_b, global_a)
+    for name, product in products.items():
+        global_norm = math.sqrt(max(product.global_norm_squared, 0.0))
         global_sq += global_norm ** 2
         rows = []
         for index, client in enumerate(clients):
-            module = client[name]
-            norm = module.scale * low_rank_norm(module.lora_b, module.lora_a) if norms is None else norms[index][name]
-            inner = module.scale * low_rank_inner(module.lora_b, module.lora_a, global_b, global_a)
+            scale = client[name].scale
+            norm = scale * math.sqrt(max(product.norms_squared[index], 0.0))
+            inner = scale * product.inners[index]
             totals[index]["norm_sq"] += norm ** 2
             totals[index]["inner"] += inner
             rows.append({"norm": norm, "cosine": _cosine(inner, norm, global_norm)})

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from florist_hf.aggregation.base import AggregationMethod, register_method
+from florist_hf.aggregation.base import FACTOR_SUMS, SKETCH_SUMS, AggregationMethod, register_method
 from florist_hf.aggregation.fedit import FedIT
 from florist_hf.aggregation.florist import sum_of_updates
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
@@ -26,6 +26,18 @@ class FedExLoRA(AggregationMethod):
     exact = True
     #: The residual part of each round's global joins the clients' frozen global state.
     holds_residual = True
+    #: FedIT's averages, and ΔW for the residual ΔW − B̄·Ā.
+    needs = frozenset({FACTOR_SUMS, SKETCH_SUMS})
+
+    @classmethod
+    def refusal(cls, client_ranks: Sequence[int], samples_every_client: bool) -> str | None:
+        if len(set(client_ranks)) > 1:
+            return ("fedex keeps the global model exact only when every client continues the same averaged "
+                    f"factors: give every client one rank (lora.ranks: {list(client_ranks)})")
+        if not samples_every_client:
+            return ("fedex with federation.clients_per_round is not supported yet (a client that sat out would "
+                    "need the residuals it missed); sample every client, or use florist or flora")
+        return None
 
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
         averages = FedIT().aggregate_module(clients, client_weights)

@@ -6,10 +6,15 @@ from collections.abc import Sequence
 
 import torch
 
-from florist_hf.aggregation.base import AggregationMethod, register_method
+from florist_hf.aggregation.base import FACTOR_SUMS, FACTORS, AggregationMethod, register_method
 from florist_hf.aggregation.bounding import robust_combine
 from florist_hf.aggregation.linalg import COMPUTE_DTYPE, padded_weighted_sum
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
+
+
+def robust_needs(robust: str | None, needs: frozenset[str]) -> frozenset[str]:
+    """A robust statistic reads every client's own factors; the weighted mean, their sums (``needs``)."""
+    return needs if robust is None else frozenset({FACTORS})
 
 
 def robust_options(robust: str | None, trim_fraction: float) -> dict:
@@ -28,6 +33,8 @@ class FedIT(AggregationMethod):
     name = "fedit"
     exact = False
     averages_factors = True
+    needs = frozenset({FACTOR_SUMS})
+    settings = {"robust": "robust", "trim_fraction": "trim_fraction"}
 
     def __init__(self, robust: str | None = None, trim_fraction: float = 0.1):
         #: None (the weighted mean), "median" or "trimmed_mean" (coordinate-wise, each client alike).
@@ -36,6 +43,9 @@ class FedIT(AggregationMethod):
 
     def options(self) -> dict:
         return robust_options(self.robust, self.trim_fraction)
+
+    def client_needs(self) -> frozenset[str]:
+        return robust_needs(self.robust, self.needs)
 
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
         max_rank = max(c.rank for c in clients)

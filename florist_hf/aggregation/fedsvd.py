@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from florist_hf.aggregation.base import AggregationMethod, register_method
+from florist_hf.aggregation.base import FACTOR_SUMS, AggregationMethod, register_method
 from florist_hf.aggregation.ffa import check_shared_a
 from florist_hf.aggregation.linalg import COMPUTE_DTYPE, padded_weighted_sum, product_svd
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
@@ -28,6 +28,8 @@ class FedSVD(AggregationMethod):
     name = "fedsvd"
     exact = True
     freezes_lora_a = True
+    #: Σ p_k·s_k·B_k (the shared A is the server's own).
+    needs = frozenset({FACTOR_SUMS})
 
     def __init__(self, shared_a_tolerance: float = 1e-6):
         self.shared_a_tolerance = shared_a_tolerance

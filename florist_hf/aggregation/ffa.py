@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from florist_hf.aggregation.base import AggregationMethod, register_method
+from florist_hf.aggregation.base import FACTOR_SUMS, AggregationMethod, register_method
 from florist_hf.aggregation.bounding import robust_combine
-from florist_hf.aggregation.fedit import robust_options
+from florist_hf.aggregation.fedit import robust_needs, robust_options
 from florist_hf.aggregation.linalg import COMPUTE_DTYPE, padded_weighted_sum
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
@@ -49,6 +49,9 @@ class FFALoRA(AggregationMethod):
     averages_factors = True
     b_only = True
     freezes_lora_a = True
+    #: Σ p_k·s_k·B_k (the shared A is the server's own).
+    needs = frozenset({FACTOR_SUMS})
+    settings = {"robust": "robust", "trim_fraction": "trim_fraction"}
 
     def __init__(self, shared_a_tolerance: float = 1e-6, robust: str | None = None, trim_fraction: float = 0.1):
         self.shared_a_tolerance = shared_a_tolerance
@@ -58,6 +61,9 @@ class FFALoRA(AggregationMethod):
 
     def options(self) -> dict:
         return robust_options(self.robust, self.trim_fraction)
+
+    def client_needs(self) -> frozenset[str]:
+        return robust_needs(self.robust, self.needs)
 
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
         max_rank = max(c.rank for c in clients)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from florist_hf.aggregation.base import AggregationMethod, register_method
+from florist_hf.aggregation.base import SKETCH_SUMS, AggregationMethod, register_method
 from florist_hf.aggregation.linalg import COMPUTE_DTYPE, truncate
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
@@ -22,6 +22,8 @@ class FlexLoRA(AggregationMethod):
     name = "flexlora"
     exact = False
     bounds_updates = False
+    #: The SVD of ΔW alone (each client's truncation at its rank, which is public).
+    needs = frozenset({SKETCH_SUMS})
 
     def __init__(self, global_rank: int | None = None):
         self.global_rank = global_rank

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from florist_hf.aggregation.base import AggregationMethod, register_method
+from florist_hf.aggregation.base import SKETCH_SUMS, AggregationMethod, method_class, register_method
 from florist_hf.aggregation.linalg import stack_client_factors, truncated_product_svd
 from florist_hf.aggregation.streaming import StreamingFloristRound
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
@@ -42,9 +42,10 @@ class FloristOptions:
 
 
 def check_aggregation_mode(method: str, aggregation: str, tolerance: float = 0.0) -> None:
-    """Streaming is FLoRIST's (its stacked cost grows with the clients' summed rank); every other
-    method aggregates stacked. A ValueError names what to drop."""
-    if method != "florist" and (aggregation != "stacked" or tolerance):
+    """Streaming is FLoRIST's (its stacked cost grows with the clients' summed rank; a method that
+    can stream declares ``can_stream``); every other method aggregates stacked. A ValueError names
+    what to drop."""
+    if not method_class(method).can_stream and (aggregation != "stacked" or tolerance):
         raise ValueError(f"aggregation: streaming is FLoRIST's (its stacked cost grows with the clients' summed rank); "
                          f"{method} aggregates stacked")
 
@@ -56,6 +57,10 @@ class Florist(AggregationMethod):
     name = "florist"
     exact = True  # at τ = 1; below it, the best approximation at the selected rank
     merges_into_base = True
+    can_stream = True
+    #: The τ-truncated SVD of ΔW alone, which the two sketch sums give exactly (for a sketch width ≥ Σ r_k).
+    needs = frozenset({SKETCH_SUMS})
+    settings = {"threshold": "threshold", "aggregation": "aggregation", "streaming_tolerance": "tolerance"}
 
     def __init__(self, threshold: float = 0.9, aggregation: str = "stacked", tolerance: float = 0.0):
         options = FloristOptions(float(threshold), aggregation, float(tolerance))
@@ -64,6 +69,9 @@ class Florist(AggregationMethod):
     @property
     def streaming(self) -> bool:
         return self.aggregation == "streaming"
+
+    def reports_client_products(self) -> bool:
+        return not self.streaming
 
     def options(self) -> dict:
         if not self.streaming:  # the stacked default records what it always did
@@ -81,8 +89,10 @@ class Florist(AggregationMethod):
                 streamed.add({"module": client}, weight)
             return streamed.result().modules["module"]
         stacked_b, stacked_a, column_scale = stack_client_factors(clients, client_weights)
-        lora_b, lora_a, sigma, selected_rank = truncated_product_svd(stacked_b, stacked_a, column_scale, self.threshold)
-        return ModuleAggregate(lora_b, lora_a, selected_rank, singular_values=sigma)
+        kept = truncated_product_svd(stacked_b, stacked_a, column_scale, self.threshold,
+                                     client_ranks=[client.rank for client in clients])
+        return ModuleAggregate(kept.lora_b, kept.lora_a, kept.rank, singular_values=kept.sigma,
+                               client_products=kept.client_products)
 
 
 def sum_of_updates(updates: Sequence[ClientModule], threshold: float = 1.0) -> ModuleAggregate:

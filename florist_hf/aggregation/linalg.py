@@ -3,7 +3,12 @@ eigendecomposition, Householder fallback), and energy thresholding."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
+
+from florist_hf.aggregation.types import ClientProducts
 
 #: Every decomposition runs in this precision, whatever the adapters' dtype (bf16 included).
 COMPUTE_DTYPE = torch.float64
@@ -22,16 +27,42 @@ def _stacked_copies(clients) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     return stacked_b, stacked_a, ranks
 
 
-def stack_weighted_factors(clients, client_weights) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack effective client factors so that ``stacked_b @ stacked_a = sum_k p_k s_k B_k A_k``.
+def stack_weighted_factors(clients, client_weights) -> tuple[torch.Tensor, torch.Tensor, ClientProducts]:
+    """Stack effective client factors so that ``stacked_b @ stacked_a = sum_k p_k s_k B_k A_k``, and
+    each client's products with that sum (`ClientProducts`, from the stacks' Gram matrices).
 
     The client scale s_k goes into its B block and the data weight p_k into its A block (SPEC §2.1).
     """
     stacked_b, stacked_a, ranks = _stacked_copies(clients)
+    column_b = torch.tensor([c.scale for c in clients], dtype=COMPUTE_DTYPE).repeat_interleave(torch.tensor(ranks))
+    row_a = torch.as_tensor(client_weights, dtype=COMPUTE_DTYPE).repeat_interleave(torch.tensor(ranks))
+    # The Grams of the unscaled stacks, the scales folded into R×R products: Bᵀ(B·D_s) and (D_p·A)Aᵀ.
+    gram_b, gram_a = column_gram(stacked_b), row_gram(stacked_a)
+    column_scale = column_b * row_a
+    global_squared = float((gram_b * gram_a * (column_scale[:, None] * column_scale[None, :])).sum())
+    products = client_products(gram_b, gram_a, gram_b * column_b, row_a[:, None] * gram_a, ranks, global_squared)
     # Scales multiply in fp64, after the cast.
-    stacked_b.mul_(torch.tensor([c.scale for c in clients], dtype=COMPUTE_DTYPE).repeat_interleave(torch.tensor(ranks)))
-    stacked_a.mul_(torch.as_tensor(client_weights, dtype=COMPUTE_DTYPE).repeat_interleave(torch.tensor(ranks))[:, None])
-    return stacked_b, stacked_a
+    stacked_b.mul_(column_b)
+    stacked_a.mul_(row_a[:, None])
+    return stacked_b, stacked_a, products
+
+
+def client_products(gram_b: torch.Tensor, gram_a: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                    ranks: Sequence[int], global_norm_squared: float) -> ClientProducts:
+    """Each client's products with a global update B_g·A_g, read off R×R-sized blocks.
+
+    For unscaled stacks B (m×R, client k's columns a block of r_k) and A (R×n, its rows):
+    ``gram_b`` = BᵀB and ``gram_a`` = A·Aᵀ give ‖B_k·A_k‖²_F = Σ (BᵀB)_kk ⊙ (A·Aᵀ)_kk, and
+    ``left`` = Bᵀ·B_g (R×p) and ``right`` = A_g·Aᵀ (p×R) give ⟨B_k·A_k, B_g·A_g⟩_F =
+    tr((B_kᵀ·B_g)(A_g·A_kᵀ)): O(R²) work once the Grams exist, never an m×n or m×R product.
+    """
+    norms_squared, inners, start = [], [], 0
+    for rank in ranks:
+        block = slice(start, start + rank)
+        norms_squared.append(float((gram_b[block, block] * gram_a[block, block]).sum()))
+        inners.append(float((left[block] * right[:, block].T).sum()))
+        start += rank
+    return ClientProducts(norms_squared, inners, global_norm_squared)
 
 
 def product_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,25 +148,41 @@ def _cholesky_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
 KEPT_SIGMA_ACCURACY = 1e-8
 
 
+class TruncatedProduct(NamedTuple):
+    """``truncated_product_svd``'s result: the kept factors (singular values in B), every singular
+    value, the kept rank, and, when asked for, each client's products with the kept update."""
+
+    lora_b: torch.Tensor
+    lora_a: torch.Tensor
+    sigma: torch.Tensor
+    rank: int
+    client_products: ClientProducts | None = None
+
+
 def truncated_product_svd(
     stacked_b: torch.Tensor, stacked_a: torch.Tensor, column_scale: torch.Tensor, threshold: float,
-    missing_energy: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    missing_energy: float = 0.0, client_ranks: Sequence[int] | None = None,
+) -> TruncatedProduct:
     """(B_g, A_g, sigma, rank) for ΔW = stacked_b·diag(column_scale)·stacked_a, truncated at the
-    rank ``select_rank`` picks (``missing_energy``: see there).
+    rank ``select_rank`` picks (``missing_energy``: see there); with ``client_ranks`` (the clients'
+    blocks of the stacks) also each client's `ClientProducts` with B_g·A_g.
 
     Same result as ``product_svd`` + ``select_rank`` + ``truncate``, cheaper. The B stack is
     orthogonalised through a Cholesky of its R×R Gram matrix (Cholesky QR: GEMMs and an R×R
     factorisation, no Householder QR over m×R data): B·diag(s) = Q_B·C_Bᵀ, so ΔW = Q_B·(C_Bᵀ A).
     ΔW's left singular vectors are then Q_B times the eigenvectors of the R×R matrix
     K = (C_Bᵀ A)(C_Bᵀ A)ᵀ = C_Bᵀ·(A Aᵀ)·C_B, with eigenvalues σ². A is never factorised, and only
-    the ``rank`` kept columns are ever formed.
+    the ``rank`` kept columns are ever formed. The clients' products come from the same two Grams
+    (B_g = B·M_B and A_g = M_A·A, so Bᵀ·B_g = (BᵀB)·M_B and A_g·Aᵀ = M_A·(A Aᵀ)): R×R work.
     """
     shape = (stacked_b.shape[0], stacked_a.shape[1])
-    b_basis = _cholesky_basis(column_gram(stacked_b, column_scale))
+    gram_b = column_gram(stacked_b)  # unscaled: the scales are folded into the R×R copy below
+    gram_a = None
+    b_basis = _cholesky_basis(gram_b * (column_scale[:, None] * column_scale[None, :]))
     if b_basis is not None:
         b_chol, b_chol_inverse = b_basis
-        eigenvalues, eigenvectors = torch.linalg.eigh(b_chol.T @ row_gram(stacked_a) @ b_chol)
+        gram_a = row_gram(stacked_a)
+        eigenvalues, eigenvectors = torch.linalg.eigh(b_chol.T @ gram_a @ b_chol)
         eigenvalues, core_u = eigenvalues.flip(0), eigenvectors.flip(1)  # largest first
         sigma = eigenvalues.clamp_min(0).sqrt()  # round-off can leave zero eigenvalues slightly negative
         rank = select_rank(sigma, threshold, shape, missing_energy)
@@ -145,13 +192,23 @@ def truncated_product_svd(
             # B_g = Q_B U_p Σ_p = B·diag(s)·C_B⁻ᵀ·U_p Σ_p ;  A_g = V_pᵀ = Σ_p⁻¹ U_pᵀ Q_Bᵀ ΔW = Σ_p⁻¹ U_pᵀ C_Bᵀ A.
             b_mix = column_scale[:, None] * (b_chol_inverse.T @ (kept_u * kept_sigma))
             a_mix = (kept_u.T @ b_chol.T) / kept_sigma[:, None]
-            return blas_matmul(stacked_b, b_mix), blas_matmul(a_mix, stacked_a), sigma, rank
+            lora_b, lora_a = blas_matmul(stacked_b, b_mix), blas_matmul(a_mix, stacked_a)
+            products = None
+            if client_ranks is not None:  # ‖B_g·A_g‖² = Σ kept σ²
+                products = client_products(gram_b, gram_a, gram_b @ b_mix, a_mix @ gram_a, client_ranks,
+                                           float(kept_sigma.square().sum()))
+            return TruncatedProduct(lora_b, lora_a, sigma, rank, products)
     # Rank-deficient or ill-conditioned B stack (zero or duplicated clients, R > m), or kept singular
     # values too small for the squared problem to resolve: Householder QR of both stacks.
     u, sigma, vh = product_svd(stacked_b * column_scale, stacked_a)
     rank = select_rank(sigma, threshold, shape, missing_energy)
     lora_b, lora_a = truncate(u, sigma, vh, rank)
-    return lora_b, lora_a.clone(), sigma, rank  # clone: do not keep all of vh alive
+    products = None
+    if client_ranks is not None:  # the rare path: the m×R products with the kept factors themselves
+        gram_a = row_gram(stacked_a) if gram_a is None else gram_a
+        products = client_products(gram_b, gram_a, blas_matmul(stacked_b.T, lora_b), blas_matmul(lora_a, stacked_a.T),
+                                   client_ranks, float(sigma[:rank].square().sum()))
+    return TruncatedProduct(lora_b, lora_a.clone(), sigma, rank, products)  # clone: do not keep all of vh alive
 
 
 def numerical_rank(sigma: torch.Tensor, shape: tuple[int, int]) -> int:

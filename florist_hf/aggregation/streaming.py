@@ -120,7 +120,7 @@ class RunningSVD:
             return torch.zeros(m, 1, dtype=COMPUTE_DTYPE), torch.zeros(1, n, dtype=COMPUTE_DTYPE), zero, 1
         ones = torch.ones(block_a.shape[0], dtype=COMPUTE_DTYPE)
         # τ is the share of the whole update's energy, what was dropped included.
-        return truncated_product_svd(block_b, block_a, ones, threshold, missing_energy=self.discarded_squares)
+        return truncated_product_svd(block_b, block_a, ones, threshold, missing_energy=self.discarded_squares)[:4]
 
     def _kept_rank(self, sigma: torch.Tensor) -> int:
         if sigma.numel() == 0 or float(sigma[0]) == 0.0:

@@ -28,6 +28,17 @@ class ClientModule:
         return (self.lora_b.shape[0], self.lora_a.shape[1])
 
 
+@dataclass(frozen=True)
+class ClientProducts:
+    """For one module, what the outlier report needs of each client's factors (unscaled: the report
+    multiplies by each client's scale as sent): ‖B_k·A_k‖²_F and ⟨B_k·A_k, B_g·A_g⟩_F, in client
+    order, and ‖B_g·A_g‖²_F, the round's global update of the module as computed (before any cast)."""
+
+    norms_squared: list[float]
+    inners: list[float]
+    global_norm_squared: float
+
+
 @dataclass
 class ModuleAggregate:
     """The server's result for one module.
@@ -47,6 +58,9 @@ class ModuleAggregate:
     approximation: dict | None = None
     #: FedEx-LoRA: the first components the clients continue; the rest is the residual that joins the base.
     continued_rank: int | None = None
+    #: The clients' products with the global update (merge-style methods, which read them off the
+    #: Gram matrices they form anyway); None where the method does not compute them.
+    client_products: ClientProducts | None = None
 
     @property
     def delta_weight(self) -> torch.Tensor:
