@@ -17,7 +17,8 @@ os.environ.setdefault("FLORIST_HF_CACHE", str(Path(__file__).resolve().parents[1
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: The real data beside the CI clone; FLORIST_HF_SHARED_DATA names it for a clone elsewhere (a git worktree).
+SHARED_DATA = Path(os.environ.get("FLORIST_HF_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 def pytest_collection_modifyitems(config, items):

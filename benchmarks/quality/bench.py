@@ -209,7 +209,7 @@ def _run_benchmark(*, out_dir, cache, seeds, settings, baselines, thresholds, ce
         from florist_hf.loading import gguf_provenance, resolve_base
 
         base_dir = Path(resolve_base(config.REAL_BASE, config.REAL_GGUF))
-        pretrain_summary = {"gguf": gguf_provenance(base_dir)}
+        pretrain_summary = {"gguf": gguf_provenance(base_dir, source=config.REAL_BASE, gguf_file=config.REAL_GGUF)}
         extra_overrides = (*config.REAL_OVERRIDES, *extra_overrides)
         split_settings = {"total_train": config.REAL_TOTAL_TRAIN, "min_client_train": config.REAL_MIN_CLIENT_TRAIN,
                           "client_eval": config.REAL_CLIENT_EVAL, **(split_settings or {})}
