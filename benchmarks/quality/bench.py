@@ -360,9 +360,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="tiny: the 4M Llama pre-trained here (default); smollm2: the real SmolLM2-135M-Instruct "
                              "from its GGUF file, on the paper's own Dolly split, through the shipped smollm2 recipes")
     parser.add_argument("--mmlu", action="store_true",
-                        help="also the paper's 1,444-question MMLU protocol on the first seed's base, FLoRA, FedIT and "
-                             "FLoRIST-O/E of the last setting (see --mmlu-limit)")
-    parser.add_argument("--mmlu-limit", type=float, default=None, help="MMLU questions (a count, or a fraction < 1)")
+                        help="also MMLU by log-likelihood on the 1,444-question subset for the first seed's base and every "
+                             "method of the last setting, into OUT/mmlu.json (python -m benchmarks.quality.mmlu for more)")
+    parser.add_argument("--mmlu-limit", type=int, default=None, help="MMLU questions (default all 1,444)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -388,7 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
         share_first_round=not args.no_share_first_round, base=args.base, **options,
     )
     if args.mmlu:
-        from benchmarks.quality.mmlu import run_paper_mmlu
+        from benchmarks.quality.mmlu import markdown_table, run_mmlu
 
-        results = run_paper_mmlu(results, out_dir=args.out, limit=args.mmlu_limit)
+        record = run_mmlu(results, limit=None if args.mmlu_limit is None else int(args.mmlu_limit))
+        write_json(args.out / "mmlu.json", record)
+        print(markdown_table(record))
     return results
