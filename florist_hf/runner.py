@@ -26,6 +26,10 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     distributed.init_processes()
     freeze_long_lived_objects()  # before any model exists: cheap per-client collections
     main = distributed.is_main_process()
+    if recipe.evaluation is not None:  # an evaluation that could not run is refused before the run directory is made
+        from florist_hf.evaluation import recipe_evaluation_plan
+
+        recipe_evaluation_plan(recipe.evaluation)
     federation = Federation(recipe, console=console, main=main)
     console, paths = federation.console, federation.paths
     try:
@@ -36,10 +40,6 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
         # data is prepared or any client starts: its config and tokenizer are a few KB.
         load_model_config(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
         tokenizer = load_tokenizer(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
-        if recipe.evaluation is not None:  # an evaluation that could not run is refused before any training
-            from florist_hf.evaluation import recipe_evaluation_plan
-
-            recipe_evaluation_plan(recipe.evaluation)
         shards, test_records = prepare_client_data(recipe)
         client_sizes = [len(shard) for shard in shards]
         console.print(federation.describe(client_sizes))

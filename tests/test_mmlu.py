@@ -380,3 +380,18 @@ def test_recipe_evaluation_runs_the_subset_task_offline_end_to_end(tiny_base, tm
     written = json.loads(out_file.read_text())
     assert written["apply_chat_template"] is True
     assert all("<|user|>" in sample["arguments"][0][0] for sample in written["samples"][MMLU_SUBSET_TASK])
+
+
+def test_a_run_whose_mmlu_cannot_be_read_is_refused_before_its_directory_is_made(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+    from helpers import write_recipe
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    recipe = write_recipe(tmp_path, evaluation={"tasks": ["mmlu"]})
+    result = runner.invoke(app, ["run", str(recipe)])
+    output = result.output.strip()
+    assert result.exit_code == 2 and len(output.splitlines()) == 1, output
+    assert "set evaluation.mmlu_file to the 1,444-question subset" in output
+    assert not (tmp_path / "run").exists()
