@@ -395,3 +395,19 @@ def test_a_run_whose_mmlu_cannot_be_read_is_refused_before_its_directory_is_made
     assert result.exit_code == 2 and len(output.splitlines()) == 1, output
     assert "set evaluation.mmlu_file to the 1,444-question subset" in output
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unanswering_hub_is_unreachable_online_too(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    from florist_hf.evaluation import hub_dataset_unreachable
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert hub_dataset_unreachable("cais/mmlu").startswith("the Hub did not answer (")
+    (tmp_path / "hub" / "datasets--cais--mmlu").mkdir(parents=True)  # cached: lm-eval reads it from the cache
+    assert hub_dataset_unreachable("cais/mmlu") is None

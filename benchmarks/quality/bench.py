@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mmlu", action="store_true",
                         help="also MMLU by log-likelihood on the 1,444-question subset for the first seed's base and every "
                              "method of the last setting, into OUT/mmlu.json (python -m benchmarks.quality.mmlu for more)")
-    parser.add_argument("--mmlu-limit", type=int, default=None, help="MMLU questions (default all 1,444)")
+    parser.add_argument("--mmlu-sample", type=int, default=None, help="a seeded random sample of N MMLU questions (default all 1,444)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -388,9 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
         share_first_round=not args.no_share_first_round, base=args.base, **options,
     )
     if args.mmlu:
-        from benchmarks.quality.mmlu import markdown_table, run_mmlu
+        from benchmarks.quality.mmlu import main as mmlu_main
 
-        record = run_mmlu(results, limit=None if args.mmlu_limit is None else int(args.mmlu_limit))
-        write_json(args.out / "mmlu.json", record)
-        print(markdown_table(record))
+        mmlu_main([str(args.out), *(["--sample", str(args.mmlu_sample)] if args.mmlu_sample else [])])
     return results

@@ -3,7 +3,12 @@ method's global adapter, by log-likelihood (``florist_mmlu``, lm-eval's mmlu pro
 standard errors and each adapter's paired difference to the base, and optionally the paper's generative
 protocol (``florist_mmlu_paper``) with its artefact shares on the first questions.
 
-    python -m benchmarks.quality.mmlu OUT [--limit N] [--generative-limit N] [--generative-models base,flora]
+    python -m benchmarks.quality.mmlu OUT [--sample N] [--models base,NAME=ADAPTER,...]
+                                          [--generative-limit N --generative-models base,NAME]
+
+``--sample N`` evaluates a seeded random sample of N of the 1,444 questions (the same for every model, so
+differences are paired); ``--models`` names the adapters instead of OUT/results.json's runs; a second call
+with the same ``--json`` adds its models to the record (the base's answers serve the paired differences).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import math
 import os
 import platform
+import random
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,35 +53,45 @@ def paired_difference(model: dict[int, float], base: dict[int, float]) -> tuple[
     return mean, math.sqrt(variance / count)
 
 
-def run_mmlu(results: dict, *, limit: int | None = None, generative_limit: int | None = None,
-             generative_models: tuple[str, ...] = (), batch_size: int = 16, log=print) -> dict:
-    """Evaluate every model of ``benchmark_models``; returns the record written to mmlu JSON."""
+def sample_file(out_dir: Path, count: int | None, seed: int = 0) -> tuple[Path, list[int]]:
+    """The subset file (or a seeded random sample of ``count`` of its questions, written to ``out_dir``)."""
+    records = json.loads(config.PAPER_MMLU.read_text())
+    if count is None or count >= len(records):
+        return config.PAPER_MMLU, list(range(len(records)))
+    chosen = sorted(random.Random(seed).sample(range(len(records)), count))
+    path = out_dir / f"mmlu_sample_{count}_seed{seed}.json"
+    path.write_text(json.dumps([records[index] for index in chosen]))
+    return path, chosen
+
+
+def run_mmlu(models: list[dict], base_dir: str, data_file: Path, *, base_row: dict | None = None,
+             generative_limit: int | None = None, generative_models: tuple[str, ...] = (), batch_size: int = 8,
+             log=print) -> list[dict]:
+    """One row per model: florist_mmlu's acc ± SE, macro acc, per-question answers and, after the
+    base, the paired difference to it; the paper protocol's measures for ``generative_models``."""
     from florist_hf.evaluation import MMLU_SUBSET_TASK, PAPER_MMLU_TASK, evaluate_adapter, evaluate_paper_mmlu
 
-    if not config.PAPER_MMLU.is_file():
-        raise FileNotFoundError(f"the MMLU subset is not at {config.PAPER_MMLU} (set FLORIST_HF_SHARED_DATA)")
-    base_dir = results["base_model"]["path"]
-    started = datetime.now(timezone.utc)
-    rows, base_scores = [], None
-    for model in benchmark_models(results):
+    rows = []
+    base_scores = None if base_row is None else {int(k): v for k, v in base_row["per_question"].items()}
+    for model in models:
         tic = time.perf_counter()
-        record = evaluate_adapter(base_dir, model["adapter"], tasks=[MMLU_SUBSET_TASK], mmlu_file=config.PAPER_MMLU,
-                                  limit=limit, device="cpu", batch_size=batch_size, log_samples=True)
+        record = evaluate_adapter(base_dir, model["adapter"], tasks=[MMLU_SUBSET_TASK], mmlu_file=data_file,
+                                  device="cpu", batch_size=batch_size, log_samples=True)
         scores = record["results"][MMLU_SUBSET_TASK]
         per_question = _per_question(record, MMLU_SUBSET_TASK, "acc")
         row = {**model, "acc": scores["acc,none"], "acc_stderr": scores["acc_stderr,none"],
                "macro_acc": scores["macro_acc,none"], "questions": len(per_question),
-               "seconds": round(time.perf_counter() - tic, 1)}
-        if base_scores is None:
+               "seconds": round(time.perf_counter() - tic, 1), "per_question": per_question}
+        if model["key"] == "base":
             base_scores = per_question
-        else:
+        elif base_scores is not None:
             row["delta_vs_base"], row["delta_stderr"] = paired_difference(per_question, base_scores)
             row["changed_answers"] = sum(per_question[doc] != base_scores[doc] for doc in base_scores)
         log(f"  MMLU (log-likelihood) {row['label']}: acc {row['acc']:.4f} ± {row['acc_stderr']:.4f}, "
-            f"macro {row['macro_acc']:.4f}, {row['questions']} questions, {row['seconds']:.0f} s")
+            f"macro {row['macro_acc']:.4f}, {row['questions']} questions, {row['seconds']:.0f} s", flush=True)
         if model["key"] in generative_models:
             tic = time.perf_counter()
-            paper = evaluate_paper_mmlu(base_dir, model["adapter"], config.PAPER_MMLU, limit=generative_limit,
+            paper = evaluate_paper_mmlu(base_dir, model["adapter"], data_file, limit=generative_limit,
                                         device="cpu", batch_size=batch_size)
             metrics = paper["results"][PAPER_MMLU_TASK]
             row["paper"] = {name: metrics[f"{name},none"] for name in PAPER_METRICS}
@@ -83,15 +99,10 @@ def run_mmlu(results: dict, *, limit: int | None = None, generative_limit: int |
             row["paper"]["strict_acc_stderr"] = metrics["strict_acc_stderr,none"]
             row["paper"]["questions"] = paper["n-samples"][PAPER_MMLU_TASK]["effective"]
             row["paper"]["seconds"] = round(time.perf_counter() - tic, 1)
-            log(f"  MMLU (paper protocol) {row['label']}: " + ", ".join(f"{k} {v:.3f}" for k, v in row["paper"].items()
-                                                                       if isinstance(v, float)))
+            log(f"  MMLU (paper protocol) {row['label']}: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in row["paper"].items() if isinstance(v, float)), flush=True)
         rows.append(row)
-    return {
-        "date": started.isoformat(timespec="seconds"), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch_threads": _torch_threads(),
-        "seed": results["seeds"][0], "file": config.PAPER_MMLU.name, "limit": limit, "generative_limit": generative_limit,
-        "base_model": results["base_model"], "rows": rows,
-    }
+    return rows
 
 
 def _torch_threads() -> int:
@@ -119,23 +130,53 @@ def markdown_table(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _named_models(text: str) -> list[dict]:
+    models = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, adapter = item.partition("=")
+        models.append({"key": key, "label": "base model" if key == "base" else key, "adapter": adapter or None})
+    return models
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.mmlu", description=__doc__)
-    parser.add_argument("out", type=Path, help="a finished quality benchmark's folder (its results.json)")
-    parser.add_argument("--limit", type=int, default=None, help="log-likelihood MMLU on the first N questions (default all)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.mmlu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="a quality benchmark's folder (its results.json, unless --models)")
+    parser.add_argument("--sample", type=int, default=None, help="a seeded random sample of N questions (default all 1,444)")
+    parser.add_argument("--models", default=None, help="comma-separated base and NAME=ADAPTER_DIR (default: OUT/results.json)")
+    parser.add_argument("--base-dir", default=None, help="the base model's directory (default: OUT/results.json's)")
     parser.add_argument("--generative-limit", type=int, default=None, help="the paper protocol on the first N questions")
-    parser.add_argument("--generative-models", default="", help="comma-separated model keys (base, run names) for the paper protocol")
-    parser.add_argument("--json", type=Path, default=None, help="where the record goes (default OUT/mmlu.json)")
+    parser.add_argument("--generative-models", default="", help="comma-separated model keys for the paper protocol")
+    parser.add_argument("--json", type=Path, default=None, help="the record, extended if it exists (default OUT/mmlu.json)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from benchmarks.quality.bench import write_json
     from florist_hf.cli import quiet_libraries
 
     quiet_libraries()
-    results = json.loads((args.out / "results.json").read_text())
-    record = run_mmlu(results, limit=args.limit, generative_limit=args.generative_limit,
-                      generative_models=tuple(name for name in args.generative_models.split(",") if name))
-    write_json(args.json or args.out / "mmlu.json", record)
+    results = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else None
+    models = _named_models(args.models) if args.models else benchmark_models(results)
+    base_dir = args.base_dir or results["base_model"]["path"]
+    json_path = args.json or args.out / "mmlu.json"
+    record = json.loads(json_path.read_text()) if json_path.exists() else None
+    data_file, question_ids = sample_file(args.out, args.sample)
+    if record is not None and record["question_ids"] != question_ids:
+        raise SystemExit(f"{json_path} holds other questions; pass the same --sample or another --json")
+    done = {row["key"] for row in record["rows"]} if record else set()
+    base_row = next((row for row in record["rows"] if row["key"] == "base"), None) if record else None
+    started = datetime.now(timezone.utc)
+    rows = run_mmlu([model for model in models if model["key"] not in done], base_dir, data_file, base_row=base_row,
+                    generative_limit=args.generative_limit,
+                    generative_models=tuple(name for name in args.generative_models.split(",") if name))
+    if record is None:
+        record = {"file": config.PAPER_MMLU.name, "sample": args.sample, "sample_seed": 0, "question_ids": question_ids,
+                  "base_model": base_dir, "runs": [], "rows": []}
+    record["runs"].append({"date": started.isoformat(timespec="seconds"),
+                           "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch_threads": _torch_threads(),
+                           "load_average": os.getloadavg(), "models": [row["key"] for row in rows]})
+    record["rows"] += rows
+    write_json(json_path, record)
     print(markdown_table(record))
     return record
 
