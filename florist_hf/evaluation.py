@@ -191,12 +191,12 @@ def _task_manager(task_names: Sequence[str], include_paths: Sequence[Path], meta
 
 def _hub_datasets(task_manager, task_names: Sequence[str]) -> dict[str, str]:
     """The Hub datasets the named tasks read (their groups' and tags' member tasks included), each
-    with the first task that needs it; tasks with a custom dataset hook or local files are left out."""
+    with the first named task that needs it; tasks with a custom dataset hook or local files are left out."""
     index = task_manager.task_index
     seen: set[str] = set()
     datasets_needed: dict[str, str] = {}
 
-    def walk(name) -> None:
+    def walk(name, requested: str) -> None:
         if not isinstance(name, str) or name in seen or name not in index:
             return
         seen.add(name)
@@ -204,18 +204,18 @@ def _hub_datasets(task_manager, task_names: Sequence[str]) -> dict[str, str]:
         config = entry.cfg or {}
         if entry.kind.name == "GROUP":
             for item in config.get("task", []):
-                walk(item.get("task") if isinstance(item, dict) else item)
+                walk(item.get("task") if isinstance(item, dict) else item, requested)
         elif entry.kind.name == "TAG":
             for member, member_entry in index.items():
                 if name in member_entry.tags:
-                    walk(member)
+                    walk(member, requested)
         else:
             path = config.get("dataset_path")
             if isinstance(path, str) and "custom_dataset" not in config and path not in _LOCAL_BUILDERS and not Path(path).exists():
-                datasets_needed.setdefault(path, name)
+                datasets_needed.setdefault(path, requested)
 
     for task_name in task_names:
-        walk(task_name)
+        walk(task_name, task_name)
     return datasets_needed
 
 

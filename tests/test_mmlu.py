@@ -307,7 +307,7 @@ def test_cli_refuses_what_does_not_apply_to_the_paper_protocol(weightless_base, 
     ("args", "message"),
     [
         # lm-eval's mmlu offline with no cached cais/mmlu: refused, the offline task named
-        ([], "lm-eval task mmlu_"),
+        ([], "lm-eval task mmlu reads the Hub dataset cais/mmlu"),
         (["--tasks", "mmlu"], "reads the Hub dataset cais/mmlu, but the Hub is offline (HF_HUB_OFFLINE=1)"),
         (["--tasks", "florist_mmlu"], "florist_mmlu reads the 1,444-question MMLU subset: pass its file with --mmlu-file"),
         (["--mmlu-file", "{subset}", "--num-fewshot", "5"], "--num-fewshot 5 does not apply to florist_mmlu"),

@@ -4,11 +4,12 @@ standard errors and each adapter's paired difference to the base, and optionally
 protocol (``florist_mmlu_paper``) with its artefact shares on the first questions.
 
     python -m benchmarks.quality.mmlu OUT [--sample N] [--models base,NAME=ADAPTER,...]
-                                          [--generative-limit N --generative-models base,NAME]
+                                          [--paper --paper-limit N]
 
 ``--sample N`` evaluates a seeded random sample of N of the 1,444 questions (the same for every model, so
-differences are paired); ``--models`` names the adapters instead of OUT/results.json's runs; a second call
-with the same ``--json`` adds its models to the record (the base's answers serve the paired differences).
+differences are paired); ``--models`` names the adapters instead of OUT/results.json's runs; ``--paper`` runs
+the generative protocol instead; a later call with the same ``--json`` adds its rows to the record (the
+base's answers serve the paired differences).
 """
 
 from __future__ import annotations
@@ -64,12 +65,11 @@ def sample_file(out_dir: Path, count: int | None, seed: int = 0) -> tuple[Path, 
     return path, chosen
 
 
-def run_mmlu(models: list[dict], base_dir: str, data_file: Path, *, base_row: dict | None = None,
-             generative_limit: int | None = None, generative_models: tuple[str, ...] = (), batch_size: int = 8,
+def run_mmlu(models: list[dict], base_dir: str, data_file: Path, *, base_row: dict | None = None, batch_size: int = 8,
              log=print) -> list[dict]:
     """One row per model: florist_mmlu's acc ± SE, macro acc, per-question answers and, after the
-    base, the paired difference to it; the paper protocol's measures for ``generative_models``."""
-    from florist_hf.evaluation import MMLU_SUBSET_TASK, PAPER_MMLU_TASK, evaluate_adapter, evaluate_paper_mmlu
+    base, the paired difference to it."""
+    from florist_hf.evaluation import MMLU_SUBSET_TASK, evaluate_adapter
 
     rows = []
     base_scores = None if base_row is None else {int(k): v for k, v in base_row["per_question"].items()}
@@ -89,19 +89,26 @@ def run_mmlu(models: list[dict], base_dir: str, data_file: Path, *, base_row: di
             row["changed_answers"] = sum(per_question[doc] != base_scores[doc] for doc in base_scores)
         log(f"  MMLU (log-likelihood) {row['label']}: acc {row['acc']:.4f} ± {row['acc_stderr']:.4f}, "
             f"macro {row['macro_acc']:.4f}, {row['questions']} questions, {row['seconds']:.0f} s", flush=True)
-        if model["key"] in generative_models:
-            tic = time.perf_counter()
-            paper = evaluate_paper_mmlu(base_dir, model["adapter"], data_file, limit=generative_limit,
-                                        device="cpu", batch_size=batch_size)
-            metrics = paper["results"][PAPER_MMLU_TASK]
-            row["paper"] = {name: metrics[f"{name},none"] for name in PAPER_METRICS}
-            row["paper"]["acc_stderr"] = metrics["acc_stderr,none"]
-            row["paper"]["strict_acc_stderr"] = metrics["strict_acc_stderr,none"]
-            row["paper"]["questions"] = paper["n-samples"][PAPER_MMLU_TASK]["effective"]
-            row["paper"]["seconds"] = round(time.perf_counter() - tic, 1)
-            log(f"  MMLU (paper protocol) {row['label']}: " + ", ".join(
-                f"{k} {v:.3f}" for k, v in row["paper"].items() if isinstance(v, float)), flush=True)
         rows.append(row)
+    return rows
+
+
+def run_paper(models: list[dict], base_dir: str, data_file: Path, *, limit: int | None, batch_size: int = 8,
+              log=print) -> list[dict]:
+    """One row per model: the paper protocol's score and artefact shares on the first ``limit`` questions."""
+    from florist_hf.evaluation import PAPER_MMLU_TASK, evaluate_paper_mmlu
+
+    rows = []
+    for model in models:
+        tic = time.perf_counter()
+        record = evaluate_paper_mmlu(base_dir, model["adapter"], data_file, limit=limit, device="cpu", batch_size=batch_size)
+        metrics = record["results"][PAPER_MMLU_TASK]
+        paper = {name: metrics[f"{name},none"] for name in PAPER_METRICS}
+        paper.update(acc_stderr=metrics["acc_stderr,none"], strict_acc_stderr=metrics["strict_acc_stderr,none"],
+                     questions=record["n-samples"][PAPER_MMLU_TASK]["effective"], seconds=round(time.perf_counter() - tic, 1))
+        rows.append({**model, "paper": paper})
+        log(f"  MMLU (paper protocol) {model['label']}: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in paper.items() if isinstance(v, float)), flush=True)
     return rows
 
 
@@ -114,7 +121,7 @@ def _torch_threads() -> int:
 def markdown_table(record: dict) -> str:
     """The log-likelihood table, then the paper protocol's where it ran."""
     lines = ["| model | acc ± SE | Δ vs base ± paired SE | answers changed | macro acc | seconds |", "|---|---|---|---|---|---|"]
-    for row in record["rows"]:
+    for row in (row for row in record["rows"] if "acc" in row):
         delta = "" if "delta_vs_base" not in row else f"{row['delta_vs_base']:+.4f} ± {row['delta_stderr']:.4f}"
         lines.append(f"| {row['label']} | {row['acc']:.4f} ± {row['acc_stderr']:.4f} | {delta} | "
                      f"{row.get('changed_answers', '')} | {row['macro_acc']:.4f} | {row['seconds']:.0f} |")
@@ -145,8 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sample", type=int, default=None, help="a seeded random sample of N questions (default all 1,444)")
     parser.add_argument("--models", default=None, help="comma-separated base and NAME=ADAPTER_DIR (default: OUT/results.json)")
     parser.add_argument("--base-dir", default=None, help="the base model's directory (default: OUT/results.json's)")
-    parser.add_argument("--generative-limit", type=int, default=None, help="the paper protocol on the first N questions")
-    parser.add_argument("--generative-models", default="", help="comma-separated model keys for the paper protocol")
+    parser.add_argument("--paper", action="store_true", help="the paper's generative protocol instead (see --paper-limit)")
+    parser.add_argument("--paper-limit", type=int, default=None, help="the paper protocol on the first N questions of the sample")
     parser.add_argument("--json", type=Path, default=None, help="the record, extended if it exists (default OUT/mmlu.json)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -162,12 +169,14 @@ def main(argv: list[str] | None = None) -> dict:
     data_file, question_ids = sample_file(args.out, args.sample)
     if record is not None and record["question_ids"] != question_ids:
         raise SystemExit(f"{json_path} holds other questions; pass the same --sample or another --json")
-    done = {row["key"] for row in record["rows"]} if record else set()
-    base_row = next((row for row in record["rows"] if row["key"] == "base"), None) if record else None
+    done = {row["key"] for row in record["rows"] if ("paper" in row) == args.paper} if record else set()
+    base_row = next((row for row in record["rows"] if row["key"] == "base" and "acc" in row), None) if record else None
     started = datetime.now(timezone.utc)
-    rows = run_mmlu([model for model in models if model["key"] not in done], base_dir, data_file, base_row=base_row,
-                    generative_limit=args.generative_limit,
-                    generative_models=tuple(name for name in args.generative_models.split(",") if name))
+    todo = [model for model in models if model["key"] not in done]
+    if args.paper:
+        rows = run_paper(todo, base_dir, data_file, limit=args.paper_limit)
+    else:
+        rows = run_mmlu(todo, base_dir, data_file, base_row=base_row)
     if record is None:
         record = {"file": config.PAPER_MMLU.name, "sample": args.sample, "sample_seed": 0, "question_ids": question_ids,
                   "base_model": base_dir, "runs": [], "rows": []}
