@@ -4,12 +4,13 @@ standard errors and each adapter's paired difference to the base, and optionally
 protocol (``florist_mmlu_paper``) with its artefact shares on the first questions.
 
     python -m benchmarks.quality.mmlu OUT [--sample N] [--models base,NAME=ADAPTER,...]
-                                          [--paper --paper-limit N]
+                                          [--paper --paper-limit N] [--json FILE]
+    python -m benchmarks.quality.mmlu OUT --merge A.json B.json --json FILE
 
 ``--sample N`` evaluates a seeded random sample of N of the 1,444 questions (the same for every model, so
 differences are paired); ``--models`` names the adapters instead of OUT/results.json's runs; ``--paper`` runs
 the generative protocol instead; a later call with the same ``--json`` adds its rows to the record (the
-base's answers serve the paired differences).
+base's answers serve the paired differences); ``--merge`` joins records of calls run side by side.
 """
 
 from __future__ import annotations
@@ -137,6 +138,24 @@ def markdown_table(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_records(records: list[dict]) -> dict:
+    """One record from records of the same questions (calls run side by side), the paired
+    differences to the base recomputed for every log-likelihood row."""
+    merged = {**records[0], "runs": [run for record in records for run in record["runs"]],
+              "rows": [row for record in records for row in record["rows"]]}
+    if any(record["question_ids"] != merged["question_ids"] for record in records):
+        raise SystemExit("the records hold different questions")
+    base = next((row for row in merged["rows"] if row["key"] == "base" and "acc" in row), None)
+    if base is not None:
+        base_scores = {int(k): v for k, v in base["per_question"].items()}
+        for row in merged["rows"]:
+            if "acc" in row and row is not base:
+                scores = {int(k): v for k, v in row["per_question"].items()}
+                row["delta_vs_base"], row["delta_stderr"] = paired_difference(scores, base_scores)
+                row["changed_answers"] = sum(scores[doc] != base_scores[doc] for doc in base_scores)
+    return merged
+
+
 def _named_models(text: str) -> list[dict]:
     models = []
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -155,10 +174,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--paper", action="store_true", help="the paper's generative protocol instead (see --paper-limit)")
     parser.add_argument("--paper-limit", type=int, default=None, help="the paper protocol on the first N questions of the sample")
     parser.add_argument("--json", type=Path, default=None, help="the record, extended if it exists (default OUT/mmlu.json)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="instead of running: merge these records (the same questions) into --json")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from benchmarks.quality.bench import write_json
     from florist_hf.cli import quiet_libraries
+
+    if args.merge:
+        record = merge_records([json.loads(path.read_text()) for path in args.merge])
+        write_json(args.json or args.out / "mmlu.json", record)
+        print(markdown_table(record))
+        return record
 
     quiet_libraries()
     results = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else None
