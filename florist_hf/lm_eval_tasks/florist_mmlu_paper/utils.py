@@ -8,6 +8,8 @@ The reference (FLoRIST's ``fed_utils/evaluation.py``, after FLoRA's) credits a q
 ``tgt_ans_idx + '.' in ans or tgt_ans in ans``: plain, case-sensitive substring tests on the raw
 text, with no lower-casing or other normalisation beyond ``strip()``. We keep that case rule, so
 ``"1. A deletion."`` is not credited for ``"A. a deletion."``; ``case_miss`` counts such answers.
+(It also read all 32 generated tokens, where these tasks stop at the next "###" section or the
+end of the assistant's turn.)
 """
 
 from __future__ import annotations
