@@ -46,6 +46,15 @@ def _per_question(record: dict, task: str, metric: str) -> dict[int, float]:
     return {sample["doc_id"]: float(sample[metric]) for sample in record["samples"][task]}
 
 
+def _answer_counts(record: dict, task: str) -> dict[str, int]:
+    """How often the model's likeliest letter is each of A-D (a small base's letter bias shows here)."""
+    counts = dict.fromkeys("ABCD", 0)
+    for sample in record["samples"][task]:
+        scores = [loglikelihood for loglikelihood, _ in sample["filtered_resps"]]
+        counts["ABCD"[max(range(4), key=scores.__getitem__)]] += 1
+    return counts
+
+
 def paired_difference(model: dict[int, float], base: dict[int, float]) -> tuple[float, float]:
     """Mean and standard error of the per-question difference ``model - base`` (the same questions)."""
     differences = [model[doc] - base[doc] for doc in sorted(base)]
@@ -82,7 +91,8 @@ def run_mmlu(models: list[dict], base_dir: str, data_file: Path, *, base_row: di
         per_question = _per_question(record, MMLU_SUBSET_TASK, "acc")
         row = {**model, "acc": scores["acc,none"], "acc_stderr": scores["acc_stderr,none"],
                "macro_acc": scores["macro_acc,none"], "questions": len(per_question),
-               "seconds": round(time.perf_counter() - tic, 1), "per_question": per_question}
+               "seconds": round(time.perf_counter() - tic, 1), "per_question": per_question,
+               "answers": _answer_counts(record, MMLU_SUBSET_TASK)}
         if model["key"] == "base":
             base_scores = per_question
         elif base_scores is not None:
