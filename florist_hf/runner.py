@@ -26,10 +26,6 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     distributed.init_processes()
     freeze_long_lived_objects()  # before any model exists: cheap per-client collections
     main = distributed.is_main_process()
-    if recipe.evaluation is not None:  # an evaluation that could not run is refused before the run directory is made
-        from florist_hf.evaluation import recipe_evaluation_plan
-
-        recipe_evaluation_plan(recipe.evaluation)
     federation = Federation(recipe, console=console, main=main)
     console, paths = federation.console, federation.paths
     try:
@@ -41,6 +37,10 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
         load_model_config(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
         tokenizer = load_tokenizer(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
         shards, test_records = prepare_client_data(recipe)
+        if recipe.evaluation is not None:  # an evaluation that could not run is refused before any client trains
+            from florist_hf.evaluation import recipe_evaluation_plan
+
+            recipe_evaluation_plan(recipe.evaluation)
         client_sizes = [len(shard) for shard in shards]
         console.print(federation.describe(client_sizes))
         federation.ensure_initial_adapter()
