@@ -328,28 +328,44 @@ def evaluate(
         Optional[str], typer.Option(help="A GGUF file in --base's folder or repository: the base dequantized from it (as model.gguf_file).")
     ] = None,
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="The global PEFT adapter directory (omit for the base alone).")] = None,
-    tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval tasks.")] = "mmlu",
-    num_fewshot: Annotated[int, typer.Option(help="Few-shot examples.")] = 0,
+    tasks: Annotated[
+        Optional[str], typer.Option(help="Comma-separated lm-eval tasks (default: mmlu; with --mmlu-file: florist_mmlu).")
+    ] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="Few-shot examples (default 0).")] = None,
     limit: Annotated[Optional[float], typer.Option(help="Examples per task (a count, or a fraction < 1).")] = None,
     include_path: Annotated[Optional[Path], typer.Option(help="Extra lm-eval task folder (local task YAMLs, offline data).")] = None,
+    mmlu_file: Annotated[
+        Optional[Path],
+        typer.Option(help="The 1,444-question MMLU subset JSON: MMLU by log-likelihood on it offline (task florist_mmlu)."),
+    ] = None,
     paper_mmlu: Annotated[
-        Optional[Path], typer.Option(help="The paper protocol: the 1,444-question MMLU subset JSON (SPEC §7).")
+        Optional[Path], typer.Option(help="The paper's generative protocol on the 1,444-question MMLU subset JSON (SPEC §7).")
     ] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
     batch_size: Annotated[str, typer.Option(help='Batch size: a number, "auto" or "auto:N".')] = "8",
-    apply_chat_template: Annotated[bool, typer.Option(help="Wrap prompts in the tokenizer's chat template.")] = False,
+    apply_chat_template: Annotated[
+        bool, typer.Option(help="Wrap prompts in the tokenizer's chat template (with --paper-mmlu: its chat-template variant).")
+    ] = False,
     log_samples: Annotated[bool, typer.Option(help="Keep every question's prompt, answer and score in --out.")] = False,
     revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit of the base model.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the results JSON here.")] = None,
 ) -> None:
     """Evaluate a global adapter with lm-evaluation-harness (MMLU by default)."""
-    from florist_hf.evaluation import evaluate_adapter, evaluate_paper_mmlu, results_table
+    from florist_hf.evaluation import HUB_MMLU_TASK, MMLU_SUBSET_TASK, evaluate_adapter, evaluate_paper_mmlu, results_table
     from florist_hf.loading import resolve_base
     from florist_hf.recipe import EvaluationSection
 
     if limit is not None and not limit > 0:
         raise FloristError(f"--limit {limit:g}: give the examples per task as a count (1 or more) or a fraction in (0, 1), "
                            "or leave --limit out for every example")
+    if paper_mmlu is not None:  # the paper's protocol is one fixed task: options that choose tasks do not apply
+        given = [flag for flag, value in (("--tasks", tasks), ("--num-fewshot", num_fewshot),
+                                          ("--include-path", include_path), ("--mmlu-file", mmlu_file)) if value is not None]
+        if given:
+            raise FloristError(
+                f"{given[0]} does not apply with --paper-mmlu (the paper's protocol, 0-shot on its own subset); drop it, "
+                "or run the log-likelihood MMLU separately with --mmlu-file"
+            )
     if out is not None:
         from florist_hf.io_utils import writable_directory
 
@@ -361,13 +377,14 @@ def evaluate(
         lm_eval_batch_size = EvaluationSection(batch_size=int(batch_size) if batch_size.isdigit() else batch_size).batch_size
     except ValueError:
         raise FloristError(f'--batch-size {batch_size!r}: use a number, "auto" or "auto:N"') from None
-    common = dict(limit=count_limit, device=device, batch_size=lm_eval_batch_size, log_samples=log_samples, revision=revision, out_file=out)
+    common = dict(limit=count_limit, device=device, batch_size=lm_eval_batch_size, log_samples=log_samples, revision=revision,
+                  apply_chat_template=apply_chat_template, out_file=out)
     if paper_mmlu is not None:
         results = evaluate_paper_mmlu(base, adapter, paper_mmlu, **common)
     else:
         results = evaluate_adapter(
-            base, adapter, tasks=tasks, num_fewshot=num_fewshot, include_path=include_path,
-            apply_chat_template=apply_chat_template, **common,
+            base, adapter, tasks=tasks or (MMLU_SUBSET_TASK if mmlu_file is not None else HUB_MMLU_TASK),
+            num_fewshot=0 if num_fewshot is None else num_fewshot, include_path=include_path, mmlu_file=mmlu_file, **common,
         )
     console.print(results_table(results))
     if out is not None:

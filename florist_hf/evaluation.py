@@ -32,9 +32,19 @@ for _lm_eval_logger in ("lm_eval.evaluator", "lm_eval.api.task"):
 
 #: The folder of task YAMLs shipped with the package; always on lm-eval's include path.
 PACKAGED_TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+#: MMLU by log-likelihood (lm-eval's mmlu prompt and scoring) on the 1,444-question subset.
+MMLU_SUBSET_TASK = "florist_mmlu"
+#: The paper's generative protocol on the subset: its Alpaca prompt, and the chat-template variant.
 PAPER_MMLU_TASK = "florist_mmlu_paper"
+PAPER_MMLU_CHAT_TASK = "florist_mmlu_paper_chat"
+#: The packaged tasks that read the subset file named by the ``data_file`` task metadata.
+SUBSET_TASKS = (MMLU_SUBSET_TASK, PAPER_MMLU_TASK, PAPER_MMLU_CHAT_TASK)
+#: lm-eval's MMLU, read from the Hub's cais/mmlu.
+HUB_MMLU_TASK = "mmlu"
 #: What the paper protocol changes from the reference, recorded with every paper-protocol result.
 PAPER_DECODING_NOTE = "greedy decoding in eval mode (the reference sampled at T=0.2 with the model in train mode)"
+#: datasets' packaged builders: a task whose dataset_path is one of them reads local files.
+_LOCAL_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas", "imagefolder", "audiofolder", "xml", "sql"})
 
 #: The parts of lm-eval's output worth keeping; the rest (samples aside) is environment detail.
 _KEPT_RESULT_KEYS = ("results", "groups", "group_subtasks", "versions", "n-shot", "n-samples", "higher_is_better")
@@ -59,8 +69,13 @@ def default_device() -> str:
 
 
 def paper_mmlu_task_dir() -> Path:
-    """The packaged folder holding the paper-protocol task (YAML and its utils.py)."""
+    """The packaged folder holding the paper-protocol tasks (YAMLs and their utils.py)."""
     return PACKAGED_TASKS_DIR / PAPER_MMLU_TASK
+
+
+def paper_mmlu_task(apply_chat_template: bool) -> str:
+    """The paper protocol's task for a prompt with or without the tokenizer's chat template."""
+    return PAPER_MMLU_CHAT_TASK if apply_chat_template else PAPER_MMLU_TASK
 
 
 # --------------------------------------------------------------------------- checks before loading
@@ -180,6 +195,100 @@ def _task_manager(task_names: Sequence[str], include_paths: Sequence[Path], meta
     return full_manager
 
 
+def _hub_datasets(task_manager, task_names: Sequence[str]) -> dict[str, str]:
+    """The Hub datasets the named tasks read (their groups' and tags' member tasks included), each
+    with the first named task that needs it; tasks with a custom dataset hook or local files are left out."""
+    index = task_manager.task_index
+    seen: set[str] = set()
+    datasets_needed: dict[str, str] = {}
+
+    def walk(name, requested: str) -> None:
+        if not isinstance(name, str) or name in seen or name not in index:
+            return
+        seen.add(name)
+        entry = index[name]
+        config = entry.cfg or {}
+        if entry.kind.name == "GROUP":
+            for item in config.get("task", []):
+                walk(item.get("task") if isinstance(item, dict) else item, requested)
+        elif entry.kind.name == "TAG":
+            for member, member_entry in index.items():
+                if name in member_entry.tags:
+                    walk(member, requested)
+        else:
+            path = config.get("dataset_path")
+            if isinstance(path, str) and "custom_dataset" not in config and path not in _LOCAL_BUILDERS and not Path(path).exists():
+                datasets_needed.setdefault(path, requested)
+
+    for task_name in task_names:
+        walk(task_name, task_name)
+    return datasets_needed
+
+
+def hub_dataset_unreachable(dataset: str) -> str | None:
+    """Why lm-eval could not read the Hub dataset ``dataset`` now (None: it can): the Hub offline
+    (HF_HUB_OFFLINE=1) with the dataset in neither Hugging Face cache, or the Hub not answering."""
+    import datasets
+    from huggingface_hub import HfApi, constants, is_offline_mode
+
+    cached = (Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}").is_dir() or (
+        Path(datasets.config.HF_DATASETS_CACHE) / dataset.replace("/", "___")
+    ).is_dir()
+    if cached:
+        return None
+    if is_offline_mode() or datasets.config.HF_DATASETS_OFFLINE:
+        return "the Hub is offline (HF_HUB_OFFLINE=1) and it is not in the local Hugging Face cache"
+    try:
+        HfApi().dataset_info(dataset, timeout=10)
+    except Exception as error:  # noqa: BLE001 - any failure means lm-eval would fail the same way, later
+        return f"the Hub did not answer ({type(error).__name__})"
+    return None
+
+
+def _check_tasks_apply(
+    task_names: Sequence[str], *, num_fewshot: int | None, apply_chat_template: bool, task_metadata: Mapping[str, Any]
+) -> None:
+    """Settings that cannot apply to the packaged subset tasks, refused rather than dropped."""
+    subset_tasks = [name for name in task_names if name in SUBSET_TASKS]
+    if not subset_tasks:
+        return
+    if not task_metadata.get("data_file"):
+        raise FloristError(
+            f"{subset_tasks[0]} reads the 1,444-question MMLU subset: pass its file with --mmlu-file "
+            "(evaluation.mmlu_file in a recipe)"
+        )
+    if num_fewshot:
+        raise FloristError(
+            f"--num-fewshot {num_fewshot} does not apply to {subset_tasks[0]}: the MMLU subset has no dev split "
+            "to draw examples from; leave it at 0"
+        )
+    if PAPER_MMLU_TASK in task_names and apply_chat_template:
+        raise FloristError(
+            f"{PAPER_MMLU_TASK} is the paper's Alpaca prompt, which a chat template would wrap with its primer in the "
+            f"user's turn; run {PAPER_MMLU_CHAT_TASK} for the chat-template variant"
+        )
+    if PAPER_MMLU_CHAT_TASK in task_names and not apply_chat_template:
+        raise FloristError(
+            f"{PAPER_MMLU_CHAT_TASK} is the chat-template variant: pass --apply-chat-template "
+            f"(apply_chat_template: true in a recipe), or run {PAPER_MMLU_TASK} for the Alpaca prompt"
+        )
+
+
+def _check_hub_datasets(task_manager, task_names: Sequence[str]) -> None:
+    """A task whose Hub dataset cannot be read is refused here, before the model is loaded."""
+    for dataset, task_name in _hub_datasets(task_manager, task_names).items():
+        reason = hub_dataset_unreachable(dataset)
+        if reason is None:
+            continue
+        hint = (
+            f"; for MMLU offline pass --mmlu-file PATH/mmlu_test_1444.json (evaluation.mmlu_file in a recipe): "
+            f"MMLU by log-likelihood on the 1,444-question subset, task {MMLU_SUBSET_TASK}"
+            if dataset == "cais/mmlu"
+            else "; go online, or point --include-path at a task YAML that reads local files"
+        )
+        raise FloristError(f"lm-eval task {task_name} reads the Hub dataset {dataset}, but {reason}{hint}")
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -254,6 +363,7 @@ def evaluate_adapter(
     num_fewshot: int | None = 0,
     limit: int | float | None = None,
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    mmlu_file: str | os.PathLike | None = None,
     task_metadata: Mapping[str, Any] | None = None,
     device: str | None = None,
     batch_size: int | str = 8,
@@ -271,10 +381,12 @@ def evaluate_adapter(
     ``trust_remote_code`` reach the base model's load.
 
     ``tasks`` are lm-eval task/group names (a string may list several, comma-separated) or task
-    YAML paths; the packaged tasks (``florist_mmlu_paper``) and ``include_path`` folders are
-    searched as well. ``num_fewshot`` None keeps each task's own default; ``max_new_tokens``
-    overrides generation tasks' ``max_gen_toks``; ``task_metadata`` reaches every task's dataset
-    hook (the paper task reads ``data_file`` from it). Returns a JSON-safe dict with lm-eval's
+    YAML paths; the packaged tasks (``florist_mmlu``, ``florist_mmlu_paper``,
+    ``florist_mmlu_paper_chat``) and ``include_path`` folders are searched as well; the packaged
+    ones read the 1,444-question subset at ``mmlu_file``. ``num_fewshot`` None keeps each task's
+    own default; ``max_new_tokens`` overrides generation tasks' ``max_gen_toks``; ``task_metadata``
+    reaches every task's dataset hook. Settings that cannot apply to a task, and tasks whose Hub
+    dataset cannot be read now, are refused before the model is loaded. Returns a JSON-safe dict with lm-eval's
     ``results``, ``versions``, ``n-samples`` and a short ``configs``, plus the run's settings and,
     with ``log_samples``, the per-question ``samples``; ``out_file`` gets the same dict, atomically.
     """
@@ -294,11 +406,21 @@ def evaluate_adapter(
     for path in map(Path, user_include_paths):
         if not path.is_dir():
             raise FloristError(f"{path}: include path not found; pass a folder holding lm-eval task YAML files")
+    task_metadata = dict(task_metadata or {})
+    if mmlu_file is not None:
+        from florist_hf.lm_eval_tasks.mmlu_subset import read_subset
+
+        mmlu_file = Path(mmlu_file).resolve()
+        read_subset(mmlu_file)  # a bad file is reported before the model is loaded
+        task_metadata["data_file"] = str(mmlu_file)
+    _check_tasks_apply(task_names, num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
+                       task_metadata=task_metadata)
     if adapter is None:  # a missing base fails here in one line, not deep inside lm-eval
         _load_base_config(base_model)
     else:
         check_adapter_matches_base(adapter, base_model)
     task_manager = _task_manager(task_names, [PACKAGED_TASKS_DIR, *map(Path, user_include_paths)], task_metadata)
+    _check_hub_datasets(task_manager, task_names)
 
     device = device or default_device()
     model = _quiet_lm(HFLM)(
@@ -330,7 +452,7 @@ def evaluate_adapter(
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
         "apply_chat_template": apply_chat_template,
-        "task_metadata": dict(task_metadata or {}),
+        "task_metadata": task_metadata,
     }
     record = _results_record(raw_results, run_info, log_samples)
     if out_file is not None:
@@ -343,6 +465,7 @@ def evaluate_paper_mmlu(
     adapter: str | os.PathLike | None,
     data_file: str | os.PathLike,
     *,
+    apply_chat_template: bool = False,
     limit: int | float | None = None,
     device: str | None = None,
     batch_size: int | str = 8,
@@ -352,33 +475,40 @@ def evaluate_paper_mmlu(
     trust_remote_code: bool = False,
     out_file: str | os.PathLike | None = None,
 ) -> dict:
-    """The paper's protocol (``florist_mmlu_paper``) on the MMLU subset in ``data_file``.
+    """The paper's protocol on the MMLU subset in ``data_file``: ``florist_mmlu_paper`` (its Alpaca
+    prompt), or with ``apply_chat_template`` ``florist_mmlu_paper_chat`` (the question in the user's
+    turn of the chat template, the assistant's turn primed with "The answer is: ").
 
-    The headline number is ``results["florist_mmlu_paper"]["macro_acc,none"]`` (accuracy averaged
-    over subjects); ``acc,none`` is the plain per-question accuracy.
+    The paper's number is ``results[task]["macro_acc,none"]`` (accuracy averaged over subjects);
+    ``acc,none`` is the per-question accuracy, ``strict_acc`` / ``strict_macro_acc`` credit only the
+    first option letter named, and ``no_letter``, ``multi_letter``, ``substring_only`` and
+    ``case_miss`` are the shares of generations the paper's rule reads loosely (see the task YAML).
     """
-    from florist_hf.lm_eval_tasks.florist_mmlu_paper.utils import read_paper_subset
-
-    data_file = Path(data_file).resolve()
-    read_paper_subset(data_file)  # a bad file is reported before the model is loaded
+    task = paper_mmlu_task(apply_chat_template)
     record = evaluate_adapter(
         base_model,
         adapter,
-        tasks=[PAPER_MMLU_TASK],
+        tasks=[task],
         num_fewshot=None,
         limit=limit,
-        task_metadata={"data_file": str(data_file)},
+        mmlu_file=data_file,
         device=device,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         log_samples=log_samples,
+        apply_chat_template=apply_chat_template,
         revision=revision,
         trust_remote_code=trust_remote_code,
     )
-    record["protocol"] = {"name": "FLoRA/FLoRIST MMLU subset", "decoding": PAPER_DECODING_NOTE}
+    record["protocol"] = _paper_protocol_note(task)
     if out_file is not None:
         write_json_atomic(out_file, record)
     return record
+
+
+def _paper_protocol_note(task: str) -> dict:
+    prompt = "chat template, primer opening the assistant turn" if task == PAPER_MMLU_CHAT_TASK else "Alpaca"
+    return {"name": "FLoRA/FLoRIST MMLU subset", "task": task, "prompt": prompt, "decoding": PAPER_DECODING_NOTE}
 
 
 # --------------------------------------------------------------------------- reporting
@@ -434,23 +564,53 @@ def read_evaluation(out_file: Path, section) -> dict | None:
     return summary if summary is not None and summary.get("settings") == evaluation_settings(section) else None
 
 
+def recipe_evaluation_plan(section, console=None) -> tuple[list[str], str | None]:
+    """The lm-eval tasks a recipe's evaluation section runs, and the MMLU subset file they read.
+
+    ``tasks`` as listed, with lm-eval's ``mmlu`` replaced by ``florist_mmlu`` (log-likelihood MMLU
+    on the subset) where the Hub's cais/mmlu cannot be read and the section names the subset
+    (``mmlu_file`` or ``paper_mmlu_file``), said in one line on ``console``; then the paper
+    protocol's task when ``paper_mmlu_file`` is set (its chat-template variant with
+    ``apply_chat_template``). A plan that cannot run is refused in one line.
+    """
+    subset = section.mmlu_file or section.paper_mmlu_file
+    if subset is not None:
+        from florist_hf.lm_eval_tasks.mmlu_subset import read_subset
+
+        read_subset(subset)
+    tasks = list(section.tasks)
+    if HUB_MMLU_TASK in tasks:
+        reason = hub_dataset_unreachable("cais/mmlu")
+        if reason is not None and subset is None:
+            raise FloristError(
+                f"evaluation.tasks runs lm-eval's mmlu, which reads the Hub's cais/mmlu, but {reason}; set "
+                "evaluation.mmlu_file to the 1,444-question subset (mmlu_test_1444.json) for MMLU by "
+                "log-likelihood offline, or name other evaluation.tasks"
+            )
+        if reason is not None:
+            tasks[tasks.index(HUB_MMLU_TASK)] = MMLU_SUBSET_TASK
+            if console is not None:
+                console.print(f"cais/mmlu cannot be read ({reason}): MMLU by log-likelihood on the "
+                              f"questions of {subset} instead ({MMLU_SUBSET_TASK})", soft_wrap=True)
+    if section.paper_mmlu_file:
+        tasks.append(paper_mmlu_task(section.apply_chat_template))
+    return tasks, subset
+
+
 def evaluate_recipe(recipe, base_path: str, adapter_dir: Path, out_file: Path, console) -> dict:
     """The recipe's lm-eval evaluation of a published adapter, written to ``out_file``; returns
     ``{"tasks": {task: {metric: value}}, "results_file": ..., "settings": ...}``."""
     section = recipe.evaluation
-    if section.paper_mmlu_file:
-        results = evaluate_paper_mmlu(
-            base_path, adapter_dir, section.paper_mmlu_file, limit=section.limit, batch_size=section.batch_size,
-            log_samples=section.log_samples, revision=recipe.model.revision,
-            trust_remote_code=recipe.model.trust_remote_code, out_file=out_file,
-        )
-    else:
-        results = evaluate_adapter(
-            base_path, adapter_dir, tasks=section.tasks, num_fewshot=section.num_fewshot, limit=section.limit,
-            include_path=section.include_path, batch_size=section.batch_size, log_samples=section.log_samples,
-            apply_chat_template=section.apply_chat_template, revision=recipe.model.revision,
-            trust_remote_code=recipe.model.trust_remote_code, out_file=out_file,
-        )
+    task_names, subset = recipe_evaluation_plan(section, console)
+    results = evaluate_adapter(
+        base_path, adapter_dir, tasks=task_names, num_fewshot=section.num_fewshot, limit=section.limit,
+        include_path=section.include_path, mmlu_file=subset, batch_size=section.batch_size,
+        log_samples=section.log_samples, apply_chat_template=section.apply_chat_template,
+        revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+    )
+    paper_tasks = [task for task in task_names if task in (PAPER_MMLU_TASK, PAPER_MMLU_CHAT_TASK)]
+    if paper_tasks:
+        results["protocol"] = _paper_protocol_note(paper_tasks[0])
     console.print(results_table(results))
     tasks: dict[str, dict] = {}
     for task, metric, value, stderr in summarize_results(results):

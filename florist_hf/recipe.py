@@ -325,8 +325,20 @@ class EvaluationSection(Section):
     #: Keep every question's prompt, answer and score in the results file.
     log_samples: bool = False
     every_round: bool = False
-    #: The paper protocol (SPEC §7): the 1,444-question MMLU subset at this path.
+    #: The 1,444-question MMLU subset (mmlu_test_1444.json) that the packaged tasks florist_mmlu and
+    #: florist_mmlu_paper[_chat] read; where the Hub's cais/mmlu cannot be read, `mmlu` in tasks
+    #: becomes florist_mmlu (MMLU by log-likelihood) on it.
+    mmlu_file: str | None = None
+    #: The paper protocol (SPEC §7) as well as tasks: its generative MMLU on the subset at this path
+    #: (the chat-template variant with apply_chat_template); the subset also serves as mmlu_file.
     paper_mmlu_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_subset_file(self):
+        if self.mmlu_file and self.paper_mmlu_file and Path(self.mmlu_file) != Path(self.paper_mmlu_file):
+            raise ValueError(f"mmlu_file ({self.mmlu_file}) and paper_mmlu_file ({self.paper_mmlu_file}) name two "
+                             "different files; both read the same 1,444-question subset, so name one")
+        return self
 
     @field_validator("batch_size")
     @classmethod

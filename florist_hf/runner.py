@@ -44,6 +44,10 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
             tokenizer = base_tokenizer(resolve_base(model.name_or_path, model.gguf_file, dtype=model.dtype,
                                                     revision=model.revision))
     shards, test_records = prepare_client_data(recipe)
+    if recipe.evaluation is not None:  # an evaluation that could not run is refused before any client trains
+        from florist_hf.evaluation import recipe_evaluation_plan
+
+        recipe_evaluation_plan(recipe.evaluation)
     federation = Federation(recipe, console=console, main=main)
     console, paths = federation.console, federation.paths
     try:

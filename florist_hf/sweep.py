@@ -120,9 +120,9 @@ def parse_criterion(text: str, recipe) -> Criterion:
             f"--criterion {text}: the recipe has no evaluation section; add one (e.g. --set evaluation.tasks=[{task}]) "
             "or use --criterion heldout_loss"
         )
-    from florist_hf.evaluation import PAPER_MMLU_TASK
+    from florist_hf.evaluation import recipe_evaluation_plan
 
-    tasks = [PAPER_MMLU_TASK] if evaluation.paper_mmlu_file else list(evaluation.tasks)
+    tasks, _ = recipe_evaluation_plan(evaluation)
     if task not in tasks:
         raise FloristError(f"--criterion {text}: task {task!r} is not evaluated by the recipe (evaluation runs {tasks})")
     return Criterion(task, metric)

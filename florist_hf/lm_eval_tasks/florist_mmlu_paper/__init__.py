@@ -1,1 +1,1 @@
-"""The FLoRA/FLoRIST paper's MMLU protocol as an lm-evaluation-harness task."""
+"""The FLoRA/FLoRIST paper's MMLU protocol as lm-evaluation-harness tasks (Alpaca prompt, chat template)."""

@@ -1,19 +1,22 @@
-"""Dataset hook, prompt and scoring of the paper's MMLU protocol (see florist_mmlu_paper.yaml).
+"""Prompts and scoring of the paper's MMLU protocol (florist_mmlu_paper.yaml, florist_mmlu_paper_chat.yaml),
+with the measures of what its rule credits.
 
-lm-eval loads this file by path from the YAML; the scoring functions are pure so that tests and
+lm-eval loads this file by path from the YAMLs; the scoring functions are pure so that tests and
 other code can import them as ``florist_hf.lm_eval_tasks.florist_mmlu_paper.utils``.
+
+The reference (FLoRIST's ``fed_utils/evaluation.py``, after FLoRA's) credits a question when
+``tgt_ans_idx + '.' in ans or tgt_ans in ans``: plain, case-sensitive substring tests on the raw
+text, with no lower-casing or other normalisation beyond ``strip()``. We keep that case rule, so
+``"1. A deletion."`` is not credited for ``"A. a deletion."``; ``case_miss`` counts such answers.
+(It also read all 32 generated tokens, where these tasks stop at the next "###" section or the
+end of the assistant's turn.)
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections import defaultdict
-from collections.abc import Iterable
-from pathlib import Path
-from statistics import fmean
 
-from florist_hf.errors import FloristError
+from florist_hf.lm_eval_tasks.mmlu_subset import load_subset, macro_average, parse_gold_output  # noqa: F401 (the YAMLs name macro_average)
 
 #: The Alpaca "prompt_input" template the reference used, followed by its answer primer.
 PROMPT_TEMPLATE = (
@@ -22,17 +25,10 @@ PROMPT_TEMPLATE = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 ANSWER_PRIMER = "The answer is: "
-REQUIRED_FIELDS = ("instruction", "input", "output", "class")
 
-_GOLD_OUTPUT = re.compile(r"^The answer is: (?P<letter>[A-Z])\.(?: (?P<text>.*))?$", re.DOTALL)
-
-
-def parse_gold_output(gold_output: str) -> tuple[str, str]:
-    """Split ``"The answer is: C. Hurler syndrome"`` into ``("C", "Hurler syndrome")``."""
-    match = _GOLD_OUTPUT.match(gold_output.strip())
-    if match is None:
-        raise ValueError(f'gold output {gold_output!r} is not of the form "The answer is: <letter>. <answer text>"')
-    return match["letter"], (match["text"] or "").strip()
+# An option letter the answer names: a capital A-D not inside a word or number, followed by ".",
+# ")", ":", "," or the end ("B.", "(C)", "D:", "A, C", "B"); "A deletion" (the article) is not one.
+_OPTION_LETTER = re.compile(r"(?<![A-Za-z0-9])([ABCD])(?=[.):,]|\s*$)")
 
 
 def score_answer(generation: str, gold_output: str) -> bool:
@@ -48,58 +44,62 @@ def score_answer(generation: str, gold_output: str) -> bool:
     return f"{letter}." in generation or (bool(answer_text) and answer_text in generation)
 
 
-def macro_average(subject_results: Iterable[tuple[str, bool | float]]) -> float:
-    """Mean over subjects of each subject's accuracy, from per-question ``(subject, correct)``."""
-    correct_by_subject: dict[str, list[float]] = defaultdict(list)
-    for subject, correct in subject_results:
-        correct_by_subject[subject].append(float(correct))
-    return fmean(fmean(marks) for marks in correct_by_subject.values())
+def named_letters(generation: str) -> list[str]:
+    """The option letters ``generation`` names, in order of first mention, each once."""
+    letters: list[str] = []
+    for letter in _OPTION_LETTER.findall(generation):
+        if letter not in letters:
+            letters.append(letter)
+    return letters
+
+
+def answer_marks(generation: str, gold_output: str) -> dict[str, bool]:
+    """How the paper's rule and a strict reading judge one generation, and what the rule leans on.
+
+    ``correct``: the paper's rule. ``strict``: the first option letter named is the gold one.
+    ``no_letter``: no option letter named. ``multi_letter``: two or more different letters named
+    (an answer echoing the options). ``substring_only``: credited by the answer text alone, not by
+    ``"<letter>."``. ``case_miss``: not credited, but would be if case were ignored.
+    """
+    letter, answer_text = parse_gold_output(gold_output)
+    letters = named_letters(generation)
+    by_letter = f"{letter}." in generation
+    correct = score_answer(generation, gold_output)
+    ignoring_case = f"{letter}.".lower() in generation.lower() or (
+        bool(answer_text) and answer_text.lower() in generation.lower()
+    )
+    return {
+        "correct": correct,
+        "strict": bool(letters) and letters[0] == letter,
+        "no_letter": not letters,
+        "multi_letter": len(letters) >= 2,
+        "substring_only": correct and not by_letter,
+        "case_miss": not correct and ignoring_case,
+    }
 
 
 def paper_prompt(doc: dict) -> str:
     return PROMPT_TEMPLATE.format(instruction=doc["instruction"], input=doc["input"]) + ANSWER_PRIMER
 
 
+def chat_prompt(doc: dict) -> str:
+    """The user turn of the chat-template variant: the instruction and the question with its options
+    (the assistant turn opens with the primer, the task's ``gen_prefix``)."""
+    return f"{doc['instruction']}\n\n{doc['input']}"
+
+
 def process_results(doc: dict, results: list[str]) -> dict:
-    correct = score_answer(results[0], doc["output"])
-    return {"macro_acc": (doc["class"], correct), "acc": float(correct)}
-
-
-def read_paper_subset(data_file: str | Path) -> list[dict]:
-    """Read and check the subset: a JSON array of {instruction, input, output, class} records."""
-    data_file = Path(data_file)
-    if not data_file.is_file():
-        raise FloristError(f"{data_file}: MMLU subset file not found; pass the path of mmlu_test_1444.json")
-    try:
-        records = json.loads(data_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FloristError(f"{data_file}: not valid JSON ({error}); pass the MMLU subset's JSON array") from None
-    if not isinstance(records, list) or not records:
-        raise FloristError(f"{data_file}: expected a non-empty JSON array of questions")
-    for index, record in enumerate(records):
-        missing = [name for name in REQUIRED_FIELDS if not isinstance(record, dict) or name not in record]
-        if missing:
-            raise FloristError(
-                f"{data_file}: question {index} lacks {', '.join(missing)}; every question needs {', '.join(REQUIRED_FIELDS)}"
-            )
-        try:
-            parse_gold_output(record["output"])
-        except ValueError as error:
-            raise FloristError(f"{data_file}: question {index}: {error}") from None
-    return records
+    marks = answer_marks(results[0], doc["output"])
+    subject = doc["class"]
+    return {
+        "macro_acc": (subject, marks["correct"]),
+        "acc": float(marks["correct"]),
+        "strict_macro_acc": (subject, marks["strict"]),
+        "strict_acc": float(marks["strict"]),
+        **{name: float(marks[name]) for name in ("no_letter", "multi_letter", "substring_only", "case_miss")},
+    }
 
 
 def load_paper_subset(data_file: str | None = None, **other_metadata):
-    """lm-eval's ``custom_dataset`` hook: the task metadata's ``data_file`` as a test split.
-
-    lm-eval passes every metadata entry (its own config_source and version, and with a model
-    string also the model arguments) as keyword arguments, hence ``other_metadata``.
-    """
-    import datasets
-
-    if data_file is None:
-        raise FloristError(
-            "florist_mmlu_paper: no data_file in the task metadata; "
-            'pass --metadata \'{"data_file": "PATH/mmlu_test_1444.json"}\' or use evaluate_paper_mmlu'
-        )
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(read_paper_subset(data_file))})
+    """lm-eval's ``custom_dataset`` hook: the task metadata's ``data_file`` as a test split."""
+    return load_subset(data_file, task="florist_mmlu_paper", **other_metadata)
