@@ -64,7 +64,8 @@ def test_the_secure_server_step_equals_the_plain_one(tmp_path, name, dtype):
     assert secure.result.selected_ranks == plain.result.selected_ranks
     # In fp64, before the write: 32 fractional bits put each summed value within 8·2^-33 ≈ 1e-9 of the plain sum
     # (entries ~1e-4); a truncation (τ, FlexLoRA's rank) turns that into a little more where singular values crowd.
-    exact = method.aggregate([adapter.modules for adapter in plain.adapters], [a.num_samples for a in plain.adapters])
+    clients = [read_adapter(directory) for directory in dirs]  # read anew: the server step releases the factors it read
+    exact = method.aggregate([adapter.modules for adapter in clients], [adapter.num_samples for adapter in clients])
     for module, expected in exact.modules.items():
         assert relative_error(secure.result.modules[module].delta_weight, expected.delta_weight) < 1e-6
     # As written, in the clients' dtype: two roundings of (nearly) the same factors.
