@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
 import random
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -15,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from florist_hf.aggregation import METHODS, get_method
 from florist_hf.aggregation.florist import FloristOptions, check_aggregation_mode
+from florist_hf.clients.registry import TRAINERS, trainer_kind
 from florist_hf.errors import FloristError
 
 
@@ -240,6 +239,11 @@ class FederationSection(Section):
     def florist_options(self) -> FloristOptions:
         return FloristOptions(self.threshold, self.aggregation, self.streaming_tolerance)
 
+    def rounds_of(self, client: int) -> list[int]:
+        """The rounds client ``client`` is sampled in (`sample_clients`), all planned in advance."""
+        return [t for t in range(1, self.rounds + 1)
+                if client in sample_clients(self.num_clients, self.clients_per_round, self.seed, t)]
+
     def clients_sampled(self) -> int:
         """How many clients each round samples (`sample_clients` draws them)."""
         return sampled_count(self.num_clients, self.clients_per_round)
@@ -355,14 +359,31 @@ class TrackingSection(Section):
     log_images: bool = True
 
 
-def _check_training_keys(training: dict) -> None:
-    from transformers import TrainingArguments
+class ClientSection(Section):
+    """How every client trains."""
 
-    known = {field.name for field in dataclasses.fields(TrainingArguments)}
+    #: The registered trainer (`florist_hf.clients.registry`): "trainer" (transformers' Trainer on the
+    #: instruction presets) or "sft" (TRL's SFTTrainer, which also takes TRL's conversational and
+    #: prompt/completion data); the training section takes the fields of its arguments class.
+    trainer: str = "trainer"
+
+    @field_validator("trainer")
+    @classmethod
+    def _registered(cls, trainer):
+        if trainer not in TRAINERS:
+            raise ValueError(f"unknown trainer {trainer!r}; use one of {', '.join(TRAINERS)}")
+        return trainer
+
+
+def _check_training_keys(training: dict, trainer: str = "trainer") -> None:
+    kind = trainer_kind(trainer)
+    known = kind.config_fields()
     owned = {"output_dir"}  # each client gets its own working directory
     for key in training:
         if key not in known:
-            raise ValueError(f"{key} is not a TrainingArguments field")
+            raise ValueError(f"{key} is not a {kind.config_class().__name__} field"
+                             + ("" if trainer == "sft" or key not in trainer_kind("sft").config_fields()
+                                else " (it is an SFTConfig field: set client.trainer: sft)"))
         if key in owned:
             raise ValueError(f"{key} is set by florist-hf per client; remove it")
     if training.get("report_to") not in (None, "none", [], ["none"]):
@@ -376,7 +397,9 @@ class Recipe(Section):
     data: DataSection
     lora: LoraSection = Field(default_factory=LoraSection)
     federation: FederationSection = Field(default_factory=FederationSection)
-    #: Any ``transformers.TrainingArguments`` field, passed through to every client's Trainer.
+    client: ClientSection = Field(default_factory=ClientSection)
+    #: Any field of the client trainer's arguments (``transformers.TrainingArguments``; TRL's
+    #: ``SFTConfig`` under ``client.trainer: sft``), passed through to every client's Trainer.
     training: dict[str, Any] = Field(default_factory=dict)
     #: Per-client TrainingArguments overrides (clients on different hardware), by client index.
     client_training: dict[int, dict[str, Any]] = Field(default_factory=dict)
@@ -388,18 +411,11 @@ class Recipe(Section):
     tracking: TrackingSection | None = None
     output_dir: str = "runs/federation"
 
-    @field_validator("training")
-    @classmethod
-    def _known_training_arguments(cls, training):
-        _check_training_keys(training)
-        return training
-
-    @field_validator("client_training")
-    @classmethod
-    def _known_client_training_arguments(cls, client_training):
-        for overrides in client_training.values():
-            _check_training_keys(overrides)
-        return client_training
+    @model_validator(mode="after")
+    def _known_training_arguments(self):
+        for overrides in (self.training, *self.client_training.values()):
+            _check_training_keys(overrides, self.client.trainer)
+        return self
 
     @model_validator(mode="after")
     def _ranks_per_client(self):
@@ -468,17 +484,6 @@ class Recipe(Section):
             return self.lora.alpha_multiplier * self.client_rank(client)
         return alphas if isinstance(alphas, (int, float)) else alphas[client]
 
-    def client_training_arguments(self, client: int, round_index: int, default_learning_rate: float) -> dict:
-        """The TrainingArguments fields of one client in one round: the recipe's training section,
-        the client's overrides, and the learning rate of the round schedule."""
-        training = {**self.training, **self.client_training.get(client, {})}
-        if self.federation.round_lr_schedule == "cosine":
-            peak = float(training.get("learning_rate", default_learning_rate))
-            training["learning_rate"] = cosine_round_learning_rate(
-                peak, self.federation.round_lr_min, round_index, self.federation.rounds
-            )
-        return training
-
     def fingerprint(self) -> str:
         """A hash of everything that changes the result (not where it is written)."""
         payload = self.model_dump(mode="json", exclude={"output_dir", "evaluation", "publish", "hub", "tracking"})
@@ -490,6 +495,8 @@ class Recipe(Section):
             for key, default in defaults.items():
                 if payload[section].get(key) == default:
                     payload[section].pop(key)
+        if not payload["client"]:  # added later; at its defaults a run keeps its fingerprint
+            payload.pop("client")
         for section, keys in SPEED_ONLY.items():
             for key in keys:
                 payload[section].pop(key, None)
@@ -501,22 +508,11 @@ LATER_DEFAULTS = {
     "federation": {"aggregation": "stacked", "streaming_tolerance": 0.0, "clip_update_norm": None, "central_dp": None,
                    "robust": None, "trim_fraction": 0.1},
     "model": {"gguf_file": None},
+    "client": {"trainer": "trainer"},
 }
 #: Settings that change how fast a result is reached, not the result (beyond float round-off):
 #: they never count in a fingerprint, nor as a change to how clients train.
 SPEED_ONLY = {"data": ("batching",), "model": ("attn_implementation",)}
-
-
-def cosine_round_learning_rate(peak: float, minimum: float, round_index: int, rounds: int) -> float:
-    """Cosine annealing over server rounds: ``peak`` in round 1, ``minimum`` in round ``rounds``.
-
-    FlowerTune anneals with cos(π·t/T), so its first round already starts below the peak; here
-    round 1 trains at the recipe's own rate.
-    """
-    if rounds <= 1:
-        return peak
-    progress = (round_index - 1) / (rounds - 1)
-    return minimum + 0.5 * (peak - minimum) * (1 + math.cos(math.pi * progress))
 
 
 def _set_dotted(tree: dict, dotted_key: str, value: Any, source: str) -> None:
