@@ -16,6 +16,7 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     """
     from florist_hf import distributed
     from florist_hf.clients.config import client_training
+    from florist_hf.clients.registry import trainer_kind
     from florist_hf.clients.run import freeze_long_lived_objects, reuses_base_model, run_client_round, prepare_shard
     from florist_hf.loading import BaseModelCache
     from florist_hf.data import prepare_client_data
@@ -37,6 +38,7 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
         # data is prepared or any client starts: its config and tokenizer are a few KB.
         load_model_config(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
         tokenizer = load_tokenizer(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        trainer_kind(recipe.client.trainer).check(recipe, tokenizer)
         shards, test_records = prepare_client_data(recipe)
         client_sizes = [len(shard) for shard in shards]
         console.print(federation.describe(client_sizes))

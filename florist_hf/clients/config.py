@@ -34,7 +34,7 @@ def client_training(recipe, client: int, round_index: int) -> dict:
 
     kind = trainer_kind(recipe.client.trainer)
     recipe_set = {**recipe.training, **recipe.client_training.get(client, {})}
-    training = {**TRAINING_DEFAULTS, **kind.defaults(recipe.data), **recipe_set}
+    training = {**TRAINING_DEFAULTS, **kind.defaults(recipe.data, recipe_set), **recipe_set}
     if recipe.federation.round_lr_schedule == "cosine":
         training["learning_rate"] = cosine_round_learning_rate(
             float(training["learning_rate"]), recipe.federation.round_lr_min, round_index, recipe.federation.rounds

@@ -24,9 +24,13 @@ class TrainerKind:
         """Its arguments class: ``TrainingArguments`` or a subclass; a recipe's ``training:`` takes its fields."""
         raise NotImplementedError
 
-    def defaults(self, data) -> dict:
-        """Arguments this trainer sets unless the recipe does, from the recipe's ``data`` section."""
+    def defaults(self, data, training: dict) -> dict:
+        """Arguments this trainer sets unless the recipe does (``training``: what the recipe sets for the
+        client), from the recipe's ``data`` section."""
         return {}
+
+    def check(self, recipe, tokenizer) -> None:
+        """One line for a setting this trainer cannot take with ``tokenizer``, before anything is trained."""
 
     def dataset(self, records: list[dict], tokenizer, recipe) -> Any:
         """A client's records as this Trainer's ``train_dataset``: built once per shard and process."""

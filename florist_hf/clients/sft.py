@@ -24,12 +24,15 @@ class SFT(TrainerKind):
 
         return SFTConfig
 
-    def defaults(self, data) -> dict:
+    def defaults(self, data, training) -> dict:
         # SFTConfig's own defaults that differ from TrainingArguments' are put back (bf16 on where the
-        # device has it, gradient checkpointing on, no padding to a multiple), so that a recipe trains
+        # device has it, activation checkpointing on, no padding to a multiple), so that a recipe trains
         # as it does on the stock Trainer; the recipe's training section sets any of them.
-        return {"max_length": data.cutoff_len, "completion_only_loss": not data.train_on_inputs,
-                "gradient_checkpointing": False, "bf16": False, "pad_to_multiple_of": 8}
+        defaults = {"max_length": data.cutoff_len, "completion_only_loss": not data.train_on_inputs, "bf16": False,
+                    "pad_to_multiple_of": 8}
+        if not {"activation_checkpointing", "gradient_checkpointing"} & set(training):
+            defaults["activation_checkpointing"] = False
+        return defaults
 
     def dataset(self, records, tokenizer, recipe):
         import datasets
@@ -47,9 +50,15 @@ class SFT(TrainerKind):
             raise FloristError(f"{data.source}: conversations are rendered by the tokenizer's chat template, and "
                                f"{tokenizer.name_or_path!r} has none; use an instruct base, or data.template: alpaca for "
                                "instruction records")
-        if any(section.get("assistant_only_loss") for section in (recipe.training, *recipe.client_training.values())):
-            check_assistant_only_loss(tokenizer, found, data.source)
+        if asks_assistant_only_loss(recipe) and found != "messages":
+            raise FloristError(f"{data.source}: training.assistant_only_loss masks the turns of conversations (data.format: "
+                               f"messages); these records are {found}: use data.train_on_inputs: false to train on the "
+                               "completions alone")
         return datasets.Dataset.from_list(rows)
+
+    def check(self, recipe, tokenizer):
+        if asks_assistant_only_loss(recipe):
+            check_generation_markers(tokenizer)
 
     def trainer_options(self, tokenizer, batching, one_row):
         if batching != "padding_free":
@@ -87,14 +96,18 @@ def prompt_completion(record: dict, template: str) -> dict:
     return {"prompt": format_prompt(record["instruction"], record["input"]), "completion": record["output"]}
 
 
-def check_assistant_only_loss(tokenizer, found: str, source: str) -> None:
-    """One line where ``training.assistant_only_loss`` cannot mask the assistant's turns: records that are
-    not conversations, or a chat template without ``{% generation %}`` markers that TRL cannot patch."""
+def asks_assistant_only_loss(recipe) -> bool:
+    return any(section.get("assistant_only_loss") for section in (recipe.training, *recipe.client_training.values()))
+
+
+def check_generation_markers(tokenizer) -> None:
+    """One line where ``training.assistant_only_loss`` cannot mask the assistant's turns: a chat template
+    without ``{% generation %}`` markers that TRL cannot patch."""
     from trl.chat_template_utils import get_training_chat_template
 
-    if found != "messages":
-        raise FloristError(f"{source}: training.assistant_only_loss masks the turns of conversations (data.format: messages); "
-                           f"these records are {found}: use data.train_on_inputs: false to train on the completions alone")
+    if not getattr(tokenizer, "chat_template", None):
+        raise FloristError(f"training.assistant_only_loss needs a chat template, and {tokenizer.name_or_path!r} has none; "
+                           "use an instruct base or remove assistant_only_loss")
     try:
         get_training_chat_template(tokenizer)
     except ValueError:
