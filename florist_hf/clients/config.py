@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from florist_hf.clients.registry import trainer_kind
 from florist_hf.errors import FloristError
 
 #: TrainingArguments florist-hf sets unless the recipe does: no checkpoints inside a client round
@@ -30,8 +31,6 @@ def client_training(recipe, client: int, round_index: int) -> dict:
     florist-hf's defaults, the client's trainer's (`registry.trainer_kind`), the recipe's ``training``
     section, the client's ``client_training`` overrides, then the round's learning rate
     (``federation.round_lr_schedule``) and the checkpointing that ``save_steps`` alone implies."""
-    from florist_hf.clients.registry import trainer_kind
-
     kind = trainer_kind(recipe.client.trainer)
     recipe_set = {**recipe.training, **recipe.client_training.get(client, {})}
     training = {**TRAINING_DEFAULTS, **kind.defaults(recipe.data, recipe_set), **recipe_set}
@@ -59,14 +58,14 @@ def cosine_round_learning_rate(peak: float, minimum: float, round_index: int, ro
     return minimum + 0.5 * (peak - minimum) * (1 + math.cos(math.pi * progress))
 
 
-def training_default(key: str, config_class=None):
-    """A field's default in the trainer's arguments class (TrainingArguments unless given), as the
-    Trainer takes it where the recipe and florist-hf are silent."""
+def training_default(key: str):
+    """A TrainingArguments field's default, as the Trainer takes it where the recipe and florist-hf are
+    silent (SFTConfig keeps these: the steps, epochs and batch size)."""
     import dataclasses
 
-    if config_class is None:
-        from transformers import TrainingArguments as config_class
-    return next(field.default for field in dataclasses.fields(config_class) if field.name == key)
+    from transformers import TrainingArguments
+
+    return next(field.default for field in dataclasses.fields(TrainingArguments) if field.name == key)
 
 
 def check_training_backends(training: dict) -> None:
