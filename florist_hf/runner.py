@@ -16,7 +16,6 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     """
     from florist_hf import distributed
     from florist_hf.clients.config import client_training
-    from florist_hf.clients.registry import trainer_kind
     from florist_hf.clients.run import freeze_long_lived_objects, reuses_base_model, run_client_round, prepare_shard
     from florist_hf.loading import BaseModelCache
     from florist_hf.data import prepare_client_data
@@ -38,13 +37,14 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
         # data is prepared or any client starts: its config and tokenizer are a few KB.
         load_model_config(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
         tokenizer = load_tokenizer(base_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
-        trainer_kind(recipe.client.trainer).check(recipe, tokenizer)
         shards, test_records = prepare_client_data(recipe)
+        # Each client's shard, prepared once for all rounds; the first now, so that what the clients' trainer
+        # cannot take (the data's format, a chat template) is refused before anything is trained.
+        datasets: dict[int, object] = {0: prepare_shard(recipe, tokenizer, shards[0])}
         client_sizes = [len(shard) for shard in shards]
         console.print(federation.describe(client_sizes))
         federation.ensure_initial_adapter()
 
-        datasets: dict[int, object] = {}  # each client's shard, prepared once for all rounds
         base_cache = BaseModelCache() if reuses_base_model(recipe) else None  # the base, loaded once
         for round_index in federation.round_indices:
             distributed.wait_for_everyone()  # what the main process wrote last round is complete

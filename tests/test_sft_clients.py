@@ -261,7 +261,7 @@ def test_trl_formats_need_the_sft_trainer(tmp_path, tiny_base):
     recipe = write_recipe(tmp_path, ranks=(4, 2), rounds=1, data={"source": str(data_file), "max_samples_per_client": 4})
     result = runner.invoke(app, ["run", str(recipe), "--set", f"model.name_or_path={_chat_base(tiny_base, tmp_path)}"])
     assert result.exit_code != 0 and "set client.trainer: sft" in result.output
-    assert not (tmp_path / "run" / "global_adapter").exists()
+    assert not (tmp_path / "run" / "global_adapter").exists() and not (tmp_path / "run" / "rounds").exists()
 
 
 @pytest.mark.parametrize("rows,expected", [

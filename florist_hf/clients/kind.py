@@ -29,11 +29,9 @@ class TrainerKind:
         client), from the recipe's ``data`` section."""
         return {}
 
-    def check(self, recipe, tokenizer) -> None:
-        """One line for a setting this trainer cannot take with ``tokenizer``, before anything is trained."""
-
     def dataset(self, records: list[dict], tokenizer, recipe) -> Any:
-        """A client's records as this Trainer's ``train_dataset``: built once per shard and process."""
+        """A client's records as this Trainer's ``train_dataset``: built once per shard and process (the first
+        before anything trains), so that what this trainer cannot take is refused here in one line."""
         raise NotImplementedError
 
     def trainer_options(self, tokenizer, batching: str, one_row: bool) -> dict:

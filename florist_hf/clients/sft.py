@@ -50,15 +50,13 @@ class SFT(TrainerKind):
             raise FloristError(f"{data.source}: conversations are rendered by the tokenizer's chat template, and "
                                f"{tokenizer.name_or_path!r} has none; use an instruct base, or data.template: alpaca for "
                                "instruction records")
-        if asks_assistant_only_loss(recipe) and found != "messages":
-            raise FloristError(f"{data.source}: training.assistant_only_loss masks the turns of conversations (data.format: "
-                               f"messages); these records are {found}: use data.train_on_inputs: false to train on the "
-                               "completions alone")
-        return datasets.Dataset.from_list(rows)
-
-    def check(self, recipe, tokenizer):
         if asks_assistant_only_loss(recipe):
+            if found != "messages":
+                raise FloristError(f"{data.source}: training.assistant_only_loss masks the turns of conversations "
+                                   f"(data.format: messages); these records are {found}: use data.train_on_inputs: false "
+                                   "to train on the completions alone")
             check_generation_markers(tokenizer)
+        return datasets.Dataset.from_list(rows)
 
     def trainer_options(self, tokenizer, batching, one_row):
         if batching != "padding_free":
