@@ -25,7 +25,8 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from florist_hf.aggregation import get_method
-from florist_hf.client import ClientRound, FederatedCallback, build_client_trainer, build_lora_model
+from florist_hf.clients.callback import ClientRound, FederatedCallback
+from florist_hf.clients.run import build_client_trainer, build_lora_model
 from florist_hf.data import demo_records, tokenize_records
 from florist_hf.global_state import state_of_adapters, write_global_state
 from florist_hf.server import aggregate_adapters

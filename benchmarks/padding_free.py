@@ -8,7 +8,7 @@ The records are the paper's Dolly split (``../shared/data/dolly/8``: every clien
 shuffled once), in the paper's Alpaca prompt, cutoff 512, the whole sequence trained on (the
 TinyLlama and Llama recipes' settings); the model is SmolLM2-135M-Instruct from its GGUF file
 (float32), LoRA r = 16 on q_proj and v_proj, the client Trainer florist-hf builds
-(`client.build_client_trainer`), one process per (batch size, layout) so that peak memory is its
+(`clients.run.build_client_trainer`), one process per (batch size, layout) so that peak memory is its
 own. Both layouts see the same records in the same order from the same LoRA init. Writes
 ``padding_free.json`` and ``padding_free_loss.png`` beside this file.
 """
@@ -34,7 +34,7 @@ def measure(batch_size: int, batching: str, steps: int, cutoff: int, records: in
     import torch
 
     from benchmarks.measure import peak_rss_gib, step_clock
-    from florist_hf.client import build_client_trainer, build_lora_model, freeze_long_lived_objects
+    from florist_hf.clients.run import build_client_trainer, build_lora_model, freeze_long_lived_objects
     from florist_hf.data import load_flora_layout, tokenize_records
     from florist_hf.loading import load_tokenizer, resolve_base
 

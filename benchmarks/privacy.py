@@ -12,7 +12,7 @@ FLoRIST and FedIT at ε ∈ {∞, 8, 3, 1} per client (δ = 1/N, N the client's 
 recipe without privacy), every record's gradient clipped to 1. Reports the held-out loss after the
 round, each client's ε as accounted and its noise multiplier.
 
-``cost``: one client's Trainer (`client.build_client_trainer`, LoRA r = 16 on q_proj and v_proj,
+``cost``: one client's Trainer (`clients.run.build_client_trainer`, LoRA r = 16 on q_proj and v_proj,
 the same padded batch of 8 Dolly records at every step, cutoff 256, the Alpaca prompt) with and
 without DP-SGD (σ = 1, sampling rate 1 so that both see the same tokens), one process each so that
 peak memory is its own; real (non-pad) tokens per second of the steps after the first. Writes ``privacy_<part>.json`` beside this file.
@@ -41,7 +41,7 @@ def measure_client(mode: str, steps: int, batch: int, cutoff: int) -> dict:
     """One client's steps, with (``dp_sgd``) or without (``plain``) DP-SGD, in this process."""
     import torch
 
-    from florist_hf.client import build_client_trainer, build_lora_model, freeze_long_lived_objects
+    from florist_hf.clients.run import build_client_trainer, build_lora_model, freeze_long_lived_objects
     from florist_hf.data import load_flora_layout, tokenize_records
     from florist_hf.loading import load_tokenizer, resolve_base
     from florist_hf.privacy import ClientPrivacy

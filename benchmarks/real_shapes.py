@@ -76,14 +76,16 @@ class Timers:
 def instrument(timers: Timers) -> None:
     import peft
 
-    from florist_hf import client, heldout, loading
+    from florist_hf import heldout, loading
+    from florist_hf.clients import callback
+    from florist_hf.clients import run as client
 
     timers.wrap(loading, "load_causal_lm", "load base")
     timers.wrap(peft, "get_peft_model", "build PEFT")
-    timers.wrap(client, "tokenize_shard", "tokenize", phase=("tokenize",))  # once per client, before its first round
+    timers.wrap(client, "prepare_shard", "tokenize", phase=("tokenize",))  # once per client, before its first round
     timers.wrap(client, "build_client_trainer", "build Trainer")
-    timers.wrap(client, "install_global_state", "install global")
-    timers.wrap(client, "export_client_adapter", "export")
+    timers.wrap(callback, "install_global_state", "install global")
+    timers.wrap(callback, "export_client_adapter", "export")
     timers.wrap(client, "free_memory", "free memory")
     timers.wrap(heldout, "heldout_loss", "held-out loss", phase=("held-out",))
     for module, name in ((client, "run_client_round"), (heldout, "load_global_model")):

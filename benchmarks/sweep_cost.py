@@ -4,7 +4,7 @@
                                     [--rounds 1] [--set key=value ...]
 
 Both sides run in this process, one after the other, on fresh directories. Client trainings are
-counted by wrapping `florist_hf.client.run_client_round`; server steps by wrapping
+counted by wrapping `florist_hf.clients.run.run_client_round`; server steps by wrapping
 `florist_hf.server.aggregate_adapters`; held-out evaluations by wrapping
 `florist_hf.heldout.heldout_loss`. The sweep should cost one round of client training plus one
 server step and one evaluation per τ (for a one-round recipe).
@@ -35,7 +35,8 @@ def main() -> None:
     from rich.console import Console
     from transformers.utils import logging as transformers_logging
 
-    from florist_hf import client, evaluation, server
+    from florist_hf import evaluation, server
+    from florist_hf.clients import run as client
     from florist_hf.recipe import load_recipe
     from florist_hf.runner import run_federation
     from florist_hf.sweep import parse_thresholds, run_sweep

@@ -1,9 +1,12 @@
-"""Instruction data: loading (Hub, local JSON/JSONL, saved datasets, FLoRA's JSON layout),
+"""Training data: loading (Hub, local JSON/JSONL, saved datasets, FLoRA's JSON layout),
 federated partitioners, the Alpaca prompt template and tokenization.
 
-Every loader returns *canonical records*: dicts with keys ``instruction``, ``input``, ``output`` and
-``label`` (``input`` is "" when the dataset has none, ``label`` is None when it has none). This
-module does I/O and bookkeeping only; it contains no aggregation math.
+Every loader returns records of one format. The instruction presets (dolly, alpaca, wizard, flora)
+give *canonical records*: dicts with keys ``instruction``, ``input``, ``output`` and ``label``
+(``input`` is "" when the dataset has none, ``label`` is None when it has none). TRL's formats keep
+their own keys beside ``label``: ``messages`` (a conversation of role/content turns) or ``prompt``
+and ``completion`` (two texts, or two conversations). This module does I/O and bookkeeping only; it
+contains no aggregation math.
 
 Randomness: the partitioners use ``numpy.random.RandomState`` (the legacy Mersenne Twister), not
 ``default_rng``, because the paper's Dolly split was drawn with ``np.random.seed(42)`` and the
@@ -29,7 +32,6 @@ if TYPE_CHECKING:
     import datasets
     from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
-    from florist_hf.recipe import Recipe
 
 CANONICAL_FIELDS = ("instruction", "input", "output", "label")
 REQUIRED_FIELDS = ("instruction", "output")
@@ -43,6 +45,14 @@ FIELD_PRESETS: dict[str, dict[str, str | None]] = {
     # instruction/input/output names, which `infer_format` recognises as "alpaca".
     "flora": {"instruction": "instruction", "input": "context", "output": "response", "label": "category"},
 }
+
+#: TRL's dataset formats (trained by ``client.trainer: sft``): their columns, by format name.
+TRL_FORMATS: dict[str, tuple[str, ...]] = {"messages": ("messages",), "prompt_completion": ("prompt", "completion")}
+#: Every data.format, with what its records hold (for the line that names them).
+FORMATS_SAID = (
+    "dolly, alpaca, wizard, flora (instruction/response columns), messages (TRL's conversational: a list of role/content "
+    "turns), prompt_completion (TRL's prompt and completion columns, texts or conversations)"
+)
 
 #: Hub dataset ids whose format is known without looking at their columns.
 HUB_DATASETS: dict[str, str] = {
@@ -80,13 +90,14 @@ FLORA_TEST_FILE = "global_test.json"
 
 
 def infer_format(columns: Sequence[str]) -> str | None:
-    """The first preset whose instruction and output columns are all present, else None."""
+    """The first preset whose instruction and output columns are all present, else the first of TRL's
+    formats whose columns are, else None."""
     present = set(columns)
     for name in ("dolly", "alpaca", "wizard"):
         preset = FIELD_PRESETS[name]
         if all(preset[field] in present for field in REQUIRED_FIELDS):
             return name
-    return None
+    return next((name for name, needed in TRL_FORMATS.items() if set(needed) <= present), None)
 
 
 def resolve_fields(
@@ -110,12 +121,10 @@ def resolve_fields(
         )
     if format is not None:
         if format not in FIELD_PRESETS:
-            raise FloristError(
-                f"{source}: unknown data.format '{format}'; use one of {', '.join(FIELD_PRESETS)}"
-            )
+            raise FloristError(f"{source}: unknown data.format '{format}'; use one of {FORMATS_SAID}")
         return {**FIELD_PRESETS[format], **fields}
     inferred = infer_format(columns)
-    if inferred is not None:
+    if inferred is not None and inferred not in TRL_FORMATS:
         preset = dict(FIELD_PRESETS[inferred])
         for field in ("input", "label"):
             if preset[field] not in set(columns):
@@ -124,14 +133,21 @@ def resolve_fields(
     resolved: dict[str, str | None] = {**dict.fromkeys(CANONICAL_FIELDS), **fields}
     if any(resolved[field] is None for field in REQUIRED_FIELDS):
         raise FloristError(
-            f"{source}: cannot tell the data format from its columns ({', '.join(sorted(columns))}); "
-            f"set data.format ({', '.join(FIELD_PRESETS)}) or data.fields.instruction and data.fields.output"
+            f"{source}: its columns ({', '.join(sorted(columns))}) fit no data format; set data.format to one of "
+            f"{FORMATS_SAID}, or data.fields.instruction and data.fields.output to text columns"
         )
     return resolved
 
 
-def _as_text(value: Any) -> str:
-    return value if isinstance(value, str) else str(value)
+def _as_text(value: Any, *, source: str, index: int, column: str, field: str) -> str:
+    """A text field as it is; anything else (a list, a number, an object) is refused, never turned into text."""
+    if isinstance(value, str):
+        return value
+    kind = type(value).__name__
+    hint = (" (a conversation of role/content turns is data.format: messages)"
+            if isinstance(value, list) and value and all(isinstance(item, dict) for item in value) else "")
+    raise FloristError(f"{source}: row {index}'s '{column}' ({field}) is a {kind}, not text{hint}; "
+                       f"point data.fields.{field} to a text column")
 
 
 def normalize_records(
@@ -169,15 +185,89 @@ def normalize_records(
                     f"fix the row or set data.fields.{field}"
                 )
         input_value = row.get(input_column) if input_column else None
+        text = {field: _as_text(row[fields[field]], source=source, index=index, column=fields[field], field=field)
+                for field in REQUIRED_FIELDS}
         records.append(
             {
-                "instruction": _as_text(row[fields["instruction"]]),
-                "input": "" if input_value is None else _as_text(input_value),
-                "output": _as_text(row[fields["output"]]),
+                "instruction": text["instruction"],
+                "input": "" if input_value is None else _as_text(input_value, source=source, index=index,
+                                                                 column=input_column, field="input"),
+                "output": text["output"],
                 "label": row.get(label_column) if label_column else None,
             }
         )
     return records
+
+
+def _conversation(value: Any, *, source: str, index: int, column: str) -> str | None:
+    """Why ``value`` is not a conversation of role/content text turns, or None when it is one."""
+    if not isinstance(value, list) or not value:
+        return f"row {index}'s '{column}' is a {type(value).__name__ if value else 'empty list'}, not a list of turns"
+    for turn, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return f"row {index}'s '{column}' turn {turn} is not a {{\"role\": ..., \"content\": ...}} object"
+        if not isinstance(message.get("content"), str):
+            content = type(message.get("content")).__name__
+            return f"row {index}'s '{column}' turn {turn} has content of type {content}, not text"
+    return None
+
+
+def trl_records(rows: Sequence[Mapping[str, Any]], format: str, *, label: str | None = None,  # noqa: A002
+                source: str = "records") -> list[dict]:
+    """Rows in one of TRL's formats (`TRL_FORMATS`) as records: their own columns and ``label``.
+
+    ``messages``: a conversation with at least one assistant turn. ``prompt_completion``: two texts,
+    or two conversations whose completion holds an assistant turn. Anything else is refused with
+    the row, the column and why, so that nothing is trained on the text of a Python list.
+    """
+    records = []
+    for index, row in enumerate(rows):
+        missing = [column for column in TRL_FORMATS[format] if row.get(column) is None]
+        if missing:
+            raise FloristError(f"{source}: row {index} has no '{missing[0]}' (data.format: {format} needs "
+                               f"{' and '.join(TRL_FORMATS[format])}); fix the row or its format")
+        if format == "messages":
+            conversations = {"messages": row["messages"]}
+        elif isinstance(row["prompt"], str) and isinstance(row["completion"], str):
+            conversations = {}
+        elif isinstance(row["prompt"], list) and isinstance(row["completion"], list):
+            conversations = {"prompt": row["prompt"], "completion": row["completion"]}
+        else:
+            kinds = f"a {type(row['prompt']).__name__} prompt and a {type(row['completion']).__name__} completion"
+            raise FloristError(f"{source}: row {index} has {kinds}; both must be text, or both conversations "
+                               "(lists of role/content turns)")
+        for column, value in conversations.items():
+            problem = _conversation(value, source=source, index=index, column=column)
+            if problem:
+                raise FloristError(f"{source}: {problem}; data.format: {format} needs role/content text turns")
+        trained = conversations.get("messages", conversations.get("completion"))
+        if trained is not None and not any(message["role"] == "assistant" for message in trained):
+            column = "messages" if format == "messages" else "completion"
+            raise FloristError(f"{source}: row {index}'s conversation ('{column}') has no assistant turn, so nothing in it "
+                               "is an answer to train on; add the assistant's reply or drop the row")
+        records.append({**{column: row[column] for column in TRL_FORMATS[format]}, "label": row.get(label) if label else None})
+    return records
+
+
+def records_from_rows(rows: Sequence[Mapping[str, Any]], *, format: str | None = None,  # noqa: A002
+                      fields: Mapping[str, str | None] | None = None, source: str = "records") -> list[dict]:
+    """Rows as records of their format: ``format`` if given, else the one their columns fit."""
+    columns = sorted(set().union(*(row.keys() for row in rows))) if rows else []
+    chosen = format if format is not None else (None if fields and set(fields) - {"label"} else infer_format(columns))
+    if chosen in TRL_FORMATS:
+        extra = sorted(set(fields or {}) - {"label"})
+        if extra:
+            raise FloristError(f"{source}: data.fields.{extra[0]} maps instruction records; data.format: {chosen} "
+                               "reads its own columns (data.fields.label alone may name a label column)")
+        return trl_records(rows, chosen, label=(fields or {}).get("label"), source=source)
+    resolved = resolve_fields(columns, format=format, fields=fields, source=source)
+    return normalize_records(rows, resolved, source=source)
+
+
+def record_format(records: Sequence[Mapping[str, Any]]) -> str:
+    """``instruction`` (canonical records), or the name of the TRL format the records are in."""
+    first = records[0] if records else {}
+    return next((name for name, columns in TRL_FORMATS.items() if columns[0] in first), "instruction")
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,9 +392,7 @@ def load_records(
         format = format or HUB_DATASETS.get(source_text)
     if not rows:
         raise FloristError(f"{source_text}: no records found; check data.source and data.split")
-    columns = sorted(set().union(*(row.keys() for row in rows)))
-    resolved = resolve_fields(columns, format=format, fields=fields, source=source_text)
-    return normalize_records(rows, resolved, source=source_text)
+    return records_from_rows(rows, format=format, fields=fields, source=source_text)
 
 
 def load_flora_layout(
@@ -355,8 +443,10 @@ def _read_flora_file(path: Path, format: str | None, fields, resolved: dict | No
     """One file of FLoRA's layout as records, and the field mapping (inferred from its columns
     unless ``resolved`` or ``format`` says)."""
     rows = _read_json_rows(path)
+    columns = sorted(set().union(*(row.keys() for row in rows)))
+    if resolved is None and (format in TRL_FORMATS or (format is None and not fields and infer_format(columns) in TRL_FORMATS)):
+        return records_from_rows(rows, format=format, fields=fields, source=str(path)), None
     if resolved is None:
-        columns = sorted(set().union(*(row.keys() for row in rows)))
         resolved = resolve_fields(columns, format=format, fields=fields, source=str(path))
     return normalize_records(rows, resolved, source=str(path)), resolved
 
@@ -561,7 +651,7 @@ def client_sample_seed(data_seed: int, client_id: int) -> int:
     return data_seed * 1_000_003 + client_id
 
 
-def prepare_client_data(recipe: Recipe) -> tuple[list[list[dict]], list[dict]]:
+def prepare_client_data(recipe) -> tuple[list[list[dict]], list[dict]]:
     """Every client's records and the held-out test records, as the recipe's data section says."""
     section, num_clients = recipe.data, recipe.federation.num_clients
     # What needs the records' labels, and the setting that does without them.
@@ -595,7 +685,7 @@ def prepare_client_data(recipe: Recipe) -> tuple[list[list[dict]], list[dict]]:
     return [_client_sample(recipe, client_id, shard) for client_id, shard in enumerate(shards)], test
 
 
-def _client_sample(recipe: Recipe, client_id: int, shard: list[dict]) -> list[dict]:
+def _client_sample(recipe, client_id: int, shard: list[dict]) -> list[dict]:
     """A client's shard as it trains on it: its ``max_samples_per_client`` draw; never empty."""
     section, num_clients = recipe.data, recipe.federation.num_clients
     if section.max_samples_per_client:
@@ -610,7 +700,7 @@ def _client_sample(recipe: Recipe, client_id: int, shard: list[dict]) -> list[di
     return shard
 
 
-def client_shard(recipe: Recipe, client_id: int) -> list[dict]:
+def client_shard(recipe, client_id: int) -> list[dict]:
     """One client's training records, exactly as `prepare_client_data` gives them. From FLoRA's
     layout only that client's own file is read (a Flower node need not hold the others'); a
     partition of one dataset (Dirichlet, iid) needs the whole of it, so that is split."""

@@ -226,7 +226,7 @@ class Federation:
     def ensure_initial_adapter(self) -> None:
         """Round 0's global adapter (the clients' shared init, `client.write_initial_adapter`) for
         continue-style methods, once."""
-        from florist_hf.client import write_initial_adapter
+        from florist_hf.clients.run import write_initial_adapter
 
         if self.main and not self.method.merges_into_base and not self.paths.global_dir(0).exists():
             write_initial_adapter(self.recipe, self.base_path, self.paths.global_dir(0))
@@ -240,7 +240,7 @@ class Federation:
         re-aggregation of an earlier round) is set aside and planned afresh; a round aggregated
         with other server settings keeps its client adapters and is aggregated again.
         """
-        from florist_hf.client import ClientRound
+        from florist_hf.clients.callback import ClientRound
 
         federation = self.recipe.federation
         selected = sample_clients(federation.num_clients, federation.clients_per_round, federation.seed, round_index)
@@ -324,7 +324,7 @@ class Federation:
     def accept(self, plan) -> bool:
         """Log a finished client once; a diverged (NaN/Inf) client is set aside and left out of its round."""
         from florist_hf import distributed
-        from florist_hf.client import read_client_info
+        from florist_hf.clients.callback import read_client_info
 
         info = read_client_info(plan.export_dir)
         key = ("client", plan.round, plan.client_id)
@@ -398,12 +398,12 @@ class Federation:
 
     def update_bounding(self, round_index: int) -> UpdateBounding | None:
         """How the server bounds round ``round_index``'s client updates, and noises their mean
-        (`privacy.update_bounding`); None when it does not."""
-        from florist_hf.privacy import update_bounding
+        (`server.round_bounding`); None when it does not."""
+        from florist_hf.server import round_bounding
 
         # Continue-style clients start from the last global (round 0: the shared init); their update is the change since.
         reference = None if self.method.merges_into_base else self.history.continued(before=round_index)
-        return update_bounding(self.recipe.federation, round_index, reference=reference, secret_dir=self.paths.root)
+        return round_bounding(self.recipe.federation, round_index, reference=reference, secret_dir=self.paths.root)
 
     def heldout_loss(self, round_index: int, tokenizer, test_records, *, base_cache=None) -> float | None:
         """The held-out loss (response tokens) of the global model after ``round_index``."""

@@ -468,7 +468,7 @@ class BaseModelCache:
 
     `get` loads it once (per path, dtype, revision and remote-code setting); `release` takes a
     finished client's LoRA layers and global-update hooks out again and puts the base back as
-    loaded: eval mode, no gradient checkpointing, no input-gradient hook. The base weights are
+    loaded: eval mode, no gradient checkpointing, no input-gradient hook, its own forward. The base weights are
     never changed by a client (the global updates are held beside them), so every client starts
     from the same model a fresh load would give. Not for DeepSpeed or multi-process runs, where
     the Trainer's engine owns the model's parameters.
@@ -507,6 +507,7 @@ class BaseModelCache:
         if getattr(base, "_require_grads_hook", None) is not None:
             base.disable_input_require_grads()
         base.__dict__.pop("peft_config", None)  # PEFT's mark on a model it wrapped
+        base.__dict__.pop("forward", None)  # a forward patched onto it (TRL's fused LM head)
         base.eval()
         for parameter in base.parameters():  # as from_pretrained returns it; PEFT froze it (quantized weights never train)
             if parameter.is_floating_point():

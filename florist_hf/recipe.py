@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -14,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from florist_hf.aggregation import METHODS, method_class, method_from_settings
 from florist_hf.aggregation.florist import FloristOptions, check_aggregation_mode
+from florist_hf.clients.registry import TRAINERS, trainer_kind
 from florist_hf.errors import FloristError, SettingError
 
 
@@ -299,6 +299,11 @@ class FederationSection(Section):
     def florist_options(self) -> FloristOptions:
         return FloristOptions(self.threshold, self.aggregation, self.streaming_tolerance)
 
+    def rounds_of(self, client: int) -> list[int]:
+        """The rounds client ``client`` is sampled in (`sample_clients`), all planned in advance."""
+        return [t for t in range(1, self.rounds + 1)
+                if client in sample_clients(self.num_clients, self.clients_per_round, self.seed, t)]
+
     def clients_sampled(self) -> int:
         """How many clients each round samples (`sample_clients` draws them)."""
         return sampled_count(self.num_clients, self.clients_per_round)
@@ -427,13 +432,31 @@ class TrackingSection(Section):
     log_images: bool = True
 
 
+class ClientSection(Section):
+    """How every client trains."""
+
+    #: The registered trainer (`florist_hf.clients.registry`): "trainer" (transformers' Trainer on the
+    #: instruction presets) or "sft" (TRL's SFTTrainer, which also takes TRL's conversational and
+    #: prompt/completion data); the training section takes the fields of its arguments class.
+    trainer: str = "trainer"
+
+    @field_validator("trainer")
+    @classmethod
+    def _registered(cls, trainer):
+        if trainer not in TRAINERS:
+            raise ValueError(f"unknown trainer {trainer!r}; use one of {', '.join(TRAINERS)}")
+        return trainer
+
+
 class Recipe(Section):
     name: str = "federation"
     model: ModelSection
     data: DataSection
     lora: LoraSection = Field(default_factory=LoraSection)
     federation: FederationSection = Field(default_factory=FederationSection)
-    #: Any ``transformers.TrainingArguments`` field, passed through to every client's Trainer.
+    client: ClientSection = Field(default_factory=ClientSection)
+    #: Any field of the client trainer's arguments (``transformers.TrainingArguments``; TRL's
+    #: ``SFTConfig`` under ``client.trainer: sft``), passed through to every client's Trainer.
     training: dict[str, Any] = Field(default_factory=dict)
     #: Per-client TrainingArguments overrides (clients on different hardware), by client index.
     client_training: dict[int, dict[str, Any]] = Field(default_factory=dict)
@@ -445,20 +468,16 @@ class Recipe(Section):
     tracking: TrackingSection | None = None
     output_dir: str = "runs/federation"
 
-    @field_validator("training")
-    @classmethod
-    def _training_arguments_build(cls, training):
-        from florist_hf.training_args import check_training
+    @model_validator(mode="after")
+    def _training_arguments_build(self):
+        """training: and client_training: checked as the clients' trainer builds its arguments, once."""
+        from florist_hf.clients.arguments import check_training
 
-        return check_training(training)
-
-    @field_validator("client_training")
-    @classmethod
-    def _client_training_arguments_build(cls, client_training):
-        from florist_hf.training_args import check_training
-
-        return {client: check_training(overrides, where=f"client_training.{client}")
-                for client, overrides in client_training.items()}
+        config_class = trainer_kind(self.client.trainer).config_class()
+        self.training = check_training(self.training, config_class=config_class)
+        self.client_training = {client: check_training(overrides, where=f"client_training.{client}", config_class=config_class)
+                                for client, overrides in self.client_training.items()}
+        return self
 
     @model_validator(mode="after")
     def _ranks_per_client(self):
@@ -469,12 +488,14 @@ class Recipe(Section):
                     f"lora.{key} lists {len(value)} values for federation.num_clients = "
                     f"{self.federation.num_clients}; give one per client"
                 )
-        from florist_hf.training_args import check_training
+        from florist_hf.clients.arguments import check_training
 
+        config_class = trainer_kind(self.client.trainer).config_class()
         for client, overrides in self.client_training.items():
             if not 0 <= client < self.federation.num_clients:
                 raise ValueError(f"client_training names client {client}, outside 0..{self.federation.num_clients - 1}")
-            check_training({**self.training, **overrides}, where=f"client_training.{client}")  # the two together
+            check_training({**self.training, **overrides}, where=f"client_training.{client}",  # the two together
+                           config_class=config_class)
         return self
 
     @model_validator(mode="after")
@@ -527,17 +548,6 @@ class Recipe(Section):
             return self.lora.alpha_multiplier * self.client_rank(client)
         return alphas if isinstance(alphas, (int, float)) else alphas[client]
 
-    def client_training_arguments(self, client: int, round_index: int, default_learning_rate: float) -> dict:
-        """The TrainingArguments fields of one client in one round: the recipe's training section,
-        the client's overrides, and the learning rate of the round schedule."""
-        training = {**self.training, **self.client_training.get(client, {})}
-        if self.federation.round_lr_schedule == "cosine":
-            peak = float(training.get("learning_rate", default_learning_rate))
-            training["learning_rate"] = cosine_round_learning_rate(
-                peak, self.federation.round_lr_min, round_index, self.federation.rounds
-            )
-        return training
-
     def fingerprint(self) -> str:
         """A hash of everything that changes the result (not where it is written)."""
         return hashlib.sha256(json.dumps(self.fingerprinted(), sort_keys=True).encode()).hexdigest()[:16]
@@ -553,6 +563,8 @@ class Recipe(Section):
             for key, default in defaults.items():
                 if payload[section].get(key) == default:
                     payload[section].pop(key)
+        if not payload["client"]:  # added later; at its defaults a run keeps its fingerprint
+            payload.pop("client")
         for section, keys in SPEED_ONLY.items():
             for key in keys:
                 payload[section].pop(key, None)
@@ -564,22 +576,11 @@ LATER_DEFAULTS = {
     "federation": {"aggregation": "stacked", "streaming_tolerance": 0.0, "clip_update_norm": None, "central_dp": None,
                    "robust": None, "trim_fraction": 0.1, "secure_aggregation": None},
     "model": {"gguf_file": None},
+    "client": {"trainer": "trainer"},
 }
 #: Settings that change how fast a result is reached, not the result (beyond float round-off):
 #: they never count in a fingerprint, nor as a change to how clients train.
 SPEED_ONLY = {"data": ("batching",), "model": ("attn_implementation",)}
-
-
-def cosine_round_learning_rate(peak: float, minimum: float, round_index: int, rounds: int) -> float:
-    """Cosine annealing over server rounds: ``peak`` in round 1, ``minimum`` in round ``rounds``.
-
-    FlowerTune anneals with cos(π·t/T), so its first round already starts below the peak; here
-    round 1 trains at the recipe's own rate.
-    """
-    if rounds <= 1:
-        return peak
-    progress = (round_index - 1) / (rounds - 1)
-    return minimum + 0.5 * (peak - minimum) * (1 + math.cos(math.pi * progress))
 
 
 def _set_dotted(tree: dict, dotted_key: str, value: Any, source: str) -> None:

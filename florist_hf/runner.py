@@ -15,7 +15,8 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     the same result as an uninterrupted one.
     """
     from florist_hf import distributed
-    from florist_hf.client import freeze_long_lived_objects, reuses_base_model, run_client_round, tokenize_shard
+    from florist_hf.clients.config import client_training
+    from florist_hf.clients.run import freeze_long_lived_objects, reuses_base_model, run_client_round, prepare_shard
     from florist_hf.loading import BaseModelCache
     from florist_hf.data import prepare_client_data
     from florist_hf.engine import Federation
@@ -55,11 +56,13 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
             base_path = federation.open(force=force)
         if tokenizer is None:
             tokenizer = base_tokenizer(base_path)
+        # Each client's shard, prepared once for all rounds; the first now, so that what the clients' trainer
+        # cannot take (the data's format, a chat template) is refused before anything is trained.
+        datasets: dict[int, object] = {0: prepare_shard(recipe, tokenizer, shards[0])}
         client_sizes = [len(shard) for shard in shards]
         console.print(federation.describe(client_sizes))
         federation.ensure_initial_adapter()
 
-        datasets: dict[int, object] = {}  # each client's shard, tokenized once for all rounds
         base_cache = BaseModelCache() if reuses_base_model(recipe) else None  # the base, loaded once
         for round_index in federation.round_indices:
             distributed.wait_for_everyone()  # what the main process wrote last round is complete
@@ -79,9 +82,8 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
                         console.print(f"  client {plan.client_id}: already trained this round, reused")
                     else:
                         if plan.client_id not in datasets:
-                            datasets[plan.client_id] = tokenize_shard(recipe, tokenizer, shards[plan.client_id])
-                        training = {**recipe.training, **recipe.client_training.get(plan.client_id, {})}
-                        with distributed.client_model_loading(training):
+                            datasets[plan.client_id] = prepare_shard(recipe, tokenizer, shards[plan.client_id])
+                        with distributed.client_model_loading(client_training(recipe, plan.client_id, round_index)):
                             run_client_round(
                                 recipe, plan, base_path, tokenizer, datasets[plan.client_id],
                                 paths.client_work_dir(round_index, plan.client_id), console,

@@ -79,6 +79,33 @@ class UpdateBounding:
         return read_adapter(self.reference).modules
 
 
+def round_bounding(federation, round_index: int, *, reference: Path | None, secret_dir: Path):
+    """How the server bounds round ``round_index``'s client updates (``federation.clip_update_norm``)
+    and, with ``central_dp``, noises their mean (None when it does not), accounted by `florist_hf.privacy`.
+    ``reference``: the global the round's clients continued (continue-style methods)."""
+    from florist_hf.privacy import (central_delta, central_epsilon, central_noise_multiplier, derived_seed, require_opacus,
+                                    secret_seed)
+
+    if federation.clip_update_norm is None:
+        return None
+    bounding = UpdateBounding(clip=federation.clip_update_norm, reference=reference)
+    central = federation.central_dp
+    if central is not None:
+        require_opacus()
+        sampled = federation.clients_sampled()
+        rate = sampled / federation.num_clients
+        noise = central_noise_multiplier(central, rate, federation.rounds, federation.num_clients)
+        bounding.noise_multiplier, bounding.denominator = noise, sampled
+        bounding.noise_seed = derived_seed(secret_seed(secret_dir), "central-dp", round_index)
+        bounding.accounting = {
+            "sample_rate": rate, "rounds": round_index, "accountant": central.accountant, "level": "client",
+            "delta": central_delta(central, federation.num_clients),
+            "epsilon": central_epsilon(central, noise, rate, round_index, federation.num_clients),
+            "epsilon_planned": central_epsilon(central, noise, rate, federation.rounds, federation.num_clients),
+        }
+    return bounding
+
+
 def _bound_clients(bounding: UpdateBounding, method: AggregationMethod, adapters: Sequence[LoraAdapter],
                    weights: Sequence[float]) -> tuple[list[dict], list[float], list[ClientBound]]:
     """The clients' modules bounded as ``bounding`` asks, the weights to aggregate them with, and

@@ -37,7 +37,7 @@ def libraries_out_of_the_collectors_sight():
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    from florist_hf.client import freeze_long_lived_objects
+    from florist_hf.clients.run import freeze_long_lived_objects
 
     freeze_long_lived_objects()
 

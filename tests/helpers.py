@@ -58,7 +58,7 @@ def relative_error(a, b):
 def record_client_base_layers(monkeypatch) -> list[type]:
     """The type of layer 0's q_proj base layer of every LoRA model the clients build from now on
     (a 4-bit ``Linear4bit`` where the recipe asks for QLoRA), appended as they are built."""
-    from florist_hf import client
+    from florist_hf.clients import run as client
 
     seen: list[type] = []
     build = client.build_lora_model

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from florist_hf.adapters import ADAPTER_WEIGHTS, CLIENT_INFO, module_scale, read_adapter
 from florist_hf.cli import app
-from florist_hf.client import lora_layers
+from florist_hf.global_state import lora_layers
 
 runner = CliRunner()
 TARGETS = ["q_proj", "v_proj"]

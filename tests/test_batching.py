@@ -34,7 +34,7 @@ def tokenizer(tiny_base):
 
 
 def _lora_model(tiny_base, attn_implementation="sdpa"):
-    from florist_hf.client import build_lora_model
+    from florist_hf.clients.run import build_lora_model
 
     return build_lora_model(str(tiny_base), rank=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.0,
                             use_rslora=False, seed=3, attn_implementation=attn_implementation)
@@ -62,7 +62,7 @@ class _Gradients:
 def test_padding_free_trains_like_padded(tiny_base, tokenizer, tmp_path, attn_implementation, train_on_inputs, one_row):
     """Same first steps, loss and gradients (batch 4, 2 accumulation steps: the Trainer's token
     count spans both), whichever way the batch is laid out."""
-    from florist_hf.client import build_client_trainer
+    from florist_hf.clients.run import build_client_trainer
     from florist_hf.data import tokenize_records
 
     # Batches of 4 of these 7 records: where the long one is in a batch, the others share rows.
@@ -164,7 +164,7 @@ def test_padding_free_falls_back_to_padded_with_one_line_where_attention_cannot_
 
     from rich.console import Console
 
-    from florist_hf.client import client_batching, padding_free_unsupported
+    from florist_hf.clients.batching import client_batching, padding_free_unsupported
 
     model = _lora_model(tiny_base)
     assert padding_free_unsupported(model) is None and client_batching("padding_free", model) == "padding_free"
@@ -180,7 +180,7 @@ def test_padding_free_falls_back_to_padded_with_one_line_where_attention_cannot_
 def test_length_grouped_sampling_reaches_the_trainer(tiny_base, tokenizer, tmp_path):
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from florist_hf.client import build_client_trainer
+    from florist_hf.clients.run import build_client_trainer
     from florist_hf.data import tokenize_records
 
     dataset = tokenize_records(RECORDS, tokenizer, cutoff_len=256)
@@ -193,7 +193,7 @@ def test_length_grouped_sampling_reaches_the_trainer(tiny_base, tokenizer, tmp_p
 def test_speed_options_without_their_packages_are_one_line(tiny_base, tokenizer, tmp_path, monkeypatch):
     import importlib.util
 
-    from florist_hf.client import build_client_trainer
+    from florist_hf.clients.run import build_client_trainer
     from florist_hf.data import tokenize_records
 
     real_find_spec = importlib.util.find_spec

@@ -152,7 +152,7 @@ def test_missing_field_errors_name_source_field_and_fix(tmp_path):
     with pytest.raises(FloristError, match=r"my-data: row 1 has no 'answer' \(output\).*data\.fields\.output"):
         data.normalize_records(rows_with_gap, CUSTOM_FIELDS, source="my-data")
 
-    with pytest.raises(FloristError, match="cannot tell the data format.*set data.format"):
+    with pytest.raises(FloristError, match="fit no data format; set data.format to one of dolly.*messages.*prompt_completion"):
         data.load_records(path)
 
     with pytest.raises(FloristError, match="unknown key"):

@@ -16,15 +16,9 @@ from safetensors.torch import load_file
 
 from florist_hf import distributed
 from florist_hf.adapters import read_adapter
-from florist_hf.client import (
-    ClientRound,
-    FederatedCallback,
-    build_client_trainer,
-    build_lora_model,
-    check_exported_factors,
-    export_client_adapter,
-    lora_layers,
-)
+from florist_hf.clients.callback import ClientRound, FederatedCallback, check_exported_factors, export_client_adapter
+from florist_hf.clients.run import build_client_trainer, build_lora_model
+from florist_hf.global_state import lora_layers
 from florist_hf.errors import FloristError
 from florist_hf.recipe import load_recipe
 from florist_hf.runner import run_federation
@@ -188,7 +182,8 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", LO
 import deepspeed
 from safetensors.torch import load_file
 
-from florist_hf.client import ClientRound, build_lora_model, check_exported_factors, export_client_adapter
+from florist_hf.clients.callback import ClientRound, check_exported_factors, export_client_adapter
+from florist_hf.clients.run import build_lora_model
 from florist_hf.errors import FloristError
 
 deepspeed.init_distributed(dist_backend="gloo")

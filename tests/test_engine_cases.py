@@ -183,7 +183,7 @@ def assert_same_run(run_dir: Path, reference: Path, rounds: int) -> None:
 
 
 def test_client_seeds_are_distinct_for_thousands_of_clients_and_keep_the_original_scheme_below_1000():
-    from florist_hf.client import client_seed
+    from florist_hf.clients.run import client_seed
 
     seeds = [client_seed(42, client, round_index) for client in range(3000) for round_index in range(1, 6)]
     assert len(set(seeds)) == len(seeds)

@@ -36,7 +36,7 @@ def updates(base, adapter_dir) -> dict[str, torch.Tensor]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from florist_hf.client import lora_layers
+    from florist_hf.global_state import lora_layers
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter_dir)
     return {name: layer.get_delta_weight("default").detach().double() for name, layer in lora_layers(model).items()}

@@ -56,7 +56,9 @@ def test_two_rounds_of_every_method_publish_the_intended_update(tmp_path, method
             assert relative_error(published[name], last[name] + residual_1[name]) < 1e-5
         # A round-2 client starts from the exact global model of round 1: its residual held beside
         # the base plus the averaged factors it continues equal round 1's whole global update.
-        from florist_hf.client import ClientRound, build_lora_model, install_global_state, lora_layers
+        from florist_hf.clients.callback import ClientRound
+        from florist_hf.clients.run import build_lora_model
+        from florist_hf.global_state import install_global_state, lora_layers
         from florist_hf.global_state import held_delta
 
         model = build_lora_model(str(run_dir / "base_model"), rank=ranks[0], alpha=recipe.client_alpha(0),
@@ -107,7 +109,7 @@ def test_global_adapter_loads_on_the_original_base_with_peft(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(run_dir / "base_model")
     model = PeftModel.from_pretrained(base, run_dir / "global_adapter")
     expected = delta_weights(run_dir / "global_adapter")
-    from florist_hf.client import lora_layers
+    from florist_hf.global_state import lora_layers
 
     for name, layer in lora_layers(model).items():
         assert relative_error(layer.get_delta_weight("default").detach().double(), expected[name]) < 1e-6
@@ -115,7 +117,8 @@ def test_global_adapter_loads_on_the_original_base_with_peft(tmp_path):
 
 def test_one_client_florist_at_threshold_one_is_plain_lora_fine_tuning(tmp_path):
     """SPEC invariant: a federation of one, exact aggregation, equals ordinary PEFT training."""
-    from florist_hf.client import build_client_trainer, build_lora_model, client_seed, lora_layers
+    from florist_hf.clients.run import build_client_trainer, build_lora_model, client_seed
+    from florist_hf.global_state import lora_layers
     from florist_hf.data import tokenize_records
     from florist_hf.data import prepare_client_data
 
@@ -298,7 +301,7 @@ def test_iid_split_needs_labels_only_for_a_per_label_holdout(tmp_path):
 
 
 def test_cosine_round_schedule_sets_each_rounds_learning_rate(tmp_path, monkeypatch):
-    from florist_hf import client
+    from florist_hf.clients import run as client
 
     recipe = load_recipe(write_recipe(
         tmp_path, rounds=3, ranks=(4, 2),
@@ -306,10 +309,12 @@ def test_cosine_round_schedule_sets_each_rounds_learning_rate(tmp_path, monkeypa
         client_training={1: {"learning_rate": 2e-2}},
     ))
     expected = {(k, t): lr for k, peak in ((0, 1e-2), (1, 2e-2)) for t, lr in zip((1, 2, 3), (peak, (peak + 1e-3) / 2, 1e-3))}
+    from florist_hf.clients.config import client_training
+
     for (k, t), lr in expected.items():
-        assert recipe.client_training_arguments(k, t, 3e-4)["learning_rate"] == pytest.approx(lr)
+        assert client_training(recipe, k, t)["learning_rate"] == pytest.approx(lr)
     constant = load_recipe(write_recipe(tmp_path, rounds=3))
-    assert constant.client_training_arguments(0, 3, 3e-4)["learning_rate"] == 1e-2
+    assert client_training(constant, 0, 3)["learning_rate"] == 1e-2
 
     # The run hands each client's Trainer its round's rate.
     seen = {}
@@ -381,7 +386,9 @@ def test_bf16_clients_train_on_base_plus_the_exact_sum_of_updates(tmp_path):
     round, with no error that grows with the round count."""
     from transformers import AutoModelForCausalLM
 
-    from florist_hf.client import ClientRound, build_lora_model, install_global_state, lora_layers
+    from florist_hf.clients.callback import ClientRound
+    from florist_hf.clients.run import build_lora_model
+    from florist_hf.global_state import install_global_state, lora_layers
     from florist_hf.global_state import held_delta, state_of_adapters, write_global_state
     from florist_hf.data import demo_records, tokenize_records
 
@@ -430,7 +437,7 @@ def test_bf16_clients_train_on_base_plus_the_exact_sum_of_updates(tmp_path):
 def test_one_base_for_all_clients_gives_what_a_fresh_load_per_client_gives(tmp_path, monkeypatch, method):
     """The base is loaded once per run and put back as loaded after each client and evaluation:
     every client adapter and held-out loss equals the run that loads the base for each of them."""
-    from florist_hf import client as client_module
+    from florist_hf.clients import run as client_module
     from florist_hf.adapters import ADAPTER_WEIGHTS
     from florist_hf.loading import BaseModelCache
 
@@ -457,7 +464,7 @@ def test_one_base_for_all_clients_gives_what_a_fresh_load_per_client_gives(tmp_p
 KILL_AT_SAVE = """
 import os, signal, sys
 from transformers import TrainerCallback
-from florist_hf import client
+from florist_hf.clients import run as client
 from florist_hf.cli import app
 
 class KillAtSave(TrainerCallback):
@@ -500,7 +507,7 @@ def test_client_killed_mid_training_resumes_from_its_checkpoint_to_the_same_resu
 
 
 def test_last_complete_checkpoint_skips_one_cut_by_a_kill(tmp_path):
-    from florist_hf.client import last_complete_checkpoint
+    from florist_hf.clients.run import last_complete_checkpoint
 
     assert last_complete_checkpoint(tmp_path / "missing") is None
     for step, state in ((2, "{}"), (4, "{}"), (6, None), (8, '{"global_st')):
@@ -584,7 +591,7 @@ def test_memory_stays_flat_across_clients_and_rounds(tmp_path, monkeypatch):
     after each client (and after each held-out evaluation) are the same in round 3 as in round 1."""
     import gc
 
-    from florist_hf import client as client_module
+    from florist_hf.clients import run as client_module
 
     def live_tensor_bytes() -> int:
         gc.collect()
@@ -635,7 +642,7 @@ def test_full_participation_needs_no_catch_up(tmp_path):
 
 
 def test_round_mean_loss_after_a_resume_at_the_last_step_with_nothing_logged():
-    from florist_hf.client import round_mean_loss
+    from florist_hf.clients.callback import round_mean_loss
 
     assert round_mean_loss([], 8, 8, 0.0) == 0.0
     assert round_mean_loss([{"loss": 2.0, "step": 2}, {"loss": 4.0, "step": 4}], 4, 6, 1.0) == pytest.approx((2 * 2 + 4 * 2 + 1 * 2) / 6)

@@ -255,7 +255,7 @@ def test_a_long_partial_federation_holds_one_compact_state_and_counts_compacted_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from florist_hf.client import lora_layers
+    from florist_hf.global_state import lora_layers
     from florist_hf.rounds import missed_rounds
     from florist_hf.rundir import RunPaths
 

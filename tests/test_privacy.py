@@ -249,7 +249,7 @@ def test_settings_that_break_a_guarantee_are_refused_in_one_line(tmp_path, chang
 
 
 def tiny_dp_setup(tmp_path, records=6, quantization=None, model_shape=None):
-    from florist_hf.client import build_lora_model
+    from florist_hf.clients.run import build_lora_model
     from florist_hf.data import tokenize_records
     from florist_hf.loading import load_tokenizer
     from florist_hf.tiny import build_tiny_llama
@@ -298,8 +298,8 @@ def per_record_gradients(model, tokenizer, dataset):
 def test_a_dp_sgd_step_is_the_mean_of_each_records_clipped_gradient_plus_noise(tmp_path, base):
     """On a full-precision base and on QLoRA's 4-bit one (the per-record gradients of the LoRA factors
     flow back through bitsandbytes' dequantizing matmuls; Opacus sees only the LoRA layers)."""
-    from florist_hf.client import build_client_trainer
-    from florist_hf.privacy import ClientPrivacy
+    from florist_hf.clients.run import build_client_trainer
+    from florist_hf.clients.dp_sgd import ClientPrivacy
 
     if base == "4bit":
         from bitsandbytes.nn import Linear4bit
@@ -397,7 +397,7 @@ def test_dp_sgd_qlora_clients_train_on_the_4bit_base_spend_their_budget_and_publ
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from florist_hf import client
+    from florist_hf.global_state import lora_layers
     from florist_hf.runner import run_federation
 
     quantization = qlora()
@@ -414,12 +414,13 @@ def test_dp_sgd_qlora_clients_train_on_the_4bit_base_spend_their_budget_and_publ
     # Published on the unquantized base as an ordinary PEFT adapter holding the run's update (both rounds' sum).
     updates = [delta_weights(RunPaths(run_dir).global_dir(t)) for t in (1, 2)]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "base_model"), run_dir / "global_adapter")
-    for name, layer in client.lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         assert relative_error(layer.get_delta_weight("default").detach().double(), updates[0][name] + updates[1][name]) < 1e-5
 
 
 def test_a_dp_sgd_client_still_learns_and_reruns_to_the_same_adapter(tmp_path):
-    from florist_hf.client import ClientRound, run_client_round
+    from florist_hf.clients.callback import ClientRound
+    from florist_hf.clients.run import run_client_round
 
     recipe = load_recipe(write_recipe(tmp_path, ranks=(4,), rounds=1, training={"max_steps": -1, "num_train_epochs": 12,
                                                                                "per_device_train_batch_size": 4, "learning_rate": 3e-2},
@@ -458,7 +459,7 @@ def test_a_dp_sgd_client_still_learns_and_reruns_to_the_same_adapter(tmp_path):
 
 def test_a_node_policy_can_require_dp_sgd_within_a_budget(tmp_path):
     from florist_hf.flower.policy import check_privacy, check_request, load_policy
-    from florist_hf.privacy import client_privacy
+    from florist_hf.clients.dp_sgd import client_privacy
 
     (tmp_path / "policy.yaml").write_text("privacy: {require: dp_sgd, max_epsilon: 3}\n")
     policy, source = load_policy({"policy": str(tmp_path / "policy.yaml")})
@@ -502,7 +503,7 @@ def test_the_aggregate_command_bounds_one_server_step(tmp_path):
     from typer.testing import CliRunner
 
     from florist_hf.cli import app
-    from florist_hf.client import ClientRound
+    from florist_hf.clients.callback import ClientRound
 
     dirs = []
     for k in range(3):

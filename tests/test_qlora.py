@@ -33,7 +33,7 @@ def test_qlora_clients_train_on_the_4bit_base_and_publish_a_peft_adapter(tmp_pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from florist_hf.client import lora_layers
+    from florist_hf.global_state import lora_layers
 
     expected_dirs = ["rounds/1/global", "rounds/2/global"] if method == "florist" else ["rounds/2/global"]
     rounds = [delta_weights(run_dir / d) for d in expected_dirs]

@@ -118,7 +118,7 @@ def test_shipped_recipe_runs_end_to_end_and_publishes_a_peft_adapter(recipe_file
     from transformers import AutoModelForCausalLM
 
     from florist_hf.aggregation import get_method
-    from florist_hf.client import lora_layers
+    from florist_hf.global_state import lora_layers
 
     overrides = conformance_overrides(recipe_file, tmp_path / "run", stand_ins)
     result = run_recipe(recipe_file, overrides)

@@ -17,7 +17,7 @@ HELDOUT = {"partition": "dirichlet", "holdout_per_label": 2, "min_client_size": 
 
 
 def count_client_trainings(monkeypatch) -> list:
-    from florist_hf import client
+    from florist_hf.clients import run as client
 
     trained = []
     original = client.run_client_round

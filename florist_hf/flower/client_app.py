@@ -29,7 +29,7 @@ from florist_hf.errors import FloristError
 from florist_hf.adapters import peft_scale
 from florist_hf.flower import protocol
 from florist_hf.flower.policy import check_privacy, check_request, load_policy
-from florist_hf.privacy import client_privacy
+from florist_hf.clients.dp_sgd import client_privacy
 from florist_hf.flower.records import adapter_to_records, write_adapter_records
 
 #: Per-process caches (a simulation worker or a long-lived process serves many rounds).
@@ -163,7 +163,8 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     """Run one client round for a ``train`` message and reply with the trained adapter."""
     from rich.console import Console
 
-    from florist_hf.client import ClientRound, read_client_info, run_client_round, tokenize_shard
+    from florist_hf.clients.callback import ClientRound, read_client_info
+    from florist_hf.clients.run import run_client_round, prepare_shard
     from florist_hf.loading import prepare_base_model
 
     console = console or Console(stderr=True)
@@ -201,7 +202,7 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     )
     dataset_key = (recipe.fingerprint(), str(context.node_config.get(protocol.DATA_FILE)), client_id, base_path)
     if dataset_key not in _DATASET_CACHE:
-        _DATASET_CACHE[dataset_key] = tokenize_shard(recipe, tokenizer, records)
+        _DATASET_CACHE[dataset_key] = prepare_shard(recipe, tokenizer, records)
     global _BASE_CACHE
     if _BASE_CACHE is None:
         from florist_hf.loading import BaseModelCache

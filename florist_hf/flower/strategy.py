@@ -196,7 +196,7 @@ class FloristStrategy(Strategy):
         return None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        from florist_hf.client import read_client_info
+        from florist_hf.clients.callback import read_client_info
 
         federation = self.federation
         global_dir = self.paths.global_dir(server_round)

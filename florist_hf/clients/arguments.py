@@ -1,5 +1,6 @@
-"""The one builder of a client's ``TrainingArguments`` from a recipe's training settings: its checks,
-florist-hf's defaults, and one line naming the key for a bad value.
+"""The one builder of a client's arguments (``TrainingArguments``, or its trainer's subclass such as
+TRL's ``SFTConfig``) from a recipe's training settings: its checks, florist-hf's defaults, and one line
+naming the key for a bad value.
 
 The recipe calls it when it loads (`check_training`), so that a bad value (``learning_rate: fast``)
 stops the run before a run directory exists; the client calls it again for each round with its own
@@ -33,12 +34,17 @@ TRAINING_DEFAULTS = {
 OWNED_FIELDS = frozenset({"output_dir"})
 
 
-@functools.cache
-def _field_types() -> dict[str, Any]:
+def _arguments_class(config_class):
     from transformers import TrainingArguments
 
-    hints = typing.get_type_hints(TrainingArguments)
-    return {field.name: hints[field.name] for field in dataclasses.fields(TrainingArguments) if field.init}
+    return config_class or TrainingArguments
+
+
+@functools.cache
+def _field_types(config_class=None) -> dict[str, Any]:
+    config_class = _arguments_class(config_class)
+    hints = typing.get_type_hints(config_class)
+    return {field.name: hints[field.name] for field in dataclasses.fields(config_class) if field.init}
 
 
 #: Ranges TrainingArguments leaves to the optimizer (AdamW) and the data loader, which would refuse
@@ -55,16 +61,16 @@ RANGES = {
 
 
 @functools.cache
-def _type_adapter(key: str):
+def _type_adapter(key: str, config_class=None):
     from typing import Annotated
 
     from pydantic import Field, TypeAdapter
 
-    kind = _field_types()[key]
+    kind = _field_types(config_class)[key]
     return TypeAdapter(Annotated[kind, Field(**RANGES[key])] if key in RANGES else kind)
 
 
-def _checked_values(training: dict, where: str) -> dict:
+def _checked_values(training: dict, where: str, config_class=None) -> dict:
     """``training`` with every key known and every value of its field's type; a number written as
     a string (YAML 1.1 reads ``5e-3`` as one) becomes that number."""
     from pydantic import ValidationError
@@ -72,8 +78,11 @@ def _checked_values(training: dict, where: str) -> dict:
     checked = {}
     for key, value in training.items():
         setting = f"{where}.{key}"
-        if key not in _field_types():
-            raise SettingError(setting, "not a TrainingArguments field; check its spelling "
+        if key not in _field_types(config_class):
+            name = _arguments_class(config_class).__name__
+            if name == "TrainingArguments" and _is_sft_field(key):
+                raise SettingError(setting, "not a TrainingArguments field: it is an SFTConfig field, set client.trainer: sft")
+            raise SettingError(setting, f"not a {name} field; check its spelling "
                                         "(https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments)")
         if key in OWNED_FIELDS:
             raise SettingError(setting, "set by florist-hf per client; remove it")
@@ -81,7 +90,7 @@ def _checked_values(training: dict, where: str) -> dict:
             # Per-client trackers would start a run per client and round, each at step 0.
             raise SettingError(setting, "a federation-level setting: use tracking.report_to (one tracker run per federation)")
         try:
-            value_as_typed = _type_adapter(key).validate_python(value)
+            value_as_typed = _type_adapter(key, config_class).validate_python(value)
         except ValidationError as error:
             reason = error.errors()[0]["msg"]
             raise SettingError(setting, f"got {value!r}; {reason[:1].lower()}{reason[1:]}") from None
@@ -90,14 +99,23 @@ def _checked_values(training: dict, where: str) -> dict:
     return checked
 
 
-@functools.cache
-def _machine_free_arguments():
-    """TrainingArguments whose device is never set up (accelerate's state is left alone), for
-    checking a recipe on any machine: the recipe may be for a GPU that this machine lacks."""
-    import torch
-    from transformers import TrainingArguments
+def _is_sft_field(key: str) -> bool:
+    import importlib.util
 
-    class MachineFreeTrainingArguments(TrainingArguments):
+    if importlib.util.find_spec("trl") is None:
+        return False
+    from trl import SFTConfig
+
+    return key in _field_types(SFTConfig)
+
+
+@functools.cache
+def _machine_free_arguments(config_class=None):
+    """Arguments whose device is never set up (accelerate's state is left alone), for checking a
+    recipe on any machine: the recipe may be for a GPU that this machine lacks."""
+    import torch
+
+    class MachineFreeTrainingArguments(_arguments_class(config_class)):
         @functools.cached_property
         def _setup_devices(self):
             return torch.device("cpu")
@@ -106,7 +124,7 @@ def _machine_free_arguments():
 
 
 def build_training_arguments(training: dict, *, work_dir: str | Path, seed: int, dp_sgd: bool = False,
-                             where: str = "training", on_this_machine: bool = True):
+                             where: str = "training", on_this_machine: bool = True, config_class=None):
     """The TrainingArguments of one client round: florist-hf's defaults, then ``training`` (a
     recipe's section merged with the client's overrides), its ``seed`` and ``work_dir``.
 
@@ -116,9 +134,8 @@ def build_training_arguments(training: dict, *, work_dir: str | Path, seed: int,
     naming ``where`` and the key.
     """
     import torch
-    from transformers import TrainingArguments
 
-    training = _checked_values(training, where)
+    training = _checked_values(training, where, config_class)
     if dp_sgd:
         training["max_grad_norm"] = 0.0
     if "save_steps" in training and "save_strategy" not in training:
@@ -128,9 +145,9 @@ def build_training_arguments(training: dict, *, work_dir: str | Path, seed: int,
         training.setdefault("save_total_limit", 1)
     fields = {**TRAINING_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available(), **training,
               "seed": seed, "data_seed": seed}
-    kind = TrainingArguments
+    kind = _arguments_class(config_class)
     if not on_this_machine:
-        kind = _machine_free_arguments()
+        kind = _machine_free_arguments(config_class)
         fields = {key: value for key, value in fields.items() if key not in ("tf32", "deepspeed")}
         fields["use_cpu"] = True
     try:
@@ -146,12 +163,14 @@ def build_training_arguments(training: dict, *, work_dir: str | Path, seed: int,
         raise FloristError(f"{where}: {reason}; fix the recipe's {where.split('.')[0]} section") from None
 
 
-def check_training(training: dict, *, where: str = "training") -> dict:
-    """``training`` checked as a client would build it, on any machine; returns it with numbers
-    written as strings made numbers. A bad value raises `SettingError` (a ValueError) naming the key."""
-    checked = _checked_values(training, where)
+def check_training(training: dict, *, where: str = "training", config_class=None) -> dict:
+    """``training`` checked as a client would build it (``config_class``: its trainer's arguments class,
+    TrainingArguments by default), on any machine; returns it with numbers written as strings made
+    numbers. A bad value raises `SettingError` (a ValueError) naming the key."""
+    checked = _checked_values(training, where, config_class)
     try:
-        build_training_arguments(checked, work_dir="florist-hf-check", seed=0, where=where, on_this_machine=False)
+        build_training_arguments(checked, work_dir="florist-hf-check", seed=0, where=where, on_this_machine=False,
+                                 config_class=config_class)
     except FloristError as error:
         raise SettingError(where, str(error).removeprefix(f"{where}: ")) from None
     return checked

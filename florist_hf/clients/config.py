@@ -1,0 +1,74 @@
+"""One client's training settings: the one merge of florist-hf's defaults, the trainer's, the recipe's
+``training:`` and ``client_training:`` and the round's learning rate, and the arguments object built from it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from florist_hf.clients.arguments import TRAINING_DEFAULTS, build_training_arguments
+from florist_hf.clients.registry import trainer_kind
+from florist_hf.errors import FloristError
+
+def client_training(recipe, client: int, round_index: int) -> dict:
+    """The training arguments of client ``client`` in round ``round_index``, every layer merged once:
+    florist-hf's defaults, the client's trainer's (`registry.trainer_kind`), the recipe's ``training``
+    section, the client's ``client_training`` overrides, then the round's learning rate
+    (``federation.round_lr_schedule``) and the checkpointing that ``save_steps`` alone implies."""
+    kind = trainer_kind(recipe.client.trainer)
+    recipe_set = {**recipe.training, **recipe.client_training.get(client, {})}
+    training = {**TRAINING_DEFAULTS, **kind.defaults(recipe.data, recipe_set), **recipe_set}
+    if recipe.federation.round_lr_schedule == "cosine":
+        training["learning_rate"] = cosine_round_learning_rate(
+            float(training["learning_rate"]), recipe.federation.round_lr_min, round_index, recipe.federation.rounds
+        )
+    if "save_steps" in recipe_set and "save_strategy" not in recipe_set:
+        # save_steps alone means "checkpoint the client round every N steps" (for resuming it);
+        # only the newest checkpoint is needed for that.
+        training["save_strategy"] = "steps"
+        training.setdefault("save_total_limit", 1)
+    return training
+
+
+def cosine_round_learning_rate(peak: float, minimum: float, round_index: int, rounds: int) -> float:
+    """Cosine annealing over server rounds: ``peak`` in round 1, ``minimum`` in round ``rounds``.
+
+    FlowerTune anneals with cos(π·t/T), so its first round already starts below the peak; here
+    round 1 trains at the recipe's own rate.
+    """
+    if rounds <= 1:
+        return peak
+    progress = (round_index - 1) / (rounds - 1)
+    return minimum + 0.5 * (peak - minimum) * (1 + math.cos(math.pi * progress))
+
+
+def training_default(key: str):
+    """A TrainingArguments field's default, as the Trainer takes it where the recipe and florist-hf are
+    silent (SFTConfig keeps these: the steps, epochs and batch size)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    return next(field.default for field in dataclasses.fields(TrainingArguments) if field.name == key)
+
+
+def check_training_backends(training: dict) -> None:
+    """One line for a TrainingArguments speed option whose package or device is missing."""
+    import importlib.util
+
+    if training.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+        raise FloristError("training.use_liger_kernel needs the liger-kernel package: pip install liger-kernel "
+                           "(its kernels run on a CUDA GPU), or remove the setting")
+    if training.get("torch_compile") and torch.cuda.is_available() and importlib.util.find_spec("triton") is None:
+        raise FloristError("training.torch_compile on a GPU needs triton (it comes with PyTorch's CUDA builds): "
+                           "pip install triton, or remove the setting")
+
+
+def training_arguments(config_class, training: dict, work_dir: Path, seed: int):
+    """``config_class`` (TrainingArguments or a subclass such as TRL's SFTConfig) built from a merged
+    ``training`` (`client_training`), in ``work_dir``, seeded (`arguments.build_training_arguments`:
+    its checks, and one line for a refused value)."""
+    check_training_backends(training)
+    return build_training_arguments(training, work_dir=work_dir, seed=seed, config_class=config_class)

@@ -1,0 +1,117 @@
+"""TRL's ``SFTTrainer`` client: data in TRL's formats (conversational ``messages``, prompt/completion as
+texts or conversations) or our instruction presets made prompt/completion records (the paper's Alpaca
+prompt, or the chat template's user turn, as the prompt), tokenized and masked by TRL
+(``train_on_inputs: false`` is its ``completion_only_loss``); ``training:`` takes every SFTConfig field."""
+
+from __future__ import annotations
+
+import contextlib
+
+from florist_hf.clients.kind import TrainerKind
+from florist_hf.errors import FloristError
+
+
+class SFT(TrainerKind):
+    name = "sft"
+
+    def trainer_class(self) -> type:
+        from trl import SFTTrainer
+
+        return SFTTrainer
+
+    def config_class(self) -> type:
+        from trl import SFTConfig
+
+        return SFTConfig
+
+    def defaults(self, data, training) -> dict:
+        # SFTConfig's own defaults that differ from TrainingArguments' are put back (bf16 on where the
+        # device has it, activation checkpointing on, no padding to a multiple), so that a recipe trains
+        # as it does on the stock Trainer; the recipe's training section sets any of them.
+        defaults = {"max_length": data.cutoff_len, "completion_only_loss": not data.train_on_inputs, "bf16": False,
+                    "pad_to_multiple_of": 8}
+        if not {"activation_checkpointing", "gradient_checkpointing"} & set(training):
+            defaults["activation_checkpointing"] = False
+        return defaults
+
+    def dataset(self, records, tokenizer, recipe):
+        import datasets
+
+        from florist_hf.data import record_format
+
+        data, found = recipe.data, record_format(records)
+        if found == "instruction":
+            rows = [prompt_completion(record, data.template) for record in records]
+            conversational = data.template == "chat"
+        else:
+            rows = [{key: value for key, value in record.items() if key != "label"} for record in records]
+            conversational = found == "messages" or isinstance(rows[0]["prompt"], list)
+        if conversational and not getattr(tokenizer, "chat_template", None):
+            raise FloristError(f"{data.source}: conversations are rendered by the tokenizer's chat template, and "
+                               f"{tokenizer.name_or_path!r} has none; use an instruct base, or data.template: alpaca for "
+                               "instruction records")
+        if asks_assistant_only_loss(recipe):
+            if found != "messages":
+                raise FloristError(f"{data.source}: training.assistant_only_loss masks the turns of conversations "
+                                   f"(data.format: messages); these records are {found}: use data.train_on_inputs: false "
+                                   "to train on the completions alone")
+            check_generation_markers(tokenizer)
+        return datasets.Dataset.from_list(rows)
+
+    def trainer_options(self, tokenizer, batching, one_row):
+        if batching != "padding_free":
+            return {}  # TRL's DataCollatorForLanguageModeling, padded to a multiple of 8 (defaults)
+        from florist_hf.data import make_collator
+
+        # Our packed rows, not SFTConfig(padding_free=True): TRL's puts the batch in one row (whose whole
+        # square attention other than FlashAttention computes) and does not truncate records to max_length.
+        return {"data_collator": make_collator(tokenizer, batching, one_row)}
+
+    @contextlib.contextmanager
+    def building(self):
+        """While the Trainer is built: TRL tokenizes the shard with `datasets.map`, whose progress bars are
+        not ours to print."""
+        from datasets.utils import logging as datasets_logging
+
+        shown = datasets_logging.is_progress_bar_enabled()
+        datasets_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if shown:
+                datasets_logging.enable_progress_bar()
+
+
+def prompt_completion(record: dict, template: str) -> dict:
+    """A canonical instruction record as TRL's prompt/completion record: the paper's Alpaca prompt and the
+    output (``alpaca``), or the instruction (and input, after a blank line) as the user's turn and the output
+    as the assistant's (``chat``), exactly the texts `data.tokenize_records` trains on."""
+    from florist_hf.data import format_prompt
+
+    if template == "chat":
+        user = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
+        return {"prompt": [{"role": "user", "content": user}], "completion": [{"role": "assistant", "content": record["output"]}]}
+    return {"prompt": format_prompt(record["instruction"], record["input"]), "completion": record["output"]}
+
+
+def asks_assistant_only_loss(recipe) -> bool:
+    return any(section.get("assistant_only_loss") for section in (recipe.training, *recipe.client_training.values()))
+
+
+def check_generation_markers(tokenizer) -> None:
+    """One line where ``training.assistant_only_loss`` cannot mask the assistant's turns: a chat template
+    without ``{% generation %}`` markers that TRL cannot patch."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise FloristError(f"training.assistant_only_loss needs a chat template, and {tokenizer.name_or_path!r} has none; "
+                           "use an instruct base or remove assistant_only_loss")
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:
+        raise FloristError(f"training.assistant_only_loss needs a chat template that marks the assistant's turns with "
+                           f"{{% generation %}} … {{% endgeneration %}}, and {tokenizer.name_or_path!r}'s has none (nor one "
+                           "TRL can patch); add the markers (SFTConfig chat_template_path) or remove assistant_only_loss") from None
+
+
+KIND = SFT()

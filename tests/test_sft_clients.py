@@ -1,0 +1,305 @@
+"""TRL's SFTTrainer clients (``client.trainer: sft``): on the shipped paper recipes they train on the same
+tokens with the same labels masked as the stock Trainer client, to the same losses and the same published
+adapter; padding-free equals padded; DP-SGD works on them; TRL's data formats federate through the CLI;
+bad data in the new formats is refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import delta_weights, quiet_console, write_recipe
+from test_recipes import REPO, conformance_overrides, stand_ins  # noqa: F401 - the stand-ins fixture
+from typer.testing import CliRunner
+
+from florist_hf.cli import app
+from florist_hf.errors import FloristError
+from florist_hf.recipe import load_recipe
+
+runner = CliRunner()
+
+#: One shipped recipe per kind of tokenizer and data the paper's settings use: Llama-1's sentencepiece with
+#: BOS on Dolly, Llama 3's on Alpaca, TinyLlama's on WizardLM (prompt trained on: train_on_inputs true), and
+#: the real SmolLM2 with its chat template and only the answers trained on (train_on_inputs false), with and
+#: without DP-SGD.
+INVARIANCE_RECIPES = [
+    "llama7b_dolly_heter", "llama32_1b_alpaca_homo", "tinyllama_wizard_homo",
+    pytest.param("smollm2_135m_demo", marks=pytest.mark.slow), pytest.param("smollm2_135m_dolly_dp", marks=pytest.mark.slow),
+]
+
+
+def _train(recipe_file: Path, out_dir: Path, stand_ins, trainer: str, monkeypatch) -> dict:
+    """Run a recipe (conformance overrides, 3 steps of batch 2 per client) with ``trainer`` clients; returns
+    each client's prepared rows (input_ids, labels), step losses and the run directory."""
+    from transformers import TrainerCallback
+
+    from florist_hf.clients import run as client_run
+    from florist_hf.runner import run_federation
+
+    overrides = [o for o in conformance_overrides(recipe_file, out_dir, stand_ins) if not o.startswith("training.max_steps")]
+    # In fp32: on a bf16 base (the paper recipes' model.dtype) or under bf16 autocast, TRL's fused LM head
+    # computes the log-probabilities from bf16 products in chunks where the Trainer's loss upcasts whole logits,
+    # so there the two agree only to bf16's round-off (gradients ~3e-3 apart).
+    overrides += ["model.dtype=float32", "training.bf16=false", "training.fp16=false", "training.max_steps=3", "training.logging_steps=1", "data.max_samples_per_client=6", f"client.trainer={trainer}"]
+    recipe = load_recipe(recipe_file, overrides)
+    seen: dict = {"rows": [], "losses": [], "gradients": []}
+    build = client_run.build_client_trainer
+
+    class Losses(TrainerCallback):
+        """Every logged loss, and the LoRA gradients of every optimizer step."""
+
+        def __init__(self):
+            self.losses, self.gradients = [], []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.gradients.append({name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None})
+
+    def recording(*args, callbacks=(), **kwargs):
+        losses = Losses()
+        trainer_object = build(*args, callbacks=[*callbacks, losses], **kwargs)
+        dataset = trainer_object.train_dataset
+        seen["rows"].append([(list(row["input_ids"]), list(row["labels"])) for row in dataset])
+        seen["losses"].append(losses.losses)
+        seen["gradients"].append(losses.gradients)
+        return trainer_object
+
+    # One secret noise seed for both runs: a DP-SGD client then draws the same batches and noise.
+    out_dir.mkdir(parents=True)
+    (out_dir / "privacy-seed").write_text("5e" * 32)
+    with monkeypatch.context() as patch:
+        patch.setattr(client_run, "build_client_trainer", recording)
+        seen["run_dir"] = run_federation(recipe, console=quiet_console())
+    return seen
+
+
+@pytest.mark.parametrize("name", INVARIANCE_RECIPES)
+def test_sft_clients_train_like_the_trainer_clients_on_the_paper_recipes(name, tmp_path, stand_ins, monkeypatch):
+    recipe_file = REPO / "recipes" / f"{name}.yaml"
+    plain = _train(recipe_file, tmp_path / "trainer", stand_ins, "trainer", monkeypatch)
+    sft = _train(recipe_file, tmp_path / "sft", stand_ins, "sft", monkeypatch)
+    # The same tokens, the same labels masked, client by client.
+    assert sft["rows"] == plain["rows"]
+    assert any(-100 in labels for rows in sft["rows"] for _, labels in rows) == (
+        not yaml.safe_load(recipe_file.read_text())["data"].get("train_on_inputs", True))
+    # The same first gradients, to float round-off (the fused LM head sums its chunks in another order). After
+    # the first step AdamW carries that round-off on: its first steps are ±lr wherever a gradient is not ~0, and
+    # an element of B's gradient within round-off of 0 can take either sign, so later gradients of lora_A (∝ B)
+    # move by up to ~1e-2 relative; the losses and the published adapter below are what must agree.
+    for ours, theirs in zip(sft["gradients"], plain["gradients"]):
+        for name in theirs[0]:
+            error = float((ours[0][name] - theirs[0][name]).norm() / (theirs[0][name].norm() + 1e-30))
+            assert error < 5e-4, f"first step {name}: {error:.2e}"
+    # The same first loss (the same forward pass) to the fp32 round-off of a log-softmax over the vocabulary, which
+    # the fused LM head takes in chunks: within 1e-6 relative on the stand-ins, 5e-6 absolute on the real SmolLM2
+    # (logits near 30, fp32's step there ~2e-6); the next steps' to that round-off carried on by AdamW.
+    assert len(sft["losses"]) == len(plain["losses"]) and all(len(losses) == 3 for losses in sft["losses"])
+    for ours, theirs in zip(sft["losses"], plain["losses"]):
+        assert ours[0] == pytest.approx(theirs[0], abs=1e-5, rel=1e-6)
+        assert ours == pytest.approx(theirs, abs=1e-4, rel=1e-5)
+    # The same published adapter, within the round-off that three AdamW steps carry on: ≤ 1e-4 on the stand-ins,
+    # up to ~1e-2 in a module on the real SmolLM2 at the demo's learning rate (2e-3), where AdamW's sign-like first
+    # steps turn B-gradient elements within round-off of zero into ±lr apart.
+    for relative in ("global_adapter", "rounds/1/global"):
+        got, expected = delta_weights(sft["run_dir"] / relative), delta_weights(plain["run_dir"] / relative)
+        assert set(got) == set(expected)
+        for module in expected:
+            error = float((got[module] - expected[module]).norm() / expected[module].norm())
+            assert error < 2e-2, f"{relative} {module}: {error:.2e}"
+
+
+@pytest.mark.parametrize("template,train_on_inputs", [("alpaca", True), ("alpaca", False), ("chat", False)])
+def test_sft_padding_free_trains_like_padded(tiny_base, tmp_path, template, train_on_inputs):
+    """SFT clients on packed rows: the same loss and gradients as on padded rows."""
+    from transformers import AutoTokenizer
+
+    from florist_hf.clients.config import client_training
+    from florist_hf.clients.run import build_client_trainer, build_lora_model, prepare_shard
+    from florist_hf.data import demo_records
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    if template == "chat":
+        tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    recipe = load_recipe(write_recipe(tmp_path, ranks=(4,), rounds=1, client={"trainer": "sft"},
+                                      data={"template": template, "train_on_inputs": train_on_inputs, "cutoff_len": 512},
+                                      training={"max_steps": 2, "per_device_train_batch_size": 4,
+                                                "gradient_accumulation_steps": 2, "max_grad_norm": 0.0}))
+    dataset = prepare_shard(recipe, tokenizer, demo_records()[:16])
+    results = {}
+    for batching in ("padded", "padding_free"):
+        model = build_lora_model(str(tiny_base), rank=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.0,
+                                 use_rslora=False, seed=3)
+        trainer = build_client_trainer(model, tokenizer, dataset, training=client_training(recipe, 0, 1),
+                                       work_dir=tmp_path / batching, seed=0, batching=batching, trainer="sft")
+        trainer.train()
+        results[batching] = ([entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+                             {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad})
+    (padded_losses, padded), (free_losses, free) = results["padded"], results["padding_free"]
+    assert free_losses == pytest.approx(padded_losses, abs=1e-5, rel=0)
+    for name in padded:
+        assert torch.allclose(free[name], padded[name], atol=1e-5), name
+
+
+def test_dp_sgd_trains_sft_clients(tmp_path):
+    """DP-SGD on an SFTTrainer client: Poisson batches, clipped per-record gradients and noise, the round's
+    accounted steps, and a rerun with the same secret gives the same adapter."""
+    from florist_hf.adapters import read_adapter
+    from florist_hf.clients.callback import ClientRound
+    from florist_hf.clients.dp_sgd import DPSGD
+    from florist_hf.clients.run import build_client_trainer, prepare_shard, run_client_round
+    from florist_hf.loading import load_tokenizer
+    from florist_hf.tiny import build_tiny_llama
+    from helpers import TINY_MODEL
+
+    recipe = load_recipe(write_recipe(tmp_path, ranks=(4,), rounds=1, client={"trainer": "sft"},
+                                      training={"max_steps": -1, "num_train_epochs": 2, "per_device_train_batch_size": 4},
+                                      privacy={"noise_multiplier": 0.5, "max_grad_norm": 1.0}))
+    base = str(build_tiny_llama(tmp_path / "base", **TINY_MODEL))
+    tokenizer = load_tokenizer(base)
+    from florist_hf.data import demo_records
+
+    dataset = prepare_shard(recipe, tokenizer, demo_records()[:8])
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "privacy-seed").write_text("ab" * 32)
+    built = []
+    original = build_client_trainer
+
+    def train(name):
+        import florist_hf.clients.run as client_run
+
+        def recording(*args, **kwargs):
+            trainer_object = original(*args, **kwargs)
+            built.append(trainer_object)
+            return trainer_object
+
+        client_run.build_client_trainer = recording
+        try:
+            plan = ClientRound(client_id=0, round=1, rank=4, num_samples=len(dataset), export_dir=tmp_path / name / "export")
+            metrics = run_client_round(recipe, plan, base, tokenizer, dataset, tmp_path / name / "work", quiet_console(),
+                                       secret_dir=tmp_path / "secret")
+        finally:
+            client_run.build_client_trainer = original
+        return metrics, read_adapter(plan.export_dir)
+
+    metrics, first = train("a")
+    from trl import SFTTrainer
+
+    assert isinstance(built[0], DPSGD) and isinstance(built[0], SFTTrainer)
+    assert metrics["finite"] and metrics["steps"] == built[0].privacy.steps and metrics["epsilon"] > 0
+    _, again = train("b")
+    for name, module in first.modules.items():
+        assert torch.equal(module.lora_b, again.modules[name].lora_b)
+
+
+# --- TRL's formats through the CLI, and their refusals ---------------------------------------------------------
+
+
+def _conversation(index: int) -> list[dict]:
+    return [{"role": "system", "content": "You are brief."}, {"role": "user", "content": f"What is {index} plus one?"},
+            {"role": "assistant", "content": f"{index + 1}."}]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _chat_base(tiny_base: Path, tmp_path: Path) -> Path:
+    """The tiny base with a ChatML template (SmolLM2's turn markup, no generation markers)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "chat_base"
+    shutil.copytree(tiny_base, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _cli_run(tmp_path: Path, base: Path, data_file: Path, *extra: str):
+    recipe = write_recipe(tmp_path, ranks=(4, 2), rounds=2, data={"source": str(data_file), "max_samples_per_client": 8},
+                          federation={"eval_heldout_loss": False})
+    sets = [f"model.name_or_path={base}", "client.trainer=sft", *extra]
+    return runner.invoke(app, ["run", str(recipe), *[item for s in sets for item in ("--set", s)]])
+
+
+@pytest.mark.parametrize("shape", ["messages", "prompt_completion", "prompt_completion_conversational"])
+def test_trl_formats_federate_through_the_cli(shape, tmp_path, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    rows = []
+    for index in range(16):
+        conversation = _conversation(index)
+        if shape == "messages":
+            rows.append({"messages": conversation})
+        elif shape == "prompt_completion":
+            rows.append({"prompt": f"Q: What is {index} plus one?\nA:", "completion": f" {index + 1}."})
+        else:
+            rows.append({"prompt": conversation[:2], "completion": conversation[2:]})
+    data_file = _write_jsonl(tmp_path / "train.jsonl", rows)
+    result = _cli_run(tmp_path, _chat_base(tiny_base, tmp_path), data_file, "data.partition=iid")
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "run"
+    clients = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    clients = [record for record in clients if record["kind"] == "client"]
+    assert len(clients) == 4 and all(record["finite"] and record["loss"] > 0 for record in clients)
+    base = json.loads((run_dir / "run.json").read_text())["base_model"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run_dir / "global_adapter")
+    assert sum(float(p.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n) > 0
+
+
+def test_trl_formats_need_the_sft_trainer(tmp_path, tiny_base):
+    data_file = _write_jsonl(tmp_path / "train.jsonl", [{"messages": _conversation(i)} for i in range(8)])
+    recipe = write_recipe(tmp_path, ranks=(4, 2), rounds=1, data={"source": str(data_file), "max_samples_per_client": 4})
+    result = runner.invoke(app, ["run", str(recipe), "--set", f"model.name_or_path={_chat_base(tiny_base, tmp_path)}"])
+    assert result.exit_code != 0 and "set client.trainer: sft" in result.output
+    assert not (tmp_path / "run" / "global_adapter").exists() and not (tmp_path / "run" / "rounds").exists()
+
+
+@pytest.mark.parametrize("rows,expected", [
+    # Today's trap: instruction/output mapped onto a conversation's columns trained on the Python text of a list.
+    ([{"question": [{"role": "user", "content": "Hi"}], "answer": "Hello."}] * 4,
+     r"row 0's 'question' \(instruction\) is a list, not text \(a conversation of role/content turns is data.format: messages\)"),
+    ([{"question": "Hi", "reply": "Hello.", "topic": "x"}] * 4, r"fit no data format; set data.format to one of dolly.*messages.*prompt_completion"),
+    ([{"messages": [{"role": "user", "content": "Hi"}]}] * 4, r"row 0's conversation \('messages'\) has no assistant turn"),
+    ([{"messages": [{"role": "user", "content": ["Hi"]}, {"role": "assistant", "content": "Hello."}]}] * 4,
+     r"row 0's 'messages' turn 0 has content of type list, not text"),
+    ([{"prompt": [{"role": "user", "content": "Hi"}], "completion": "Hello."}] * 4,
+     r"row 0 has a list prompt and a str completion; both must be text, or both conversations"),
+])
+def test_bad_records_in_the_new_formats_are_refused_in_one_line(rows, expected, tmp_path, tiny_base):
+    data_file = _write_jsonl(tmp_path / "train.jsonl", rows)
+    extra = ["data.fields.instruction=question", "data.fields.output=answer"] if "question" in rows[0] and "answer" in rows[0] else []
+    result = _cli_run(tmp_path, _chat_base(tiny_base, tmp_path), data_file, "data.partition=iid", *extra)
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert any(__import__("re").search(expected, line) for line in lines), result.output
+    assert not (tmp_path / "run" / "global_adapter").exists() and not (tmp_path / "run" / "rounds").exists()
+
+
+def test_assistant_only_loss_without_generation_markers_is_refused(tmp_path, tiny_base):
+    data_file = _write_jsonl(tmp_path / "train.jsonl", [{"messages": _conversation(i)} for i in range(8)])
+    result = _cli_run(tmp_path, _chat_base(tiny_base, tmp_path), data_file, "data.partition=iid",
+                      "training.assistant_only_loss=true")
+    assert result.exit_code != 0
+    assert "training.assistant_only_loss needs a chat template that marks the assistant's turns" in result.output
+    assert not (tmp_path / "run" / "rounds").exists()
+
+
+def test_an_sftconfig_field_needs_the_sft_trainer(tmp_path):
+    with pytest.raises(FloristError, match=r"max_length is not a TrainingArguments field \(it is an SFTConfig field: set client.trainer: sft\)"):
+        load_recipe(write_recipe(tmp_path, training={"max_length": 64}))
+    assert load_recipe(write_recipe(tmp_path, client={"trainer": "sft"}, training={"max_length": 64})).training["max_length"] == 64
+    with pytest.raises(FloristError, match="unknown trainer 'dpo'; use one of trainer, sft"):
+        load_recipe(write_recipe(tmp_path, client={"trainer": "dpo"}))
