@@ -298,7 +298,7 @@ def test_assistant_only_loss_without_generation_markers_is_refused(tmp_path, tin
 
 
 def test_an_sftconfig_field_needs_the_sft_trainer(tmp_path):
-    with pytest.raises(FloristError, match=r"max_length is not a TrainingArguments field \(it is an SFTConfig field: set client.trainer: sft\)"):
+    with pytest.raises(FloristError, match=r"training.max_length: not a TrainingArguments field \(it is an SFTConfig field: set client.trainer: sft\)"):
         load_recipe(write_recipe(tmp_path, training={"max_length": 64}))
     assert load_recipe(write_recipe(tmp_path, client={"trainer": "sft"}, training={"max_length": 64})).training["max_length"] == 64
     with pytest.raises(FloristError, match="unknown trainer 'dpo'; use one of trainer, sft"):

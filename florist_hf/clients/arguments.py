@@ -81,7 +81,7 @@ def _checked_values(training: dict, where: str, config_class=None) -> dict:
         if key not in _field_types(config_class):
             name = _arguments_class(config_class).__name__
             if name == "TrainingArguments" and _is_sft_field(key):
-                raise SettingError(setting, "not a TrainingArguments field: it is an SFTConfig field, set client.trainer: sft")
+                raise SettingError(setting, "not a TrainingArguments field (it is an SFTConfig field: set client.trainer: sft)")
             raise SettingError(setting, f"not a {name} field; check its spelling "
                                         "(https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments)")
         if key in OWNED_FIELDS:
