@@ -129,3 +129,11 @@ def machine_facts(threads: int) -> dict:
     }
 
 
+def write_json(path: Path, payload: dict) -> None:
+    """A benchmark's results, written atomically (numpy and torch scalars as floats)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=float))
+    os.replace(tmp, path)

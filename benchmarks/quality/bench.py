@@ -11,6 +11,7 @@ import platform
 import time
 from pathlib import Path
 
+from benchmarks.measure import write_json
 from benchmarks.quality import config
 
 
@@ -313,13 +314,6 @@ def rewrite_report(out_dir: Path) -> dict:
     write_markdown(results, out_dir / "results.md")
     write_plots(results, out_dir)
     return results
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float))
-    os.replace(tmp, path)
 
 
 SMOKE = dict(

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="instead of running: merge these records (the same questions) into --json")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from benchmarks.quality.bench import write_json
+    from benchmarks.measure import write_json
     from florist_hf.cli import quiet_libraries
 
     if args.merge:
