@@ -22,7 +22,6 @@ before/after comparison on a machine other jobs share sees the same load on both
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 from benchmarks.aggregation import CLIENT_RANKS, DEFAULT_CACHE, TARGET_SETS, files_bytes, llama_7b_client_set
-from benchmarks.measure import machine_facts
+from benchmarks.measure import machine_facts, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -163,8 +162,7 @@ def main() -> None:
     report = run(code, args.targets, args.dtype, args.repeats, args.threads, args.cache.resolve())
     print(markdown_report(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":
