@@ -31,7 +31,7 @@ def grid(seeds, settings, baselines, thresholds, centralised: bool = True, recip
     for seed in seeds:
         for setting in settings:
             # FLoRA first: the FLoRIST runs reuse its round-1 client training; FedIT before FlexLoRA.
-            order = [m for m in ("flora", "fedit", "flexlora", "ffa") if m in baselines]
+            order = [m for m in ("flora", "fedit", "flexlora", "ffa", "fedex", "fedsvd") if m in baselines]
             specs += [RunSpec(setting, method, seed) for method in order if method in ("flora", "fedit")]
             specs += [RunSpec(setting, "florist", seed, tau) for tau in thresholds]
             specs += [RunSpec(setting, method, seed) for method in order if method not in ("flora", "fedit")]

@@ -23,7 +23,7 @@ class RunSpec:
     """One cell of the grid."""
 
     setting: str  # homo | heter | centralised
-    method: str  # fedit | flora | flexlora | ffa | florist
+    method: str  # fedit | flora | flexlora | ffa | fedex | fedsvd | florist
     seed: int
     threshold: float | None = None
     overrides: tuple[str, ...] = field(default_factory=tuple)
@@ -36,7 +36,8 @@ class RunSpec:
             return "centralised LoRA"
         if self.method == "florist":
             return f"FLoRIST τ={self.threshold:.2f}"
-        return {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA"}[self.method]
+        return {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA", "fedex": "FedEx-LoRA",
+                "fedsvd": "FedSVD"}[self.method]
 
     @property
     def name(self) -> str:
