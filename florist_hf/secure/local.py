@@ -3,12 +3,12 @@ sum; the messages pass as Python objects instead of over a network (``florist-hf
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from florist_hf.secure.protocol import STAGES, SecAggClient, SecAggServer
+from florist_hf.secure.protocol import STAGES, SecAggClient, SecAggServer, run_stages
 from florist_hf.secure.settings import SecAggSettings
 
 
@@ -45,30 +45,21 @@ def secure_sum(
         raise ValueError(f"unknown protocol stages {sorted(unknown)}; choose from {STAGES}")
     gone: set[int] = set()
     transcript: list = []
+    server = SecAggServer(inputs, settings)
+    clients = {cid: SecAggClient(cid, arrays) for cid, arrays in inputs.items()}
 
-    def replying(stage: str, clients: Mapping[int, SecAggClient]) -> dict[int, SecAggClient]:
+    def exchange(stage: str, requests: Mapping[int, object]) -> Iterator:
+        # A generator: at the masked stage each client masks when the server takes its input.
         gone.update(vanish.get(stage, ()))
-        return {cid: client for cid, client in clients.items() if cid not in gone}
-
-    def received(messages: Iterable) -> Iterator:
-        for message in messages:
+        for cid, request in requests.items():
+            if cid in gone:
+                continue
+            message = clients[cid].respond(stage, request)
             if keep_transcript:
                 transcript.append(message)
             if on_message is not None:
                 on_message(message)
             yield message
 
-    server = SecAggServer(inputs, settings)
-    clients = {cid: SecAggClient(cid, arrays) for cid, arrays in inputs.items()}
-    setup = server.setup()
-
-    active = replying("keys", clients)
-    keys = server.collect_keys(received(client.advertise_keys(setup) for client in active.values()))
-    active = replying("shares", {cid: active[cid] for cid in keys})
-    routed = server.route_shares(received(client.share_keys(keys) for client in active.values()))
-    active = replying("masked", {cid: active[cid] for cid in routed})
-    # A generator: each client masks when the server takes its input, one after the other.
-    request = server.collect_masked(received(client.mask_input(routed[cid]) for cid, client in active.items()))
-    active = replying("unmask", {cid: active[cid] for cid in request.survivors})
-    arrays = server.unmask(received(client.reveal(request) for client in active.values()))
+    arrays = run_stages(server, exchange)
     return SecureSum(arrays, server.survivors, transcript)

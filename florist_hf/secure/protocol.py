@@ -53,6 +53,8 @@ except ImportError as error:  # pragma: no cover - the flower extra is missing
                                  "pip install 'florist-hf[flower]'") from error
 
 STAGES = ("keys", "shares", "masked", "unmask")
+#: What the server sends each client at each stage, and the client's method that answers it.
+_ANSWERS = {"keys": "advertise_keys", "shares": "share_keys", "masked": "mask_input", "unmask": "reveal"}
 
 
 # ---- messages -------------------------------------------------------------------------------------
@@ -134,9 +136,18 @@ class SecAggClient:
         self.client_id = client_id
         self._arrays = arrays
 
+    def respond(self, stage: str, request):
+        """The reply to the server's request of one stage (`run_stages` names what each stage sends)."""
+        return getattr(self, _ANSWERS[stage])(request)
+
     def advertise_keys(self, setup: Setup) -> PublicKeys:
         if self.client_id not in setup.client_ids:
             raise SecureAggregationError(f"secure aggregation: client {self.client_id} is not in this session")
+        if not len(setup.client_ids) // 2 < setup.threshold <= len(setup.client_ids) or setup.threshold < 2:
+            # A server that asked for fewer could rebuild the secrets of a client it pretends has dropped.
+            raise SecureAggregationError(
+                f"secure aggregation: client {self.client_id} refuses threshold {setup.threshold} for "
+                f"{len(setup.client_ids)} clients: more than half (and at least 2) must be needed to unmask")
         self._setup = setup
         self._share_secret, share_public = generate_key_pairs()
         self._mask_secret, mask_public = generate_key_pairs()
@@ -214,6 +225,78 @@ class SecAggClient:
             {owner: self._received[owner][0] for owner in survivors if owner in self._received},
             {owner: self._received[owner][1] for owner in dropped if owner in self._received},
         )
+
+
+    # A Flower ClientApp runs each message in a fresh process: the client's secrets wait between
+    # stages in the node's own state (`flower.secure`), as bytes, and never leave the node.
+
+    def state(self) -> dict[str, bytes]:
+        """What this client holds between stages (its secrets included), as named bytes."""
+        import json
+
+        held = {}
+        if hasattr(self, "_setup"):
+            held["setup"] = json.dumps([list(self._setup.client_ids), self._setup.threshold,
+                                        self._setup.fraction_bits]).encode()
+            held["share_secret"] = private_key_to_bytes(self._share_secret)
+            held["mask_secret"] = private_key_to_bytes(self._mask_secret)
+            held["own_keys"] = _keys_bytes({self.client_id: self._own_keys})
+        if hasattr(self, "_keys"):
+            held["keys"] = _keys_bytes(self._keys)
+            held["seed"] = self._seed
+            held["received"] = json.dumps({str(owner): [seed.hex(), key.hex()]
+                                           for owner, (seed, key) in self._received.items()}).encode()
+        if hasattr(self, "_partners"):
+            held["partners"] = json.dumps(self._partners).encode()
+        return held
+
+    @classmethod
+    def restore(cls, client_id: int, held: Mapping[str, bytes],
+                arrays: Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]]) -> "SecAggClient":
+        """The client `state` describes, its arrays (or the function computing them) given anew."""
+        import json
+
+        client = cls(client_id, arrays)
+        if "setup" in held:
+            ids, threshold, fraction_bits = json.loads(held["setup"])
+            client._setup = Setup(tuple(ids), threshold, fraction_bits)
+            client._share_secret = bytes_to_private_key(held["share_secret"])
+            client._mask_secret = bytes_to_private_key(held["mask_secret"])
+            client._own_keys = _keys_from_bytes(held["own_keys"])[client_id]
+        if "keys" in held:
+            client._keys = _keys_from_bytes(held["keys"])
+            client._seed = held["seed"]
+            client._received = {int(owner): (bytes.fromhex(seed), bytes.fromhex(key))
+                                for owner, (seed, key) in json.loads(held["received"]).items()}
+        if "partners" in held:
+            client._partners = json.loads(held["partners"])
+        return client
+
+
+def _keys_bytes(keys: Mapping[int, PublicKeys]) -> bytes:
+    import json
+
+    return json.dumps({str(cid): [k.share_key.decode(), k.mask_key.decode()] for cid, k in keys.items()}).encode()
+
+
+def _keys_from_bytes(data: bytes) -> dict[int, PublicKeys]:
+    import json
+
+    return {int(cid): PublicKeys(int(cid), share.encode(), mask.encode()) for cid, (share, mask) in json.loads(data).items()}
+
+
+# ---- the stages, over any transport ---------------------------------------------------------------
+
+
+def run_stages(server: "SecAggServer", exchange: Callable[[str, Mapping[int, object]], Iterable]) -> dict[str, np.ndarray]:
+    """One secure sum: ``exchange(stage, {client id: what the server sends it})`` delivers a stage's
+    requests and yields the replies that come back (a client that does not reply has vanished);
+    the server's part of each stage takes them. Returns the decoded sum."""
+    setup = server.setup()
+    keys = server.collect_keys(exchange("keys", {cid: setup for cid in server.client_ids}))
+    routed = server.route_shares(exchange("shares", {cid: keys for cid in keys}))
+    request = server.collect_masked(exchange("masked", routed))
+    return server.unmask(exchange("unmask", {cid: request for cid in request.survivors}))
 
 
 # ---- server ---------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ the contributions are summed through SecAgg+, and the global adapter is built fr
 FLoRIST, FlexLoRA and FedEx-LoRA take the two sums of the two-stage sketch (`aggregation.sketch`):
 exact when the sketch is as wide as the update's rank bound; FedIT, FFA-LoRA and FedSVD take their
 summed factors and aggregate them as one client of weight 1 (the same code as the plain method).
-In ``florist-hf run`` the clients' side runs in the server's process, each on its own adapter only;
-the server's side sees nothing but the protocol's messages and the sums.
+In ``florist-hf run`` the clients' side runs in the server's process, each on its own adapter only
+(`secure_aggregate_adapters`); in a Flower deployment each runs on its node (`flower.secure`). Either
+way the server's side sees nothing but the protocol's messages and the sums (`secure_aggregate`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from __future__ import annotations
 import os
 import time
 from functools import partial
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from florist_hf.adapters import client_weights, read_adapter, read_client_adapters, widest_dtype
+from florist_hf.adapters import LoraAdapter, client_weights, read_adapter, read_client_adapters, widest_dtype, without_factors
 from florist_hf.aggregation import AggregationMethod, AggregationResult, ClientModule, round_communication
 from florist_hf.aggregation import sketch
 from florist_hf.aggregation.linalg import COMPUTE_DTYPE, padded_weighted_sum
@@ -118,6 +119,39 @@ class ClientSide:
                 for name, basis in bases.items()}
 
 
+@dataclass(frozen=True)
+class SumTask:
+    """What every client computes for one secure sum, all of it public: the first sum's module plans
+    and sketch seed, or the second's broadcast bases Q; the clients' normalised weights, in order."""
+
+    kind: str  # "first" or "second"
+    plans: tuple[ModulePlan, ...]
+    seed: int
+    weights: tuple[float, ...]
+    needs: tuple[str, ...]
+    freezes_lora_a: bool
+    bases: Mapping[str, torch.Tensor] | None = None
+
+    def compute(self, index: int, modules: Mapping[str, ClientModule]) -> dict[str, np.ndarray]:
+        """Client ``index``'s arrays, from its own adapter's ``modules``."""
+        side = ClientSide(modules, self.weights[index], self.needs, self.freezes_lora_a)
+        return side.first_sum(self.plans, self.seed) if self.kind == "first" else side.second_sum(self.bases)
+
+
+#: Runs one secure sum among the round's clients (SecAgg+ ids 0..n−1, in the round's order), each
+#: computing its arrays by ``SumTask.compute``; every message the server receives goes to the Traffic.
+SumRunner = Callable[[SumTask, SecAggSettings, "Traffic"], SecureSum]
+
+
+def local_sums(adapters: Sequence[LoraAdapter]) -> SumRunner:
+    """The clients of ``florist-hf run``: in this process, each masking its own adapter's arrays."""
+    def run(task: SumTask, settings: SecAggSettings, traffic: "Traffic") -> SecureSum:
+        inputs = {k: partial(task.compute, k, adapter.modules) for k, adapter in enumerate(adapters)}
+        return secure_sum(inputs, settings, on_message=traffic)
+
+    return run
+
+
 def _tensor(summed: SecureSum, key: str) -> torch.Tensor:
     return torch.from_numpy(summed.arrays[key])
 
@@ -154,11 +188,11 @@ class Traffic:
                 self.down[recipient] += len(ciphertext)
 
 
-def _run_sum(inputs: dict, settings: SecAggSettings, stage: str, traffic: Traffic) -> SecureSum:
-    summed = secure_sum(inputs, settings, on_message=traffic)
-    if len(summed.included) != len(inputs):
-        raise SecureAggregationError(f"secure aggregation: {len(inputs) - len(summed.included)} clients vanished during "
-                                     f"the {stage}; the round needs every client's share of both sums — rerun it")
+def _run_sum(run_sum: SumRunner, task: SumTask, settings: SecAggSettings, stage: str, traffic: Traffic) -> SecureSum:
+    summed = run_sum(task, settings, traffic)
+    if len(summed.included) != len(task.weights):
+        raise SecureAggregationError(f"secure aggregation: {len(task.weights) - len(summed.included)} clients vanished "
+                                     f"during the {stage}; the round needs every client's share of both sums — rerun it")
     return summed
 
 
@@ -174,24 +208,51 @@ def secure_aggregate_adapters(
 ) -> ServerStep:
     """`server.aggregate_adapters` with the server learning only sums; the same global adapter
     within the fixed-point encoding's round-off, written the same way, its sidecar recording the
-    protocol, each module's sketch and the traffic (secure and plain side by side)."""
+    protocol, each module's sketch and the traffic (secure and plain side by side). The clients'
+    side runs here, each on its own adapter (`local_sums`)."""
+    if Path(out_dir).exists() and not overwrite:
+        raise FloristError(f"{out_dir}: already exists; choose another --out or pass --force to replace it")
+    _check_method(method)
+    started = time.perf_counter()
+    adapters = read_client_adapters(client_dirs)
+    return secure_aggregate([without_factors(adapter) for adapter in adapters], local_sums(adapters), method, out_dir,
+                            secure, weights=weights, overwrite=overwrite, client_names=client_names, started=started)
+
+
+def _check_method(method: AggregationMethod) -> tuple[str, ...]:
+    try:
+        return secure_inputs(method.name)
+    except ValueError as error:
+        raise FloristError(str(error)) from None
+
+
+def secure_aggregate(
+    adapters: Sequence[LoraAdapter],
+    run_sum: SumRunner,
+    method: AggregationMethod,
+    out_dir: str | os.PathLike,
+    secure: SecureRound,
+    *,
+    weights: Sequence[float] | None = None,
+    overwrite: bool = False,
+    client_names: Sequence[str] | None = None,
+    started: float | None = None,
+) -> ServerStep:
+    """The server's side of a secure round: ``adapters`` are what it knows of the clients (their
+    configs, module shapes, ranks and sample counts; factor-free, `adapters.without_factors`),
+    ``run_sum`` reaches the clients; it learns the sums, builds the global adapter and writes it."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FloristError(f"{out_dir}: already exists; choose another --out or pass --force to replace it")
-    try:
-        needs = secure_inputs(method.name)
-    except ValueError as error:
-        raise FloristError(str(error)) from None
-    started = time.perf_counter()
-    adapters = read_client_adapters(client_dirs)
+    needs = _check_method(method)
+    started = time.perf_counter() if started is None else started
     raw_weights = client_weights(adapters, weights)
     total = sum(raw_weights)
     normalised = [weight / total for weight in raw_weights]  # public: the sample counts are
     wire_dtype = widest_dtype(adapter.dtype for adapter in adapters)
     plans = plan_modules(adapters[0].module_shapes, [{n: m.rank for n, m in a.modules.items()} for a in adapters],
                          secure.sketch_columns)
-    clients = [ClientSide(adapter.modules, weight, needs, method.freezes_lora_a)
-               for adapter, weight in zip(adapters, normalised)]
+    task = SumTask("first", tuple(plans), secure.seed, tuple(normalised), tuple(needs), method.freezes_lora_a)
 
     shared_a = None
     if method.freezes_lora_a:  # public: the server sent it
@@ -201,19 +262,17 @@ def secure_aggregate_adapters(
         shared_a = read_adapter(secure.reference).modules
 
     # Each client computes its arrays when it masks them (one client's held at a time).
-    traffic = Traffic(len(clients))
-    first = _run_sum({k: partial(client.first_sum, plans, secure.seed) for k, client in enumerate(clients)},
-                     secure.settings, "first sum", traffic)
+    traffic = Traffic(len(adapters))
+    first = _run_sum(run_sum, task, secure.settings, "first sum", traffic)
     sums, updates = 1, {}
     if SKETCH in needs:
         bases = {plan.name: sketch.range_basis(_tensor(first, f"{plan.name}/range")) for plan in plans}
-        second = _run_sum({k: partial(client.second_sum, bases) for k, client in enumerate(clients)}, secure.settings,
-                          "second sum", traffic)
+        second = _run_sum(run_sum, replace(task, kind="second", bases=bases), secure.settings, "second sum", traffic)
         sums = 2
         for plan in plans:
             error = sketch.sketch_error(bases[plan.name], _tensor(first, f"{plan.name}/check")) if plan.checks_error else None
             updates[plan.name] = sketch.SketchedUpdate(bases[plan.name], _tensor(second, f"{plan.name}/projection"), error,
-                                                       entry_error=sum_error(len(clients), secure.settings.fraction_bits))
+                                                       entry_error=sum_error(len(adapters), secure.settings.fraction_bits))
 
     modules = {}
     for plan in plans:
