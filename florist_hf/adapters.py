@@ -26,6 +26,9 @@ ADAPTER_WEIGHTS_PICKLE = "adapter_model.bin"
 CLIENT_INFO = "client.json"
 #: Written beside a global adapter: how it was made (method, τ, ranks, energy, traffic).
 SIDECAR = "aggregation.json"
+#: Under secure aggregation the server keeps, instead of a client's factors (which stay with the
+#: client), their layout: each module's shape and rank, and the factors' dtype.
+ADAPTER_LAYOUT = "adapter_layout.json"
 
 #: PEFT names a factor ``<module>.lora_A.weight`` (adapter name stripped on save) or, in a raw
 #: state dict, ``<module>.lora_A.<adapter>.weight``.
@@ -129,11 +132,7 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     raise FloristError(f"{path}: no {ADAPTER_WEIGHTS} found; point at a directory written by PEFT's save_pretrained")
 
 
-def read_adapter(path: str | os.PathLike) -> LoraAdapter:
-    """Read and check one PEFT LoRA adapter directory; every problem is a one-line FloristError."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FloristError(f"{path}: adapter directory not found; pass a directory written by PEFT's save_pretrained")
+def _read_config(path: Path) -> dict:
     config_file = path / ADAPTER_CONFIG
     if not config_file.is_file():
         raise FloristError(f"{config_file}: missing; pass a directory written by PEFT's save_pretrained")
@@ -145,6 +144,15 @@ def read_adapter(path: str | os.PathLike) -> LoraAdapter:
         raise FloristError(f"{config_file}: not a LoRA adapter config (peft_type LORA with r and lora_alpha expected)")
     if config.get("use_dora"):
         raise FloristError(f"{config_file}: DoRA adapters are not supported; train the clients with use_dora=False")
+    return config
+
+
+def read_adapter(path: str | os.PathLike) -> LoraAdapter:
+    """Read and check one PEFT LoRA adapter directory; every problem is a one-line FloristError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FloristError(f"{path}: adapter directory not found; pass a directory written by PEFT's save_pretrained")
+    config = _read_config(path)
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in _load_weights(path).items():
@@ -196,6 +204,41 @@ def _read_num_samples(path: Path) -> int | None:
     if not isinstance(num_samples, int) or num_samples <= 0:
         raise FloristError(f"{info_file}: num_samples must be a positive integer, got {num_samples!r}")
     return num_samples
+
+
+def adapter_layout(adapter_dir: str | os.PathLike) -> dict:
+    """What `read_adapter_layout` reads back: ``{"dtype": ..., "modules": {module: [m, r, n]}}``, from
+    the safetensors header alone (the factors are not read)."""
+    from safetensors import safe_open
+
+    weights_file = Path(adapter_dir) / ADAPTER_WEIGHTS
+    with safe_open(weights_file, framework="pt") as handle:
+        dtypes = {_SAFETENSORS_DTYPES[handle.get_slice(key).get_dtype()] for key in handle.keys()}
+    shapes = factor_shapes(adapter_dir)
+    return {"dtype": str(widest_dtype(dtypes)).removeprefix("torch."),
+            "modules": {name: [pair["B"][0], pair["A"][0], pair["A"][1]] for name, pair in sorted(shapes.items())}}
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def read_adapter_layout(path: str | os.PathLike) -> LoraAdapter:
+    """A client adapter the server knows only by its layout (secure aggregation, `ADAPTER_LAYOUT`): its
+    config, sample count, dtype and module shapes, the factors storage-free (`without_factors`)."""
+    path = Path(path)
+    config = _read_config(path)
+    try:
+        layout = json.loads((path / ADAPTER_LAYOUT).read_text())
+        dtype = getattr(torch, layout["dtype"])
+        modules = {name: ClientModule(torch.empty(r, n, device="meta"), torch.empty(m, r, device="meta"),
+                                      module_scale(config, name))
+                   for name, (m, r, n) in layout["modules"].items()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        raise FloristError(f"{path / ADAPTER_LAYOUT}: missing or corrupt ({type(error).__name__}); the client's reply "
+                           "did not describe its adapter — run the round again") from None
+    if not isinstance(dtype, torch.dtype) or not modules:
+        raise FloristError(f"{path / ADAPTER_LAYOUT}: no float dtype or no modules; run the round again")
+    return LoraAdapter(path, config, modules, _read_num_samples(path), dtype)
 
 
 def widest_dtype(dtypes) -> torch.dtype:

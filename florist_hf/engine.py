@@ -343,11 +343,15 @@ class Federation:
         self.console.print(f"  client {plan.client_id}: loss {info['loss']:.4f}, {info['num_samples']} samples, {info['train_seconds']:.1f} s")
         return True
 
-    def aggregate(self, round_plan: RoundPlan, trained: Sequence, streamed: StreamingServerRound | None = None) -> ServerStep | None:
+    def aggregate(self, round_plan: RoundPlan, trained: Sequence, streamed: StreamingServerRound | None = None,
+                  secure_sums=None) -> ServerStep | None:
         """The server step of one round, weighted by sample counts (main process; None elsewhere).
 
         ``streamed``: the trained clients already folded in as they arrived (streaming aggregation),
         used when it holds exactly ``trained``, in order; otherwise they are read from disk.
+        ``secure_sums``: under secure aggregation, how the secure sums reach clients that kept their
+        adapters (a `secure.server_step.SumRunner` over ``trained``, in order; each plan's export
+        directory then holds its adapter's layout only); None: the clients' adapters are on disk here.
         """
         min_clients = self.recipe.federation.min_clients
         if len(trained) < min_clients:
@@ -361,12 +365,19 @@ class Federation:
         if self.main:
             global_dir, names = self.paths.global_dir(round_plan.round), [plan.export_dir.name for plan in trained]
             if self.recipe.federation.secure() is not None:
-                from florist_hf.secure.server_step import OUTLIER_NOTE, secure_aggregate_adapters
+                from florist_hf.secure.server_step import OUTLIER_NOTE, secure_aggregate, secure_aggregate_adapters
 
-                step = secure_aggregate_adapters(
-                    [plan.export_dir for plan in trained], self.method, global_dir, self.secure_round(round_plan.round),
-                    weights=[plan.num_samples for plan in trained], client_names=names,
-                )
+                weights = [plan.num_samples for plan in trained]
+                if secure_sums is not None:
+                    from florist_hf.adapters import read_adapter_layout
+
+                    step = secure_aggregate([read_adapter_layout(plan.export_dir) for plan in trained], secure_sums,
+                                            self.method, global_dir, self.secure_round(round_plan.round),
+                                            weights=weights, client_names=names)
+                else:
+                    step = secure_aggregate_adapters([plan.export_dir for plan in trained], self.method, global_dir,
+                                                     self.secure_round(round_plan.round), weights=weights,
+                                                     client_names=names)
                 if not self._secure_noted:
                     self.console.print(f"  [dim]secure aggregation: the per-client outlier report is {OUTLIER_NOTE}[/]")
                     self._secure_noted = True

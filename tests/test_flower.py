@@ -1,5 +1,6 @@
 """Flower: the ServerApp + ClientApp reproduce ``florist-hf run``, in simulation and in deployment."""
 
+import dataclasses
 import datetime
 import ipaddress
 import json
@@ -38,12 +39,12 @@ from florist_hf.runner import run_federation
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-def flower_recipe(path: Path, *, method: str, ranks, rounds: int, threshold: float = 0.9) -> Path:
+def flower_recipe(path: Path, *, method: str, ranks, rounds: int, threshold: float = 0.9, **sections) -> Path:
     """`helpers.write_recipe` at ``path``, with 256 byte tokens (the ~170-byte prompt and a response,
     which the held-out loss scores) and one held-out record per label."""
     return helpers.write_recipe(path.parent, file_name=path.name, method=method, ranks=ranks, rounds=rounds,
                                 threshold=threshold, name=f"flower-{method}", output_dir="runs/flower-test",
-                                data={"cutoff_len": 256, "holdout_per_label": 1})
+                                data={"cutoff_len": 256, "holdout_per_label": 1}, **sections)
 
 
 def reference_run(recipe_path: Path, out_dir: Path) -> Path:
@@ -291,6 +292,110 @@ def test_the_2025_baselines_on_flower_give_florist_hf_runs_result(tmp_path, serv
     flower_rounds, reference_rounds = round_records(run_dir), round_records(reference)
     for key in ("uplink_bytes_total", "downlink_bytes_total"):
         assert [r[key] for r in flower_rounds] == [r[key] for r in reference_rounds]
+
+
+SECURE = {"secure_aggregation": {"enabled": True}}
+
+
+def drop_out(stage: str, round_sum: str, partitions):
+    """A LocalGrid hook: the nodes of ``partitions`` lose their secure-aggregation state (as a restarted
+    node would) just before ``stage`` of the sum ``round_sum`` ("<round>.<first|second>"), so they fail it."""
+    def hook(message, context):
+        if (message.metadata.message_type == "query.florist_secagg" and message.metadata.group_id == round_sum
+                and message.content["config"]["stage"] == stage and context.node_config["partition-id"] in partitions):
+            del context.state["florist-secagg"]
+    return hook
+
+
+def client_contributions(reference: Path, round_index: int, seed: int) -> list[dict]:
+    """What each client of a secure reference round puts into the first and the second sum, computed
+    from its adapter in the clear (the second on the plain Q of the first sum)."""
+    from florist_hf.aggregation import sketch
+    from florist_hf.secure.server_step import SumTask, plan_modules
+
+    adapters = [read_adapter(RunPaths(reference).client_dir(round_index, k)) for k in range(3)]
+    total = sum(adapter.num_samples for adapter in adapters)
+    plans = plan_modules(adapters[0].module_shapes, [{n: m.rank for n, m in a.modules.items()} for a in adapters], None)
+    task = SumTask("first", tuple(plans), seed, tuple(a.num_samples / total for a in adapters), ("sketch_sums",), False)
+    first = [task.compute(k, adapter.modules) for k, adapter in enumerate(adapters)]
+    bases = {plan.name: sketch.range_basis(torch.from_numpy(sum(arrays[f"{plan.name}/range"] for arrays in first)))
+             for plan in plans}
+    second = dataclasses.replace(task, kind="second", bases=bases)
+    return [{**first[k], **second.compute(k, adapter.modules)} for k, adapter in enumerate(adapters)]
+
+
+def test_secure_aggregation_over_flower_equals_florist_hf_run_and_the_server_receives_only_masked_arrays(
+    tmp_path, florist_case, server_identity
+):
+    """FLoRIST under SecAgg+ on the in-process grid, 3 clients × 2 rounds, client 2's node failing
+    round 1's first sum after it masked (recovered from the others' shares): every round's global
+    equals `florist-hf run` with secure aggregation, and the plain run's within the encoding; every
+    reply the ServerApp received holds no array but masked uint64 words that equal, and correlate
+    with, no client's contribution to either sum."""
+    import numpy as np
+
+    from florist_hf.flower import make_client_app, run_flower_federation
+
+    _, plain = florist_case
+    recipe_path = flower_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=2, federation=SECURE)
+    reference = reference_run(recipe_path, tmp_path / "reference")
+    received = []
+    grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes", drop_out("unmask", "1.first", {2}))
+    real_deliver = grid._deliver
+    grid._deliver = lambda message: received.append(real_deliver(message)) or received[-1]
+    run_dir = run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"]),
+                                    console=quiet_console())
+
+    for t in (1, 2):
+        ours, secure_run = RunPaths(run_dir).global_dir(t), RunPaths(reference).global_dir(t)
+        assert_same_adapter(ours, secure_run)
+        assert_same_update(ours, RunPaths(plain).global_dir(t), rtol=1e-4)
+        sidecar = json.loads((ours / "aggregation.json").read_text())
+        assert sidecar["secure_aggregation"]["sums"] == 2
+        assert not list(RunPaths(run_dir).client_dir(t, 0).glob("*.safetensors"))  # the server kept layouts only
+    assert_same_adapter(run_dir / "global_adapter", reference / "global_adapter")
+    ours, theirs = round_records(run_dir), round_records(reference)
+    for key in ("downlink_bytes_total", "plain_uplink_bytes_total", "secure_aggregation"):
+        assert [r[key] for r in ours] == [r[key] for r in theirs]
+    # The same traffic, counted message by message, but for the shares client 2 did not reveal in round 1
+    assert ours[1]["uplink_bytes_total"] == theirs[1]["uplink_bytes_total"] > ours[0]["uplink_bytes_total"]
+
+    trains = [reply for reply in received if reply.metadata.message_type == "train"]
+    assert len(trains) == 6 and all(not reply.content.array_records for reply in trains)
+    stages = [reply for reply in received if reply.metadata.message_type == "query.florist_secagg"]
+    assert sum(reply.has_error() for reply in stages) == 1  # client 2 at round 1's first unmask
+    checked, expected = 0, 0
+    for t in (1, 2):
+        contributions = client_contributions(reference, t, 42 * 1_000_003 + t)
+        expected += 3 * len(contributions[0]) * 3  # 3 clients' masked replies × their arrays × 3 contributions
+        for reply in (r for r in stages if r.metadata.group_id.startswith(f"{t}.") and not r.has_error()):
+            for record in reply.content.array_records.values():
+                for name, array in record.items():
+                    masked = array.numpy()
+                    assert masked.dtype == np.uint64
+                    signed = masked.view(np.int64).astype(np.float64).ravel()
+                    for contribution in (arrays[name] for arrays in contributions):
+                        assert not np.array_equal(masked.view(np.int64) / 2.0**32, contribution)
+                        assert abs(np.corrcoef(signed, contribution.ravel())[0, 1]) < 6 / np.sqrt(signed.size)
+                        checked += 1
+    assert checked == expected > 0
+
+
+def test_a_secure_flower_round_with_fewer_than_t_clients_fails_in_one_line_and_writes_no_global(
+    tmp_path, server_identity
+):
+    from florist_hf.flower import make_client_app, run_flower_federation
+    from florist_hf.secure import SecureAggregationError
+
+    recipe_path = flower_recipe(tmp_path / "recipe.yaml", method="fedit", ranks=(2, 2, 2), rounds=1, federation=SECURE)
+    grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes", drop_out("masked", "1.first", {1, 2}))
+    recipe = load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"])
+    with pytest.raises(SecureAggregationError, match=r"failed at its masked stage: 1 of 3 clients replied and the "
+                                                     r"threshold is 2; nothing was aggregated") as failure:
+        run_flower_federation(grid, recipe, console=quiet_console())
+    assert len(str(failure.value).splitlines()) == 1
+    assert not RunPaths(tmp_path / "flower").global_dir(1).exists()
+    assert not (tmp_path / "flower" / "global_adapter").exists()
 
 
 def test_a_node_that_sat_out_rounds_gets_one_compacted_catch_up_and_the_run_equals_florist_hf_run(tmp_path, server_identity):
@@ -620,6 +725,35 @@ def test_a_deployment_over_tls_with_supernode_authentication_completes_a_round_a
     assert summary["rounds_completed"] == 1 and summary["method"] == "fedit"
     assert sorted(summary["runtime"]["flower"]["nodes"].values()) == sorted(federation.node_ids)  # the registered keys
     # FedIT continues from the shared round-0 init that travelled to every node: same result as run
+    reference = reference_run(recipe_path, tmp_path / "reference")
+    assert_same_adapter(out_dir / "global_adapter", reference / "global_adapter")
+
+
+@pytest.mark.slow
+def test_a_deployment_over_tls_with_supernode_authentication_runs_secure_florist_as_florist_hf_run(tmp_path, deployment):
+    """The shipped Flower app under SecAgg+: each stage of both secure sums is a message through the
+    SuperLink to a SuperNode's ClientApp (a fresh process each, its secrets kept in the node's state);
+    the global adapter equals `florist-hf run` with secure aggregation."""
+    app_dir = tmp_path / "app"
+    shutil.copytree(REPO / "recipes" / "flower", app_dir)
+    recipe_path = flower_recipe(app_dir / "test_recipe.yaml", method="florist", ranks=(4, 2), rounds=1, federation=SECURE)
+    start_loopback_federation(deployment, tmp_path / "nodes", secure=True)
+    out_dir = tmp_path / "flower_run"
+    started = time.monotonic()
+    flwr_run = deployment.start("flwr_run", "flwr", "run", str(app_dir), "loopback", "--stream", "--run-config",
+                                f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120")
+    try:
+        flwr_run.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"flwr run did not finish in 300 s\n{deployment.logs()}")
+    assert flwr_run.returncode == 0, deployment.logs()
+    while not (out_dir / "run.json").exists() and time.monotonic() < started + 300:  # --stream may end first
+        time.sleep(1)
+    assert (out_dir / "run.json").exists(), deployment.logs()
+
+    sidecar = json.loads((out_dir / "global_adapter" / "aggregation.json").read_text())
+    assert sidecar["secure_aggregation"]["sums"] == 2 and sidecar["secure_aggregation"]["threshold"] == 2
+    assert not list(RunPaths(out_dir).client_dir(1, 0).glob("*.safetensors"))  # the server kept layouts only
     reference = reference_run(recipe_path, tmp_path / "reference")
     assert_same_adapter(out_dir / "global_adapter", reference / "global_adapter")
 

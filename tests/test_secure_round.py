@@ -232,15 +232,6 @@ def test_what_cannot_combine_with_secure_aggregation_is_refused_in_one_line(tmp_
     assert expected in result.output and len(result.output.strip().splitlines()) == 1, result.output
 
 
-def test_a_flower_deployment_refuses_secure_aggregation_before_it_starts(tmp_path):
-    from florist_hf.flower.server_app import run_flower_federation
-
-    recipe = load_recipe(write_recipe(tmp_path, federation={"secure_aggregation": {"enabled": True}}))
-    with pytest.raises(FloristError, match="runs in florist-hf run only for now"):
-        run_flower_federation(None, recipe, console=quiet_console())
-    assert not (tmp_path / "run").exists()
-
-
 def test_disabled_secure_aggregation_is_the_plain_run(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, federation={"secure_aggregation": {"enabled": False},
                                                             "clip_update_norm": 0.1}))

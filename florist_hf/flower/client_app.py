@@ -30,7 +30,7 @@ from florist_hf.adapters import peft_scale
 from florist_hf.flower import protocol
 from florist_hf.flower.policy import check_privacy, check_request, load_policy
 from florist_hf.clients.dp_sgd import client_privacy
-from florist_hf.flower.records import adapter_to_records, write_adapter_records
+from florist_hf.flower.records import adapter_to_records, layout_to_config, write_adapter_records
 
 #: Per-process caches (a simulation worker or a long-lived process serves many rounds).
 _RECORDS_CACHE: dict[tuple, list[dict]] = {}
@@ -214,7 +214,11 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     run_client_round(recipe, plan, base_path, tokenizer, _DATASET_CACHE[dataset_key], work, console, base_cache=_BASE_CACHE,
                      secret_dir=root)
 
-    arrays, adapter_config = adapter_to_records(plan.export_dir)
+    secure = recipe.federation.secure() is not None
+    if secure:  # the adapter stays here, for the round's secure sums; the server learns its layout only
+        arrays, adapter_config = None, layout_to_config(plan.export_dir)
+    else:
+        arrays, adapter_config = adapter_to_records(plan.export_dir)
     info = read_client_info(plan.export_dir)
     alpha = float(recipe.client_alpha(client_id))
     scale = peft_scale(alpha, plan.rank, recipe.lora.use_rslora)
@@ -234,13 +238,28 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
         value = info.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
             metrics[metric] = value
-    shutil.rmtree(plan.export_dir.parent, ignore_errors=True)
+    if secure:
+        shutil.rmtree(work, ignore_errors=True)
+        for earlier in (root / "rounds").iterdir():  # the adapters of rounds whose sums are done
+            if earlier.name.isdigit() and int(earlier.name) < round_index:
+                shutil.rmtree(earlier, ignore_errors=True)
+    else:
+        shutil.rmtree(plan.export_dir.parent, ignore_errors=True)
     if init_dir is not None:
         shutil.rmtree(init_dir, ignore_errors=True)
-    return Message(
-        RecordDict({protocol.ADAPTER: arrays, protocol.CONFIG: reply_config, protocol.METRICS: MetricRecord(metrics)}),
-        reply_to=message,
-    )
+    content = RecordDict({protocol.CONFIG: reply_config, protocol.METRICS: MetricRecord(metrics)})
+    if arrays is not None:
+        content[protocol.ADAPTER] = arrays
+    return Message(content, reply_to=message)
+
+
+def secure_stage(message: Message, context: Context, work_dir: str | Path | None = None) -> Message:
+    """One stage of a secure sum over the adapter this node trained in the sum's round (`flower.secure`)."""
+    from florist_hf.flower.secure import answer_stage
+
+    client_id = protocol.client_id_of(context, int(context.node_config.get(protocol.NUM_PARTITIONS, 1 << 30)))
+    root = _work_root(context, work_dir, client_id)
+    return answer_stage(message, context, lambda round_index: root / "rounds" / str(round_index) / "export", client_id)
 
 
 def make_client_app(work_dir: str | Path | None = None) -> ClientApp:
@@ -250,6 +269,10 @@ def make_client_app(work_dir: str | Path | None = None) -> ClientApp:
     @client_app.query("florist_hello")
     def _hello(message: Message, context: Context) -> Message:
         return hello(message, context)
+
+    @client_app.query("florist_secagg")
+    def _secagg(message: Message, context: Context) -> Message:
+        return secure_stage(message, context, work_dir)
 
     @client_app.train()
     def _train(message: Message, context: Context) -> Message:

@@ -16,7 +16,10 @@ Server -> client, ``train`` (one per selected client per round; `TrainRequest` e
     "global-state" + "global-state.config": the whole state, replacing the node's.
     "init" + "init.config": the global factors to continue from (FedIT, FFA-LoRA, FlexLoRA)
 Client -> server:
-    "adapter": ArrayRecord, the client's trained LoRA factors under their PEFT key names
+    "adapter": ArrayRecord, the client's trained LoRA factors under their PEFT key names; under
+               federation.secure_aggregation none: the client keeps them, its config record carries
+               their layout ("adapter-layout"), and the server sums them through SecAgg+ in
+               ``query.florist_secagg`` messages (`flower.secure`)
     "config": ConfigRecord {adapter-config (its adapter_config.json), tensor-dtypes, client-id,
                             round, rank, alpha, scale, client-info (its client.json)}
     "metrics": MetricRecord {num-examples, loss, steps, train-seconds, finite}
@@ -32,6 +35,7 @@ from flwr.app import ConfigRecord, Context, MessageType
 from florist_hf.errors import FloristError
 
 HELLO = f"{MessageType.QUERY}.florist_hello"
+SECAGG = f"{MessageType.QUERY}.florist_secagg"
 TRAIN = MessageType.TRAIN
 
 CONFIG = "config"

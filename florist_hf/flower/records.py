@@ -20,13 +20,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from safetensors.torch import load_file, save_file
 
-from florist_hf.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CLIENT_INFO
+from florist_hf.adapters import ADAPTER_CONFIG, ADAPTER_LAYOUT, ADAPTER_WEIGHTS, CLIENT_INFO, adapter_layout
 from florist_hf.errors import FloristError
 from florist_hf.io_utils import atomic_directory, write_json_atomic
 
 #: ConfigRecord keys of an adapter on the wire.
 ADAPTER_CONFIG_KEY = "adapter-config"
 TENSOR_DTYPES_KEY = "tensor-dtypes"
+#: ConfigRecord key of an adapter's layout (secure aggregation: the factors stay with the client).
+LAYOUT_KEY = "adapter-layout"
 
 _WIRE_SUBSTITUTES = {torch.bfloat16: torch.float32}
 
@@ -108,6 +110,29 @@ def write_adapter_records(
         (staging / ADAPTER_CONFIG).write_text(config_text)
         if client_info is not None:
             write_json_atomic(staging / CLIENT_INFO, client_info)
+    return Path(out_dir)
+
+
+def layout_to_config(adapter_dir: str | os.PathLike) -> ConfigRecord:
+    """What a client says of its adapter under secure aggregation: its config and its layout
+    (`adapters.adapter_layout`), not its factors."""
+    adapter_dir = Path(adapter_dir)
+    return ConfigRecord({ADAPTER_CONFIG_KEY: (adapter_dir / ADAPTER_CONFIG).read_text(),
+                         LAYOUT_KEY: json.dumps(adapter_layout(adapter_dir))})
+
+
+def write_layout_records(out_dir: str | os.PathLike, config: ConfigRecord, *, client_info: dict,
+                         source: str = "message") -> Path:
+    """The server's record of a client whose factors it never receives (`layout_to_config`), written
+    atomically; `adapters.read_adapter_layout` reads it."""
+    config_text = adapter_config_text(config, source=source)
+    layout = config.get(LAYOUT_KEY)
+    if not isinstance(layout, str):
+        raise FloristError(f"{source}: no {LAYOUT_KEY} (a client under secure aggregation describes its adapter)")
+    with atomic_directory(out_dir, overwrite=True) as staging:
+        (staging / ADAPTER_CONFIG).write_text(config_text)
+        (staging / ADAPTER_LAYOUT).write_text(layout)
+        write_json_atomic(staging / CLIENT_INFO, client_info)
     return Path(out_dir)
 
 

@@ -38,9 +38,6 @@ def run_flower_federation(grid: Grid, recipe, *, force: bool = False, console=No
     from florist_hf.engine import Federation
     from florist_hf.loading import load_tokenizer
 
-    if recipe.federation.secure() is not None:
-        raise FloristError("federation.secure_aggregation runs in florist-hf run only for now: a Flower deployment would "
-                           "still ship each client's adapter in the clear; remove it, or run the federation with florist-hf run")
     federation = Federation(recipe, console=console)
     try:
         base_path = federation.open(force=force)

@@ -13,11 +13,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from florist_hf.adapters import read_adapter
+from florist_hf.adapters import read_adapter, read_adapter_layout
 from florist_hf.errors import FloristError
 from florist_hf.flower import protocol
 from florist_hf.flower.nodes import ClientNode, hello_content
-from florist_hf.flower.records import adapter_to_records, state_to_records, write_adapter_records
+from florist_hf.flower.records import adapter_to_records, state_to_records, write_adapter_records, write_layout_records
 from florist_hf.server import StreamingServerRound
 
 
@@ -60,6 +60,10 @@ class FloristStrategy(Strategy):
         #: merge rounds each node has received (it keeps them in its work dir)
         self.delivered: dict[int, set[int]] = {client.node_id: set() for client in clients.values()}
         self._round = _RoundState()
+        #: Under secure aggregation clients keep their adapters; the strategy drives the secure sums.
+        self.secure = self.recipe.federation.secure() is not None
+        #: Sees every reply of the secure sums (a test records what the server side receives).
+        self.on_secure_reply = None
 
     def summary(self) -> None:  # Flower's Strategy interface asks for it
         nodes = [self.clients[k].node_id for k in sorted(self.clients)]
@@ -177,14 +181,22 @@ class FloristStrategy(Strategy):
         self._round.uplink_bytes += sum(record.count_bytes() for record in content.array_records.values())
         try:
             info = json.loads(str(config["client-info"]))
-            if protocol.ADAPTER not in content.array_records or not isinstance(info, dict):
-                raise FloristError(f"client {client_id}'s reply holds no adapter or no client info")
-            write_adapter_records(
-                plan.export_dir, content.array_records[protocol.ADAPTER], config, client_info=info,
-                overwrite=True, source=f"client {client_id}'s reply",
-            )
+            if not isinstance(info, dict):
+                raise FloristError(f"client {client_id}'s reply holds no client info")
+            if self.secure:  # the client keeps its factors: the server records their layout
+                if content.array_records:
+                    raise FloristError(f"client {client_id} sent arrays in the clear under secure aggregation")
+                write_layout_records(plan.export_dir, config, client_info=info, source=f"client {client_id}'s reply")
+            elif protocol.ADAPTER not in content.array_records:
+                raise FloristError(f"client {client_id}'s reply holds no adapter")
+            else:
+                write_adapter_records(
+                    plan.export_dir, content.array_records[protocol.ADAPTER], config, client_info=info,
+                    overwrite=True, source=f"client {client_id}'s reply",
+                )
             if info.get("finite", True):  # a diverged client is logged, then left out, as in florist-hf run
-                ranks = {module.rank for module in read_adapter(plan.export_dir).modules.values()}
+                read = read_adapter_layout if self.secure else read_adapter
+                ranks = {module.rank for module in read(plan.export_dir).modules.values()}
             else:
                 ranks = {plan.rank}
             if ranks != {plan.rank}:
@@ -213,7 +225,8 @@ class FloristStrategy(Strategy):
         measured = None if self._round.plan.complete else {
             "flower_downlink_bytes": self._round.downlink_bytes, "flower_uplink_bytes": self._round.uplink_bytes}
         record = federation.record_round(server_round, heldout, measured=measured)
-        metrics = {key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "round"}
+        metrics = {key: value for key, value in record.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round"}
         losses = [read_client_info(plan.export_dir).get("loss") for plan in trained]
         losses = [loss for loss in losses if isinstance(loss, (int, float))]
         if losses:
@@ -271,7 +284,13 @@ class FloristStrategy(Strategy):
             take(plan.client_id)  # trained before a restart
         if streamed is None:  # stacked: in the plan's order, as florist-hf run aggregates
             trained.sort(key=self._round.plan.clients.index)
-        self.federation.aggregate(self._round.plan, trained, streamed)
+        secure_sums = None
+        if self.secure and trained:
+            from florist_hf.flower.secure import FlowerSums
+
+            secure_sums = FlowerSums(self._grid, [self.clients[plan.client_id].node_id for plan in trained], server_round,
+                                     timeout=self.round_timeout, console=self.console, on_reply=self.on_secure_reply)
+        self.federation.aggregate(self._round.plan, trained, streamed, secure_sums=secure_sums)
         return trained
 
     # --- no federated evaluation: the server evaluates the global adapter itself ----------------

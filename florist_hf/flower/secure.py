@@ -1,0 +1,225 @@
+"""Secure aggregation over Flower: each stage of a secure sum (`secure.protocol`) is one message from
+the ServerApp to every client still in the sum and its reply, so `FloristStrategy` drives SecAgg+
+with its own messages (Flower's SecAgg+ workflow serves only its legacy strategies).
+
+The server side (`FlowerSums`) is a `secure.server_step.SumRunner`: it sends the stage's requests and
+hands the protocol's server the replies, which hold public keys, ciphertexts it cannot read, masked
+uint64 arrays and secret shares, never a client's factors. The client side (`answer_stage`) keeps
+the client's secrets between stages in the node's own state (a Flower ClientApp runs each message in
+a fresh process), computes its arrays from the adapter it kept on the node, and masks them.
+
+Server -> client, ``query.florist_secagg`` (group id ``<round>.<first|second>``):
+    "config": ConfigRecord {stage, round, sum, secagg-id,
+        keys:   client-ids (JSON), threshold, fraction-bits, and the sum's public task: plans (JSON),
+                seed, weights (JSON), needs (JSON), freezes-lora-a
+        shares: share-key.<id>, mask-key.<id> (every client's public keys)
+        masked: ct.<id> (the shares addressed to this client)
+        unmask: survivors (JSON), dropped (JSON)}
+    "bases": ArrayRecord (masked stage of the second sum): Q per module, fp64
+Client -> server:
+    "config": ConfigRecord {keys: share-key, mask-key | shares: ct.<id> | unmask: seed.<id>, key.<id>}
+    "masked": ArrayRecord (masked stage): the masked encodings, uint64
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from florist_hf.errors import FloristError
+from florist_hf.flower import protocol
+from florist_hf.secure.local import SecureSum
+from florist_hf.secure.protocol import (
+    EncryptedShares,
+    MaskedInput,
+    PublicKeys,
+    RevealedShares,
+    SecAggClient,
+    SecAggServer,
+    Setup,
+    UnmaskRequest,
+    run_stages,
+)
+from florist_hf.secure.server_step import ModulePlan, SumTask, Traffic
+from florist_hf.secure.settings import SecAggSettings
+
+#: The node's state record that holds a client's secrets between the stages of one sum.
+STATE_KEY = "florist-secagg"
+BASES = "bases"
+MASKED = "masked"
+#: The keys stage's config keys that carry the sum's public task (kept by the node for the later stages).
+TASK_KEYS = ("plans", "seed", "weights", "needs", "freezes-lora-a")
+
+
+def _ids(config: ConfigRecord, prefix: str) -> dict[int, bytes]:
+    return {int(key[len(prefix):]): bytes(value) for key, value in config.items() if key.startswith(prefix)}
+
+
+def _task_config(task: SumTask) -> dict:
+    return {"plans": json.dumps([[p.name, *p.shape, p.max_rank, p.columns, p.exact_columns] for p in task.plans]),
+            "seed": task.seed, "weights": json.dumps(list(task.weights)), "needs": json.dumps(list(task.needs)),
+            "freezes-lora-a": task.freezes_lora_a}
+
+
+def _task_of(held: ConfigRecord, kind: str, bases: ArrayRecord | None) -> SumTask:
+    plans = tuple(ModulePlan(name, (m, n), max_rank, columns, exact)
+                  for name, m, n, max_rank, columns, exact in json.loads(str(held["plans"])))
+    return SumTask(kind, plans, int(held["seed"]), tuple(json.loads(str(held["weights"]))),
+                   tuple(json.loads(str(held["needs"]))), bool(held["freezes-lora-a"]),
+                   None if bases is None else {name: torch.from_numpy(array.numpy().copy()) for name, array in bases.items()})
+
+
+# ---- the server's side ----------------------------------------------------------------------------
+
+
+def request_content(stage: str, request, index: int, round_index: int, task: SumTask) -> RecordDict:
+    """What the server sends client ``index`` at ``stage`` of one sum (module docstring)."""
+    config: dict = {"stage": stage, "round": round_index, "sum": task.kind, "secagg-id": index}
+    content = RecordDict()
+    if stage == "keys":
+        config.update({"client-ids": json.dumps(list(request.client_ids)), "threshold": request.threshold,
+                       "fraction-bits": request.fraction_bits, **_task_config(task)})
+    elif stage == "shares":
+        for cid, keys in request.items():
+            config[f"share-key.{cid}"], config[f"mask-key.{cid}"] = keys.share_key, keys.mask_key
+    elif stage == "masked":
+        config.update({f"ct.{cid}": ciphertext for cid, ciphertext in request.items()})
+        if task.bases is not None:
+            content[BASES] = ArrayRecord({name: Array(basis.numpy()) for name, basis in sorted(task.bases.items())})
+    else:
+        config.update({"survivors": json.dumps(list(request.survivors)), "dropped": json.dumps(list(request.dropped))})
+    content[protocol.CONFIG] = ConfigRecord(config)
+    return content
+
+
+def reply_message(stage: str, content: RecordDict, index: int):
+    """A client's reply as the protocol's message, its sender the client the server addressed."""
+    config = content[protocol.CONFIG]
+    if stage == "keys":
+        return PublicKeys(index, bytes(config["share-key"]), bytes(config["mask-key"]))
+    if stage == "shares":
+        return EncryptedShares(index, _ids(config, "ct."))
+    if stage == "masked":
+        return MaskedInput(index, {name: np.ascontiguousarray(array.numpy(), dtype=np.uint64)
+                                   for name, array in content[MASKED].items()})
+    return RevealedShares(index, _ids(config, "seed."), _ids(config, "key."))
+
+
+class FlowerSums:
+    """The round's clients as Flower nodes (``nodes[k]`` serves SecAgg+ client k): a `SumRunner`.
+
+    A client whose node replies with an error, or not within ``timeout``, has vanished from the sum
+    from that stage on; fewer than the threshold at any stage fails the round (`SecureAggregationError`).
+    ``on_reply`` sees every reply Message the server receives (a test records them).
+    """
+
+    def __init__(self, grid, nodes: Sequence[int], round_index: int, *, timeout: float | None = None, console=None,
+                 on_reply: Callable[[Message], None] | None = None):
+        self.grid, self.nodes, self.round, self.timeout = grid, list(nodes), round_index, timeout
+        self.console, self.on_reply = console, on_reply
+        self.index = {node: k for k, node in enumerate(self.nodes)}
+
+    def __call__(self, task: SumTask, settings: SecAggSettings, traffic: Traffic) -> SecureSum:
+        server = SecAggServer(range(len(self.nodes)), settings)
+
+        def exchange(stage: str, requests: Mapping[int, object]) -> Iterator:
+            messages = [Message(request_content(stage, request, k, self.round, task), self.nodes[k], protocol.SECAGG,
+                                group_id=f"{self.round}.{task.kind}") for k, request in requests.items()]
+            for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+                k = self.index.get(reply.metadata.src_node_id)
+                if self.on_reply is not None:
+                    self.on_reply(reply)
+                if k is None or k not in requests:
+                    continue
+                if reply.has_error():
+                    self._say(f"  [yellow]client at node {self.nodes[k]}: left the {task.kind} secure sum at its "
+                              f"{stage} stage ({reply.error.reason})[/]")
+                    continue
+                try:
+                    message = reply_message(stage, reply.content, k)
+                except (KeyError, TypeError, ValueError) as error:
+                    self._say(f"  [yellow]client at node {self.nodes[k]}: unreadable {stage} reply ({error!r}); "
+                              "left out of the sum[/]")
+                    continue
+                traffic(message)
+                yield message
+
+        arrays = run_stages(server, exchange)
+        return SecureSum(arrays, server.survivors)
+
+    def _say(self, line: str) -> None:
+        if self.console is not None:
+            self.console.print(line)
+
+
+# ---- the client's side ----------------------------------------------------------------------------
+
+
+def _request(stage: str, content: RecordDict):
+    config = content[protocol.CONFIG]
+    if stage == "keys":
+        return Setup(tuple(json.loads(str(config["client-ids"]))), int(config["threshold"]), int(config["fraction-bits"]))
+    if stage == "shares":
+        shares, masks = _ids(config, "share-key."), _ids(config, "mask-key.")
+        return {cid: PublicKeys(cid, shares[cid], masks[cid]) for cid in shares}
+    if stage == "masked":
+        return _ids(config, "ct.")
+    return UnmaskRequest(tuple(json.loads(str(config["survivors"]))), tuple(json.loads(str(config["dropped"]))))
+
+
+def _reply_content(reply) -> RecordDict:
+    content = RecordDict()
+    if isinstance(reply, PublicKeys):
+        config = {"share-key": reply.share_key, "mask-key": reply.mask_key}
+    elif isinstance(reply, EncryptedShares):
+        config = {f"ct.{cid}": ciphertext for cid, ciphertext in reply.ciphertexts.items()}
+    elif isinstance(reply, MaskedInput):
+        config = {}
+        content[MASKED] = ArrayRecord({name: Array(array) for name, array in sorted(reply.arrays.items())})
+    else:
+        config = {**{f"seed.{cid}": share for cid, share in reply.seed_shares.items()},
+                  **{f"key.{cid}": share for cid, share in reply.key_shares.items()}}
+    content[protocol.CONFIG] = ConfigRecord(config)
+    return content
+
+
+def answer_stage(message: Message, context: Context, adapter_dir: Callable[[int], Path], client_id: int) -> Message:
+    """This node's reply to one stage of a secure sum; ``adapter_dir(round)`` is where the node kept the
+    adapter it trained that round (its arrays are computed from it at the masked stage)."""
+    from florist_hf.adapters import read_adapter
+
+    content = message.content
+    config = content[protocol.CONFIG]
+    stage, round_index, kind, index = str(config["stage"]), int(config["round"]), str(config["sum"]), int(config["secagg-id"])
+    session = f"{round_index}.{kind}"
+    if stage == "keys":
+        held = ConfigRecord({"session": session, **{key: config[key] for key in TASK_KEYS}})
+    else:
+        held = context.state.config_records.get(STATE_KEY)
+        if held is None or held.get("session") != session:
+            raise FloristError(f"client {client_id}: holds no secure-aggregation session {session} (its node restarted "
+                               "since the sum began); it drops out of this sum")
+    task = _task_of(held, kind, content.array_records.get(BASES))
+
+    def arrays() -> dict[str, np.ndarray]:
+        where = adapter_dir(round_index)
+        try:
+            return task.compute(index, read_adapter(where).modules)
+        except KeyError as error:
+            raise FloristError(f"client {client_id}: the secure sum asks for module {error} that its adapter in {where} "
+                               "lacks") from None
+
+    secrets = {key: bytes(value) for key, value in held.items() if key.startswith("secret.")}
+    client = SecAggClient.restore(index, {key.removeprefix("secret."): value for key, value in secrets.items()}, arrays)
+    reply = client.respond(stage, _request(stage, content))
+    if stage == "unmask":  # the sum is done: nothing of it is kept
+        del context.state[STATE_KEY]
+    else:
+        kept = {key: value for key, value in held.items() if not key.startswith("secret.")}
+        context.state[STATE_KEY] = ConfigRecord({**kept, **{f"secret.{key}": value for key, value in client.state().items()}})
+    return Message(_reply_content(reply), reply_to=message)
