@@ -405,7 +405,7 @@ class Federation:
         secure = federation.secure()
         reference = None if self.method.merges_into_base else self.history.continued(before=round_index)
         return SecureRound(secure.settings(), seed=federation.seed * 1_000_003 + round_index,
-                           sketch_columns=secure.sketch_columns, reference=reference)
+                           sketch_columns=secure.sketch_columns, reference=reference, clip=federation.clip_update_norm)
 
     def update_bounding(self, round_index: int) -> UpdateBounding | None:
         """How the server bounds round ``round_index``'s client updates, and noises their mean

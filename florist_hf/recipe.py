@@ -212,7 +212,8 @@ class FederationSection(Section):
     #: Bound every client's update to this Frobenius norm, over its whole adapter, before
     #: aggregation: the update s·B·A for florist and flora (whose clients train a fresh LoRA), the
     #: change of the factors since the global they continued for fedit, ffa, fedsvd and fedex. Each
-    #: client's norm and scaling are recorded in the round's aggregation.json.
+    #: client's norm and scaling are recorded in the round's aggregation.json. Under secure_aggregation
+    #: each client bounds its own update before it masks it, and no norm reaches the server.
     clip_update_norm: float | None = Field(None, gt=0)
     #: Client-level DP on the server for fedit and ffa (needs clip_update_norm).
     central_dp: CentralDPSection | None = None
@@ -236,9 +237,9 @@ class FederationSection(Section):
         from florist_hf.secure.methods import SKETCH, secure_inputs
 
         secure_inputs(self.method)  # a ValueError naming why the method cannot run so
-        blocked = [("clip_update_norm", self.clip_update_norm is not None, "the server cannot see a client's update to "
-                    "bound it, and client-side clipping before masking is not built yet"),
-                   ("central_dp", self.central_dp is not None, "it needs the server's bound on every update"),
+        blocked = [("central_dp", self.central_dp is not None, "its noise is calibrated to one client's effect on the "
+                    "mean (clip_update_norm / n), which the fixed-point masked sums are not shown to keep — bound the "
+                    "clients with clip_update_norm alone, or use privacy.mode: dp_sgd"),
                    ("robust", self.robust is not None, "a median or trimmed mean needs each client's factors"),
                    ("aggregation: streaming", self.aggregation == "streaming", "the server holds only sums, so there is "
                     "no client stack to stream")]

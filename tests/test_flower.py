@@ -381,6 +381,32 @@ def test_secure_aggregation_over_flower_equals_florist_hf_run_and_the_server_rec
     assert checked == expected > 0
 
 
+def test_fedit_clients_over_flower_bound_their_own_updates_before_masking_as_in_florist_hf_run(tmp_path, server_identity):
+    """clip_update_norm under secure aggregation on Flower: each node bounds the change of its factors
+    since the global it continued (kept on the node for the round's sums) before masking; the run
+    equals `florist-hf run`'s, and the bound binds every client of round 2."""
+    from florist_hf.aggregation.bounding import update_norm
+    from florist_hf.flower import make_client_app, run_flower_federation
+
+    clip = 1e-3
+    recipe_path = flower_recipe(tmp_path / "recipe.yaml", method="fedit", ranks=(4, 2, 2), rounds=2,
+                                federation={**SECURE, "clip_update_norm": clip})
+    reference = reference_run(recipe_path, tmp_path / "reference")
+    grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes")
+    run_dir = run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"]),
+                                    console=quiet_console())
+    for t in (1, 2):
+        assert_same_adapter(RunPaths(run_dir).global_dir(t), RunPaths(reference).global_dir(t))
+    continued = read_adapter(RunPaths(reference).global_dir(1)).modules
+    for k in range(3):
+        client = read_adapter(RunPaths(reference).client_dir(2, k)).modules
+        assert update_norm(client, continued) > clip
+    sidecar = json.loads((RunPaths(run_dir).global_dir(2) / "aggregation.json").read_text())
+    assert sidecar["bounding"]["clip_update_norm"] == clip
+    kept = sorted(path.name for path in (tmp_path / "nodes" / "run_7" / "client_0").glob("*/*"))
+    assert "1" not in kept and "round_1" not in kept  # round 1's adapter and global left the node in round 2
+
+
 def test_a_secure_flower_round_with_fewer_than_t_clients_fails_in_one_line_and_writes_no_global(
     tmp_path, server_identity
 ):

@@ -167,6 +167,34 @@ def test_a_secure_run_publishes_the_plain_runs_adapter(tmp_path, method, ranks, 
     assert round_line["uplink_bytes_total"] > round_line["plain_uplink_bytes_total"]
 
 
+@pytest.mark.parametrize("method, ranks", [("florist", (4, 2, 2)), ("fedit", (4, 2, 2)), ("ffa", (4, 4, 4))])
+def test_clients_bound_their_own_updates_before_masking_as_the_server_would(tmp_path, method, ranks):
+    """clip_update_norm under secure aggregation: each client scales its own update (s·B·A for FLoRIST's
+    fresh LoRA, the change since the continued global for FedIT and FFA-LoRA) before it masks it; the
+    global equals the plain run's, where the server bounded every update it saw, and the sidecar
+    records the bound but no client's norm. The clip binds: half the median norm of round 1."""
+    sizes = [16 + k for k in range(len(ranks))]
+
+    def run(name, clip, secure):
+        federation = {"eval_heldout_loss": False, "clip_update_norm": clip,
+                      **({"secure_aggregation": {"enabled": True}} if secure else {})}
+        return drive(load_recipe(write_recipe(tmp_path / name, method=method, ranks=ranks, rounds=2,
+                                              federation=federation)), sizes, client=fake_client)
+
+    unbound = json.loads((RunPaths(run("unbound", 1e6, False)).global_dir(1) / SIDECAR).read_text())
+    clip = sorted(client["update_norm"] for client in unbound["clients"])[1] / 2
+    runs = {secure: run(str(secure), clip, secure) for secure in (False, True)}
+    plain, secure = RunPaths(runs[False]), RunPaths(runs[True])
+    for t in (1, 2):
+        plain_side = json.loads((plain.global_dir(t) / SIDECAR).read_text())
+        secure_side = json.loads((secure.global_dir(t) / SIDECAR).read_text())
+        assert all(client["clipped"] for client in plain_side["clients"])  # the bound binds every client
+        assert secure_side["bounding"]["clip_update_norm"] == clip and "before masking" in secure_side["bounding"]["where"]
+        assert not any("update_norm" in client for client in secure_side["clients"])
+        ours, theirs = delta_weights(secure.global_dir(t)), delta_weights(plain.global_dir(t))
+        assert all(relative_error(ours[m], theirs[m]) < 1e-5 for m in theirs)
+
+
 def test_a_kill_between_the_two_secure_sums_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     """Nothing is written until both sums are done; the rerun draws fresh keys and masks, yet the same
     sketch seed and the same encodings give the same sums, so the same global adapter to the byte."""
@@ -217,7 +245,8 @@ def test_changed_secure_settings_set_the_rounds_they_made_aside(tmp_path):
 
 @pytest.mark.parametrize("change, expected", [
     ({"method": "flora"}, "flora hands every client every other client's factors"),
-    ({"clip_update_norm": 0.1}, "secure_aggregation and clip_update_norm do not combine"),
+    ({"method": "fedit", "clip_update_norm": 0.1, "central_dp": {"noise_multiplier": 1.0}},
+     "secure_aggregation and central_dp do not combine"),
     ({"method": "fedit", "robust": "median"}, "secure_aggregation and robust do not combine"),
     ({"aggregation": "streaming"}, "secure_aggregation and aggregation: streaming do not combine"),
     ({"method": "fedit", "secure_aggregation": {"sketch_columns": 8}}, "sketch_columns applies to florist, flexlora and fedex"),

@@ -238,15 +238,16 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
         value = info.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
             metrics[metric] = value
-    if secure:
+    if secure:  # the adapter and the global it continued wait for the round's secure sums
         shutil.rmtree(work, ignore_errors=True)
-        for earlier in (root / "rounds").iterdir():  # the adapters of rounds whose sums are done
-            if earlier.name.isdigit() and int(earlier.name) < round_index:
-                shutil.rmtree(earlier, ignore_errors=True)
+        for earlier, kept in kept_rounds(root).items():  # those of rounds whose sums are done
+            if earlier < round_index:
+                for path in kept:
+                    shutil.rmtree(path, ignore_errors=True)
     else:
         shutil.rmtree(plan.export_dir.parent, ignore_errors=True)
-    if init_dir is not None:
-        shutil.rmtree(init_dir, ignore_errors=True)
+        if init_dir is not None:
+            shutil.rmtree(init_dir, ignore_errors=True)
     content = RecordDict({protocol.CONFIG: reply_config, protocol.METRICS: MetricRecord(metrics)})
     if arrays is not None:
         content[protocol.ADAPTER] = arrays
@@ -259,7 +260,23 @@ def secure_stage(message: Message, context: Context, work_dir: str | Path | None
 
     client_id = protocol.client_id_of(context, int(context.node_config.get(protocol.NUM_PARTITIONS, 1 << 30)))
     root = _work_root(context, work_dir, client_id)
-    return answer_stage(message, context, lambda round_index: root / "rounds" / str(round_index) / "export", client_id)
+
+    def kept(round_index: int) -> tuple[Path, Path | None]:
+        init_dir = root / "init" / f"round_{round_index}"
+        return root / "rounds" / str(round_index) / "export", init_dir if init_dir.is_dir() else None
+
+    return answer_stage(message, context, kept, client_id)
+
+
+def kept_rounds(root: Path) -> dict[int, list[Path]]:
+    """What a node keeps per round under secure aggregation: the round's directory (its adapter) and
+    the global it continued that round."""
+    kept: dict[int, list[Path]] = {}
+    for path in [*(root / "rounds").glob("*"), *(root / "init").glob("round_*")]:
+        number = path.name.removeprefix("round_")
+        if number.isdigit():
+            kept.setdefault(int(number), []).append(path)
+    return kept
 
 
 def make_client_app(work_dir: str | Path | None = None) -> ClientApp:

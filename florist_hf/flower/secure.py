@@ -11,7 +11,7 @@ a fresh process), computes its arrays from the adapter it kept on the node, and 
 Server -> client, ``query.florist_secagg`` (group id ``<round>.<first|second>``):
     "config": ConfigRecord {stage, round, sum, secagg-id,
         keys:   client-ids (JSON), threshold, fraction-bits, and the sum's public task: plans (JSON),
-                seed, weights (JSON), needs (JSON), freezes-lora-a
+                seed, weights (JSON), needs (JSON), freezes-lora-a, clip (JSON), relative
         shares: share-key.<id>, mask-key.<id> (every client's public keys)
         masked: ct.<id> (the shares addressed to this client)
         unmask: survivors (JSON), dropped (JSON)}
@@ -53,7 +53,7 @@ STATE_KEY = "florist-secagg"
 BASES = "bases"
 MASKED = "masked"
 #: The keys stage's config keys that carry the sum's public task (kept by the node for the later stages).
-TASK_KEYS = ("plans", "seed", "weights", "needs", "freezes-lora-a")
+TASK_KEYS = ("plans", "seed", "weights", "needs", "freezes-lora-a", "clip", "relative")
 
 
 def _ids(config: ConfigRecord, prefix: str) -> dict[int, bytes]:
@@ -63,7 +63,7 @@ def _ids(config: ConfigRecord, prefix: str) -> dict[int, bytes]:
 def _task_config(task: SumTask) -> dict:
     return {"plans": json.dumps([[p.name, *p.shape, p.max_rank, p.columns, p.exact_columns] for p in task.plans]),
             "seed": task.seed, "weights": json.dumps(list(task.weights)), "needs": json.dumps(list(task.needs)),
-            "freezes-lora-a": task.freezes_lora_a}
+            "freezes-lora-a": task.freezes_lora_a, "clip": json.dumps(task.clip), "relative": task.relative}
 
 
 def _task_of(held: ConfigRecord, kind: str, bases: ArrayRecord | None) -> SumTask:
@@ -71,7 +71,8 @@ def _task_of(held: ConfigRecord, kind: str, bases: ArrayRecord | None) -> SumTas
                   for name, m, n, max_rank, columns, exact in json.loads(str(held["plans"])))
     return SumTask(kind, plans, int(held["seed"]), tuple(json.loads(str(held["weights"]))),
                    tuple(json.loads(str(held["needs"]))), bool(held["freezes-lora-a"]),
-                   None if bases is None else {name: torch.from_numpy(array.numpy().copy()) for name, array in bases.items()})
+                   None if bases is None else {name: torch.from_numpy(array.numpy().copy()) for name, array in bases.items()},
+                   clip=json.loads(str(held["clip"])), relative=bool(held["relative"]))
 
 
 # ---- the server's side ----------------------------------------------------------------------------
@@ -188,9 +189,11 @@ def _reply_content(reply) -> RecordDict:
     return content
 
 
-def answer_stage(message: Message, context: Context, adapter_dir: Callable[[int], Path], client_id: int) -> Message:
-    """This node's reply to one stage of a secure sum; ``adapter_dir(round)`` is where the node kept the
-    adapter it trained that round (its arrays are computed from it at the masked stage)."""
+def answer_stage(message: Message, context: Context, kept: Callable[[int], tuple[Path, Path | None]],
+                 client_id: int) -> Message:
+    """This node's reply to one stage of a secure sum; ``kept(round)`` is where the node kept the adapter
+    it trained that round and the global it continued then (None: a fresh LoRA); its arrays are
+    computed from them at the masked stage (bounded first where the round clips)."""
     from florist_hf.adapters import read_adapter
 
     content = message.content
@@ -207,9 +210,10 @@ def answer_stage(message: Message, context: Context, adapter_dir: Callable[[int]
     task = _task_of(held, kind, content.array_records.get(BASES))
 
     def arrays() -> dict[str, np.ndarray]:
-        where = adapter_dir(round_index)
+        where, continued = kept(round_index)
+        reference = read_adapter(continued).modules if task.relative and continued is not None else None
         try:
-            return task.compute(index, read_adapter(where).modules)
+            return task.compute(index, read_adapter(where).modules, reference)
         except KeyError as error:
             raise FloristError(f"client {client_id}: the secure sum asks for module {error} that its adapter in {where} "
                                "lacks") from None

@@ -24,6 +24,7 @@ import torch
 from florist_hf.adapters import LoraAdapter, client_weights, read_adapter, read_client_adapters, widest_dtype, without_factors
 from florist_hf.aggregation import AggregationMethod, AggregationResult, ClientModule, round_communication
 from florist_hf.aggregation import sketch
+from florist_hf.aggregation.bounding import bound_client
 from florist_hf.aggregation.linalg import COMPUTE_DTYPE, padded_weighted_sum
 from florist_hf.errors import FloristError
 from florist_hf.secure.encoding import sum_error
@@ -60,6 +61,9 @@ class SecureRound:
     sketch_columns: int | None = None
     #: The global the clients continued: its frozen A is the shared A of FFA-LoRA and FedSVD.
     reference: Path | None = None
+    #: federation.clip_update_norm: each client bounds its own update before it masks (the server
+    #: sees no norm); the update is the change since ``reference`` where there is one, else s·B·A.
+    clip: float | None = None
 
 
 @dataclass(frozen=True)
@@ -131,9 +135,24 @@ class SumTask:
     needs: tuple[str, ...]
     freezes_lora_a: bool
     bases: Mapping[str, torch.Tensor] | None = None
+    #: Each client first bounds its update to this norm (`aggregation.bounding.bound_client`); relative:
+    #: the update is the change of its factors since the global it continued (its ``reference``).
+    clip: float | None = None
+    relative: bool = False
 
-    def compute(self, index: int, modules: Mapping[str, ClientModule]) -> dict[str, np.ndarray]:
-        """Client ``index``'s arrays, from its own adapter's ``modules``."""
+    def compute(self, index: int, modules: Mapping[str, ClientModule],
+                reference: Mapping[str, ClientModule] | None = None) -> dict[str, np.ndarray]:
+        """Client ``index``'s arrays, from its own adapter's ``modules`` (bounded first where the round
+        clips, relative to ``reference``, the global it continued, where the update is a change)."""
+        if self.clip is not None:
+            if self.relative and reference is None:
+                raise FloristError("secure aggregation: a client bounds the change of its factors since the global it "
+                                   "continued, and that global is missing on its side")
+            try:
+                modules, _ = bound_client(modules, self.clip, reference=reference if self.relative else None,
+                                          freezes_lora_a=self.freezes_lora_a)
+            except ValueError as error:
+                raise FloristError(f"secure aggregation: client {index}: {error}") from None
         side = ClientSide(modules, self.weights[index], self.needs, self.freezes_lora_a)
         return side.first_sum(self.plans, self.seed) if self.kind == "first" else side.second_sum(self.bases)
 
@@ -143,10 +162,12 @@ class SumTask:
 SumRunner = Callable[[SumTask, SecAggSettings, "Traffic"], SecureSum]
 
 
-def local_sums(adapters: Sequence[LoraAdapter]) -> SumRunner:
-    """The clients of ``florist-hf run``: in this process, each masking its own adapter's arrays."""
+def local_sums(adapters: Sequence[LoraAdapter], reference: Path | None = None) -> SumRunner:
+    """The clients of ``florist-hf run``: in this process, each masking its own adapter's arrays;
+    ``reference``: the global they continued, which each holds (read once, where a bound needs it)."""
     def run(task: SumTask, settings: SecAggSettings, traffic: "Traffic") -> SecureSum:
-        inputs = {k: partial(task.compute, k, adapter.modules) for k, adapter in enumerate(adapters)}
+        continued = read_adapter(reference).modules if task.relative and reference is not None else None
+        inputs = {k: partial(task.compute, k, adapter.modules, continued) for k, adapter in enumerate(adapters)}
         return secure_sum(inputs, settings, on_message=traffic)
 
     return run
@@ -215,7 +236,8 @@ def secure_aggregate_adapters(
     _check_method(method)
     started = time.perf_counter()
     adapters = read_client_adapters(client_dirs)
-    return secure_aggregate([without_factors(adapter) for adapter in adapters], local_sums(adapters), method, out_dir,
+    return secure_aggregate([without_factors(adapter) for adapter in adapters], local_sums(adapters, secure.reference),
+                            method, out_dir,
                             secure, weights=weights, overwrite=overwrite, client_names=client_names, started=started)
 
 
@@ -252,7 +274,13 @@ def secure_aggregate(
     wire_dtype = widest_dtype(adapter.dtype for adapter in adapters)
     plans = plan_modules(adapters[0].module_shapes, [{n: m.rank for n, m in a.modules.items()} for a in adapters],
                          secure.sketch_columns)
-    task = SumTask("first", tuple(plans), secure.seed, tuple(normalised), tuple(needs), method.freezes_lora_a)
+    if secure.clip is not None and not method.bounds_updates:
+        raise FloristError(f"clip_update_norm: {method.name} has no update to bound (use florist, fedit or ffa)")
+    relative = secure.clip is not None and not method.merges_into_base
+    if relative and secure.reference is None:
+        raise FloristError(f"{method.name} clients bound the change since the global they continued; none was given")
+    task = SumTask("first", tuple(plans), secure.seed, tuple(normalised), tuple(needs), method.freezes_lora_a,
+                   clip=secure.clip, relative=relative)
 
     shared_a = None
     if method.freezes_lora_a:  # public: the server sent it
@@ -307,6 +335,11 @@ def secure_aggregate(
             "server_seconds": "in florist-hf run it includes every client's side (sketching, masking), run in the "
                               "server's process",
         },
+        **({"bounding": {"clip_update_norm": secure.clip, "where": "on each client, before masking: the server sees "
+                         "no client's norm", "over": "the whole adapter",
+                         "bounded": "the factors' change since the global the clients continued" if relative
+                                    else "each client's update s·B·A"}}
+           if secure.clip is not None else {}),
         "modules": {plan.name: {"sketch": updates[plan.name].record()} for plan in plans if plan.name in updates},
         "communication": {
             "uplink_bytes": up, "uplink_bytes_total": sum(up), "downlink_bytes": downlink,
