@@ -155,6 +155,10 @@ def comm(
         Optional[Path], typer.Option(help="A FLoRIST aggregation.json whose per-module selected ranks to use.")
     ] = None,
     dtype: Annotated[str, typer.Option(help="Dtype on the wire: float32, bfloat16, float16.")] = "float32",
+    secure: Annotated[bool, typer.Option(help="Also the round under secure aggregation (SecAgg+), side by side.")] = False,
+    sketch_columns: Annotated[
+        Optional[int], typer.Option(help="With --secure: the sketch width p (default Σ r_k + 8, exact).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Communication per round per direction, and the paper's Eff, from a model config alone."""
@@ -166,7 +170,10 @@ def comm(
         raise FloristError(f"--dtype {dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
     shapes = target_module_shapes(model_config, [t.strip() for t in targets.split(",") if t.strip()])
     selected = _read_selected_ranks(selected_ranks, shapes) if selected_ranks else None
-    report = round_communication(_method(method, 1.0), shapes, client_ranks, selected, bytes_per_param=DTYPES[dtype])
+    if sketch_columns is not None and (not secure or sketch_columns < 1):
+        raise FloristError("--sketch-columns is a positive sketch width of --secure; add --secure or drop it")
+    chosen = _method(method, 1.0)
+    report = round_communication(chosen, shapes, client_ranks, selected, bytes_per_param=DTYPES[dtype])
     figures = {
         "method": method,
         "model_config": model_config,
@@ -175,8 +182,23 @@ def comm(
         "dtype": dtype,
         **report.to_dict(),
     }
+    if secure:
+        from florist_hf.secure.communication import secure_round_communication
+
+        if len(client_ranks) < 2:
+            raise FloristError("--secure needs at least 2 clients: the sum of one client is its update")
+        try:
+            figures["secure"] = secure_round_communication(chosen, shapes, client_ranks, selected,
+                                                           sketch_columns=sketch_columns,
+                                                           bytes_per_param=DTYPES[dtype])["secure"]
+        except ValueError as error:
+            raise FloristError(f"--secure: {error}") from None
     if as_json:
         print(json.dumps(figures))
+        return
+    if secure:
+        _print_secure_comm(figures, method, len(client_ranks), len(shapes))
+        console.print(f"Eff (x1e-4): {report.eff_x1e4:.2f}")
         return
     table = Table(title=f"{method}: one round, {len(client_ranks)} clients, {len(shapes)} modules")
     for column in ("direction", "parameters", "bytes", "largest client"):
@@ -190,6 +212,25 @@ def comm(
         )
     console.print(table)
     console.print(f"Eff (x1e-4): {report.eff_x1e4:.2f}")
+
+
+def _print_secure_comm(figures: dict, method: str, num_clients: int, num_modules: int) -> None:
+    secure = figures["secure"]
+    table = Table(title=f"{method}: one round, {num_clients} clients, {num_modules} modules, plain and secure")
+    for column in ("per client", "plain", "secure"):
+        table.add_column(column, justify="right")
+    largest = max(range(num_clients), key=lambda k: figures["uplink_bytes"][k])
+    table.add_row("uplink (largest client)", _human_bytes(figures["uplink_bytes"][largest]),
+                  _human_bytes(secure["masked_uplink_bytes"][largest]))
+    table.add_row("  parameters", f"{figures['uplink_params'][largest]:,}", f"{secure['uplink_params'][largest]:,} words")
+    table.add_row("downlink (largest client)", _human_bytes(max(figures["downlink_bytes"])),
+                  _human_bytes(max(figures["downlink_bytes"]) + secure["basis_downlink_bytes"]))
+    table.add_row("  of which the basis Q", "", _human_bytes(secure["basis_downlink_bytes"]))
+    table.add_row("protocol keys and shares (up + down)", "",
+                  _human_bytes(max(u + d for u, d in zip(secure["protocol_uplink_bytes"], secure["protocol_downlink_bytes"]))))
+    table.add_row("all clients, up", _human_bytes(figures["uplink_bytes_total"]), _human_bytes(secure["uplink_bytes_total"]))
+    table.add_row("all clients, down", _human_bytes(figures["downlink_bytes_total"]), _human_bytes(secure["downlink_bytes_total"]))
+    console.print(table)
 
 
 def _client_ranks(clients: int | None, rank: int | None, ranks: str | None) -> list[int]:

@@ -128,6 +128,9 @@ def round_record(paths: RunPaths, round_index: int, heldout: float | None, *, me
         record["secure_aggregation"] = True
         record["plain_uplink_bytes_total"] = comm["plain"]["uplink_bytes_total"]
         record["plain_downlink_bytes_total"] = comm["plain"]["downlink_bytes_total"]
+        secure = comm.get("secure", {})
+        if "protocol_uplink_bytes" in secure:  # of which the masking protocol's keys and shares, up and down
+            record["secure_protocol_bytes_total"] = sum(secure["protocol_uplink_bytes"]) + sum(secure["protocol_downlink_bytes"])
     bounding = sidecar.get("bounding")
     if bounding is not None:
         record["clients_clipped"] = sum(1 for client in sidecar["clients"] if client.get("clipped"))
@@ -152,7 +155,9 @@ def describe_round(record: dict) -> str:
         f"  server: ranks {record['rank_min']}/{record['rank_median']:g}/{record['rank_max']} "
         f"(total {record['total_selected_rank']}), Eff {record['eff_x1e4']:.2f}, "
         f"up {record['uplink_bytes_total']:,} B, down {record['downlink_bytes_total']:,} B"
-        + (f" (secure; plain: up {record['plain_uplink_bytes_total']:,} B, down {record['plain_downlink_bytes_total']:,} B)"
+        + (f" (secure, {record['secure_protocol_bytes_total']:,} B of it keys and shares;"
+           if "secure_protocol_bytes_total" in record else " (secure;" if record.get("secure_aggregation") else "")
+        + (f" plain: up {record['plain_uplink_bytes_total']:,} B, down {record['plain_downlink_bytes_total']:,} B)"
            if record.get("secure_aggregation") else "")
         + (f", held-out loss {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
         + (f", streaming dropped ≤ {record['streaming_discarded_energy_max']:.1e} of the energy"

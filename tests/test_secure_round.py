@@ -165,6 +165,10 @@ def test_a_secure_run_publishes_the_plain_runs_adapter(tmp_path, method, ranks, 
     round_line = next(line for line in lines if line["kind"] == "round")
     assert round_line["secure_aggregation"] is True
     assert round_line["uplink_bytes_total"] > round_line["plain_uplink_bytes_total"]
+    assert 0 < round_line["secure_protocol_bytes_total"] < round_line["uplink_bytes_total"] + round_line["downlink_bytes_total"]
+    from florist_hf.rounds import describe_round
+
+    assert "B of it keys and shares; plain: up" in describe_round({**round_line, "eff_x1e4": 1.0})
 
 
 @pytest.mark.parametrize("method, ranks", [("florist", (4, 2, 2)), ("fedit", (4, 2, 2)), ("ffa", (4, 4, 4))])
@@ -321,3 +325,44 @@ def test_a_secure_florist_run_with_real_trainer_clients_publishes_the_plain_runs
     assert all(relative_error(ours[m], theirs[m]) < 1e-4 for m in theirs)
     lines = [json.loads(line) for line in (published[True] / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines if line.get("secure_aggregation")] == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["florist", "fedit", "ffa"])
+def test_the_secure_traffic_counted_from_shapes_equals_what_a_round_counts(tmp_path, name):
+    """`secure.communication` (what `florist-hf comm --secure` prints) from shapes and ranks alone equals
+    the traffic a secure round counts message by message: masked words, Q, keys and shares."""
+    from florist_hf.secure.communication import secure_round_communication
+
+    method, ranks = method_named(name), [16, 8, 4, 4]
+    dirs, reference = write_clients(tmp_path, torch.bfloat16, shared_a=method.freezes_lora_a, ranks=ranks)
+    step = secure_aggregate_adapters(dirs, method, tmp_path / "secure", SecureRound(SecAggSettings(), 3, reference=reference))
+    counted = step.sidecar["communication"]
+    selected = {name: module["selected_rank"] for name, module in step.sidecar["modules"].items()}
+    predicted = secure_round_communication(method, MODULES, ranks, selected, bytes_per_param=2)
+    assert predicted["secure"]["uplink_bytes"] == counted["uplink_bytes"]
+    assert predicted["secure"]["downlink_bytes"] == counted["downlink_bytes"]
+    for key in ("uplink_params", "basis_downlink_bytes", "protocol_uplink_bytes", "protocol_downlink_bytes"):
+        assert predicted["secure"][key] == counted["secure"][key], key
+    assert {key: predicted["plain"][key] for key in counted["plain"]} == counted["plain"]
+    m_plus_n = sum(m + n for m, n in MODULES.values())
+    if name == "florist":  # (m+n)·p per module, p = Σ r_k + 8, instead of (m+n)·r_k
+        assert predicted["secure"]["uplink_params"][0] == m_plus_n * (sum(ranks) + 8)
+        assert predicted["plain"]["uplink_params"] == [m_plus_n * rank for rank in ranks]
+
+
+def test_comm_shows_the_secure_round_beside_the_plain_one(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+                                  "intermediate_size": 512, "num_attention_heads": 4, "num_hidden_layers": 2,
+                                  "num_key_value_heads": 2, "vocab_size": 128}))
+    command = ["comm", "--model-config", str(config), "--ranks", "8,4,4", "--secure"]
+    figures = json.loads(runner.invoke(app, [*command, "--json"]).output)
+    secure = figures["secure"]
+    assert secure["uplink_params"] == [2 * ((256 + 256) + (128 + 256)) * (16 + 8)] * 3  # q and v of 2 layers, p = 24
+    assert secure["basis_downlink_bytes"] == 2 * (256 + 128) * 24 * 8
+    assert secure["uplink_bytes_total"] == sum(secure["masked_uplink_bytes"]) + sum(secure["protocol_uplink_bytes"])
+    table = runner.invoke(app, command)
+    assert table.exit_code == 0 and "plain" in table.output and "of which the basis Q" in table.output, table.output
+    refused = runner.invoke(app, [*command, "--method", "flora"])
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
+    assert "flora hands every client every other client's factors" in refused.output

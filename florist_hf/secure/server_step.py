@@ -196,9 +196,13 @@ class Traffic:
 
     def __init__(self, num_clients: int):
         self.up, self.down, self.params = [0] * num_clients, [0] * num_clients, [0] * num_clients
+        #: the part of ``up`` that is the protocol's own (keys, encrypted and revealed shares)
+        self.protocol_up = [0] * num_clients
 
     def __call__(self, message) -> None:
         self.up[message.client_id] += _message_bytes(message)
+        if not isinstance(message, MaskedInput):
+            self.protocol_up[message.client_id] += _message_bytes(message)
         if isinstance(message, MaskedInput):
             self.params[message.client_id] += sum(array.size for array in message.arrays.values())
         elif isinstance(message, PublicKeys):  # the server forwards every client's keys to every other
@@ -345,7 +349,7 @@ def secure_aggregate(
             "uplink_bytes": up, "uplink_bytes_total": sum(up), "downlink_bytes": downlink,
             "downlink_bytes_total": sum(downlink),
             "secure": {"uplink_params": params, "bytes_per_param": 8, "basis_downlink_bytes": basis_bytes,
-                       "protocol_downlink_bytes": down},
+                       "protocol_uplink_bytes": traffic.protocol_up, "protocol_downlink_bytes": down},
             "plain": {key: plain[key] for key in ("uplink_bytes", "uplink_bytes_total", "downlink_bytes",
                                                   "downlink_bytes_total", "bytes_per_param")},
         },
