@@ -121,3 +121,26 @@ def test_bf16_clients_are_sketched_in_fp64():
     assert update.basis.dtype == update.projection.dtype == torch.float64
     reference = plain("florist", low, weights, threshold=1.0)
     assert relative_error(sketch.florist_from_sketch(update, 1.0).delta_weight, reference.delta_weight) < 1e-10
+
+
+def test_a_method_that_declares_sketch_sums_finishes_from_them_itself():
+    """The registry holds each sketch method's own finishing (`from_sketch`, in its module): what the
+    secure server step calls, and the same result as the module-level sketch math."""
+    from florist_hf.aggregation import METHODS, SKETCH_SUMS, register_method
+    from florist_hf.aggregation.base import AggregationMethod
+
+    assert {name for name, method in METHODS.items() if SKETCH_SUMS in method.needs} == {"florist", "flexlora", "fedex"}
+    clients, weights = heterogeneous_clients((96, 80), ranks=[8, 4, 4], decay=True)
+    update = sketch.sketched_update(clients, weights, SEED, "m")
+    ours = get_method("florist", threshold=0.9).from_sketch(update, [8, 4, 4])
+    assert torch.equal(ours.delta_weight, sketch.florist_from_sketch(update, 0.9).delta_weight)
+
+    class Forgetful(AggregationMethod):
+        name, exact, needs = "forgetful", True, frozenset({SKETCH_SUMS})
+
+        def aggregate_module(self, clients, client_weights):
+            raise AssertionError
+
+    with pytest.raises(TypeError, match="exactly when it defines from_sketch"):
+        register_method(Forgetful)
+    assert "forgetful" not in METHODS

@@ -18,8 +18,7 @@ from florist_hf.aggregation.base import (
 )
 from florist_hf.aggregation.communication import CommunicationReport, round_communication
 from florist_hf.aggregation.ffa import SharedAMismatch
-from florist_hf.aggregation.florist import sum_of_updates
-from florist_hf.aggregation.linalg import energy, product_svd, select_rank
+from florist_hf.aggregation.linalg import energy, product_svd, select_rank, sum_of_updates
 from florist_hf.aggregation.types import AggregationResult, ClientModule, ModuleAggregate
 
 __all__ = [

@@ -36,6 +36,8 @@ def register_method(cls: type["AggregationMethod"]) -> type["AggregationMethod"]
     """Add a method to ``METHODS`` under its ``name``, after checking its declarations."""
     if not cls.needs or not cls.needs <= set(NEEDS):
         raise TypeError(f"{cls.__name__}.needs must be a non-empty subset of {NEEDS}")
+    if (SKETCH_SUMS in cls.needs) != (cls.from_sketch is not AggregationMethod.from_sketch):
+        raise TypeError(f"{cls.__name__} declares {SKETCH_SUMS} in its needs exactly when it defines from_sketch")
     if cls.name in METHODS:
         raise TypeError(f"aggregation method {cls.name!r} is registered twice")
     METHODS[cls.name] = cls
@@ -96,6 +98,13 @@ class AggregationMethod(ABC):
     @abstractmethod
     def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
         """Aggregate one module; ``client_weights`` are normalised (they sum to 1)."""
+
+    def from_sketch(self, update, client_ranks: Sequence[int], summed: ClientModule | None = None) -> ModuleAggregate:
+        """One module from the round's sketched update (an `aggregation.sketch.SketchedUpdate`: ΔW = Q·Z,
+        learnt from two sums), the clients' ranks (public) and, where the method also declares
+        ``FACTOR_SUMS``, the summed factors (Σ p_k·s_k·B_k, Σ p_k·A_k, padded) as one client of scale 1.
+        Defined by exactly the methods that declare ``SKETCH_SUMS`` (secure aggregation calls it)."""
+        raise NotImplementedError(f"{self.name} does not aggregate from sketch sums")
 
     def broadcast_rank(self, client_ranks: Sequence[int], selected_rank: int) -> int:
         """Rank of the global adapter the server broadcasts for one module (the Eff denominator)."""

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
+from florist_hf.aggregation import sketch
 from florist_hf.aggregation.base import FACTOR_SUMS, SKETCH_SUMS, AggregationMethod, register_method
 from florist_hf.aggregation.fedit import FedIT
-from florist_hf.aggregation.florist import sum_of_updates
+from florist_hf.aggregation.linalg import sum_of_updates
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
 
@@ -48,3 +49,7 @@ class FedExLoRA(AggregationMethod):
             torch.cat([mean_b, residual.lora_b], dim=1), torch.cat([mean_a, residual.lora_a]),
             selected_rank=max_rank + residual.selected_rank, continued_rank=max_rank,
         )
+
+    def from_sketch(self, update: sketch.SketchedUpdate, client_ranks: Sequence[int],
+                    summed: ClientModule | None = None) -> ModuleAggregate:
+        return sketch.fedex_from_sketch(update, summed.lora_b, summed.lora_a)

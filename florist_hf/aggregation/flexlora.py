@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from florist_hf.aggregation import sketch
 from florist_hf.aggregation.base import SKETCH_SUMS, AggregationMethod, register_method
 from florist_hf.aggregation.linalg import COMPUTE_DTYPE, truncate
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
@@ -44,6 +45,10 @@ class FlexLoRA(AggregationMethod):
         return ModuleAggregate(
             lora_b, lora_a, global_rank, singular_values=sigma[:stacked_rank], client_factors=per_client
         )
+
+    def from_sketch(self, update: sketch.SketchedUpdate, client_ranks: Sequence[int],
+                    summed: ClientModule | None = None) -> ModuleAggregate:
+        return sketch.flexlora_from_sketch(update, client_ranks, self.global_rank)
 
     def broadcast_rank(self, client_ranks: Sequence[int], selected_rank: int) -> int:
         return self.global_rank or max(client_ranks)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from florist_hf.aggregation.base import SKETCH_SUMS, AggregationMethod, method_class, register_method
-from florist_hf.aggregation.linalg import stack_client_factors, truncated_product_svd
+from florist_hf.aggregation import sketch
+from florist_hf.aggregation.linalg import stacked_truncation
 from florist_hf.aggregation.streaming import StreamingFloristRound
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
@@ -88,17 +89,8 @@ class Florist(AggregationMethod):
             for client, weight in zip(clients, client_weights.tolist()):
                 streamed.add({"module": client}, weight)
             return streamed.result().modules["module"]
-        stacked_b, stacked_a, column_scale = stack_client_factors(clients, client_weights)
-        kept = truncated_product_svd(stacked_b, stacked_a, column_scale, self.threshold,
-                                     client_ranks=[client.rank for client in clients])
-        return ModuleAggregate(kept.lora_b, kept.lora_a, kept.rank, singular_values=kept.sigma,
-                               client_products=kept.client_products)
+        return stacked_truncation(clients, client_weights, self.threshold)
 
-
-def sum_of_updates(updates: Sequence[ClientModule], threshold: float = 1.0) -> ModuleAggregate:
-    """Σ_k s_k B_k A_k (no weighting) re-factorised by the same stacked decomposition.
-
-    A merge-style federation publishes the sum of its round updates as one adapter this way:
-    exact at threshold 1, with rank at most the sum of the rounds' ranks.
-    """
-    return Florist(threshold).aggregate_module(updates, torch.ones(len(updates), dtype=torch.float64))
+    def from_sketch(self, update: sketch.SketchedUpdate, client_ranks: Sequence[int],
+                    summed: ClientModule | None = None) -> ModuleAggregate:
+        return sketch.florist_from_sketch(update, self.threshold)

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from florist_hf.aggregation.types import ClientProducts
+from florist_hf.aggregation.types import ClientModule, ClientProducts, ModuleAggregate
 
 #: Every decomposition runs in this precision, whatever the adapters' dtype (bf16 included).
 COMPUTE_DTYPE = torch.float64
@@ -209,6 +209,25 @@ def truncated_product_svd(
         products = client_products(gram_b, gram_a, blas_matmul(stacked_b.T, lora_b), blas_matmul(lora_a, stacked_a.T),
                                    client_ranks, float(sigma[:rank].square().sum()))
     return TruncatedProduct(lora_b, lora_a.clone(), sigma, rank, products)  # clone: do not keep all of vh alive
+
+
+def stacked_truncation(clients: Sequence[ClientModule], client_weights: torch.Tensor, threshold: float) -> ModuleAggregate:
+    """The τ-truncated SVD of Σ_k w_k·s_k·B_k·A_k from the clients' stacked factors (stacked FLoRIST),
+    with each client's `ClientProducts` with it."""
+    stacked_b, stacked_a, column_scale = stack_client_factors(clients, client_weights)
+    kept = truncated_product_svd(stacked_b, stacked_a, column_scale, threshold,
+                                 client_ranks=[client.rank for client in clients])
+    return ModuleAggregate(kept.lora_b, kept.lora_a, kept.rank, singular_values=kept.sigma,
+                           client_products=kept.client_products)
+
+
+def sum_of_updates(updates: Sequence[ClientModule], threshold: float = 1.0) -> ModuleAggregate:
+    """Σ_k s_k B_k A_k (no weighting) re-factorised by the same stacked decomposition.
+
+    A merge-style federation publishes the sum of its round updates as one adapter this way:
+    exact at threshold 1, with rank at most the sum of the rounds' ranks.
+    """
+    return stacked_truncation(updates, torch.ones(len(updates), dtype=torch.float64), threshold)
 
 
 def numerical_rank(sigma: torch.Tensor, shape: tuple[int, int]) -> int:

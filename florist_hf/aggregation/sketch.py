@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from florist_hf.aggregation.florist import sum_of_updates
-from florist_hf.aggregation.linalg import COMPUTE_DTYPE, truncate, truncated_product_svd
+from florist_hf.aggregation.linalg import COMPUTE_DTYPE, sum_of_updates, truncate, truncated_product_svd
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
 #: Columns of the error-check sketch, sent only when the sketch is narrower than the update's rank bound.

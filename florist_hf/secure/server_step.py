@@ -40,16 +40,6 @@ BASIS_BYTES_PER_PARAM = 8
 OUTLIER_NOTE = "unavailable under secure aggregation: the server sees only sums, never a client's update or its norm"
 
 
-#: How each sketch method turns the sketched update (and the first sum) into its global module;
-#: keyed by name until the method registry declares it in each method's own module.
-FROM_SKETCH = {
-    "florist": lambda method, update, ranks, first, name: sketch.florist_from_sketch(update, method.threshold),
-    "flexlora": lambda method, update, ranks, first, name: sketch.flexlora_from_sketch(update, ranks, method.global_rank),
-    "fedex": lambda method, update, ranks, first, name: sketch.fedex_from_sketch(
-        update, _tensor(first, f"{name}/lora_b"), _tensor(first, f"{name}/lora_a")),
-}
-
-
 @dataclass(frozen=True)
 class SecureRound:
     """A round's public secure-aggregation parameters."""
@@ -310,7 +300,9 @@ def secure_aggregate(
     for plan in plans:
         client_ranks = [adapter.modules[plan.name].rank for adapter in adapters]
         if SKETCH in needs:
-            modules[plan.name] = FROM_SKETCH[method.name](method, updates[plan.name], client_ranks, first, plan.name)
+            summed = (ClientModule(_tensor(first, f"{plan.name}/lora_a"), _tensor(first, f"{plan.name}/lora_b"), 1.0)
+                      if FACTOR_SUMS in needs else None)
+            modules[plan.name] = method.from_sketch(updates[plan.name], client_ranks, summed)
         else:  # the summed factors are the clients' weighted average: aggregated as one client of weight 1
             summed_b = _tensor(first, f"{plan.name}/lora_b")
             if shared_a is not None:
