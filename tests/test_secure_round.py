@@ -199,6 +199,21 @@ def test_clients_bound_their_own_updates_before_masking_as_the_server_would(tmp_
         assert all(relative_error(ours[m], theirs[m]) < 1e-5 for m in theirs)
 
 
+def test_the_outlier_report_is_unavailable_in_one_line_and_the_sidecar_says_so(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    output = io.StringIO()
+    recipe = load_recipe(write_recipe(tmp_path, method="florist", ranks=(4, 2, 2), rounds=2,
+                                      federation={"eval_heldout_loss": False, "secure_aggregation": {"enabled": True}}))
+    run_dir = drive(recipe, [16, 17, 18], client=fake_client, console=Console(file=output, width=400))
+    lines = [line for line in output.getvalue().splitlines() if "outlier report" in line]
+    assert len(lines) == 1 and "unavailable under secure aggregation" in lines[0], output.getvalue()
+    sidecar = json.loads((RunPaths(run_dir).global_dir(2) / SIDECAR).read_text())
+    assert "unavailable" in sidecar["secure_aggregation"]["outlier_report"] and "outliers" not in sidecar
+
+
 def test_a_kill_between_the_two_secure_sums_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     """Nothing is written until both sums are done; the rerun draws fresh keys and masks, yet the same
     sketch seed and the same encodings give the same sums, so the same global adapter to the byte."""
