@@ -3,7 +3,9 @@
 Each train message carries the recipe, this client's round plan and what the node lacks of the
 global state; the client brings its kept global state up to date (`update_global_state`), runs
 ``run_client_round`` exactly as the in-process round loop does, and replies with its adapter's tensors (PEFT key names) plus its
-rank, alpha, scale and sample count.
+rank, alpha, scale and sample count. Under secure aggregation it replies with its adapter's layout
+only, keeps the adapter, and answers the round's secure-sum stages (``query.florist_secagg``,
+`flower.secure`) from it.
 
 Node config (``flower-supernode --node-config "..."``):
     partition-id    this node's client index k (required in deployment; set by the simulation)
@@ -258,7 +260,7 @@ def secure_stage(message: Message, context: Context, work_dir: str | Path | None
     """One stage of a secure sum over the adapter this node trained in the sum's round (`flower.secure`)."""
     from florist_hf.flower.secure import answer_stage
 
-    client_id = protocol.client_id_of(context, int(context.node_config.get(protocol.NUM_PARTITIONS, 1 << 30)))
+    client_id = protocol.client_id_of(context, None)  # the message carries no recipe to check it against
     root = _work_root(context, work_dir, client_id)
 
     def kept(round_index: int) -> tuple[Path, Path | None]:

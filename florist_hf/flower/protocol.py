@@ -100,18 +100,22 @@ def config_key(record_key: str) -> str:
     return f"{record_key}.config"
 
 
-def client_id_of(context: Context, num_clients: int) -> int:
-    """This SuperNode's client index, from its node config (``partition-id``)."""
+def client_id_of(context: Context, num_clients: int | None) -> int:
+    """This SuperNode's client index, from its node config (``partition-id``); checked against the
+    recipe's ``num_clients`` where the message carries one."""
     node_config = context.node_config
     if PARTITION_ID not in node_config:
+        count, last = ("<n>", "<n> - 1") if num_clients is None else (num_clients, num_clients - 1)
         raise FloristError(
             f"SuperNode {context.node_id} has no {PARTITION_ID} in its node config; start it with "
-            f"--node-config \"{PARTITION_ID}=<k> {NUM_PARTITIONS}={num_clients}\" (k = 0..{num_clients - 1})"
+            f"--node-config \"{PARTITION_ID}=<k> {NUM_PARTITIONS}={count}\" (k = 0..{last})"
         )
     try:
         client_id = int(node_config[PARTITION_ID])
     except (TypeError, ValueError):
         raise FloristError(f"SuperNode {context.node_id}: {PARTITION_ID} must be an integer, got {node_config[PARTITION_ID]!r}") from None
+    if num_clients is None:
+        return client_id
     if NUM_PARTITIONS in node_config and int(node_config[NUM_PARTITIONS]) != num_clients:
         raise FloristError(
             f"SuperNode {context.node_id}: {NUM_PARTITIONS} = {node_config[NUM_PARTITIONS]} but the recipe's "

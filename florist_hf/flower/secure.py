@@ -116,13 +116,11 @@ class FlowerSums:
 
     A client whose node replies with an error, or not within ``timeout``, has vanished from the sum
     from that stage on; fewer than the threshold at any stage fails the round (`SecureAggregationError`).
-    ``on_reply`` sees every reply Message the server receives (a test records them).
     """
 
-    def __init__(self, grid, nodes: Sequence[int], round_index: int, *, timeout: float | None = None, console=None,
-                 on_reply: Callable[[Message], None] | None = None):
+    def __init__(self, grid, nodes: Sequence[int], round_index: int, *, timeout: float | None = None, console=None):
         self.grid, self.nodes, self.round, self.timeout = grid, list(nodes), round_index, timeout
-        self.console, self.on_reply = console, on_reply
+        self.console = console
         self.index = {node: k for k, node in enumerate(self.nodes)}
 
     def __call__(self, task: SumTask, settings: SecAggSettings, traffic: Traffic) -> SecureSum:
@@ -133,8 +131,6 @@ class FlowerSums:
                                 group_id=f"{self.round}.{task.kind}") for k, request in requests.items()]
             for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
                 k = self.index.get(reply.metadata.src_node_id)
-                if self.on_reply is not None:
-                    self.on_reply(reply)
                 if k is None or k not in requests:
                     continue
                 if reply.has_error():

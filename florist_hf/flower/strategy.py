@@ -39,7 +39,9 @@ class FloristStrategy(Strategy):
     ``configure_train`` sends each client of the engine's round plan its plan and the global
     state it lacks; ``aggregate_train`` writes the replies as client adapter directories, has the
     engine accept, aggregate and record them, and returns the global adapter as an ArrayRecord
-    (PEFT key names). State lives on disk, so a restarted ServerApp resumes.
+    (PEFT key names). State lives on disk, so a restarted ServerApp resumes. Under secure
+    aggregation the replies carry the adapters' layouts only, and the engine's secure server step
+    reaches the clients' adapters through the round's secure sums (`flower.secure.FlowerSums`).
     """
 
     def __init__(self, federation, clients: dict[int, ClientNode], *, tokenizer=None, test_records=(),
@@ -62,8 +64,6 @@ class FloristStrategy(Strategy):
         self._round = _RoundState()
         #: Under secure aggregation clients keep their adapters; the strategy drives the secure sums.
         self.secure = self.recipe.federation.secure() is not None
-        #: Sees every reply of the secure sums (a test records what the server side receives).
-        self.on_secure_reply = None
 
     def summary(self) -> None:  # Flower's Strategy interface asks for it
         nodes = [self.clients[k].node_id for k in sorted(self.clients)]
@@ -289,7 +289,7 @@ class FloristStrategy(Strategy):
             from florist_hf.flower.secure import FlowerSums
 
             secure_sums = FlowerSums(self._grid, [self.clients[plan.client_id].node_id for plan in trained], server_round,
-                                     timeout=self.round_timeout, console=self.console, on_reply=self.on_secure_reply)
+                                     timeout=self.round_timeout, console=self.console)
         self.federation.aggregate(self._round.plan, trained, streamed, secure_sums=secure_sums)
         return trained
 
