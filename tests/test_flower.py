@@ -297,6 +297,14 @@ def test_the_2025_baselines_on_flower_give_florist_hf_runs_result(tmp_path, serv
 SECURE = {"secure_aggregation": {"enabled": True}}
 
 
+@pytest.fixture(scope="session")
+def secure_florist_case(tmp_path_factory):
+    """`florist_case`'s recipe under secure aggregation, and its ``florist-hf run`` result."""
+    root = tmp_path_factory.mktemp("secure_florist_case")
+    recipe_path = flower_recipe(root / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=2, federation=SECURE)
+    return recipe_path, reference_run(recipe_path, root / "reference")
+
+
 def drop_out(stage: str, round_sum: str, partitions):
     """A LocalGrid hook: the nodes of ``partitions`` lose their secure-aggregation state (as a restarted
     node would) just before ``stage`` of the sum ``round_sum`` ("<round>.<first|second>"), so they fail it."""
@@ -325,7 +333,7 @@ def client_contributions(reference: Path, round_index: int, seed: int) -> list[d
 
 
 def test_secure_aggregation_over_flower_equals_florist_hf_run_and_the_server_receives_only_masked_arrays(
-    tmp_path, florist_case, server_identity
+    tmp_path, florist_case, secure_florist_case, server_identity
 ):
     """FLoRIST under SecAgg+ on the in-process grid, 3 clients × 2 rounds, client 2's node failing
     round 1's first sum after it masked (recovered from the others' shares): every round's global
@@ -337,8 +345,7 @@ def test_secure_aggregation_over_flower_equals_florist_hf_run_and_the_server_rec
     from florist_hf.flower import make_client_app, run_flower_federation
 
     _, plain = florist_case
-    recipe_path = flower_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=2, federation=SECURE)
-    reference = reference_run(recipe_path, tmp_path / "reference")
+    recipe_path, reference = secure_florist_case
     received = []
     grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes", drop_out("unmask", "1.first", {2}))
     real_deliver = grid._deliver
@@ -379,6 +386,34 @@ def test_secure_aggregation_over_flower_equals_florist_hf_run_and_the_server_rec
                         assert abs(np.corrcoef(signed, contribution.ravel())[0, 1]) < 6 / np.sqrt(signed.size)
                         checked += 1
     assert checked == expected > 0
+
+
+def test_a_secure_flower_run_killed_between_the_sums_resumes_from_the_adapters_the_nodes_kept(
+    tmp_path, secure_florist_case, server_identity
+):
+    """The ServerApp stops as round 2's second sum begins; a new ServerApp (new node state: the
+    secrets of the stopped sums are gone) trains nothing again: the nodes still hold round 2's
+    adapters, both sums run anew, and every global equals `florist-hf run` with secure aggregation."""
+    from florist_hf.flower import make_client_app, run_flower_federation
+
+    recipe_path, reference = secure_florist_case
+    recipe = load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"])
+
+    def stop_at_round_2s_second_sum(message, context):
+        if message.metadata.message_type == "query.florist_secagg" and message.metadata.group_id == "2.second":
+            raise KeyboardInterrupt
+
+    grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes", stop_at_round_2s_second_sum)
+    with pytest.raises(KeyboardInterrupt):
+        run_flower_federation(grid, recipe, console=quiet_console())
+    assert RunPaths(tmp_path / "flower").global_dir(1).exists() and not RunPaths(tmp_path / "flower").global_dir(2).exists()
+    grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes")
+    run_dir = run_flower_federation(grid, recipe, console=quiet_console())
+    assert not [delivery for delivery in grid.deliveries if delivery[0] == "train"]
+    assert {delivery[2] for delivery in grid.deliveries if delivery[0] == "query.florist_secagg"} == {"2.first", "2.second"}
+    for t in (1, 2):
+        assert_same_adapter(RunPaths(run_dir).global_dir(t), RunPaths(reference).global_dir(t))
+    assert_same_adapter(run_dir / "global_adapter", reference / "global_adapter")
 
 
 def test_fedit_clients_over_flower_bound_their_own_updates_before_masking_as_in_florist_hf_run(tmp_path, server_identity):
