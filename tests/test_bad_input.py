@@ -140,6 +140,12 @@ TEST_CASES: dict[str, tuple[list[str], list[str]]] = {
     "evaluate-limit-zero": (["evaluate", "--base", "{run}/base_model", "--limit", "0"], ["--limit 0", "a count (1 or more)"]),
     "evaluate-adapter-missing": (["evaluate", "--base", "{run}/base_model", "--adapter", "{tmp}/nope"], ["{tmp}/nope"]),
     "report-of-no-run": (["report", "{tmp}"], ["run.json: not found"]),
+    "comm-secure-flora": (["comm", "--model-config", "{run}/base_model", "--ranks", "4,2", "--secure", "--method", "flora"],
+                          ["--secure: secure_aggregation: flora hands every client every other client's factors"]),
+    "comm-secure-one-client": (["comm", "--model-config", "{run}/base_model", "--rank", "4", "--clients", "1", "--secure"],
+                               ["--secure needs at least 2 clients"]),
+    "comm-sketch-columns-alone": (["comm", "--model-config", "{run}/base_model", "--ranks", "4,2", "--sketch-columns", "4"],
+                                  ["--sketch-columns", "add --secure"]),
     "push-repo-id-malformed": (["push", "{run}", "--repo-id", "no slash here", "--dry-run", "{tmp}/upload"], ["no slash here"]),
 }
 
