@@ -24,7 +24,8 @@ def _stats(values: list[float]) -> dict:
 
 def _order(row: dict) -> tuple:
     setting_order = {"reference": 0, "centralised": 1, "homo": 2, "heter": 3}
-    method_order = {"base": 0, "fedit": 1, "flora": 2, "flexlora": 3, "ffa": 4, "florist": 5, "florist-o": 6, "florist-e": 7}
+    method_order = {"base": 0, "fedit": 1, "flora": 2, "flexlora": 3, "ffa": 4, "fedex": 5, "fedsvd": 6, "florist": 7, "florist-o": 8,
+                    "florist-e": 9}
     return (setting_order.get(row["setting"], 9), method_order.get(row["method"], 9), row.get("threshold") or 0)
 
 
@@ -214,10 +215,10 @@ def write_markdown(results: dict, path: Path) -> Path:
     return path
 
 
-COLORS = {"fedit": "tab:orange", "flora": "tab:green", "flexlora": "tab:purple", "ffa": "tab:brown", "florist": "tab:blue",
-          "florist-o": "tab:red", "florist-e": "tab:cyan",
+COLORS = {"fedit": "tab:orange", "flora": "tab:green", "flexlora": "tab:purple", "ffa": "tab:brown", "fedex": "tab:olive",
+          "fedsvd": "tab:pink", "florist": "tab:blue", "florist-o": "tab:red", "florist-e": "tab:cyan",
           "centralised": "black", "base": "gray"}
-MARKERS = {"fedit": "s", "flora": "D", "flexlora": "^", "ffa": "v", "florist": "o", "florist-o": "*", "florist-e": "P"}
+MARKERS = {"fedit": "s", "flora": "D", "flexlora": "^", "ffa": "v", "fedex": "<", "fedsvd": ">", "florist": "o", "florist-o": "*", "florist-e": "P"}
 
 
 def _runs_by_key(results: dict) -> dict[tuple, dict[int, dict]]:
