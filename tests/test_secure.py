@@ -200,15 +200,16 @@ def test_a_client_outside_the_layout_is_refused():
 
 
 def test_a_mask_longer_than_one_chunk_is_the_one_keystream():
-    """Masks are expanded a chunk at a time into one reused buffer: the words are ChaCha20's keystream
-    (the encryption of zeros under the seed and the array's nonce), unbroken across chunks."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+    """Masks are expanded a chunk at a time into one reused buffer: the words are AES-128-CTR's keystream
+    (the encryption of zeros under the seed's first 16 bytes, the counter from the array's index), unbroken
+    across chunks."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     size = encoding._MASK_CHUNK_WORDS * 2 + 12_345
     seed = bytes(range(1, 33))
     target = np.zeros(size, dtype=np.uint64).reshape(-1, 5) if size % 5 == 0 else np.zeros(size, dtype=np.uint64)
     encoding.apply_mask(target, seed, 7, +1)
-    keystream = Cipher(algorithms.ChaCha20(seed, bytes(4) + (7).to_bytes(12, "little")), mode=None).encryptor()
+    keystream = Cipher(algorithms.AES(seed[:16]), modes.CTR((7).to_bytes(8, "big") + bytes(8))).encryptor()
     expected = np.frombuffer(keystream.update(bytes(8 * size)), dtype="<u8")
     assert np.array_equal(target.ravel(), expected)
     with pytest.raises(ValueError, match="C-contiguous"):

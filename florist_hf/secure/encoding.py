@@ -1,5 +1,5 @@
 """The ring the masked sums live in: fixed-point encoding of fp64 values to uint64 (mod 2^64), and
-the masks, expanded from 32-byte seeds by ChaCha20 from the ``cryptography`` package.
+the masks, expanded from 32-byte seeds by AES-128 in counter mode from the ``cryptography`` package.
 
 Not Flower's ``pseudo_rand_gen``: it folds the seed to 32 bits and draws from numpy's RandomState
 (a Mersenne Twister, predictable from its output), so a mask would carry 32 bits of secrecy at most.
@@ -12,13 +12,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from florist_hf.secure.errors import SecureAggregationError
 
 # A value x travels as round(x·2^f) mod 2^64 (f = settings.FRACTION_BITS by default): |error| ≤ 2^-(f+1) per client.
-#: Bytes of a mask seed (a ChaCha20 key).
+#: Bytes of a mask seed: the self-mask seed b_u, and the HKDF output of a pairwise key agreement.
 SEED_BYTES = 32
+#: Bytes of the seed that key the mask's AES-128: 128-bit security, the level of the Fernet (AES-128)
+#: encryption that carries the protocol's shares. AES in counter mode is the fastest keystream the
+#: ``cryptography`` package has on CPUs with AES instructions: on the development machine (AVX-512,
+#: VAES) 8 masks added to a 5 MiB array took 4.5 ms against ChaCha20's 6.6 ms.
+KEY_BYTES = 16
 #: Masks are expanded and applied in pieces of this many uint64 words (256 KiB): a piece of the
 #: target and of the keystream stay in the core's cache while every mask is added to it.
 _MASK_CHUNK_WORDS = 1 << 15
@@ -67,14 +72,16 @@ def decode(encoded_sum: np.ndarray, fraction_bits: int) -> np.ndarray:
     return decoded
 
 
-def _nonce(index: int) -> bytes:
-    # OpenSSL's ChaCha20 IV: a 4-byte block counter (from 0), then a 12-byte nonce, here the array's index.
-    return bytes(4) + index.to_bytes(12, "little")
+def _keystream(seed: bytes, index: int):
+    # The initial counter block: the array's index in the first 8 bytes, the block counter (from 0)
+    # in the last 8 (CTR increments the block as one big-endian integer: 2^64 blocks per array).
+    return Cipher(algorithms.AES(seed[:KEY_BYTES]), modes.CTR(index.to_bytes(8, "big") + bytes(8))).encryptor()
 
 
 def apply_mask(target: np.ndarray, seed: bytes, index: int, sign: int) -> None:
-    """target += sign·mask (mod 2^64), in place; the mask is the ChaCha20 keystream under ``seed``
-    with nonce ``index`` (each array of one secure sum its own index), read as uint64 words."""
+    """target += sign·mask (mod 2^64), in place; the mask is the AES-128-CTR keystream under the
+    first 16 bytes of ``seed``, its counter starting at ``index`` (each array of one secure sum its
+    own index), read as little-endian uint64 words."""
     apply_masks(target, [(seed, sign)], index)
 
 
@@ -85,8 +92,7 @@ def apply_masks(target: np.ndarray, masks: Sequence[tuple[bytes, int]], index: i
         raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {sorted({len(seed) for seed, _ in masks})}")
     if not target.flags.c_contiguous:
         raise ValueError("a masked array must be C-contiguous (it is masked in place)")
-    streams = [(Cipher(algorithms.ChaCha20(seed, _nonce(index)), mode=None).encryptor(), np.add if sign > 0 else np.subtract)
-               for seed, sign in masks]
+    streams = [(_keystream(seed, index), np.add if sign > 0 else np.subtract) for seed, sign in masks]
     flat = target.reshape(-1)  # a view
     # The keystream is the encryption of zeros, written into one reused buffer (update_into: about
     # twice update's speed, which allocates the output every call).

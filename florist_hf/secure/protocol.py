@@ -5,7 +5,7 @@ the sum when up to n − t clients vanish after masking.
 Built on Flower's primitives, as Flower's own SecAgg+ mod is: EC key pairs (SECP384R1) and ECDH+HKDF
 key agreement (``generate_shared_key``), Fernet encryption of the share payloads (``encrypt`` /
 ``decrypt``, framed by ``share_keys_plaintext_concat`` / ``_separate``), Shamir sharing (``create_shares``
-/ ``combine_shares``, pycryptodome). Masks come from ``encoding.apply_masks`` (ChaCha20). Every client
+/ ``combine_shares``, pycryptodome). Masks come from ``encoding.apply_masks`` (AES-128-CTR). Every client
 is every other's neighbour (Flower's ring neighbourhood with num_shares = n): at federations of
 tens of clients the n² key agreements cost little, and the threshold then bounds the whole federation.
 
