@@ -125,10 +125,11 @@ def secure_round(clients, weights, threshold: float):
     return clock, up, basis_bytes
 
 
-def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float) -> dict:
+def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float, with_heldout: bool = True) -> dict:
     """A run's kept client adapters aggregated plain and secure (whole server steps, files to files):
-    the ranks FLoRIST selects, the secure global's error against the plain one, both times, and
-    (round 1) the held-out loss of each global on the run's base."""
+    the ranks FLoRIST selects, the secure global's error against the plain one, both times, each
+    client's secure work (both sums, in memory) beside its training time in the run, the bytes each
+    client sends and receives, and (round 1) the held-out loss of each global on the run's base."""
     import shutil
     from pathlib import Path
 
@@ -148,13 +149,19 @@ def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float)
         return {name: m.scale * (m.lora_b.double() @ m.lora_a.double()) for name, m in adapter.modules.items()}
 
     ours, theirs = updates(out / "secure"), updates(out / "plain")
-    heldout = heldout_losses(run_dir, out) if (Path(run_dir) / RECIPE_RECORD).exists() and round_index == 1 else None
+    heldout = (heldout_losses(run_dir, out) if with_heldout and (Path(run_dir) / RECIPE_RECORD).exists() and round_index == 1
+               else None)
     errors = [float((ours[n] - theirs[n]).norm() / theirs[n].norm()) for n in theirs]
-    exact = method.aggregate([a.modules for a in plain.adapters], [a.num_samples for a in plain.adapters])
+    fresh = [read_adapter(d) for d in dirs]  # read anew: the plain server step released the factors it read
+    exact = method.aggregate([a.modules for a in fresh], [a.num_samples for a in fresh])
     fp64_errors = [float((secure.result.modules[n].delta_weight - m.delta_weight).norm() / m.delta_weight.norm())
                    for n, m in exact.modules.items()]
     ranks_plain, ranks_secure = plain.result.selected_ranks, secure.result.selected_ranks
     comm = secure.sidecar["communication"]
+    # Each client's side of both sums on its real adapter (sketches, encoding, masking, keys and
+    # shares), against its training in the run (client.json; wall seconds, as the run recorded them).
+    clock, _, _ = secure_round([a.modules for a in fresh], plain.result.client_weights, threshold)
+    train_seconds = [json.loads((d / "client.json").read_text()).get("train_seconds") for d in dirs]
     return {
         **machine_record(), "run": str(run_dir), "round": round_index, "clients": len(dirs), "modules": len(theirs),
         "same_ranks": ranks_plain == ranks_secure, "total_rank_plain": sum(ranks_plain.values()),
@@ -166,6 +173,11 @@ def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float)
         "secure_seconds_all_clients_and_server": secure.sidecar["server_seconds"],
         "uplink_bytes_total": {"secure": comm["uplink_bytes_total"], "plain": comm["plain"]["uplink_bytes_total"]},
         "downlink_bytes_total": {"secure": comm["downlink_bytes_total"], "plain": comm["plain"]["downlink_bytes_total"]},
+        "uplink_bytes": {"secure": comm["uplink_bytes"], "plain": comm["plain"]["uplink_bytes"]},
+        "downlink_bytes": {"secure": comm["downlink_bytes"], "plain": comm["plain"]["downlink_bytes"]},
+        "client_train_seconds": train_seconds,
+        "secure_client_s": clock.wall["client"] / len(dirs), "secure_client_cpu_s": clock.cpu["client"] / len(dirs),
+        "secure_server_s": clock.wall["server"], "secure_server_cpu_s": clock.cpu["server"],
     }
 
 
@@ -198,11 +210,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--run", help="a run directory whose kept client adapters to aggregate plain and secure")
     parser.add_argument("--round", type=int, default=1)
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--no-heldout", action="store_true", help="--run: skip the held-out losses of both globals")
     parser.add_argument("--out", default="benchmarks/_cache/secure_real")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.run:
-        result = real_clients(args.run, args.round, args.out, args.threshold)
+        result = real_clients(args.run, args.round, args.out, args.threshold, not args.no_heldout)
         print(json.dumps(result, indent=1))
         if args.json:
             with open(args.json, "w") as handle:
