@@ -14,7 +14,7 @@ time is what to compare on a machine other jobs share):
 - secure, server: what `SecAggServer` does in both sums (collect keys, route shares, add each masked
   input as it arrives, rebuild the self masks and take them off, decode) plus Q = orth(Y) and
   FLoRIST on Q·Z;
-- secure, one client: its two sketches, fixed-point encoding and masking (one ChaCha20 keystream per
+- secure, one client: its two sketches, fixed-point encoding and masking (one AES-128-CTR keystream per
   other client plus its own), key agreement, Shamir sharing and encryption, per client on average.
 Each client computes its arrays when it masks them (one client's arrays held at a time, as in
 `florist-hf run`), so all 32 layers fit in memory. Bytes up per client: every message it sends
