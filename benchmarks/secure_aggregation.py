@@ -1,19 +1,25 @@
 """Secure against plain FLoRIST: the server's work, one client's work, and the bytes each client sends.
 
-    python -m benchmarks.secure_aggregation [--shape llama7b|smollm2] [--layers 2] [--threads 1] [--json OUT]
+    python -m benchmarks.secure_aggregation [--shape llama7b|smollm2] [--layers 2] [--dtype bf16|fp32]
+        [--threads 1] [--repeats 2] [--json OUT]
     python -m benchmarks.secure_aggregation --run RUN_DIR [--round 1]   # a run's real client adapters (+ held-out loss)
 
-Eight clients with the paper's heterogeneous ranks [64, 32, 16, 16, 8, 8, 4, 4] (fp32 factors, B
-scaled like a trained update, the Dolly sample counts as weights) on the q_proj and v_proj of
-``--layers`` layers: Llama-7B (4096×4096 both) or SmolLM2-135M (576×576 and 192×576, GQA). Timed,
-best of ``--repeats``, in memory (no adapter files; the plain side is `Florist.aggregate`):
+Eight clients with the paper's heterogeneous ranks [64, 32, 16, 16, 8, 8, 4, 4] (factors in
+``--dtype``, bf16 by default as trained adapters are stored; B scaled like a trained update, the
+Dolly sample counts as weights) on the q_proj and v_proj of ``--layers`` layers: Llama-7B
+(4096×4096 both) or SmolLM2-135M (576×576 and 192×576, GQA). Timed, best of ``--repeats``, in
+memory (no adapter files; the plain side is `Florist.aggregate`), in wall and CPU seconds (CPU
+time is what to compare on a machine other jobs share):
 - plain: FLoRIST τ = 0.9 on the stacked factors;
-- secure, server: what `SecAggServer` does in both sums (collect keys, route shares, add the masked
-  inputs, rebuild the self masks and take them off) plus Q = orth(Y) and FLoRIST on Q·Z;
-- secure, one client: its two sketches, fixed-point encoding and masking (one ChaCha20 keystream per
+- secure, server: what `SecAggServer` does in both sums (collect keys, route shares, add each masked
+  input as it arrives, rebuild the self masks and take them off, decode) plus Q = orth(Y) and
+  FLoRIST on Q·Z;
+- secure, one client: its two sketches, fixed-point encoding and masking (one AES-128-CTR keystream per
   other client plus its own), key agreement, Shamir sharing and encryption, per client on average.
-Bytes up per client: every message it sends (masked 8-byte words, keys, shares) against the plain
-round's (m+n)·r_k fp32 factors; the secure downlink adds Q (m·p fp64 per module).
+Each client computes its arrays when it masks them (one client's arrays held at a time, as in
+`florist-hf run`), so all 32 layers fit in memory. Bytes up per client: every message it sends
+(masked 8-byte words, keys, shares) against the plain round's (m+n)·r_k factors in ``--dtype``;
+the secure downlink adds Q (m·p fp64 per module).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from functools import partial
 
 import torch
 
@@ -29,16 +36,19 @@ from benchmarks.measure import machine_record
 from florist_hf.aggregation import ClientModule, get_method, sketch
 from florist_hf.rundir import RECIPE_RECORD
 from florist_hf.secure.protocol import SecAggClient, SecAggServer
+from florist_hf.secure.methods import SKETCH
 from florist_hf.secure.server_step import ClientSide, _message_bytes, plan_modules
 from florist_hf.secure.settings import SecAggSettings
 
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4]
 DOLLY_SAMPLES = [1579, 685, 3775, 607, 1149, 2192, 4000, 711]  # weights; only their ratios matter
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SHAPES = {"llama7b": {"q_proj": (4096, 4096), "v_proj": (4096, 4096)},
           "smollm2": {"q_proj": (576, 576), "v_proj": (192, 576)}}
 
 
-def make_clients(shape: str, layers: int) -> list[dict[str, ClientModule]]:
+def make_clients(shape: str, layers: int, dtype: torch.dtype = torch.bfloat16) -> list[dict[str, ClientModule]]:
+    """The clients' factors as a server reads them: stored in ``dtype`` (bf16, as trained adapters are)."""
     generator = torch.Generator().manual_seed(0)
     clients = []
     for rank in RANKS:
@@ -47,53 +57,79 @@ def make_clients(shape: str, layers: int) -> list[dict[str, ClientModule]]:
             for target, (m, n) in SHAPES[shape].items():
                 lora_a = torch.randn(rank, n, generator=generator) / n**0.5
                 lora_b = 0.01 * torch.randn(m, rank, generator=generator)
-                modules[f"base_model.model.model.layers.{layer}.self_attn.{target}"] = ClientModule(lora_a, lora_b, 2.0)
+                modules[f"base_model.model.model.layers.{layer}.self_attn.{target}"] = ClientModule(
+                    lora_a.to(dtype), lora_b.to(dtype), 2.0)
         clients.append(modules)
     return clients
 
 
+class Clock:
+    """Wall and CPU seconds per side; a side timed inside another's call (a client masking while the
+    server pulls its input) counts for the inner side only."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+        self._stack: list[list] = []
+
+    def __call__(self, side: str, function, *args):
+        frame = [side, time.perf_counter(), time.process_time(), 0.0, 0.0]  # side, wall0, cpu0, inner wall, inner cpu
+        self._stack.append(frame)
+        try:
+            return function(*args)
+        finally:
+            self._stack.pop()
+            wall, cpu = time.perf_counter() - frame[1], time.process_time() - frame[2]
+            self.wall[side] += wall - frame[3]
+            self.cpu[side] += cpu - frame[4]
+            if self._stack:
+                self._stack[-1][3] += wall
+                self._stack[-1][4] += cpu
+
+
 def secure_round(clients, weights, threshold: float):
-    """Both sums through the protocol, timing each side; returns (server s, client s per client, bytes up per client)."""
-    clock: dict[str, float] = defaultdict(float)
+    """Both sums through the protocol, timing each side: returns (Clock, bytes up per client, Q's bytes).
+
+    Each client computes its arrays when it masks them and the server adds each masked input as it
+    arrives, as in `florist-hf run`, so that one client's arrays are held at a time."""
+    clock = Clock()
     up = [0] * len(clients)
     plans = plan_modules({name: m.shape for name, m in clients[0].items()},
                          [{name: m.rank for name, m in c.items()} for c in clients], None)
-    sides = [ClientSide(c, w, ("sketch",), False) for c, w in zip(clients, weights)]
+    sides = [ClientSide(c, w, (SKETCH,), False) for c, w in zip(clients, weights)]
 
-    def timed(side: str, function, *args):
-        started = time.perf_counter()
-        result = function(*args)
-        clock[side] += time.perf_counter() - started
-        return result
+    def counted(message):
+        up[message.client_id] += _message_bytes(message)
+        return message
 
     def one_sum(arrays_of):
         server = SecAggServer(range(len(clients)), SecAggSettings())
-        parties = {k: SecAggClient(k, timed("client", arrays_of, k)) for k in range(len(clients))}
+        parties = {k: SecAggClient(k, partial(clock, "client", arrays_of, k)) for k in range(len(clients))}
         setup = server.setup()
-        sent = [timed("client", parties[k].advertise_keys, setup) for k in parties]
-        keys = timed("server", server.collect_keys, sent)
-        shares = [timed("client", parties[k].share_keys, keys) for k in parties]
-        routed = timed("server", server.route_shares, shares)
-        masked = [timed("client", parties[k].mask_input, routed[k]) for k in parties]
-        request = timed("server", server.collect_masked, masked)
-        revealed = [timed("client", parties[k].reveal, request) for k in parties]
-        for message in [*sent, *shares, *masked, *revealed]:
-            up[message.client_id] += _message_bytes(message)
-        return {name: torch.from_numpy(array) for name, array in timed("server", server.unmask, revealed).items()}
+        sent = [counted(clock("client", parties[k].advertise_keys, setup)) for k in parties]
+        keys = clock("server", server.collect_keys, sent)
+        shares = [counted(clock("client", parties[k].share_keys, keys)) for k in parties]
+        routed = clock("server", server.route_shares, shares)
+        masked = (counted(clock("client", parties[k].mask_input, routed[k])) for k in parties)
+        request = clock("server", server.collect_masked, masked)
+        revealed = [counted(clock("client", parties[k].reveal, request)) for k in parties]
+        return {name: torch.from_numpy(array) for name, array in clock("server", server.unmask, revealed).items()}
 
     first = one_sum(lambda k: sides[k].first_sum(plans, seed=1))
-    bases = timed("server", lambda: {p.name: sketch.range_basis(first[f"{p.name}/range"]) for p in plans})
+    bases = clock("server", lambda: {p.name: sketch.range_basis(first[f"{p.name}/range"]) for p in plans})
+    del first
     second = one_sum(lambda k: sides[k].second_sum(bases))
-    timed("server", lambda: [sketch.florist_from_sketch(sketch.SketchedUpdate(bases[p.name], second[f"{p.name}/projection"]),
+    clock("server", lambda: [sketch.florist_from_sketch(sketch.SketchedUpdate(bases[p.name], second[f"{p.name}/projection"]),
                                                         threshold) for p in plans])
     basis_bytes = sum(p.shape[0] * p.columns * 8 for p in plans)
-    return clock["server"], clock["client"] / len(clients), up, basis_bytes
+    return clock, up, basis_bytes
 
 
-def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float) -> dict:
+def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float, with_heldout: bool = True) -> dict:
     """A run's kept client adapters aggregated plain and secure (whole server steps, files to files):
-    the ranks FLoRIST selects, the secure global's error against the plain one, both times, and
-    (round 1) the held-out loss of each global on the run's base."""
+    the ranks FLoRIST selects, the secure global's error against the plain one, both times, each
+    client's secure work (both sums, in memory) beside its training time in the run, the bytes each
+    client sends and receives, and (round 1) the held-out loss of each global on the run's base."""
     import shutil
     from pathlib import Path
 
@@ -113,13 +149,19 @@ def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float)
         return {name: m.scale * (m.lora_b.double() @ m.lora_a.double()) for name, m in adapter.modules.items()}
 
     ours, theirs = updates(out / "secure"), updates(out / "plain")
-    heldout = heldout_losses(run_dir, out) if (Path(run_dir) / RECIPE_RECORD).exists() and round_index == 1 else None
+    heldout = (heldout_losses(run_dir, out) if with_heldout and (Path(run_dir) / RECIPE_RECORD).exists() and round_index == 1
+               else None)
     errors = [float((ours[n] - theirs[n]).norm() / theirs[n].norm()) for n in theirs]
-    exact = method.aggregate([a.modules for a in plain.adapters], [a.num_samples for a in plain.adapters])
+    fresh = [read_adapter(d) for d in dirs]  # read anew: the plain server step released the factors it read
+    exact = method.aggregate([a.modules for a in fresh], [a.num_samples for a in fresh])
     fp64_errors = [float((secure.result.modules[n].delta_weight - m.delta_weight).norm() / m.delta_weight.norm())
                    for n, m in exact.modules.items()]
     ranks_plain, ranks_secure = plain.result.selected_ranks, secure.result.selected_ranks
     comm = secure.sidecar["communication"]
+    # Each client's side of both sums on its real adapter (sketches, encoding, masking, keys and
+    # shares), against its training in the run (client.json; wall seconds, as the run recorded them).
+    clock, _, _ = secure_round([a.modules for a in fresh], plain.result.client_weights, threshold)
+    train_seconds = [json.loads((d / "client.json").read_text()).get("train_seconds") for d in dirs]
     return {
         **machine_record(), "run": str(run_dir), "round": round_index, "clients": len(dirs), "modules": len(theirs),
         "same_ranks": ranks_plain == ranks_secure, "total_rank_plain": sum(ranks_plain.values()),
@@ -131,6 +173,11 @@ def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float)
         "secure_seconds_all_clients_and_server": secure.sidecar["server_seconds"],
         "uplink_bytes_total": {"secure": comm["uplink_bytes_total"], "plain": comm["plain"]["uplink_bytes_total"]},
         "downlink_bytes_total": {"secure": comm["downlink_bytes_total"], "plain": comm["plain"]["downlink_bytes_total"]},
+        "uplink_bytes": {"secure": comm["uplink_bytes"], "plain": comm["plain"]["uplink_bytes"]},
+        "downlink_bytes": {"secure": comm["downlink_bytes"], "plain": comm["plain"]["downlink_bytes"]},
+        "client_train_seconds": train_seconds,
+        "secure_client_s": clock.wall["client"] / len(dirs), "secure_client_cpu_s": clock.cpu["client"] / len(dirs),
+        "secure_server_s": clock.wall["server"], "secure_server_cpu_s": clock.cpu["server"],
     }
 
 
@@ -157,37 +204,46 @@ def main(argv=None) -> dict:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama7b")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the client factors' dtype")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json")
     parser.add_argument("--run", help="a run directory whose kept client adapters to aggregate plain and secure")
     parser.add_argument("--round", type=int, default=1)
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--no-heldout", action="store_true", help="--run: skip the held-out losses of both globals")
     parser.add_argument("--out", default="benchmarks/_cache/secure_real")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.run:
-        result = real_clients(args.run, args.round, args.out, args.threshold)
+        result = real_clients(args.run, args.round, args.out, args.threshold, not args.no_heldout)
         print(json.dumps(result, indent=1))
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump(result, handle, indent=1)
         return result
-    clients = make_clients(args.shape, args.layers)
+    clients = make_clients(args.shape, args.layers, DTYPES[args.dtype])
     weights = [w / sum(DOLLY_SAMPLES) for w in DOLLY_SAMPLES]
     method = get_method("florist", threshold=0.9)
-    plain = []
+    plain_wall, plain_cpu = [], []
     for _ in range(args.repeats):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         method.aggregate(clients, weights)
-        plain.append(time.perf_counter() - started)
+        plain_wall.append(time.perf_counter() - started)
+        plain_cpu.append(time.process_time() - started_cpu)
     runs = [secure_round(clients, weights, 0.9) for _ in range(args.repeats)]
-    server, client = min(r[0] for r in runs), min(r[1] for r in runs)
-    up, basis_bytes = runs[0][2], runs[0][3]
-    plain_up = [sum((m.shape[0] + m.shape[1]) * m.rank * 4 for m in c.values()) for c in clients]
+    server_wall, server_cpu = min(r[0].wall["server"] for r in runs), min(r[0].cpu["server"] for r in runs)
+    client_wall = min(r[0].wall["client"] for r in runs) / len(clients)
+    client_cpu = min(r[0].cpu["client"] for r in runs) / len(clients)
+    up, basis_bytes = runs[0][1], runs[0][2]
+    bytes_per_value = torch.finfo(DTYPES[args.dtype]).bits // 8
+    plain_up = [sum((m.shape[0] + m.shape[1]) * m.rank * bytes_per_value for m in c.values()) for c in clients]
     result = {
         **machine_record(), "shape": args.shape, "modules": len(clients[0]), "threads": args.threads,
-        "plain_florist_s": min(plain), "secure_server_s": server, "secure_client_s": client,
-        "server_ratio": server / min(plain),
+        "dtype": args.dtype, "repeats": args.repeats,
+        "plain_florist_s": min(plain_wall), "plain_florist_cpu_s": min(plain_cpu),
+        "secure_server_s": server_wall, "secure_server_cpu_s": server_cpu,
+        "secure_client_s": client_wall, "secure_client_cpu_s": client_cpu,
+        "server_ratio": server_wall / min(plain_wall), "server_ratio_cpu": server_cpu / min(plain_cpu),
         "uplink_bytes_secure": up, "uplink_bytes_plain": plain_up, "basis_downlink_bytes": basis_bytes,
     }
     print(json.dumps(result, indent=1))

@@ -389,3 +389,19 @@ def test_aggregate_command_imports_neither_transformers_nor_peft(tiny_base, tmp_
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "global" / ADAPTER_WEIGHTS).is_file()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_single_non_finite_entry_anywhere_is_found(dtype, bad):
+    """The reader's finiteness check (min/max, no temporary) sees one NaN or ±Inf wherever it sits,
+    in contiguous and transposed factors, as isfinite().all() does."""
+    from florist_hf.adapters import all_finite
+
+    factor = torch.randn(96, 40).to(dtype)
+    assert all_finite(factor) and all_finite(factor.T) and all_finite(factor[:0])
+    for row, column in [(0, 0), (95, 39), (50, 17)]:
+        damaged = factor.clone()
+        damaged[row, column] = bad
+        assert not all_finite(damaged) and not all_finite(damaged.T)
+        assert all_finite(damaged) == bool(torch.isfinite(damaged).all())

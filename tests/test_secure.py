@@ -200,16 +200,50 @@ def test_a_client_outside_the_layout_is_refused():
 
 
 def test_a_mask_longer_than_one_chunk_is_the_one_keystream():
-    """Masks are expanded a chunk at a time into one reused buffer: the words are ChaCha20's keystream
-    (the encryption of zeros under the seed and the array's nonce), unbroken across chunks."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+    """Masks are expanded a chunk at a time into one reused buffer: the words are AES-128-CTR's keystream
+    (the encryption of zeros under the seed's first 16 bytes, the counter from the array's index), unbroken
+    across chunks."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     size = encoding._MASK_CHUNK_WORDS * 2 + 12_345
     seed = bytes(range(1, 33))
     target = np.zeros(size, dtype=np.uint64).reshape(-1, 5) if size % 5 == 0 else np.zeros(size, dtype=np.uint64)
     encoding.apply_mask(target, seed, 7, +1)
-    keystream = Cipher(algorithms.ChaCha20(seed, bytes(4) + (7).to_bytes(12, "little")), mode=None).encryptor()
+    keystream = Cipher(algorithms.AES(seed[:16]), modes.CTR((7).to_bytes(8, "big") + bytes(8))).encryptor()
     expected = np.frombuffer(keystream.update(bytes(8 * size)), dtype="<u8")
     assert np.array_equal(target.ravel(), expected)
     with pytest.raises(ValueError, match="C-contiguous"):
         encoding.apply_mask(np.zeros((4, 4), dtype=np.uint64).T, seed, 0, +1)
+
+
+def test_several_masks_in_one_pass_are_the_masks_one_after_another():
+    """``apply_masks`` (what clients and the server run: every mask added to a cache-sized piece before
+    the next piece) gives the bits of ``apply_mask`` applied mask by mask, across piece boundaries."""
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 2**63, size=(encoding._MASK_CHUNK_WORDS * 3 + 1_001) * 7, dtype=np.uint64).reshape(-1, 7)
+    masks = [(bytes(rng.integers(0, 256, 32, dtype=np.uint8)), sign) for sign in (+1, -1, -1, +1)]
+    one_by_one, fused = base.copy(), base.copy()
+    for seed, sign in masks:
+        encoding.apply_mask(one_by_one, seed, 3, sign)
+    encoding.apply_masks(fused, masks, 3)
+    assert np.array_equal(fused, one_by_one) and not np.array_equal(fused, base)
+    encoding.apply_masks(fused, [(seed, -sign) for seed, sign in masks], 3)
+    assert np.array_equal(fused, base)
+
+
+@pytest.mark.parametrize("fraction_bits", [32, 16])
+def test_encoding_and_in_place_decoding_are_the_fixed_point_formulas(fraction_bits):
+    """encode = round(x·2^f) as uint64 (one new C-contiguous array, also from a transposed input);
+    decode writes the fp64 value over the sum's own memory, the bits of ldexp(int64, −f)."""
+    rng = np.random.default_rng(fraction_bits)
+    values = rng.standard_normal((300, 40)) * 10.0 ** rng.integers(-9, 3, (300, 40))
+    for x in (values, values.T):
+        encoded = encoding.encode("x", x, N_CLIENTS, fraction_bits)
+        assert encoded.dtype == np.uint64 and encoded.flags.c_contiguous
+        assert np.array_equal(encoded, np.rint(np.ldexp(x, fraction_bits)).astype(np.int64).view(np.uint64))
+    total = encoded * np.uint64(N_CLIENTS)  # a sum of encodings (mod 2^64), negative entries included
+    expected = np.ldexp(total.view(np.int64).astype(np.float64), -fraction_bits)
+    decoded = encoding.decode(total, fraction_bits)
+    assert np.shares_memory(decoded, total) and np.array_equal(decoded, expected)
+    with pytest.raises(ValueError, match="in place"):
+        encoding.decode(np.zeros((4, 4), dtype=np.uint64).T, fraction_bits)

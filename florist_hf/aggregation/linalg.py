@@ -161,7 +161,7 @@ class TruncatedProduct(NamedTuple):
 
 def truncated_product_svd(
     stacked_b: torch.Tensor, stacked_a: torch.Tensor, column_scale: torch.Tensor, threshold: float,
-    missing_energy: float = 0.0, client_ranks: Sequence[int] | None = None,
+    missing_energy: float = 0.0, client_ranks: Sequence[int] | None = None, orthonormal_b: bool = False,
 ) -> TruncatedProduct:
     """(B_g, A_g, sigma, rank) for ΔW = stacked_b·diag(column_scale)·stacked_a, truncated at the
     rank ``select_rank`` picks (``missing_energy``: see there); with ``client_ranks`` (the clients'
@@ -174,15 +174,24 @@ def truncated_product_svd(
     K = (C_Bᵀ A)(C_Bᵀ A)ᵀ = C_Bᵀ·(A Aᵀ)·C_B, with eigenvalues σ². A is never factorised, and only
     the ``rank`` kept columns are ever formed. The clients' products come from the same two Grams
     (B_g = B·M_B and A_g = M_A·A, so Bᵀ·B_g = (BᵀB)·M_B and A_g·Aᵀ = M_A·(A Aᵀ)): R×R work.
+
+    ``orthonormal_b``: the caller vouches that stacked_b·diag(column_scale) has orthonormal columns
+    (a Householder Q, the sketch's basis): then C_B = I and B's Gram is never formed.
     """
     shape = (stacked_b.shape[0], stacked_a.shape[1])
-    gram_b = column_gram(stacked_b)  # unscaled: the scales are folded into the R×R copy below
+    if orthonormal_b and client_ranks is not None:
+        raise ValueError("the clients' products read B's Gram, which an orthonormal B skips")
+    if orthonormal_b:
+        identity = torch.eye(stacked_b.shape[1], dtype=stacked_b.dtype)
+        gram_b, b_basis = None, (identity, identity)
+    else:
+        gram_b = column_gram(stacked_b)  # unscaled: the scales are folded into the R×R copy below
+        b_basis = _cholesky_basis(gram_b * (column_scale[:, None] * column_scale[None, :]))
     gram_a = None
-    b_basis = _cholesky_basis(gram_b * (column_scale[:, None] * column_scale[None, :]))
     if b_basis is not None:
         b_chol, b_chol_inverse = b_basis
         gram_a = row_gram(stacked_a)
-        eigenvalues, eigenvectors = torch.linalg.eigh(b_chol.T @ gram_a @ b_chol)
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram_a if orthonormal_b else b_chol.T @ gram_a @ b_chol)
         eigenvalues, core_u = eigenvalues.flip(0), eigenvectors.flip(1)  # largest first
         sigma = eigenvalues.clamp_min(0).sqrt()  # round-off can leave zero eigenvalues slightly negative
         rank = select_rank(sigma, threshold, shape, missing_energy)

@@ -138,10 +138,11 @@ class SketchedUpdate:
 def florist_from_sketch(update: SketchedUpdate, threshold: float) -> ModuleAggregate:
     """FLoRIST on the sketched update: the smallest rank whose energy reaches τ (``select_rank``)."""
     # ΔW = Q·Z is a product of stacked factors with R = p: the stacked FLoRIST's own decomposition
-    # (an eigendecomposition of the p×p Z·Zᵀ, Householder where that is not accurate enough).
+    # (an eigendecomposition of the p×p Z·Zᵀ, Householder where that is not accurate enough); Q is
+    # orthonormal (`range_basis`), so its Gram is the identity and is not formed.
     basis, projection = update.basis, update.projection.to(COMPUTE_DTYPE)
     lora_b, lora_a, sigma, rank, _ = truncated_product_svd(
-        basis, projection, torch.ones(basis.shape[1], dtype=COMPUTE_DTYPE), threshold)
+        basis, projection, torch.ones(basis.shape[1], dtype=COMPUTE_DTYPE), threshold, orthonormal_b=True)
     kept = min(rank, _above(sigma, update.noise_floor()))  # the columns come largest first: a prefix is a truncation
     return ModuleAggregate(lora_b[:, :kept].contiguous(), lora_a[:kept].contiguous(), kept, singular_values=sigma)
 

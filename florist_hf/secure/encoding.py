@@ -1,5 +1,5 @@
 """The ring the masked sums live in: fixed-point encoding of fp64 values to uint64 (mod 2^64), and
-the masks, expanded from 32-byte seeds by ChaCha20 from the ``cryptography`` package.
+the masks, expanded from 32-byte seeds by AES-128 in counter mode from the ``cryptography`` package.
 
 Not Flower's ``pseudo_rand_gen``: it folds the seed to 32 bits and draws from numpy's RandomState
 (a Mersenne Twister, predictable from its output), so a mask would carry 32 bits of secrecy at most.
@@ -9,16 +9,24 @@ here rounding is to nearest, so the decoded sum is the same number every time th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from florist_hf.secure.errors import SecureAggregationError
 
 # A value x travels as round(x·2^f) mod 2^64 (f = settings.FRACTION_BITS by default): |error| ≤ 2^-(f+1) per client.
-#: Bytes of a mask seed (a ChaCha20 key).
+#: Bytes of a mask seed: the self-mask seed b_u, and the HKDF output of a pairwise key agreement.
 SEED_BYTES = 32
-#: Masks are expanded in pieces of this many uint64 words (8 MiB), so memory stays bounded.
-_MASK_CHUNK_WORDS = 1 << 20
+#: Bytes of the seed that key the mask's AES-128: 128-bit security, the level of the Fernet (AES-128)
+#: encryption that carries the protocol's shares. AES in counter mode is the fastest keystream the
+#: ``cryptography`` package has on CPUs with AES instructions: on the development machine (AVX-512,
+#: VAES) 8 masks added to a 5 MiB array took 4.5 ms against ChaCha20's 6.6 ms.
+KEY_BYTES = 16
+#: Masks are expanded and applied in pieces of this many uint64 words (256 KiB): a piece of the
+#: target and of the keystream stay in the core's cache while every mask is added to it.
+_MASK_CHUNK_WORDS = 1 << 15
 _ZEROS = memoryview(bytes(8 * _MASK_CHUNK_WORDS))
 
 
@@ -34,10 +42,11 @@ def sum_error(num_clients: int, fraction_bits: int) -> float:
 
 
 def encode(name: str, values: np.ndarray, num_clients: int, fraction_bits: int) -> np.ndarray:
-    """round(values·2^f) as two's-complement uint64; refuses (one line) a value whose sum over
-    ``num_clients`` could overflow, or a non-finite one."""
+    """round(values·2^f) as two's-complement uint64 (a new C-contiguous array); refuses (one line) a
+    value whose sum over ``num_clients`` could overflow, or a non-finite one."""
     values = np.asarray(values, dtype=np.float64)
-    largest = float(np.abs(values).max(initial=0.0))
+    # max and min rather than abs().max(): no array-sized temporary; a NaN propagates through both.
+    largest = max(-float(values.min(initial=0.0)), float(values.max(initial=0.0)))
     limit = max_encodable(num_clients, fraction_bits)
     if not np.isfinite(largest):
         raise SecureAggregationError(f"secure aggregation: {name} holds a NaN or infinite value; a masked sum cannot "
@@ -46,36 +55,51 @@ def encode(name: str, values: np.ndarray, num_clients: int, fraction_bits: int) 
         raise SecureAggregationError(
             f"secure aggregation: {name} holds |x| = {largest:.3g}, beyond the {limit:.3g} that {num_clients} clients "
             f"can sum at {fraction_bits} fractional bits; lower federation.secure_aggregation.fraction_bits")
-    return np.rint(np.ldexp(values, fraction_bits)).astype(np.int64).view(np.uint64)
+    scaled = np.ldexp(values, fraction_bits, order="C")  # the one new array: rounded and cast in place
+    encoded = scaled.view(np.int64)
+    np.rint(scaled, out=encoded, casting="unsafe")  # an integer below 2^63 in magnitude: the cast is exact
+    return encoded.view(np.uint64)
 
 
 def decode(encoded_sum: np.ndarray, fraction_bits: int) -> np.ndarray:
-    """The fp64 value of a uint64 sum of encodings (read as int64)."""
-    return np.ldexp(encoded_sum.view(np.int64).astype(np.float64), -fraction_bits)
+    """The fp64 value of a uint64 sum of encodings (read as int64), written over the sum's own memory
+    (a C-contiguous uint64 array, which is left holding the fp64 bits) and returned as its fp64 view."""
+    if encoded_sum.dtype != np.uint64 or not encoded_sum.flags.c_contiguous or not encoded_sum.flags.writeable:
+        raise ValueError("a sum is decoded in place: a writeable C-contiguous uint64 array")
+    # int64 → fp64 rounds to nearest; the power-of-two scale is exact: the same bits as ldexp.
+    decoded = encoded_sum.view(np.float64)
+    np.multiply(encoded_sum.view(np.int64), 2.0**-fraction_bits, out=decoded, casting="unsafe")
+    return decoded
 
 
-def _nonce(index: int) -> bytes:
-    # OpenSSL's ChaCha20 IV: a 4-byte block counter (from 0), then a 12-byte nonce, here the array's index.
-    return bytes(4) + index.to_bytes(12, "little")
+def _keystream(seed: bytes, index: int):
+    # The initial counter block: the array's index in the first 8 bytes, the block counter (from 0)
+    # in the last 8 (CTR increments the block as one big-endian integer: 2^64 blocks per array).
+    return Cipher(algorithms.AES(seed[:KEY_BYTES]), modes.CTR(index.to_bytes(8, "big") + bytes(8))).encryptor()
 
 
 def apply_mask(target: np.ndarray, seed: bytes, index: int, sign: int) -> None:
-    """target += sign·mask (mod 2^64), in place; the mask is the ChaCha20 keystream under ``seed``
-    with nonce ``index`` (each array of one secure sum its own index), read as uint64 words."""
-    if len(seed) != SEED_BYTES:
-        raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
-    keystream = Cipher(algorithms.ChaCha20(seed, _nonce(index)), mode=None).encryptor()
+    """target += sign·mask (mod 2^64), in place; the mask is the AES-128-CTR keystream under the
+    first 16 bytes of ``seed``, its counter starting at ``index`` (each array of one secure sum its
+    own index), read as little-endian uint64 words."""
+    apply_masks(target, [(seed, sign)], index)
+
+
+def apply_masks(target: np.ndarray, masks: Sequence[tuple[bytes, int]], index: int) -> None:
+    """target += Σ sign·mask(seed) (mod 2^64) over ``masks`` ((seed, sign) pairs), in place, each
+    mask as ``apply_mask`` draws it; one pass over ``target``, a cache-sized piece at a time."""
+    if any(len(seed) != SEED_BYTES for seed, _ in masks):
+        raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {sorted({len(seed) for seed, _ in masks})}")
     if not target.flags.c_contiguous:
         raise ValueError("a masked array must be C-contiguous (it is masked in place)")
+    streams = [(_keystream(seed, index), np.add if sign > 0 else np.subtract) for seed, sign in masks]
     flat = target.reshape(-1)  # a view
     # The keystream is the encryption of zeros, written into one reused buffer (update_into: about
     # twice update's speed, which allocates the output every call).
     buffer = bytearray(8 * min(flat.size, _MASK_CHUNK_WORDS) + 64)
     for start in range(0, flat.size, _MASK_CHUNK_WORDS):
         piece = flat[start : start + _MASK_CHUNK_WORDS]
-        keystream.update_into(_ZEROS[: 8 * piece.size], buffer)
         mask = np.frombuffer(buffer, dtype="<u8", count=piece.size)
-        if sign > 0:
-            np.add(piece, mask, out=piece)
-        else:
-            np.subtract(piece, mask, out=piece)
+        for keystream, combine in streams:
+            keystream.update_into(_ZEROS[: 8 * piece.size], buffer)
+            combine(piece, mask, out=piece)

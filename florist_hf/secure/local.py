@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from florist_hf.secure.protocol import STAGES, SecAggClient, SecAggServer, run_stages
+from florist_hf.secure.protocol import STAGES, MaskedInput, SecAggClient, SecAggServer, run_stages
 from florist_hf.secure.settings import SecAggSettings
 
 
@@ -33,7 +33,8 @@ def secure_sum(
     client's arrays, called when it masks them.
 
     The masked inputs reach the server one at a time and are added as they come, so besides the
-    server's sum one client's arrays (and their masked copy) are held at once. ``on_message`` sees
+    server's sum one client's arrays (and their masked copy) are held at once; the first masked input's
+    arrays become the server's running sum. ``on_message`` sees
     every message the server receives (e.g. to count bytes); ``keep_transcript`` keeps them all.
     ``vanish`` maps a stage ("keys", "shares", "masked", "unmask") to the clients that stop replying
     from that stage on, as a crashed or disconnected client would. A SecureAggregationError (one
@@ -55,8 +56,9 @@ def secure_sum(
             if cid in gone:
                 continue
             message = clients[cid].respond(stage, request)
-            if keep_transcript:
-                transcript.append(message)
+            if keep_transcript:  # as received: the server adds into the first masked input's own arrays
+                transcript.append(MaskedInput(message.client_id, {name: array.copy() for name, array in message.arrays.items()})
+                                  if isinstance(message, MaskedInput) else message)
             if on_message is not None:
                 on_message(message)
             yield message

@@ -5,7 +5,7 @@ the sum when up to n − t clients vanish after masking.
 Built on Flower's primitives, as Flower's own SecAgg+ mod is: EC key pairs (SECP384R1) and ECDH+HKDF
 key agreement (``generate_shared_key``), Fernet encryption of the share payloads (``encrypt`` /
 ``decrypt``, framed by ``share_keys_plaintext_concat`` / ``_separate``), Shamir sharing (``create_shares``
-/ ``combine_shares``, pycryptodome). Masks come from ``encoding.apply_mask`` (ChaCha20). Every client
+/ ``combine_shares``, pycryptodome). Masks come from ``encoding.apply_masks`` (AES-128-CTR). Every client
 is every other's neighbour (Flower's ring neighbourhood with num_shares = n): at federations of
 tens of clients the n² key agreements cost little, and the threshold then bounds the whole federation.
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from florist_hf.secure.encoding import SEED_BYTES, apply_mask, decode, encode
+from florist_hf.secure.encoding import SEED_BYTES, apply_masks, decode, encode
 from florist_hf.secure.errors import SecureAggregationError
 from florist_hf.secure.settings import SecAggSettings
 
@@ -117,6 +117,15 @@ def _too_few(stage: str, replied: int, total: int, threshold: int) -> SecureAggr
         f"{threshold}; nothing was aggregated (rerun the round, or lower federation.secure_aggregation.threshold)")
 
 
+def _owned(values) -> np.ndarray:
+    """A received masked array as a writeable C-contiguous uint64 array: itself when it already is
+    one (the server owns what it receives: no copy), else a copy."""
+    if isinstance(values, np.ndarray) and values.dtype == np.uint64 and values.flags.c_contiguous \
+            and values.flags.writeable:
+        return values
+    return np.array(values, dtype=np.uint64, order="C")
+
+
 def _key_bytes(shared_key: bytes) -> bytes:
     # generate_shared_key returns the 32-byte HKDF output base64-encoded (Fernet's key format).
     return base64.urlsafe_b64decode(shared_key)
@@ -197,15 +206,14 @@ class SecAggClient:
             raise _too_few("shares", len(self._partners), len(setup.client_ids), setup.threshold)
         num_clients = len(setup.client_ids)
         arrays = self._arrays() if callable(self._arrays) else self._arrays
+        # b_u's mask and one pairwise mask per partner: the seeds are agreed once, for every array.
+        masks = [(self._seed, +1)] + [
+            (_key_bytes(self._agree(self._keys[partner].mask_key, self._mask_secret)), +1 if self.client_id < partner else -1)
+            for partner in self._partners if partner != self.client_id]
         masked = {}
         for index, (name, values) in enumerate(sorted(arrays.items())):
-            encoded = np.ascontiguousarray(encode(f"client {self.client_id}'s {name}", values, num_clients,
-                                                  setup.fraction_bits))
-            apply_mask(encoded, self._seed, index, +1)
-            for partner in self._partners:
-                if partner != self.client_id:
-                    seed = _key_bytes(self._agree(self._keys[partner].mask_key, self._mask_secret))
-                    apply_mask(encoded, seed, index, +1 if self.client_id < partner else -1)
+            encoded = encode(f"client {self.client_id}'s {name}", values, num_clients, setup.fraction_bits)
+            apply_masks(encoded, masks, index)
             masked[name] = encoded
         return MaskedInput(self.client_id, masked)
 
@@ -348,8 +356,8 @@ class SecAggServer:
             if reply.client_id not in self._sharers or reply.client_id in arrived:
                 raise SecureAggregationError(f"secure aggregation: a masked input from client {reply.client_id}, "
                                              "which did not share its keys or sent twice")
-            if self._sum is None:
-                self._sum = {name: np.array(values, dtype=np.uint64) for name, values in reply.arrays.items()}
+            if self._sum is None:  # the first input's own arrays become the running sum where they can
+                self._sum = {name: _owned(values) for name, values in reply.arrays.items()}
             else:
                 layout = {name: array.shape for name, array in self._sum.items()}
                 if {name: np.shape(values) for name, values in reply.arrays.items()} != layout:
@@ -368,20 +376,18 @@ class SecAggServer:
         replies = [reply for reply in replies if reply.client_id in self._survivors]
         self._require("unmask", {reply.client_id for reply in replies})
         names = sorted(self._sum)
-        for owner in sorted(self._survivors):
-            seed = combine_shares(self._shares(replies, owner, "seed_shares"))
-            for index, name in enumerate(names):
-                apply_mask(self._sum[name], seed, index, -1)
+        # Every mask to take off, then one pass per array: the survivors' self masks, and for each
+        # dropped client its pairwise masks with the survivors (a survivor added +mask when its id is
+        # below the dropped client's, −mask otherwise, so here the opposite).
+        masks = [(combine_shares(self._shares(replies, owner, "seed_shares")), -1) for owner in sorted(self._survivors)]
         for owner in sorted(self._dropped):
             mask_secret = bytes_to_private_key(combine_shares(self._shares(replies, owner, "key_shares")))
-            for partner in sorted(self._survivors):
-                seed = _key_bytes(generate_shared_key(mask_secret, bytes_to_public_key(self._keys[partner].mask_key)))
-                # The partner added +mask when its id is below the dropped client's, −mask otherwise.
-                sign = -1 if partner < owner else +1
-                for index, name in enumerate(names):
-                    apply_mask(self._sum[name], seed, index, sign)
+            masks += [(_key_bytes(generate_shared_key(mask_secret, bytes_to_public_key(self._keys[partner].mask_key))),
+                       -1 if partner < owner else +1) for partner in sorted(self._survivors)]
         total, self._sum = self._sum, None
-        return {name: decode(values, self.fraction_bits) for name, values in total.items()}
+        for index, name in enumerate(names):
+            apply_masks(total[name], masks, index)
+        return {name: decode(total[name], self.fraction_bits) for name in names}  # in place: fp64 views of the sums
 
     def _shares(self, replies: list[RevealedShares], owner: int, kind: str) -> list[bytes]:
         shares = [getattr(reply, kind)[owner] for reply in replies if owner in getattr(reply, kind)]
