@@ -72,8 +72,8 @@ def _dpo_recipe(tmp_path: Path, data_file: Path, *, method: str = "florist", rou
     return write_recipe(tmp_path, method=method, ranks=(4, 4), rounds=rounds, client={"trainer": "dpo"},
                         data={"source": str(data_file), "partition": "iid", "max_samples_per_client": 8, "cutoff_len": 256},
                         federation={"eval_heldout_loss": False},
-                        training={"max_steps": 1, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "beta": 1.0,
-                                  **training})
+                        training={key: value for key, value in {"max_steps": 1, "per_device_train_batch_size": 8,
+                                  "learning_rate": 1e-2, "beta": 1.0, **training}.items() if value is not None})
 
 
 def _client_records(run_dir: Path) -> list[dict]:
@@ -240,3 +240,21 @@ def test_preference_pairs_are_tokenized_as_the_dpo_client_trains_on_them(chat_ba
                                        trainer="dpo")
         trained = [(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) for row in trainer.train_dataset]
         assert [(p.prompt, p.chosen, p.rejected) for p in tokenize_pairs(records, tokenizer)] == trained, shape
+
+
+@pytest.mark.parametrize("trainer,shape,expected", [
+    ("trainer", "hh-rlhf", "pairs.jsonl: preference records train with TRL's DPOTrainer: set client.trainer: dpo"),
+    ("sft", "prompt_texts", "pairs.jsonl: preference records (chosen/rejected) train with TRL's DPOTrainer: set client.trainer: dpo"),
+    ("dpo", "instruction", "client.trainer: dpo trains on preference pairs (TRL's chosen and rejected columns, with or "
+                           "without a prompt); these are instruction records: use client.trainer: sft"),
+])
+def test_records_for_another_trainer_are_refused_in_one_line(trainer, shape, expected, tmp_path, tiny_base):
+    rows = ([{"instruction": f"Task {k}.", "response": f"Answer {k}."} for k in range(16)] if shape == "instruction"
+            else preference_rows(shape))
+    data_file = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    recipe = _dpo_recipe(tmp_path, data_file, beta=None)  # a DPOConfig field
+    result = runner.invoke(app, ["run", str(recipe), "--set", f"model.name_or_path={tiny_base}", "--set", f"client.trainer={trainer}"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.output
+    assert not (tmp_path / "run" / "rounds").exists()
