@@ -5,7 +5,7 @@ published adapter against the base's (benchmarks/README.md, "Federated DPO").
 
 The pairs are tools/dolly_preference.py's (Dolly: chosen = the record's own response, rejected = the response to
 another instruction of its category). Training: recipes/smollm2_135m_dpo.yaml scaled to a loaded 2-core CPU (2
-clients at r = 8, 2 rounds of 3 steps x 2 pairs, cutoff 160, lr 2e-3, beta 0.1, the round-start reference), the same
+clients at r = 8, 2 rounds of 2 steps x 2 pairs, cutoff 160, lr 2e-3, beta 0.1, the round-start reference), the same
 for every method. Held out: 16 of the 80 held-out pairs (the first two per category whose prompt takes at most 96
 tokens, so that no completion is cut away). Before is the base, after the base with the published global adapter
 (PEFT). For each: the mean log-likelihood margin log pi(chosen) - log pi(rejected), and DPO's implicit reward margin
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "smollm2_135m_dpo.yaml"
 METHODS = ("florist", "fedit", "flora", "flexlora", "ffa", "fedex", "fedsvd")
 BETA, MAX_LENGTH, PROMPT_TOKENS, PER_CATEGORY = 0.1, 160, 96, 2
-SCALE = ["federation.num_clients=2", "lora.ranks=8", "federation.rounds=2", "training.max_steps=3",
+SCALE = ["federation.num_clients=2", "lora.ranks=8", "federation.rounds=2", "training.max_steps=2",
          "training.per_device_train_batch_size=2", "data.cutoff_len=160", "training.learning_rate=2e-3",
          f"training.beta={BETA}", "data.min_client_size=20", "data.max_samples_per_client=16", "training.logging_steps=1"]
 

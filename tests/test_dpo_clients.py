@@ -16,6 +16,7 @@ import torch
 from helpers import delta_weights, quiet_console, write_recipe
 from typer.testing import CliRunner
 
+from florist_hf.adapters import read_adapter
 from florist_hf.aggregation import METHODS
 from florist_hf.cli import app
 
@@ -123,6 +124,11 @@ def test_every_method_federates_dpo_adapters_from_the_round_start_reference(meth
     # Round 1 moved the model (else round 2 would start at the base, and log 2 would prove nothing).
     first = delta_weights(run_dir / "rounds" / "1" / "global")
     assert sum(float(update.norm()) for update in first.values()) > 1e-3
+    if METHODS[method].freezes_lora_a:  # A as the server sent it, though TRL's reference forward switches adapters
+        sent = read_adapter(run_dir / "rounds" / "1" / "global")
+        for client in (run_dir / "rounds" / "2" / "clients").iterdir():
+            for name, module in read_adapter(client).modules.items():
+                assert torch.equal(module.lora_a, sent.modules[name].lora_a[: module.rank]), (client.name, name)
     _loads_with_peft(run_dir)
 
 
