@@ -4,8 +4,9 @@ federated partitioners, the Alpaca prompt template and tokenization.
 Every loader returns records of one format. The instruction presets (dolly, alpaca, wizard, flora)
 give *canonical records*: dicts with keys ``instruction``, ``input``, ``output`` and ``label``
 (``input`` is "" when the dataset has none, ``label`` is None when it has none). TRL's formats keep
-their own keys beside ``label``: ``messages`` (a conversation of role/content turns) or ``prompt``
-and ``completion`` (two texts, or two conversations). This module does I/O and bookkeeping only; it
+their own keys beside ``label``: ``messages`` (a conversation of role/content turns), ``prompt``
+and ``completion`` (two texts, or two conversations), or ``chosen`` and ``rejected`` (preference pairs,
+with their ``prompt`` where the data has one). This module does I/O and bookkeeping only; it
 contains no aggregation math.
 
 Randomness: the partitioners use ``numpy.random.RandomState`` (the legacy Mersenne Twister), not
@@ -46,12 +47,20 @@ FIELD_PRESETS: dict[str, dict[str, str | None]] = {
     "flora": {"instruction": "instruction", "input": "context", "output": "response", "label": "category"},
 }
 
-#: TRL's dataset formats (trained by ``client.trainer: sft``): their columns, by format name.
-TRL_FORMATS: dict[str, tuple[str, ...]] = {"messages": ("messages",), "prompt_completion": ("prompt", "completion")}
+#: TRL's dataset formats: their columns, by format name (the first names the format in a record). ``messages`` and
+#: ``prompt_completion`` train with ``client.trainer: sft``; ``preference`` (chosen and rejected, and a prompt
+#: unless the two share it: the implicit-prompt form) with ``client.trainer: dpo``.
+TRL_FORMATS: dict[str, tuple[str, ...]] = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"),
+                                           "preference": ("chosen", "rejected")}
+#: Columns a TRL format reads where a row has them.
+TRL_OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {"preference": ("prompt",)}
+#: The trainer that takes each TRL format.
+TRL_FORMAT_TRAINERS = {"messages": "sft", "prompt_completion": "sft", "preference": "dpo"}
 #: Every data.format, with what its records hold (for the line that names them).
 FORMATS_SAID = (
     "dolly, alpaca, wizard, flora (instruction/response columns), messages (TRL's conversational: a list of role/content "
-    "turns), prompt_completion (TRL's prompt and completion columns, texts or conversations)"
+    "turns), prompt_completion (TRL's prompt and completion columns, texts or conversations), preference (TRL's "
+    "chosen and rejected columns, with a prompt or sharing one, texts or conversations)"
 )
 
 #: Hub dataset ids whose format is known without looking at their columns.
@@ -217,7 +226,10 @@ def trl_records(rows: Sequence[Mapping[str, Any]], format: str, *, label: str | 
     """Rows in one of TRL's formats (`TRL_FORMATS`) as records: their own columns and ``label``.
 
     ``messages``: a conversation with at least one assistant turn. ``prompt_completion``: two texts,
-    or two conversations whose completion holds an assistant turn. Anything else is refused with
+    or two conversations whose completion holds an assistant turn. ``preference``: chosen and rejected
+    (and the prompt, where the row has one) all texts, or all conversations whose chosen and rejected
+    each hold an assistant turn (without a prompt they share theirs: TRL's implicit-prompt form, as
+    Anthropic/hh-rlhf and trl-lib/ultrafeedback_binarized have it). Anything else is refused with
     the row, the column and why, so that nothing is trained on the text of a Python list.
     """
     records = []
@@ -226,26 +238,30 @@ def trl_records(rows: Sequence[Mapping[str, Any]], format: str, *, label: str | 
         if missing:
             raise FloristError(f"{source}: row {index} has no '{missing[0]}' (data.format: {format} needs "
                                f"{' and '.join(TRL_FORMATS[format])}); fix the row or its format")
+        columns = [*TRL_FORMATS[format], *(c for c in TRL_OPTIONAL_COLUMNS.get(format, ()) if row.get(c) is not None)]
         if format == "messages":
-            conversations = {"messages": row["messages"]}
-        elif isinstance(row["prompt"], str) and isinstance(row["completion"], str):
-            conversations = {}
-        elif isinstance(row["prompt"], list) and isinstance(row["completion"], list):
-            conversations = {"prompt": row["prompt"], "completion": row["completion"]}
+            conversations, answers = {"messages": row["messages"]}, ["messages"]
         else:
-            kinds = f"a {type(row['prompt']).__name__} prompt and a {type(row['completion']).__name__} completion"
-            raise FloristError(f"{source}: row {index} has {kinds}; both must be text, or both conversations "
-                               "(lists of role/content turns)")
+            answers = [column for column in columns if column != "prompt"]
+            kinds = {type(row[column]) for column in columns}
+            if kinds == {str}:
+                conversations = {}
+            elif kinds == {list}:
+                conversations = {column: row[column] for column in columns}
+            else:
+                said = " and ".join(f"a {type(row[column]).__name__} {column}" for column in columns)
+                every = "both" if len(columns) == 2 else "all"
+                raise FloristError(f"{source}: row {index} has {said}; {every} must be text, or {every} conversations "
+                                   "(lists of role/content turns)")
         for column, value in conversations.items():
             problem = _conversation(value, source=source, index=index, column=column)
             if problem:
                 raise FloristError(f"{source}: {problem}; data.format: {format} needs role/content text turns")
-        trained = conversations.get("messages", conversations.get("completion"))
-        if trained is not None and not any(message["role"] == "assistant" for message in trained):
-            column = "messages" if format == "messages" else "completion"
-            raise FloristError(f"{source}: row {index}'s conversation ('{column}') has no assistant turn, so nothing in it "
-                               "is an answer to train on; add the assistant's reply or drop the row")
-        records.append({**{column: row[column] for column in TRL_FORMATS[format]}, "label": row.get(label) if label else None})
+        for column in answers if conversations else ():
+            if not any(message["role"] == "assistant" for message in conversations[column]):
+                raise FloristError(f"{source}: row {index}'s conversation ('{column}') has no assistant turn, so nothing in "
+                                   "it is an answer to train on; add the assistant's reply or drop the row")
+        records.append({**{column: row[column] for column in columns}, "label": row.get(label) if label else None})
     return records
 
 
@@ -267,7 +283,7 @@ def records_from_rows(rows: Sequence[Mapping[str, Any]], *, format: str | None =
 def record_format(records: Sequence[Mapping[str, Any]]) -> str:
     """``instruction`` (canonical records), or the name of the TRL format the records are in."""
     first = records[0] if records else {}
-    return next((name for name, columns in TRL_FORMATS.items() if columns[0] in first), "instruction")
+    return next((name for name, columns in TRL_FORMATS.items() if set(columns) <= set(first)), "instruction")
 
 
 # --------------------------------------------------------------------------------------------

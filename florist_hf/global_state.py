@@ -38,6 +38,8 @@ WIRE_DTYPE = torch.float32
 #: Buffer names `attach_global_state` puts on a linear layer (low-rank factors or the dense
 #: delta), and the attribute that keeps its hook's handle.
 GLOBAL_A, GLOBAL_B, GLOBAL_DELTA, GLOBAL_HOOK = "florist_global_a", "florist_global_b", "florist_global_delta", "florist_global_hook"
+#: Set on a layer while its held update is left out of the forward (`apply_global_state`).
+GLOBAL_OFF = "florist_global_off"
 
 
 @dataclass
@@ -149,6 +151,8 @@ def _add_global_update(module, inputs, output):
     # bf16/fp16 forward a half-precision product (fp32 accumulation) adds an error of the order of
     # the base product's own, relative to the far smaller ΔW x, and costs a half-precision GEMM
     # instead of an fp32 one (on a CPU with AMX, or on tensor cores, 5-10x less).
+    if module.__dict__.get(GLOBAL_OFF, False):
+        return output
     x = inputs[0]
     compute = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else WIRE_DTYPE
     delta = getattr(module, GLOBAL_DELTA, None)
@@ -208,9 +212,22 @@ def attach_global_state(model, state: GlobalState | None) -> list:
     return handles
 
 
+def held_layers(model) -> list:
+    """The layers of ``model`` that hold a global update (`attach_global_state`)."""
+    return [module for module in model.modules() if GLOBAL_HOOK in module.__dict__]
+
+
+def apply_global_state(layers, applied: bool) -> None:
+    """Whether the held update of ``layers`` (`held_layers`) is in their forward: left out, the model is its
+    base alone (a DPO client's reference under ``reference_policy: base``)."""
+    for layer in layers:
+        layer.__dict__[GLOBAL_OFF] = not applied
+
+
 def detach_global_state(model) -> None:
     """Undo `attach_global_state`: hooks and buffers removed, the layers as loaded."""
     for module in model.modules():
+        module.__dict__.pop(GLOBAL_OFF, None)
         handle = module.__dict__.pop(GLOBAL_HOOK, None)
         if handle is not None:
             handle.remove()

@@ -437,8 +437,9 @@ class ClientSection(Section):
     """How every client trains."""
 
     #: The registered trainer (`florist_hf.clients.registry`): "trainer" (transformers' Trainer on the
-    #: instruction presets) or "sft" (TRL's SFTTrainer, which also takes TRL's conversational and
-    #: prompt/completion data); the training section takes the fields of its arguments class.
+    #: instruction presets), "sft" (TRL's SFTTrainer, which also takes TRL's conversational and
+    #: prompt/completion data) or "dpo" (TRL's DPOTrainer on preference pairs); the training section takes
+    #: the fields of its arguments class.
     trainer: str = "trainer"
 
     @field_validator("trainer")
@@ -478,6 +479,13 @@ class Recipe(Section):
         self.training = check_training(self.training, config_class=config_class)
         self.client_training = {client: check_training(overrides, where=f"client_training.{client}", config_class=config_class)
                                 for client, overrides in self.client_training.items()}
+        return self
+
+    @model_validator(mode="after")
+    def _trainer_takes_this_recipe(self):
+        reason = trainer_kind(self.client.trainer).refusal(self)
+        if reason is not None:
+            raise ValueError(reason)
         return self
 
     @model_validator(mode="after")

@@ -10,6 +10,8 @@ Hub id goes through:
   input (often ""), output, text (the formatted prompt); split ``train``.
 - ``WizardLM/WizardLM_evol_instruct_70k``: ``alpaca_evol_instruct_70k.json`` (one JSON array);
   instruction, output (no input); split ``train``.
+- ``data/dolly_preference/train.jsonl`` (the DPO recipe's pairs, which ``tools/dolly_preference.py`` builds from
+  Dolly): prompt, chosen, rejected (conversations), category; the tool's own output for the Dolly rows above.
 """
 
 from __future__ import annotations
@@ -80,7 +82,21 @@ def write_wizard_repo(folder: Path, count: int = 96) -> Path:
     return folder
 
 
+def write_dolly_preference(folder: Path, count: int = 480) -> Path:
+    """The DPO recipe's pairs (``tools/dolly_preference.py``: TRL's conversational preference format with an explicit
+    prompt, and the category) built by that tool itself from ``count`` Dolly rows, as ``train.jsonl``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dolly_preference", Path(__file__).resolve().parents[1] / "tools" / "dolly_preference.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    records = [json.loads(line) for line in (write_dolly_repo(folder / "dolly", count) / DOLLY_JSONL).read_text().splitlines()]
+    tool.write_jsonl(folder / "train.jsonl", tool.pairs_of(records))
+    return folder / "train.jsonl"
+
+
 HUB_FIXTURES.update({
+    "data/dolly_preference/train.jsonl": write_dolly_preference,
     "databricks/databricks-dolly-15k": write_dolly_repo,
     "tatsu-lab/alpaca": write_alpaca_repo,
     "WizardLM/WizardLM_evol_instruct_70k": write_wizard_repo,

@@ -6,7 +6,8 @@ finished run directory (a private copy per case), and what its one line must nam
 that directory is hashed before and after. In the command lines ``{recipe}`` is the recipe the run
 was made with, ``{run}`` the run directory, ``{clients}`` its round-1 client adapters, ``{file}`` a
 regular file, ``{tmp}`` an empty folder of the case's own, and ``{unlabelled}``, ``{empty}``,
-``{flora}`` data files that are wrong in the way their names say (a YAML brace is written ``{{``).
+``{flora}`` data files that are wrong in the way their names say, ``{pairs}`` preference pairs (Anthropic/hh-rlhf's
+schema) and ``{unpaired}`` the same with a pair that lacks its rejected answer (a YAML brace is written ``{{``).
 """
 
 from __future__ import annotations
@@ -102,6 +103,34 @@ TEST_CASES: dict[str, tuple[list[str], list[str]]] = {
         [*RUN, "--set", "model.name_or_path={tmp}/models/llama"], ["base model '{tmp}/models/llama': local path not found"]),
     "base-model-folder-holds-no-model": (
         [*RUN, "--set", "model.name_or_path={tmp}"], ["has no config.json, so it is not a saved model"]),
+    # --- DPO clients and preference pairs ------------------------------------------------------
+    "preference-pair-missing-rejected": (
+        [*RUN, "--set", "client.trainer=dpo", "--set", "data.source={unpaired}", "--set", "data.partition=iid"],
+        ["unpaired.jsonl: row 3 has no 'rejected' (data.format: preference needs chosen and rejected)"]),
+    "dpo-with-dp-sgd": (
+        [*RUN, "--set", "client.trainer=dpo", "--set", "privacy={{noise_multiplier: 1.0}}"],
+        ["privacy (DP-SGD) cannot train client.trainer: dpo", "remove privacy"]),
+    "dpo-trained-on-the-prompt": (
+        [*RUN, "--set", "client.trainer=dpo", "--set", "data.train_on_inputs=true"],
+        ["data.train_on_inputs does not apply to client.trainer: dpo", "remove it"]),
+    "dpo-with-a-template": (
+        [*RUN, "--set", "client.trainer=dpo", "--set", "data.template=chat"],
+        ["data.template renders instruction records and does not apply to client.trainer: dpo"]),
+    "dpo-precomputed-reference": (
+        [*RUN, "--set", "client.trainer=dpo", "--set", "training.precompute_ref_log_probs=true"],
+        ["training.precompute_ref_log_probs cannot be used with client.trainer: dpo"]),
+    "dpo-synced-reference": (
+        [*RUN, "--set", "client.trainer=dpo", "--set", "training.sync_ref_model=true"],
+        ["training.sync_ref_model cannot be used with client.trainer: dpo"]),
+    "dpo-reference-policy-unknown": (
+        [*RUN, "--set", "client.trainer=dpo", "--set", "training.reference_policy=initial"],
+        ["training.reference_policy: got 'initial'; input should be 'round_start' or 'base'"]),
+    "dpo-heldout-loss-of-pairs": (
+        [*RUN, "--set", "client.trainer=dpo", "--set", "data.holdout_per_label=1"],
+        ["federation.eval_heldout_loss scores the answers of instruction records, not preference pairs"]),
+    "dpo-field-on-the-stock-trainer": (
+        [*RUN, "--set", "training.beta=0.2"],
+        ["training.beta: not a TrainingArguments field (it is a DPOConfig field: set client.trainer: dpo)"]),
     # --- a run directory that holds another run -------------------------------------------------
     "recipe-changed": (
         [*RUN, "--set", "federation.threshold=0.5", "--set", "training.learning_rate=0.02"],
@@ -180,6 +209,11 @@ def case_paths(tmp_path: Path, recipe: Path, run_dir: Path) -> dict[str, str]:
     (data / "empty.json").write_text("")
     rows = [{"instruction": f"Task {k}.", "input": "", "output": f"Answer {k}."} for k in range(30)]
     (data / "unlabelled.json").write_text(json.dumps(rows))
+    pairs = [{"chosen": f"\n\nHuman: Task {k}?\n\nAssistant: Answer {k}.", "rejected": f"\n\nHuman: Task {k}?\n\nAssistant: No."}
+             for k in range(30)]  # Anthropic/hh-rlhf's schema
+    (data / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    unpaired = [pair if k != 3 else {"chosen": pair["chosen"]} for k, pair in enumerate(pairs)]
+    (data / "unpaired.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in unpaired))
     flora = data / "flora" / "3"
     flora.mkdir(parents=True)
     for client in range(3):
@@ -187,6 +221,7 @@ def case_paths(tmp_path: Path, recipe: Path, run_dir: Path) -> dict[str, str]:
     return {
         "recipe": str(recipe), "run": str(run), "file": str(data / "a-file"), "tmp": str(scratch),
         "empty": str(data / "empty.json"), "unlabelled": str(data / "unlabelled.json"), "flora": str(data / "flora"),
+        "pairs": str(data / "pairs.jsonl"), "unpaired": str(data / "unpaired.jsonl"),
         "clients": " ".join(str(path) for path in sorted((run / "rounds" / "1" / "clients").iterdir())),
     }
 

@@ -301,5 +301,5 @@ def test_an_sftconfig_field_needs_the_sft_trainer(tmp_path):
     with pytest.raises(FloristError, match=r"training.max_length: not a TrainingArguments field \(it is an SFTConfig field: set client.trainer: sft\)"):
         load_recipe(write_recipe(tmp_path, training={"max_length": 64}))
     assert load_recipe(write_recipe(tmp_path, client={"trainer": "sft"}, training={"max_length": 64})).training["max_length"] == 64
-    with pytest.raises(FloristError, match="unknown trainer 'dpo'; use one of trainer, sft"):
-        load_recipe(write_recipe(tmp_path, client={"trainer": "dpo"}))
+    with pytest.raises(FloristError, match="unknown trainer 'ppo'; use one of trainer, sft, dpo"):
+        load_recipe(write_recipe(tmp_path, client={"trainer": "ppo"}))

@@ -80,8 +80,11 @@ def _checked_values(training: dict, where: str, config_class=None) -> dict:
         setting = f"{where}.{key}"
         if key not in _field_types(config_class):
             name = _arguments_class(config_class).__name__
-            if name == "TrainingArguments" and _is_sft_field(key):
-                raise SettingError(setting, "not a TrainingArguments field (it is an SFTConfig field: set client.trainer: sft)")
+            owner = _trainer_with_field(key, config_class)
+            if owner is not None:
+                trainer, owner_name = owner
+                raise SettingError(setting, f"not {_article(name)} {name} field (it is {_article(owner_name)} {owner_name} field: "
+                                            f"set client.trainer: {trainer})")
             raise SettingError(setting, f"not a {name} field; check its spelling "
                                         "(https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments)")
         if key in OWNED_FIELDS:
@@ -99,14 +102,24 @@ def _checked_values(training: dict, where: str, config_class=None) -> dict:
     return checked
 
 
-def _is_sft_field(key: str) -> bool:
+def _article(name: str) -> str:
+    return "an" if name[0] in "AEFHILMNORSX" else "a"  # an SFTConfig, a DPOConfig, a TrainingArguments
+
+
+def _trainer_with_field(key: str, config_class=None) -> tuple[str, str] | None:
+    """The registered trainer (its name, its arguments class's name) whose arguments have the field ``key`` that
+    ``config_class`` lacks: the hint of a field set for another trainer."""
     import importlib.util
 
     if importlib.util.find_spec("trl") is None:
-        return False
-    from trl import SFTConfig
+        return None
+    from florist_hf.clients.registry import TRAINERS
 
-    return key in _field_types(SFTConfig)
+    for name, kind in TRAINERS.items():
+        other = kind.config_class()
+        if other is not _arguments_class(config_class) and key in _field_types(other):
+            return name, other.__name__
+    return None
 
 
 @functools.cache

@@ -56,7 +56,8 @@ def export_client_adapter(model, plan: ClientRound, metrics: dict, *, state_dict
         state_dict = gathered_state_dict(model, is_lora_factor)
     if is_main_process:
         with atomic_directory(plan.export_dir, overwrite=True) as staging:
-            model.save_pretrained(staging, state_dict=state_dict)
+            # The client's adapter alone (a DPO client holds its reference beside it as a second adapter).
+            model.save_pretrained(staging, state_dict=state_dict, selected_adapters=[adapter_name])
             check_exported_factors(staging, model, adapter_name)
             write_json_atomic(
                 staging / CLIENT_INFO,

@@ -29,6 +29,11 @@ class TrainerKind:
         client), from the recipe's ``data`` section."""
         return {}
 
+    def refusal(self, recipe) -> str | None:
+        """Why this trainer cannot take ``recipe`` (a setting it cannot train with), in one line; None when it can.
+        The recipe asks when it loads."""
+        return None
+
     def dataset(self, records: list[dict], tokenizer, recipe) -> Any:
         """A client's records as this Trainer's ``train_dataset``: built once per shard and process (the first
         before anything trains), so that what this trainer cannot take is refused here in one line."""
@@ -46,3 +51,18 @@ class TrainerKind:
         import dataclasses
 
         return {field.name for field in dataclasses.fields(self.config_class())}
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """While a TRL Trainer is built: it tokenizes the shard with `datasets.map`, whose progress bars are not
+    ours to print."""
+    from datasets.utils import logging as datasets_logging
+
+    shown = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets_logging.enable_progress_bar()

@@ -3,13 +3,14 @@ a file under ``florist_hf/clients/`` (a `kind.TrainerKind`) and a line here."""
 
 from __future__ import annotations
 
-from florist_hf.clients import sft, trainer
+from florist_hf.clients import dpo, sft, trainer
 from florist_hf.clients.kind import TrainerKind
 from florist_hf.errors import FloristError
 
 TRAINERS: dict[str, TrainerKind] = {
     "trainer": trainer.KIND,
     "sft": sft.KIND,
+    "dpo": dpo.KIND,
 }
 
 

@@ -5,9 +5,7 @@ prompt, or the chat template's user turn, as the prompt), tokenized and masked b
 
 from __future__ import annotations
 
-import contextlib
-
-from florist_hf.clients.kind import TrainerKind
+from florist_hf.clients.kind import TrainerKind, quiet_datasets
 from florist_hf.errors import FloristError
 
 
@@ -40,6 +38,9 @@ class SFT(TrainerKind):
         from florist_hf.data import record_format
 
         data, found = recipe.data, record_format(records)
+        if found == "preference":
+            raise FloristError(f"{data.source}: preference records (chosen/rejected) train with TRL's DPOTrainer: "
+                               "set client.trainer: dpo")
         if found == "instruction":
             rows = [prompt_completion(record, data.template) for record in records]
             conversational = data.template == "chat"
@@ -67,19 +68,8 @@ class SFT(TrainerKind):
         # square attention other than FlashAttention computes) and does not truncate records to max_length.
         return {"data_collator": make_collator(tokenizer, batching, one_row)}
 
-    @contextlib.contextmanager
     def building(self):
-        """While the Trainer is built: TRL tokenizes the shard with `datasets.map`, whose progress bars are
-        not ours to print."""
-        from datasets.utils import logging as datasets_logging
-
-        shown = datasets_logging.is_progress_bar_enabled()
-        datasets_logging.disable_progress_bar()
-        try:
-            yield
-        finally:
-            if shown:
-                datasets_logging.enable_progress_bar()
+        return quiet_datasets()
 
 
 def prompt_completion(record: dict, template: str) -> dict:

@@ -22,11 +22,13 @@ class PlainTrainer(TrainerKind):
         return TrainingArguments
 
     def dataset(self, records, tokenizer, recipe):
-        from florist_hf.data import record_format, tokenize_records
+        from florist_hf.data import TRL_FORMAT_TRAINERS, record_format, tokenize_records
 
         found = record_format(records)
         if found != "instruction":
-            raise FloristError(f"{recipe.data.source}: {found} records train with TRL's SFTTrainer: set client.trainer: sft")
+            trainer = TRL_FORMAT_TRAINERS[found]
+            raise FloristError(f"{recipe.data.source}: {found} records train with TRL's {trainer.upper()}Trainer: "
+                               f"set client.trainer: {trainer}")
         data = recipe.data
         return tokenize_records(records, tokenizer, cutoff_len=data.cutoff_len, train_on_inputs=data.train_on_inputs,
                                 template=data.template)
