@@ -83,7 +83,7 @@ def run_recipe(name: str, fp32: bool, out: Path, threads: int) -> dict:
     sets = [f"output_dir={out}"]
     if "dolly" in name:
         sets += ["data.layout=flora", f"data.source={DOLLY}", "evaluation=null"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO), "COLUMNS": "200"}
     env.pop("FLORIST_HF_CPU_BF16", None)
     if fp32:
         env["FLORIST_HF_CPU_BF16"] = "0"
