@@ -2,9 +2,9 @@
 ``training.fp16`` set): bf16 autocast on a CPU that computes bf16 natively (AMX or AVX512-BF16), fp32
 on a CPU that does not, and on a GPU what it was before (fp32; GPU recipes set bf16 themselves).
 
-A SmolLM2-135M client step (batch 4 × 256, LoRA r 8 on q,v, AdamW) is about 1.6× faster under bf16
-autocast on such a CPU (benchmarks/README.md); without the instructions bf16 is emulated and slower
-than fp32. Autocast runs the matrix products in bf16 and keeps the weights, the LoRA factors, their
+A SmolLM2-135M client step (batch 4 × 256, LoRA r 8 on q,v, AdamW) is 1.6–1.8× faster under bf16
+autocast on such a CPU (benchmarks/README.md, "bf16 autocast on a CPU"); without the instructions the CPU emulates bf16
+around fp32 arithmetic, which buys nothing, so clients stay in fp32. Autocast runs the matrix products in bf16 and keeps the weights, the LoRA factors, their
 gradients and the optimizer in fp32, so the adapters a client exports are fp32 as before.
 """
 
@@ -114,6 +114,6 @@ def client_precision(training: dict, *, dp_sgd: bool = False, quantized: bool = 
     flag = native_cpu_bf16()
     if flag is None:
         return ClientPrecision(fields={"bf16": False},
-                               line="fp32: this CPU has no native bf16 (AMX or AVX512-BF16), where bf16 would be slower")
+                               line="fp32: this CPU has no native bf16 (AMX or AVX512-BF16)")
     return ClientPrecision(fields={"bf16": True, "use_cpu": True},
                            line=f"bf16 autocast: this CPU computes bf16 natively ({flag}); training.bf16: false trains in fp32")
