@@ -15,7 +15,7 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
     the same result as an uninterrupted one.
     """
     from florist_hf import distributed
-    from florist_hf.clients.config import client_training
+    from florist_hf.clients.config import client_training, precision_lines
     from florist_hf.clients.run import freeze_long_lived_objects, reuses_base_model, run_client_round, prepare_shard
     from florist_hf.loading import BaseModelCache
     from florist_hf.data import prepare_client_data
@@ -45,6 +45,7 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
             tokenizer = base_tokenizer(resolve_base(model.name_or_path, model.gguf_file, dtype=model.dtype,
                                                     revision=model.revision))
     shards, test_records = prepare_client_data(recipe)
+    precision = precision_lines(recipe)  # what this machine's clients train in, and why
     if recipe.evaluation is not None:  # an evaluation that could not run is refused before any client trains
         from florist_hf.evaluation import recipe_evaluation_plan
 
@@ -61,6 +62,8 @@ def run_federation(recipe, *, force: bool = False, console=None) -> Path:
         datasets: dict[int, object] = {0: prepare_shard(recipe, tokenizer, shards[0])}
         client_sizes = [len(shard) for shard in shards]
         console.print(federation.describe(client_sizes))
+        for line in precision:
+            console.print(f"  {line}")
         federation.ensure_initial_adapter()
 
         base_cache = BaseModelCache() if reuses_base_model(recipe) else None  # the base, loaded once

@@ -7,6 +7,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # core busy, and each one's OpenMP pool on top of the others' spun the cores: the suite took twice
 # as long on the 2-core CI machine (benchmarks/README.md, "Test suite").
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Clients train in fp32 on every machine the suite runs on (its processes and the ones it starts),
+# so that its numbers do not depend on the CPU: where the CPU computes bf16 natively a run's clients
+# default to bf16 autocast (florist_hf/clients/precision.py), which tests/test_precision.py trains.
+os.environ.setdefault("FLORIST_HF_CPU_BF16", "0")
 
 from pathlib import Path
 

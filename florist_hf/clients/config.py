@@ -9,17 +9,21 @@ from pathlib import Path
 import torch
 
 from florist_hf.clients.arguments import TRAINING_DEFAULTS, build_training_arguments
+from florist_hf.clients.precision import ClientPrecision, client_precision
 from florist_hf.clients.registry import trainer_kind
 from florist_hf.errors import FloristError
 
 def client_training(recipe, client: int, round_index: int) -> dict:
     """The training arguments of client ``client`` in round ``round_index``, every layer merged once:
-    florist-hf's defaults, the client's trainer's (`registry.trainer_kind`), the recipe's ``training``
-    section, the client's ``client_training`` overrides, then the round's learning rate
-    (``federation.round_lr_schedule``) and the checkpointing that ``save_steps`` alone implies."""
+    florist-hf's defaults, the client's trainer's (`registry.trainer_kind`), its precision where the
+    recipe leaves it open (`precision.client_precision`: bf16 autocast on a CPU that computes bf16
+    natively), the recipe's ``training`` section, the client's ``client_training`` overrides, then the
+    round's learning rate (``federation.round_lr_schedule``) and the checkpointing that ``save_steps``
+    alone implies."""
     kind = trainer_kind(recipe.client.trainer)
-    recipe_set = {**recipe.training, **recipe.client_training.get(client, {})}
-    training = {**TRAINING_DEFAULTS, **kind.defaults(recipe.data, recipe_set), **recipe_set}
+    recipe_set = _recipe_set(recipe, client)
+    training = {**TRAINING_DEFAULTS, **kind.defaults(recipe.data, recipe_set), **precision_of(recipe, client).fields,
+                **recipe_set}
     if recipe.federation.round_lr_schedule == "cosine":
         training["learning_rate"] = cosine_round_learning_rate(
             float(training["learning_rate"]), recipe.federation.round_lr_min, round_index, recipe.federation.rounds
@@ -30,6 +34,28 @@ def client_training(recipe, client: int, round_index: int) -> dict:
         training["save_strategy"] = "steps"
         training.setdefault("save_total_limit", 1)
     return training
+
+
+def _recipe_set(recipe, client: int) -> dict:
+    """What the recipe itself sets for client ``client``: ``training:`` under its ``client_training:``."""
+    return {**recipe.training, **recipe.client_training.get(client, {})}
+
+
+def precision_of(recipe, client: int) -> ClientPrecision:
+    """The precision client ``client`` trains in on this machine, and the line that says why."""
+    return client_precision(_recipe_set(recipe, client), dp_sgd=recipe.privacy is not None,
+                            quantized=recipe.model.quantization is not None)
+
+
+def precision_lines(recipe) -> list[str]:
+    """One console line per precision the clients train in on this machine (one, unless
+    ``client_training:`` sets it apart for some): "clients train in ...: why"."""
+    clients: dict[str, list[int]] = {}
+    for client in range(recipe.federation.num_clients):
+        clients.setdefault(precision_of(recipe, client).line, []).append(client)
+    if len(clients) == 1:
+        return [f"clients train in {next(iter(clients))}"]
+    return [f"clients {', '.join(map(str, ids))} train in {line}" for line, ids in clients.items()]
 
 
 def cosine_round_learning_rate(peak: float, minimum: float, round_index: int, rounds: int) -> float:

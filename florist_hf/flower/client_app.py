@@ -39,6 +39,7 @@ _RECORDS_CACHE: dict[tuple, list[dict]] = {}
 _TOKENIZER_CACHE: dict[tuple, object] = {}
 _DATASET_CACHE: dict[tuple, object] = {}
 _BASE_CACHE = None  # a loading.BaseModelCache, made on first use (the base stays loaded between rounds)
+_PRECISION_SAID: set[str] = set()  # the node's precision lines already printed (once per process)
 
 
 def _recipe(config: ConfigRecord):
@@ -166,6 +167,7 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     from rich.console import Console
 
     from florist_hf.clients.callback import ClientRound, read_client_info
+    from florist_hf.clients.config import precision_of
     from florist_hf.clients.run import run_client_round, prepare_shard
     from florist_hf.loading import prepare_base_model
 
@@ -205,6 +207,10 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     dataset_key = (recipe.fingerprint(), str(context.node_config.get(protocol.DATA_FILE)), client_id, base_path)
     if dataset_key not in _DATASET_CACHE:
         _DATASET_CACHE[dataset_key] = prepare_shard(recipe, tokenizer, records)
+    precision = precision_of(recipe, client_id).line  # this node's hardware decides, unless the recipe does
+    if precision not in _PRECISION_SAID:
+        _PRECISION_SAID.add(precision)
+        console.print(f"client {client_id} trains in {precision}")
     global _BASE_CACHE
     if _BASE_CACHE is None:
         from florist_hf.loading import BaseModelCache
