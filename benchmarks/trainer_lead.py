@@ -33,7 +33,9 @@ import yaml
 from benchmarks.measure import machine_record
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "dolly" / "8" / "local_training_0.json"
+#: The real data beside the clone (FLORIST_HF_SHARED_DATA names it for a clone elsewhere, as in the tests).
+SHARED_DATA = Path(os.environ.get("FLORIST_HF_SHARED_DATA") or REPO.parent / "shared" / "data")
+DATA = SHARED_DATA / "dolly" / "8" / "local_training_0.json"
 
 
 def recipe(data: Path, out_dir: Path, trainer: str) -> dict:
