@@ -8,6 +8,8 @@ Hub id goes through:
   response, category (8 categories); split ``train``.
 - ``tatsu-lab/alpaca``: ``data/train-00000-of-00001-a09b74b3ef9c3b56.parquet``; instruction,
   input (often ""), output, text (the formatted prompt); split ``train``.
+- ``vicgalle/alpaca-gpt4`` (FlowerTune's general-NLP data): one parquet shard under ``data/`` (its name's
+  hash is not the Hub's); the same columns as Alpaca, the outputs GPT-4's; split ``train``.
 - ``WizardLM/WizardLM_evol_instruct_70k``: ``alpaca_evol_instruct_70k.json`` (one JSON array);
   instruction, output (no input); split ``train``.
 - ``data/dolly_preference/train.jsonl`` (the DPO recipe's pairs, which ``tools/dolly_preference.py`` builds from
@@ -24,6 +26,7 @@ DOLLY_CATEGORIES = (
     "general_qa", "information_extraction", "open_qa", "summarization",
 )
 ALPACA_PARQUET = "data/train-00000-of-00001-a09b74b3ef9c3b56.parquet"
+ALPACA_GPT4_PARQUET = "data/train-00000-of-00001-alpaca-gpt4.parquet"
 WIZARD_JSON = "alpaca_evol_instruct_70k.json"
 DOLLY_JSONL = "databricks-dolly-15k.jsonl"
 
@@ -51,8 +54,8 @@ def write_dolly_repo(folder: Path, count: int = 480) -> Path:
     return folder
 
 
-def write_alpaca_repo(folder: Path, count: int = 96) -> Path:
-    """``count`` Alpaca rows as one parquet shard; every other row has an input."""
+def write_alpaca_repo(folder: Path, count: int = 96, shard: str = ALPACA_PARQUET) -> Path:
+    """``count`` Alpaca rows as one parquet shard (``shard``); every other row has an input."""
     import datasets
 
     from florist_hf.data import format_prompt
@@ -68,7 +71,7 @@ def write_alpaca_repo(folder: Path, count: int = 96) -> Path:
             "output": output,
             "text": format_prompt(instruction, input_text) + output,
         })
-    path = folder / ALPACA_PARQUET
+    path = folder / shard
     path.parent.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_list(rows).to_parquet(str(path))
     return folder
@@ -99,5 +102,7 @@ HUB_FIXTURES.update({
     "data/dolly_preference/train.jsonl": write_dolly_preference,
     "databricks/databricks-dolly-15k": write_dolly_repo,
     "tatsu-lab/alpaca": write_alpaca_repo,
+    # 20 clients (the FlowerTune recipe's) of at least 4 records each.
+    "vicgalle/alpaca-gpt4": lambda folder: write_alpaca_repo(folder, count=120, shard=ALPACA_GPT4_PARQUET),
     "WizardLM/WizardLM_evol_instruct_70k": write_wizard_repo,
 })

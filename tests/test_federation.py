@@ -300,6 +300,38 @@ def test_iid_split_needs_labels_only_for_a_per_label_holdout(tmp_path):
         "record's label: set data.fields.label to the category column, or data.holdout_per_label: 0")
 
 
+@pytest.mark.parametrize("trainer", ["trainer", "sft"])
+@pytest.mark.parametrize("section, strategy, limit", [
+    ({}, "no", None),
+    ({"save_steps": 3}, "steps", 1),  # save_steps alone: checkpoint the round, keep the newest
+    ({"save_steps": 3, "save_total_limit": 4}, "steps", 4),
+    ({"save_steps": 3, "save_strategy": "epoch"}, "epoch", None),  # a strategy the recipe gives stays
+])
+def test_florist_hf_training_defaults_and_the_save_steps_rule_reach_the_clients_arguments(tmp_path, trainer, section, strategy,
+                                                                                       limit):
+    """florist-hf's defaults and the save_steps rule, applied once (`arguments.training_settings`), are in the
+    arguments a client builds for its round, on either trainer, and in the check a recipe runs when it loads."""
+    from florist_hf.clients.config import client_training, training_arguments
+    from florist_hf.clients.registry import trainer_kind
+
+    recipe = load_recipe(write_recipe(tmp_path, training={"max_steps": 6, "learning_rate": 1e-2, **section},
+                                      client={"trainer": trainer}))
+    args = training_arguments(trainer_kind(trainer).config_class(), client_training(recipe, 0, 1), tmp_path / "work", seed=3)
+    assert (args.save_strategy, args.save_total_limit) == (strategy, limit)
+    assert (args.report_to, args.logging_steps, args.disable_tqdm, args.remove_unused_columns) == ([], 1, True, False)
+    assert (args.learning_rate, args.lr_scheduler_type, args.max_steps, args.seed) == (1e-2, "linear", 6, 3)
+    assert args.output_dir == str(tmp_path / "work")
+
+
+def test_the_recipe_check_builds_with_florist_hfs_defaults_and_the_save_steps_rule(tmp_path):
+    """Best-model loading needs the save strategy to be the evaluation's: save_steps alone makes it "steps"
+    (the rule), and without save_steps florist-hf's default ("no") is what the check refuses."""
+    evaluated = {"eval_strategy": "steps", "eval_steps": 3, "load_best_model_at_end": True}
+    load_recipe(write_recipe(tmp_path, training={**evaluated, "save_steps": 3}))
+    with pytest.raises(FloristError, match="training: --load_best_model_at_end requires the save and eval strategy to match"):
+        load_recipe(write_recipe(tmp_path, training=evaluated))
+
+
 def test_cosine_round_schedule_sets_each_rounds_learning_rate(tmp_path, monkeypatch):
     from florist_hf.clients import run as client
 

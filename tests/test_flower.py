@@ -819,6 +819,38 @@ def test_a_deployment_over_tls_with_supernode_authentication_runs_secure_florist
     assert_same_adapter(out_dir / "global_adapter", reference / "global_adapter")
 
 
+@pytest.mark.slow
+def test_a_deployment_of_sft_clients_on_trl_prompt_completion_data_gives_florist_hf_runs_result(tmp_path, deployment):
+    """`flwr run` of the shipped app with ``client.trainer=sft`` among its overrides: each SuperNode's ClientApp
+    builds TRL's SFTTrainer through the client registry and trains on records in TRL's prompt/completion form
+    (which only the SFT clients take), and the run equals `florist-hf run` with the same clients."""
+    app_dir = tmp_path / "app"
+    shutil.copytree(REPO / "recipes" / "flower", app_dir)
+    data_file = tmp_path / "train.jsonl"
+    data_file.write_text("".join(json.dumps({"prompt": f"Q: What is {index} plus one?\nA:", "completion": f" {index + 1}."}) + "\n"
+                                 for index in range(16)))
+    recipe_path = flower_recipe(app_dir / "test_recipe.yaml", method="fedit", ranks=(4, 2), rounds=1)
+    settings = yaml.safe_load(recipe_path.read_text())
+    settings["data"].update(source=str(data_file), holdout_per_label=0, max_samples_per_client=8)
+    settings["federation"]["eval_heldout_loss"] = False
+    recipe_path.write_text(yaml.safe_dump(settings))
+    start_loopback_federation(deployment, tmp_path / "nodes")
+    out_dir = tmp_path / "flower_run"
+    flwr_run = deployment.start("flwr_run", "flwr", "run", str(app_dir), "loopback", "--stream", "--run-config",
+                                f"recipe='{recipe_path.name}' output-dir='{out_dir}' node-timeout=120 overrides='client.trainer=sft'")
+    deadline = time.monotonic() + 300
+    while not (out_dir / "run.json").exists() and time.monotonic() < deadline and flwr_run.poll() in (None, 0):
+        time.sleep(1)
+    assert (out_dir / "run.json").exists(), deployment.logs()
+
+    summary = json.loads((out_dir / "run.json").read_text())
+    assert summary["rounds_completed"] == 1 and summary["client_samples"] == [8, 8]
+    assert json.loads((out_dir / "recipe.json").read_text())["recipe"]["client"]["trainer"] == "sft"
+    reference = run_federation(load_recipe(recipe_path, [f"output_dir={tmp_path / 'reference'}", "client.trainer=sft"]),
+                               console=quiet_console())
+    assert_same_run(out_dir, reference, rounds=(1,), clients=range(2))
+
+
 # --- the node operator's policy ------------------------------------------------------------------
 
 

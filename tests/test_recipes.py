@@ -4,7 +4,8 @@ Each recipe is changed only by ``--set`` overrides of size and source: its base 
 scaled-down random stand-in of the same architecture (the real config's GQA ratio, tied
 embeddings, rope and vocabulary), its dataset a small copy in the real dataset's schema and
 repository layout, read by ``datasets.load_dataset`` as the Hub id is; one step per client, one
-round (all rounds where listed in ALL_ROUNDS). The published adapter must then load with
+round (all rounds where listed in ALL_ROUNDS); once with the stock Trainer clients and once with TRL's
+SFTTrainer clients (``client.trainer``). The published adapter must then load with
 ``PeftModel.from_pretrained`` on the stand-in and give exactly the run's update. A recipe added
 later is covered without touching this file, or fails here asking for a stand-in.
 """
@@ -108,25 +109,34 @@ def run_recipe(recipe_file: Path, overrides: list[str]):
     return runner.invoke(app, ["run", str(recipe_file), *[item for override in overrides for item in ("--set", override)]])
 
 
+#: The client trainers that train on instruction records (`florist_hf.clients.registry`): every recipe runs
+#: on each of them.
+TRAINERS = ("trainer", "sft")
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
 @pytest.mark.parametrize("recipe_file", [
     # A GGUF recipe trains the real SmolLM2 (the first one also dequantizes it into the clone's cache).
     pytest.param(path, id=path.stem, marks=[pytest.mark.slow] if yaml.safe_load(path.read_text())["model"].get("gguf_file") else [])
     for path in RECIPES
 ])
-def test_shipped_recipe_runs_end_to_end_and_publishes_a_peft_adapter(recipe_file, tmp_path, stand_ins):
+def test_shipped_recipe_runs_end_to_end_and_publishes_a_peft_adapter(recipe_file, trainer, tmp_path, stand_ins):
+    """Each shipped recipe on each client trainer: the stock Trainer (``client.trainer: trainer``) and TRL's
+    SFTTrainer (``sft``), whichever the recipe names."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from florist_hf.aggregation import get_method
     from florist_hf.global_state import lora_layers
 
-    overrides = conformance_overrides(recipe_file, tmp_path / "run", stand_ins)
+    overrides = [*conformance_overrides(recipe_file, tmp_path / "run", stand_ins), f"client.trainer={trainer}"]
     result = run_recipe(recipe_file, overrides)
     assert result.exit_code == 0, f"{recipe_file.name}:\n{result.output}\n{result.exception!r}"
 
     recipe = load_recipe(recipe_file, overrides)
     run_dir = Path(recipe.output_dir)
     summary = json.loads((run_dir / "run.json").read_text())
+    assert json.loads((run_dir / "recipe.json").read_text())["recipe"]["client"]["trainer"] == trainer
     rounds = recipe.federation.rounds
     assert summary["rounds_completed"] == rounds
     assert summary["client_samples"] == [4] * recipe.federation.num_clients

@@ -147,6 +147,33 @@ def test_sft_padding_free_trains_like_padded(tiny_base, tmp_path, template, trai
         assert torch.allclose(free[name], padded[name], atol=1e-5), name
 
 
+def test_a_record_whose_prompt_fills_the_cutoff_is_a_masked_row_for_the_trainer_and_dropped_by_sft(tiny_base, tmp_path):
+    """Answers alone trained on: a record whose prompt alone fills data.cutoff_len has no token left to train on.
+    The stock Trainer client keeps it as a row whose labels are all masked (a batch slot that adds nothing to the
+    loss); TRL's SFTTrainer drops it after truncating. The other rows are the same on both (README: TRL clients)."""
+    from transformers import AutoTokenizer
+
+    from florist_hf.clients.config import client_training
+    from florist_hf.clients.run import build_client_trainer, build_lora_model, prepare_shard
+    from florist_hf.data import IGNORE_INDEX, demo_records
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    records = demo_records()[:4]
+    records[2] = {**records[2], "instruction": "word " * 100}  # 500 byte tokens: past the cutoff of 256
+    rows = {}
+    for trainer in ("trainer", "sft"):
+        recipe = load_recipe(write_recipe(tmp_path / trainer, ranks=(4,), rounds=1, client={"trainer": trainer},
+                                          data={"train_on_inputs": False, "cutoff_len": 256}))
+        model = build_lora_model(str(tiny_base), rank=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.0,
+                                 use_rslora=False)
+        built = build_client_trainer(model, tokenizer, prepare_shard(recipe, tokenizer, records),
+                                     training=client_training(recipe, 0, 1), work_dir=tmp_path / trainer / "work",
+                                     seed=0, trainer=trainer)
+        rows[trainer] = [(list(row["input_ids"]), list(row["labels"])) for row in built.train_dataset]
+    assert len(rows["trainer"]) == 4 and set(rows["trainer"][2][1]) == {IGNORE_INDEX}
+    assert rows["sft"] == [row for index, row in enumerate(rows["trainer"]) if index != 2]
+
+
 def test_dp_sgd_trains_sft_clients(tmp_path):
     """DP-SGD on an SFTTrainer client: Poisson batches, clipped per-record gradients and noise, the round's
     accounted steps, and a rerun with the same secret gives the same adapter."""

@@ -4,7 +4,8 @@ naming the key for a bad value.
 
 The recipe calls it when it loads (`check_training`), so that a bad value (``learning_rate: fast``)
 stops the run before a run directory exists; the client calls it again for each round with its own
-working directory, seed and learning rate (`build_training_arguments`).
+working directory, seed and learning rate (`build_training_arguments`). Both build from the settings
+`training_settings` makes: florist-hf's defaults and the ``save_steps`` rule are applied there alone.
 """
 
 from __future__ import annotations
@@ -136,28 +137,34 @@ def _machine_free_arguments(config_class=None):
     return MachineFreeTrainingArguments
 
 
-def build_training_arguments(training: dict, *, work_dir: str | Path, seed: int, dp_sgd: bool = False,
-                             where: str = "training", on_this_machine: bool = True, config_class=None):
-    """The TrainingArguments of one client round: florist-hf's defaults, then ``training`` (a
-    recipe's section merged with the client's overrides), its ``seed`` and ``work_dir``.
+def training_settings(recipe_set: dict, trainer_defaults: dict | None = None) -> dict:
+    """A client's settings from what the recipe sets (``recipe_set``: a ``training`` section, merged with a
+    client's ``client_training`` overrides): florist-hf's defaults (`TRAINING_DEFAULTS`), then its trainer's
+    (``trainer_defaults``), then ``recipe_set``, and the checkpointing that ``save_steps`` alone implies.
+    The one place these are applied: the client's round (`config.client_training`) and the recipe's check
+    (`check_training`) both call it, and `build_training_arguments` takes its result as it is."""
+    settings = {**TRAINING_DEFAULTS, **(trainer_defaults or {}), **recipe_set}
+    if "save_steps" in recipe_set and "save_strategy" not in recipe_set:
+        # save_steps alone means "checkpoint the client round every N steps" (for resuming it);
+        # only the newest checkpoint is needed for that.
+        settings["save_strategy"] = "steps"
+        settings.setdefault("save_total_limit", 1)
+    return settings
 
-    ``dp_sgd``: every record's gradient is clipped by DP-SGD, so the Trainer's clip of the batch's
-    is turned off. ``on_this_machine`` False checks the values alone: what the machine lacks (a GPU
-    for bf16, tf32, DeepSpeed) is checked where the client trains. A bad value is a FloristError
-    naming ``where`` and the key.
+
+def build_training_arguments(training: dict, *, work_dir: str | Path, seed: int, where: str = "training",
+                             on_this_machine: bool = True, config_class=None):
+    """The TrainingArguments (or ``config_class``) of one client round from ``training``, a client's
+    settings as `training_settings` makes them (defaults applied), with its ``seed`` and ``work_dir``.
+
+    ``on_this_machine`` False checks the values alone: what the machine lacks (a GPU for bf16, tf32,
+    DeepSpeed) is checked where the client trains. A bad value is a FloristError naming ``where`` and
+    the key.
     """
     import torch
 
     training = _checked_values(training, where, config_class)
-    if dp_sgd:
-        training["max_grad_norm"] = 0.0
-    if "save_steps" in training and "save_strategy" not in training:
-        # save_steps alone means "checkpoint the client round every N steps" (for resuming it);
-        # only the newest checkpoint is needed for that.
-        training["save_strategy"] = "steps"
-        training.setdefault("save_total_limit", 1)
-    fields = {**TRAINING_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available(), **training,
-              "seed": seed, "data_seed": seed}
+    fields = {"dataloader_pin_memory": torch.cuda.is_available(), **training, "seed": seed, "data_seed": seed}
     kind = _arguments_class(config_class)
     if not on_this_machine:
         kind = _machine_free_arguments(config_class)
@@ -182,8 +189,8 @@ def check_training(training: dict, *, where: str = "training", config_class=None
     numbers. A bad value raises `SettingError` (a ValueError) naming the key."""
     checked = _checked_values(training, where, config_class)
     try:
-        build_training_arguments(checked, work_dir="florist-hf-check", seed=0, where=where, on_this_machine=False,
-                                 config_class=config_class)
+        build_training_arguments(training_settings(checked), work_dir="florist-hf-check", seed=0, where=where,
+                                 on_this_machine=False, config_class=config_class)
     except FloristError as error:
         raise SettingError(where, str(error).removeprefix(f"{where}: ")) from None
     return checked

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from florist_hf.clients.arguments import TRAINING_DEFAULTS, build_training_arguments
+from florist_hf.clients.arguments import build_training_arguments, training_settings
 from florist_hf.clients.precision import ClientPrecision, client_precision
 from florist_hf.clients.registry import trainer_kind
 from florist_hf.errors import FloristError
@@ -17,22 +17,16 @@ def client_training(recipe, client: int, round_index: int) -> dict:
     """The training arguments of client ``client`` in round ``round_index``, every layer merged once:
     florist-hf's defaults, the client's trainer's (`registry.trainer_kind`), its precision where the
     recipe leaves it open (`precision.client_precision`: bf16 autocast on a CPU that computes bf16
-    natively), the recipe's ``training`` section, the client's ``client_training`` overrides, then the
-    round's learning rate (``federation.round_lr_schedule``) and the checkpointing that ``save_steps``
-    alone implies."""
+    natively), the recipe's ``training`` section and the client's ``client_training`` overrides
+    (`arguments.training_settings`: with the checkpointing that ``save_steps`` alone implies), then the
+    round's learning rate (``federation.round_lr_schedule``)."""
     kind = trainer_kind(recipe.client.trainer)
     recipe_set = _recipe_set(recipe, client)
-    training = {**TRAINING_DEFAULTS, **kind.defaults(recipe.data, recipe_set), **precision_of(recipe, client).fields,
-                **recipe_set}
+    training = training_settings(recipe_set, {**kind.defaults(recipe.data, recipe_set), **precision_of(recipe, client).fields})
     if recipe.federation.round_lr_schedule == "cosine":
         training["learning_rate"] = cosine_round_learning_rate(
             float(training["learning_rate"]), recipe.federation.round_lr_min, round_index, recipe.federation.rounds
         )
-    if "save_steps" in recipe_set and "save_strategy" not in recipe_set:
-        # save_steps alone means "checkpoint the client round every N steps" (for resuming it);
-        # only the newest checkpoint is needed for that.
-        training["save_strategy"] = "steps"
-        training.setdefault("save_total_limit", 1)
     return training
 
 
