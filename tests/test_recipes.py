@@ -109,16 +109,21 @@ def run_recipe(recipe_file: Path, overrides: list[str]):
     return runner.invoke(app, ["run", str(recipe_file), *[item for override in overrides for item in ("--set", override)]])
 
 
-#: The client trainers that train on instruction records (`florist_hf.clients.registry`): every recipe runs
-#: on each of them.
+#: The client trainers that train on instruction records (`florist_hf.clients.registry`): every recipe of
+#: instruction data runs on each of them; a preference-data recipe on the trainer it names (`dpo`).
 TRAINERS = ("trainer", "sft")
 
 
-@pytest.mark.parametrize("trainer", TRAINERS)
-@pytest.mark.parametrize("recipe_file", [
+def _recipe_trainers(path: Path) -> tuple[str, ...]:
+    named = (yaml.safe_load(path.read_text()).get("client") or {}).get("trainer")
+    return TRAINERS if named in (None, *TRAINERS) else (named,)
+
+
+@pytest.mark.parametrize(("recipe_file", "trainer"), [
     # A GGUF recipe trains the real SmolLM2 (the first one also dequantizes it into the clone's cache).
-    pytest.param(path, id=path.stem, marks=[pytest.mark.slow] if yaml.safe_load(path.read_text())["model"].get("gguf_file") else [])
-    for path in RECIPES
+    pytest.param(path, trainer, id=f"{path.stem}-{trainer}",
+                 marks=[pytest.mark.slow] if yaml.safe_load(path.read_text())["model"].get("gguf_file") else [])
+    for path in RECIPES for trainer in _recipe_trainers(path)
 ])
 def test_shipped_recipe_runs_end_to_end_and_publishes_a_peft_adapter(recipe_file, trainer, tmp_path, stand_ins):
     """Each shipped recipe on each client trainer: the stock Trainer (``client.trainer: trainer``) and TRL's
