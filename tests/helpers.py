@@ -70,3 +70,21 @@ def record_client_base_layers(monkeypatch) -> list[type]:
 
     monkeypatch.setattr(client, "build_lora_model", recording)
     return seen
+
+
+#: SmolLM2's ChatML turn markup, without generation markers.
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_base_copy(tiny_base, folder: Path) -> Path:
+    """A copy of the tiny base at ``folder`` whose tokenizer carries the ChatML template."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_base, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import delta_weights, quiet_console, write_recipe
+from helpers import chat_base_copy, delta_weights, quiet_console, write_recipe
 from typer.testing import CliRunner
 
 from florist_hf.adapters import read_adapter
@@ -56,17 +56,7 @@ def preference_rows(shape: str, count: int = 16, start: int = 0) -> list[dict]:
 @pytest.fixture(scope="module")
 def chat_base(tiny_base, tmp_path_factory) -> Path:
     """The tiny base with a ChatML template (SmolLM2's turn markup)."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("chat") / "chat_base"
-    shutil.copytree(tiny_base, folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    tokenizer.save_pretrained(folder)
-    return folder
+    return chat_base_copy(tiny_base, tmp_path_factory.mktemp("chat") / "chat_base")
 
 
 def _dpo_recipe(tmp_path: Path, data_file: Path, *, method: str = "florist", rounds: int = 2, **training) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import delta_weights, quiet_console, write_recipe
+from helpers import chat_base_copy, delta_weights, quiet_console, write_recipe
 from test_recipes import REPO, conformance_overrides, stand_ins  # noqa: F401 - the stand-ins fixture
 from typer.testing import CliRunner
 
@@ -240,17 +240,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def _chat_base(tiny_base: Path, tmp_path: Path) -> Path:
     """The tiny base with a ChatML template (SmolLM2's turn markup, no generation markers)."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    folder = tmp_path / "chat_base"
-    shutil.copytree(tiny_base, folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    tokenizer.save_pretrained(folder)
-    return folder
+    return chat_base_copy(tiny_base, tmp_path / "chat_base")
 
 
 def _cli_run(tmp_path: Path, base: Path, data_file: Path, *extra: str):
