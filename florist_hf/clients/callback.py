@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from florist_hf.adapters import ADAPTER_WEIGHTS, CLIENT_INFO, factor_shapes
+from florist_hf.adapters import ADAPTER_WEIGHTS, CLIENT_INFO, all_finite, factor_shapes
 from florist_hf.distributed import gathered_state_dict
 from florist_hf.errors import FloristError
 from florist_hf.global_state import install_global_state, lora_layers
@@ -150,7 +150,7 @@ class FederatedCallback(TrainerCallback):
         gathered = gathered_state_dict(model, lambda name, param: name in trained or is_lora_factor(name))
         # The Trainer's logging_nan_inf_filter hides NaN losses behind the running mean, so the
         # trained factors themselves are checked too.
-        factors_finite = all(bool(torch.isfinite(gathered[name]).all()) for name in trained)
+        factors_finite = all(all_finite(gathered[name]) for name in trained)
         self.metrics = {
             "loss": train_loss,
             "last_logged_loss": losses[-1] if losses else None,
