@@ -587,3 +587,26 @@ def test_released_client_factors_give_the_same_result_and_leave_the_dicts_empty(
         assert torch.equal(released.modules[module_name].lora_b, module.lora_b)
         assert torch.equal(released.modules[module_name].lora_a, module.lora_a)
         assert released.modules[module_name].lora_b.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("result_dtype", [torch.bfloat16, torch.float16])
+def test_florist_forms_a_16_bit_global_from_fp32_products_within_its_rounding(result_dtype):
+    """A 16-bit global's last two products run in fp32: every factor as the fp64 result rounds it, give or
+    take one step of the 16-bit format, and the same ranks and singular values (they come before)."""
+    from florist_hf.aggregation.linalg import product_dtype
+
+    assert product_dtype(result_dtype) == torch.float32
+    assert product_dtype(torch.float32) == product_dtype(None) == torch.float64
+    clients = make_clients([64, 32, 16, 16, 8, 8, 4, 4], dtype=torch.bfloat16, seed=4)
+    clients = [{name: ClientModule(m.lora_a, m.lora_b.repeat(8, 1), m.scale) for name, m in c.items()} for c in clients]  # m = 320 > R
+    florist = get_method("florist", threshold=0.9)
+    low = florist.aggregate(clients, [1579, 685, 3775, 607, 900, 800, 700, 600], result_dtype=result_dtype)
+    high = florist.aggregate(clients, [1579, 685, 3775, 607, 900, 800, 700, 600])
+    ours, exact = low.modules["layers.0.q_proj"], high.modules["layers.0.q_proj"]
+    assert ours.selected_rank == exact.selected_rank < 152 and torch.equal(ours.singular_values, exact.singular_values)
+    for got, reference in ((ours.lora_b, exact.lora_b), (ours.lora_a, exact.lora_a)):
+        assert got.dtype == result_dtype
+        rounded = reference.to(result_dtype)
+        step = torch.finfo(result_dtype).eps * reference.abs().to(torch.float64)
+        assert bool(((got.double() - rounded.double()).abs() <= step + torch.finfo(result_dtype).tiny).all())
+        assert float((got != rounded).double().mean()) < 0.02  # most elements round to the very same value

@@ -138,7 +138,7 @@ def test_a_method_that_declares_sketch_sums_finishes_from_them_itself():
     class Forgetful(AggregationMethod):
         name, exact, needs = "forgetful", True, frozenset({SKETCH_SUMS})
 
-        def aggregate_module(self, clients, client_weights):
+        def aggregate_module(self, clients, client_weights, result_dtype=None):
             raise AssertionError
 
     with pytest.raises(TypeError, match="exactly when it defines from_sketch"):

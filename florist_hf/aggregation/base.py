@@ -96,8 +96,11 @@ class AggregationMethod(ABC):
         return self.needs
 
     @abstractmethod
-    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
-        """Aggregate one module; ``client_weights`` are normalised (they sum to 1)."""
+    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor,
+                         result_dtype: torch.dtype | None = None) -> ModuleAggregate:
+        """Aggregate one module; ``client_weights`` are normalised (they sum to 1). ``result_dtype``: what the
+        caller keeps the factors in (None: the compute precision); a method may compute its last products no
+        finer than that needs (FLoRIST's, in fp32 for a 16-bit result)."""
 
     def from_sketch(self, update, client_ranks: Sequence[int], summed: ClientModule | None = None) -> ModuleAggregate:
         """One module from the round's sketched update (an `aggregation.sketch.SketchedUpdate`: ΔW = Q·Z,
@@ -143,7 +146,7 @@ class AggregationMethod(ABC):
 
         def aggregate_one(name: str) -> ModuleAggregate:
             modules = [client.pop(name) if release else client[name] for client in clients]
-            return self.aggregate_module(modules, weights)
+            return self.aggregate_module(modules, weights, result_dtype)
 
         names = list(clients[0])
         # Cast on this thread: the results are allocated where the released client factors were.

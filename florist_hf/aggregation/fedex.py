@@ -40,7 +40,8 @@ class FedExLoRA(AggregationMethod):
                     "need the residuals it missed); sample every client, or use florist or flora")
         return None
 
-    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
+    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor,
+                         result_dtype: torch.dtype | None = None) -> ModuleAggregate:
         averages = FedIT().aggregate_module(clients, client_weights)
         max_rank, mean_b, mean_a = averages.selected_rank, averages.lora_b, averages.lora_a
         parts = [ClientModule(lora_a=c.lora_a, lora_b=c.lora_b, scale=w * c.scale) for w, c in zip(client_weights.tolist(), clients)]

@@ -47,7 +47,8 @@ class FedIT(AggregationMethod):
     def client_needs(self) -> frozenset[str]:
         return robust_needs(self.robust, self.needs)
 
-    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
+    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor,
+                         result_dtype: torch.dtype | None = None) -> ModuleAggregate:
         max_rank = max(c.rank for c in clients)
         if self.robust is not None:
             mean_b = robust_combine([c.scale * c.lora_b.to(COMPUTE_DTYPE) for c in clients], max_rank, 1, self.robust, self.trim_fraction)

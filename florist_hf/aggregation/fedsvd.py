@@ -34,7 +34,8 @@ class FedSVD(AggregationMethod):
     def __init__(self, shared_a_tolerance: float = 1e-6):
         self.shared_a_tolerance = shared_a_tolerance
 
-    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
+    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor,
+                         result_dtype: torch.dtype | None = None) -> ModuleAggregate:
         shared_a = check_shared_a(clients, self.shared_a_tolerance).to(COMPUTE_DTYPE)
         max_rank = shared_a.shape[0]
         b_weights = [w * c.scale for w, c in zip(client_weights.tolist(), clients)]

@@ -65,7 +65,8 @@ class FFALoRA(AggregationMethod):
     def client_needs(self) -> frozenset[str]:
         return robust_needs(self.robust, self.needs)
 
-    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
+    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor,
+                         result_dtype: torch.dtype | None = None) -> ModuleAggregate:
         max_rank = max(c.rank for c in clients)
         shared_a = check_shared_a(clients, self.shared_a_tolerance).to(COMPUTE_DTYPE)
         if self.robust is not None:

@@ -32,7 +32,8 @@ class FlexLoRA(AggregationMethod):
     def options(self) -> dict:
         return {"global_rank": self.global_rank}
 
-    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
+    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor,
+                         result_dtype: torch.dtype | None = None) -> ModuleAggregate:
         dense_update = sum(
             (float(p) * c.scale) * (c.lora_b.to(COMPUTE_DTYPE) @ c.lora_a.to(COMPUTE_DTYPE))
             for c, p in zip(clients, client_weights)

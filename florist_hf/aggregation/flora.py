@@ -22,7 +22,8 @@ class Flora(AggregationMethod):
     def reports_client_products(self) -> bool:
         return True
 
-    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
+    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor,
+                         result_dtype: torch.dtype | None = None) -> ModuleAggregate:
         stacked_b, stacked_a, products = stack_weighted_factors(clients, client_weights)
         return ModuleAggregate(stacked_b, stacked_a, selected_rank=stacked_a.shape[0], client_products=products)
 

@@ -10,7 +10,7 @@ import torch
 
 from florist_hf.aggregation.base import SKETCH_SUMS, AggregationMethod, method_class, register_method
 from florist_hf.aggregation import sketch
-from florist_hf.aggregation.linalg import stacked_truncation
+from florist_hf.aggregation.linalg import product_dtype, stacked_truncation
 from florist_hf.aggregation.streaming import StreamingFloristRound
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
@@ -83,13 +83,14 @@ class Florist(AggregationMethod):
         """An empty round to fold clients into as they arrive (see ``StreamingFloristRound``)."""
         return StreamingFloristRound(self.threshold, self.tolerance, self.options())
 
-    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor) -> ModuleAggregate:
+    def aggregate_module(self, clients: Sequence[ClientModule], client_weights: torch.Tensor,
+                         result_dtype: torch.dtype | None = None) -> ModuleAggregate:
         if self.streaming:  # clients already in memory: folded one after another all the same
             streamed = self.stream()
             for client, weight in zip(clients, client_weights.tolist()):
                 streamed.add({"module": client}, weight)
             return streamed.result().modules["module"]
-        return stacked_truncation(clients, client_weights, self.threshold)
+        return stacked_truncation(clients, client_weights, self.threshold, product_dtype(result_dtype))
 
     def from_sketch(self, update: sketch.SketchedUpdate, client_ranks: Sequence[int],
                     summed: ClientModule | None = None) -> ModuleAggregate:

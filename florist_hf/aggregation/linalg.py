@@ -14,6 +14,13 @@ from florist_hf.aggregation.types import ClientModule, ClientProducts, ModuleAgg
 COMPUTE_DTYPE = torch.float64
 
 
+def product_dtype(result_dtype: torch.dtype | None) -> torch.dtype:
+    """The precision of the last m×R products that form kept factors stored in ``result_dtype``: fp32 for a
+    16-bit float, whose rounding (2^-9 for bf16, 2^-12 for fp16) is over a thousand times fp32's error on
+    these products (inner dimension R, a few 1e-7 relative), else the compute precision."""
+    return torch.float32 if result_dtype in (torch.bfloat16, torch.float16) else COMPUTE_DTYPE
+
+
 def _stacked_copies(clients) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """fp64 copies of the client factors, B blocks side by side (m×R) and A blocks stacked (R×n)."""
     # One fp64 buffer per stack, filled in place: no stack-sized temporaries per client.
@@ -162,6 +169,7 @@ class TruncatedProduct(NamedTuple):
 def truncated_product_svd(
     stacked_b: torch.Tensor, stacked_a: torch.Tensor, column_scale: torch.Tensor, threshold: float,
     missing_energy: float = 0.0, client_ranks: Sequence[int] | None = None, orthonormal_b: bool = False,
+    products_in: torch.dtype = COMPUTE_DTYPE,
 ) -> TruncatedProduct:
     """(B_g, A_g, sigma, rank) for ΔW = stacked_b·diag(column_scale)·stacked_a, truncated at the
     rank ``select_rank`` picks (``missing_energy``: see there); with ``client_ranks`` (the clients'
@@ -177,6 +185,9 @@ def truncated_product_svd(
 
     ``orthonormal_b``: the caller vouches that stacked_b·diag(column_scale) has orthonormal columns
     (a Householder Q, the sketch's basis): then C_B = I and B's Gram is never formed.
+
+    ``products_in``: the precision of the two m×R products that form the kept factors (``product_dtype``);
+    everything before them, and the Householder path, stays in fp64.
     """
     shape = (stacked_b.shape[0], stacked_a.shape[1])
     if orthonormal_b and client_ranks is not None:
@@ -201,7 +212,8 @@ def truncated_product_svd(
             # B_g = Q_B U_p Σ_p = B·diag(s)·C_B⁻ᵀ·U_p Σ_p ;  A_g = V_pᵀ = Σ_p⁻¹ U_pᵀ Q_Bᵀ ΔW = Σ_p⁻¹ U_pᵀ C_Bᵀ A.
             b_mix = column_scale[:, None] * (b_chol_inverse.T @ (kept_u * kept_sigma))
             a_mix = (kept_u.T @ b_chol.T) / kept_sigma[:, None]
-            lora_b, lora_a = blas_matmul(stacked_b, b_mix), blas_matmul(a_mix, stacked_a)
+            lora_b = blas_matmul(stacked_b.to(products_in), b_mix.to(products_in))
+            lora_a = blas_matmul(a_mix.to(products_in), stacked_a.to(products_in))
             products = None
             if client_ranks is not None:  # ‖B_g·A_g‖² = Σ kept σ²
                 products = client_products(gram_b, gram_a, gram_b @ b_mix, a_mix @ gram_a, client_ranks,
@@ -220,12 +232,13 @@ def truncated_product_svd(
     return TruncatedProduct(lora_b, lora_a.clone(), sigma, rank, products)  # clone: do not keep all of vh alive
 
 
-def stacked_truncation(clients: Sequence[ClientModule], client_weights: torch.Tensor, threshold: float) -> ModuleAggregate:
+def stacked_truncation(clients: Sequence[ClientModule], client_weights: torch.Tensor, threshold: float,
+                       products_in: torch.dtype = COMPUTE_DTYPE) -> ModuleAggregate:
     """The τ-truncated SVD of Σ_k w_k·s_k·B_k·A_k from the clients' stacked factors (stacked FLoRIST),
-    with each client's `ClientProducts` with it."""
+    with each client's `ClientProducts` with it; ``products_in``: see ``truncated_product_svd``."""
     stacked_b, stacked_a, column_scale = stack_client_factors(clients, client_weights)
     kept = truncated_product_svd(stacked_b, stacked_a, column_scale, threshold,
-                                 client_ranks=[client.rank for client in clients])
+                                 client_ranks=[client.rank for client in clients], products_in=products_in)
     return ModuleAggregate(kept.lora_b, kept.lora_a, kept.rank, singular_values=kept.sigma,
                            client_products=kept.client_products)
 
