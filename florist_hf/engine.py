@@ -404,8 +404,10 @@ class Federation:
         federation = self.recipe.federation
         secure = federation.secure()
         reference = None if self.method.merges_into_base else self.history.continued(before=round_index)
+        central_dp = self.update_bounding(round_index) if federation.central_dp is not None else None
         return SecureRound(secure.settings(), seed=federation.seed * 1_000_003 + round_index,
-                           sketch_columns=secure.sketch_columns, reference=reference, clip=federation.clip_update_norm)
+                           sketch_columns=secure.sketch_columns, reference=reference, clip=federation.clip_update_norm,
+                           central_dp=central_dp)
 
     def update_bounding(self, round_index: int) -> UpdateBounding | None:
         """How the server bounds round ``round_index``'s client updates, and noises their mean

@@ -237,10 +237,7 @@ class FederationSection(Section):
         from florist_hf.secure.methods import SKETCH, secure_inputs
 
         secure_inputs(self.method)  # a ValueError naming why the method cannot run so
-        blocked = [("central_dp", self.central_dp is not None, "its noise is calibrated to one client's effect on the "
-                    "mean (clip_update_norm / n), which the fixed-point masked sums are not shown to keep — bound the "
-                    "clients with clip_update_norm alone, or use privacy.mode: dp_sgd"),
-                   ("robust", self.robust is not None, "a median or trimmed mean needs each client's factors"),
+        blocked = [("robust", self.robust is not None, "a median or trimmed mean needs each client's factors"),
                    ("aggregation: streaming", self.aggregation == "streaming", "the server holds only sums, so there is "
                     "no client stack to stream")]
         for key, present, why in blocked:

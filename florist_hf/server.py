@@ -69,6 +69,13 @@ class UpdateBounding:
     noise_seed: int | None = None
     #: Recorded in the sidecar as it is (the accountant's ε so far, δ, q).
     accounting: dict | None = None
+    #: How much further than clip/denominator one client can move the mean as the server learns it (L2):
+    #: under secure aggregation, the fixed-point rounding of every client's input (`secure.encoding.sensitivity_slack`).
+    quantisation_slack: float = 0.0
+
+    def noise_std(self) -> float:
+        """Central DP's noise std: σ times one client's largest effect on the mean, clip/denominator (+ the slack)."""
+        return self.noise_multiplier * (self.clip / self.denominator + self.quantisation_slack)
 
     def reference_modules(self, method: AggregationMethod) -> dict | None:
         if self.reference is None:
@@ -129,10 +136,11 @@ def _bound_clients(bounding: UpdateBounding, method: AggregationMethod, adapters
     return modules, used_weights, bounds
 
 
-def _add_central_noise(result: AggregationResult, bounding: UpdateBounding, method: AggregationMethod) -> None:
-    """Gaussian noise of std σ·clip/n on every trained factor of the mean (B, and A unless frozen)."""
+def add_central_noise(result: AggregationResult, bounding: UpdateBounding, method: AggregationMethod) -> None:
+    """Gaussian noise of std ``bounding.noise_std()`` (σ·clip/n) on every trained factor of the mean (B, and A
+    unless frozen), drawn in one fixed order from the round's secret seed."""
     generator = torch.Generator().manual_seed(bounding.noise_seed)
-    std = bounding.noise_multiplier * bounding.clip / bounding.denominator
+    std = bounding.noise_std()
     for name in sorted(result.modules):  # one fixed order: the same seed gives the same noise
         module = result.modules[name]
         module.lora_b = gaussian_noise_like(module.lora_b, std, generator)
@@ -279,7 +287,7 @@ def aggregate_adapters(
     except SharedAMismatch as error:
         raise FloristError(f"{adapters[error.client_index].path}: {error}") from None
     if bounding is not None and bounding.noise_multiplier is not None:
-        _add_central_noise(result, bounding, method)
+        add_central_noise(result, bounding, method)
     report = _client_report(method, [adapter.modules for adapter in adapters], result, bounds, bounding)
     # Freed before the write, whose serialisation holds a second copy of the global adapter.
     del modules
@@ -324,8 +332,9 @@ def _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtyp
                        else "each client's update s·B·A",
             "over": "the whole adapter",
             **({"central_dp": {"noise_multiplier": bounding.noise_multiplier, "denominator": bounding.denominator,
-                               "noise_std": bounding.noise_multiplier * bounding.clip / bounding.denominator,
-                               "weighting": "uniform", **(bounding.accounting or {})}}
+                               "noise_std": bounding.noise_std(), "weighting": "uniform",
+                               **({"quantisation_slack": bounding.quantisation_slack} if bounding.quantisation_slack else {}),
+                               **(bounding.accounting or {})}}
                if bounding.noise_multiplier is not None else {}),
         }
     _merge(sidecar, sidecar_extra or {})

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from helpers import delta_weights, quiet_console, relative_error, write_recipe
-from test_engine_cases import drive, fake_client
+from test_engine_cases import SHAPES, drive, fake_client
 from typer.testing import CliRunner
 
 from florist_hf.adapters import SIDECAR, read_adapter, save_adapter_files
@@ -199,6 +199,72 @@ def test_clients_bound_their_own_updates_before_masking_as_the_server_would(tmp_
         assert all(relative_error(ours[m], theirs[m]) < 1e-5 for m in theirs)
 
 
+@pytest.mark.parametrize("method, ranks", [("fedit", (4, 4, 4, 4)), ("ffa", (4, 4, 4, 4))])
+def test_central_dp_noises_the_securely_summed_mean_as_the_plain_server_noises_its_own(tmp_path, method, ranks):
+    """federation.central_dp under secure aggregation: the clients bound their own updates with the plain
+    step's fixed denominator and uniform weights, the server adds the noise to the decoded mean from the
+    same secret seed: the same global as the plain run's within the encoding, the same accounting, and a
+    noise std that also covers how far the fixed-point rounding lets one client move the mean."""
+    pytest.importorskip("opacus")
+    from florist_hf.secure.encoding import sensitivity_slack
+
+    clip, sigma, sizes = 0.05, 0.8, [16 + k for k in range(len(ranks))]
+
+    def run(name, secure):
+        federation = {"eval_heldout_loss": False, "clip_update_norm": clip, "clients_per_round": 3,
+                      "central_dp": {"noise_multiplier": sigma, "delta": 1e-3},
+                      **({"secure_aggregation": {"enabled": True}} if secure else {})}
+        out = tmp_path / name / "run"
+        out.mkdir(parents=True)
+        (out / "privacy-seed").write_text("cd" * 32)  # one secret for both runs: the same noise draws
+        return RunPaths(drive(load_recipe(write_recipe(tmp_path / name, method=method, ranks=ranks, rounds=2,
+                                                       federation=federation)), sizes, client=fake_client))
+
+    plain, secure = run("plain", False), run("secure", True)
+    for t in (1, 2):
+        plain_side = json.loads((plain.global_dir(t) / SIDECAR).read_text())
+        secure_side = json.loads((secure.global_dir(t) / SIDECAR).read_text())
+        ours, theirs = secure_side["bounding"]["central_dp"], plain_side["bounding"]["central_dp"]
+        assert [c["weight"] for c in secure_side["clients"]] == pytest.approx([1 / 3] * 3)
+        assert ours["epsilon"] == theirs["epsilon"] and ours["denominator"] == theirs["denominator"] == 3
+        assert "before masking" in secure_side["bounding"]["where"]
+        entries = sum(m * max(ranks) + (0 if method == "ffa" else max(ranks) * n) for m, n in SHAPES.values())
+        assert ours["quantisation_slack"] == sensitivity_slack(3, entries, 32) > 0
+        assert ours["noise_std"] == pytest.approx(sigma * (clip / 3 + ours["quantisation_slack"]), rel=1e-12)
+        assert theirs["noise_std"] == pytest.approx(sigma * clip / 3, rel=1e-12)
+        assert theirs["noise_std"] < ours["noise_std"] < theirs["noise_std"] * (1 + 1e-6)
+        got, expected = read_adapter(secure.global_dir(t)).modules, read_adapter(plain.global_dir(t)).modules
+        for name, module in expected.items():
+            # The same noise (the same draws, a std 1e-6 apart) on the same mean (within the encoding).
+            assert float((got[name].lora_b.double() - module.lora_b.double()).abs().max()) < 1e-6
+            assert float((got[name].lora_a.double() - module.lora_a.double()).abs().max()) < 1e-6
+            noise = (module.lora_b.double() - read_adapter(plain.global_dir(t - 1)).modules[name].lora_b.double())
+            assert float(noise.std()) > 10 * 1e-6  # the round's change, noise and all, is far above that tolerance
+
+
+def test_one_client_moves_the_decoded_mean_by_at_most_the_bound_the_noise_is_calibrated_to(tmp_path):
+    """The sensitivity the secure step's noise is calibrated to holds for the sums the server learns: a
+    round with one client more (the others the same, the denominator fixed) moves the decoded mean by
+    at most clip/denominator plus the rounding's slack, measured with the noise off (σ = 0)."""
+    from florist_hf.secure.encoding import sensitivity_slack
+    from florist_hf.server import UpdateBounding
+
+    dirs, reference = write_clients(tmp_path, torch.float32, ranks=[8, 8, 8, 8, 8])
+    clip, denominator = 1e-3, 5  # binds every client: each moves the mean by clip/5 exactly
+    results = {}
+    for count in (4, 5):
+        central = UpdateBounding(clip=clip, reference=reference, noise_multiplier=0.0, denominator=denominator, noise_seed=1)
+        secure = SecureRound(SecAggSettings(), seed=3, reference=reference, clip=clip, central_dp=central)
+        step = secure_aggregate_adapters(dirs[:count], get_method("fedit"), tmp_path / f"global_{count}", secure)
+        results[count] = read_adapter(step.out_dir).modules
+        assert step.sidecar["bounding"]["central_dp"]["noise_std"] == 0.0
+    moved = sum(float((results[5][name].lora_b.double() - results[4][name].lora_b.double()).square().sum())
+                + float((results[5][name].lora_a.double() - results[4][name].lora_a.double()).square().sum())
+                for name in MODULES) ** 0.5
+    entries = sum(m * 8 + 8 * n for m, n in MODULES.values())
+    assert clip / denominator * (1 - 1e-6) <= moved <= clip / denominator + sensitivity_slack(5, entries, 32)
+
+
 def test_the_outlier_report_is_unavailable_in_one_line_and_the_sidecar_says_so(tmp_path):
     import io
 
@@ -264,8 +330,6 @@ def test_changed_secure_settings_set_the_rounds_they_made_aside(tmp_path):
 
 @pytest.mark.parametrize("change, expected", [
     ({"method": "flora"}, "flora hands every client every other client's factors"),
-    ({"method": "fedit", "clip_update_norm": 0.1, "central_dp": {"noise_multiplier": 1.0}},
-     "secure_aggregation and central_dp do not combine"),
     ({"method": "fedit", "robust": "median"}, "secure_aggregation and robust do not combine"),
     ({"aggregation": "streaming"}, "secure_aggregation and aggregation: streaming do not combine"),
     ({"method": "fedit", "secure_aggregation": {"sketch_columns": 8}}, "sketch_columns applies to florist, flexlora and fedex"),

@@ -53,7 +53,7 @@ STATE_KEY = "florist-secagg"
 BASES = "bases"
 MASKED = "masked"
 #: The keys stage's config keys that carry the sum's public task (kept by the node for the later stages).
-TASK_KEYS = ("plans", "seed", "weights", "needs", "freezes-lora-a", "clip", "relative")
+TASK_KEYS = ("plans", "seed", "weights", "needs", "freezes-lora-a", "clip", "relative", "rescale")
 
 
 def _ids(config: ConfigRecord, prefix: str) -> dict[int, bytes]:
@@ -63,7 +63,8 @@ def _ids(config: ConfigRecord, prefix: str) -> dict[int, bytes]:
 def _task_config(task: SumTask) -> dict:
     return {"plans": json.dumps([[p.name, *p.shape, p.max_rank, p.columns, p.exact_columns] for p in task.plans]),
             "seed": task.seed, "weights": json.dumps(list(task.weights)), "needs": json.dumps(list(task.needs)),
-            "freezes-lora-a": task.freezes_lora_a, "clip": json.dumps(task.clip), "relative": task.relative}
+            "freezes-lora-a": task.freezes_lora_a, "clip": json.dumps(task.clip), "relative": task.relative,
+            "rescale": float(task.rescale)}
 
 
 def _task_of(held: ConfigRecord, kind: str, bases: ArrayRecord | None) -> SumTask:
@@ -72,7 +73,7 @@ def _task_of(held: ConfigRecord, kind: str, bases: ArrayRecord | None) -> SumTas
     return SumTask(kind, plans, int(held["seed"]), tuple(json.loads(str(held["weights"]))),
                    tuple(json.loads(str(held["needs"]))), bool(held["freezes-lora-a"]),
                    None if bases is None else {name: torch.from_numpy(array.numpy().copy()) for name, array in bases.items()},
-                   clip=json.loads(str(held["clip"])), relative=bool(held["relative"]))
+                   clip=json.loads(str(held["clip"])), relative=bool(held["relative"]), rescale=float(held["rescale"]))
 
 
 # ---- the server's side ----------------------------------------------------------------------------

@@ -9,6 +9,8 @@ here rounding is to nearest, so the decoded sum is the same number every time th
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,6 +41,14 @@ def sum_error(num_clients: int, fraction_bits: int) -> float:
     """The largest absolute error of one decoded entry of a sum over ``num_clients``: each encoding
     rounds to nearest, off by at most half a unit of 2^-f."""
     return num_clients * 2.0 ** -(fraction_bits + 1)
+
+
+def sensitivity_slack(num_clients: int, entries: int, fraction_bits: int) -> float:
+    """How much further than its real contribution one client's presence can move a decoded sum over
+    ``num_clients``, in L2 over ``entries`` summed values: adding or removing a client changes every
+    client's weights (uniform, 1/n), so each of the n rounded inputs may round the other way, by at
+    most 2^-f an entry: n·√entries·2^-f in all."""
+    return num_clients * math.sqrt(entries) * 2.0 ** -fraction_bits
 
 
 def encode(name: str, values: np.ndarray, num_clients: int, fraction_bits: int) -> np.ndarray:

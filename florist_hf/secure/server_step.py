@@ -27,13 +27,13 @@ from florist_hf.aggregation import sketch
 from florist_hf.aggregation.bounding import bound_client
 from florist_hf.aggregation.linalg import COMPUTE_DTYPE, padded_weighted_sum
 from florist_hf.errors import FloristError
-from florist_hf.secure.encoding import sum_error
+from florist_hf.secure.encoding import sensitivity_slack, sum_error
 from florist_hf.secure.errors import SecureAggregationError
 from florist_hf.secure.local import SecureSum, secure_sum
 from florist_hf.secure.methods import FACTOR_SUMS, SKETCH, secure_inputs
 from florist_hf.secure.protocol import EncryptedShares, MaskedInput, PublicKeys, RevealedShares
 from florist_hf.secure.settings import SecAggSettings
-from florist_hf.server import ServerStep, _client_rank, _write_server_step
+from florist_hf.server import ServerStep, UpdateBounding, _client_rank, _write_server_step, add_central_noise
 
 #: The Q a sketch method sends back to every client travels in fp64 (it must stay orthonormal).
 BASIS_BYTES_PER_PARAM = 8
@@ -54,6 +54,9 @@ class SecureRound:
     #: federation.clip_update_norm: each client bounds its own update before it masks (the server
     #: sees no norm); the update is the change since ``reference`` where there is one, else s·B·A.
     clip: float | None = None
+    #: federation.central_dp (FedIT, FFA-LoRA): the round's noise (σ, the fixed denominator, the secret seed,
+    #: the accounting), added by the server to the decoded mean (`server.round_bounding` makes it).
+    central_dp: UpdateBounding | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ class SumTask:
     #: the update is the change of its factors since the global it continued (its ``reference``).
     clip: float | None = None
     relative: bool = False
+    #: Central DP's fixed denominator: each bounded update is scaled by n/denominator (`bound_client`).
+    rescale: float = 1.0
 
     def compute(self, index: int, modules: Mapping[str, ClientModule],
                 reference: Mapping[str, ClientModule] | None = None) -> dict[str, np.ndarray]:
@@ -140,7 +145,7 @@ class SumTask:
                                    "continued, and that global is missing on its side")
             try:
                 modules, _ = bound_client(modules, self.clip, reference=reference if self.relative else None,
-                                          freezes_lora_a=self.freezes_lora_a)
+                                          freezes_lora_a=self.freezes_lora_a, rescale=self.rescale)
             except ValueError as error:
                 raise FloristError(f"secure aggregation: client {index}: {error}") from None
         side = ClientSide(modules, self.weights[index], self.needs, self.freezes_lora_a)
@@ -265,6 +270,14 @@ def secure_aggregate(
     raw_weights = client_weights(adapters, weights)
     total = sum(raw_weights)
     normalised = [weight / total for weight in raw_weights]  # public: the sample counts are
+    central, rescale = secure.central_dp, 1.0
+    if central is not None:
+        if not method.averages_factors or secure.clip is None:
+            raise FloristError(f"central_dp under secure aggregation noises a mean of bounded factors (fedit, ffa with "
+                               f"clip_update_norm); {method.name} with clip {secure.clip} is not that")
+        # DP-FedAvg as in the plain step: every client alike and a fixed denominator, so that one client moves
+        # the mean by clip/denominator at most (and, as the server learns it, by the rounding's slack besides).
+        normalised, rescale = [1.0 / len(adapters)] * len(adapters), len(adapters) / central.denominator
     wire_dtype = widest_dtype(adapter.dtype for adapter in adapters)
     plans = plan_modules(adapters[0].module_shapes, [{n: m.rank for n, m in a.modules.items()} for a in adapters],
                          secure.sketch_columns)
@@ -274,7 +287,7 @@ def secure_aggregate(
     if relative and secure.reference is None:
         raise FloristError(f"{method.name} clients bound the change since the global they continued; none was given")
     task = SumTask("first", tuple(plans), secure.seed, tuple(normalised), tuple(needs), method.freezes_lora_a,
-                   clip=secure.clip, relative=relative)
+                   clip=secure.clip, relative=relative, rescale=rescale)
 
     shared_a = None
     if method.freezes_lora_a:  # public: the server sent it
@@ -312,6 +325,12 @@ def secure_aggregate(
             modules[plan.name] = method.aggregate_module([ClientModule(summed_a, summed_b, 1.0)],
                                                          torch.ones(1, dtype=COMPUTE_DTYPE))
     result = AggregationResult(method.name, modules, normalised, method.options())
+    if central is not None:
+        entries = sum(plan.shape[0] * plan.max_rank + (0 if method.freezes_lora_a else plan.max_rank * plan.shape[1])
+                      for plan in plans)
+        central = replace(central, quantisation_slack=sensitivity_slack(len(adapters), entries,
+                                                                        secure.settings.fraction_bits))
+        add_central_noise(result, central, method)
     seconds = time.perf_counter() - started
 
     up, down, params = traffic.up, traffic.down, traffic.params
@@ -347,7 +366,7 @@ def secure_aggregate(
         },
     }
     return _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtype, overwrite, client_names,
-                              seconds, sidecar_extra=extra)
+                              seconds, bounding=central, sidecar_extra=extra)
 
 
 def secure_record(secure: SecureRound) -> dict:
