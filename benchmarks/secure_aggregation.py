@@ -191,7 +191,7 @@ def heldout_losses(run_dir, out) -> dict:
     from florist_hf.loading import load_tokenizer, prepare_base_model
     from florist_hf.recipe import Recipe
 
-    recipe = Recipe.model_validate(json.loads((Path(run_dir) / RECIPE_RECORD).read_text())["recipe"])
+    recipe = Recipe.from_record(json.loads((Path(run_dir) / RECIPE_RECORD).read_text()))
     base = prepare_base_model(recipe, Path(run_dir))
     _, test_records = prepare_client_data(recipe)
     tokenizer = load_tokenizer(base, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)

@@ -173,7 +173,7 @@ class Federation:
                         f"{self.paths.root}: --force cannot apply {_listed(changes)}: it changes how the clients train, "
                         "and the kept client adapters were trained without it; use another output_dir"
                     )
-        write_json_atomic(record_file, {"fingerprint": fingerprint, "recipe": self.recipe.model_dump(mode="json")})
+        write_json_atomic(record_file, {"fingerprint": fingerprint, **self.recipe.record()})
 
     @staticmethod
     def _stored_record(record_file: Path) -> dict | None:
@@ -192,7 +192,7 @@ class Federation:
         from florist_hf.recipe import Recipe
 
         try:
-            return Recipe.model_validate(stored["recipe"])
+            return Recipe.from_record(stored)
         except (KeyError, TypeError, ValidationError):
             return None
 

@@ -32,7 +32,7 @@ def run_answers(run_dir: str | os.PathLike, *, instructions: tuple[str, ...] | l
     if not (run_dir / RUN_SUMMARY).is_file() or not adapter_dir.is_dir():
         raise FloristError(f"{run_dir}: not a finished run directory (no {RUN_SUMMARY} and {GLOBAL_ADAPTER}/); "
                            "pass the output_dir of a completed `florist-hf run`")
-    recipe = Recipe.model_validate(json.loads((run_dir / RECIPE_RECORD).read_text())["recipe"])
+    recipe = Recipe.from_record(json.loads((run_dir / RECIPE_RECORD).read_text()))
     # The run's own base, made again where it is gone (a GGUF base's cache cleared since the run).
     base_path = prepare_base_model(recipe, run_dir)
     if instructions:

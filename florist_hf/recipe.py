@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -553,6 +554,23 @@ class Recipe(Section):
         if alphas is None:
             return self.lora.alpha_multiplier * self.client_rank(client)
         return alphas if isinstance(alphas, (int, float)) else alphas[client]
+
+    def as_given(self) -> dict:
+        """The settings the recipe's author gave (its file's keys and the overrides; the defaults left out), in
+        JSON types: what a Flower node or a later command validates again. A full dump would state every
+        default as if given, and a setting refused only where given (``data.template`` for DPO clients) would
+        then be refused there."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    def record(self) -> dict:
+        """What a run directory keeps of its recipe (``recipe.json``, beside the fingerprint): every setting as it
+        ran (``recipe``), and the settings as given, which ``from_record`` reads back."""
+        return {"recipe": self.model_dump(mode="json"), "as_given": self.as_given()}
+
+    @classmethod
+    def from_record(cls, stored: Mapping) -> "Recipe":
+        """The recipe of a ``record`` (a record made before ``as_given`` existed: from its full dump)."""
+        return cls.model_validate(stored["as_given"] if "as_given" in stored else stored["recipe"])
 
     def fingerprint(self) -> str:
         """A hash of everything that changes the result (not where it is written)."""

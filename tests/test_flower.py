@@ -3,6 +3,7 @@
 import dataclasses
 import datetime
 import ipaddress
+import math
 import json
 import os
 import shutil
@@ -1027,3 +1028,32 @@ def test_dp_sgd_clients_and_bounded_updates_over_flower_give_florist_hf_runs_res
     assert client_lines(run_dir) == client_lines(reference) and len(client_lines(run_dir)) == 6
     sidecar = json.loads((RunPaths(run_dir).global_dir(2) / "aggregation.json").read_text())
     assert sidecar["bounding"]["clip_update_norm"] == 0.05
+
+
+@pytest.mark.parametrize("method", ["florist", "fedit"])
+def test_dpo_clients_over_flower_give_florist_hf_runs_result(tmp_path, method, server_identity):
+    """TRL's DPOTrainer clients (``client.trainer: dpo``) on preference pairs, through the ServerApp and
+    ClientApp for two rounds: each node trains against the reference the recipe names (the round's starting
+    model: the global state a node holds, or the global factors a FedIT client continues), and the run
+    equals `florist-hf run`, client adapters included."""
+    from test_dpo_clients import preference_rows
+
+    from florist_hf.flower import make_client_app, run_flower_federation
+
+    data_file = tmp_path / "pairs.jsonl"
+    data_file.write_text("".join(json.dumps(row) + "\n" for row in preference_rows("prompt_texts", 16)))
+    recipe_path = flower_recipe(tmp_path / "recipe.yaml", method=method, ranks=(4, 4), rounds=2, client={"trainer": "dpo"},
+                                training={"max_steps": 1, "per_device_train_batch_size": 8, "learning_rate": 1e-2,
+                                          "beta": 1.0})
+    settings = yaml.safe_load(recipe_path.read_text())
+    settings["data"].update(source=str(data_file), holdout_per_label=0, max_samples_per_client=8)
+    settings["federation"]["eval_heldout_loss"] = False
+    recipe_path.write_text(yaml.safe_dump(settings))
+    reference = reference_run(recipe_path, tmp_path / "reference")
+    grid = LocalGrid(make_client_app(), 2, tmp_path / "nodes")
+    run_dir = run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"]),
+                                    console=quiet_console())
+    assert json.loads((run_dir / "recipe.json").read_text())["recipe"]["client"]["trainer"] == "dpo"
+    assert_same_run(run_dir, reference, clients=range(2))
+    losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "client"]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)

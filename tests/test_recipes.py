@@ -194,3 +194,32 @@ def test_bf16_recipe_on_a_cpu_only_machine_says_how_to_run_it(tmp_path, stand_in
     result = run_recipe(recipe_file, overrides)
     assert result.exit_code == 2
     assert "--set training.use_cpu=true keeps bf16" in result.output and "--set training.bf16=false" in result.output
+
+
+@pytest.mark.parametrize("recipe_file", RECIPES, ids=[path.stem for path in RECIPES])
+def test_a_recipe_read_back_from_its_run_record_or_a_flower_message_is_the_same_recipe(recipe_file):
+    """What a run directory keeps (`Recipe.record`) and what the Flower server sends its nodes (`as_given`)
+    validate again to the same recipe, the shipped DPO recipe included: a full dump would state every
+    default as given, and a setting refused only where given (data.template for DPO clients) would refuse it."""
+    import json
+
+    from florist_hf.recipe import Recipe
+
+    recipe = load_recipe(recipe_file)
+    for again in (Recipe.from_record(json.loads(json.dumps(recipe.record()))), Recipe.model_validate_json(json.dumps(recipe.as_given()))):
+        assert again.model_dump() == recipe.model_dump() and again.fingerprint() == recipe.fingerprint()
+    # A record made before `as_given` existed is read from its full dump (DPO's, which that dump stated as refused, cannot).
+    if recipe.client.trainer != "dpo":
+        assert Recipe.from_record({"recipe": recipe.model_dump(mode="json")}).fingerprint() == recipe.fingerprint()
+
+
+def test_each_trainers_safe_keys_are_its_own_arguments_and_none_reaches_beyond_the_optimisation():
+    """The keys a Flower server may set on a node without its operator's say-so (`TrainerKind.safe_keys`)."""
+    from florist_hf.clients.registry import TRAINERS
+
+    unsafe = {"model_init_kwargs", "ref_model_init_kwargs", "trust_remote_code", "chat_template_path", "dataset_num_proc",
+              "dataset_kwargs", "hub_token", "push_to_hub", "report_to", "output_dir", "deepspeed", "activation_offloading"}
+    for kind in TRAINERS.values():
+        assert kind.safe_keys <= kind.config_fields(), kind.name
+        assert not kind.safe_keys & unsafe, kind.name
+    assert {"beta", "loss_type", "reference_policy"} <= TRAINERS["dpo"].safe_keys

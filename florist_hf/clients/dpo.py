@@ -29,6 +29,10 @@ REFERENCE_POLICIES = ("round_start", "base")
 
 class DPO(TrainerKind):
     name = "dpo"
+    safe_keys = frozenset({"beta", "disable_dropout", "discopop_tau", "f_alpha_divergence_coef", "f_divergence_type",
+                           "label_smoothing", "ld_alpha", "loss_type", "loss_weights", "max_length", "pad_to_multiple_of",
+                           "pad_token", "padding_free", "reference_policy", "router_aux_loss_coef", "truncation_mode",
+                           "use_weighting"})
 
     def trainer_class(self) -> type:
         return federated_dpo_trainer()

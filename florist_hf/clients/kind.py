@@ -15,6 +15,10 @@ class TrainerKind:
 
     #: The name a recipe gives it.
     name: str = ""
+    #: Its own arguments (beyond TrainingArguments') that change only what and how it optimises: a Flower
+    #: server may set them on a node without the operator's say-so (`flower.policy`). Nothing that reaches the
+    #: network, reads files, runs remote code or lays out the node's hardware.
+    safe_keys: frozenset[str] = frozenset()
 
     def trainer_class(self) -> type:
         """The ``transformers.Trainer`` subclass (imported when first asked)."""

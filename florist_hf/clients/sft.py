@@ -11,6 +11,9 @@ from florist_hf.errors import FloristError
 
 class SFT(TrainerKind):
     name = "sft"
+    safe_keys = frozenset({"assistant_only_loss", "completion_only_loss", "dataset_text_field", "eos_token", "eval_packing",
+                           "loss_type", "max_length", "packing", "packing_strategy", "pad_to_multiple_of", "pad_token",
+                           "padding_free", "router_aux_loss_coef", "shuffle_dataset", "truncation_mode"})
 
     def trainer_class(self) -> type:
         from trl import SFTTrainer

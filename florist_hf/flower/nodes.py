@@ -3,6 +3,8 @@ every node, by its partition-id) and a Grid whose replies arrive one by one."""
 
 from __future__ import annotations
 
+import json
+
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ def discover_clients(grid: Grid, recipe, *, timeout: float = DEFAULT_NODE_TIMEOU
             console.print(f"waiting for SuperNodes: {len(node_ids)} of {num_clients} connected")
             announced = len(node_ids)
         time.sleep(1.0)
-    recipe_json = recipe.model_dump_json()
+    recipe_json = json.dumps(recipe.as_given())
     messages = [Message(hello_content(recipe_json), node_id, protocol.HELLO) for node_id in node_ids]
     replies = list(grid.send_and_receive(messages, timeout=max(deadline - time.monotonic(), 60.0)))
     clients: dict[int, ClientNode] = {}

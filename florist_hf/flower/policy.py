@@ -12,7 +12,8 @@ operator writes a policy YAML and starts the SuperNode with ``--node-config "pol
     privacy: {require: dp_sgd, max_epsilon: 3.0}                   # train only under DP-SGD, ε ≤ 3 for the federation
 
 Without a policy the safe defaults hold: any base model, no remote code, and only the
-`SAFE_TRAINING_KEYS`. A request outside the policy is refused with one line naming the rule; the
+`SAFE_TRAINING_KEYS` and the recipe's trainer's own optimisation settings (``TrainerKind.safe_keys``:
+e.g. DPO's ``beta``, SFT's ``packing``). A request outside the policy is refused with one line naming the rule; the
 server leaves that client out of the round, which goes on if ``federation.min_clients`` holds.
 """
 
@@ -24,6 +25,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from florist_hf.clients.registry import trainer_kind
 from florist_hf.errors import FloristError
 
 #: node_config key naming the policy file.
@@ -127,7 +129,7 @@ def check_request(policy: NodePolicy, source: str, recipe, client_id: int, *, ow
             "the node operator can set trust_remote_code: true in the policy"
         )
     training = {**recipe.training, **recipe.client_training.get(client_id, {})}
-    allowed_keys = SAFE_TRAINING_KEYS | set(policy.training_keys)
+    allowed_keys = SAFE_TRAINING_KEYS | trainer_kind(recipe.client.trainer).safe_keys | set(policy.training_keys)
     # report_to: "none" is the default asking for nothing; any tracker is a key the node must allow.
     refused = sorted(key for key, value in training.items()
                      if key not in allowed_keys and not (key == "report_to" and value in ("none", ["none"], [])))

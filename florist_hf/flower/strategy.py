@@ -53,7 +53,7 @@ class FloristStrategy(Strategy):
         self.console = federation.console
         self.round_timeout = round_timeout
         self._grid = None
-        self.recipe_json = self.recipe.model_dump_json()
+        self.recipe_json = json.dumps(self.recipe.as_given())
         self.clients = clients
         self.client_sizes = [clients[k].num_samples for k in range(self.recipe.federation.num_clients)]
         self.node_to_client = {client.node_id: client.client_id for client in clients.values()}
