@@ -11,21 +11,24 @@ Dolly sample counts as weights) on the q_proj and v_proj of ``--layers`` layers:
 memory (no adapter files; the plain side is `Florist.aggregate`), in wall and CPU seconds (CPU
 time is what to compare on a machine other jobs share):
 - plain: FLoRIST τ = 0.9 on the stacked factors;
-- secure, server: what `SecAggServer` does in both sums (collect keys, route shares, add each masked
-  input as it arrives, rebuild the self masks and take them off, decode) plus Q = orth(Y) and
-  FLoRIST on Q·Z;
+- secure, server: `server_step.secure_result` itself, less the clients' calls: what `SecAggServer`
+  does in both sums (collect keys, route shares, add each masked input as it arrives, rebuild the
+  self masks and take them off, decode) plus Q = orth(Y) and FLoRIST on Q·Z, each module's on
+  worker threads as its sum is unmasked when ``--threads`` > 1;
 - secure, one client: its two sketches, fixed-point encoding and masking (one AES-128-CTR keystream per
   other client plus its own), key agreement, Shamir sharing and encryption, per client on average.
 Each client computes its arrays when it masks them (one client's arrays held at a time, as in
 `florist-hf run`), so all 32 layers fit in memory. Bytes up per client: every message it sends
 (masked 8-byte words, keys, shares) against the plain round's (m+n)·r_k factors in ``--dtype``;
-the secure downlink adds Q (m·p fp64 per module).
+the secure downlink adds Q ((m+1)·p fp64 per module: its reflectors and their scalars). The JSON
+goes to stdout, a one-line summary (UTC time, load, wall and CPU of both sides) to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import defaultdict
 from functools import partial
@@ -239,6 +242,10 @@ def main(argv=None) -> dict:
         "uplink_bytes_secure": up, "uplink_bytes_plain": plain_up, "basis_downlink_bytes": basis_bytes,
     }
     print(json.dumps(result, indent=1))
+    print(f"{result['date']} load {result['load_average'][0]:.2f}, {args.threads} thread(s), {result['modules']} modules: "
+          f"plain FLoRIST {result['plain_florist_s']:.3f} s wall / {result['plain_florist_cpu_s']:.3f} s CPU; secure "
+          f"server {server_wall:.3f} s wall / {server_cpu:.3f} s CPU: {result['server_ratio']:.2f}× plain wall, "
+          f"{result['server_ratio_cpu']:.2f}× CPU", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=1)
