@@ -385,21 +385,32 @@ def test_comm_shows_the_secure_round_beside_the_plain_one(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["florist", "flexlora", "fedex"])
-def test_the_server_step_on_worker_threads_publishes_the_bytes_of_one_thread(tmp_path, name):
+def test_the_server_step_on_worker_threads_publishes_the_bytes_of_one_thread(tmp_path, name, monkeypatch):
     """With two torch threads each module's work runs on a worker as its sums are unmasked
     (`secure_result`); every module still runs single-threaded, so the global adapter is the one
-    thread's to the bit, and the caller's thread settings come back."""
+    thread's to the bit, the clients of `florist-hf run` compute both sums at the caller's thread
+    setting, and that setting comes back."""
+    from florist_hf.secure.server_step import SumTask
+
     method = method_named(name)
     dirs, reference = write_clients(tmp_path, torch.float32)
     threads = torch.get_num_threads()
+    compute, seen = SumTask.compute, []
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return compute(self, *args, **kwargs)
+
+    monkeypatch.setattr(SumTask, "compute", recording)
     written = {}
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
             out = tmp_path / f"threads_{count}"
             secure = SecureRound(SecAggSettings(), seed=5, reference=reference)
+            seen.clear()
             step = secure_aggregate_adapters(dirs, method, out, secure)
-            assert torch.get_num_threads() == count
+            assert torch.get_num_threads() == count and seen == [count] * 2 * len(RANKS)
             written[count] = {path.relative_to(out): path.read_bytes() for path in sorted(out.rglob("*.safetensors"))}
             assert written[count] and step.result.selected_ranks
     finally:

@@ -251,6 +251,23 @@ def _check_method(method: AggregationMethod) -> tuple[str, ...]:
         raise FloristError(str(error)) from None
 
 
+def _sum_with_jobs(run_sum: SumRunner, task: SumTask, settings: SecAggSettings, stage: str, traffic: Traffic,
+                   part: str, job: Callable[[str, torch.Tensor], object]) -> tuple[SecureSum, dict[str, object]]:
+    """One secure sum, ``job(module, values)`` started on `ModuleWorkers` for each module's ``part``
+    array as soon as the server has unmasked it; returns the sum and every job's result by module.
+    The workers close (and torch's threads come back) before it returns, so that clients running in
+    this process compute the next sum at the caller's thread setting."""
+    pending: dict[str, Future] = {}
+    with ModuleWorkers() as workers:
+        def start(name: str, values: np.ndarray) -> None:
+            module, kind = name.rsplit("/", 1)
+            if kind == part:
+                pending[module] = workers.submit(job, module, torch.from_numpy(values))
+
+        summed = _run_sum(run_sum, task, settings, stage, traffic, start)
+        return summed, {module: future.result() for module, future in pending.items()}
+
+
 @dataclass
 class SecureResult:
     """What the server builds from the secure sums alone (`secure_result`), before anything is written."""
@@ -313,35 +330,22 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
         return SecureResult(AggregationResult(method.name, modules, normalised, method.options()), raw_weights,
                             needs, plans, {}, traffic, 1)
 
-    with ModuleWorkers() as workers:
-        pending: dict[str, Future] = {}
+    first, bases = _sum_with_jobs(run_sum, task, secure.settings, "first sum", traffic, "range",
+                                  lambda module, values: sketch.range_basis(values))
+    bases = {plan.name: bases[plan.name] for plan in plans}  # every Q before any is sent
+    updates: dict[str, sketch.SketchedUpdate] = {}
 
-        def start_basis(name: str, values: np.ndarray) -> None:
-            module, part = name.rsplit("/", 1)
-            if part == "range":
-                pending[module] = workers.submit(sketch.range_basis, torch.from_numpy(values))
+    def aggregate(module: str, projection: torch.Tensor) -> ModuleAggregate:
+        plan, basis = by_name[module], bases[module]
+        error = sketch.sketch_error(basis, _tensor(first, f"{module}/check")) if plan.checks_error else None
+        update = updates[module] = sketch.SketchedUpdate(basis, projection, error, entry_error=entry_error)
+        summed = (ClientModule(_tensor(first, f"{module}/lora_a"), _tensor(first, f"{module}/lora_b"), 1.0)
+                  if FACTOR_SUMS in needs else None)
+        return method.from_sketch(update, [adapter.modules[module].rank for adapter in adapters], summed)
 
-        first = _run_sum(run_sum, task, secure.settings, "first sum", traffic, start_basis)
-        bases = {plan.name: pending[plan.name].result() for plan in plans}  # every Q before any is sent
-        updates: dict[str, sketch.SketchedUpdate] = {}
-
-        def aggregate(plan: ModulePlan, projection: torch.Tensor) -> ModuleAggregate:
-            basis = bases[plan.name]
-            error = sketch.sketch_error(basis, _tensor(first, f"{plan.name}/check")) if plan.checks_error else None
-            update = updates[plan.name] = sketch.SketchedUpdate(basis, projection, error, entry_error=entry_error)
-            summed = (ClientModule(_tensor(first, f"{plan.name}/lora_a"), _tensor(first, f"{plan.name}/lora_b"), 1.0)
-                      if FACTOR_SUMS in needs else None)
-            return method.from_sketch(update, [adapter.modules[plan.name].rank for adapter in adapters], summed)
-
-        def start_module(name: str, values: np.ndarray) -> None:
-            module, part = name.rsplit("/", 1)
-            if part == "projection":
-                pending[module] = workers.submit(aggregate, by_name[module], torch.from_numpy(values))
-
-        pending.clear()
-        _run_sum(run_sum, replace(task, kind="second", bases=bases), secure.settings, "second sum", traffic,
-                 start_module)
-        modules = {plan.name: pending[plan.name].result() for plan in plans}
+    _, modules = _sum_with_jobs(run_sum, replace(task, kind="second", bases=bases), secure.settings, "second sum",
+                                traffic, "projection", aggregate)
+    modules = {plan.name: modules[plan.name] for plan in plans}
     result = AggregationResult(method.name, modules, normalised, method.options())
     ordered = {plan.name: updates[plan.name] for plan in plans}
     return SecureResult(result, raw_weights, needs, plans, ordered, traffic, 2)
