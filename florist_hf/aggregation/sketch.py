@@ -75,9 +75,9 @@ def range_sketch(client: ClientModule, weight: float, omega: torch.Tensor) -> to
 
 @dataclass(frozen=True)
 class RangeBasis:
-    """Q (m×p, orthonormal columns) as the p Householder reflectors of a QR, never formed: Q·X and
-    Qᵀ·X apply them (LAPACK's ormqr), at the cost of a GEMM with Q or twice it, where forming Q
-    alone costs more than the QR. What the server broadcasts and each client applies.
+    """Q (m×p, orthonormal columns) as the p Householder reflectors of a QR, never formed (forming
+    it costs more than the QR): Qᵀ·X applies them by LAPACK's ormqr, Q·X by their compact WY form.
+    What the server broadcasts and each client applies.
 
     ``reflectors`` is geqrf's output with R cleared: below the diagonal each reflector's tail (its
     head, 1, is implicit), zeros on and above it, so nothing but Q travels (R holds the summed
