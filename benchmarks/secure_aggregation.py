@@ -11,33 +11,39 @@ Dolly sample counts as weights) on the q_proj and v_proj of ``--layers`` layers:
 memory (no adapter files; the plain side is `Florist.aggregate`), in wall and CPU seconds (CPU
 time is what to compare on a machine other jobs share):
 - plain: FLoRIST τ = 0.9 on the stacked factors;
-- secure, server: what `SecAggServer` does in both sums (collect keys, route shares, add each masked
-  input as it arrives, rebuild the self masks and take them off, decode) plus Q = orth(Y) and
-  FLoRIST on Q·Z;
+- secure, server: `server_step.secure_result` itself, less the clients' calls: what `SecAggServer`
+  does in both sums (collect keys, route shares, add each masked input as it arrives, rebuild the
+  self masks and take them off, decode) plus Q = orth(Y) and FLoRIST on Q·Z, each module's on
+  worker threads as its sum is unmasked when ``--threads`` > 1;
 - secure, one client: its two sketches, fixed-point encoding and masking (one AES-128-CTR keystream per
   other client plus its own), key agreement, Shamir sharing and encryption, per client on average.
 Each client computes its arrays when it masks them (one client's arrays held at a time, as in
 `florist-hf run`), so all 32 layers fit in memory. Bytes up per client: every message it sends
 (masked 8-byte words, keys, shares) against the plain round's (m+n)·r_k factors in ``--dtype``;
-the secure downlink adds Q (m·p fp64 per module).
+the secure downlink adds Q ((m+1)·p fp64 per module: its reflectors and their scalars). The JSON
+goes to stdout, a one-line summary (UTC time, load, wall and CPU of both sides) to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import defaultdict
 from functools import partial
+from pathlib import Path
 
 import torch
 
 from benchmarks.measure import machine_record
-from florist_hf.aggregation import ClientModule, get_method, sketch
+from florist_hf.adapters import LoraAdapter, without_factors
+from florist_hf.aggregation import ClientModule, get_method
 from florist_hf.rundir import RECIPE_RECORD
-from florist_hf.secure.protocol import SecAggClient, SecAggServer
-from florist_hf.secure.methods import SKETCH
-from florist_hf.secure.server_step import ClientSide, _message_bytes, plan_modules
+from florist_hf.secure.communication import BASIS_BYTES_PER_PARAM, basis_params
+from florist_hf.secure.local import SecureSum
+from florist_hf.secure.protocol import SecAggClient, SecAggServer, run_stages
+from florist_hf.secure.server_step import SecureRound, secure_result
 from florist_hf.secure.settings import SecAggSettings
 
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4]
@@ -88,41 +94,33 @@ class Clock:
 
 
 def secure_round(clients, weights, threshold: float):
-    """Both sums through the protocol, timing each side: returns (Clock, bytes up per client, Q's bytes).
+    """Both sums through the protocol and the server's whole in-memory step (`secure_result`: the
+    stages, unmasking, Q = orth(Y), FLoRIST on Q·Z, each module's work on worker threads as its
+    arrays are unmasked), timing each side: returns (Clock, bytes up per client, Q's bytes).
 
     Each client computes its arrays when it masks them and the server adds each masked input as it
     arrives, as in `florist-hf run`, so that one client's arrays are held at a time."""
     clock = Clock()
-    up = [0] * len(clients)
-    plans = plan_modules({name: m.shape for name, m in clients[0].items()},
-                         [{name: m.rank for name, m in c.items()} for c in clients], None)
-    sides = [ClientSide(c, w, (SKETCH,), False) for c, w in zip(clients, weights)]
+    adapters = [LoraAdapter(Path(f"client_{k}"), {}, modules, None, next(iter(modules.values())).lora_a.dtype)
+                for k, modules in enumerate(clients)]
 
-    def counted(message):
-        up[message.client_id] += _message_bytes(message)
-        return message
+    def run_sum(task, settings, traffic, on_array=None):
+        server = SecAggServer(range(len(clients)), settings)
+        parties = {k: SecAggClient(k, partial(task.compute, k, clients[k])) for k in range(len(clients))}
 
-    def one_sum(arrays_of):
-        server = SecAggServer(range(len(clients)), SecAggSettings())
-        parties = {k: SecAggClient(k, partial(clock, "client", arrays_of, k)) for k in range(len(clients))}
-        setup = server.setup()
-        sent = [counted(clock("client", parties[k].advertise_keys, setup)) for k in parties]
-        keys = clock("server", server.collect_keys, sent)
-        shares = [counted(clock("client", parties[k].share_keys, keys)) for k in parties]
-        routed = clock("server", server.route_shares, shares)
-        masked = (counted(clock("client", parties[k].mask_input, routed[k])) for k in parties)
-        request = clock("server", server.collect_masked, masked)
-        revealed = [counted(clock("client", parties[k].reveal, request)) for k in parties]
-        return {name: torch.from_numpy(array) for name, array in clock("server", server.unmask, revealed).items()}
+        def exchange(stage, requests):
+            for k, request in requests.items():
+                message = clock("client", parties[k].respond, stage, request)
+                traffic(message)
+                yield message
 
-    first = one_sum(lambda k: sides[k].first_sum(plans, seed=1))
-    bases = clock("server", lambda: {p.name: sketch.range_basis(first[f"{p.name}/range"]) for p in plans})
-    del first
-    second = one_sum(lambda k: sides[k].second_sum(bases))
-    clock("server", lambda: [sketch.florist_from_sketch(sketch.SketchedUpdate(bases[p.name], second[f"{p.name}/projection"]),
-                                                        threshold) for p in plans])
-    basis_bytes = sum(p.shape[0] * p.columns * 8 for p in plans)
-    return clock, up, basis_bytes
+        return SecureSum(run_stages(server, exchange, on_array), server.survivors)
+
+    method = get_method("florist", threshold=threshold)
+    built = clock("server", secure_result, [without_factors(a) for a in adapters], run_sum, method,
+                  SecureRound(SecAggSettings(), seed=1), weights)
+    basis_bytes = basis_params(method, built.plans) * BASIS_BYTES_PER_PARAM
+    return clock, built.traffic.up, basis_bytes
 
 
 def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float, with_heldout: bool = True) -> dict:
@@ -131,10 +129,9 @@ def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float,
     client's secure work (both sums, in memory) beside its training time in the run, the bytes each
     client sends and receives, and (round 1) the held-out loss of each global on the run's base."""
     import shutil
-    from pathlib import Path
 
     from florist_hf.adapters import read_adapter
-    from florist_hf.secure.server_step import SecureRound, secure_aggregate_adapters
+    from florist_hf.secure.server_step import secure_aggregate_adapters
     from florist_hf.server import aggregate_adapters
 
     dirs = sorted((Path(run_dir) / "rounds" / str(round_index) / "clients").glob("client_*[0-9]"))
@@ -184,8 +181,6 @@ def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float,
 def heldout_losses(run_dir, out) -> dict:
     """The run's held-out loss (its recipe's test records, response tokens) of the base with each
     round-1 global adapter on top: plain and secure (a merge-style round 1 holds no earlier state)."""
-    from pathlib import Path
-
     from florist_hf.data import prepare_client_data
     from florist_hf.heldout import global_heldout_loss
     from florist_hf.loading import load_tokenizer, prepare_base_model
@@ -247,6 +242,10 @@ def main(argv=None) -> dict:
         "uplink_bytes_secure": up, "uplink_bytes_plain": plain_up, "basis_downlink_bytes": basis_bytes,
     }
     print(json.dumps(result, indent=1))
+    print(f"{result['date']} load {result['load_average'][0]:.2f}, {args.threads} thread(s), {result['modules']} modules: "
+          f"plain FLoRIST {result['plain_florist_s']:.3f} s wall / {result['plain_florist_cpu_s']:.3f} s CPU; secure "
+          f"server {server_wall:.3f} s wall / {server_cpu:.3f} s CPU: {result['server_ratio']:.2f}× plain wall, "
+          f"{result['server_ratio_cpu']:.2f}× CPU", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=1)

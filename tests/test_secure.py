@@ -247,3 +247,24 @@ def test_encoding_and_in_place_decoding_are_the_fixed_point_formulas(fraction_bi
     assert np.shares_memory(decoded, total) and np.array_equal(decoded, expected)
     with pytest.raises(ValueError, match="in place"):
         encoding.decode(np.zeros((4, 4), dtype=np.uint64).T, fraction_bits)
+
+
+def test_unmasking_decodes_each_piece_as_the_masks_come_off_and_hands_each_array_over_at_once():
+    """``unmask_and_decode`` (the server's one pass) gives the bits of ``apply_masks`` then ``decode``;
+    the server hands each decoded array to ``on_array`` as it has it, in name order, the same arrays
+    it returns."""
+    rng = np.random.default_rng(9)
+    base = rng.integers(0, 2**64, size=(encoding._MASK_CHUNK_WORDS * 2 + 77) * 3, dtype=np.uint64).reshape(-1, 3)
+    masks = [(bytes(rng.integers(0, 256, 32, dtype=np.uint8)), sign) for sign in (+1, -1, +1)]
+    one, fused = base.copy(), base.copy()
+    encoding.apply_masks(one, masks, 4)
+    expected = encoding.decode(one, 32)
+    decoded = encoding.unmask_and_decode(fused, masks, 4, 32)
+    assert np.shares_memory(decoded, fused) and np.array_equal(decoded.view(np.uint64), expected.view(np.uint64))
+    with pytest.raises(ValueError, match="in place"):
+        encoding.unmask_and_decode(np.zeros((4, 4), dtype=np.uint64).T, masks, 0, 32)
+
+    seen = []
+    result = secure_sum(client_inputs(), on_array=lambda name, values: seen.append((name, values)))
+    assert [name for name, _ in seen] == sorted(result.arrays)
+    assert all(values is result.arrays[name] for name, values in seen)

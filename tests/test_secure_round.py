@@ -105,7 +105,8 @@ def test_the_secure_server_step_equals_the_plain_one(tmp_path, name, dtype):
         assert comm["uplink_bytes"][k] > 8 * expected  # the masked words plus the protocol's keys and shares
         assert comm["uplink_bytes"][k] < 8 * expected + 20_000 * len(RANKS)
         assert comm["plain"]["uplink_bytes"][k] == plain.sidecar["communication"]["uplink_bytes"][k]
-    basis = sum(m * (sum(RANKS) + 8) for m, n in MODULES.values()) * 8 if sketches else 0
+    # Q as its p Householder reflectors (m×p) and their p scalars τ, in fp64.
+    basis = sum((m + 1) * (sum(RANKS) + 8) for m, n in MODULES.values()) * 8 if sketches else 0
     assert comm["secure"]["basis_downlink_bytes"] == basis
     assert comm["downlink_bytes"][0] == (comm["plain"]["downlink_bytes"][0] + basis
                                          + comm["secure"]["protocol_downlink_bytes"][0])
@@ -438,10 +439,44 @@ def test_comm_shows_the_secure_round_beside_the_plain_one(tmp_path):
     figures = json.loads(runner.invoke(app, [*command, "--json"]).output)
     secure = figures["secure"]
     assert secure["uplink_params"] == [2 * ((256 + 256) + (128 + 256)) * (16 + 8)] * 3  # q and v of 2 layers, p = 24
-    assert secure["basis_downlink_bytes"] == 2 * (256 + 128) * 24 * 8
+    assert secure["basis_downlink_bytes"] == 2 * (256 + 1 + 128 + 1) * 24 * 8  # p reflectors (m×p) and p scalars τ
     assert secure["uplink_bytes_total"] == sum(secure["masked_uplink_bytes"]) + sum(secure["protocol_uplink_bytes"])
     table = runner.invoke(app, command)
     assert table.exit_code == 0 and "plain" in table.output and "of which the basis Q" in table.output, table.output
     refused = runner.invoke(app, [*command, "--method", "flora"])
     assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
     assert "flora hands every client every other client's factors" in refused.output
+
+
+@pytest.mark.parametrize("name", ["florist", "flexlora", "fedex"])
+def test_the_server_step_on_worker_threads_publishes_the_bytes_of_one_thread(tmp_path, name, monkeypatch):
+    """With two torch threads each module's work runs on a worker as its sums are unmasked
+    (`secure_result`); every module still runs single-threaded, so the global adapter is the one
+    thread's to the bit, the clients of `florist-hf run` compute both sums at the caller's thread
+    setting, and that setting comes back."""
+    from florist_hf.secure.server_step import SumTask
+
+    method = method_named(name)
+    dirs, reference = write_clients(tmp_path, torch.float32)
+    threads = torch.get_num_threads()
+    compute, seen = SumTask.compute, []
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return compute(self, *args, **kwargs)
+
+    monkeypatch.setattr(SumTask, "compute", recording)
+    written = {}
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            out = tmp_path / f"threads_{count}"
+            secure = SecureRound(SecAggSettings(), seed=5, reference=reference)
+            seen.clear()
+            step = secure_aggregate_adapters(dirs, method, out, secure)
+            assert torch.get_num_threads() == count and seen == [count] * 2 * len(RANKS)
+            written[count] = {path.relative_to(out): path.read_bytes() for path in sorted(out.rglob("*.safetensors"))}
+            assert written[count] and step.result.selected_ranks
+    finally:
+        torch.set_num_threads(threads)
+    assert written[1] == written[2]

@@ -85,7 +85,7 @@ def test_the_sketch_sums_are_the_only_thing_the_server_needs():
     assert relative_error(sum(parts), dense @ omega) < 1e-13
     basis = sketch.range_basis(sum(parts))
     projection = sum(sketch.projection_sketch(c, w, basis) for c, w in zip(clients, weights))
-    assert relative_error(basis @ projection, dense) < 1e-12
+    assert relative_error(basis.apply(projection), dense) < 1e-12
 
 
 def test_sketch_matrix_is_public_and_per_module():
@@ -105,7 +105,7 @@ def test_a_narrower_sketch_measures_its_error(columns):
     clients, weights = heterogeneous_clients(shape, decay=True, seed=3)
     update = sketch.sketched_update(clients, weights, SEED, "m", columns=columns)
     dense = sum(w * c.scale * c.lora_b @ c.lora_a for c, w in zip(clients, weights))
-    true_error = relative_error(update.basis @ update.projection, dense)
+    true_error = relative_error(update.basis.apply(update.projection), dense)
     assert update.error is not None and 0.3 * true_error <= update.error <= 3.0 * true_error
     assert true_error > 1e-6  # really approximate
     result = sketch.florist_from_sketch(update, 1.0)
@@ -118,7 +118,7 @@ def test_bf16_clients_are_sketched_in_fp64():
     clients, weights = heterogeneous_clients((64, 48), ranks=[8, 4, 2])
     low = [ClientModule(c.lora_a.bfloat16(), c.lora_b.bfloat16(), c.scale) for c in clients]
     update = sketch.sketched_update(low, weights, SEED, "m")
-    assert update.basis.dtype == update.projection.dtype == torch.float64
+    assert update.basis.reflectors.dtype == update.basis.tau.dtype == update.projection.dtype == torch.float64
     reference = plain("florist", low, weights, threshold=1.0)
     assert relative_error(sketch.florist_from_sketch(update, 1.0).delta_weight, reference.delta_weight) < 1e-10
 
@@ -144,3 +144,28 @@ def test_a_method_that_declares_sketch_sums_finishes_from_them_itself():
     with pytest.raises(TypeError, match="exactly when it defines from_sketch"):
         register_method(Forgetful)
     assert "forgetful" not in METHODS
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 40), (50, 6)], ids=["tall", "square", "rank-deficient"])
+def test_the_broadcast_basis_is_q_as_householder_reflectors_and_nothing_else(shape):
+    """range_basis sends Q as geqrf's reflectors with R cleared (no trace of the summed sketch's norms):
+    applying them gives what the formed Q gives, Q itself is the QR's (to the bit), and the complement's
+    norm is the residual's. The square and rank-deficient cases hold reflectors of τ = 0 (identities)."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    m, p = shape
+    summed = torch.randn(m, p, generator=generator, dtype=torch.float64)
+    if shape == (50, 6):
+        summed[:, 1:] = 0.0
+    basis = sketch.range_basis(summed)
+    q = basis.dense()
+    assert torch.equal(q, torch.linalg.qr(summed, mode="reduced").Q)
+    assert torch.equal(torch.triu(basis.reflectors), torch.zeros_like(basis.reflectors))
+    assert basis.shape == (m, p) and basis.columns == p and basis.tau.shape == (p,)
+    assert relative_error(q.T @ q, torch.eye(p, dtype=torch.float64)) < 1e-14
+    if shape != (300, 40):
+        assert float(basis.tau.min()) == 0.0
+    x = torch.randn(p, 7, generator=generator, dtype=torch.float64)
+    assert relative_error(basis.apply(x), q @ x) < 1e-14 and basis.apply(x).is_contiguous()
+    y = torch.randn(m, 5, generator=generator, dtype=torch.float64)
+    assert relative_error(basis.apply_transpose(y), q.T @ y) < 1e-14
+    assert basis.residual_norm(y) == pytest.approx(float((y - q @ (q.T @ y)).norm()), rel=1e-12)

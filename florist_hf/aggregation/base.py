@@ -9,8 +9,9 @@ so a new method is one module plus one import in ``aggregation/__init__.py``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from typing import ClassVar
 
 import torch
@@ -170,14 +171,60 @@ def map_modules(function: Callable[[str], ModuleAggregate], names: Sequence[str]
     if workers <= 1:
         with threadpool_limits(threads, user_api="blas"):
             return [then(function(name)) for name in names]
-    torch.set_num_threads(1)  # read by each new worker thread on its first op
+    with single_threaded_pool(workers) as pool:
+        return [then(module) for module in pool.map(function, names)]
+
+
+@contextmanager
+def single_threaded_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """``workers`` threads for per-module jobs, torch and numpy's BLAS at one thread each while it
+    is open (torch's setting is read by each new worker thread on its first op); both restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="florist-aggregate"
         ) as pool:
-            return [then(module) for module in pool.map(function, names)]
+            yield pool
     finally:
         torch.set_num_threads(threads)
+
+
+class ModuleWorkers:
+    """Per-module jobs submitted one by one as their inputs arrive (`map_modules` when all are at
+    hand): on ``torch.get_num_threads()`` single-threaded worker threads (`single_threaded_pool`,
+    opened at the first ``submit``), or run at once on the calling thread when that is one thread.
+    Torch ops and numpy's BLAS release the GIL, so the jobs overlap what the calling thread does
+    meanwhile. Leaving the ``with`` waits for every job and restores the thread settings."""
+
+    def __init__(self):
+        self.threads = torch.get_num_threads()
+        self._stack = ExitStack()
+        self._pool: ThreadPoolExecutor | None = None
+        self._started = False
+
+    def submit(self, function: Callable[..., object], *args) -> Future:
+        if not self._started:
+            self._started = True
+            if self.threads > 1:
+                self._pool = self._stack.enter_context(single_threaded_pool(self.threads))
+            else:
+                self._stack.enter_context(threadpool_limits(1, user_api="blas"))
+        if self._pool is not None:
+            return self._pool.submit(function, *args)
+        future: Future = Future()
+        try:
+            future.set_result(function(*args))
+        except Exception as error:  # raised where the result is read, as a worker's would be
+            future.set_exception(error)
+        return future
+
+    def __enter__(self) -> "ModuleWorkers":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._pool, self._started = None, False
+        self._stack.close()
 
 
 def _contiguous(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from florist_hf.aggregation.linalg import COMPUTE_DTYPE, sum_of_updates, truncate, truncated_product_svd
+from florist_hf.aggregation.linalg import COMPUTE_DTYPE, blas_matmul, sum_of_updates, truncate, truncated_product_svd
 from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
 #: Columns of the error-check sketch, sent only when the sketch is narrower than the update's rank bound.
@@ -73,22 +73,85 @@ def range_sketch(client: ClientModule, weight: float, omega: torch.Tensor) -> to
     return lora_b @ (scale * (lora_a @ omega.to(COMPUTE_DTYPE)))
 
 
-def range_basis(range_sum: torch.Tensor) -> torch.Tensor:
-    """Stage 1, on the server: Q (m×p, orthonormal columns) spanning the summed sketch Y = ΔW·Ω.
+@dataclass(frozen=True)
+class RangeBasis:
+    """Q (m×p, orthonormal columns) as the p Householder reflectors of a QR, never formed (forming
+    it costs more than the QR): Qᵀ·X applies them by LAPACK's ormqr, Q·X by their compact WY form.
+    What the server broadcasts and each client applies.
+
+    ``reflectors`` is geqrf's output with R cleared: below the diagonal each reflector's tail (its
+    head, 1, is implicit), zeros on and above it, so nothing but Q travels (R holds the summed
+    sketch's norms); ``tau`` their scalars. Q = H_1·…·H_p applied to the first p columns of I_m.
+    """
+
+    reflectors: torch.Tensor  # m×p, fp64
+    tau: torch.Tensor  # p, fp64
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.reflectors.shape[0], self.reflectors.shape[1])
+
+    @property
+    def columns(self) -> int:
+        return self.reflectors.shape[1]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Q·x for x p×k: m×k (row-major), by the compact WY form of the reflectors.
+
+        Q_full = H_1·…·H_p = I − V·T·Vᵀ with V = [unit lower triangle; tails] (m×p) and T upper
+        triangular, T⁻¹ = striu(VᵀV) + diag(1/τ) (Puglisi 1992; Joffrain et al., TOMS 2006). On
+        [x; 0] only V's top p×p block meets x: Q·x = [x; 0] − V·(T·(V₁ᵀ·x)), one SYRK for VᵀV and
+        one GEMM, where ormqr's blocked sweep over all m rows costs about twice as much (a
+        reflector whose τ is 0, the identity, has no T⁻¹: then ormqr)."""
+        x = x.to(COMPUTE_DTYPE)
+        tails, columns = self.reflectors, self.columns
+        if not bool((self.tau > 0).all()):  # (Q·x)ᵀ = [x; 0]ᵀ·Qᵀ on a column-major k×m: a row-major result
+            padded = x.new_zeros((self.shape[0], x.shape[1]))
+            padded[:columns] = x
+            return torch.ormqr(tails, self.tau, padded.T, left=False, transpose=True).T
+        top = tails[:columns]  # V₁ − I: strictly lower
+        # VᵀV = LᵀL + L₁ + L₁ᵀ + I for V = L + [I; 0]: its strict upper triangle is striu(LᵀL) + L₁ᵀ.
+        t_inverse = torch.triu(blas_matmul(tails.T, tails), 1) + top.T + torch.diag(1.0 / self.tau)
+        core = torch.linalg.solve_triangular(t_inverse, top.T @ x + x, upper=True)  # T·V₁ᵀ·x
+        product = blas_matmul(tails, core).neg_()  # −L·core, and −[core; 0] + [x; 0] below
+        product[:columns] += x - core
+        return product
+
+    def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
+        """Qᵀ·x for x m×k: p×k."""
+        return self._rotate(x)[: self.columns]
+
+    def residual_norm(self, x: torch.Tensor) -> float:
+        """‖x − Q·Qᵀ·x‖_F, without cancellation: the norm of x's coordinates beyond the first p in
+        the full orthogonal H_p·…·H_1 (the complement of Q's span)."""
+        return float(self._rotate(x)[self.columns :].norm())
+
+    def dense(self) -> torch.Tensor:
+        """Q itself (m×p): for a use that needs it as a matrix (FedEx-LoRA's stack)."""
+        return torch.linalg.householder_product(self.reflectors, self.tau)
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ormqr(self.reflectors, self.tau, x.to(COMPUTE_DTYPE), transpose=True)
+
+
+def range_basis(range_sum: torch.Tensor) -> RangeBasis:
+    """Stage 1, on the server: Q (m×p, orthonormal columns) spanning the summed sketch Y = ΔW·Ω, as
+    the reflectors of Y's Householder QR (`RangeBasis`; Q is never formed).
 
     Householder QR: when Y is rank-deficient (p above ΔW's rank) Q still has orthonormal columns and
     its span contains Y's, so Q·Qᵀ·ΔW = ΔW all the same.
     """
-    return torch.linalg.qr(range_sum.to(COMPUTE_DTYPE), mode="reduced").Q
+    reflectors, tau = torch.geqrf(range_sum.to(COMPUTE_DTYPE))
+    return RangeBasis(reflectors.tril_(-1), tau)  # in place, keeping geqrf's column-major layout for ormqr
 
 
-def projection_sketch(client: ClientModule, weight: float, basis: torch.Tensor) -> torch.Tensor:
+def projection_sketch(client: ClientModule, weight: float, basis: RangeBasis) -> torch.Tensor:
     """Stage 2, on the client: Z_k = p_k·s_k·(Qᵀ·B_k)·A_k, p×n."""
     lora_b, lora_a, scale = _effective(client, weight)
-    return (scale * (basis.T @ lora_b)) @ lora_a
+    return (scale * basis.apply_transpose(lora_b)) @ lora_a
 
 
-def sketch_error(basis: torch.Tensor, check_sum: torch.Tensor) -> float:
+def sketch_error(basis: RangeBasis, check_sum: torch.Tensor) -> float:
     """Estimated relative Frobenius error ‖ΔW − QQᵀΔW‖/‖ΔW‖ from the summed check sketch ΔW·Ω'.
 
     Both norms are estimated from the same Ω' (each squared norm unbiased); 0 when ΔW·Ω' is zero.
@@ -97,7 +160,7 @@ def sketch_error(basis: torch.Tensor, check_sum: torch.Tensor) -> float:
     total = float(check_sum.norm())
     if total == 0.0:
         return 0.0
-    return float((check_sum - basis @ (basis.T @ check_sum)).norm()) / total
+    return basis.residual_norm(check_sum) / total
 
 
 @dataclass
@@ -105,7 +168,7 @@ class SketchedUpdate:
     """What the server holds for one module after both secure sums: ΔW ≈ basis·projection (exact
     when the sketch is at least as wide as ΔW's rank), and the estimated error when it may not be."""
 
-    basis: torch.Tensor  # Q, m×p
+    basis: RangeBasis  # Q, m×p
     projection: torch.Tensor  # Z = Qᵀ·ΔW, p×n
     #: Estimated relative error of Q·Z (None: the sketch was wide enough to be exact).
     error: float | None = None
@@ -123,12 +186,12 @@ class SketchedUpdate:
 
     @property
     def columns(self) -> int:
-        return self.basis.shape[1]
+        return self.basis.columns
 
-    def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(U, σ, Vh) of Q·Z: one p×n SVD, U = Q·U_z."""
+    def svd(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, σ, Vh) of Q·Z: one p×n SVD, U = Q·U_z (its first ``rank`` columns only, when given)."""
         core_u, sigma, vh = torch.linalg.svd(self.projection.to(COMPUTE_DTYPE), full_matrices=False)
-        return self.basis @ core_u, sigma, vh
+        return self.basis.apply(core_u[:, :rank]), sigma, vh
 
     def record(self) -> dict:
         """The sidecar's record of the sketch: its width, and its estimated error where it may not be exact."""
@@ -137,14 +200,17 @@ class SketchedUpdate:
 
 def florist_from_sketch(update: SketchedUpdate, threshold: float) -> ModuleAggregate:
     """FLoRIST on the sketched update: the smallest rank whose energy reaches τ (``select_rank``)."""
-    # ΔW = Q·Z is a product of stacked factors with R = p: the stacked FLoRIST's own decomposition
-    # (an eigendecomposition of the p×p Z·Zᵀ, Householder where that is not accurate enough); Q is
-    # orthonormal (`range_basis`), so its Gram is the identity and is not formed.
-    basis, projection = update.basis, update.projection.to(COMPUTE_DTYPE)
-    lora_b, lora_a, sigma, rank, _ = truncated_product_svd(
-        basis, projection, torch.ones(basis.shape[1], dtype=COMPUTE_DTYPE), threshold, orthonormal_b=True)
+    # ΔW = Q·Z with Q orthonormal: ΔW's singular values are Z's and its left singular vectors Q
+    # times Z's. So the stacked FLoRIST's own decomposition (an eigendecomposition of the p×p Z·Zᵀ,
+    # Householder where that is not accurate enough) runs on I_p·Z, and Q is applied once, to the
+    # kept p×k factor.
+    projection, columns = update.projection.to(COMPUTE_DTYPE), update.columns
+    core_b, lora_a, sigma, rank, _ = truncated_product_svd(
+        torch.eye(columns, dtype=COMPUTE_DTYPE), projection, torch.ones(columns, dtype=COMPUTE_DTYPE), threshold,
+        orthonormal_b=True)
     kept = min(rank, _above(sigma, update.noise_floor()))  # the columns come largest first: a prefix is a truncation
-    return ModuleAggregate(lora_b[:, :kept].contiguous(), lora_a[:kept].contiguous(), kept, singular_values=sigma)
+    return ModuleAggregate(update.basis.apply(core_b[:, :kept]), lora_a[:kept].contiguous(), kept,
+                           singular_values=sigma)
 
 
 def _above(sigma: torch.Tensor, floor: float) -> int:
@@ -156,8 +222,8 @@ def flexlora_from_sketch(update: SketchedUpdate, client_ranks: Sequence[int], gl
                          ) -> ModuleAggregate:
     """FlexLoRA on the sketched update: the global at ``global_rank`` (default the largest client
     rank), each client its own rank's truncation."""
-    u, sigma, vh = update.svd()
     global_rank = global_rank or max(client_ranks)
+    u, sigma, vh = update.svd(max(global_rank, *client_ranks))
     lora_b, lora_a = truncate(u, sigma, vh, global_rank)
     per_client = [tuple(f.clone() for f in truncate(u, sigma, vh, rank)) for rank in client_ranks]
     return ModuleAggregate(lora_b, lora_a.clone(), global_rank, singular_values=sigma[: sum(client_ranks)],
@@ -171,7 +237,7 @@ def fedex_from_sketch(update: SketchedUpdate, mean_b: torch.Tensor, mean_a: torc
     bound on B̄'s and Ā's entries) components below the noise the round-off can make are left out."""
     mean_b, mean_a = mean_b.to(COMPUTE_DTYPE), mean_a.to(COMPUTE_DTYPE)
     residual = sum_of_updates([
-        ClientModule(lora_a=update.projection.to(COMPUTE_DTYPE), lora_b=update.basis, scale=1.0),
+        ClientModule(lora_a=update.projection.to(COMPUTE_DTYPE), lora_b=update.basis.dense(), scale=1.0),
         ClientModule(lora_a=mean_a, lora_b=mean_b, scale=-1.0),
     ])
     residual_b, residual_a, residual_rank = residual.lora_b, residual.lora_a, residual.selected_rank

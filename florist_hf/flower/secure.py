@@ -15,7 +15,8 @@ Server -> client, ``query.florist_secagg`` (group id ``<round>.<first|second>``)
         shares: share-key.<id>, mask-key.<id> (every client's public keys)
         masked: ct.<id> (the shares addressed to this client)
         unmask: survivors (JSON), dropped (JSON)}
-    "bases": ArrayRecord (masked stage of the second sum): Q per module, fp64
+    "bases": ArrayRecord (masked stage of the second sum): Q per module as Householder reflectors,
+        fp64: <module>/reflectors (m×p), <module>/tau (p)
 Client -> server:
     "config": ConfigRecord {keys: share-key, mask-key | shares: ct.<id> | unmask: seed.<id>, key.<id>}
     "masked": ArrayRecord (masked stage): the masked encodings, uint64
@@ -31,12 +32,14 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from florist_hf.aggregation.sketch import RangeBasis
 from florist_hf.errors import FloristError
 from florist_hf.flower import protocol
 from florist_hf.secure.local import SecureSum
 from florist_hf.secure.protocol import (
     EncryptedShares,
     MaskedInput,
+    OnArray,
     PublicKeys,
     RevealedShares,
     SecAggClient,
@@ -72,8 +75,22 @@ def _task_of(held: ConfigRecord, kind: str, bases: ArrayRecord | None) -> SumTas
                   for name, m, n, max_rank, columns, exact in json.loads(str(held["plans"])))
     return SumTask(kind, plans, int(held["seed"]), tuple(json.loads(str(held["weights"]))),
                    tuple(json.loads(str(held["needs"]))), bool(held["freezes-lora-a"]),
-                   None if bases is None else {name: torch.from_numpy(array.numpy().copy()) for name, array in bases.items()},
+                   None if bases is None else _bases_of(bases),
                    clip=json.loads(str(held["clip"])), relative=bool(held["relative"]), rescale=float(held["rescale"]))
+
+
+def _bases_of(record: ArrayRecord) -> dict[str, RangeBasis]:
+    # copy(order="K"): writeable, and the reflectors keep the column-major layout ormqr reads.
+    parts = {name: torch.from_numpy(array.numpy().copy(order="K")) for name, array in record.items()}
+    modules = {name.rsplit("/", 1)[0] for name in parts}
+    return {module: RangeBasis(parts[f"{module}/reflectors"], parts[f"{module}/tau"]) for module in sorted(modules)}
+
+
+def _bases_record(bases: Mapping[str, RangeBasis]) -> ArrayRecord:
+    record = {}
+    for name, basis in sorted(bases.items()):
+        record[f"{name}/reflectors"], record[f"{name}/tau"] = Array(basis.reflectors.numpy()), Array(basis.tau.numpy())
+    return ArrayRecord(record)
 
 
 # ---- the server's side ----------------------------------------------------------------------------
@@ -92,7 +109,7 @@ def request_content(stage: str, request, index: int, round_index: int, task: Sum
     elif stage == "masked":
         config.update({f"ct.{cid}": ciphertext for cid, ciphertext in request.items()})
         if task.bases is not None:
-            content[BASES] = ArrayRecord({name: Array(basis.numpy()) for name, basis in sorted(task.bases.items())})
+            content[BASES] = _bases_record(task.bases)
     else:
         config.update({"survivors": json.dumps(list(request.survivors)), "dropped": json.dumps(list(request.dropped))})
     content[protocol.CONFIG] = ConfigRecord(config)
@@ -124,7 +141,8 @@ class FlowerSums:
         self.console = console
         self.index = {node: k for k, node in enumerate(self.nodes)}
 
-    def __call__(self, task: SumTask, settings: SecAggSettings, traffic: Traffic) -> SecureSum:
+    def __call__(self, task: SumTask, settings: SecAggSettings, traffic: Traffic,
+                 on_array: OnArray | None = None) -> SecureSum:
         server = SecAggServer(range(len(self.nodes)), settings)
 
         def exchange(stage: str, requests: Mapping[int, object]) -> Iterator:
@@ -147,7 +165,7 @@ class FlowerSums:
                 traffic(message)
                 yield message
 
-        arrays = run_stages(server, exchange)
+        arrays = run_stages(server, exchange, on_array)
         return SecureSum(arrays, server.survivors)
 
     def _say(self, line: str) -> None:

@@ -1,7 +1,8 @@
 """What one secure round sends, from the shapes and ranks alone, beside the plain round's: each
-client's masked uploads (8-byte ring words), the basis Q it receives, and the masking protocol's own
-messages (keys and shares), which are measured by running the protocol once on empty arrays: their
-sizes do not depend on what is summed, only on the number of clients."""
+client's masked uploads (8-byte ring words), the basis Q it receives (as Householder reflectors),
+and the masking protocol's own messages (keys and shares), which are measured by running the
+protocol once on empty arrays: their sizes do not depend on what is summed, only on the number of
+clients."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from florist_hf.secure.settings import SecAggSettings
 
 #: A masked value travels as one word of the ring Z/2^64.
 WORD_BYTES = 8
-#: Q travels in fp64 (it must stay orthonormal).
+#: Q's reflectors travel in fp64 (Q must stay orthonormal).
 BASIS_BYTES_PER_PARAM = 8
 
 
@@ -34,8 +35,9 @@ def masked_params(method: AggregationMethod, plans) -> int:
 
 
 def basis_params(method: AggregationMethod, plans) -> int:
-    """The entries of Q (m×p per module) every client of a sketch method receives."""
-    return sum(plan.shape[0] * plan.columns for plan in plans) if SKETCH in secure_inputs(method.name) else 0
+    """The values of Q every client of a sketch method receives: per module its p Householder
+    reflectors as one m×p array and their p scalars τ (`sketch.RangeBasis`)."""
+    return sum((plan.shape[0] + 1) * plan.columns for plan in plans) if SKETCH in secure_inputs(method.name) else 0
 
 
 @lru_cache(maxsize=32)

@@ -98,6 +98,20 @@ def apply_mask(target: np.ndarray, seed: bytes, index: int, sign: int) -> None:
 def apply_masks(target: np.ndarray, masks: Sequence[tuple[bytes, int]], index: int) -> None:
     """target += Σ sign·mask(seed) (mod 2^64) over ``masks`` ((seed, sign) pairs), in place, each
     mask as ``apply_mask`` draws it; one pass over ``target``, a cache-sized piece at a time."""
+    _apply_masks(target, masks, index, None)
+
+
+def unmask_and_decode(total: np.ndarray, masks: Sequence[tuple[bytes, int]], index: int, fraction_bits: int
+                      ) -> np.ndarray:
+    """``apply_masks`` then ``decode``, in the same one pass: each piece is decoded as soon as its
+    masks are off, while it is still in cache. Returns the fp64 view of ``total``'s memory."""
+    if total.dtype != np.uint64 or not total.flags.c_contiguous or not total.flags.writeable:
+        raise ValueError("a sum is decoded in place: a writeable C-contiguous uint64 array")
+    _apply_masks(total, masks, index, fraction_bits)
+    return total.view(np.float64)
+
+
+def _apply_masks(target: np.ndarray, masks: Sequence[tuple[bytes, int]], index: int, decode_bits: int | None) -> None:
     if any(len(seed) != SEED_BYTES for seed, _ in masks):
         raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {sorted({len(seed) for seed, _ in masks})}")
     if not target.flags.c_contiguous:
@@ -113,3 +127,5 @@ def apply_masks(target: np.ndarray, masks: Sequence[tuple[bytes, int]], index: i
         for keystream, combine in streams:
             keystream.update_into(_ZEROS[: 8 * piece.size], buffer)
             combine(piece, mask, out=piece)
+        if decode_bits is not None:
+            decode(piece, decode_bits)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from florist_hf.secure.encoding import SEED_BYTES, apply_masks, decode, encode
+from florist_hf.secure.encoding import SEED_BYTES, apply_masks, encode, unmask_and_decode
 from florist_hf.secure.errors import SecureAggregationError
 from florist_hf.secure.settings import SecAggSettings
 
@@ -296,15 +296,21 @@ def _keys_from_bytes(data: bytes) -> dict[int, PublicKeys]:
 # ---- the stages, over any transport ---------------------------------------------------------------
 
 
-def run_stages(server: "SecAggServer", exchange: Callable[[str, Mapping[int, object]], Iterable]) -> dict[str, np.ndarray]:
+#: Called with each array of a sum (its name, its decoded fp64 values) as soon as it is unmasked.
+OnArray = Callable[[str, np.ndarray], None]
+
+
+def run_stages(server: "SecAggServer", exchange: Callable[[str, Mapping[int, object]], Iterable],
+               on_array: OnArray | None = None) -> dict[str, np.ndarray]:
     """One secure sum: ``exchange(stage, {client id: what the server sends it})`` delivers a stage's
     requests and yields the replies that come back (a client that does not reply has vanished);
-    the server's part of each stage takes them. Returns the decoded sum."""
+    the server's part of each stage takes them. Returns the decoded sum (``on_array``: see
+    `SecAggServer.unmask`)."""
     setup = server.setup()
     keys = server.collect_keys(exchange("keys", {cid: setup for cid in server.client_ids}))
     routed = server.route_shares(exchange("shares", {cid: keys for cid in keys}))
     request = server.collect_masked(exchange("masked", routed))
-    return server.unmask(exchange("unmask", {cid: request for cid in request.survivors}))
+    return server.unmask(exchange("unmask", {cid: request for cid in request.survivors}), on_array)
 
 
 # ---- server ---------------------------------------------------------------------------------------
@@ -370,9 +376,11 @@ class SecAggServer:
         self._dropped = self._sharers - self._survivors
         return UnmaskRequest(tuple(sorted(self._survivors)), tuple(sorted(self._dropped)))
 
-    def unmask(self, replies: Iterable[RevealedShares]) -> dict[str, np.ndarray]:
+    def unmask(self, replies: Iterable[RevealedShares], on_array: OnArray | None = None) -> dict[str, np.ndarray]:
         """Stage 4: rebuild each survivor's b_u and each dropped client's mask key from t shares,
-        take their masks off the sum, and decode it."""
+        take their masks off the sum, and decode it. ``on_array(name, values)`` sees each array as
+        soon as it is decoded, in name order, so that work on it (on other threads) overlaps the
+        unmasking of the next; the values are the returned ones, not a copy."""
         replies = [reply for reply in replies if reply.client_id in self._survivors]
         self._require("unmask", {reply.client_id for reply in replies})
         names = sorted(self._sum)
@@ -385,9 +393,12 @@ class SecAggServer:
             masks += [(_key_bytes(generate_shared_key(mask_secret, bytes_to_public_key(self._keys[partner].mask_key))),
                        -1 if partner < owner else +1) for partner in sorted(self._survivors)]
         total, self._sum = self._sum, None
-        for index, name in enumerate(names):
-            apply_masks(total[name], masks, index)
-        return {name: decode(total[name], self.fraction_bits) for name in names}  # in place: fp64 views of the sums
+        decoded = {}
+        for index, name in enumerate(names):  # in place: fp64 views of the sums
+            decoded[name] = unmask_and_decode(total.pop(name), masks, index, self.fraction_bits)
+            if on_array is not None:
+                on_array(name, decoded[name])
+        return decoded
 
     def _shares(self, replies: list[RevealedShares], owner: int, kind: str) -> list[bytes]:
         shares = [getattr(reply, kind)[owner] for reply in replies if owner in getattr(reply, kind)]

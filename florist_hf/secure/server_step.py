@@ -13,30 +13,37 @@ from __future__ import annotations
 
 import os
 import time
-from functools import partial
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from florist_hf.adapters import LoraAdapter, client_weights, read_adapter, read_client_adapters, widest_dtype, without_factors
-from florist_hf.aggregation import AggregationMethod, AggregationResult, ClientModule, round_communication
+from florist_hf.aggregation import (
+    AggregationMethod,
+    AggregationResult,
+    ClientModule,
+    ModuleAggregate,
+    round_communication,
+)
 from florist_hf.aggregation import sketch
+from florist_hf.aggregation.base import ModuleWorkers
 from florist_hf.aggregation.bounding import bound_client
 from florist_hf.aggregation.linalg import COMPUTE_DTYPE, padded_weighted_sum
 from florist_hf.errors import FloristError
+from florist_hf.secure.communication import BASIS_BYTES_PER_PARAM, basis_params
 from florist_hf.secure.encoding import sensitivity_slack, sum_error
 from florist_hf.secure.errors import SecureAggregationError
 from florist_hf.secure.local import SecureSum, secure_sum
 from florist_hf.secure.methods import FACTOR_SUMS, SKETCH, secure_inputs
-from florist_hf.secure.protocol import EncryptedShares, MaskedInput, PublicKeys, RevealedShares
+from florist_hf.secure.protocol import EncryptedShares, MaskedInput, OnArray, PublicKeys, RevealedShares
 from florist_hf.secure.settings import SecAggSettings
 from florist_hf.server import ServerStep, UpdateBounding, _client_rank, _write_server_step, add_central_noise
 
-#: The Q a sketch method sends back to every client travels in fp64 (it must stay orthonormal).
-BASIS_BYTES_PER_PARAM = 8
 OUTLIER_NOTE = "unavailable under secure aggregation: the server sees only sums, never a client's update or its norm"
 
 
@@ -110,7 +117,7 @@ class ClientSide:
                                                                         dim=0).numpy()
         return arrays
 
-    def second_sum(self, bases: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    def second_sum(self, bases: Mapping[str, sketch.RangeBasis]) -> dict[str, np.ndarray]:
         """The projection sketch Z_k = p_k s_k (Qᵀ B_k) A_k of every module, on the broadcast Q."""
         return {f"{name}/projection": sketch.projection_sketch(self.modules[name], self.weight, basis).numpy()
                 for name, basis in bases.items()}
@@ -127,7 +134,7 @@ class SumTask:
     weights: tuple[float, ...]
     needs: tuple[str, ...]
     freezes_lora_a: bool
-    bases: Mapping[str, torch.Tensor] | None = None
+    bases: Mapping[str, sketch.RangeBasis] | None = None
     #: Each client first bounds its update to this norm (`aggregation.bounding.bound_client`); relative:
     #: the update is the change of its factors since the global it continued (its ``reference``).
     clip: float | None = None
@@ -153,17 +160,18 @@ class SumTask:
 
 
 #: Runs one secure sum among the round's clients (SecAgg+ ids 0..n−1, in the round's order), each
-#: computing its arrays by ``SumTask.compute``; every message the server receives goes to the Traffic.
-SumRunner = Callable[[SumTask, SecAggSettings, "Traffic"], SecureSum]
+#: computing its arrays by ``SumTask.compute``; every message the server receives goes to the Traffic,
+#: each decoded array to the `OnArray` (when one is given) as soon as the server has it.
+SumRunner = Callable[[SumTask, SecAggSettings, "Traffic", OnArray | None], SecureSum]
 
 
 def local_sums(adapters: Sequence[LoraAdapter], reference: Path | None = None) -> SumRunner:
     """The clients of ``florist-hf run``: in this process, each masking its own adapter's arrays;
     ``reference``: the global they continued, which each holds (read once, where a bound needs it)."""
-    def run(task: SumTask, settings: SecAggSettings, traffic: "Traffic") -> SecureSum:
+    def run(task: SumTask, settings: SecAggSettings, traffic: "Traffic", on_array: OnArray | None = None) -> SecureSum:
         continued = read_adapter(reference).modules if task.relative and reference is not None else None
         inputs = {k: partial(task.compute, k, adapter.modules, continued) for k, adapter in enumerate(adapters)}
-        return secure_sum(inputs, settings, on_message=traffic)
+        return secure_sum(inputs, settings, on_message=traffic, on_array=on_array)
 
     return run
 
@@ -208,8 +216,9 @@ class Traffic:
                 self.down[recipient] += len(ciphertext)
 
 
-def _run_sum(run_sum: SumRunner, task: SumTask, settings: SecAggSettings, stage: str, traffic: Traffic) -> SecureSum:
-    summed = run_sum(task, settings, traffic)
+def _run_sum(run_sum: SumRunner, task: SumTask, settings: SecAggSettings, stage: str, traffic: Traffic,
+             on_array: OnArray | None = None) -> SecureSum:
+    summed = run_sum(task, settings, traffic, on_array)
     if len(summed.included) != len(task.weights):
         raise SecureAggregationError(f"secure aggregation: {len(task.weights) - len(summed.included)} clients vanished "
                                      f"during the {stage}; the round needs every client's share of both sums — rerun it")
@@ -247,26 +256,49 @@ def _check_method(method: AggregationMethod) -> tuple[str, ...]:
         raise FloristError(str(error)) from None
 
 
-def secure_aggregate(
-    adapters: Sequence[LoraAdapter],
-    run_sum: SumRunner,
-    method: AggregationMethod,
-    out_dir: str | os.PathLike,
-    secure: SecureRound,
-    *,
-    weights: Sequence[float] | None = None,
-    overwrite: bool = False,
-    client_names: Sequence[str] | None = None,
-    started: float | None = None,
-) -> ServerStep:
-    """The server's side of a secure round: ``adapters`` are what it knows of the clients (their
-    configs, module shapes, ranks and sample counts; factor-free, `adapters.without_factors`),
-    ``run_sum`` reaches the clients; it learns the sums, builds the global adapter and writes it."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FloristError(f"{out_dir}: already exists; choose another --out or pass --force to replace it")
+def _sum_with_jobs(run_sum: SumRunner, task: SumTask, settings: SecAggSettings, stage: str, traffic: Traffic,
+                   part: str, job: Callable[[str, torch.Tensor], object]) -> tuple[SecureSum, dict[str, object]]:
+    """One secure sum, ``job(module, values)`` started on `ModuleWorkers` for each module's ``part``
+    array as soon as the server has unmasked it; returns the sum and every job's result by module.
+    The workers close (and torch's threads come back) before it returns, so that clients running in
+    this process compute the next sum at the caller's thread setting."""
+    pending: dict[str, Future] = {}
+    with ModuleWorkers() as workers:
+        def start(name: str, values: np.ndarray) -> None:
+            module, kind = name.rsplit("/", 1)
+            if kind == part:
+                pending[module] = workers.submit(job, module, torch.from_numpy(values))
+
+        summed = _run_sum(run_sum, task, settings, stage, traffic, start)
+        return summed, {module: future.result() for module, future in pending.items()}
+
+
+@dataclass
+class SecureResult:
+    """What the server builds from the secure sums alone (`secure_result`), before anything is written."""
+
+    result: AggregationResult
+    raw_weights: list[float]
+    needs: tuple[str, ...]
+    plans: list[ModulePlan]
+    updates: dict[str, sketch.SketchedUpdate]
+    traffic: Traffic
+    sums: int
+    #: Central DP's noise as added (its std covering the fixed-point rounding's slack); None without it.
+    central: UpdateBounding | None = None
+
+
+def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: AggregationMethod, secure: SecureRound,
+                  weights: Sequence[float] | None = None) -> SecureResult:
+    """The server's side of a secure round, in memory: ``adapters`` are what it knows of the clients
+    (their configs, module shapes, ranks and sample counts; factor-free, `adapters.without_factors`),
+    ``run_sum`` reaches the clients; it learns the sums and builds the global adapter from them.
+
+    Each module's work starts as soon as its array of a sum is unmasked (`ModuleWorkers`): the
+    range basis Q of each module as the first sum is unmasked, each module's aggregate as the second
+    is; the unmasking itself (AES keystreams, under the GIL) overlaps that linear algebra (which
+    releases it) on other threads."""
     needs = _check_method(method)
-    started = time.perf_counter() if started is None else started
     raw_weights = client_weights(adapters, weights)
     total = sum(raw_weights)
     normalised = [weight / total for weight in raw_weights]  # public: the sample counts are
@@ -278,7 +310,6 @@ def secure_aggregate(
         # DP-FedAvg as in the plain step: every client alike and a fixed denominator, so that one client moves
         # the mean by clip/denominator at most (and, as the server learns it, by the rounding's slack besides).
         normalised, rescale = [1.0 / len(adapters)] * len(adapters), len(adapters) / central.denominator
-    wire_dtype = widest_dtype(adapter.dtype for adapter in adapters)
     plans = plan_modules(adapters[0].module_shapes, [{n: m.rank for n, m in a.modules.items()} for a in adapters],
                          secure.sketch_columns)
     if secure.clip is not None and not method.bounds_updates:
@@ -296,27 +327,14 @@ def secure_aggregate(
                                "clients continued; none was given")
         shared_a = read_adapter(secure.reference).modules
 
+    by_name = {plan.name: plan for plan in plans}
+    entry_error = sum_error(len(adapters), secure.settings.fraction_bits)
     # Each client computes its arrays when it masks them (one client's held at a time).
     traffic = Traffic(len(adapters))
-    first = _run_sum(run_sum, task, secure.settings, "first sum", traffic)
-    sums, updates = 1, {}
-    if SKETCH in needs:
-        bases = {plan.name: sketch.range_basis(_tensor(first, f"{plan.name}/range")) for plan in plans}
-        second = _run_sum(run_sum, replace(task, kind="second", bases=bases), secure.settings, "second sum", traffic)
-        sums = 2
-        for plan in plans:
-            error = sketch.sketch_error(bases[plan.name], _tensor(first, f"{plan.name}/check")) if plan.checks_error else None
-            updates[plan.name] = sketch.SketchedUpdate(bases[plan.name], _tensor(second, f"{plan.name}/projection"), error,
-                                                       entry_error=sum_error(len(adapters), secure.settings.fraction_bits))
-
-    modules = {}
-    for plan in plans:
-        client_ranks = [adapter.modules[plan.name].rank for adapter in adapters]
-        if SKETCH in needs:
-            summed = (ClientModule(_tensor(first, f"{plan.name}/lora_a"), _tensor(first, f"{plan.name}/lora_b"), 1.0)
-                      if FACTOR_SUMS in needs else None)
-            modules[plan.name] = method.from_sketch(updates[plan.name], client_ranks, summed)
-        else:  # the summed factors are the clients' weighted average: aggregated as one client of weight 1
+    if SKETCH not in needs:
+        first = _run_sum(run_sum, task, secure.settings, "first sum", traffic)
+        modules = {}
+        for plan in plans:  # the summed factors are the clients' weighted average: aggregated as one client of weight 1
             summed_b = _tensor(first, f"{plan.name}/lora_b")
             if shared_a is not None:
                 summed_a = shared_a[plan.name].lora_a[: plan.max_rank].to(COMPUTE_DTYPE)
@@ -324,17 +342,61 @@ def secure_aggregate(
                 summed_a = _tensor(first, f"{plan.name}/lora_a")
             modules[plan.name] = method.aggregate_module([ClientModule(summed_a, summed_b, 1.0)],
                                                          torch.ones(1, dtype=COMPUTE_DTYPE))
+        result = AggregationResult(method.name, modules, normalised, method.options())
+        if central is not None:  # central DP's methods sum their factors: this path alone
+            entries = sum(plan.shape[0] * plan.max_rank + (0 if method.freezes_lora_a else plan.max_rank * plan.shape[1])
+                          for plan in plans)
+            central = replace(central, quantisation_slack=sensitivity_slack(len(adapters), entries,
+                                                                            secure.settings.fraction_bits))
+            add_central_noise(result, central, method)
+        return SecureResult(result, raw_weights, needs, plans, {}, traffic, 1, central)
+
+    first, bases = _sum_with_jobs(run_sum, task, secure.settings, "first sum", traffic, "range",
+                                  lambda module, values: sketch.range_basis(values))
+    bases = {plan.name: bases[plan.name] for plan in plans}  # every Q before any is sent
+    updates: dict[str, sketch.SketchedUpdate] = {}
+
+    def aggregate(module: str, projection: torch.Tensor) -> ModuleAggregate:
+        plan, basis = by_name[module], bases[module]
+        error = sketch.sketch_error(basis, _tensor(first, f"{module}/check")) if plan.checks_error else None
+        update = updates[module] = sketch.SketchedUpdate(basis, projection, error, entry_error=entry_error)
+        summed = (ClientModule(_tensor(first, f"{module}/lora_a"), _tensor(first, f"{module}/lora_b"), 1.0)
+                  if FACTOR_SUMS in needs else None)
+        return method.from_sketch(update, [adapter.modules[module].rank for adapter in adapters], summed)
+
+    _, modules = _sum_with_jobs(run_sum, replace(task, kind="second", bases=bases), secure.settings, "second sum",
+                                traffic, "projection", aggregate)
+    modules = {plan.name: modules[plan.name] for plan in plans}
     result = AggregationResult(method.name, modules, normalised, method.options())
-    if central is not None:
-        entries = sum(plan.shape[0] * plan.max_rank + (0 if method.freezes_lora_a else plan.max_rank * plan.shape[1])
-                      for plan in plans)
-        central = replace(central, quantisation_slack=sensitivity_slack(len(adapters), entries,
-                                                                        secure.settings.fraction_bits))
-        add_central_noise(result, central, method)
+    ordered = {plan.name: updates[plan.name] for plan in plans}
+    return SecureResult(result, raw_weights, needs, plans, ordered, traffic, 2)
+
+
+def secure_aggregate(
+    adapters: Sequence[LoraAdapter],
+    run_sum: SumRunner,
+    method: AggregationMethod,
+    out_dir: str | os.PathLike,
+    secure: SecureRound,
+    *,
+    weights: Sequence[float] | None = None,
+    overwrite: bool = False,
+    client_names: Sequence[str] | None = None,
+    started: float | None = None,
+) -> ServerStep:
+    """The server's side of a secure round (`secure_result`), the global adapter written with a
+    sidecar recording the protocol, each module's sketch and the traffic (secure and plain side by side)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FloristError(f"{out_dir}: already exists; choose another --out or pass --force to replace it")
+    started = time.perf_counter() if started is None else started
+    built = secure_result(adapters, run_sum, method, secure, weights)
+    result, plans, needs, traffic = built.result, built.plans, built.needs, built.traffic
+    wire_dtype = widest_dtype(adapter.dtype for adapter in adapters)
     seconds = time.perf_counter() - started
 
     up, down, params = traffic.up, traffic.down, traffic.params
-    basis_bytes = sum(plan.shape[0] * plan.columns for plan in plans) * BASIS_BYTES_PER_PARAM if SKETCH in needs else 0
+    basis_bytes = basis_params(method, plans) * BASIS_BYTES_PER_PARAM
     plain = round_communication(method, adapters[0].module_shapes, [_client_rank(a) for a in adapters],
                                 result.selected_ranks, bytes_per_param=torch.finfo(wire_dtype).bits // 8).to_dict()
     downlink = [plain_down + routed + basis_bytes for plain_down, routed in zip(plain["downlink_bytes"], down)]
@@ -343,7 +405,7 @@ def secure_aggregate(
             "protocol": "SecAgg+ (Bell et al. 2020), all pairs",
             "settings": secure_record(secure),
             "threshold": secure.settings.threshold_for(len(adapters)),
-            "sums": sums,
+            "sums": built.sums,
             "needs": list(needs),
             "sketch_seed": secure.seed if SKETCH in needs else None,
             "outlier_report": OUTLIER_NOTE,
@@ -352,10 +414,11 @@ def secure_aggregate(
         },
         **({"bounding": {"clip_update_norm": secure.clip, "where": "on each client, before masking: the server sees "
                          "no client's norm", "over": "the whole adapter",
-                         "bounded": "the factors' change since the global the clients continued" if relative
+                         "bounded": "the factors' change since the global the clients continued"
+                                    if secure.clip is not None and not method.merges_into_base
                                     else "each client's update s·B·A"}}
            if secure.clip is not None else {}),
-        "modules": {plan.name: {"sketch": updates[plan.name].record()} for plan in plans if plan.name in updates},
+        "modules": {name: {"sketch": update.record()} for name, update in built.updates.items()},
         "communication": {
             "uplink_bytes": up, "uplink_bytes_total": sum(up), "downlink_bytes": downlink,
             "downlink_bytes_total": sum(downlink),
@@ -365,8 +428,8 @@ def secure_aggregate(
                                                   "downlink_bytes_total", "bytes_per_param")},
         },
     }
-    return _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtype, overwrite, client_names,
-                              seconds, bounding=central, sidecar_extra=extra)
+    return _write_server_step(method, adapters, built.raw_weights, result, out_dir, wire_dtype, overwrite, client_names,
+                              seconds, bounding=built.central, sidecar_extra=extra)
 
 
 def secure_record(secure: SecureRound) -> dict:
