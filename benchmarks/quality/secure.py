@@ -100,6 +100,7 @@ def compare(results: list[dict]) -> dict:
             "downlink_bytes_per_round": {"plain": plain["downlink_bytes_per_round"], "secure": secure["downlink_bytes_per_round"]},
             "run_seconds": {"plain": plain["run_seconds"], "secure": secure["run_seconds"]},
             "server_seconds": {"plain": plain["server_seconds"], "secure": secure["server_seconds"]},
+            "records": {"plain": plain, "secure": secure},  # the benchmark's own records of both runs
         })
     spread = {}
     for setting in sorted({row["setting"] for row in rows}):
@@ -150,8 +151,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="write the record here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
     args = parser.parse_args(argv)
-    results = [json.loads(path.read_text()) for path in args.results]
-    record = compare(results)
+    results = []
+    for path in args.results:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"{path}: cannot read it ({type(error).__name__}); pass a results.json of python -m benchmarks.quality")
+        if not isinstance(result, dict) or result.get("format") != "florist-hf/quality-benchmark":
+            raise SystemExit(f"{path}: not a results.json of python -m benchmarks.quality; pass the one in its --out folder")
+        results.append(result)
+    from florist_hf.errors import FloristError
+
+    try:
+        record = compare(results)
+    except (FloristError, OSError) as error:
+        raise SystemExit(f"{error}; the run directories results.json names must still be there (rerun the benchmark)")
     if not record["pairs"]:
         raise SystemExit(f"{', '.join(map(str, args.results))}: no florist-secure run with a plain FLoRIST run of the same "
                          "setting, seed and τ; run the benchmark with --baselines florist-secure --thresholds "
