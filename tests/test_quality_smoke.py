@@ -1,8 +1,9 @@
-"""Smoke version of the CPU-scale quality benchmark (benchmarks/quality): one seed, two methods,
+"""Smoke version of the CPU-scale quality benchmark (benchmarks/quality): one seed, FLoRA and FLoRIST (plain and secure),
 a few steps, a tiny base model pre-trained for 3 steps. The full benchmark is not a test."""
 
 import json
 import math
+from pathlib import Path
 
 
 def test_quality_benchmark_smoke(shared_data, tmp_path):
@@ -28,7 +29,7 @@ def test_quality_benchmark_smoke(shared_data, tmp_path):
     written = json.loads((out / "results.json").read_text())
     runs = {(r["setting"], r["method"]): r for r in written["runs"]}
     assert set(runs) == {("homo", "flora"), ("homo", "florist"), ("homo", "florist-o"), ("homo", "florist-e"),
-                         ("centralised", "florist")}
+                         ("homo", "florist-secure"), ("centralised", "florist")}
     for run in runs.values():
         assert math.isfinite(run["test_loss"])
         assert len(run["client_eval_loss"]) == 2 and all(math.isfinite(x) for x in run["client_eval_loss"])
@@ -44,10 +45,28 @@ def test_quality_benchmark_smoke(shared_data, tmp_path):
     assert runs[("homo", "flora")]["downlink_bytes_per_round"] >= runs[("homo", "florist")]["downlink_bytes_per_round"]
     assert written["references"][0]["method"] == "base"
 
+    # Secure FLoRIST went through `florist-hf run` with secure aggregation, training its own clients: they equal
+    # plain FLoRIST's bit for bit, every module keeps the same rank, and the update and the loss agree.
+    secure, plain = runs[("homo", "florist-secure")], runs[("homo", "florist")]
+    assert secure["threshold"] == plain["threshold"] == 0.9 and secure["first_round_from"] is None
+    sidecar = json.loads((Path(secure["run_dir"]) / "global_adapter" / "aggregation.json").read_text())
+    assert sidecar["secure_aggregation"]["needs"] == ["sketch_sums"]
+    assert secure["uplink_bytes_per_round"] > plain["uplink_bytes_per_round"]  # (m+n)·p masked words, not (m+n)·r_k
+    from benchmarks.quality.secure import main as compare
+
+    record = compare([str(out / "results.json"), "--json", str(out / "secure.json")])
+    (pair,) = record["pairs"]
+    assert pair["clients"] == {"clients": 2, "identical": True, "max_abs_factor_difference": 0.0}
+    assert pair["globals"]["same_ranks"] and pair["globals"]["total_rank_secure"] == plain["total_selected_rank"]
+    assert pair["globals"]["max_relative_update_difference"] < 1e-5
+    assert abs(pair["test_loss_difference"]) < 1e-4
+    assert json.loads((out / "secure.json").read_text())["pairs"][0]["seed"] == 0
+
     labels = {row["label"] for row in written["summary"]}
     assert {"FLoRA", "FLoRIST τ=0.90", "centralised LoRA", "base model (no fine-tuning)"} <= labels
     table = (out / "results.md").read_text()
     assert "| homogeneous ranks | FLoRIST τ=0.90 |" in table
+    assert "| homogeneous ranks | FLoRIST τ=0.90, secure aggregation |" in table
     for plot in ("quality_vs_bytes.png", "rank_vs_tau.png", "client_losses.png"):
         assert (out / plot).stat().st_size > 1000
 

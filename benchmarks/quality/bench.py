@@ -24,7 +24,7 @@ def grid(seeds, settings, baselines, thresholds, centralised: bool = True, recip
     """Every run, seed-major so that a partial result already covers whole seeds."""
     import functools
 
-    from benchmarks.quality.runner import RunSpec
+    from benchmarks.quality.runner import SECURE_FLORIST, RunSpec
 
     RunSpec = functools.partial(RunSpec, recipe_set=recipe_set)  # noqa: N806 - the class, bound to one base
     specs = []
@@ -35,6 +35,8 @@ def grid(seeds, settings, baselines, thresholds, centralised: bool = True, recip
             specs += [RunSpec(setting, method, seed) for method in order if method in ("flora", "fedit")]
             specs += [RunSpec(setting, "florist", seed, tau) for tau in thresholds]
             specs += [RunSpec(setting, method, seed) for method in order if method not in ("flora", "fedit")]
+            if SECURE_FLORIST in baselines:  # after plain FLoRIST: its own clients, trained and masked through SecAgg+
+                specs.append(RunSpec(setting, SECURE_FLORIST, seed, config.SECURE_THRESHOLD))
         if centralised:
             specs.append(RunSpec("centralised", "florist", seed, 1.0))
     return specs
@@ -317,7 +319,7 @@ def rewrite_report(out_dir: Path) -> dict:
 
 
 SMOKE = dict(
-    seeds=(0,), settings=("homo",), baselines=("flora",), thresholds=(0.9,),
+    seeds=(0,), settings=("homo",), baselines=("flora", "florist-secure"), thresholds=(0.9,),
     model_settings=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True),
     pretrain_settings=dict(seq_len=64, batch_size=4, steps=3, learning_rate=2e-3, warmup_steps=1, min_lr_ratio=0.1,
@@ -334,7 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
     parser.add_argument("--seeds", default=",".join(map(str, config.SEEDS)), help="comma-separated seeds (default %(default)s)")
     parser.add_argument("--thresholds", default=",".join(f"{t:g}" for t in config.THRESHOLDS), help="FLoRIST τ values")
-    parser.add_argument("--baselines", default=",".join(config.BASELINES), help="baseline methods")
+    parser.add_argument("--baselines", default=",".join(config.BASELINES),
+                        help="baseline methods (default %(default)s); also fedex, fedsvd, and florist-secure: FLoRIST "
+                             f"τ = {config.SECURE_THRESHOLD:g} under federation.secure_aggregation")
     parser.add_argument("--settings", default=",".join(config.SETTINGS), help="homo,heter")
     parser.add_argument("--no-centralised", action="store_true", help="skip the centralised LoRA reference")
     parser.add_argument("--out", type=Path, default=None,

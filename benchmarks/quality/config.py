@@ -47,6 +47,8 @@ SEEDS = (0, 1, 2)
 THRESHOLDS = (0.80, 0.90, 0.95, 0.99)
 BASELINES = ("fedit", "flora", "flexlora", "ffa")
 SETTINGS = ("homo", "heter")
+#: The τ of the `florist-secure` baseline (FLoRIST under federation.secure_aggregation), beside plain FLoRIST at it.
+SECURE_THRESHOLD = 0.90
 #: FLoRIST-E's tolerance in this benchmark (held-out loss, nats): the τ grid's losses differ by a
 #: few thousandths, so the CLI's default 0.01 would always pick the lowest τ.
 SWEEP_TOLERANCE = 0.002

@@ -24,8 +24,8 @@ def _stats(values: list[float]) -> dict:
 
 def _order(row: dict) -> tuple:
     setting_order = {"reference": 0, "centralised": 1, "homo": 2, "heter": 3}
-    method_order = {"base": 0, "fedit": 1, "flora": 2, "flexlora": 3, "ffa": 4, "fedex": 5, "fedsvd": 6, "florist": 7, "florist-o": 8,
-                    "florist-e": 9}
+    method_order = {"base": 0, "fedit": 1, "flora": 2, "flexlora": 3, "ffa": 4, "fedex": 5, "fedsvd": 6, "florist": 7, "florist-secure": 7.5,
+                    "florist-o": 8, "florist-e": 9}
     return (setting_order.get(row["setting"], 9), method_order.get(row["method"], 9), row.get("threshold") or 0)
 
 
@@ -201,6 +201,15 @@ def write_markdown(results: dict, path: Path) -> Path:
             "(same base, same init, same seeds), so within a seed the methods differ only in what the server does.",
             "",
         ]
+    if any(run["method"] == "florist-secure" for run in runs):
+        text += [
+            "FLoRIST with secure aggregation (`florist-secure`): `florist-hf run` with `federation.secure_aggregation` on "
+            "(SecAgg+: the server learns only the two sums of the clients' masked sketches, FLoRIST's update from them); its "
+            "clients train their own round 1 through the protocol (no reuse), so beside plain FLoRIST at the same τ and seed "
+            "the two differ only in the server step (`python -m benchmarks.quality.secure` checks that their clients are "
+            "equal and compares every module's rank and update).",
+            "",
+        ]
     tolerances = {run.get("sweep_tolerance") for run in results["runs"] if "chosen_threshold" in run}
     if tolerances:
         text += [
@@ -216,9 +225,10 @@ def write_markdown(results: dict, path: Path) -> Path:
 
 
 COLORS = {"fedit": "tab:orange", "flora": "tab:green", "flexlora": "tab:purple", "ffa": "tab:brown", "fedex": "tab:olive",
-          "fedsvd": "tab:pink", "florist": "tab:blue", "florist-o": "tab:red", "florist-e": "tab:cyan",
+          "fedsvd": "tab:pink", "florist": "tab:blue", "florist-secure": "navy", "florist-o": "tab:red", "florist-e": "tab:cyan",
           "centralised": "black", "base": "gray"}
-MARKERS = {"fedit": "s", "flora": "D", "flexlora": "^", "ffa": "v", "fedex": "<", "fedsvd": ">", "florist": "o", "florist-o": "*", "florist-e": "P"}
+MARKERS = {"fedit": "s", "flora": "D", "flexlora": "^", "ffa": "v", "fedex": "<", "fedsvd": ">", "florist": "o", "florist-secure": "X", "florist-o": "*",
+           "florist-e": "P"}
 
 
 def _runs_by_key(results: dict) -> dict[tuple, dict[int, dict]]:

@@ -15,6 +15,9 @@ from pathlib import Path
 from benchmarks.quality import config
 
 #: Overrides of the federated grid that the one-client centralised reference keeps from its own recipe.
+#: The quality benchmark's name for FLoRIST under secure aggregation (a row of its own), and the override that turns it on.
+SECURE_FLORIST = "florist-secure"
+SECURE_OVERRIDE = "federation.secure_aggregation.enabled=true"
 FEDERATION_ONLY = {"federation.num_clients", "lora.ranks", "lora.alphas", "federation.rounds", "federation.method", "federation.threshold"}
 
 
@@ -23,7 +26,7 @@ class RunSpec:
     """One cell of the grid."""
 
     setting: str  # homo | heter | centralised
-    method: str  # fedit | flora | flexlora | ffa | fedex | fedsvd | florist
+    method: str  # fedit | flora | flexlora | ffa | fedex | fedsvd | florist | florist-secure
     seed: int
     threshold: float | None = None
     overrides: tuple[str, ...] = field(default_factory=tuple)
@@ -36,13 +39,25 @@ class RunSpec:
             return "centralised LoRA"
         if self.method == "florist":
             return f"FLoRIST τ={self.threshold:.2f}"
+        if self.secure:
+            return f"FLoRIST τ={self.threshold:.2f}, secure aggregation"
         return {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA", "fedex": "FedEx-LoRA",
                 "fedsvd": "FedSVD"}[self.method]
 
     @property
     def name(self) -> str:
-        method = self.method if self.threshold is None else f"florist{self.threshold:.2f}"
+        method = self.method if self.threshold is None else f"florist{self.threshold:.2f}" + ("-secure" if self.secure else "")
         return f"{self.setting}/{method}/seed_{self.seed}"
+
+    @property
+    def secure(self) -> bool:
+        """FLoRIST under ``federation.secure_aggregation`` (SecAgg+ over the two sketch sums)."""
+        return self.method == SECURE_FLORIST
+
+    @property
+    def federation_method(self) -> str:
+        """What ``federation.method`` is set to: the aggregation method itself."""
+        return "florist" if self.secure else self.method
 
     @property
     def recipe_file(self) -> Path:
@@ -55,7 +70,7 @@ class RunSpec:
 
     @property
     def merges_into_base(self) -> bool:
-        return self.method in ("florist", "flora")
+        return self.federation_method in ("florist", "flora")
 
 
 def first_round_donor(spec: RunSpec, done: dict[str, Path]) -> Path | None:
@@ -66,7 +81,7 @@ def first_round_donor(spec: RunSpec, done: dict[str, Path]) -> Path | None:
     Only the server step differs, so the runner may resume from the donor's round-1 client adapters
     (the runner's own resume path) instead of training them again.
     """
-    if spec.setting == "centralised":
+    if spec.setting == "centralised" or spec.secure:  # a secure run's clients train and mask through the protocol
         return None
     family = ("flora", "florist") if spec.merges_into_base else ("fedit", "flexlora") if spec.method in ("fedit", "flexlora") else ()
     for other_name, run_dir in done.items():
@@ -164,8 +179,9 @@ def run_overrides(spec: RunSpec, *, base_dir: Path, split_dir: Path, run_dir: Pa
         f"data.source={split_dir}",
         f"federation.seed={spec.seed}",
         f"output_dir={run_dir}",
-        *([] if spec.setting == "centralised" else [f"federation.method={spec.method}"]),
+        *([] if spec.setting == "centralised" else [f"federation.method={spec.federation_method}"]),
         *([f"federation.threshold={spec.threshold}"] if spec.threshold is not None else []),
+        *([SECURE_OVERRIDE] if spec.secure else []),
         *spec.overrides,
         *(o for o in extra_overrides if spec.setting != "centralised" or o.split("=", 1)[0].strip() not in FEDERATION_ONLY),
     ]
