@@ -147,14 +147,24 @@ def test_sft_padding_free_trains_like_padded(tiny_base, tmp_path, template, trai
         assert torch.allclose(free[name], padded[name], atol=1e-5), name
 
 
-def test_a_record_whose_prompt_fills_the_cutoff_is_a_masked_row_for_the_trainer_and_dropped_by_sft(tiny_base, tmp_path):
-    """Answers alone trained on: a record whose prompt alone fills data.cutoff_len has no token left to train on.
-    The stock Trainer client keeps it as a row whose labels are all masked (a batch slot that adds nothing to the
-    loss); TRL's SFTTrainer drops it after truncating. The other rows are the same on both (README: TRL clients)."""
-    from transformers import AutoTokenizer
-
+def _prepared_rows(recipe, base, tokenizer, records, work_dir: Path, trainer: str) -> list[tuple[list[int], list[int]]]:
+    """The (input_ids, labels) rows a ``trainer`` client of ``recipe`` on ``base`` trains on, as its Trainer holds them."""
     from florist_hf.clients.config import client_training
     from florist_hf.clients.run import build_client_trainer, build_lora_model, prepare_shard
+
+    model = build_lora_model(str(base), rank=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.0, use_rslora=False)
+    built = build_client_trainer(model, tokenizer, prepare_shard(recipe, tokenizer, records),
+                                 training=client_training(recipe, 0, 1), work_dir=work_dir, seed=0, trainer=trainer)
+    return [(list(row["input_ids"]), list(row["labels"])) for row in built.train_dataset]
+
+
+def test_a_record_whose_prompt_fills_the_cutoff_is_a_masked_row_for_both_kinds(tiny_base, tmp_path):
+    """Answers alone trained on: a record whose prompt alone fills data.cutoff_len has no token left to train on.
+    The stock Trainer client keeps it as a row whose labels are all masked (a batch slot that adds nothing to the
+    loss), as FLoRA's reference code does; the SFT client keeps it too (TRL alone would drop it after truncating:
+    `sft.sft_trainer_keeping_masked_rows`), so both train on the same rows in the same batches."""
+    from transformers import AutoTokenizer
+
     from florist_hf.data import IGNORE_INDEX, demo_records
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
@@ -164,14 +174,39 @@ def test_a_record_whose_prompt_fills_the_cutoff_is_a_masked_row_for_the_trainer_
     for trainer in ("trainer", "sft"):
         recipe = load_recipe(write_recipe(tmp_path / trainer, ranks=(4,), rounds=1, client={"trainer": trainer},
                                           data={"train_on_inputs": False, "cutoff_len": 256}))
-        model = build_lora_model(str(tiny_base), rank=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.0,
-                                 use_rslora=False)
-        built = build_client_trainer(model, tokenizer, prepare_shard(recipe, tokenizer, records),
-                                     training=client_training(recipe, 0, 1), work_dir=tmp_path / trainer / "work",
-                                     seed=0, trainer=trainer)
-        rows[trainer] = [(list(row["input_ids"]), list(row["labels"])) for row in built.train_dataset]
-    assert len(rows["trainer"]) == 4 and set(rows["trainer"][2][1]) == {IGNORE_INDEX}
-    assert rows["sft"] == [row for index, row in enumerate(rows["trainer"]) if index != 2]
+        rows[trainer] = _prepared_rows(recipe, tiny_base, tokenizer, records, tmp_path / trainer / "work", trainer)
+    assert len(rows["trainer"]) == 4 and len(rows["trainer"][2][0]) == 256 and set(rows["trainer"][2][1]) == {IGNORE_INDEX}
+    assert rows["sft"] == rows["trainer"]
+    # TRL's own SFTTrainer drops that row: what the SFT client's trainer class undoes.
+    from trl import SFTTrainer
+
+    from florist_hf.clients import sft
+
+    recipe = load_recipe(write_recipe(tmp_path / "trl", ranks=(4,), rounds=1, client={"trainer": "sft"},
+                                      data={"train_on_inputs": False, "cutoff_len": 256}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sft.SFT, "trainer_class", lambda self: SFTTrainer)
+        trl_rows = _prepared_rows(recipe, tiny_base, tokenizer, records, tmp_path / "trl" / "work", "sft")
+    assert trl_rows == [row for index, row in enumerate(rows["trainer"]) if index != 2]
+
+
+def test_both_kinds_train_on_the_same_rows_of_the_real_dolly_split(smollm2_base, shared_data, tmp_path):
+    """The SmolLM2 chat recipe (cutoff 256, answers alone trained on) on the paper's Dolly client 0 (1,579
+    records): the same rows, token for token and label for label, on both kinds, the ~10 % of records whose
+    chat prompt fills the cutoff included as masked rows (TRL alone drops them)."""
+    from florist_hf.data import IGNORE_INDEX, load_records
+    from florist_hf.loading import load_tokenizer
+
+    records = load_records(shared_data / "dolly" / "8" / "local_training_0.json")
+    tokenizer = load_tokenizer(str(smollm2_base))
+    rows = {}
+    for trainer in ("trainer", "sft"):
+        recipe = load_recipe(REPO / "recipes" / "smollm2_135m_dolly_heter.yaml", [f"client.trainer={trainer}"])
+        assert (recipe.data.cutoff_len, recipe.data.template, recipe.data.train_on_inputs) == (256, "chat", False)
+        rows[trainer] = _prepared_rows(recipe, smollm2_base, tokenizer, records, tmp_path / trainer, trainer)
+    masked = [index for index, (_, labels) in enumerate(rows["trainer"]) if set(labels) == {IGNORE_INDEX}]
+    assert len(rows["trainer"]) == len(records) == 1579 and 100 < len(masked) < 200
+    assert rows["sft"] == rows["trainer"]
 
 
 def test_dp_sgd_trains_sft_clients(tmp_path):
