@@ -1,7 +1,9 @@
 """TRL's ``SFTTrainer`` client: data in TRL's formats (conversational ``messages``, prompt/completion as
 texts or conversations) or our instruction presets made prompt/completion records (the paper's Alpaca
 prompt, or the chat template's user turn, as the prompt), tokenized and masked by TRL
-(``train_on_inputs: false`` is its ``completion_only_loss``); ``training:`` takes every SFTConfig field."""
+(``train_on_inputs: false`` is its ``completion_only_loss``), a record whose prompt fills the cutoff kept as
+a masked row as the stock Trainer client keeps it (`sft_trainer_keeping_masked_rows`); ``training:`` takes
+every SFTConfig field."""
 
 from __future__ import annotations
 
