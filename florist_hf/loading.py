@@ -399,7 +399,8 @@ def gguf_base(name: str, gguf_file: str, *, dtype: str = "float32", revision: st
     import transformers
 
     path = _locate_gguf(name, gguf_file, revision=revision, key=key, file_key=file_key)
-    dtype = "float32" if dtype == "auto" else dtype  # GGUF's tensors are dequantized to float32
+    # GGUF's tensors are dequantized to float32: "auto" is float32, and float64 is loaded exactly from it.
+    dtype = "float32" if dtype in ("auto", "float64") else dtype
     content = _file_digest(path)
     fingerprint = hashlib.sha256(json.dumps([content, dtype, transformers.__version__, 1]).encode()).hexdigest()[:16]
     target = cache_root() / "gguf" / f"{Path(gguf_file).stem}-{dtype}-{fingerprint}"

@@ -41,7 +41,9 @@ class ModelSection(Section):
     gguf_file: str | None = None
     #: Settings of the builtin tiny Llama (ignored for other models).
     tiny: dict[str, int] = Field(default_factory=dict)
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    #: The base's dtype on the clients. ``float64`` (CPU) is for numerical checks: it trains, but both
+    #: trainers' losses compute their log-softmax in fp32 whatever the dtype (tests/test_sft_clients.py).
+    dtype: Literal["float32", "bfloat16", "float16", "float64", "auto"] = "float32"
     revision: str | None = None
     trust_remote_code: bool = False
     #: The attention implementation transformers loads the base with (its default when unset: sdpa).

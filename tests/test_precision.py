@@ -86,6 +86,14 @@ def test_dp_sgd_and_qlora_clients_keep_their_precision_on_a_native_bf16_cpu(nati
                                        "model.quantization.compute_dtype"]
 
 
+def test_a_float64_base_trains_in_fp64_on_a_native_bf16_cpu(native_bf16, tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, model={"dtype": "float64"}))
+    assert client_training(recipe, 0, 1)["bf16"] is False
+    assert precision_lines(recipe) == ["clients train in fp64: model.dtype is float64 (no mixed precision)"]
+    recipe = load_recipe(write_recipe(tmp_path, model={"dtype": "float64"}, training={"bf16": True, "use_cpu": True}))
+    assert precision_lines(recipe) == ["clients train in bf16 autocast on the CPU: set by training.bf16"]
+
+
 def test_native_bf16_clients_train_under_autocast_and_publish_fp32_adapters(native_bf16, tmp_path, monkeypatch):
     """Through the CLI on the tiny Llama: the line, the q/v LoRA layers' products in bf16 while the
     clients train, and fp32 client and global adapters (the server aggregates what it did before)."""

@@ -38,7 +38,7 @@ def _recipe_set(recipe, client: int) -> dict:
 def precision_of(recipe, client: int) -> ClientPrecision:
     """The precision client ``client`` trains in on this machine, and the line that says why."""
     return client_precision(_recipe_set(recipe, client), dp_sgd=recipe.privacy is not None,
-                            quantized=recipe.model.quantization is not None)
+                            quantized=recipe.model.quantization is not None, base_dtype=recipe.model.dtype)
 
 
 def precision_lines(recipe) -> list[str]:

@@ -178,7 +178,7 @@ class DPSGD:
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        logits = outputs.logits.float()
+        logits = outputs.logits.to(torch.promote_types(outputs.logits.dtype, torch.float32))  # fp32, or fp64 kept
         # Labels shifted left (transformers' own way): the logits stay contiguous, with no copy of the largest tensor.
         targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
         token_losses = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),

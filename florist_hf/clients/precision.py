@@ -1,6 +1,7 @@
 """The precision a client trains in where its recipe leaves it open (neither ``training.bf16`` nor
 ``training.fp16`` set): bf16 autocast on a CPU that computes bf16 natively (AMX or AVX512-BF16), fp32
-on a CPU that does not, and on a GPU what it was before (fp32; GPU recipes set bf16 themselves).
+on a CPU that does not, and on a GPU what it was before (fp32; GPU recipes set bf16 themselves); a
+float64 base (``model.dtype: float64``) in fp64.
 
 A SmolLM2-135M client step (batch 4 × 256, LoRA r 8 on q,v, AdamW) is 1.6–1.8× faster under bf16
 autocast on such a CPU (benchmarks/README.md, "bf16 autocast on a CPU"); without the instructions the CPU emulates bf16
@@ -87,10 +88,11 @@ def _trains_on_cpu(training: dict) -> bool:
     return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
 
 
-def client_precision(training: dict, *, dp_sgd: bool = False, quantized: bool = False) -> ClientPrecision:
+def client_precision(training: dict, *, dp_sgd: bool = False, quantized: bool = False,
+                     base_dtype: str = "float32") -> ClientPrecision:
     """The precision of a client whose recipe sets ``training`` (its ``training:`` merged with its
     ``client_training:`` overrides, before any default); ``dp_sgd``: it trains with DP-SGD,
-    ``quantized``: its base is loaded by bitsandbytes (QLoRA)."""
+    ``quantized``: its base is loaded by bitsandbytes (QLoRA); ``base_dtype``: the recipe's model.dtype."""
     chosen = [key for key in PRECISION_FIELDS if key in training]
     if chosen:
         if training.get("fp16"):
@@ -99,6 +101,9 @@ def client_precision(training: dict, *, dp_sgd: bool = False, quantized: bool = 
             where = " autocast on the CPU" if _trains_on_cpu(training) else " mixed precision"
             return ClientPrecision(line=f"bf16{where}: set by training.bf16")
         return ClientPrecision(line=f"fp32: set by training.{chosen[0]}: false")
+    if base_dtype == "float64":
+        # A float64 base is asked for its precision (numerical checks): autocast would round its products.
+        return ClientPrecision(fields={"bf16": False}, line="fp64: model.dtype is float64 (no mixed precision)")
     if not _trains_on_cpu(training):
         return ClientPrecision(line="fp32 on the accelerator: training.bf16 or training.fp16 turns on mixed precision")
     if quantized:

@@ -1,9 +1,14 @@
 """TRL's ``SFTTrainer`` client: data in TRL's formats (conversational ``messages``, prompt/completion as
 texts or conversations) or our instruction presets made prompt/completion records (the paper's Alpaca
 prompt, or the chat template's user turn, as the prompt), tokenized and masked by TRL
-(``train_on_inputs: false`` is its ``completion_only_loss``); ``training:`` takes every SFTConfig field."""
+(``train_on_inputs: false`` is its ``completion_only_loss``), a record whose prompt fills the cutoff kept as
+a masked row as the stock Trainer client keeps it (`sft_trainer_keeping_masked_rows`); ``training:`` takes
+every SFTConfig field."""
 
 from __future__ import annotations
+
+import copy
+import functools
 
 from florist_hf.clients.kind import TrainerKind, quiet_datasets
 from florist_hf.errors import FloristError
@@ -16,9 +21,7 @@ class SFT(TrainerKind):
                            "padding_free", "router_aux_loss_coef", "shuffle_dataset", "truncation_mode"})
 
     def trainer_class(self) -> type:
-        from trl import SFTTrainer
-
-        return SFTTrainer
+        return sft_trainer_keeping_masked_rows()
 
     def config_class(self) -> type:
         from trl import SFTConfig
@@ -73,6 +76,34 @@ class SFT(TrainerKind):
 
     def building(self):
         return quiet_datasets()
+
+
+@functools.cache
+def sft_trainer_keeping_masked_rows() -> type:
+    """TRL's ``SFTTrainer`` whose prepared dataset keeps every record: one whose prompt alone fills
+    ``max_length`` stays a row of masked labels, as the stock Trainer client keeps it (`data.tokenize_records`,
+    FLoRA's reference code), where TRL 1.16 drops it after truncating (``SFTTrainer._prepare_dataset``'s
+    filter of rows with no label left). So both kinds train on the same rows in the same batches, one per
+    record (the count a client is weighed by, and DP-SGD samples and accounts over: with rows dropped its
+    round was refused), and all else (tokenization, chat template, completion mask, labels) is TRL's."""
+    from trl import SFTTrainer
+
+    class RowKeepingSFTTrainer(SFTTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, packing, *rest, **kwargs):
+            if packing or args.max_length is None or args.truncation_mode not in ("keep_start", "keep_end"):
+                return super()._prepare_dataset(dataset, processing_class, args, packing, *rest, **kwargs)
+            # TRL's preparation untruncated (so unfiltered), then its own truncation without the filter.
+            untruncated = copy.copy(args)
+            untruncated.max_length = None
+            prepared = super()._prepare_dataset(dataset, processing_class, untruncated, packing, *rest, **kwargs)
+            window = slice(None, args.max_length) if args.truncation_mode == "keep_start" else slice(-args.max_length, None)
+            return prepared.map(_truncate, fn_kwargs={"window": window}, num_proc=args.dataset_num_proc)
+
+    return RowKeepingSFTTrainer
+
+
+def _truncate(row: dict, window: slice) -> dict:
+    return {"input_ids": row["input_ids"][window], "labels": row["labels"][window]}
 
 
 def prompt_completion(record: dict, template: str) -> dict:
