@@ -1,10 +1,12 @@
 """TRL's ``SFTTrainer`` client: data in TRL's formats (conversational ``messages``, prompt/completion as
 texts or conversations) or our instruction presets made prompt/completion records (the paper's Alpaca
 prompt, or the chat template's user turn, as the prompt), tokenized and masked by TRL
-(``train_on_inputs: false`` is its ``completion_only_loss``); ``training:`` takes every SFTConfig field."""
+(``train_on_inputs: false`` is its ``completion_only_loss``); ``training:`` takes every SFTConfig field. On a CPU
+its fused LM head scores the trained positions alone, in cache-sized tiles (`fused_head`)."""
 
 from __future__ import annotations
 
+from florist_hf.clients.fused_head import tune_fused_lm_head_for_cpu
 from florist_hf.clients.kind import TrainerKind, quiet_datasets
 from florist_hf.errors import FloristError
 
@@ -15,6 +17,7 @@ class SFT(TrainerKind):
     def trainer_class(self) -> type:
         from trl import SFTTrainer
 
+        tune_fused_lm_head_for_cpu()
         return SFTTrainer
 
     def config_class(self) -> type:
