@@ -7,8 +7,8 @@ log-probability, the entropy and the top-1 hits. Where its Triton kernels run (C
 positions whose label is not -100 alone; on every other device it scores all positions (so that a compiler
 such as Neuron's sees one shape) and folds tiles 32,768 words wide with torch operations. On a CPU that
 made the head and loss of a SmolLM2-135M step (batch 4 × 256, bf16 autocast, one thread) 3.3× the
-Trainer's own full-logits cross-entropy, and an SFT client's loss and backward 15–22 % slower than a Trainer
-client's on the same batches; tuned, 6 % faster (benchmarks/README.md, "Keeping the lead over flowertune-llm").
+Trainer's own full-logits cross-entropy, and an SFT client's loss and backward 18 % slower than a Trainer
+client's on the same batches; tuned, 10 % faster (benchmarks/README.md, "Keeping the lead over flowertune-llm").
 
 `tune_fused_lm_head_for_cpu` replaces two names of TRL 1.16's ``trl.trainer.utils`` once per process,
 for CPU tensors alone (other devices keep TRL's path):
