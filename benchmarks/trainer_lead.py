@@ -1,4 +1,4 @@
-"""The setting of issue 34's side-by-side with Flower's flowertune-llm app, through ``florist-hf run``, with the
+"""The setting of our side-by-side with Flower's flowertune-llm app, through ``florist-hf run``, with the
 stock Trainer clients against TRL's SFTTrainer clients: wall time, time to the first training step and peak
 memory of the whole process tree.
 

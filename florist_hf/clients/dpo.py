@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from florist_hf.clients.fused_head import tune_fused_lm_head_for_cpu
 from florist_hf.clients.kind import TrainerKind, quiet_datasets
 from florist_hf.errors import FloristError
 
@@ -35,6 +36,7 @@ class DPO(TrainerKind):
                            "use_weighting"})
 
     def trainer_class(self) -> type:
+        tune_fused_lm_head_for_cpu()
         return federated_dpo_trainer()
 
     def config_class(self) -> type:

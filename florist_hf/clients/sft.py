@@ -3,13 +3,15 @@ texts or conversations) or our instruction presets made prompt/completion record
 prompt, or the chat template's user turn, as the prompt), tokenized and masked by TRL
 (``train_on_inputs: false`` is its ``completion_only_loss``), a record whose prompt fills the cutoff kept as
 a masked row as the stock Trainer client keeps it (`sft_trainer_keeping_masked_rows`); ``training:`` takes
-every SFTConfig field."""
+every SFTConfig field. On a CPU its fused LM head scores the trained positions alone, in cache-sized tiles
+(`fused_head`)."""
 
 from __future__ import annotations
 
 import copy
 import functools
 
+from florist_hf.clients.fused_head import tune_fused_lm_head_for_cpu
 from florist_hf.clients.kind import TrainerKind, quiet_datasets
 from florist_hf.errors import FloristError
 
@@ -21,6 +23,7 @@ class SFT(TrainerKind):
                            "padding_free", "router_aux_loss_coef", "shuffle_dataset", "truncation_mode"})
 
     def trainer_class(self) -> type:
+        tune_fused_lm_head_for_cpu()
         return sft_trainer_keeping_masked_rows()
 
     def config_class(self) -> type:
