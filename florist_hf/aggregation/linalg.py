@@ -212,8 +212,8 @@ def truncated_product_svd(
             # B_g = Q_B U_p Σ_p = B·diag(s)·C_B⁻ᵀ·U_p Σ_p ;  A_g = V_pᵀ = Σ_p⁻¹ U_pᵀ Q_Bᵀ ΔW = Σ_p⁻¹ U_pᵀ C_Bᵀ A.
             b_mix = column_scale[:, None] * (b_chol_inverse.T @ (kept_u * kept_sigma))
             a_mix = (kept_u.T @ b_chol.T) / kept_sigma[:, None]
-            lora_b = blas_matmul(stacked_b.to(products_in), b_mix.to(products_in))
-            lora_a = blas_matmul(a_mix.to(products_in), stacked_a.to(products_in))
+            lora_b = _product_in(stacked_b, b_mix, products_in, rows=True)
+            lora_a = _product_in(stacked_a, a_mix, products_in, rows=False)
             products = None
             if client_ranks is not None:  # ‖B_g·A_g‖² = Σ kept σ²
                 products = client_products(gram_b, gram_a, gram_b @ b_mix, a_mix @ gram_a, client_ranks,
@@ -230,6 +230,27 @@ def truncated_product_svd(
         products = client_products(gram_b, gram_a, blas_matmul(stacked_b.T, lora_b), blas_matmul(lora_a, stacked_a.T),
                                    client_ranks, float(sigma[:rank].square().sum()))
     return TruncatedProduct(lora_b, lora_a.clone(), sigma, rank, products)  # clone: do not keep all of vh alive
+
+
+#: Rows (columns) of a stack cast at a time for a product in a narrower precision: no cast copy of a whole stack.
+PRODUCT_BLOCK = 512
+
+
+def _product_in(stack: torch.Tensor, mix: torch.Tensor, dtype: torch.dtype, *, rows: bool) -> torch.Tensor:
+    """``stack @ mix`` (``rows``: B stack m×R times R×k) or ``mix @ stack`` (k×R times the A stack R×n) in
+    ``dtype``, the stack cast a block of rows (columns) at a time into a buffer of one block."""
+    if dtype == stack.dtype:
+        return blas_matmul(stack, mix) if rows else blas_matmul(mix, stack)
+    mix = mix.to(dtype)
+    length = stack.shape[0] if rows else stack.shape[1]
+    out = torch.empty((length, mix.shape[1]) if rows else (mix.shape[0], length), dtype=dtype)
+    for start in range(0, length, PRODUCT_BLOCK):
+        block = slice(start, min(start + PRODUCT_BLOCK, length))
+        if rows:
+            out[block] = blas_matmul(stack[block].to(dtype), mix)
+        else:
+            out[:, block] = blas_matmul(mix, stack[:, block].to(dtype))
+    return out
 
 
 def stacked_truncation(clients: Sequence[ClientModule], client_weights: torch.Tensor, threshold: float,
