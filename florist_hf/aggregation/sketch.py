@@ -87,6 +87,14 @@ class RangeBasis:
     reflectors: torch.Tensor  # m×p, fp64
     tau: torch.Tensor  # p, fp64
 
+    #: Both travel in fp64 (Q must stay orthonormal).
+    BYTES_PER_VALUE = 8
+
+    @staticmethod
+    def values(rows: int, columns: int) -> int:
+        """The values a basis of an m×p sketch travels as: the m×p reflectors and the p scalars τ."""
+        return (rows + 1) * columns
+
     @property
     def shape(self) -> tuple[int, int]:
         return (self.reflectors.shape[0], self.reflectors.shape[1])

@@ -16,7 +16,7 @@ from florist_hf.secure.settings import SecAggSettings
 #: A masked value travels as one word of the ring Z/2^64.
 WORD_BYTES = 8
 #: Q's reflectors travel in fp64 (Q must stay orthonormal).
-BASIS_BYTES_PER_PARAM = 8
+BASIS_BYTES_PER_PARAM = sketch.RangeBasis.BYTES_PER_VALUE
 
 
 def masked_params(method: AggregationMethod, plans) -> int:
@@ -37,7 +37,8 @@ def masked_params(method: AggregationMethod, plans) -> int:
 def basis_params(method: AggregationMethod, plans) -> int:
     """The values of Q every client of a sketch method receives: per module its p Householder
     reflectors as one m×p array and their p scalars τ (`sketch.RangeBasis`)."""
-    return sum((plan.shape[0] + 1) * plan.columns for plan in plans) if SKETCH in secure_inputs(method.name) else 0
+    needs = secure_inputs(method.name)
+    return sum(sketch.RangeBasis.values(plan.shape[0], plan.columns) for plan in plans) if SKETCH in needs else 0
 
 
 @lru_cache(maxsize=32)

@@ -35,7 +35,6 @@ from florist_hf.aggregation.base import ModuleWorkers
 from florist_hf.aggregation.bounding import bound_client
 from florist_hf.aggregation.linalg import COMPUTE_DTYPE, padded_weighted_sum
 from florist_hf.errors import FloristError
-from florist_hf.secure.communication import BASIS_BYTES_PER_PARAM, basis_params
 from florist_hf.secure.encoding import sensitivity_slack, sum_error
 from florist_hf.secure.errors import SecureAggregationError
 from florist_hf.secure.local import SecureSum, secure_sum
@@ -396,7 +395,8 @@ def secure_aggregate(
     seconds = time.perf_counter() - started
 
     up, down, params = traffic.up, traffic.down, traffic.params
-    basis_bytes = basis_params(method, plans) * BASIS_BYTES_PER_PARAM
+    basis_bytes = (sum(sketch.RangeBasis.values(plan.shape[0], plan.columns) for plan in plans)
+                   * sketch.RangeBasis.BYTES_PER_VALUE if SKETCH in needs else 0)
     plain = round_communication(method, adapters[0].module_shapes, [_client_rank(a) for a in adapters],
                                 result.selected_ranks, bytes_per_param=torch.finfo(wire_dtype).bits // 8).to_dict()
     downlink = [plain_down + routed + basis_bytes for plain_down, routed in zip(plain["downlink_bytes"], down)]
