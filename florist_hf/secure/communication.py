@@ -30,15 +30,14 @@ def masked_params(method: AggregationMethod, plans) -> int:
         if SKETCH in needs:
             total += (m + n) * plan.columns + (m * sketch.ERROR_CHECK_COLUMNS if plan.checks_error else 0)
         if FACTOR_SUMS in needs:
-            total += m * plan.max_rank + (0 if method.freezes_lora_a else plan.max_rank * n)
+            total += plan.factor_values(method.freezes_lora_a)
     return total
 
 
 def basis_params(method: AggregationMethod, plans) -> int:
     """The values of Q every client of a sketch method receives: per module its p Householder
     reflectors as one m×p array and their p scalars τ (`sketch.RangeBasis`)."""
-    needs = secure_inputs(method.name)
-    return sum(sketch.RangeBasis.values(plan.shape[0], plan.columns) for plan in plans) if SKETCH in needs else 0
+    return sum(plan.basis_values for plan in plans) if SKETCH in secure_inputs(method.name) else 0
 
 
 @lru_cache(maxsize=32)

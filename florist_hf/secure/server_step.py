@@ -79,6 +79,17 @@ class ModulePlan:
     def checks_error(self) -> bool:
         return self.columns < self.exact_columns
 
+    def factor_values(self, freezes_lora_a: bool) -> int:
+        """The values of the module's summed factors a client sends: Σ p·s·B padded to the round's largest
+        rank (m·r_max), and Σ p·A (r_max·n) unless A is frozen."""
+        m, n = self.shape
+        return m * self.max_rank + (0 if freezes_lora_a else self.max_rank * n)
+
+    @property
+    def basis_values(self) -> int:
+        """The values of the module's broadcast basis Q (`sketch.RangeBasis.values`)."""
+        return sketch.RangeBasis.values(self.shape[0], self.columns)
+
 
 def plan_modules(module_shapes: Mapping[str, tuple[int, int]], client_ranks: Sequence[Mapping[str, int]],
                  sketch_columns: int | None) -> list[ModulePlan]:
@@ -282,9 +293,13 @@ class SecureResult:
     plans: list[ModulePlan]
     updates: dict[str, sketch.SketchedUpdate]
     traffic: Traffic
-    sums: int
     #: Central DP's noise as added (its std covering the fixed-point rounding's slack); None without it.
     central: UpdateBounding | None = None
+
+    @property
+    def sums(self) -> int:
+        """The secure sums the round took: two for the sketch methods, one for the sum methods."""
+        return 2 if SKETCH in self.needs else 1
 
 
 def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: AggregationMethod, secure: SecureRound,
@@ -343,12 +358,11 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
                                                          torch.ones(1, dtype=COMPUTE_DTYPE))
         result = AggregationResult(method.name, modules, normalised, method.options())
         if central is not None:  # central DP's methods sum their factors: this path alone
-            entries = sum(plan.shape[0] * plan.max_rank + (0 if method.freezes_lora_a else plan.max_rank * plan.shape[1])
-                          for plan in plans)
+            entries = sum(plan.factor_values(method.freezes_lora_a) for plan in plans)
             central = replace(central, quantisation_slack=sensitivity_slack(len(adapters), entries,
                                                                             secure.settings.fraction_bits))
             add_central_noise(result, central, method)
-        return SecureResult(result, raw_weights, needs, plans, {}, traffic, 1, central)
+        return SecureResult(result, raw_weights, needs, plans, {}, traffic, central)
 
     first, bases = _sum_with_jobs(run_sum, task, secure.settings, "first sum", traffic, "range",
                                   lambda module, values: sketch.range_basis(values))
@@ -368,7 +382,7 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
     modules = {plan.name: modules[plan.name] for plan in plans}
     result = AggregationResult(method.name, modules, normalised, method.options())
     ordered = {plan.name: updates[plan.name] for plan in plans}
-    return SecureResult(result, raw_weights, needs, plans, ordered, traffic, 2)
+    return SecureResult(result, raw_weights, needs, plans, ordered, traffic)
 
 
 def secure_aggregate(
@@ -395,8 +409,7 @@ def secure_aggregate(
     seconds = time.perf_counter() - started
 
     up, down, params = traffic.up, traffic.down, traffic.params
-    basis_bytes = (sum(sketch.RangeBasis.values(plan.shape[0], plan.columns) for plan in plans)
-                   * sketch.RangeBasis.BYTES_PER_VALUE if SKETCH in needs else 0)
+    basis_bytes = sum(plan.basis_values for plan in plans) * sketch.RangeBasis.BYTES_PER_VALUE if SKETCH in needs else 0
     plain = round_communication(method, adapters[0].module_shapes, [_client_rank(a) for a in adapters],
                                 result.selected_ranks, bytes_per_param=torch.finfo(wire_dtype).bits // 8).to_dict()
     downlink = [plain_down + routed + basis_bytes for plain_down, routed in zip(plain["downlink_bytes"], down)]
@@ -415,8 +428,7 @@ def secure_aggregate(
         **({"bounding": {"clip_update_norm": secure.clip, "where": "on each client, before masking: the server sees "
                          "no client's norm", "over": "the whole adapter",
                          "bounded": "the factors' change since the global the clients continued"
-                                    if secure.clip is not None and not method.merges_into_base
-                                    else "each client's update s·B·A"}}
+                                    if not method.merges_into_base else "each client's update s·B·A"}}
            if secure.clip is not None else {}),
         "modules": {name: {"sketch": update.record()} for name, update in built.updates.items()},
         "communication": {
