@@ -104,7 +104,7 @@ def secure_round(clients, weights, threshold: float):
     adapters = [LoraAdapter(Path(f"client_{k}"), {}, modules, None, next(iter(modules.values())).lora_a.dtype)
                 for k, modules in enumerate(clients)]
 
-    def run_sum(task, settings, traffic, on_array=None):
+    def run_sum(task, settings, traffic, jobs=None):
         server = SecAggServer(range(len(clients)), settings)
         parties = {k: SecAggClient(k, partial(task.compute, k, clients[k])) for k in range(len(clients))}
 
@@ -114,7 +114,7 @@ def secure_round(clients, weights, threshold: float):
                 traffic(message)
                 yield message
 
-        return SecureSum(run_stages(server, exchange, on_array), server.survivors)
+        return SecureSum(run_stages(server, exchange, jobs), server.survivors)
 
     method = get_method("florist", threshold=threshold)
     built = clock("server", secure_result, [without_factors(a) for a in adapters], run_sum, method,

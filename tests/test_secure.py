@@ -1,12 +1,15 @@
 """SecAgg+ (florist_hf/secure): the server unmasks the clients' sum and nothing else; up to n − t clients
 may vanish after masking; fewer than t replies fail in one line; the result does not depend on the keys."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
 from florist_hf.secure import SecAggSettings, SecureAggregationError
 from florist_hf.secure.local import secure_sum
-from florist_hf.secure.protocol import SecAggClient, SecAggServer
+from florist_hf.secure.protocol import ArrayJobs, SecAggClient, SecAggServer
 from florist_hf.secure import encoding
 from florist_hf.secure.protocol import EncryptedShares, MaskedInput, PublicKeys, RevealedShares, UnmaskRequest
 
@@ -266,6 +269,20 @@ def test_unmasking_decodes_each_piece_as_the_masks_come_off_and_hands_each_array
         encoding.unmask_and_decode(np.zeros((4, 4), dtype=np.uint64).T, masks, 0, 32)
 
     seen = []
-    result = secure_sum(client_inputs(), on_array=lambda name, values: seen.append((name, values)))
+    result = secure_sum(client_inputs(), jobs=ArrayJobs(then=lambda name, values: seen.append((name, values))))
     assert [name for name, _ in seen] == sorted(result.arrays)
     assert all(values is result.arrays[name] for name, values in seen)
+
+    # On worker threads (each array's unmasking and what follows it one job): the same sum to the bit,
+    # every array handed over once, from the thread that unmasked it.
+    threads, lock = {}, threading.Lock()
+
+    def then(name, values):
+        with lock:
+            threads[name] = threading.current_thread().name
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="unmask") as pool:
+        parallel = secure_sum(client_inputs(), jobs=ArrayJobs(then=then, submit=pool.submit))
+    assert sorted(threads) == sorted(result.arrays) and all(name.startswith("unmask") for name in threads.values())
+    assert all(np.array_equal(parallel.arrays[name].view(np.uint64), result.arrays[name].view(np.uint64))
+               for name in result.arrays)

@@ -37,9 +37,9 @@ from florist_hf.errors import FloristError
 from florist_hf.flower import protocol
 from florist_hf.secure.local import SecureSum
 from florist_hf.secure.protocol import (
+    ArrayJobs,
     EncryptedShares,
     MaskedInput,
-    OnArray,
     PublicKeys,
     RevealedShares,
     SecAggClient,
@@ -142,7 +142,7 @@ class FlowerSums:
         self.index = {node: k for k, node in enumerate(self.nodes)}
 
     def __call__(self, task: SumTask, settings: SecAggSettings, traffic: Traffic,
-                 on_array: OnArray | None = None) -> SecureSum:
+                 jobs: ArrayJobs | None = None) -> SecureSum:
         server = SecAggServer(range(len(self.nodes)), settings)
 
         def exchange(stage: str, requests: Mapping[int, object]) -> Iterator:
@@ -165,7 +165,7 @@ class FlowerSums:
                 traffic(message)
                 yield message
 
-        arrays = run_stages(server, exchange, on_array)
+        arrays = run_stages(server, exchange, jobs)
         return SecureSum(arrays, server.survivors)
 
     def _say(self, line: str) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from florist_hf.secure.protocol import STAGES, MaskedInput, OnArray, SecAggClient, SecAggServer, run_stages
+from florist_hf.secure.protocol import STAGES, ArrayJobs, MaskedInput, SecAggClient, SecAggServer, run_stages
 from florist_hf.secure.settings import SecAggSettings
 
 
@@ -28,7 +28,7 @@ def secure_sum(
     vanish: Mapping[str, Collection[int]] | None = None,
     keep_transcript: bool = False,
     on_message: Callable[[object], None] | None = None,
-    on_array: OnArray | None = None,
+    jobs: ArrayJobs | None = None,
 ) -> SecureSum:
     """Σ_k inputs[k] through SecAgg+, client ids as keys; an input may be a function computing the
     client's arrays, called when it masks them.
@@ -37,7 +37,7 @@ def secure_sum(
     server's sum one client's arrays (and their masked copy) are held at once; the first masked input's
     arrays become the server's running sum. ``on_message`` sees
     every message the server receives (e.g. to count bytes); ``keep_transcript`` keeps them all;
-    ``on_array`` each decoded array as soon as the server has it (`SecAggServer.unmask`).
+    ``jobs``: where the server unmasks each array and what runs on it then (`ArrayJobs`).
     ``vanish`` maps a stage ("keys", "shares", "masked", "unmask") to the clients that stop replying
     from that stage on, as a crashed or disconnected client would. A SecureAggregationError (one
     line) when fewer than the threshold remain at any stage.
@@ -65,5 +65,5 @@ def secure_sum(
                 on_message(message)
             yield message
 
-    arrays = run_stages(server, exchange, on_array)
+    arrays = run_stages(server, exchange, jobs)
     return SecureSum(arrays, server.survivors, transcript)

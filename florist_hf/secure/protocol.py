@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import secrets
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -300,17 +301,32 @@ def _keys_from_bytes(data: bytes) -> dict[int, PublicKeys]:
 OnArray = Callable[[str, np.ndarray], None]
 
 
+@dataclass(frozen=True)
+class ArrayJobs:
+    """What the server does with the arrays of a sum as it unmasks them.
+
+    ``then(name, values)`` runs on each array's decoded values as soon as they are unmasked, on the
+    thread that unmasked them; ``submit(function, *args)`` (a thread pool's, returning a Future)
+    runs each array's unmasking and its ``then`` as one job. The AES keystreams (``cryptography``
+    releases the GIL while it encrypts), numpy's additions and torch's linear algebra all run
+    outside the GIL, so on a pool of worker threads the arrays unmask, and their work runs, in
+    parallel. Without ``submit``: one array after another on the calling thread, in name order."""
+
+    then: OnArray | None = None
+    submit: Callable[..., Future] | None = None
+
+
 def run_stages(server: "SecAggServer", exchange: Callable[[str, Mapping[int, object]], Iterable],
-               on_array: OnArray | None = None) -> dict[str, np.ndarray]:
+               jobs: ArrayJobs | None = None) -> dict[str, np.ndarray]:
     """One secure sum: ``exchange(stage, {client id: what the server sends it})`` delivers a stage's
     requests and yields the replies that come back (a client that does not reply has vanished);
-    the server's part of each stage takes them. Returns the decoded sum (``on_array``: see
+    the server's part of each stage takes them. Returns the decoded sum (``jobs``: see
     `SecAggServer.unmask`)."""
     setup = server.setup()
     keys = server.collect_keys(exchange("keys", {cid: setup for cid in server.client_ids}))
     routed = server.route_shares(exchange("shares", {cid: keys for cid in keys}))
     request = server.collect_masked(exchange("masked", routed))
-    return server.unmask(exchange("unmask", {cid: request for cid in request.survivors}), on_array)
+    return server.unmask(exchange("unmask", {cid: request for cid in request.survivors}), jobs)
 
 
 # ---- server ---------------------------------------------------------------------------------------
@@ -376,11 +392,10 @@ class SecAggServer:
         self._dropped = self._sharers - self._survivors
         return UnmaskRequest(tuple(sorted(self._survivors)), tuple(sorted(self._dropped)))
 
-    def unmask(self, replies: Iterable[RevealedShares], on_array: OnArray | None = None) -> dict[str, np.ndarray]:
+    def unmask(self, replies: Iterable[RevealedShares], jobs: ArrayJobs | None = None) -> dict[str, np.ndarray]:
         """Stage 4: rebuild each survivor's b_u and each dropped client's mask key from t shares,
-        take their masks off the sum, and decode it. ``on_array(name, values)`` sees each array as
-        soon as it is decoded, in name order, so that work on it (on other threads) overlaps the
-        unmasking of the next; the values are the returned ones, not a copy."""
+        take their masks off the sum, and decode it. ``jobs`` (`ArrayJobs`): where each array is
+        unmasked and what runs on it then (the values it sees are the returned ones, not a copy)."""
         replies = [reply for reply in replies if reply.client_id in self._survivors]
         self._require("unmask", {reply.client_id for reply in replies})
         names = sorted(self._sum)
@@ -393,12 +408,18 @@ class SecAggServer:
             masks += [(_key_bytes(generate_shared_key(mask_secret, bytes_to_public_key(self._keys[partner].mask_key))),
                        -1 if partner < owner else +1) for partner in sorted(self._survivors)]
         total, self._sum = self._sum, None
-        decoded = {}
-        for index, name in enumerate(names):  # in place: fp64 views of the sums
-            decoded[name] = unmask_and_decode(total.pop(name), masks, index, self.fraction_bits)
-            if on_array is not None:
-                on_array(name, decoded[name])
-        return decoded
+        jobs = jobs or ArrayJobs()
+
+        def unmask_one(index: int, name: str) -> np.ndarray:  # in place: the fp64 view of the sum's memory
+            values = unmask_and_decode(total[name], masks, index, self.fraction_bits)
+            if jobs.then is not None:
+                jobs.then(name, values)
+            return values
+
+        if jobs.submit is None:
+            return {name: unmask_one(index, name) for index, name in enumerate(names)}
+        pending = {name: jobs.submit(unmask_one, index, name) for index, name in enumerate(names)}
+        return {name: future.result() for name, future in pending.items()}
 
     def _shares(self, replies: list[RevealedShares], owner: int, kind: str) -> list[bytes]:
         shares = [getattr(reply, kind)[owner] for reply in replies if owner in getattr(reply, kind)]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -39,7 +38,7 @@ from florist_hf.secure.encoding import sensitivity_slack, sum_error
 from florist_hf.secure.errors import SecureAggregationError
 from florist_hf.secure.local import SecureSum, secure_sum
 from florist_hf.secure.methods import FACTOR_SUMS, SKETCH, secure_inputs
-from florist_hf.secure.protocol import EncryptedShares, MaskedInput, OnArray, PublicKeys, RevealedShares
+from florist_hf.secure.protocol import ArrayJobs, EncryptedShares, MaskedInput, PublicKeys, RevealedShares
 from florist_hf.secure.settings import SecAggSettings
 from florist_hf.server import ServerStep, UpdateBounding, _client_rank, _write_server_step, add_central_noise
 
@@ -170,18 +169,18 @@ class SumTask:
 
 
 #: Runs one secure sum among the round's clients (SecAgg+ ids 0..n−1, in the round's order), each
-#: computing its arrays by ``SumTask.compute``; every message the server receives goes to the Traffic,
-#: each decoded array to the `OnArray` (when one is given) as soon as the server has it.
-SumRunner = Callable[[SumTask, SecAggSettings, "Traffic", OnArray | None], SecureSum]
+#: computing its arrays by ``SumTask.compute``; every message the server receives goes to the Traffic;
+#: the server unmasks each array, and runs what follows on it, as the `ArrayJobs` (when given) say.
+SumRunner = Callable[[SumTask, SecAggSettings, "Traffic", ArrayJobs | None], SecureSum]
 
 
 def local_sums(adapters: Sequence[LoraAdapter], reference: Path | None = None) -> SumRunner:
     """The clients of ``florist-hf run``: in this process, each masking its own adapter's arrays;
     ``reference``: the global they continued, which each holds (read once, where a bound needs it)."""
-    def run(task: SumTask, settings: SecAggSettings, traffic: "Traffic", on_array: OnArray | None = None) -> SecureSum:
+    def run(task: SumTask, settings: SecAggSettings, traffic: "Traffic", jobs: ArrayJobs | None = None) -> SecureSum:
         continued = read_adapter(reference).modules if task.relative and reference is not None else None
         inputs = {k: partial(task.compute, k, adapter.modules, continued) for k, adapter in enumerate(adapters)}
-        return secure_sum(inputs, settings, on_message=traffic, on_array=on_array)
+        return secure_sum(inputs, settings, on_message=traffic, jobs=jobs)
 
     return run
 
@@ -227,8 +226,8 @@ class Traffic:
 
 
 def _run_sum(run_sum: SumRunner, task: SumTask, settings: SecAggSettings, stage: str, traffic: Traffic,
-             on_array: OnArray | None = None) -> SecureSum:
-    summed = run_sum(task, settings, traffic, on_array)
+             jobs: ArrayJobs | None = None) -> SecureSum:
+    summed = run_sum(task, settings, traffic, jobs)
     if len(summed.included) != len(task.weights):
         raise SecureAggregationError(f"secure aggregation: {len(task.weights) - len(summed.included)} clients vanished "
                                      f"during the {stage}; the round needs every client's share of both sums — rerun it")
@@ -268,19 +267,20 @@ def _check_method(method: AggregationMethod) -> tuple[str, ...]:
 
 def _sum_with_jobs(run_sum: SumRunner, task: SumTask, settings: SecAggSettings, stage: str, traffic: Traffic,
                    part: str, job: Callable[[str, torch.Tensor], object]) -> tuple[SecureSum, dict[str, object]]:
-    """One secure sum, ``job(module, values)`` started on `ModuleWorkers` for each module's ``part``
-    array as soon as the server has unmasked it; returns the sum and every job's result by module.
-    The workers close (and torch's threads come back) before it returns, so that clients running in
-    this process compute the next sum at the caller's thread setting."""
-    pending: dict[str, Future] = {}
-    with ModuleWorkers() as workers:
-        def start(name: str, values: np.ndarray) -> None:
-            module, kind = name.rsplit("/", 1)
-            if kind == part:
-                pending[module] = workers.submit(job, module, torch.from_numpy(values))
+    """One secure sum whose arrays the server unmasks on `ModuleWorkers`, each module's ``part`` array
+    going on at once, on the same worker, to ``job(module, values)``; returns the sum and every job's
+    result by module. The workers close (and torch's threads come back) before it returns, so that
+    clients running in this process compute the next sum at the caller's thread setting."""
+    results: dict[str, object] = {}
 
-        summed = _run_sum(run_sum, task, settings, stage, traffic, start)
-        return summed, {module: future.result() for module, future in pending.items()}
+    def then(name: str, values: np.ndarray) -> None:
+        module, kind = name.rsplit("/", 1)
+        if kind == part:
+            results[module] = job(module, torch.from_numpy(values))
+
+    with ModuleWorkers() as workers:
+        summed = _run_sum(run_sum, task, settings, stage, traffic, ArrayJobs(then, workers.submit))
+    return summed, results
 
 
 @dataclass
@@ -308,10 +308,10 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
     (their configs, module shapes, ranks and sample counts; factor-free, `adapters.without_factors`),
     ``run_sum`` reaches the clients; it learns the sums and builds the global adapter from them.
 
-    Each module's work starts as soon as its array of a sum is unmasked (`ModuleWorkers`): the
-    range basis Q of each module as the first sum is unmasked, each module's aggregate as the second
-    is; the unmasking itself (AES keystreams, under the GIL) overlaps that linear algebra (which
-    releases it) on other threads."""
+    Each array of a sum is unmasked on `ModuleWorkers`, and each module's work follows on the same
+    worker as soon as its array is: the range basis Q of each module in the first sum, each module's
+    aggregate in the second (the AES keystreams, the decoding and the linear algebra all release the
+    GIL, so they run in parallel)."""
     needs = _check_method(method)
     raw_weights = client_weights(adapters, weights)
     total = sum(raw_weights)
