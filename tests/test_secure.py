@@ -204,18 +204,21 @@ def test_a_client_outside_the_layout_is_refused():
 
 
 def test_a_mask_longer_than_one_chunk_is_the_one_keystream():
-    """Masks are expanded a chunk at a time into one reused buffer: the words are AES-128-CTR's keystream
-    (the encryption of zeros under the seed's first 16 bytes, the counter from the array's index), unbroken
-    across chunks."""
+    """Masks are expanded a chunk at a time into one reused buffer: the words are AES-128 in counter mode
+    (GCM's encryption of zeros under the seed's first 16 bytes, the IV the array's index), unbroken across
+    chunks: the AES encryptions of the counter blocks index ‖ 2, index ‖ 3, … (NIST SP 800-38D)."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     size = encoding._MASK_CHUNK_WORDS * 2 + 12_345
     seed = bytes(range(1, 33))
     target = np.zeros(size, dtype=np.uint64).reshape(-1, 5) if size % 5 == 0 else np.zeros(size, dtype=np.uint64)
     encoding.apply_mask(target, seed, 7, +1)
-    keystream = Cipher(algorithms.AES(seed[:16]), modes.CTR((7).to_bytes(8, "big") + bytes(8))).encryptor()
+    keystream = Cipher(algorithms.AES(seed[:16]), modes.GCM((7).to_bytes(12, "big"))).encryptor()
     expected = np.frombuffer(keystream.update(bytes(8 * size)), dtype="<u8")
     assert np.array_equal(target.ravel(), expected)
+    # GCM's keystream is AES in counter mode: the same words as CTR from the counter block index ‖ 2.
+    counter = Cipher(algorithms.AES(seed[:16]), modes.CTR((7).to_bytes(12, "big") + (2).to_bytes(4, "big"))).encryptor()
+    assert np.array_equal(expected, np.frombuffer(counter.update(bytes(8 * size)), dtype="<u8"))
     with pytest.raises(ValueError, match="C-contiguous"):
         encoding.apply_mask(np.zeros((4, 4), dtype=np.uint64).T, seed, 0, +1)
 

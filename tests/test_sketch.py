@@ -164,8 +164,9 @@ def test_the_broadcast_basis_is_q_as_householder_reflectors_and_nothing_else(sha
     assert relative_error(q.T @ q, torch.eye(p, dtype=torch.float64)) < 1e-14
     if shape != (300, 40):
         assert float(basis.tau.min()) == 0.0
-    x = torch.randn(p, 7, generator=generator, dtype=torch.float64)
-    assert relative_error(basis.apply(x), q @ x) < 1e-14 and basis.apply(x).is_contiguous()
+    for width in (7, 30):  # ormqr (at most p/4 columns) and, where every τ > 0, the WY form
+        x = torch.randn(p, width, generator=generator, dtype=torch.float64)
+        assert relative_error(basis.apply(x), q @ x) < 1e-14 and basis.apply(x).is_contiguous()
     y = torch.randn(m, 5, generator=generator, dtype=torch.float64)
     assert relative_error(basis.apply_transpose(y), q.T @ y) < 1e-14
     assert basis.residual_norm(y) == pytest.approx(float((y - q @ (q.T @ y)).norm()), rel=1e-12)

@@ -5,9 +5,10 @@ the sum when up to n − t clients vanish after masking.
 Built on Flower's primitives, as Flower's own SecAgg+ mod is: EC key pairs (SECP384R1) and ECDH+HKDF
 key agreement (``generate_shared_key``), Fernet encryption of the share payloads (``encrypt`` /
 ``decrypt``, framed by ``share_keys_plaintext_concat`` / ``_separate``), Shamir sharing (``create_shares``
-/ ``combine_shares``, pycryptodome). Masks come from ``encoding.apply_masks`` (AES-128-CTR). Every client
-is every other's neighbour (Flower's ring neighbourhood with num_shares = n): at federations of
-tens of clients the n² key agreements cost little, and the threshold then bounds the whole federation.
+/ ``combine_shares``, pycryptodome). Masks come from ``encoding.apply_masks`` (AES-128 in counter
+mode). Every client is every other's neighbour (Flower's ring neighbourhood with num_shares = n): at
+federations of tens of clients the n² key agreements cost little, and the threshold then bounds the
+whole federation.
 
 Stages (each a server → clients → server exchange; the surviving set shrinks, never grows):
   0. setup: the server names the clients, the threshold t and the encoding;
@@ -26,7 +27,8 @@ from __future__ import annotations
 import base64
 import secrets
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -310,10 +312,13 @@ class ArrayJobs:
     runs each array's unmasking and its ``then`` as one job. The AES keystreams (``cryptography``
     releases the GIL while it encrypts), numpy's additions and torch's linear algebra all run
     outside the GIL, so on a pool of worker threads the arrays unmask, and their work runs, in
-    parallel. Without ``submit``: one array after another on the calling thread, in name order."""
+    parallel. Without ``submit``: one array after another on the calling thread, in name order.
+    ``add_threads``: threads that add each masked input into the sum, an array each (numpy alone:
+    clients computing in the same process meanwhile keep their thread settings)."""
 
     then: OnArray | None = None
     submit: Callable[..., Future] | None = None
+    add_threads: int = 1
 
 
 def run_stages(server: "SecAggServer", exchange: Callable[[str, Mapping[int, object]], Iterable],
@@ -325,7 +330,7 @@ def run_stages(server: "SecAggServer", exchange: Callable[[str, Mapping[int, obj
     setup = server.setup()
     keys = server.collect_keys(exchange("keys", {cid: setup for cid in server.client_ids}))
     routed = server.route_shares(exchange("shares", {cid: keys for cid in keys}))
-    request = server.collect_masked(exchange("masked", routed))
+    request = server.collect_masked(exchange("masked", routed), jobs.add_threads if jobs is not None else 1)
     return server.unmask(exchange("unmask", {cid: request for cid in request.survivors}), jobs)
 
 
@@ -370,8 +375,14 @@ class SecAggServer:
             for recipient in self._sharers
         }
 
-    def collect_masked(self, replies: Iterable[MaskedInput]) -> UnmaskRequest:
-        """Stage 3: add the masked inputs as they come (mod 2^64); none is kept on its own."""
+    def collect_masked(self, replies: Iterable[MaskedInput], add_threads: int = 1) -> UnmaskRequest:
+        """Stage 3: add the masked inputs as they come (mod 2^64); none is kept on its own. With
+        ``add_threads`` > 1 an input's arrays are added on as many threads, all before the next input."""
+        with ExitStack() as stack:
+            pool = stack.enter_context(ThreadPoolExecutor(add_threads, "secagg-add")) if add_threads > 1 else None
+            return self._collect_masked(replies, pool)
+
+    def _collect_masked(self, replies: Iterable[MaskedInput], pool: ThreadPoolExecutor | None) -> UnmaskRequest:
         self._sum: dict[str, np.ndarray] | None = None
         arrived = set()
         for reply in replies:
@@ -385,8 +396,13 @@ class SecAggServer:
                 if {name: np.shape(values) for name, values in reply.arrays.items()} != layout:
                     raise SecureAggregationError(f"secure aggregation: client {reply.client_id}'s arrays differ in names "
                                                  "or shapes from the others'; every client must send the same layout")
-                for name, values in reply.arrays.items():
-                    np.add(self._sum[name], values, out=self._sum[name])
+                pairs = [(self._sum[name], values) for name, values in reply.arrays.items()]
+                if pool is None:
+                    for total, values in pairs:
+                        np.add(total, values, out=total)
+                else:
+                    for future in [pool.submit(np.add, total, values, total) for total, values in pairs]:
+                        future.result()
             arrived.add(reply.client_id)
         self._survivors = self._require("masked", arrived)
         self._dropped = self._sharers - self._survivors

@@ -279,7 +279,7 @@ def _sum_with_jobs(run_sum: SumRunner, task: SumTask, settings: SecAggSettings, 
             results[module] = job(module, torch.from_numpy(values))
 
     with ModuleWorkers() as workers:
-        summed = _run_sum(run_sum, task, settings, stage, traffic, ArrayJobs(then, workers.submit))
+        summed = _run_sum(run_sum, task, settings, stage, traffic, ArrayJobs(then, workers.submit, workers.threads))
     return summed, results
 
 
