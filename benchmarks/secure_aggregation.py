@@ -15,7 +15,7 @@ time is what to compare on a machine other jobs share):
   does in both sums (collect keys, route shares, add each masked input as it arrives, rebuild the
   self masks and take them off, decode) plus Q = orth(Y) and FLoRIST on Q·Z, each module's on
   worker threads as its sum is unmasked when ``--threads`` > 1;
-- secure, one client: its two sketches, fixed-point encoding and masking (one AES-128-CTR keystream per
+- secure, one client: its two sketches, fixed-point encoding and masking (one AES-128 keystream per
   other client plus its own), key agreement, Shamir sharing and encryption, per client on average.
 Each client computes its arrays when it masks them (one client's arrays held at a time, as in
 `florist-hf run`), so all 32 layers fit in memory. Bytes up per client: every message it sends
