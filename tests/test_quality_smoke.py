@@ -79,3 +79,20 @@ def test_quality_benchmark_smoke(shared_data, tmp_path):
         log=lambda *args: None,
     )
     assert again == base_dir and summary["cached"] is True
+
+
+def test_the_benchmark_without_the_real_data_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    """No Dolly split where the benchmark reads it (a clone without ../shared/data, or a worktree): one line
+    naming the folder and the variable that points elsewhere, before anything runs."""
+    import pytest
+
+    from benchmarks.quality import config
+    from benchmarks.quality.bench import main
+
+    missing = tmp_path / "nowhere" / "dolly" / "8"
+    monkeypatch.setattr(config, "SHARED_DOLLY", missing)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--smoke", "--out", str(tmp_path / "out")])
+    message = str(exit_.value)
+    assert str(missing) in message and "FLORIST_HF_SHARED_DATA" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()

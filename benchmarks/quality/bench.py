@@ -368,6 +368,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.out = config.HERE if args.base == "tiny" else config.HERE / args.base
     if args.report_only:
         return rewrite_report(args.out)
+    if not config.SHARED_DOLLY.is_dir():  # every base trains on (the tiny base also pre-trains on) the real Dolly split
+        raise SystemExit(f"python -m benchmarks.quality: the paper's Dolly split is not at {config.SHARED_DOLLY}; set "
+                         "FLORIST_HF_SHARED_DATA to the folder holding dolly/8/ (and mmlu/) and rerun")
     numbers = lambda text, kind: tuple(kind(part) for part in text.split(",") if part.strip())
     options = dict(
         seeds=numbers(args.seeds, int), settings=numbers(args.settings, str), baselines=numbers(args.baselines, str),
