@@ -223,6 +223,17 @@ def test_a_mask_longer_than_one_chunk_is_the_one_keystream():
         encoding.apply_mask(np.zeros((4, 4), dtype=np.uint64).T, seed, 0, +1)
 
 
+def test_an_array_longer_than_one_keystream_is_refused(monkeypatch):
+    """GCM's 32-bit block counter bounds what one IV's keystream covers: a longer array is refused in one
+    line rather than masked with a keystream that OpenSSL would stop (or that would repeat)."""
+    monkeypatch.setattr(encoding, "MAX_MASK_BYTES", 64)
+    with pytest.raises(SecureAggregationError, match="beyond the 64 bytes one mask's keystream covers"):
+        encoding.apply_mask(np.zeros(9, dtype=np.uint64), bytes(32), 0, +1)
+    target = np.zeros(8, dtype=np.uint64)
+    encoding.apply_mask(target, bytes(32), 0, +1)  # at the limit: masked
+    assert target.any()
+
+
 def test_several_masks_in_one_pass_are_the_masks_one_after_another():
     """``apply_masks`` (what clients and the server run: every mask added to a cache-sized piece before
     the next piece) gives the bits of ``apply_mask`` applied mask by mask, across piece boundaries."""

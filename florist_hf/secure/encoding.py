@@ -123,7 +123,8 @@ def _apply_masks(target: np.ndarray, masks: Sequence[tuple[bytes, int]], index: 
         raise ValueError("a masked array must be C-contiguous (it is masked in place)")
     if target.nbytes > MAX_MASK_BYTES:
         raise SecureAggregationError(f"secure aggregation: an array of {target.nbytes} bytes is beyond the "
-                                     f"{MAX_MASK_BYTES} one mask covers; split the adapter's modules")
+                                     f"{MAX_MASK_BYTES} bytes one mask's keystream covers; no module's sum is that "
+                                     "large (check the adapter's shapes)")
     streams = [(_keystream(seed, index), np.add if sign > 0 else np.subtract) for seed, sign in masks]
     flat = target.reshape(-1)  # a view
     # The keystream is the encryption of zeros, written into one reused buffer (update_into: about

@@ -28,7 +28,6 @@ import base64
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -378,8 +377,9 @@ class SecAggServer:
     def collect_masked(self, replies: Iterable[MaskedInput], add_threads: int = 1) -> UnmaskRequest:
         """Stage 3: add the masked inputs as they come (mod 2^64); none is kept on its own. With
         ``add_threads`` > 1 an input's arrays are added on as many threads, all before the next input."""
-        with ExitStack() as stack:
-            pool = stack.enter_context(ThreadPoolExecutor(add_threads, "secagg-add")) if add_threads > 1 else None
+        if add_threads <= 1:
+            return self._collect_masked(replies, None)
+        with ThreadPoolExecutor(add_threads, "secagg-add") as pool:
             return self._collect_masked(replies, pool)
 
     def _collect_masked(self, replies: Iterable[MaskedInput], pool: ThreadPoolExecutor | None) -> UnmaskRequest:
