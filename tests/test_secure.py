@@ -187,13 +187,18 @@ def test_fraction_bits_out_of_range_are_refused():
 def test_masks_cancel_and_differ_per_seed_and_array():
     base = np.arange(10_000, dtype=np.uint64)
     target = base.copy()
-    encoding.apply_mask(target, bytes(range(32)), 0, +1)
+    encoding.apply_mask(target, bytes(range(16)), 0, +1)
     assert np.mean(target == base) < 0.001
     other = base.copy()
-    encoding.apply_mask(other, bytes(range(32)), 1, +1)
+    encoding.apply_mask(other, bytes(range(16)), 1, +1)
     assert np.mean(target == other) < 0.001
-    encoding.apply_mask(target, bytes(range(32)), 0, -1)
+    reseeded = base.copy()
+    encoding.apply_mask(reseeded, bytes(range(1, 17)), 0, +1)
+    assert np.mean(target == reseeded) < 0.001
+    encoding.apply_mask(target, bytes(range(16)), 0, -1)
     assert np.array_equal(target, base)
+    with pytest.raises(ValueError, match="a mask seed is 16 bytes"):
+        encoding.apply_mask(target, bytes(range(32)), 0, +1)
 
 
 def test_a_client_outside_the_layout_is_refused():
@@ -205,19 +210,19 @@ def test_a_client_outside_the_layout_is_refused():
 
 def test_a_mask_longer_than_one_chunk_is_the_one_keystream():
     """Masks are expanded a chunk at a time into one reused buffer: the words are AES-128 in counter mode
-    (GCM's encryption of zeros under the seed's first 16 bytes, the IV the array's index), unbroken across
+    (GCM's encryption of zeros keyed by the 16-byte seed, the IV the array's index), unbroken across
     chunks: the AES encryptions of the counter blocks index ‖ 2, index ‖ 3, … (NIST SP 800-38D)."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     size = encoding._MASK_CHUNK_WORDS * 2 + 12_345
-    seed = bytes(range(1, 33))
+    seed = bytes(range(1, 17))
     target = np.zeros(size, dtype=np.uint64).reshape(-1, 5) if size % 5 == 0 else np.zeros(size, dtype=np.uint64)
     encoding.apply_mask(target, seed, 7, +1)
-    keystream = Cipher(algorithms.AES(seed[:16]), modes.GCM((7).to_bytes(12, "big"))).encryptor()
+    keystream = Cipher(algorithms.AES(seed), modes.GCM((7).to_bytes(12, "big"))).encryptor()
     expected = np.frombuffer(keystream.update(bytes(8 * size)), dtype="<u8")
     assert np.array_equal(target.ravel(), expected)
     # GCM's keystream is AES in counter mode: the same words as CTR from the counter block index ‖ 2.
-    counter = Cipher(algorithms.AES(seed[:16]), modes.CTR((7).to_bytes(12, "big") + (2).to_bytes(4, "big"))).encryptor()
+    counter = Cipher(algorithms.AES(seed), modes.CTR((7).to_bytes(12, "big") + (2).to_bytes(4, "big"))).encryptor()
     assert np.array_equal(expected, np.frombuffer(counter.update(bytes(8 * size)), dtype="<u8"))
     with pytest.raises(ValueError, match="C-contiguous"):
         encoding.apply_mask(np.zeros((4, 4), dtype=np.uint64).T, seed, 0, +1)
@@ -228,9 +233,9 @@ def test_an_array_longer_than_one_keystream_is_refused(monkeypatch):
     line rather than masked with a keystream that OpenSSL would stop (or that would repeat)."""
     monkeypatch.setattr(encoding, "MAX_MASK_BYTES", 64)
     with pytest.raises(SecureAggregationError, match="beyond the 64 bytes one mask's keystream covers"):
-        encoding.apply_mask(np.zeros(9, dtype=np.uint64), bytes(32), 0, +1)
+        encoding.apply_mask(np.zeros(9, dtype=np.uint64), bytes(16), 0, +1)
     target = np.zeros(8, dtype=np.uint64)
-    encoding.apply_mask(target, bytes(32), 0, +1)  # at the limit: masked
+    encoding.apply_mask(target, bytes(16), 0, +1)  # at the limit: masked
     assert target.any()
 
 
@@ -239,7 +244,7 @@ def test_several_masks_in_one_pass_are_the_masks_one_after_another():
     the next piece) gives the bits of ``apply_mask`` applied mask by mask, across piece boundaries."""
     rng = np.random.default_rng(5)
     base = rng.integers(0, 2**63, size=(encoding._MASK_CHUNK_WORDS * 3 + 1_001) * 7, dtype=np.uint64).reshape(-1, 7)
-    masks = [(bytes(rng.integers(0, 256, 32, dtype=np.uint8)), sign) for sign in (+1, -1, -1, +1)]
+    masks = [(bytes(rng.integers(0, 256, 16, dtype=np.uint8)), sign) for sign in (+1, -1, -1, +1)]
     one_by_one, fused = base.copy(), base.copy()
     for seed, sign in masks:
         encoding.apply_mask(one_by_one, seed, 3, sign)
@@ -273,7 +278,7 @@ def test_unmasking_decodes_each_piece_as_the_masks_come_off_and_hands_each_array
     it returns."""
     rng = np.random.default_rng(9)
     base = rng.integers(0, 2**64, size=(encoding._MASK_CHUNK_WORDS * 2 + 77) * 3, dtype=np.uint64).reshape(-1, 3)
-    masks = [(bytes(rng.integers(0, 256, 32, dtype=np.uint8)), sign) for sign in (+1, -1, +1)]
+    masks = [(bytes(rng.integers(0, 256, 16, dtype=np.uint8)), sign) for sign in (+1, -1, +1)]
     one, fused = base.copy(), base.copy()
     encoding.apply_masks(one, masks, 4)
     expected = encoding.decode(one, 32)

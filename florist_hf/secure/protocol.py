@@ -128,9 +128,16 @@ def _owned(values) -> np.ndarray:
     return np.array(values, dtype=np.uint64, order="C")
 
 
+def _add_into(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
+    """total += values (mod 2^64), in place, for each (total, values) pair."""
+    for total, values in pairs:
+        np.add(total, values, out=total)
+
+
 def _key_bytes(shared_key: bytes) -> bytes:
-    # generate_shared_key returns the 32-byte HKDF output base64-encoded (Fernet's key format).
-    return base64.urlsafe_b64decode(shared_key)
+    # generate_shared_key returns the 32-byte HKDF output base64-encoded (Fernet's key format); its first
+    # 16 bytes seed the pair's mask (an AES-128 key, as b_u is).
+    return base64.urlsafe_b64decode(shared_key)[:SEED_BYTES]
 
 
 # ---- client ---------------------------------------------------------------------------------------
@@ -378,11 +385,17 @@ class SecAggServer:
         """Stage 3: add the masked inputs as they come (mod 2^64); none is kept on its own. With
         ``add_threads`` > 1 an input's arrays are added on as many threads, all before the next input."""
         if add_threads <= 1:
-            return self._collect_masked(replies, None)
+            return self._collect_masked(replies, _add_into)
         with ThreadPoolExecutor(add_threads, "secagg-add") as pool:
-            return self._collect_masked(replies, pool)
+            def add(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+                # One job per thread, each a share of the arrays: small arrays would cost a job's overhead apiece.
+                for future in [pool.submit(_add_into, pairs[k::add_threads]) for k in range(add_threads)]:
+                    future.result()
 
-    def _collect_masked(self, replies: Iterable[MaskedInput], pool: ThreadPoolExecutor | None) -> UnmaskRequest:
+            return self._collect_masked(replies, add)
+
+    def _collect_masked(self, replies: Iterable[MaskedInput],
+                        add: Callable[[list[tuple[np.ndarray, np.ndarray]]], None]) -> UnmaskRequest:
         self._sum: dict[str, np.ndarray] | None = None
         arrived = set()
         for reply in replies:
@@ -396,13 +409,7 @@ class SecAggServer:
                 if {name: np.shape(values) for name, values in reply.arrays.items()} != layout:
                     raise SecureAggregationError(f"secure aggregation: client {reply.client_id}'s arrays differ in names "
                                                  "or shapes from the others'; every client must send the same layout")
-                pairs = [(self._sum[name], values) for name, values in reply.arrays.items()]
-                if pool is None:
-                    for total, values in pairs:
-                        np.add(total, values, out=total)
-                else:
-                    for future in [pool.submit(np.add, total, values, total) for total, values in pairs]:
-                        future.result()
+                add([(self._sum[name], values) for name, values in reply.arrays.items()])
             arrived.add(reply.client_id)
         self._survivors = self._require("masked", arrived)
         self._dropped = self._sharers - self._survivors
