@@ -303,3 +303,56 @@ def test_two_process_zero3_clients_export_what_one_process_does(tmp_path):
                       if json.loads(line)["kind"] == "round"]
     assert zero3_heldout == pytest.approx(single_heldout, rel=1e-4)
     print(f"2-process ZeRO-3 federation: {launch_seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_two_process_zero3_dpo_clients_export_what_one_process_does(tmp_path):
+    """TRL's DPOTrainer clients under `accelerate launch` with the shipped zero3.yaml, 2 CPU processes, against a
+    single-process run: two rounds (the second continuing from the first global merged into the base), the DPO
+    reference being the base with the adapter off in both. Each step sees all 16 pairs (2 × 8 against 1 × 16), so
+    the runs differ only in ZeRO-3's partitioning and reduction order. In fp32: under bf16 DeepSpeed keeps the
+    parameters themselves in bf16 while one process autocasts over fp32 ones, which is not the same training."""
+    from test_dpo_clients import preference_rows
+
+    env = _cpu_deepspeed_env()
+    ds_config = json.loads((REPO / "recipes" / "deepspeed" / "zero3.json").read_text())
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition the tiny LoRA factors too
+    ds_file = tmp_path / "zero3_partition_everything.json"
+    ds_file.write_text(json.dumps(ds_config))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in preference_rows("prompt_texts", count=32)))
+
+    def recipe(name: str, per_device_batch: int, **extra) -> Path:
+        path = _write_recipe(tmp_path / f"{name}.yaml", tmp_path / name, per_device_batch, num_train_epochs=2, beta=1.0,
+                             bf16=False, **extra)
+        written = yaml.safe_load(path.read_text())
+        written["client"] = {"trainer": "dpo"}
+        written["data"] = {"source": str(pairs), "partition": "iid", "max_samples_per_client": 16, "cutoff_len": 128}
+        written["federation"]["eval_heldout_loss"] = False
+        path.write_text(yaml.safe_dump(written))
+        return path
+
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes" / "accelerate" / "zero3.yaml"),
+        "--deepspeed_config_file", str(ds_file), "--num_processes", "2", "--main_process_port", str(_free_port()),
+        "-m", "florist_hf", "run", str(recipe("zero3", 8, ddp_backend="gloo")),
+    ]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    run_federation(load_recipe(recipe("single", 16)))
+
+    zero3_run, single_run = tmp_path / "zero3", tmp_path / "single"
+    records = [json.loads(line) for line in (zero3_run / "metrics.jsonl").read_text().splitlines()]
+    assert len({(r["kind"], r["round"], r.get("client")) for r in records}) == len(records) == 6
+    exported = sorted(p.relative_to(single_run) for p in single_run.glob("rounds/*/clients/client_*"))
+    assert len(exported) == 4
+    for relative in [*exported, Path("rounds/1/global"), Path("global_adapter")]:
+        ours = load_file(zero3_run / relative / "adapter_model.safetensors")
+        reference = load_file(single_run / relative / "adapter_model.safetensors")
+        assert ours.keys() == reference.keys(), relative
+        for key, tensor in reference.items():
+            assert ours[key].shape == tensor.shape and ours[key].numel() > 0, (relative, key)
+            assert _relative_difference(ours[key], tensor) < 1e-3, (relative, key, _relative_difference(ours[key], tensor))
+    single_records = [json.loads(line) for line in (single_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records if r["kind"] == "client"] == pytest.approx(
+        [r["loss"] for r in single_records if r["kind"] == "client"], rel=1e-4)
