@@ -250,6 +250,20 @@ def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
+def _assert_same_adapters(zero3_run: Path, single_run: Path) -> None:
+    """Every kept client adapter (2 clients × 2 rounds) and both globals of the two runs: the same factors, none
+    empty, within 1e-3 of the largest entry."""
+    exported = sorted(p.relative_to(single_run) for p in single_run.glob("rounds/*/clients/client_*"))
+    assert len(exported) == 4
+    for relative in [*exported, Path("rounds/1/global"), Path("global_adapter")]:
+        ours = load_file(zero3_run / relative / "adapter_model.safetensors")
+        reference = load_file(single_run / relative / "adapter_model.safetensors")
+        assert ours.keys() == reference.keys(), relative
+        for key, tensor in reference.items():
+            assert ours[key].shape == tensor.shape and ours[key].numel() > 0, (relative, key)
+            assert _relative_difference(ours[key], tensor) < 1e-3, (relative, key, _relative_difference(ours[key], tensor))
+
+
 @pytest.mark.slow
 def test_two_process_zero3_clients_export_what_one_process_does(tmp_path):
     """`accelerate launch` with the shipped zero3.yaml, 2 CPU processes, against a single-process run.
@@ -289,15 +303,7 @@ def test_two_process_zero3_clients_export_what_one_process_does(tmp_path):
     assert (zero3_run / "run.json").is_file()
     assert not [p for p in zero3_run.rglob(".*") if p.name.endswith((".tmp", ".old"))]
 
-    exported = sorted(p.relative_to(single_run) for p in single_run.glob("rounds/*/clients/client_*"))
-    assert len(exported) == 4
-    for relative in [*exported, Path("rounds/1/global"), Path("global_adapter")]:
-        ours = load_file(zero3_run / relative / "adapter_model.safetensors")
-        reference = load_file(single_run / relative / "adapter_model.safetensors")
-        assert ours.keys() == reference.keys(), relative
-        for key, tensor in reference.items():
-            assert ours[key].shape == tensor.shape and ours[key].numel() > 0, (relative, key)
-            assert _relative_difference(ours[key], tensor) < 1e-3, (relative, key, _relative_difference(ours[key], tensor))
+    _assert_same_adapters(zero3_run, single_run)
     zero3_heldout = [r["heldout_loss"] for r in records if r["kind"] == "round"]
     single_heldout = [json.loads(line).get("heldout_loss") for line in (single_run / "metrics.jsonl").read_text().splitlines()
                       if json.loads(line)["kind"] == "round"]
@@ -344,15 +350,7 @@ def test_two_process_zero3_dpo_clients_export_what_one_process_does(tmp_path):
     zero3_run, single_run = tmp_path / "zero3", tmp_path / "single"
     records = [json.loads(line) for line in (zero3_run / "metrics.jsonl").read_text().splitlines()]
     assert len({(r["kind"], r["round"], r.get("client")) for r in records}) == len(records) == 6
-    exported = sorted(p.relative_to(single_run) for p in single_run.glob("rounds/*/clients/client_*"))
-    assert len(exported) == 4
-    for relative in [*exported, Path("rounds/1/global"), Path("global_adapter")]:
-        ours = load_file(zero3_run / relative / "adapter_model.safetensors")
-        reference = load_file(single_run / relative / "adapter_model.safetensors")
-        assert ours.keys() == reference.keys(), relative
-        for key, tensor in reference.items():
-            assert ours[key].shape == tensor.shape and ours[key].numel() > 0, (relative, key)
-            assert _relative_difference(ours[key], tensor) < 1e-3, (relative, key, _relative_difference(ours[key], tensor))
+    _assert_same_adapters(zero3_run, single_run)
     single_records = [json.loads(line) for line in (single_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in records if r["kind"] == "client"] == pytest.approx(
         [r["loss"] for r in single_records if r["kind"] == "client"], rel=1e-4)
