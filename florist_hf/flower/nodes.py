@@ -4,7 +4,6 @@ every node, by its partition-id) and a Grid whose replies arrive one by one."""
 from __future__ import annotations
 
 import json
-
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass

@@ -1,5 +1,5 @@
 """The ring the masked sums live in: fixed-point encoding of fp64 values to uint64 (mod 2^64), and
-the masks, expanded from 32-byte seeds by AES-128 in counter mode (GCM's) from the ``cryptography`` package.
+the masks, expanded from 16-byte seeds by AES-128 in counter mode (GCM's) from the ``cryptography`` package.
 
 Not Flower's ``pseudo_rand_gen``: it folds the seed to 32 bits and draws from numpy's RandomState
 (a Mersenne Twister, predictable from its output), so a mask would carry 32 bits of secrecy at most.
@@ -22,9 +22,10 @@ from florist_hf.secure.errors import SecureAggregationError
 #: Bytes of a mask seed, the key of the mask's AES-128: the self-mask seed b_u (random), and the first
 #: 16 bytes of a pairwise key agreement's HKDF output. 128-bit security, the level of the Fernet (AES-128)
 #: encryption that carries the protocol's shares; and a 16-byte b_u is two chunks for Flower's Shamir
-#: sharing (the secret is padded to whole 16-byte blocks, a block more when it fills them) where 32 bytes
-#: were three: the server rebuilds each survivor's b_u in 4.0 ms of pure Python instead of 6.2 here. AES in counter mode is the fastest keystream the
-#: ``cryptography`` package has on CPUs with AES instructions (ChaCha20 took 1.5× as long here), and
+#: sharing (the secret is padded to whole 16-byte blocks, a block more when it fills them) where 32
+#: bytes were three: the server rebuilds each survivor's b_u in 4.0 ms of pure Python instead of 6.2
+#: here. AES in counter mode is the fastest keystream the ``cryptography`` package has on CPUs with AES
+#: instructions (ChaCha20 took 1.5× as long here), and
 #: its fastest counter mode is GCM's: GCM encrypts by AES in counter mode (NIST SP 800-38D's GCTR,
 #: counter blocks IV ‖ 2, IV ‖ 3, … for a 96-bit IV), and OpenSSL runs it with VAES and AVX-512 where
 #: its CTR mode has no such path: 25 GB/s against 12 GB/s on the development machine (AMD EPYC,
@@ -77,11 +78,15 @@ def encode(name: str, values: np.ndarray, num_clients: int, fraction_bits: int) 
     return encoded.view(np.uint64)
 
 
+def _check_decodable(encoded_sum: np.ndarray) -> None:
+    if encoded_sum.dtype != np.uint64 or not encoded_sum.flags.c_contiguous or not encoded_sum.flags.writeable:
+        raise ValueError("a sum is decoded in place: a writeable C-contiguous uint64 array")
+
+
 def decode(encoded_sum: np.ndarray, fraction_bits: int) -> np.ndarray:
     """The fp64 value of a uint64 sum of encodings (read as int64), written over the sum's own memory
     (a C-contiguous uint64 array, which is left holding the fp64 bits) and returned as its fp64 view."""
-    if encoded_sum.dtype != np.uint64 or not encoded_sum.flags.c_contiguous or not encoded_sum.flags.writeable:
-        raise ValueError("a sum is decoded in place: a writeable C-contiguous uint64 array")
+    _check_decodable(encoded_sum)
     # int64 → fp64 rounds to nearest; the power-of-two scale is exact: the same bits as ldexp.
     decoded = encoded_sum.view(np.float64)
     np.multiply(encoded_sum.view(np.int64), 2.0**-fraction_bits, out=decoded, casting="unsafe")
@@ -111,8 +116,7 @@ def unmask_and_decode(total: np.ndarray, masks: Sequence[tuple[bytes, int]], ind
                       ) -> np.ndarray:
     """``apply_masks`` then ``decode``, in the same one pass: each piece is decoded as soon as its
     masks are off, while it is still in cache. Returns the fp64 view of ``total``'s memory."""
-    if total.dtype != np.uint64 or not total.flags.c_contiguous or not total.flags.writeable:
-        raise ValueError("a sum is decoded in place: a writeable C-contiguous uint64 array")
+    _check_decodable(total)
     _apply_masks(total, masks, index, fraction_bits)
     return total.view(np.float64)
 

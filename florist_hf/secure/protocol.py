@@ -319,8 +319,8 @@ class ArrayJobs:
     releases the GIL while it encrypts), numpy's additions and torch's linear algebra all run
     outside the GIL, so on a pool of worker threads the arrays unmask, and their work runs, in
     parallel. Without ``submit``: one array after another on the calling thread, in name order.
-    ``add_threads``: threads that add each masked input into the sum, an array each (numpy alone:
-    clients computing in the same process meanwhile keep their thread settings)."""
+    ``add_threads``: threads that add each masked input into the sum, each a share of its arrays
+    (numpy alone: clients computing in the same process meanwhile keep their thread settings)."""
 
     then: OnArray | None = None
     submit: Callable[..., Future] | None = None
