@@ -40,6 +40,8 @@ from pathlib import Path
 
 from florist_hf.adapters import SIDECAR
 from florist_hf.errors import FloristError
+from florist_hf.aggregation import SKETCH_SUMS
+from florist_hf.aggregation.sketch import participation_free_columns
 from florist_hf.global_history import GlobalHistory
 from florist_hf.io_utils import append_jsonl, retire_directory, writable_directory, write_json_atomic, write_jsonl_atomic
 from florist_hf.loading import prepare_base_model
@@ -279,10 +281,14 @@ class Federation:
         if global_dir.exists():
             sidecar = json.loads((global_dir / SIDECAR).read_text())
             bounding = self.update_bounding(round_index)
-            secure = self.recipe.federation.secure()
+            secure = None
+            if self.recipe.federation.secure() is not None:
+                from florist_hf.secure.server_step import secure_record
+
+                secure = secure_record(self.secure_round(round_index))  # as the round's sidecar records it
             current = (self.method.name, json.loads(json.dumps(self.method.options())),
                        None if bounding is None else bounding.clip, None if bounding is None else bounding.noise_multiplier,
-                       None if secure is None else secure.model_dump(exclude={"enabled"}))
+                       secure)
             recorded_bound = sidecar.get("bounding") or {}
             recorded = (sidecar.get("method"), sidecar.get("options"), recorded_bound.get("clip_update_norm"),
                         (recorded_bound.get("central_dp") or {}).get("noise_multiplier"),
@@ -405,8 +411,12 @@ class Federation:
         secure = federation.secure()
         reference = None if self.method.merges_into_base else self.history.continued(before=round_index)
         central_dp = self.update_bounding(round_index) if federation.central_dp is not None else None
+        columns = secure.sketch_columns
+        if central_dp is not None and SKETCH_SUMS in self.method.client_needs():  # one width, whoever takes part
+            columns = participation_free_columns([self.recipe.client_rank(k) for k in range(federation.num_clients)],
+                                                 federation.clients_sampled())
         return SecureRound(secure.settings(), seed=federation.seed * 1_000_003 + round_index,
-                           sketch_columns=secure.sketch_columns, reference=reference, clip=federation.clip_update_norm,
+                           sketch_columns=columns, reference=reference, clip=federation.clip_update_norm,
                            central_dp=central_dp)
 
     def update_bounding(self, round_index: int) -> UpdateBounding | None:

@@ -7,9 +7,10 @@ the server's bounding and central noise of a round is `server.round_bounding` (i
 Record level (``privacy.mode: dp_sgd``): a client's ε after round t composes every round it took part
 in (Opacus' accountant over ``steps × rounds`` steps at (σ, q)).
 
-Client level (``federation.central_dp``, fedit and ffa): one step per round at q = n/K (the clients
-sampled of all), the Poisson-subsampled Gaussian's accountant as the usual approximation of fixed-size
-sampling (as DP-FedAvg does).
+Client level (``federation.central_dp``: fedit and ffa, florist under secure aggregation): one step
+per round at q = n/K (the clients sampled of all), the Poisson-subsampled Gaussian's accountant as the
+usual approximation of fixed-size sampling (as DP-FedAvg does). FLoRIST's round noises two sums at
+√2·σ each, which together are one Gaussian mechanism at σ (`server.UpdateBounding.noised_sums`).
 
 The noise and the Poisson draws come from a secret seed kept in the run directory (or a Flower node's
 own work directory), never from the recipe, so that nobody who reads the recipe can subtract the
@@ -149,7 +150,11 @@ def privacy_summary(recipe, metrics: list[dict], rounds_done, last_sidecar: dict
         summary["clip_update_norm"] = federation.clip_update_norm
     if federation.central_dp is not None and last_sidecar is not None:
         central = (last_sidecar.get("bounding") or {}).get("central_dp", {})
-        summary["client_level"] = {"mechanism": "DP-FedAvg (Gaussian noise on the clipped mean)",
+        from florist_hf.aggregation import METHODS, SKETCH_SUMS
+
+        noised = ("Gaussian noise on the two sketch sums of the clipped updates, √2·σ on each"
+                  if METHODS[federation.method].central_dp_on == SKETCH_SUMS else "Gaussian noise on the clipped mean")
+        summary["client_level"] = {"mechanism": f"DP-FedAvg ({noised})",
                                    **{key: central.get(key) for key in ("epsilon", "delta", "noise_multiplier", "sample_rate",
                                                                         "accountant", "rounds")}}
     if federation.robust is not None:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from florist_hf.aggregation import METHODS, method_class, method_from_settings
+from florist_hf.aggregation import METHODS, SKETCH_SUMS, method_class, method_from_settings
 from florist_hf.aggregation.florist import FloristOptions, check_aggregation_mode
 from florist_hf.clients.registry import TRAINERS, trainer_kind
 from florist_hf.errors import FloristError, SettingError
@@ -150,8 +150,9 @@ class CentralDPSection(DPBudget):
     """Client-level differential privacy on the server (DP-FedAvg): each client's factor update
     is bounded to ``federation.clip_update_norm``, the bounded updates are averaged with one fixed
     denominator (the clients sampled per round, each weighted alike), and Gaussian noise of
-    standard deviation noise_multiplier · C / n is added to the average. Only where the
-    aggregation is linear in the factors (fedit, ffa)."""
+    standard deviation noise_multiplier · C / n is added to the average (fedit, ffa). FLoRIST, under
+    secure aggregation: the noise goes on its two sketch sums instead, √2 times as much on each (the
+    pair spends what one sum noised by noise_multiplier would)."""
 
     accountant: Literal["rdp", "prv"] = "rdp"
     _key: ClassVar[str] = "central_dp"
@@ -218,7 +219,7 @@ class FederationSection(Section):
     #: client's norm and scaling are recorded in the round's aggregation.json. Under secure_aggregation
     #: each client bounds its own update before it masks it, and no norm reaches the server.
     clip_update_norm: float | None = Field(None, gt=0)
-    #: Client-level DP on the server for fedit and ffa (needs clip_update_norm).
+    #: Client-level DP on the server for fedit and ffa, and florist under secure_aggregation (needs clip_update_norm).
     central_dp: CentralDPSection | None = None
     #: fedit, ffa: combine the clients' factors by their coordinate-wise median or trimmed mean
     #: (each client alike) instead of the weighted mean, so that a few bad clients cannot move them far.
@@ -262,13 +263,22 @@ class FederationSection(Section):
             raise ValueError(f"clip_update_norm bounds a client's update; {self.method} aggregates each client's whole product "
                              "(the global it was sent included), so no update is there to bound — use florist, flora, fedit or ffa")
         if self.central_dp is not None:
-            if not method.averages_factors:
+            if method.central_dp_on is None:
+                offered = ", ".join(sorted(name for name, m in METHODS.items() if m.central_dp_on is not None))
                 raise ValueError(
-                    f"central_dp needs an aggregation that is linear in the client factors (fedit, ffa); {self.method} needs each "
-                    "client's factors, so noise on the server cannot hide them — use privacy.mode: dp_sgd (record-level DP on "
-                    "every client) instead")
+                    f"central_dp needs an aggregation the server can noise ({offered}); {self.method} needs each client's "
+                    "factors, so noise on the server cannot hide them — use privacy.mode: dp_sgd (record-level DP on every "
+                    "client) instead")
             if self.clip_update_norm is None:
                 raise ValueError("central_dp calibrates its noise to federation.clip_update_norm; set it (e.g. 0.1)")
+            if method.central_dp_on == SKETCH_SUMS:
+                if self.secure() is None:
+                    raise ValueError(f"central_dp with {self.method} noises the two sketch sums of the clients' bounded "
+                                     "updates, which secure aggregation computes: add federation.secure_aggregation: "
+                                     "{enabled: true} (the server then never sees a client's update either)")
+                if self.secure().sketch_columns is not None:
+                    raise ValueError("central_dp with a narrower sketch: its error-check sum is not noised; remove "
+                                     "federation.secure_aggregation.sketch_columns (the default width is exact)")
             if self.robust is not None:
                 raise ValueError("central_dp adds its noise to the clients' mean; robust replaces that mean — use one of them")
         if self.robust is not None and not method.averages_factors:

@@ -72,10 +72,16 @@ class UpdateBounding:
     #: How much further than clip/denominator one client can move the mean as the server learns it (L2):
     #: under secure aggregation, the fixed-point rounding of every client's input (`secure.encoding.sensitivity_slack`).
     quantisation_slack: float = 0.0
+    #: The sums the noise goes on, each moved by one client by clip/denominator at most: 1 (the mean of the
+    #: factors), 2 (FLoRIST's two sketch sums, the second computed on the noised first). Each takes
+    #: √noised_sums·σ times that: together, the privacy of one such sum noised at σ (Gaussian
+    #: mechanisms compose by their squared sensitivity-to-noise ratios), which the accountant counts.
+    noised_sums: int = 1
 
     def noise_std(self) -> float:
-        """Central DP's noise std: σ times one client's largest effect on the mean, clip/denominator (+ the slack)."""
-        return self.noise_multiplier * (self.clip / self.denominator + self.quantisation_slack)
+        """Central DP's noise std on each noised sum: σ·√noised_sums times one client's largest effect on
+        it, clip/denominator (+ the slack)."""
+        return self.noise_multiplier * math.sqrt(self.noised_sums) * (self.clip / self.denominator + self.quantisation_slack)
 
     def reference_modules(self, method: AggregationMethod) -> dict | None:
         if self.reference is None:
@@ -333,6 +339,7 @@ def _write_server_step(method, adapters, raw_weights, result, out_dir, wire_dtyp
             "over": "the whole adapter",
             **({"central_dp": {"noise_multiplier": bounding.noise_multiplier, "denominator": bounding.denominator,
                                "noise_std": bounding.noise_std(), "weighting": "uniform",
+                               **({"noised_sums": bounding.noised_sums} if bounding.noised_sums > 1 else {}),
                                **({"quantisation_slack": bounding.quantisation_slack} if bounding.quantisation_slack else {}),
                                **(bounding.accounting or {})}}
                if bounding.noise_multiplier is not None else {}),

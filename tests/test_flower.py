@@ -443,6 +443,28 @@ def test_fedit_clients_over_flower_bound_their_own_updates_before_masking_as_in_
     assert "1" not in kept and "round_1" not in kept  # round 1's adapter and global left the node in round 2
 
 
+def test_florist_with_central_dp_over_flower_equals_florist_hf_run(tmp_path, server_identity):
+    """Central DP on FLoRIST's sketch sums over Flower: the nodes sketch with the orthonormal Ω the task
+    names, the server noises both sums from its run directory's secret; with the same secret the run
+    equals `florist-hf run`'s, and the sidecar records the two noised sums."""
+    pytest.importorskip("opacus")
+    from florist_hf.flower import make_client_app, run_flower_federation
+
+    federation = {**SECURE, "clip_update_norm": 1e-3, "central_dp": {"noise_multiplier": 0.5, "delta": 1e-3}}
+    recipe_path = flower_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=2, federation=federation)
+    for run in ("reference", "flower"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "privacy-seed").write_text("5a" * 32)  # one secret: the same noise on both sides
+    reference = reference_run(recipe_path, tmp_path / "reference")
+    grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes")
+    run_dir = run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"]),
+                                    console=quiet_console())
+    for t in (1, 2):
+        assert_same_adapter(RunPaths(run_dir).global_dir(t), RunPaths(reference).global_dir(t))
+        sidecar = json.loads((RunPaths(run_dir).global_dir(t) / "aggregation.json").read_text())
+        assert sidecar["bounding"]["central_dp"]["noised_sums"] == 2
+
+
 def test_a_secure_flower_round_with_fewer_than_t_clients_fails_in_one_line_and_writes_no_global(
     tmp_path, server_identity
 ):

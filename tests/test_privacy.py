@@ -230,7 +230,13 @@ def test_a_robust_median_keeps_a_poisoned_client_from_moving_the_factors(tmp_pat
     ({"privacy": {"target_epsilon": 3}, "training": {"train_sampling_strategy": "group_by_length"}},
      "training.train_sampling_strategy cannot"),
     ({"privacy": {"target_epsilon": -1}}, "privacy.target_epsilon: Input should be greater than 0"),
-    ({"federation": {"central_dp": {"noise_multiplier": 1.0}, "clip_update_norm": 1.0}}, "central_dp needs an aggregation that is linear"),
+    ({"federation": {"method": "flora", "central_dp": {"noise_multiplier": 1.0}, "clip_update_norm": 1.0}},
+     "central_dp needs an aggregation the server can noise (fedit, ffa, florist); flora needs each client's factors"),
+    ({"federation": {"central_dp": {"noise_multiplier": 1.0}, "clip_update_norm": 1.0}},
+     "central_dp with florist noises the two sketch sums of the clients' bounded updates, which secure aggregation computes"),
+    ({"federation": {"central_dp": {"noise_multiplier": 1.0}, "clip_update_norm": 1.0,
+                     "secure_aggregation": {"enabled": True, "sketch_columns": 4}}},
+     "central_dp with a narrower sketch: its error-check sum is not noised"),
     ({"federation": {"method": "fedit", "central_dp": {"noise_multiplier": 1.0}}}, "calibrates its noise to federation.clip_update_norm"),
     ({"federation": {"robust": "median"}}, "robust combines factors coordinate by coordinate"),
     ({"federation": {"method": "flexlora", "clip_update_norm": 1.0}}, "flexlora aggregates each client's whole product"),
@@ -340,9 +346,10 @@ def test_a_dp_sgd_step_is_the_mean_of_each_records_clipped_gradient_plus_noise(t
     assert all(not hasattr(p, "grad_sample") for p in model.parameters())  # Opacus' hooks and attributes are gone
 
 
-def dp_recipe(tmp_path, rounds=3, per_round=2, target=5.0, dtype="float32", **training):
+def dp_recipe(tmp_path, rounds=3, per_round=2, target=5.0, dtype="float32", federation=None, **training):
     return load_recipe(write_recipe(
-        tmp_path, ranks=(4, 2, 2), rounds=rounds, federation={"clients_per_round": per_round}, model={"dtype": dtype},
+        tmp_path, ranks=(4, 2, 2), rounds=rounds, federation={"clients_per_round": per_round, **(federation or {})},
+        model={"dtype": dtype},
         training={"max_steps": -1, "num_train_epochs": 1, "per_device_train_batch_size": 4, **training},
         privacy={"target_epsilon": target, "max_grad_norm": 1.0, "delta": 1e-3, "accountant": "rdp"}))
 
@@ -416,6 +423,36 @@ def test_dp_sgd_qlora_clients_train_on_the_4bit_base_spend_their_budget_and_publ
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "base_model"), run_dir / "global_adapter")
     for name, layer in lora_layers(model).items():
         assert relative_error(layer.get_delta_weight("default").detach().double(), updates[0][name] + updates[1][name]) < 1e-5
+
+
+def test_dp_sgd_clients_under_secure_aggregation_train_and_spend_as_in_a_plain_run(tmp_path):
+    """DP-SGD composes with secure aggregation unchanged: with the same secret, every client of a secure run
+    records the same ε as in the plain run and trains the same adapter (to the bit in round 1; after it, on
+    a base that differs by the secure sums' round-off), and the globals agree within that round-off."""
+    from florist_hf.runner import run_federation
+
+    runs = {}
+    for name, federation in (("plain", {}), ("secure", {"secure_aggregation": {"enabled": True}})):
+        (tmp_path / name / "run").mkdir(parents=True)
+        (tmp_path / name / "run" / "privacy-seed").write_text("9c" * 32)
+        runs[name] = run_federation(dp_recipe(tmp_path / name, rounds=2, federation=federation), console=quiet_console())
+    lines = {name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for name, run in runs.items()}
+    clients = {name: [(r["round"], r["client"], r["epsilon"]) for r in records if r["kind"] == "client"]
+               for name, records in lines.items()}
+    assert clients["secure"] == clients["plain"] and len(clients["plain"]) == 4
+    plain, secure = RunPaths(runs["plain"]), RunPaths(runs["secure"])
+    for t, k, _ in clients["plain"]:
+        ours, theirs = read_adapter(secure.client_dir(t, k)).modules, read_adapter(plain.client_dir(t, k)).modules
+        for n, module in theirs.items():
+            for got, want in ((ours[n].lora_b, module.lora_b), (ours[n].lora_a, module.lora_a)):
+                if t == 1:  # the same base, the same records, the same noise: the same bits
+                    assert torch.equal(got, want)
+                else:  # on a base merged with round 1's globals, which differ by the secure sums' round-off
+                    assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
+    for t in (1, 2):
+        ours, theirs = delta_weights(secure.global_dir(t)), delta_weights(plain.global_dir(t))
+        assert all(relative_error(ours[m], theirs[m]) < 1e-5 for m in theirs)
+        assert "secure_aggregation" in json.loads((secure.global_dir(t) / "aggregation.json").read_text())
 
 
 def test_a_dp_sgd_client_still_learns_and_reruns_to_the_same_adapter(tmp_path):

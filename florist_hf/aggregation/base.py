@@ -39,6 +39,8 @@ def register_method(cls: type["AggregationMethod"]) -> type["AggregationMethod"]
         raise TypeError(f"{cls.__name__}.needs must be a non-empty subset of {NEEDS}")
     if (SKETCH_SUMS in cls.needs) != (cls.from_sketch is not AggregationMethod.from_sketch):
         raise TypeError(f"{cls.__name__} declares {SKETCH_SUMS} in its needs exactly when it defines from_sketch")
+    if cls.central_dp_on is not None and cls.central_dp_on not in cls.needs:
+        raise TypeError(f"{cls.__name__} noises {cls.central_dp_on} for central DP, which it does not declare in its needs")
     if cls.name in METHODS:
         raise TypeError(f"aggregation method {cls.name!r} is registered twice")
     METHODS[cls.name] = cls
@@ -61,6 +63,11 @@ class AggregationMethod(ABC):
     #: The global factors are averages of the client factors (FedIT, FFA-LoRA): the server can add
     #: noise to them (central DP) or take robust statistics of them instead.
     averages_factors: ClassVar[bool] = False
+    #: Client-level central DP (``federation.central_dp``): the sums the server noises, each client's bounded
+    #: update weighted alike: ``FACTOR_SUMS`` (the mean of the factors: FedIT, FFA-LoRA), ``SKETCH_SUMS``
+    #: (the two sketch sums, under secure aggregation: FLoRIST), or None where the global needs each
+    #: client's own factors and noise on the server cannot hide them.
+    central_dp_on: ClassVar[str | None] = None
     #: A client's update can be bounded before aggregation; FlexLoRA aggregates each client's whole
     #: product (the global it was sent included), so it has no update apart from that to bound.
     bounds_updates: ClassVar[bool] = True

@@ -34,6 +34,7 @@ class FedIT(AggregationMethod):
     exact = False
     averages_factors = True
     needs = frozenset({FACTOR_SUMS})
+    central_dp_on = FACTOR_SUMS
     settings = {"robust": "robust", "trim_fraction": "trim_fraction"}
 
     def __init__(self, robust: str | None = None, trim_fraction: float = 0.1):

@@ -51,6 +51,7 @@ class FFALoRA(AggregationMethod):
     freezes_lora_a = True
     #: Σ p_k·s_k·B_k (the shared A is the server's own).
     needs = frozenset({FACTOR_SUMS})
+    central_dp_on = FACTOR_SUMS
     settings = {"robust": "robust", "trim_fraction": "trim_fraction"}
 
     def __init__(self, shared_a_tolerance: float = 1e-6, robust: str | None = None, trim_fraction: float = 0.1):

@@ -61,6 +61,7 @@ class Florist(AggregationMethod):
     can_stream = True
     #: The τ-truncated SVD of ΔW alone, which the two sketch sums give exactly (for a sketch width ≥ Σ r_k).
     needs = frozenset({SKETCH_SUMS})
+    central_dp_on = SKETCH_SUMS
     settings = {"threshold": "threshold", "aggregation": "aggregation", "streaming_tolerance": "tolerance"}
 
     def __init__(self, threshold: float = 0.9, aggregation: str = "stacked", tolerance: float = 0.0):

@@ -49,18 +49,41 @@ def default_columns(client_ranks: Sequence[int], shape: tuple[int, int]) -> int:
     return min(rank_bound(client_ranks, shape) + OVERSAMPLING, *shape)
 
 
-def sketch_matrix(n: int, columns: int, seed: int, module_name: str, purpose: str = "range") -> torch.Tensor:
+def participation_free_columns(client_ranks: Sequence[int], participants: int) -> int:
+    """A sketch width that does not depend on which clients take part in a round, yet is exact for
+    any ``participants`` of them: the sum of the ``participants`` largest of the federation's
+    ``client_ranks`` plus ``OVERSAMPLING`` (plan_modules caps it at min(m, n)). Central DP needs it:
+    a width read off the round's own clients would tell whose ranks were in the round."""
+    return sum(sorted(client_ranks, reverse=True)[:participants]) + OVERSAMPLING
+
+
+def _stream(seed: int, module_name: str, purpose: str) -> np.random.Generator:
+    # numpy's PCG64 through a SeedSequence keyed by a hash of the module name and the purpose: one
+    # stream per (seed, module, purpose), whatever order the modules are worked on in.
+    digest = hashlib.sha256(f"{module_name}\0{purpose}".encode()).digest()
+    key = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), *key])))
+
+
+def sketch_matrix(n: int, columns: int, seed: int, module_name: str, purpose: str = "range",
+                  orthonormal: bool = False) -> torch.Tensor:
     """The public Gaussian Ω (n×columns) every client and the server derive from the round's seed.
 
-    One stream per (seed, module, purpose) from numpy's PCG64 through a SeedSequence keyed by a hash
-    of the module name, so that clients in other processes, in any module order, draw the same Ω.
+    One stream per (seed, module, purpose), so that clients in other processes, in any module order,
+    draw the same Ω. ``orthonormal``: Ω's columns orthonormalised (the Q of its QR, columns ≤ n): the
+    same span, so the same range and the same basis Q, and ‖Ω‖₂ = 1, so that no client's sketch is
+    longer than its update, ‖ΔW_k·Ω‖_F ≤ ‖ΔW_k‖_F (the sensitivity central DP's noise is calibrated to).
     """
     if columns < 1:
         raise ValueError(f"a sketch needs at least one column, got {columns}")
-    digest = hashlib.sha256(f"{module_name}\0{purpose}".encode()).digest()
-    key = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
-    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), *key])))
-    return torch.from_numpy(generator.standard_normal((n, columns)))
+    omega = torch.from_numpy(_stream(seed, module_name, purpose).standard_normal((n, columns)))
+    return torch.linalg.qr(omega).Q if orthonormal else omega
+
+
+def gaussian_noise(shape: tuple[int, ...], std: float, seed: int, module_name: str, purpose: str) -> torch.Tensor:
+    """N(0, std²) entries (fp64), drawn from the stream of (``seed``, module, purpose): the same draws
+    whatever order, or thread, the modules are noised in (central DP's, from its secret seed)."""
+    return torch.from_numpy(_stream(seed, module_name, f"noise\0{purpose}").standard_normal(shape)).mul_(std)
 
 
 def _effective(client: ClientModule, weight: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -188,10 +211,16 @@ class SketchedUpdate:
     #: A bound on each summed entry's absolute error (a secure sum's fixed-point round-off; 0 for
     #: plain sums): components of the update below the noise it can make are not counted as rank.
     entry_error: float = 0.0
+    #: The std of the Gaussian noise central DP added to each entry of both sums (0: none).
+    noise_std: float = 0.0
 
     def noise_floor(self) -> float:
-        """‖Q·E_Z‖₂ ≤ ‖E_Z‖_F ≤ entry_error·√(p·n): no singular value at or below it is known to be real."""
-        return self.entry_error * math.sqrt(self.projection.numel())
+        """No singular value at or below this is known to be real: ‖Q·E_Z‖₂ ≤ ‖E_Z‖_F ≤ entry_error·√(p·n)
+        for the round-off; for central DP's noise, std·(√p + √n), which bounds the expected largest
+        singular value of a p×n matrix of N(0, std²) entries (Gordon's theorem). Keeping only the
+        components above it is post-processing: no privacy is spent."""
+        rows, columns = self.projection.shape
+        return max(self.entry_error * math.sqrt(rows * columns), self.noise_std * (math.sqrt(rows) + math.sqrt(columns)))
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -11,7 +11,8 @@ a fresh process), computes its arrays from the adapter it kept on the node, and 
 Server -> client, ``query.florist_secagg`` (group id ``<round>.<first|second>``):
     "config": ConfigRecord {stage, round, sum, secagg-id,
         keys:   client-ids (JSON), threshold, fraction-bits, and the sum's public task: plans (JSON),
-                seed, weights (JSON), needs (JSON), freezes-lora-a, clip (JSON), relative
+                seed, weights (JSON), needs (JSON), freezes-lora-a, clip (JSON), relative, rescale,
+                unit-sketch
         shares: share-key.<id>, mask-key.<id> (every client's public keys)
         masked: ct.<id> (the shares addressed to this client)
         unmask: survivors (JSON), dropped (JSON)}
@@ -56,7 +57,7 @@ STATE_KEY = "florist-secagg"
 BASES = "bases"
 MASKED = "masked"
 #: The keys stage's config keys that carry the sum's public task (kept by the node for the later stages).
-TASK_KEYS = ("plans", "seed", "weights", "needs", "freezes-lora-a", "clip", "relative", "rescale")
+TASK_KEYS = ("plans", "seed", "weights", "needs", "freezes-lora-a", "clip", "relative", "rescale", "unit-sketch")
 
 
 def _ids(config: ConfigRecord, prefix: str) -> dict[int, bytes]:
@@ -67,7 +68,7 @@ def _task_config(task: SumTask) -> dict:
     return {"plans": json.dumps([[p.name, *p.shape, p.max_rank, p.columns, p.exact_columns] for p in task.plans]),
             "seed": task.seed, "weights": json.dumps(list(task.weights)), "needs": json.dumps(list(task.needs)),
             "freezes-lora-a": task.freezes_lora_a, "clip": json.dumps(task.clip), "relative": task.relative,
-            "rescale": float(task.rescale)}
+            "rescale": float(task.rescale), "unit-sketch": task.unit_sketch}
 
 
 def _task_of(held: ConfigRecord, kind: str, bases: ArrayRecord | None) -> SumTask:
@@ -76,7 +77,8 @@ def _task_of(held: ConfigRecord, kind: str, bases: ArrayRecord | None) -> SumTas
     return SumTask(kind, plans, int(held["seed"]), tuple(json.loads(str(held["weights"]))),
                    tuple(json.loads(str(held["needs"]))), bool(held["freezes-lora-a"]),
                    None if bases is None else _bases_of(bases),
-                   clip=json.loads(str(held["clip"])), relative=bool(held["relative"]), rescale=float(held["rescale"]))
+                   clip=json.loads(str(held["clip"])), relative=bool(held["relative"]), rescale=float(held["rescale"]),
+                   unit_sketch=bool(held["unit-sketch"]))
 
 
 def _bases_of(record: ArrayRecord) -> dict[str, RangeBasis]:

@@ -52,7 +52,8 @@ class SecureRound:
     settings: SecAggSettings
     #: Seeds the public sketch matrices Ω (the server broadcasts it; the engine derives it from the recipe).
     seed: int
-    #: Sketch width per module (None: min(Σ r_k + 8, m, n), exact; see `sketch.default_columns`).
+    #: Sketch width per module (None: min(Σ r_k + 8, m, n), exact; see `sketch.default_columns`). Central DP
+    #: on the sketch sums needs one fixed before the round (`sketch.participation_free_columns`).
     sketch_columns: int | None = None
     #: The global the clients continued: its frozen A is the shared A of FFA-LoRA and FedSVD.
     reference: Path | None = None
@@ -104,8 +105,10 @@ def plan_modules(module_shapes: Mapping[str, tuple[int, int]], client_ranks: Seq
 class ClientSide:
     """One client's part of the secure round: it reads its own adapter's modules and nothing else."""
 
-    def __init__(self, modules: Mapping[str, ClientModule], weight: float, needs: Sequence[str], freezes_lora_a: bool):
+    def __init__(self, modules: Mapping[str, ClientModule], weight: float, needs: Sequence[str], freezes_lora_a: bool,
+                 unit_sketch: bool = False):
         self.modules, self.weight, self.needs, self.freezes_lora_a = modules, float(weight), needs, freezes_lora_a
+        self.unit_sketch = unit_sketch
 
     def first_sum(self, plans: Sequence[ModulePlan], seed: int) -> dict[str, np.ndarray]:
         """The range sketch (and error check) and/or the padded weighted factors, by array name."""
@@ -113,7 +116,7 @@ class ClientSide:
         for plan in plans:
             module = self.modules[plan.name]
             if SKETCH in self.needs:
-                omega = sketch.sketch_matrix(plan.shape[1], plan.columns, seed, plan.name)
+                omega = sketch.sketch_matrix(plan.shape[1], plan.columns, seed, plan.name, orthonormal=self.unit_sketch)
                 arrays[f"{plan.name}/range"] = sketch.range_sketch(module, self.weight, omega).numpy()
                 if plan.checks_error:
                     check = sketch.sketch_matrix(plan.shape[1], sketch.ERROR_CHECK_COLUMNS, seed, plan.name, "error")
@@ -150,6 +153,9 @@ class SumTask:
     relative: bool = False
     #: Central DP's fixed denominator: each bounded update is scaled by n/denominator (`bound_client`).
     rescale: float = 1.0
+    #: Central DP on the sketch sums: Ω with orthonormal columns, so that a sketch is no longer than the
+    #: update it sketches (`sketch.sketch_matrix`).
+    unit_sketch: bool = False
 
     def compute(self, index: int, modules: Mapping[str, ClientModule],
                 reference: Mapping[str, ClientModule] | None = None) -> dict[str, np.ndarray]:
@@ -164,7 +170,7 @@ class SumTask:
                                           freezes_lora_a=self.freezes_lora_a, rescale=self.rescale)
             except ValueError as error:
                 raise FloristError(f"secure aggregation: client {index}: {error}") from None
-        side = ClientSide(modules, self.weights[index], self.needs, self.freezes_lora_a)
+        side = ClientSide(modules, self.weights[index], self.needs, self.freezes_lora_a, self.unit_sketch)
         return side.first_sum(self.plans, self.seed) if self.kind == "first" else side.second_sum(self.bases)
 
 
@@ -318,9 +324,9 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
     normalised = [weight / total for weight in raw_weights]  # public: the sample counts are
     central, rescale = secure.central_dp, 1.0
     if central is not None:
-        if not method.averages_factors or secure.clip is None:
-            raise FloristError(f"central_dp under secure aggregation noises a mean of bounded factors (fedit, ffa with "
-                               f"clip_update_norm); {method.name} with clip {secure.clip} is not that")
+        if method.central_dp_on is None or secure.clip is None:
+            raise FloristError(f"central_dp under secure aggregation noises sums of bounded updates (fedit, ffa, florist "
+                               f"with clip_update_norm); {method.name} with clip {secure.clip} is not that")
         # DP-FedAvg as in the plain step: every client alike and a fixed denominator, so that one client moves
         # the mean by clip/denominator at most (and, as the server learns it, by the rounding's slack besides).
         normalised, rescale = [1.0 / len(adapters)] * len(adapters), len(adapters) / central.denominator
@@ -331,8 +337,15 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
     relative = secure.clip is not None and not method.merges_into_base
     if relative and secure.reference is None:
         raise FloristError(f"{method.name} clients bound the change since the global they continued; none was given")
+    if central is not None and SKETCH in needs:
+        if secure.sketch_columns is None:  # the engine fixes it: `sketch.participation_free_columns`
+            raise FloristError("central_dp on the sketch sums needs a sketch width fixed before the round, not one read "
+                               "off the round's own clients (whose ranks it would tell): set SecureRound.sketch_columns")
+        if any(plan.checks_error for plan in plans):
+            raise FloristError("central_dp with a narrower sketch: its error-check sum is not noised; remove "
+                               "federation.secure_aggregation.sketch_columns (the default width is exact)")
     task = SumTask("first", tuple(plans), secure.seed, tuple(normalised), tuple(needs), method.freezes_lora_a,
-                   clip=secure.clip, relative=relative, rescale=rescale)
+                   clip=secure.clip, relative=relative, rescale=rescale, unit_sketch=central is not None)
 
     shared_a = None
     if method.freezes_lora_a:  # public: the server sent it
@@ -364,15 +377,20 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
             add_central_noise(result, central, method)
         return SecureResult(result, raw_weights, needs, plans, {}, traffic, central)
 
+    noise_std, noised = 0.0, lambda module, purpose, values: values
+    if central is not None:  # FLoRIST: both sketch sums noised, Q taken from the noised first (`sketch_noise`)
+        central, noised = sketch_noise(central, plans, len(adapters), secure.settings.fraction_bits)
+        noise_std = central.noise_std()
     first, bases = _sum_with_jobs(run_sum, task, secure.settings, "first sum", traffic, "range",
-                                  lambda module, values: sketch.range_basis(values))
+                                  lambda module, values: sketch.range_basis(noised(module, "range", values)))
     bases = {plan.name: bases[plan.name] for plan in plans}  # every Q before any is sent
     updates: dict[str, sketch.SketchedUpdate] = {}
 
     def aggregate(module: str, projection: torch.Tensor) -> ModuleAggregate:
         plan, basis = by_name[module], bases[module]
         error = sketch.sketch_error(basis, _tensor(first, f"{module}/check")) if plan.checks_error else None
-        update = updates[module] = sketch.SketchedUpdate(basis, projection, error, entry_error=entry_error)
+        update = updates[module] = sketch.SketchedUpdate(basis, noised(module, "projection", projection), error,
+                                                         entry_error=entry_error, noise_std=noise_std)
         summed = (ClientModule(_tensor(first, f"{module}/lora_a"), _tensor(first, f"{module}/lora_b"), 1.0)
                   if FACTOR_SUMS in needs else None)
         return method.from_sketch(update, [adapter.modules[module].rank for adapter in adapters], summed)
@@ -382,7 +400,29 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
     modules = {plan.name: modules[plan.name] for plan in plans}
     result = AggregationResult(method.name, modules, normalised, method.options())
     ordered = {plan.name: updates[plan.name] for plan in plans}
-    return SecureResult(result, raw_weights, needs, plans, ordered, traffic)
+    return SecureResult(result, raw_weights, needs, plans, ordered, traffic, central)
+
+
+def sketch_noise(central: UpdateBounding, plans: Sequence[ModulePlan], num_clients: int, fraction_bits: int
+                 ) -> tuple[UpdateBounding, Callable[[str, str, torch.Tensor], torch.Tensor]]:
+    """Central DP on the two sketch sums: the round's noise record and the function that noises a
+    module's decoded sum (in place) before anything is computed from it.
+
+    Each client's update is bounded, ‖ΔW_k‖_F ≤ clip over its whole adapter, and weighted 1/denominator.
+    Ω has orthonormal columns, so ‖ΔW_k·Ω‖_F ≤ ‖ΔW_k‖_F, and Q has too, so ‖Qᵀ·ΔW_k‖_F ≤ ‖ΔW_k‖_F:
+    one client moves each sum (all modules together) by clip/denominator at most, plus the fixed-point
+    rounding's slack. Q is computed from the noised Y (post-processing), and with Q fixed the second
+    sum has that same sensitivity: two Gaussian mechanisms, each noised at √2·σ, compose to one at σ.
+    The noise is drawn per module and sum from the round's secret seed, whatever order the modules'
+    arrays are unmasked in."""
+    entries = max(sum(plan.shape[0] * plan.columns for plan in plans), sum(plan.columns * plan.shape[1] for plan in plans))
+    central = replace(central, quantisation_slack=sensitivity_slack(num_clients, entries, fraction_bits), noised_sums=2)
+    std, seed = central.noise_std(), central.noise_seed
+
+    def noised(module: str, purpose: str, values: torch.Tensor) -> torch.Tensor:
+        return values.add_(sketch.gaussian_noise(tuple(values.shape), std, seed, module, purpose))
+
+    return central, noised
 
 
 def secure_aggregate(
