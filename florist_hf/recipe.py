@@ -12,7 +12,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from florist_hf.aggregation import METHODS, SKETCH_SUMS, method_class, method_from_settings
+from florist_hf.aggregation import FACTOR_SUMS, METHODS, SKETCH_SUMS, method_class, method_from_settings
+from florist_hf.aggregation.bounding import averaged_ranks_refusal
 from florist_hf.aggregation.florist import FloristOptions, check_aggregation_mode
 from florist_hf.clients.registry import TRAINERS, trainer_kind
 from florist_hf.errors import FloristError, SettingError
@@ -525,6 +526,15 @@ class Recipe(Section):
                 f"{self.federation.method} continues the global factors at the largest rank of the round's clients, which a "
                 "client of larger rank sampled later cannot continue; with federation.clients_per_round use one rank for "
                 "every client, or a merge-style method (florist, flora)")
+        return self
+
+    @model_validator(mode="after")
+    def _central_dp_covers_every_client(self):
+        federation = self.federation
+        if federation.central_dp is not None and METHODS[federation.method].central_dp_on == FACTOR_SUMS:
+            reason = averaged_ranks_refusal([self.client_rank(k) for k in range(federation.num_clients)])
+            if reason is not None:
+                raise ValueError(reason)
         return self
 
     @model_validator(mode="after")

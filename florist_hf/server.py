@@ -27,6 +27,7 @@ from florist_hf.adapters import (
     without_factors,
 )
 from florist_hf.aggregation import (
+    FACTOR_SUMS,
     AggregationMethod,
     AggregationResult,
     CommunicationReport,
@@ -36,6 +37,7 @@ from florist_hf.aggregation import (
 )
 from florist_hf.aggregation.bounding import (
     ClientBound,
+    averaged_ranks_refusal,
     bound_client,
     factor_products,
     gaussian_noise_like,
@@ -128,6 +130,10 @@ def _bound_clients(bounding: UpdateBounding, method: AggregationMethod, adapters
     if bounding.noise_multiplier is not None:
         # DP-FedAvg: a fixed denominator, every client alike, so that one client moves the mean by clip/n at most.
         rescale, used_weights = len(adapters) / bounding.denominator, [1.0] * len(adapters)
+        if method.central_dp_on != FACTOR_SUMS:
+            raise FloristError(f"central_dp on the plain server step noises a mean of factors (fedit, ffa); {method.name} "
+                               "is not one (florist takes it on its secure sketch sums: secure_aggregation)")
+        refuse_uneven_ranks(adapters)
     modules, bounds = [], []
     for adapter in adapters:
         if reference is not None and set(reference) != set(adapter.modules):
@@ -140,6 +146,15 @@ def _bound_clients(bounding: UpdateBounding, method: AggregationMethod, adapters
         modules.append(bounded)
         bounds.append(bound)
     return modules, used_weights, bounds
+
+
+def refuse_uneven_ranks(adapters: Sequence[LoraAdapter]) -> None:
+    """Central DP on a mean of factors: one line (`bounding.averaged_ranks_refusal`) when the round's
+    clients differ in rank on any module."""
+    for name in adapters[0].modules:
+        reason = averaged_ranks_refusal([adapter.modules[name].rank for adapter in adapters])
+        if reason is not None:
+            raise FloristError(reason)
 
 
 def add_central_noise(result: AggregationResult, bounding: UpdateBounding, method: AggregationMethod) -> None:

@@ -202,6 +202,16 @@ def test_central_dp_calibrates_its_noise_to_a_target_epsilon(tmp_path):
     assert 3.9 <= last["central_epsilon"] <= 4.0
 
 
+@pytest.mark.parametrize("method", ["fedit", "ffa"])
+def test_central_dp_on_a_mean_of_factors_refuses_uneven_client_ranks_in_one_line(tmp_path, method):
+    path = write_recipe(tmp_path, method=method, ranks=(4, 2, 2),
+                        federation={"clip_update_norm": 0.1, "central_dp": {"noise_multiplier": 1.0}})
+    with pytest.raises(FloristError) as error:
+        load_recipe(path)
+    assert "central_dp on a mean of factors needs one LoRA rank for every client (got [2, 4])" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
 def test_a_robust_median_keeps_a_poisoned_client_from_moving_the_factors(tmp_path):
     run_dir = drive(engine_recipe(tmp_path, "fedit", ranks=(4, 4, 4), rounds=1, robust="median"), [16, 16, 16],
                     client=poisoning_client(0))

@@ -266,6 +266,24 @@ def test_one_client_moves_the_decoded_mean_by_at_most_the_bound_the_noise_is_cal
     assert clip / denominator * (1 - 1e-6) <= moved <= clip / denominator + sensitivity_slack(5, entries, 32)
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
+def test_central_dp_on_averaged_factors_refuses_clients_of_uneven_ranks(tmp_path, secure):
+    """With ranks 8, 8, 8, 8 and a client of rank 2 the zero-padded mean moves by 0.69 when that client
+    joins (measured with the noise off), against the clip/denominator = 2e-4 its noise would be calibrated
+    to: the server step refuses it in one line and writes nothing, plain or secure."""
+    from florist_hf.server import UpdateBounding
+
+    dirs, reference = write_clients(tmp_path, torch.float32, ranks=[8, 8, 8, 8, 2])
+    central = UpdateBounding(clip=1e-3, reference=reference, noise_multiplier=1.0, denominator=5, noise_seed=1)
+    with pytest.raises(FloristError, match="needs one LoRA rank for every client") as error:
+        if secure:
+            secure_aggregate_adapters(dirs, get_method("fedit"), tmp_path / "global", SecureRound(
+                SecAggSettings(), seed=3, reference=reference, clip=1e-3, central_dp=central))
+        else:
+            aggregate_adapters(dirs, get_method("fedit"), tmp_path / "global", bounding=central)
+    assert "\n" not in str(error.value) and not (tmp_path / "global").exists()
+
+
 def test_the_outlier_report_is_unavailable_in_one_line_and_the_sidecar_says_so(tmp_path):
     import io
 

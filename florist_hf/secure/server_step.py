@@ -40,7 +40,14 @@ from florist_hf.secure.local import SecureSum, secure_sum
 from florist_hf.secure.methods import FACTOR_SUMS, SKETCH, secure_inputs
 from florist_hf.secure.protocol import ArrayJobs, EncryptedShares, MaskedInput, PublicKeys, RevealedShares
 from florist_hf.secure.settings import SecAggSettings
-from florist_hf.server import ServerStep, UpdateBounding, _client_rank, _write_server_step, add_central_noise
+from florist_hf.server import (
+    ServerStep,
+    UpdateBounding,
+    _client_rank,
+    _write_server_step,
+    add_central_noise,
+    refuse_uneven_ranks,
+)
 
 OUTLIER_NOTE = "unavailable under secure aggregation: the server sees only sums, never a client's update or its norm"
 
@@ -330,6 +337,8 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
         # DP-FedAvg as in the plain step: every client alike and a fixed denominator, so that one client moves
         # the mean by clip/denominator at most (and, as the server learns it, by the rounding's slack besides).
         normalised, rescale = [1.0 / len(adapters)] * len(adapters), len(adapters) / central.denominator
+        if method.central_dp_on == FACTOR_SUMS:
+            refuse_uneven_ranks(adapters)
     plans = plan_modules(adapters[0].module_shapes, [{n: m.rank for n, m in a.modules.items()} for a in adapters],
                          secure.sketch_columns)
     if secure.clip is not None and not method.bounds_updates:
