@@ -10,7 +10,8 @@ Dolly sample counts as weights) on the q_proj and v_proj of ``--layers`` layers:
 (4096×4096 both) or SmolLM2-135M (576×576 and 192×576, GQA). Timed, best of ``--repeats``, in
 memory (no adapter files; the plain side is `Florist.aggregate`), in wall and CPU seconds (CPU
 time is what to compare on a machine other jobs share):
-- plain: FLoRIST τ = 0.9 on the stacked factors;
+- plain: FLoRIST τ = 0.9 on the stacked factors, its kept factors computed for the clients' dtype
+  as `server.aggregate_adapters` asks (``result_dtype``: fp32 products for bf16 adapters);
 - secure, server: `server_step.secure_result` itself, less the clients' calls: what `SecAggServer`
   does in both sums (collect keys, route shares, add each masked input as it arrives, rebuild the
   self masks and take them off, decode) plus Q = orth(Y) and FLoRIST on Q·Z, each module's on
@@ -222,7 +223,7 @@ def main(argv=None) -> dict:
     plain_wall, plain_cpu = [], []
     for _ in range(args.repeats):
         started, started_cpu = time.perf_counter(), time.process_time()
-        method.aggregate(clients, weights)
+        method.aggregate(clients, weights, result_dtype=DTYPES[args.dtype])
         plain_wall.append(time.perf_counter() - started)
         plain_cpu.append(time.process_time() - started_cpu)
     runs = [secure_round(clients, weights, 0.9) for _ in range(args.repeats)]

@@ -170,3 +170,32 @@ def test_the_broadcast_basis_is_q_as_householder_reflectors_and_nothing_else(sha
     y = torch.randn(m, 5, generator=generator, dtype=torch.float64)
     assert relative_error(basis.apply_transpose(y), q.T @ y) < 1e-14
     assert basis.residual_norm(y) == pytest.approx(float((y - q @ (q.T @ y)).norm()), rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4096, 160), (576, 160), (50, 6)], ids=["llama", "smollm2", "rank-deficient"])
+def test_a_basis_from_an_fp32_qr_is_orthogonal_to_fp64_precision_and_spans_the_sketch_to_fp32s(shape):
+    """range_basis at fp32 precision (FLoRIST for a 16-bit result): the reflectors travel in fp64 with τ
+    recomputed there, so Q is orthogonal to fp64 precision, not fp32's (with fp32's own τ it is off by
+    ~1e-7); its span holds the summed sketch to fp32's precision; a zero column keeps τ = 0; and Q·x in
+    fp32 (the kept factor's last product) is Q·x to fp32's precision, on both paths."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    m, p = shape
+    rank = min(p - 8, m) if p > 8 else 1
+    summed = (torch.randn(m, rank, generator=generator, dtype=torch.float64) * torch.logspace(0, -3, rank, dtype=torch.float64)
+              ) @ torch.randn(rank, p, generator=generator, dtype=torch.float64)
+    if shape == (50, 6):
+        summed[:, 1:] = 0.0
+    basis = sketch.range_basis(summed, torch.float32)
+    assert basis.reflectors.dtype == basis.tau.dtype == torch.float64 and basis.reflectors.stride()[0] == 1
+    q = basis.dense()
+    assert relative_error(q.T @ q, torch.eye(p, dtype=torch.float64)) < 1e-14
+    reflectors32, tau32 = torch.geqrf(summed.float())
+    unfixed = torch.linalg.householder_product(reflectors32.double(), tau32.double())
+    assert relative_error(unfixed.T @ unfixed, torch.eye(p, dtype=torch.float64)) > 1e-9  # what recomputing τ mends
+    assert basis.residual_norm(summed) < 1e-6 * float(summed.norm())
+    if shape == (50, 6):
+        assert float(basis.tau[1:].abs().max()) == 0.0
+    for width in (7, 40):
+        x = torch.randn(p, width, generator=generator, dtype=torch.float64)
+        got = basis.apply(x, torch.float32)
+        assert got.dtype == torch.float32 and relative_error(got.double(), q @ x) < 1e-6

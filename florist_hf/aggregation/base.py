@@ -110,12 +110,20 @@ class AggregationMethod(ABC):
         caller keeps the factors in (None: the compute precision); a method may compute its last products no
         finer than that needs (FLoRIST's, in fp32 for a 16-bit result)."""
 
-    def from_sketch(self, update, client_ranks: Sequence[int], summed: ClientModule | None = None) -> ModuleAggregate:
+    def from_sketch(self, update, client_ranks: Sequence[int], summed: ClientModule | None = None,
+                    result_dtype: torch.dtype | None = None) -> ModuleAggregate:
         """One module from the round's sketched update (an `aggregation.sketch.SketchedUpdate`: ΔW = Q·Z,
         learnt from two sums), the clients' ranks (public) and, where the method also declares
-        ``FACTOR_SUMS``, the summed factors (Σ p_k·s_k·B_k, Σ p_k·A_k, padded) as one client of scale 1.
-        Defined by exactly the methods that declare ``SKETCH_SUMS`` (secure aggregation calls it)."""
+        ``FACTOR_SUMS``, the summed factors (Σ p_k·s_k·B_k, Σ p_k·A_k, padded) as one client of scale 1;
+        ``result_dtype`` as in ``aggregate_module``. Defined by exactly the methods that declare
+        ``SKETCH_SUMS`` (secure aggregation calls it)."""
         raise NotImplementedError(f"{self.name} does not aggregate from sketch sums")
+
+    def sketch_precision(self, result_dtype: torch.dtype | None) -> torch.dtype:
+        """The precision of the QR that gives the sketch's range basis Q, for a result kept in
+        ``result_dtype`` (Q travels in fp64 and is orthogonal to fp64 precision either way: see
+        `sketch.range_basis`); fp64 unless the method can do with less."""
+        return torch.float64
 
     def broadcast_rank(self, client_ranks: Sequence[int], selected_rank: int) -> int:
         """Rank of the global adapter the server broadcasts for one module (the Eff denominator)."""

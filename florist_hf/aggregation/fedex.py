@@ -52,5 +52,5 @@ class FedExLoRA(AggregationMethod):
         )
 
     def from_sketch(self, update: sketch.SketchedUpdate, client_ranks: Sequence[int],
-                    summed: ClientModule | None = None) -> ModuleAggregate:
+                    summed: ClientModule | None = None, result_dtype: torch.dtype | None = None) -> ModuleAggregate:
         return sketch.fedex_from_sketch(update, summed.lora_b, summed.lora_a)

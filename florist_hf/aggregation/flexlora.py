@@ -48,7 +48,7 @@ class FlexLoRA(AggregationMethod):
         )
 
     def from_sketch(self, update: sketch.SketchedUpdate, client_ranks: Sequence[int],
-                    summed: ClientModule | None = None) -> ModuleAggregate:
+                    summed: ClientModule | None = None, result_dtype: torch.dtype | None = None) -> ModuleAggregate:
         return sketch.flexlora_from_sketch(update, client_ranks, self.global_rank)
 
     def broadcast_rank(self, client_ranks: Sequence[int], selected_rank: int) -> int:

@@ -94,5 +94,9 @@ class Florist(AggregationMethod):
         return stacked_truncation(clients, client_weights, self.threshold, product_dtype(result_dtype))
 
     def from_sketch(self, update: sketch.SketchedUpdate, client_ranks: Sequence[int],
-                    summed: ClientModule | None = None) -> ModuleAggregate:
-        return sketch.florist_from_sketch(update, self.threshold)
+                    summed: ClientModule | None = None, result_dtype: torch.dtype | None = None) -> ModuleAggregate:
+        return sketch.florist_from_sketch(update, self.threshold, product_dtype(result_dtype))
+
+    def sketch_precision(self, result_dtype: torch.dtype | None) -> torch.dtype:
+        # Q's span need only be as close to the update's as the kept factors' last products are precise.
+        return product_dtype(result_dtype)

@@ -128,9 +128,10 @@ class RangeBasis:
     def columns(self) -> int:
         return self.reflectors.shape[1]
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
         """Q·x for x p×k: m×k (row-major), by the compact WY form of the reflectors, or for a narrow x
-        by LAPACK's ormqr.
+        by LAPACK's ormqr; computed in ``dtype`` (fp32 for a factor kept in 16 bits, as FLoRIST's
+        last products are: `linalg.product_dtype`).
 
         Q_full = H_1·…·H_p = I − V·T·Vᵀ with V = [unit lower triangle; tails] (m×p) and T upper
         triangular, T⁻¹ = striu(VᵀV) + diag(1/τ) (Puglisi 1992; Joffrain et al., TOMS 2006). On
@@ -139,15 +140,15 @@ class RangeBasis:
         at most p/4 columns (``ORMQR_WIDTH``; at Llama-7B's 4096×160 basis and 26 columns, 2.2 ms
         against 3.2; at 81 columns, 5.8 against 4.8). A reflector whose τ is 0, the identity, has no
         T⁻¹: then ormqr too."""
-        x = x.to(COMPUTE_DTYPE)
-        tails, columns = self.reflectors, self.columns
-        if self.ORMQR_WIDTH * x.shape[1] <= columns or not bool((self.tau > 0).all()):
+        x, tails, tau = x.to(dtype), self.reflectors.to(dtype), self.tau.to(dtype)  # the casts keep ormqr's layout
+        columns = self.columns
+        if self.ORMQR_WIDTH * x.shape[1] <= columns or not bool((tau > 0).all()):
             padded = x.new_zeros((self.shape[0], x.shape[1]))
             padded[:columns] = x
-            return torch.ormqr(tails, self.tau, padded).contiguous()
+            return torch.ormqr(tails, tau, padded).contiguous()
         top = tails[:columns]  # V₁ − I: strictly lower
         # VᵀV = LᵀL + L₁ + L₁ᵀ + I for V = L + [I; 0]: its strict upper triangle is striu(LᵀL) + L₁ᵀ.
-        t_inverse = torch.triu(blas_matmul(tails.T, tails), 1) + top.T + torch.diag(1.0 / self.tau)
+        t_inverse = torch.triu(blas_matmul(tails.T, tails), 1) + top.T + torch.diag(1.0 / tau)
         core = torch.linalg.solve_triangular(t_inverse, top.T @ x + x, upper=True)  # T·V₁ᵀ·x
         product = blas_matmul(tails, core).neg_()  # −L·core, and −[core; 0] + [x; 0] below
         product[:columns] += x - core
@@ -170,15 +171,28 @@ class RangeBasis:
         return torch.ormqr(self.reflectors, self.tau, x.to(COMPUTE_DTYPE), transpose=True)
 
 
-def range_basis(range_sum: torch.Tensor) -> RangeBasis:
+def range_basis(range_sum: torch.Tensor, precision: torch.dtype = COMPUTE_DTYPE) -> RangeBasis:
     """Stage 1, on the server: Q (m×p, orthonormal columns) spanning the summed sketch Y = ΔW·Ω, as
     the reflectors of Y's Householder QR (`RangeBasis`; Q is never formed).
 
     Householder QR: when Y is rank-deficient (p above ΔW's rank) Q still has orthonormal columns and
     its span contains Y's, so Q·Qᵀ·ΔW = ΔW all the same.
+
+    ``precision``: the QR's (fp32 where the result is kept in 16 bits: `AggregationMethod.sketch_precision`;
+    about half fp64's time). Its reflectors v then travel in fp64 with each τ recomputed there as
+    2/(vᵀv), so that every H = I − τ·v·vᵀ, and Q, is orthogonal to fp64 precision whatever the QR's
+    (the clients' sketches are no longer than their updates, which central DP's bound reads); only how
+    closely Q's span holds the update's follows the QR's precision (~1e-7 relative in fp32, far below a
+    16-bit factor's 4e-3).
     """
-    reflectors, tau = torch.geqrf(range_sum.to(COMPUTE_DTYPE))
-    return RangeBasis(reflectors.tril_(-1), tau)  # in place, keeping geqrf's column-major layout for ormqr
+    reflectors, tau = torch.geqrf(range_sum.to(precision))
+    reflectors = reflectors.tril_(-1)  # in place, keeping geqrf's column-major layout for ormqr
+    if precision == COMPUTE_DTYPE:
+        return RangeBasis(reflectors, tau)
+    tails = reflectors.to(COMPUTE_DTYPE)  # the cast keeps the layout
+    # v = [1; tail]: vᵀv = 1 + ‖tail‖². A τ of 0 (a zero column: H = I) stays 0.
+    exact_tau = torch.where(tau > 0, 2.0 / (1.0 + tails.square().sum(0)), torch.zeros((), dtype=COMPUTE_DTYPE))
+    return RangeBasis(tails, exact_tau)
 
 
 def projection_sketch(client: ClientModule, weight: float, basis: RangeBasis) -> torch.Tensor:
@@ -240,8 +254,10 @@ class SketchedUpdate:
         return {"columns": self.columns, "estimated_relative_error": self.error}
 
 
-def florist_from_sketch(update: SketchedUpdate, threshold: float) -> ModuleAggregate:
-    """FLoRIST on the sketched update: the smallest rank whose energy reaches τ (``select_rank``)."""
+def florist_from_sketch(update: SketchedUpdate, threshold: float, products_in: torch.dtype = COMPUTE_DTYPE
+                        ) -> ModuleAggregate:
+    """FLoRIST on the sketched update: the smallest rank whose energy reaches τ (``select_rank``);
+    ``products_in``: the precision of the last products that form the kept factors (`linalg.product_dtype`)."""
     # ΔW = Q·Z with Q orthonormal: ΔW's singular values are Z's and its left singular vectors Q
     # times Z's. So the stacked FLoRIST's own decomposition (an eigendecomposition of the p×p Z·Zᵀ,
     # Householder where that is not accurate enough) runs on I_p·Z, and Q is applied once, to the
@@ -249,9 +265,9 @@ def florist_from_sketch(update: SketchedUpdate, threshold: float) -> ModuleAggre
     projection, columns = update.projection.to(COMPUTE_DTYPE), update.columns
     core_b, lora_a, sigma, rank, _ = truncated_product_svd(
         torch.eye(columns, dtype=COMPUTE_DTYPE), projection, torch.ones(columns, dtype=COMPUTE_DTYPE), threshold,
-        orthonormal_b=True)
+        orthonormal_b=True, products_in=products_in)
     kept = min(rank, _above(sigma, update.noise_floor()))  # the columns come largest first: a prefix is a truncation
-    return ModuleAggregate(update.basis.apply(core_b[:, :kept]), lora_a[:kept].contiguous(), kept,
+    return ModuleAggregate(update.basis.apply(core_b[:, :kept], products_in), lora_a[:kept].contiguous(), kept,
                            singular_values=sigma)
 
 

@@ -365,6 +365,7 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
 
     by_name = {plan.name: plan for plan in plans}
     entry_error = sum_error(len(adapters), secure.settings.fraction_bits)
+    result_dtype = widest_dtype(adapter.dtype for adapter in adapters)  # what the global is written in
     # Each client computes its arrays when it masks them (one client's held at a time).
     traffic = Traffic(len(adapters))
     if SKETCH not in needs:
@@ -386,12 +387,12 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
             add_central_noise(result, central, method)
         return SecureResult(result, raw_weights, needs, plans, {}, traffic, central)
 
-    noise_std, noised = 0.0, lambda module, purpose, values: values
+    noise_std, noised, precision = 0.0, lambda module, purpose, values: values, method.sketch_precision(result_dtype)
     if central is not None:  # FLoRIST: both sketch sums noised, Q taken from the noised first (`sketch_noise`)
         central, noised = sketch_noise(central, plans, len(adapters), secure.settings.fraction_bits)
         noise_std = central.noise_std()
     first, bases = _sum_with_jobs(run_sum, task, secure.settings, "first sum", traffic, "range",
-                                  lambda module, values: sketch.range_basis(noised(module, "range", values)))
+                                  lambda module, values: sketch.range_basis(noised(module, "range", values), precision))
     bases = {plan.name: bases[plan.name] for plan in plans}  # every Q before any is sent
     updates: dict[str, sketch.SketchedUpdate] = {}
 
@@ -402,7 +403,7 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
                                                          entry_error=entry_error, noise_std=noise_std)
         summed = (ClientModule(_tensor(first, f"{module}/lora_a"), _tensor(first, f"{module}/lora_b"), 1.0)
                   if FACTOR_SUMS in needs else None)
-        return method.from_sketch(update, [adapter.modules[module].rank for adapter in adapters], summed)
+        return method.from_sketch(update, [adapter.modules[module].rank for adapter in adapters], summed, result_dtype)
 
     _, modules = _sum_with_jobs(run_sum, replace(task, kind="second", bases=bases), secure.settings, "second sum",
                                 traffic, "projection", aggregate)
