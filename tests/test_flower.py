@@ -52,6 +52,16 @@ def reference_run(recipe_path: Path, out_dir: Path) -> Path:
     return run_federation(load_recipe(recipe_path, [f"output_dir={out_dir}"]), console=quiet_console())
 
 
+def grid_run(recipe_path: Path, tmp_path: Path, nodes: int = 3) -> Path:
+    """The recipe over Flower on an in-process grid of ``nodes`` SuperNodes (kept under tmp_path/nodes),
+    its run directory tmp_path/flower."""
+    from florist_hf.flower import make_client_app, run_flower_federation
+
+    grid = LocalGrid(make_client_app(), nodes, tmp_path / "nodes")
+    return run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"]),
+                                 console=quiet_console())
+
+
 def assert_same_adapter(flower_dir: Path, reference_dir: Path) -> None:
     flower, reference = read_adapter(flower_dir), read_adapter(reference_dir)
     assert flower.modules.keys() == reference.modules.keys()
@@ -282,13 +292,9 @@ def test_the_2025_baselines_on_flower_give_florist_hf_runs_result(tmp_path, serv
     """FedSVD's clients freeze the A the server re-factorised (sent in the init record); FedEx-LoRA's
     continue the averaged factors on top of the earlier residuals (the node's global state). Over
     Flower both runs equal `florist-hf run`."""
-    from florist_hf.flower import make_client_app, run_flower_federation
-
     recipe_path = flower_recipe(tmp_path / "recipe.yaml", method=method, ranks=ranks, rounds=2)
     reference = reference_run(recipe_path, tmp_path / "reference")
-    grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes")
-    run_dir = run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"]),
-                                    console=quiet_console())
+    run_dir = grid_run(recipe_path, tmp_path)
     assert_same_run(run_dir, reference)
     flower_rounds, reference_rounds = round_records(run_dir), round_records(reference)
     for key in ("uplink_bytes_total", "downlink_bytes_total"):
@@ -422,15 +428,12 @@ def test_fedit_clients_over_flower_bound_their_own_updates_before_masking_as_in_
     since the global it continued (kept on the node for the round's sums) before masking; the run
     equals `florist-hf run`'s, and the bound binds every client of round 2."""
     from florist_hf.aggregation.bounding import update_norm
-    from florist_hf.flower import make_client_app, run_flower_federation
 
     clip = 1e-3
     recipe_path = flower_recipe(tmp_path / "recipe.yaml", method="fedit", ranks=(4, 2, 2), rounds=2,
                                 federation={**SECURE, "clip_update_norm": clip})
     reference = reference_run(recipe_path, tmp_path / "reference")
-    grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes")
-    run_dir = run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"]),
-                                    console=quiet_console())
+    run_dir = grid_run(recipe_path, tmp_path)
     for t in (1, 2):
         assert_same_adapter(RunPaths(run_dir).global_dir(t), RunPaths(reference).global_dir(t))
     continued = read_adapter(RunPaths(reference).global_dir(1)).modules
@@ -448,7 +451,6 @@ def test_florist_with_central_dp_over_flower_equals_florist_hf_run(tmp_path, ser
     names, the server noises both sums from its run directory's secret; with the same secret the run
     equals `florist-hf run`'s, and the sidecar records the two noised sums."""
     pytest.importorskip("opacus")
-    from florist_hf.flower import make_client_app, run_flower_federation
 
     federation = {**SECURE, "clip_update_norm": 1e-3, "central_dp": {"noise_multiplier": 0.5, "delta": 1e-3}}
     recipe_path = flower_recipe(tmp_path / "recipe.yaml", method="florist", ranks=(4, 2, 2), rounds=2, federation=federation)
@@ -456,9 +458,7 @@ def test_florist_with_central_dp_over_flower_equals_florist_hf_run(tmp_path, ser
         (tmp_path / run).mkdir()
         (tmp_path / run / "privacy-seed").write_text("5a" * 32)  # one secret: the same noise on both sides
     reference = reference_run(recipe_path, tmp_path / "reference")
-    grid = LocalGrid(make_client_app(), 3, tmp_path / "nodes")
-    run_dir = run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"]),
-                                    console=quiet_console())
+    run_dir = grid_run(recipe_path, tmp_path)
     for t in (1, 2):
         assert_same_adapter(RunPaths(run_dir).global_dir(t), RunPaths(reference).global_dir(t))
         sidecar = json.loads((RunPaths(run_dir).global_dir(t) / "aggregation.json").read_text())
@@ -1060,8 +1060,6 @@ def test_dpo_clients_over_flower_give_florist_hf_runs_result(tmp_path, method, s
     equals `florist-hf run`, client adapters included."""
     from test_dpo_clients import preference_rows
 
-    from florist_hf.flower import make_client_app, run_flower_federation
-
     data_file = tmp_path / "pairs.jsonl"
     data_file.write_text("".join(json.dumps(row) + "\n" for row in preference_rows("prompt_texts", 16)))
     recipe_path = flower_recipe(tmp_path / "recipe.yaml", method=method, ranks=(4, 4), rounds=2, client={"trainer": "dpo"},
@@ -1072,9 +1070,7 @@ def test_dpo_clients_over_flower_give_florist_hf_runs_result(tmp_path, method, s
     settings["federation"]["eval_heldout_loss"] = False
     recipe_path.write_text(yaml.safe_dump(settings))
     reference = reference_run(recipe_path, tmp_path / "reference")
-    grid = LocalGrid(make_client_app(), 2, tmp_path / "nodes")
-    run_dir = run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"]),
-                                    console=quiet_console())
+    run_dir = grid_run(recipe_path, tmp_path, nodes=2)
     assert json.loads((run_dir / "recipe.json").read_text())["recipe"]["client"]["trainer"] == "dpo"
     assert_same_run(run_dir, reference, clients=range(2))
     losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "client"]
