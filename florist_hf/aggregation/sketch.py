@@ -31,6 +31,9 @@ from florist_hf.aggregation.types import ClientModule, ModuleAggregate
 
 #: Columns of the error-check sketch, sent only when the sketch is narrower than the update's rank bound.
 ERROR_CHECK_COLUMNS = 8
+#: t in the noise's spectral edge std·(√p + √n + t) (`SketchedUpdate.noise_floor`): pure noise reaches
+#: above it with probability exp(−t²/2) = 1e-6 at most.
+NOISE_EDGE_MARGIN = math.sqrt(2 * math.log(1e6))
 #: Columns beyond the rank bound in the default sketch. At exactly p = rank(ΔW), VᵀΩ is a square
 #: Gaussian matrix, whose smallest singular value is ~1/√p: noise in the summed Y (a secure sum's
 #: fixed-point round-off) then reaches the update amplified by its inverse. Eight more columns make
@@ -230,11 +233,13 @@ class SketchedUpdate:
 
     def noise_floor(self) -> float:
         """No singular value at or below this is known to be real: ‖Q·E_Z‖₂ ≤ ‖E_Z‖_F ≤ entry_error·√(p·n)
-        for the round-off; for central DP's noise, std·(√p + √n), which bounds the expected largest
-        singular value of a p×n matrix of N(0, std²) entries (Gordon's theorem). Keeping only the
-        components above it is post-processing: no privacy is spent."""
+        for the round-off; for central DP's noise, std·(√p + √n + t): the largest singular value of a
+        p×n matrix of N(0, std²) entries exceeds it with probability at most exp(−t²/2) (Davidson and
+        Szarek), 1e-6 at ``NOISE_EDGE_MARGIN``. Keeping only the components above it is post-processing:
+        no privacy is spent."""
         rows, columns = self.projection.shape
-        return max(self.entry_error * math.sqrt(rows * columns), self.noise_std * (math.sqrt(rows) + math.sqrt(columns)))
+        edge = math.sqrt(rows) + math.sqrt(columns) + NOISE_EDGE_MARGIN
+        return max(self.entry_error * math.sqrt(rows * columns), self.noise_std * edge)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -266,9 +271,12 @@ def florist_from_sketch(update: SketchedUpdate, threshold: float, products_in: t
     core_b, lora_a, sigma, rank, _ = truncated_product_svd(
         torch.eye(columns, dtype=COMPUTE_DTYPE), projection, torch.ones(columns, dtype=COMPUTE_DTYPE), threshold,
         orthonormal_b=True, products_in=products_in)
-    kept = min(rank, _above(sigma, update.noise_floor()))  # the columns come largest first: a prefix is a truncation
-    return ModuleAggregate(update.basis.apply(core_b[:, :kept], products_in), lora_a[:kept].contiguous(), kept,
-                           singular_values=sigma)
+    floor = update.noise_floor()
+    kept = min(rank, _above(sigma, floor))  # the columns come largest first: a prefix is a truncation
+    lora_b = update.basis.apply(core_b[:, :kept], products_in)
+    if floor > 0 and not float(sigma[0]) > floor:  # nothing above the noise: the update is not known to be
+        lora_b.zero_()  # anything, so none is made (a rank-1 adapter of zeros; central DP's noise alone stays out)
+    return ModuleAggregate(lora_b, lora_a[:kept].contiguous(), kept, singular_values=sigma)
 
 
 def _above(sigma: torch.Tensor, floor: float) -> int:
