@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from florist_hf.adapters import SIDECAR
-from florist_hf.errors import FloristError
 from florist_hf.aggregation import SKETCH_SUMS
 from florist_hf.aggregation.sketch import participation_free_columns
+from florist_hf.errors import FloristError
 from florist_hf.global_history import GlobalHistory
 from florist_hf.io_utils import append_jsonl, retire_directory, writable_directory, write_json_atomic, write_jsonl_atomic
 from florist_hf.loading import prepare_base_model
