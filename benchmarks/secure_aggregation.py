@@ -3,6 +3,7 @@
     python -m benchmarks.secure_aggregation [--shape llama7b|smollm2] [--layers 2] [--dtype bf16|fp32]
         [--threads 1] [--repeats 2] [--json OUT]
     python -m benchmarks.secure_aggregation --run RUN_DIR [--round 1]   # a run's real client adapters (+ held-out loss)
+    python -m benchmarks.secure_aggregation --run RUN_DIR --central-dp 0,1e-4,1e-3 [--clip 8]   # central DP's cost there
 
 Eight clients with the paper's heterogeneous ranks [64, 32, 16, 16, 8, 8, 4, 4] (factors in
 ``--dtype``, bf16 by default as trained adapters are stored; B scaled like a trained update, the
@@ -179,9 +180,54 @@ def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float,
     }
 
 
-def heldout_losses(run_dir, out) -> dict:
+def central_dp_sweep(run_dir: str, round_index: int, out_dir: str, threshold: float, sigmas: list[float], clip: float,
+                     with_heldout: bool = True) -> dict:
+    """A run's kept client adapters aggregated by secure FLoRIST under central DP at each noise multiplier
+    (clip ``clip``, the denominator the round's clients, uniform weights, the participation-free sketch
+    width), against plain FLoRIST of the same bounded, uniformly weighted updates: each global's total
+    rank, the modules whose update is zero (nothing above the noise), its update's relative error over
+    all modules, and (round 1) its held-out loss."""
+    import shutil
+
+    from florist_hf.adapters import read_adapter
+    from florist_hf.aggregation.bounding import bound_client
+    from florist_hf.aggregation.sketch import participation_free_columns
+    from florist_hf.privacy import epsilon
+    from florist_hf.secure.server_step import secure_aggregate_adapters
+    from florist_hf.server import UpdateBounding
+
+    dirs = sorted((Path(run_dir) / "rounds" / str(round_index) / "clients").glob("client_*[0-9]"))
+    method, out = get_method("florist", threshold=threshold), Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    fresh = [read_adapter(d) for d in dirs]
+    bounded = [bound_client(a.modules, clip)[0] for a in fresh]
+    clean = method.aggregate(bounded, [1.0] * len(dirs))
+    columns = participation_free_columns([next(iter(a.modules.values())).rank for a in fresh], len(dirs))
+    rows = []
+    for sigma in sigmas:
+        central = UpdateBounding(clip=clip, noise_multiplier=sigma, denominator=len(dirs), noise_seed=20261206)
+        step = secure_aggregate_adapters(dirs, method, out / f"sigma_{sigma:g}", SecureRound(
+            SecAggSettings(), seed=round_index, clip=clip, central_dp=central, sketch_columns=columns))
+        modules = step.result.modules
+        error = sum(float((modules[n].delta_weight - m.delta_weight).square().sum()) for n, m in clean.modules.items())
+        rows.append({"noise_multiplier": sigma, "noise_std": step.sidecar["bounding"]["central_dp"]["noise_std"],
+                     "epsilon_one_round": epsilon(sigma, 1.0, 1, 1e-3, "rdp") if sigma > 0 else None,
+                     "total_rank": sum(step.result.selected_ranks.values()),
+                     "zero_modules": sum(float(m.lora_b.abs().max()) == 0.0 for m in modules.values()),
+                     "relative_error": (error / sum(float(m.delta_weight.square().sum()) for m in clean.modules.values())) ** 0.5})
+    names = [f"sigma_{sigma:g}" for sigma in sigmas]
+    heldout = (heldout_losses(run_dir, out, names) if with_heldout and (Path(run_dir) / RECIPE_RECORD).exists()
+               and round_index == 1 else None)
+    for row, name in zip(rows, names):
+        row["heldout_loss"] = None if heldout is None else heldout[name]
+    return {**machine_record(), "run": str(run_dir), "round": round_index, "clients": len(dirs), "clip": clip,
+            "client_update_norms": [bound_client(a.modules, None)[1].norm for a in fresh],
+            "clean_total_rank": sum(clean.selected_ranks.values()), "delta": 1e-3, "rows": rows}
+
+
+def heldout_losses(run_dir, out, names=("plain", "secure")) -> dict:
     """The run's held-out loss (its recipe's test records, response tokens) of the base with each
-    round-1 global adapter on top: plain and secure (a merge-style round 1 holds no earlier state)."""
+    round-1 global adapter on top, by directory name under ``out`` (a merge-style round 1 holds no earlier state)."""
     from florist_hf.data import prepare_client_data
     from florist_hf.heldout import global_heldout_loss
     from florist_hf.loading import load_tokenizer, prepare_base_model
@@ -192,7 +238,7 @@ def heldout_losses(run_dir, out) -> dict:
     _, test_records = prepare_client_data(recipe)
     tokenizer = load_tokenizer(base, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     return {name: global_heldout_loss(recipe, base, tokenizer, test_records, Path(out) / "heldout_work",
-                                      adapter=Path(out) / name) for name in ("plain", "secure")} | {"records": len(test_records)}
+                                      adapter=Path(out) / name) for name in names} | {"records": len(test_records)}
 
 
 def main(argv=None) -> dict:
@@ -208,10 +254,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--no-heldout", action="store_true", help="--run: skip the held-out losses of both globals")
     parser.add_argument("--out", default="benchmarks/_cache/secure_real")
+    parser.add_argument("--central-dp", help="--run: noise multipliers (comma-separated) of secure FLoRIST under central DP")
+    parser.add_argument("--clip", type=float, default=8.0, help="--central-dp: clip_update_norm")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.run:
-        result = real_clients(args.run, args.round, args.out, args.threshold, not args.no_heldout)
+        result = (central_dp_sweep(args.run, args.round, args.out, args.threshold,
+                                   [float(x) for x in args.central_dp.split(",")], args.clip, not args.no_heldout)
+                  if args.central_dp else real_clients(args.run, args.round, args.out, args.threshold, not args.no_heldout))
         print(json.dumps(result, indent=1))
         if args.json:
             with open(args.json, "w") as handle:

@@ -50,8 +50,9 @@ def _epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: flo
     ledger = create_accountant(mechanism=accountant)
     ledger.history = [(noise_multiplier, sample_rate, steps)]
     with warnings.catch_warnings():
-        # At a large ε the best RDP order is the largest tried: the bound is valid, only not the tightest.
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        # At a large ε (or a tiny one) the best RDP order is the smallest (largest) tried: the bound is valid,
+        # only not the tightest.
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
         return float(ledger.get_epsilon(delta=delta))
 
 
