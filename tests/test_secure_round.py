@@ -299,14 +299,21 @@ def test_the_outlier_report_is_unavailable_in_one_line_and_the_sidecar_says_so(t
     assert "unavailable" in sidecar["secure_aggregation"]["outlier_report"] and "outliers" not in sidecar
 
 
-def test_a_kill_between_the_two_secure_sums_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("central_dp", [False, True], ids=["plain", "central-dp"])
+def test_a_kill_between_the_two_secure_sums_resumes_to_the_same_bytes(tmp_path, monkeypatch, central_dp):
     """Nothing is written until both sums are done; the rerun draws fresh keys and masks, yet the same
-    sketch seed and the same encodings give the same sums, so the same global adapter to the byte."""
+    sketch seed and the same encodings give the same sums, so the same global adapter to the byte; under
+    central DP the same secret gives the same noise on both sums, so the same bytes too."""
     from florist_hf.secure import server_step
+
+    private = {"clip_update_norm": 0.05, "central_dp": {"noise_multiplier": 1e-3, "delta": 1e-3}} if central_dp else {}
 
     def run(out, **drive_options):
         recipe_file = write_recipe(tmp_path / out, method="florist", ranks=(4, 2, 2), rounds=2,
-                                   federation={"eval_heldout_loss": False, "secure_aggregation": {"enabled": True}})
+                                   federation={"eval_heldout_loss": False, "secure_aggregation": {"enabled": True},
+                                               **private})
+        (tmp_path / out / "run").mkdir(parents=True, exist_ok=True)
+        (tmp_path / out / "run" / "privacy-seed").write_text("7e" * 32)  # both runs, one secret
         return drive(load_recipe(recipe_file), [16, 17, 18], client=fake_client, **drive_options)
 
     straight = run("straight")
@@ -329,6 +336,9 @@ def test_a_kill_between_the_two_secure_sums_resumes_to_the_same_bytes(tmp_path, 
         assert ours == (RunPaths(straight).global_dir(t) / "adapter_model.safetensors").read_bytes()
     assert (resumed / "global_adapter" / "adapter_model.safetensors").read_bytes() == \
         (straight / "global_adapter" / "adapter_model.safetensors").read_bytes()
+    if central_dp:  # the noise is there: a round's update is not the clean one
+        sidecar = json.loads((RunPaths(resumed).global_dir(2) / SIDECAR).read_text())
+        assert sidecar["bounding"]["central_dp"]["noised_sums"] == 2 and sidecar["bounding"]["central_dp"]["noise_std"] > 0
 
 
 def test_changed_secure_settings_set_the_rounds_they_made_aside(tmp_path):
