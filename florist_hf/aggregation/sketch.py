@@ -76,6 +76,9 @@ def sketch_matrix(n: int, columns: int, seed: int, module_name: str, purpose: st
     draw the same Ω. ``orthonormal``: Ω's columns orthonormalised (the Q of its QR, columns ≤ n): the
     same span, so the same range and the same basis Q, and ‖Ω‖₂ = 1, so that no client's sketch is
     longer than its update, ‖ΔW_k·Ω‖_F ≤ ‖ΔW_k‖_F (the sensitivity central DP's noise is calibrated to).
+    The Gaussian draws are the same bits everywhere; the QR's last bits may differ between machines'
+    LAPACKs (~1e-16 relative, far below the secure sums' 2^-32 rounding; each client's Ω is orthonormal
+    either way, which is what the bound reads).
     """
     if columns < 1:
         raise ValueError(f"a sketch needs at least one column, got {columns}")
