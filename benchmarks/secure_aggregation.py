@@ -115,6 +115,7 @@ def secure_round(clients, weights, threshold: float):
                 message = clock("client", parties[k].respond, stage, request)
                 traffic(message)
                 yield message
+                del message  # added by the server: not held while the next client computes
 
         return SecureSum(run_stages(server, exchange, jobs), server.survivors)
 

@@ -465,6 +465,35 @@ def test_florist_with_central_dp_over_flower_equals_florist_hf_run(tmp_path, ser
         assert sidecar["bounding"]["central_dp"]["noised_sums"] == 2
 
 
+def test_a_secure_flower_sum_holds_one_masked_reply_at_a_time(tmp_path, secure_florist_case, server_identity):
+    """The server pulls the masked stage's replies one by one and lets each go once it is added, so it
+    holds its running sum and one client's masked arrays at most (Flower's send_and_receive would hand
+    it every client's at once): no earlier masked reply is alive when the next is pulled."""
+    import weakref
+
+    from florist_hf.flower import make_client_app, run_flower_federation
+
+    class Watching(LocalGrid):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.masked, self.alive_at_pull = [], []
+
+        def pull_messages(self, message_ids):
+            self.alive_at_pull.append(sum(ref() is not None for ref in self.masked))
+            pulled = super().pull_messages(message_ids)
+            self.masked += [weakref.ref(reply) for reply in pulled if not reply.has_error() and "masked" in reply.content]
+            return pulled
+
+    recipe_path, reference = secure_florist_case
+    grid = Watching(make_client_app(), 3, tmp_path / "nodes")
+    run_dir = run_flower_federation(grid, load_recipe(recipe_path, [f"output_dir={tmp_path / 'flower'}"]),
+                                    console=quiet_console())
+    assert len(grid.masked) == 2 * 2 * 3  # rounds × sums × clients, every one pulled
+    assert max(grid.alive_at_pull) == 0
+    for t in (1, 2):
+        assert_same_adapter(RunPaths(run_dir).global_dir(t), RunPaths(reference).global_dir(t))
+
+
 def test_a_secure_flower_round_with_fewer_than_t_clients_fails_in_one_line_and_writes_no_global(
     tmp_path, server_identity
 ):

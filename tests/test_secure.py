@@ -305,3 +305,38 @@ def test_unmasking_decodes_each_piece_as_the_masks_come_off_and_hands_each_array
     assert sorted(threads) == sorted(result.arrays) and all(name.startswith("unmask") for name in threads.values())
     assert all(np.array_equal(parallel.arrays[name].view(np.uint64), result.arrays[name].view(np.uint64))
                for name in result.arrays)
+
+
+def test_computed_arrays_are_encoded_over_their_own_memory_and_given_arrays_are_not_touched():
+    values = np.random.default_rng(0).normal(size=(64, 8))
+    expected = encoding.encode("x", values, 4, 32)
+    given = values.copy()
+    in_place = encoding.encode("x", given, 4, 32, in_place=True)
+    assert np.array_equal(in_place, expected) and np.shares_memory(in_place, given)
+    strided = values.copy()[:, ::2]  # not C-contiguous: a new array, the input left as it was
+    assert not np.shares_memory(encoding.encode("x", strided, 4, 32, in_place=True), strided)
+    assert np.array_equal(strided, values[:, ::2])
+    # A client given its arrays (not computing them) leaves them as they were.
+    kept = {"a": values.copy()}
+    secure_sum({0: kept, 1: {"a": values.copy()}, 2: {"a": values.copy()}})
+    assert np.array_equal(kept["a"], values)
+
+
+def test_a_local_secure_sum_holds_one_masked_input_at_a_time():
+    """Each masked input is let go once the server has added it, before the next client computes and
+    masks its own: no earlier input is alive when the next arrives."""
+    import weakref
+
+    refs, alive = [], []
+
+    def watch(message):
+        if isinstance(message, MaskedInput):
+            refs.append(weakref.ref(message))
+
+    def compute(k):  # called as client k masks: the earlier inputs are added by then
+        alive.append(sum(ref() is not None for ref in refs))
+        return {"x": np.full(1000, float(k))}
+
+    summed = secure_sum({k: (lambda k=k: compute(k)) for k in range(5)}, on_message=watch)
+    assert len(refs) == 5 and alive == [0] * 5
+    assert np.allclose(summed.arrays["x"], 10.0)

@@ -103,6 +103,7 @@ class ArrivingReplies:
                     if reply.metadata.reply_to_message_id in message_ids:
                         message_ids.remove(reply.metadata.reply_to_message_id)
                     yield reply
+                    del reply  # taken: not held while the next is pulled
             if not message_ids or (deadline is not None and time.monotonic() >= deadline):
                 return
             if not pulled:

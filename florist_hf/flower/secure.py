@@ -36,6 +36,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from florist_hf.aggregation.sketch import RangeBasis
 from florist_hf.errors import FloristError
 from florist_hf.flower import protocol
+from florist_hf.flower.nodes import ArrivingReplies
 from florist_hf.secure.local import SecureSum
 from florist_hf.secure.protocol import (
     ArrayJobs,
@@ -150,7 +151,11 @@ class FlowerSums:
         def exchange(stage: str, requests: Mapping[int, object]) -> Iterator:
             messages = [Message(request_content(stage, request, k, self.round, task), self.nodes[k], protocol.SECAGG,
                                 group_id=f"{self.round}.{task.kind}") for k, request in requests.items()]
-            for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            grid = self.grid
+            if stage == "masked":  # the large replies: each pulled, added and let go before the next is pulled
+                grid = ArrivingReplies(self.grid)
+                grid.pull_batch = 1
+            for reply in grid.send_and_receive(messages, timeout=self.timeout):
                 k = self.index.get(reply.metadata.src_node_id)
                 if k is None or k not in requests:
                     continue
@@ -164,8 +169,10 @@ class FlowerSums:
                     self._say(f"  [yellow]client at node {self.nodes[k]}: unreadable {stage} reply ({error!r}); "
                               "left out of the sum[/]")
                     continue
+                del reply  # its record, now read: not held beside the message
                 traffic(message)
                 yield message
+                del message  # taken (a masked input added): not held while the next reply is pulled
 
         arrays = run_stages(server, exchange, jobs)
         return SecureSum(arrays, server.survivors)

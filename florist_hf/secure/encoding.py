@@ -58,9 +58,10 @@ def sensitivity_slack(num_clients: int, entries: int, fraction_bits: int) -> flo
     return num_clients * math.sqrt(entries) * 2.0 ** -fraction_bits
 
 
-def encode(name: str, values: np.ndarray, num_clients: int, fraction_bits: int) -> np.ndarray:
-    """round(values·2^f) as two's-complement uint64 (a new C-contiguous array); refuses (one line) a
-    value whose sum over ``num_clients`` could overflow, or a non-finite one."""
+def encode(name: str, values: np.ndarray, num_clients: int, fraction_bits: int, in_place: bool = False) -> np.ndarray:
+    """round(values·2^f) as two's-complement uint64 (a new C-contiguous array; with ``in_place``, written
+    over ``values``' own memory where it is a writeable C-contiguous fp64 array, which it then no longer
+    holds); refuses (one line) a value whose sum over ``num_clients`` could overflow, or a non-finite one."""
     values = np.asarray(values, dtype=np.float64)
     # max and min rather than abs().max(): no array-sized temporary; a NaN propagates through both.
     largest = max(-float(values.min(initial=0.0)), float(values.max(initial=0.0)))
@@ -72,7 +73,10 @@ def encode(name: str, values: np.ndarray, num_clients: int, fraction_bits: int) 
         raise SecureAggregationError(
             f"secure aggregation: {name} holds |x| = {largest:.3g}, beyond the {limit:.3g} that {num_clients} clients "
             f"can sum at {fraction_bits} fractional bits; lower federation.secure_aggregation.fraction_bits")
-    scaled = np.ldexp(values, fraction_bits, order="C")  # the one new array: rounded and cast in place
+    if in_place and values.flags.c_contiguous and values.flags.writeable:
+        scaled = np.ldexp(values, fraction_bits, out=values)
+    else:
+        scaled = np.ldexp(values, fraction_bits, order="C")  # the one new array: rounded and cast in place
     encoded = scaled.view(np.int64)
     np.rint(scaled, out=encoded, casting="unsafe")  # an integer below 2^63 in magnitude: the cast is exact
     return encoded.view(np.uint64)

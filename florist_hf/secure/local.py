@@ -64,6 +64,7 @@ def secure_sum(
             if on_message is not None:
                 on_message(message)
             yield message
+            del message  # taken (a masked input added): not held while the next client computes its own
 
     arrays = run_stages(server, exchange, jobs)
     return SecureSum(arrays, server.survivors, transcript)

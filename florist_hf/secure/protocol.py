@@ -214,14 +214,16 @@ class SecAggClient:
         if len(self._partners) < setup.threshold:
             raise _too_few("shares", len(self._partners), len(setup.client_ids), setup.threshold)
         num_clients = len(setup.client_ids)
-        arrays = self._arrays() if callable(self._arrays) else self._arrays
+        computed = callable(self._arrays)  # computed here for this message: encoded over their own memory
+        arrays = self._arrays() if computed else self._arrays
         # b_u's mask and one pairwise mask per partner: the seeds are agreed once, for every array.
         masks = [(self._seed, +1)] + [
             (_key_bytes(self._agree(self._keys[partner].mask_key, self._mask_secret)), +1 if self.client_id < partner else -1)
             for partner in self._partners if partner != self.client_id]
         masked = {}
         for index, (name, values) in enumerate(sorted(arrays.items())):
-            encoded = encode(f"client {self.client_id}'s {name}", values, num_clients, setup.fraction_bits)
+            encoded = encode(f"client {self.client_id}'s {name}", values, num_clients, setup.fraction_bits,
+                             in_place=computed)
             apply_masks(encoded, masks, index)
             masked[name] = encoded
         return MaskedInput(self.client_id, masked)
@@ -411,6 +413,7 @@ class SecAggServer:
                                                  "or shapes from the others'; every client must send the same layout")
                 add([(self._sum[name], values) for name, values in reply.arrays.items()])
             arrived.add(reply.client_id)
+            del reply  # added: its arrays go before the next input is computed or received
         self._survivors = self._require("masked", arrived)
         self._dropped = self._sharers - self._survivors
         return UnmaskRequest(tuple(sorted(self._survivors)), tuple(sorted(self._dropped)))

@@ -394,6 +394,8 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
     first, bases = _sum_with_jobs(run_sum, task, secure.settings, "first sum", traffic, "range",
                                   lambda module, values: sketch.range_basis(noised(module, "range", values), precision))
     bases = {plan.name: bases[plan.name] for plan in plans}  # every Q before any is sent
+    for plan in plans:  # Y is done with once its Q is taken: its memory goes before the second sum comes
+        del first.arrays[f"{plan.name}/range"]
     updates: dict[str, sketch.SketchedUpdate] = {}
 
     def aggregate(module: str, projection: torch.Tensor) -> ModuleAggregate:
