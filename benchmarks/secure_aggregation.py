@@ -41,7 +41,7 @@ import torch
 from benchmarks.measure import machine_record
 from florist_hf.adapters import LoraAdapter, without_factors
 from florist_hf.aggregation import ClientModule, get_method
-from florist_hf.rundir import RECIPE_RECORD
+from florist_hf.rundir import RECIPE_RECORD, RunPaths
 from florist_hf.secure.communication import BASIS_BYTES_PER_PARAM, basis_params
 from florist_hf.secure.local import SecureSum
 from florist_hf.secure.protocol import SecAggClient, SecAggServer, run_stages
@@ -137,7 +137,7 @@ def real_clients(run_dir: str, round_index: int, out_dir: str, threshold: float,
     from florist_hf.secure.server_step import secure_aggregate_adapters
     from florist_hf.server import aggregate_adapters
 
-    dirs = sorted((Path(run_dir) / "rounds" / str(round_index) / "clients").glob("client_*[0-9]"))
+    dirs = RunPaths(Path(run_dir)).client_dirs(round_index)
     method = get_method("florist", threshold=threshold)
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
@@ -197,7 +197,7 @@ def central_dp_sweep(run_dir: str, round_index: int, out_dir: str, threshold: fl
     from florist_hf.secure.server_step import secure_aggregate_adapters
     from florist_hf.server import UpdateBounding
 
-    dirs = sorted((Path(run_dir) / "rounds" / str(round_index) / "clients").glob("client_*[0-9]"))
+    dirs = RunPaths(Path(run_dir)).client_dirs(round_index)
     method, out = get_method("florist", threshold=threshold), Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
     fresh = [read_adapter(d) for d in dirs]

@@ -46,6 +46,13 @@ class RunPaths:
     def client_dir(self, round_index: int, client_id: int) -> Path:
         return self.round_dir(round_index) / "clients" / f"client_{client_id}"
 
+    def client_dirs(self, round_index: int) -> list[Path]:
+        """The round's finished client adapters (``client_<id>``, by id), not the ones set aside
+        (``client_<id>.nonfinite``, ``.invalid``)."""
+        found = (self.round_dir(round_index) / "clients").glob("client_*")
+        return sorted((path for path in found if path.name.removeprefix("client_").isdigit()),
+                      key=lambda path: int(path.name.removeprefix("client_")))
+
     def client_work_dir(self, round_index: int, client_id: int) -> Path:
         """The client's Trainer output dir: its mid-round checkpoints (``training.save_steps``)."""
         return self.round_dir(round_index) / "work" / f"client_{client_id}"

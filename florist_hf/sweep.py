@@ -159,9 +159,7 @@ def share_round_one(source: Path, target: Path) -> int:
     initial = RunPaths(source).global_dir(0)  # continue-style methods: the round-0 init the clients started from
     if initial.is_dir() and not RunPaths(target).global_dir(0).exists():
         _link_tree(initial, RunPaths(target).global_dir(0))
-    for client in sorted((RunPaths(source).round_dir(1) / "clients").glob("client_*")):
-        if not client.name.removeprefix("client_").isdigit():  # .nonfinite / .invalid: not a finished client
-            continue
+    for client in RunPaths(source).client_dirs(1):
         destination = RunPaths(target).round_dir(1) / "clients" / client.name
         if not destination.exists():
             _link_tree(client, destination)

@@ -22,7 +22,9 @@ from benchmarks.measure import write_json
 
 
 def client_dirs(run_dir: Path, round_index: int = 1) -> list[Path]:
-    return sorted((Path(run_dir) / "rounds" / str(round_index) / "clients").glob("client_*[0-9]"))
+    from florist_hf.rundir import RunPaths
+
+    return RunPaths(Path(run_dir)).client_dirs(round_index)
 
 
 def compare_clients(plain_run: Path, secure_run: Path) -> dict:
