@@ -278,8 +278,9 @@ class FederationSection(Section):
                                      "updates, which secure aggregation computes: add federation.secure_aggregation: "
                                      "{enabled: true} (the server then never sees a client's update either)")
                 if self.secure().sketch_columns is not None:
-                    raise ValueError("central_dp with a narrower sketch: its error-check sum is not noised; remove "
-                                     "federation.secure_aggregation.sketch_columns (the default width is exact)")
+                    from florist_hf.secure.settings import NARROW_SKETCH_UNDER_DP
+
+                    raise ValueError(NARROW_SKETCH_UNDER_DP)
             if self.robust is not None:
                 raise ValueError("central_dp adds its noise to the clients' mean; robust replaces that mean — use one of them")
         if self.robust is not None and not method.averages_factors:

@@ -39,7 +39,7 @@ from florist_hf.secure.errors import SecureAggregationError
 from florist_hf.secure.local import SecureSum, secure_sum
 from florist_hf.secure.methods import FACTOR_SUMS, SKETCH, secure_inputs
 from florist_hf.secure.protocol import ArrayJobs, EncryptedShares, MaskedInput, PublicKeys, RevealedShares
-from florist_hf.secure.settings import SecAggSettings
+from florist_hf.secure.settings import NARROW_SKETCH_UNDER_DP, SecAggSettings
 from florist_hf.server import (
     ServerStep,
     UpdateBounding,
@@ -306,6 +306,8 @@ class SecureResult:
     plans: list[ModulePlan]
     updates: dict[str, sketch.SketchedUpdate]
     traffic: Traffic
+    #: What the global is written in: the clients' widest dtype (the sketch methods' precision follows it).
+    result_dtype: torch.dtype
     #: Central DP's noise as added (its std covering the fixed-point rounding's slack); None without it.
     central: UpdateBounding | None = None
 
@@ -351,8 +353,7 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
             raise FloristError("central_dp on the sketch sums needs a sketch width fixed before the round, not one read "
                                "off the round's own clients (whose ranks it would tell): set SecureRound.sketch_columns")
         if any(plan.checks_error for plan in plans):
-            raise FloristError("central_dp with a narrower sketch: its error-check sum is not noised; remove "
-                               "federation.secure_aggregation.sketch_columns (the default width is exact)")
+            raise FloristError(NARROW_SKETCH_UNDER_DP)
     task = SumTask("first", tuple(plans), secure.seed, tuple(normalised), tuple(needs), method.freezes_lora_a,
                    clip=secure.clip, relative=relative, rescale=rescale, unit_sketch=central is not None)
 
@@ -385,7 +386,7 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
             central = replace(central, quantisation_slack=sensitivity_slack(len(adapters), entries,
                                                                             secure.settings.fraction_bits))
             add_central_noise(result, central, method)
-        return SecureResult(result, raw_weights, needs, plans, {}, traffic, central)
+        return SecureResult(result, raw_weights, needs, plans, {}, traffic, result_dtype, central)
 
     noise_std, noised, precision = 0.0, lambda module, purpose, values: values, method.sketch_precision(result_dtype)
     if central is not None:  # FLoRIST: both sketch sums noised, Q taken from the noised first (`sketch_noise`)
@@ -412,7 +413,7 @@ def secure_result(adapters: Sequence[LoraAdapter], run_sum: SumRunner, method: A
     modules = {plan.name: modules[plan.name] for plan in plans}
     result = AggregationResult(method.name, modules, normalised, method.options())
     ordered = {plan.name: updates[plan.name] for plan in plans}
-    return SecureResult(result, raw_weights, needs, plans, ordered, traffic, central)
+    return SecureResult(result, raw_weights, needs, plans, ordered, traffic, result_dtype, central)
 
 
 def sketch_noise(central: UpdateBounding, plans: Sequence[ModulePlan], num_clients: int, fraction_bits: int
@@ -456,8 +457,7 @@ def secure_aggregate(
         raise FloristError(f"{out_dir}: already exists; choose another --out or pass --force to replace it")
     started = time.perf_counter() if started is None else started
     built = secure_result(adapters, run_sum, method, secure, weights)
-    result, plans, needs, traffic = built.result, built.plans, built.needs, built.traffic
-    wire_dtype = widest_dtype(adapter.dtype for adapter in adapters)
+    result, plans, needs, traffic, wire_dtype = built.result, built.plans, built.needs, built.traffic, built.result_dtype
     seconds = time.perf_counter() - started
 
     up, down, params = traffic.up, traffic.down, traffic.params

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 #: Default fractional bits of the fixed-point encoding (see ``encoding``).
 FRACTION_BITS = 32
+#: Why central DP refuses a sketch narrower than its exact width (the recipe and the server step say it).
+NARROW_SKETCH_UNDER_DP = ("central_dp with a narrower sketch: its error-check sum is not noised; remove "
+                          "federation.secure_aggregation.sketch_columns (the default width is exact)")
 
 
 def default_threshold(num_clients: int) -> int:
