@@ -485,13 +485,18 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _training_arguments_build(self):
         """training: and client_training: checked as the clients' trainer builds its arguments, once."""
-        from florist_hf.clients.arguments import check_training
-
-        config_class = trainer_kind(self.client.trainer).config_class()
-        self.training = check_training(self.training, config_class=config_class)
-        self.client_training = {client: check_training(overrides, where=f"client_training.{client}", config_class=config_class)
+        self.training = self._check_training(self.training, "training")
+        self.client_training = {client: self._check_training(overrides, f"client_training.{client}")
                                 for client, overrides in self.client_training.items()}
         return self
+
+    def _check_training(self, training: dict, where: str) -> dict:
+        """``training`` checked as the clients' trainer builds its arguments, with that trainer's defaults."""
+        from florist_hf.clients.arguments import check_training
+
+        kind = trainer_kind(self.client.trainer)
+        return check_training(training, where=where, config_class=kind.config_class(),
+                              trainer_defaults=kind.defaults(self.data, training))
 
     @model_validator(mode="after")
     def _trainer_takes_this_recipe(self):
@@ -509,14 +514,10 @@ class Recipe(Section):
                     f"lora.{key} lists {len(value)} values for federation.num_clients = "
                     f"{self.federation.num_clients}; give one per client"
                 )
-        from florist_hf.clients.arguments import check_training
-
-        config_class = trainer_kind(self.client.trainer).config_class()
         for client, overrides in self.client_training.items():
             if not 0 <= client < self.federation.num_clients:
                 raise ValueError(f"client_training names client {client}, outside 0..{self.federation.num_clients - 1}")
-            check_training({**self.training, **overrides}, where=f"client_training.{client}",  # the two together
-                           config_class=config_class)
+            self._check_training({**self.training, **overrides}, f"client_training.{client}")  # the two together
         return self
 
     @model_validator(mode="after")

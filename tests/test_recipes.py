@@ -13,6 +13,7 @@ later is covered without touching this file, or fails here asking for a stand-in
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,16 @@ def test_bf16_recipe_on_a_cpu_only_machine_says_how_to_run_it(tmp_path, stand_in
     result = run_recipe(recipe_file, overrides)
     assert result.exit_code == 2
     assert "--set training.use_cpu=true keeps bf16" in result.output and "--set training.bf16=false" in result.output
+
+
+@pytest.mark.parametrize("recipe_file", RECIPES, ids=[path.stem for path in RECIPES])
+def test_a_shipped_recipe_loads_without_a_warning(recipe_file):
+    """Reading a recipe checks its training section as its trainer builds it, that trainer's defaults
+    included (TRL's configs turn gradient_checkpointing on, which transformers 5 warns is deprecated,
+    where the clients put activation_checkpointing back off): nothing is printed for a shipped recipe."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_recipe(recipe_file)
 
 
 @pytest.mark.parametrize("recipe_file", RECIPES, ids=[path.stem for path in RECIPES])

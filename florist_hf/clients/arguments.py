@@ -183,14 +183,16 @@ def build_training_arguments(training: dict, *, work_dir: str | Path, seed: int,
         raise FloristError(f"{where}: {reason}; fix the recipe's {where.split('.')[0]} section") from None
 
 
-def check_training(training: dict, *, where: str = "training", config_class=None) -> dict:
+def check_training(training: dict, *, where: str = "training", config_class=None,
+                   trainer_defaults: dict | None = None) -> dict:
     """``training`` checked as a client would build it (``config_class``: its trainer's arguments class,
-    TrainingArguments by default), on any machine; returns it with numbers written as strings made
-    numbers. A bad value raises `SettingError` (a ValueError) naming the key."""
+    TrainingArguments by default; ``trainer_defaults``: that trainer's own, `TrainerKind.defaults`), on
+    any machine; returns it with numbers written as strings made numbers. A bad value raises
+    `SettingError` (a ValueError) naming the key."""
     checked = _checked_values(training, where, config_class)
     try:
-        build_training_arguments(training_settings(checked), work_dir="florist-hf-check", seed=0, where=where,
-                                 on_this_machine=False, config_class=config_class)
+        build_training_arguments(training_settings(checked, trainer_defaults), work_dir="florist-hf-check", seed=0,
+                                 where=where, on_this_machine=False, config_class=config_class)
     except FloristError as error:
         raise SettingError(where, str(error).removeprefix(f"{where}: ")) from None
     return checked
