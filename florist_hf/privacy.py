@@ -19,11 +19,13 @@ noise; a resumed run reads the same secret and ends where an uninterrupted one e
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 from florist_hf.errors import FloristError
@@ -45,15 +47,19 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
 def _epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
     from opacus.accountants import create_accountant
 
-    import warnings
-
     ledger = create_accountant(mechanism=accountant)
     ledger.history = [(noise_multiplier, sample_rate, steps)]
-    with warnings.catch_warnings():
-        # At a large ε (or a tiny one) the best RDP order is the smallest (largest) tried: the bound is valid,
-        # only not the tightest.
-        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+    with _edge_orders_quiet():
         return float(ledger.get_epsilon(delta=delta))
+
+
+@contextlib.contextmanager
+def _edge_orders_quiet():
+    """Opacus' RDP accountant warns when the best order is the smallest (largest) it tries, as at a large (tiny)
+    ε: the bound is valid, only not the tightest; nothing for a user to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+        yield
 
 
 @functools.lru_cache(maxsize=1024)
@@ -62,8 +68,9 @@ def calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, st
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                          steps=steps, accountant=accountant, epsilon_tolerance=0.01))
+        with _edge_orders_quiet():
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                              steps=steps, accountant=accountant, epsilon_tolerance=0.01))
     except ValueError:
         raise FloristError(f"target_epsilon {target_epsilon} cannot be reached over {steps} steps at sampling rate "
                            f"{sample_rate:.4g} (σ would exceed 10⁶); raise the budget or train fewer steps") from None

@@ -580,3 +580,18 @@ def test_streaming_florist_bounds_each_client_as_it_is_folded_in(tmp_path):
     sidecar = json.loads((paths.global_dir(1) / "aggregation.json").read_text())
     assert sidecar["outliers"] == ["client_0"] and sidecar["clients"][0]["clipped"]
     assert "cosine" not in sidecar["clients"][0]  # the folded clients' factors are not kept to compare
+
+
+def test_the_accountant_at_the_edge_of_its_orders_prints_nothing():
+    """At a large ε (or a tiny one) Opacus' RDP accountant warns that its best order is the largest
+    (smallest) it tries: the bound holds, so neither the ε of a run nor the noise calibrated to a target
+    says anything (each value here its own, past the functions' caches)."""
+    import warnings
+
+    from florist_hf.privacy import calibrated_noise, epsilon
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert 0 < calibrated_noise(12_345.0, 1e-3, 1.0, 1, "rdp") < 0.1
+        assert epsilon(0.001234, 1.0, 1, 1e-3, "rdp") > 1e4
+        assert epsilon(123.4, 0.01, 1, 1e-3, "rdp") < 0.1
