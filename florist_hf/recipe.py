@@ -389,6 +389,7 @@ _DP_SGD_REFUSED = {
                                    "split — set per_device_train_batch_size to the expected batch size instead",
     "deepspeed": "DP-SGD clients train in one process (Opacus' per-record gradients do not reach DeepSpeed's partitions)",
     "gradient_checkpointing": "Opacus captures each layer's activations in the forward pass, which checkpointing runs twice",
+    "activation_checkpointing": "Opacus captures each layer's activations in the forward pass, which checkpointing runs twice",
     "torch_compile": "Opacus' per-record gradient hooks do not survive compilation",
     "max_grad_norm": "under DP-SGD every record's gradient is clipped to privacy.max_grad_norm; remove training.max_grad_norm",
     "save_steps": "a DP-SGD client round restarts from its start after a stop (its sampling and noise are seeded, so it ends "
@@ -401,7 +402,7 @@ _DP_SGD_REFUSED = {
 def _refused_under_dp_sgd(key: str, value) -> bool:
     if key == "gradient_accumulation_steps":
         return value not in (None, 1)
-    if key in ("gradient_checkpointing", "torch_compile"):
+    if key in ("gradient_checkpointing", "activation_checkpointing", "torch_compile"):  # transformers 5 names both
         return bool(value)
     if key == "train_sampling_strategy":
         return value not in (None, "random")

@@ -235,6 +235,8 @@ def test_a_robust_median_keeps_a_poisoned_client_from_moving_the_factors(tmp_pat
     ({"privacy": {"target_epsilon": 3}, "training": {"gradient_accumulation_steps": 2}}, "training.gradient_accumulation_steps cannot"),
     ({"privacy": {"target_epsilon": 3}, "training": {"deepspeed": "ds.json"}}, "training.deepspeed cannot be used with privacy"),
     ({"privacy": {"target_epsilon": 3}, "training": {"gradient_checkpointing": True}}, "training.gradient_checkpointing cannot"),
+    # transformers 5's own name for it (gradient_checkpointing its deprecated alias): a traceback from Opacus before
+    ({"privacy": {"target_epsilon": 3}, "training": {"activation_checkpointing": True}}, "training.activation_checkpointing cannot"),
     ({"privacy": {"target_epsilon": 3}, "training": {"max_grad_norm": 1.0}}, "privacy.max_grad_norm"),
     ({"privacy": {"target_epsilon": 3}, "client_training": {1: {"save_steps": 1}}}, "client_training.1.save_steps cannot"),
     ({"privacy": {"target_epsilon": 3}, "training": {"train_sampling_strategy": "group_by_length"}},
