@@ -225,8 +225,16 @@ def test_a_recipe_read_back_from_its_run_record_or_a_flower_message_is_the_same_
 
 
 def test_each_trainers_safe_keys_are_its_own_arguments_and_none_reaches_beyond_the_optimisation():
-    """The keys a Flower server may set on a node without its operator's say-so (`TrainerKind.safe_keys`)."""
+    """The keys a Flower server may set on a node without its operator's say-so (`TrainerKind.safe_keys`, and
+    `policy.SAFE_TRAINING_KEYS` for every trainer: each a field of today's TrainingArguments, none a name it dropped)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
     from florist_hf.clients.registry import TRAINERS
+    from florist_hf.flower.policy import SAFE_TRAINING_KEYS
+
+    assert SAFE_TRAINING_KEYS <= {field.name for field in dataclasses.fields(TrainingArguments)}
 
     unsafe = {"model_init_kwargs", "ref_model_init_kwargs", "trust_remote_code", "chat_template_path", "dataset_num_proc",
               "dataset_kwargs", "hub_token", "push_to_hub", "report_to", "output_dir", "deepspeed", "activation_offloading"}

@@ -36,11 +36,12 @@ POLICY = "policy"
 #: work dir or the node's hardware layout (push_to_hub, hub_*, report_to, deepspeed, fsdp, ...)
 #: must be listed in the policy's ``training_keys``.
 SAFE_TRAINING_KEYS = frozenset({
-    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay",
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay",
     "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "optim_args",
     "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
     "gradient_accumulation_steps", "gradient_checkpointing", "gradient_checkpointing_kwargs",
-    "activation_checkpointing", "bf16", "fp16", "tf32", "use_cpu", "seed", "data_seed", "group_by_length",
+    "activation_checkpointing", "activation_checkpointing_kwargs", "bf16", "fp16", "tf32", "use_cpu", "seed",
+    "data_seed", "train_sampling_strategy",
     "logging_steps", "logging_strategy", "save_steps", "save_strategy", "save_total_limit", "disable_tqdm",
     "dataloader_num_workers", "dataloader_pin_memory", "remove_unused_columns", "label_smoothing_factor",
     "neftune_noise_alpha", "average_tokens_across_devices",
