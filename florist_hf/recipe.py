@@ -383,13 +383,14 @@ class PrivacySection(DPBudget):
     accountant: Literal["prv", "rdp"] = "prv"
 
 
+_CHECKPOINTING = "Opacus captures each layer's activations in the forward pass, which checkpointing runs twice"
 #: TrainingArguments DP-SGD cannot keep, with the reason and the fix.
 _DP_SGD_REFUSED = {
     "gradient_accumulation_steps": "Poisson sampling makes every batch one logical batch, which gradient accumulation would "
                                    "split — set per_device_train_batch_size to the expected batch size instead",
     "deepspeed": "DP-SGD clients train in one process (Opacus' per-record gradients do not reach DeepSpeed's partitions)",
-    "gradient_checkpointing": "Opacus captures each layer's activations in the forward pass, which checkpointing runs twice",
-    "activation_checkpointing": "Opacus captures each layer's activations in the forward pass, which checkpointing runs twice",
+    "gradient_checkpointing": _CHECKPOINTING,
+    "activation_checkpointing": _CHECKPOINTING,  # transformers 5's name, gradient_checkpointing its deprecated alias
     "torch_compile": "Opacus' per-record gradient hooks do not survive compilation",
     "max_grad_norm": "under DP-SGD every record's gradient is clipped to privacy.max_grad_norm; remove training.max_grad_norm",
     "save_steps": "a DP-SGD client round restarts from its start after a stop (its sampling and noise are seeded, so it ends "
@@ -402,7 +403,7 @@ _DP_SGD_REFUSED = {
 def _refused_under_dp_sgd(key: str, value) -> bool:
     if key == "gradient_accumulation_steps":
         return value not in (None, 1)
-    if key in ("gradient_checkpointing", "activation_checkpointing", "torch_compile"):  # transformers 5 names both
+    if key in ("gradient_checkpointing", "activation_checkpointing", "torch_compile"):
         return bool(value)
     if key == "train_sampling_strategy":
         return value not in (None, "random")
