@@ -146,7 +146,8 @@ def _published_notes(sidecar: Mapping) -> list[str]:
 
 
 def privacy_rows(privacy: Mapping) -> list[tuple[str, str]]:
-    """The model card's lines on what the run guarantees: record-level (ε, δ), client-level ε, the bound."""
+    """The model card's lines on what the run guarantees: record-level (ε, δ), client-level ε, the bound,
+    the robust rule, secure aggregation."""
     rows = []
     record = privacy.get("record_level")
     if record:
@@ -164,6 +165,13 @@ def privacy_rows(privacy: Mapping) -> list[tuple[str, str]]:
                                      "(its whole adapter) before aggregation"))
     if privacy.get("robust"):
         rows.append(("Robust aggregation", f"coordinate-wise {privacy['robust'].replace('_', ' ')} of the client factors"))
+    secure = privacy.get("secure_aggregation")
+    if secure:
+        learned = ("the two sketch sums of the clients' updates" if secure.get("sums") == 2
+                   else "the sums of the clients' weighted factors")
+        rows.append(("Secure aggregation", f"{secure.get('protocol')}: the server learned only {learned} over each "
+                                           f"round's clients, never one client's update (threshold {secure.get('threshold')}: a "
+                                           "round's sum is recovered while that many of its clients remain)"))
     return rows
 
 

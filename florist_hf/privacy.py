@@ -137,7 +137,8 @@ def derived_seed(secret: bytes, *parts) -> int:
 
 def privacy_summary(recipe, metrics: list[dict], rounds_done, last_sidecar: dict | None) -> dict | None:
     """What a run guarantees and bounds (run.json, the model card): each client's record-level
-    (ε, δ) after its last round, the client-level ε of central DP, the update bound, the robust rule."""
+    (ε, δ) after its last round, the client-level ε of central DP, the update bound, the robust rule,
+    and secure aggregation (what the server learned: sums over each round's clients, never a client's update)."""
     federation = recipe.federation
     summary: dict = {}
     if recipe.privacy is not None:
@@ -167,4 +168,7 @@ def privacy_summary(recipe, metrics: list[dict], rounds_done, last_sidecar: dict
                                                                         "accountant", "rounds")}}
     if federation.robust is not None:
         summary["robust"] = federation.robust
+    secure = (last_sidecar or {}).get("secure_aggregation")
+    if federation.secure() is not None and secure is not None:
+        summary["secure_aggregation"] = {key: secure.get(key) for key in ("protocol", "threshold", "sums", "needs")}
     return summary or None

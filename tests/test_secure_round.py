@@ -18,6 +18,7 @@ from florist_hf.recipe import load_recipe
 from florist_hf.rundir import RunPaths
 from florist_hf.secure import SecAggSettings
 from florist_hf.secure.server_step import SecureRound, secure_aggregate_adapters
+from florist_hf.secure.settings import default_threshold
 from florist_hf.server import aggregate_adapters
 
 runner = CliRunner()
@@ -170,6 +171,19 @@ def test_a_secure_run_publishes_the_plain_runs_adapter(tmp_path, method, ranks, 
     from florist_hf.rounds import describe_round
 
     assert "B of it keys and shares; plain: up" in describe_round({**round_line, "eff_x1e4": 1.0})
+    # What the run guarantees says so (run.json and the model card); a plain run's says nothing of it.
+    recorded = json.loads((runs[True] / "run.json").read_text())["privacy"]["secure_aggregation"]
+    assert recorded["sums"] == (2 if method in ("florist", "flexlora", "fedex") else 1)
+    assert recorded["threshold"] == default_threshold(len(ranks)) == secure_side["secure_aggregation"]["threshold"]
+    assert (json.loads((runs[False] / "run.json").read_text())["privacy"] or {}).get("secure_aggregation") is None
+    if method in ("florist", "fedit"):
+        from florist_hf.hub import build_upload_folder
+
+        cards = {secure: (build_upload_folder(runs[secure], tmp_path / f"upload_{secure}", repo_id="org/secure")
+                          / "README.md").read_text() for secure in (False, True)}
+        learned = "the two sketch sums" if method == "florist" else "the sums of the clients' weighted factors"
+        assert "| Secure aggregation | SecAgg+" in cards[True] and learned in cards[True]
+        assert "Secure aggregation" not in cards[False]
 
 
 @pytest.mark.parametrize("method, ranks", [("florist", (4, 2, 2)), ("fedit", (4, 2, 2)), ("ffa", (4, 4, 4))])
