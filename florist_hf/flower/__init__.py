@@ -9,9 +9,21 @@ Adapters travel as ArrayRecords under their PEFT key names; rank, alpha, scale a
 in the message's ConfigRecord/MetricRecord. The recipe drives both sides. See README.md here.
 """
 
-from florist_hf.flower.client_app import make_client_app
-from florist_hf.flower.server_app import make_server_app, run_flower_federation
-from florist_hf.flower.strategy import FloristStrategy
-from florist_hf.flower.simulation import run_simulation
+import importlib
 
-__all__ = ["FloristStrategy", "make_client_app", "make_server_app", "run_flower_federation", "run_simulation"]
+#: Each export and the module it lives in, imported on first use: a ClientApp process (a fresh one per
+#: message) then loads only what its message needs (a secure sum's key, share and unmask stages: no torch).
+_EXPORTS = {
+    "FloristStrategy": "florist_hf.flower.strategy",
+    "make_client_app": "florist_hf.flower.client_app",
+    "make_server_app": "florist_hf.flower.server_app",
+    "run_flower_federation": "florist_hf.flower.server_app",
+    "run_simulation": "florist_hf.flower.simulation",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

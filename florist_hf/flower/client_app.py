@@ -28,11 +28,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from florist_hf.errors import FloristError
-from florist_hf.adapters import peft_scale
 from florist_hf.flower import protocol
-from florist_hf.flower.policy import check_privacy, check_request, load_policy
-from florist_hf.clients.dp_sgd import client_privacy
-from florist_hf.flower.records import adapter_to_records, layout_to_config, write_adapter_records
+
+# The training side's imports (torch, transformers, the recipe) are made where a train or hello message needs
+# them: a ClientApp process serves one message, and a secure sum's key, share and unmask stages need none of it.
 
 #: Per-process caches (a simulation worker or a long-lived process serves many rounds).
 _RECORDS_CACHE: dict[tuple, list[dict]] = {}
@@ -93,6 +92,8 @@ def _tokenizer(base_path: str, revision):
 
 def hello(message: Message, context: Context) -> Message:
     """Tell the server which client this node is and how many examples it holds."""
+    from florist_hf.flower.policy import check_request, load_policy
+
     recipe = _recipe(message.content[protocol.CONFIG])
     client_id = protocol.client_id_of(context, recipe.federation.num_clients)
     policy, source = load_policy(context.node_config)
@@ -112,6 +113,8 @@ def hello(message: Message, context: Context) -> Message:
 
 
 def _materialise(message: Message, record_key: str, out_dir: Path) -> None:
+    from florist_hf.flower.records import write_adapter_records
+
     content = message.content
     write_adapter_records(
         out_dir, content.array_records[record_key], content.config_records[protocol.config_key(record_key)],
@@ -166,9 +169,13 @@ def train_client(message: Message, context: Context, work_dir: str | Path | None
     """Run one client round for a ``train`` message and reply with the trained adapter."""
     from rich.console import Console
 
+    from florist_hf.adapters import peft_scale
     from florist_hf.clients.callback import ClientRound, read_client_info
     from florist_hf.clients.config import precision_of
+    from florist_hf.clients.dp_sgd import client_privacy
     from florist_hf.clients.run import run_client_round, prepare_shard
+    from florist_hf.flower.policy import check_privacy, check_request, load_policy
+    from florist_hf.flower.records import adapter_to_records, layout_to_config
     from florist_hf.loading import prepare_base_model
 
     console = console or Console(stderr=True)

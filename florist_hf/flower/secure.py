@@ -28,12 +28,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from florist_hf.aggregation.sketch import RangeBasis
 from florist_hf.errors import FloristError
 from florist_hf.flower import protocol
 from florist_hf.flower.nodes import ArrivingReplies
@@ -50,8 +49,11 @@ from florist_hf.secure.protocol import (
     UnmaskRequest,
     run_stages,
 )
-from florist_hf.secure.server_step import ModulePlan, SumTask, Traffic
 from florist_hf.secure.settings import SecAggSettings
+
+if TYPE_CHECKING:  # the sums' tasks and bases are torch's: imported where a masked stage computes or reads them
+    from florist_hf.aggregation.sketch import RangeBasis
+    from florist_hf.secure.server_step import SumTask, Traffic
 
 #: The node's state record that holds a client's secrets between the stages of one sum.
 STATE_KEY = "florist-secagg"
@@ -73,6 +75,8 @@ def _task_config(task: SumTask) -> dict:
 
 
 def _task_of(held: ConfigRecord, kind: str, bases: ArrayRecord | None) -> SumTask:
+    from florist_hf.secure.server_step import ModulePlan, SumTask
+
     plans = tuple(ModulePlan(name, (m, n), max_rank, columns, exact)
                   for name, m, n, max_rank, columns, exact in json.loads(str(held["plans"])))
     return SumTask(kind, plans, int(held["seed"]), tuple(json.loads(str(held["weights"]))),
@@ -83,6 +87,10 @@ def _task_of(held: ConfigRecord, kind: str, bases: ArrayRecord | None) -> SumTas
 
 
 def _bases_of(record: ArrayRecord) -> dict[str, RangeBasis]:
+    import torch
+
+    from florist_hf.aggregation.sketch import RangeBasis
+
     # copy(order="K"): writeable, and the reflectors keep the column-major layout ormqr reads.
     parts = {name: torch.from_numpy(array.numpy().copy(order="K")) for name, array in record.items()}
     modules = {name.rsplit("/", 1)[0] for name in parts}
@@ -218,8 +226,6 @@ def answer_stage(message: Message, context: Context, kept: Callable[[int], tuple
     """This node's reply to one stage of a secure sum; ``kept(round)`` is where the node kept the adapter
     it trained that round and the global it continued then (None: a fresh LoRA); its arrays are
     computed from them at the masked stage (bounded first where the round clips)."""
-    from florist_hf.adapters import read_adapter
-
     content = message.content
     config = content[protocol.CONFIG]
     stage, round_index, kind, index = str(config["stage"]), int(config["round"]), str(config["sum"]), int(config["secagg-id"])
@@ -231,9 +237,12 @@ def answer_stage(message: Message, context: Context, kept: Callable[[int], tuple
         if held is None or held.get("session") != session:
             raise FloristError(f"client {client_id}: holds no secure-aggregation session {session} (its node restarted "
                                "since the sum began); it drops out of this sum")
-    task = _task_of(held, kind, content.array_records.get(BASES))
+    bases = content.array_records.get(BASES)
 
-    def arrays() -> dict[str, np.ndarray]:
+    def arrays() -> dict[str, np.ndarray]:  # the masked stage's: the one that needs torch
+        from florist_hf.adapters import read_adapter
+
+        task = _task_of(held, kind, bases)
         where, continued = kept(round_index)
         reference = read_adapter(continued).modules if task.relative and continued is not None else None
         try:
